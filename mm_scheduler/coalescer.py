@@ -1,0 +1,427 @@
+"""The asyncio coalescer: requests in, batched forwards out, results back in each request's order.
+
+Life of a request: ``encode(items)`` validates every item (nothing is enqueued if one is bad),
+splits videos into frame units, joins units whose ``key`` is already queued or running (dedup),
+queues the rest in the planner and awaits one future. The dispatcher task asks the planner for a
+batch whenever the forward thread is free (eager policy: a lone request runs at once) and hands it
+to the executor; when the batch's outputs are ready each unit's output goes to every request that
+waits for it, and a request whose last unit arrived resolves. Cancellation and failures detach a
+request from its units; a queued unit nobody waits for any more is withdrawn before it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from . import metrics
+from .config import CoalescerConfig
+from .errors import CoalescerClosedError, EncodeError, InvalidItemError, QueueFullError
+from .executor import BatchOutcome, Executor
+from .planner import Planner, PlanUnit
+from .types import MODALITIES, EncodeItem, Tower
+
+logger = logging.getLogger(__name__)
+
+
+class _Request:
+    """One ``encode()`` call: where its units' outputs go, and the future its caller awaits."""
+
+    __slots__ = ("seq", "future", "outputs", "remaining", "jobs")
+
+    def __init__(self, seq: int, future: asyncio.Future[None], num_units: int) -> None:
+        self.seq = seq
+        self.future = future
+        self.outputs: list[torch.Tensor | None] = [None] * num_units
+        self.remaining = num_units
+        self.jobs: list[_Job] = []
+
+
+class _Job:
+    """One distinct unit of work; several requests may wait on it when their keys are equal."""
+
+    __slots__ = ("unit", "plan", "key", "waiters", "running")
+
+    def __init__(self, unit: EncodeItem, plan: PlanUnit, key: Hashable | None) -> None:
+        self.unit = unit
+        self.plan = plan
+        self.key = key
+        self.waiters: list[tuple[_Request, int]] = []
+        self.running = False
+
+
+class Coalescer:
+    """Coalesces encode work of concurrent requests into budgeted, batched tower forwards.
+
+    Use as ``async with Coalescer(tower, config) as co: outs = await co.encode(items)``. All
+    methods except :meth:`stats` must be called from the event loop the coalescer was started on.
+    """
+
+    def __init__(self, tower: Tower, config: CoalescerConfig | None = None) -> None:
+        self.tower = tower
+        self.config = config or CoalescerConfig()
+        self.device = torch.device(self.config.device or str(getattr(tower, "device", "cpu")))
+        self.bytes_per_patch = self._resolve_bytes_per_patch()
+        self.budget_bytes = self._resolve_budget_bytes()
+        self._planner = Planner(ragged=tower.ragged, bytes_per_patch=self.bytes_per_patch,
+                                budget_bytes=self.budget_bytes, max_batch_items=self.config.max_batch_items,
+                                oom_backoff=self.config.oom_backoff)
+        self._executor = Executor(tower, self.device, dedicated_stream=self.config.stream == "dedicated")
+        self._validate_item = getattr(tower, "validate", None)
+        self._max_wait_s = self.config.max_wait_ms / 1000.0
+        self._jobs_by_key: dict[Hashable, _Job] = {}
+        self._seq = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._space_freed: asyncio.Condition | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()
+        self._forward_thread: ThreadPoolExecutor | None = None
+        self._event_waiters: ThreadPoolExecutor | None = None
+        self._launching = False
+        self._closing = False
+        self._closed = False
+        self._counts = dict.fromkeys(
+            ("requests", "units", "forwards", "forward_patches", "max_forward_patches", "dedup_hits",
+             "failed_units", "oom_backoffs", "cancelled_requests", "rejected_requests"), 0)
+        self._labels = {"coalescer": self.config.name}
+        self._m_units = metrics.UNITS.labels(**self._labels)
+        self._m_queue = metrics.QUEUE_PATCHES.labels(**self._labels)
+        self._m_ok = metrics.REQUESTS.labels(outcome="ok", **self._labels)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> Coalescer:
+        """Bind to the running loop and start the dispatcher; ``async with`` calls this."""
+        if self._loop is not None:
+            raise RuntimeError("Coalescer already started")
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._space_freed = asyncio.Condition()
+        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix=f"mm-forward-{self.config.name}")
+        self._event_waiters = ThreadPoolExecutor(self.config.max_inflight_batches,
+                                                 thread_name_prefix=f"mm-event-{self.config.name}")
+        self._dispatcher = self._loop.create_task(self._dispatch_loop(), name=f"mm-dispatch-{self.config.name}")
+        return self
+
+    async def __aenter__(self) -> Coalescer:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self, cancel_pending: bool = False) -> None:
+        """Stop accepting work; finish what is queued (or fail it with CoalescerClosedError).
+
+        Batches already running always finish and deliver. When this returns no future is pending.
+        """
+        if self._closed:
+            return
+        self._closing = True
+        if cancel_pending:
+            for plan in list(self._planner):
+                job: _Job = plan.payload
+                error = CoalescerClosedError("coalescer closed before this unit was encoded")
+                for request, _ in list(job.waiters):
+                    self._fail(request, error)
+        if self._dispatcher is not None:
+            self._wakeup.set()
+            await self._dispatcher
+            if self._batches:
+                await asyncio.gather(*self._batches)
+            async with self._space_freed:
+                self._space_freed.notify_all()
+            self._forward_thread.shutdown(wait=True)
+            self._event_waiters.shutdown(wait=True)
+        self._closed = True
+
+    # --- the public call ---------------------------------------------------------------------
+    async def encode(self, items: Sequence[EncodeItem]) -> list[torch.Tensor]:
+        """Encode ``items``; returns one tensor per item, in the order given.
+
+        Raises InvalidItemError (bad input, nothing enqueued), QueueFullError (backpressure),
+        EncodeError (the tower failed on one of these items) or CoalescerClosedError.
+        """
+        if self._closing or self._loop is None:
+            raise CoalescerClosedError("coalescer is closed" if self._closing else "coalescer not started")
+        units, spans = self._split_into_units(items)
+        if not units:
+            return []
+        patches = sum(u.num_patches for u in units)
+        await self._admit(patches)
+        request = _Request(next(self._seq), self._loop.create_future(), len(units))
+        now = self._loop.time()
+        for slot, unit in enumerate(units):
+            self._attach(request, slot, unit, now)
+        self._counts["requests"] += 1
+        self._counts["units"] += len(units)
+        self._m_units.inc(len(units))
+        self._m_queue.set(self._planner.pending_patches)
+        self._wakeup.set()
+        try:
+            await request.future
+        except asyncio.CancelledError:
+            self._counts["cancelled_requests"] += 1
+            metrics.REQUESTS.labels(outcome="cancelled", **self._labels).inc()
+            self._detach(request)
+            raise
+        except BaseException:
+            metrics.REQUESTS.labels(outcome="failed", **self._labels).inc()
+            raise
+        self._m_ok.inc()
+        outputs = request.outputs
+        return [outputs[a] if b - a == 1 else torch.cat(outputs[a:b], dim=0) for a, b in spans]
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of counters and queue state (cheap; safe to call from any thread)."""
+        counts = dict(self._counts)
+        forwards = counts["forwards"]
+        return {
+            **counts,
+            "mean_patches_per_forward": counts["forward_patches"] / forwards if forwards else 0.0,
+            "pending_units": self._planner.pending_units,
+            "pending_patches": self._planner.pending_patches,
+            "inflight_batches": len(self._batches),
+            "budget_bytes": self.budget_bytes,
+            "bytes_per_patch": self.bytes_per_patch,
+            "budget_patches": self._planner.budget_patches,
+            "device": str(self.device),
+            "closed": self._closing,
+        }
+
+    # --- submit side -------------------------------------------------------------------------
+    def _split_into_units(self, items: Sequence[EncodeItem]) -> tuple[list[EncodeItem], list[tuple[int, int]]]:
+        """Validate every item first (so a bad one enqueues nothing), then flatten videos to frames."""
+        if isinstance(items, EncodeItem) or not isinstance(items, Sequence):
+            raise InvalidItemError(f"encode() takes a sequence of EncodeItem, got {type(items).__name__}")
+        for index, item in enumerate(items):
+            self._check_item(index, item)
+        units: list[EncodeItem] = []
+        spans: list[tuple[int, int]] = []
+        for item in items:
+            start = len(units)
+            if item.modality == "video":
+                units.extend(EncodeItem(frame, item.num_patches, "video",
+                                        None if item.key is None else (item.key, i), item.meta)
+                             for i, frame in enumerate(item.pixel_values))
+            else:
+                units.append(item)
+            spans.append((start, len(units)))
+        return units, spans
+
+    def _check_item(self, index: int, item: Any) -> None:
+        def bad(reason: str) -> InvalidItemError:
+            self._counts["rejected_requests"] += 1
+            metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc()
+            return InvalidItemError(f"item {index}: {reason}")
+
+        if not isinstance(item, EncodeItem):
+            raise bad(f"expected EncodeItem, got {type(item).__name__}")
+        if not isinstance(item.pixel_values, torch.Tensor):
+            raise bad(f"pixel_values must be a torch.Tensor, got {type(item.pixel_values).__name__}")
+        if isinstance(item.num_patches, bool) or not isinstance(item.num_patches, int) or item.num_patches <= 0:
+            raise bad(f"num_patches must be a positive int, got {item.num_patches!r}")
+        if item.modality not in MODALITIES:
+            raise bad(f"unknown modality {item.modality!r}; expected one of {list(MODALITIES)}")
+        if item.modality == "video":
+            frames = item.pixel_values.shape[0] if item.pixel_values.dim() >= 2 else 0
+            if frames == 0:
+                raise bad(f"video pixel_values must be [frames, ...] with at least one frame, "
+                          f"got shape {tuple(item.pixel_values.shape)}")
+            expected = item.meta.get("num_frames")
+            if expected is not None and expected != frames:
+                raise bad(f"video has {frames} frame units on axis 0 but meta['num_frames'] says {expected}")
+        elif item.pixel_values.numel() == 0:
+            raise bad("pixel_values is empty")
+        if item.key is not None and not isinstance(item.key, Hashable):
+            raise bad(f"key must be hashable, got {type(item.key).__name__}")
+        reason = self._planner.never_fits(item.num_patches)
+        if reason is not None:
+            raise bad(f"can never be encoded: {reason}")
+        if self._validate_item is not None:
+            try:
+                self._validate_item(item)
+            except ValueError as exc:
+                raise bad(str(exc)) from exc
+
+    async def _admit(self, patches: int) -> None:
+        """Backpressure: reject (or wait) while the queue would exceed ``max_queue_patches``."""
+        limit = self.config.max_queue_patches
+        if self._planner.pending_patches + patches <= limit:
+            return
+        if self.config.queue_full == "reject" or patches > limit:
+            self._counts["rejected_requests"] += 1
+            metrics.ERRORS.labels(kind="queue_full", **self._labels).inc()
+            raise QueueFullError(f"queue holds {self._planner.pending_patches} patches; this request adds "
+                                 f"{patches} and max_queue_patches is {limit}")
+        async with self._space_freed:
+            await self._space_freed.wait_for(
+                lambda: self._closing or self._planner.pending_patches + patches <= limit)
+        if self._closing:
+            raise CoalescerClosedError("coalescer closed while this request waited for queue space")
+
+    def _attach(self, request: _Request, slot: int, unit: EncodeItem, now: float) -> None:
+        key = unit.key if self.config.dedup else None
+        job = self._jobs_by_key.get(key) if key is not None else None
+        if job is not None:
+            self._counts["dedup_hits"] += 1
+            metrics.DEDUP_HITS.labels(**self._labels).inc()
+        else:
+            job = _Job(unit, None, key)  # type: ignore[arg-type]
+            job.plan = PlanUnit(unit.num_patches, now, job)
+            self._planner.add(job.plan)
+            if key is not None:
+                self._jobs_by_key[key] = job
+        job.waiters.append((request, slot))
+        request.jobs.append(job)
+
+    def _detach(self, request: _Request) -> None:
+        """Stop delivering to ``request``; withdraw queued units that nobody else waits for."""
+        for job in request.jobs:
+            job.waiters = [w for w in job.waiters if w[0] is not request]
+            if not job.waiters and not job.running:
+                self._planner.discard(job.plan)
+                self._forget(job)
+        request.jobs = []
+        self._queue_changed()
+
+    def _forget(self, job: _Job) -> None:
+        if job.key is not None and self._jobs_by_key.get(job.key) is job:
+            del self._jobs_by_key[job.key]
+
+    def _fail(self, request: _Request, error: BaseException) -> None:
+        if not request.future.done():
+            request.future.set_exception(error)
+        self._detach(request)
+
+    def _queue_changed(self) -> None:
+        self._m_queue.set(self._planner.pending_patches)
+        if self.config.queue_full == "wait" and self._space_freed is not None:
+            self._loop.create_task(self._notify_space())
+
+    async def _notify_space(self) -> None:
+        async with self._space_freed:
+            self._space_freed.notify_all()
+
+    # --- dispatch side -----------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        """Form a batch whenever the forward thread is free and a batch is due; exit once drained."""
+        max_inflight = self.config.max_inflight_batches
+        window = self.config.dispatch == "window"
+        while True:
+            if self._closing and not self._planner.pending_units:
+                return
+            timeout = None
+            if self._planner.pending_units and not self._launching and len(self._batches) < max_inflight:
+                now = self._loop.time()
+                batch = self._planner.next_batch(now, self._max_wait_s, only_ready=window and not self._closing)
+                if batch is not None:
+                    self._launch(batch)
+                    continue
+                timeout = self._planner.next_deadline(self._max_wait_s) - now
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
+            except TimeoutError:
+                pass
+
+    def _launch(self, batch: list[PlanUnit]) -> None:
+        jobs: list[_Job] = [p.payload for p in batch]
+        for job in jobs:
+            job.running = True
+        self._launching = True
+        self._queue_changed()
+        task = self._loop.create_task(self._run_batch(jobs, batch[0].arrival))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, jobs: list[_Job], oldest_arrival: float) -> None:
+        started = self._loop.time()
+        metrics.QUEUE_WAIT.labels(**self._labels).observe(started - oldest_arrival)
+        try:
+            outcome = await self._loop.run_in_executor(self._forward_thread, self._executor.run,
+                                                       [job.unit for job in jobs])
+            self._launching = False
+            self._wakeup.set()
+            if outcome.done is not None:
+                await self._loop.run_in_executor(self._event_waiters, outcome.done.synchronize)
+        except BaseException as exc:  # the executor itself broke: fail this batch's units, keep serving
+            logger.exception("coalescer %s: batch of %d units failed outside the tower", self.config.name, len(jobs))
+            outcome = BatchOutcome(outputs=[exc] * len(jobs))
+        self._launching = False
+        self._record(jobs, outcome, self._loop.time() - started)
+        self._deliver(jobs, outcome)
+        self._wakeup.set()
+
+    def _record(self, jobs: list[_Job], outcome: BatchOutcome, seconds: float) -> None:
+        bucket = self._planner.bucket_of(jobs[0].unit.num_patches)
+        budget = self._planner.bucket_budget_patches(bucket)
+        for patches in outcome.forward_sizes:
+            self._counts["forwards"] += 1
+            self._counts["forward_patches"] += patches
+            self._counts["max_forward_patches"] = max(self._counts["max_forward_patches"], patches)
+            metrics.FORWARDS.labels(**self._labels).inc()
+            metrics.PATCHES_PER_FORWARD.labels(**self._labels).observe(patches)
+        metrics.UNITS_PER_FORWARD.labels(**self._labels).observe(len(jobs))
+        metrics.BUDGET_FILL.labels(**self._labels).observe(sum(j.unit.num_patches for j in jobs) / budget)
+        metrics.BATCH_SECONDS.labels(**self._labels).observe(seconds)
+        for failed in outcome.oom_patches:
+            new_budget = self._planner.shrink_budget(bucket, failed)
+            self._counts["oom_backoffs"] += 1
+            metrics.OOM_BACKOFFS.labels(**self._labels).inc()
+            logger.warning("coalescer %s: out of memory on a %d-patch forward; bucket %d budget now %d patches",
+                           self.config.name, failed, bucket, new_budget)
+
+    def _deliver(self, jobs: list[_Job], outcome: BatchOutcome) -> None:
+        """Hand each output to its waiters; requests finished by this batch resolve in arrival order."""
+        finished: list[_Request] = []
+        for job, output in zip(jobs, outcome.outputs):
+            self._forget(job)
+            waiters, job.waiters = job.waiters, []
+            if isinstance(output, BaseException):
+                self._counts["failed_units"] += 1
+                metrics.ERRORS.labels(kind="encode", **self._labels).inc()
+                for request, _ in waiters:
+                    error = EncodeError(f"tower failed on a {job.unit.modality} unit of {job.unit.num_patches} "
+                                        f"patches (key={job.unit.key!r}): {output!r}")
+                    error.__cause__ = output
+                    self._fail(request, error)
+                continue
+            for request, slot in waiters:
+                request.outputs[slot] = output
+                request.remaining -= 1
+                if request.remaining == 0:
+                    finished.append(request)
+        finished.sort(key=lambda r: r.seq)
+        for request in finished:
+            if not request.future.done():
+                request.future.set_result(None)
+
+    # --- budget ------------------------------------------------------------------------------
+    def _resolve_bytes_per_patch(self) -> int:
+        choice = self.config.bytes_per_patch
+        if isinstance(choice, int):
+            return choice
+        if choice == "auto":
+            if self.device.type == "cuda":
+                from .calibrate import calibrate_tower
+
+                return calibrate_tower(self.tower, margin=self.config.calibration_margin)
+            logger.warning("bytes_per_patch: auto needs a CUDA tower; using the tower's declared value")
+        return int(self.tower.bytes_per_patch)
+
+    def _resolve_budget_bytes(self) -> int:
+        fraction = self.config.budget_fraction
+        if fraction is None:
+            return int(self.config.budget_bytes)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(total * fraction)

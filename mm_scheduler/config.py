@@ -1,0 +1,124 @@
+"""Coalescer settings: one validated dataclass, loadable from YAML.
+
+Every check names the offending key, so a typo in a YAML file stops start-up with a message a user
+can act on instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A setting is unknown, of the wrong type or out of range; the message names the key."""
+
+
+DispatchPolicy = Literal["eager", "window"]
+QueueFullPolicy = Literal["reject", "wait"]
+StreamChoice = Literal["dedicated", "current"]
+
+
+@dataclass(frozen=True)
+class CoalescerConfig:
+    """How the coalescer batches, budgets and dispatches. ``configs/default.yaml`` documents each key."""
+
+    max_wait_ms: float = 2.0
+    max_batch_items: int = 64
+    budget_bytes: int | None = 2 << 30
+    budget_fraction: float | None = None
+    max_queue_patches: int = 500_000
+    queue_full: QueueFullPolicy = "reject"
+    dispatch: DispatchPolicy = "eager"
+    max_inflight_batches: int = 2
+    bytes_per_patch: int | Literal["auto"] | None = None
+    calibration_margin: float = 0.2
+    oom_backoff: float = 0.5
+    dedup: bool = True
+    device: str | None = None
+    stream: StreamChoice = "dedicated"
+    name: str = "default"
+
+    def __post_init__(self) -> None:
+        _check_number("max_wait_ms", self.max_wait_ms, minimum=0.0)
+        _check_int("max_batch_items", self.max_batch_items, minimum=1)
+        if self.budget_bytes is None and self.budget_fraction is None:
+            raise ConfigError("one of 'budget_bytes' or 'budget_fraction' must be set")
+        if self.budget_bytes is not None:
+            _check_int("budget_bytes", self.budget_bytes, minimum=1)
+        if self.budget_fraction is not None:
+            _check_number("budget_fraction", self.budget_fraction, minimum=0.0, exclusive_minimum=True)
+            if self.budget_fraction > 1.0:
+                raise ConfigError(f"'budget_fraction' must be in (0, 1], got {self.budget_fraction!r}")
+        _check_int("max_queue_patches", self.max_queue_patches, minimum=1)
+        _check_choice("queue_full", self.queue_full, ("reject", "wait"))
+        _check_choice("dispatch", self.dispatch, ("eager", "window"))
+        _check_int("max_inflight_batches", self.max_inflight_batches, minimum=1)
+        if self.bytes_per_patch is not None and self.bytes_per_patch != "auto":
+            _check_int("bytes_per_patch", self.bytes_per_patch, minimum=1)
+        _check_number("calibration_margin", self.calibration_margin, minimum=0.0)
+        _check_number("oom_backoff", self.oom_backoff, minimum=0.0, exclusive_minimum=True)
+        if self.oom_backoff >= 1.0:
+            raise ConfigError(f"'oom_backoff' must be in (0, 1), got {self.oom_backoff!r}")
+        if not isinstance(self.dedup, bool):
+            raise ConfigError(f"'dedup' must be true or false, got {self.dedup!r}")
+        if self.device is not None and not isinstance(self.device, str):
+            raise ConfigError(f"'device' must be a string such as 'cuda:0' or 'cpu', got {self.device!r}")
+        _check_choice("stream", self.stream, ("dedicated", "current"))
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"'name' must be a non-empty string, got {self.name!r}")
+
+    def replace(self, **changes: Any) -> CoalescerConfig:
+        """A copy with ``changes`` applied and validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> CoalescerConfig:
+    """Read a YAML file into a validated :class:`CoalescerConfig`; errors name the file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(raw).__name__}")
+    return config_from_dict({**raw, **overrides}, source=str(path))
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> CoalescerConfig:
+    """Build a config from plain values (YAML, CLI); unknown keys are errors, never ignored."""
+    known = {f.name for f in fields(CoalescerConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    try:
+        return CoalescerConfig(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _check_int(key: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"'{key}' must be >= {minimum}, got {value!r}")
+
+
+def _check_number(key: str, value: Any, minimum: float, exclusive_minimum: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"'{key}' must be a number, got {value!r}")
+    if value < minimum or (exclusive_minimum and value == minimum):
+        relation = ">" if exclusive_minimum else ">="
+        raise ConfigError(f"'{key}' must be {relation} {minimum}, got {value!r}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"'{key}' must be one of {list(choices)}, got {value!r}")

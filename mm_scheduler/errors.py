@@ -1,0 +1,24 @@
+"""Exceptions raised to callers of :meth:`Coalescer.encode`.
+
+Each one concerns a single ``encode()`` call: the coalescer itself keeps serving everyone else.
+"""
+
+
+class CoalescerError(Exception):
+    """Base class of every error the coalescer raises to a caller."""
+
+
+class InvalidItemError(CoalescerError, ValueError):
+    """An item of this request is malformed or can never fit the budget; nothing was enqueued."""
+
+
+class QueueFullError(CoalescerError):
+    """The queue holds ``max_queue_patches`` already; the request was rejected without waiting."""
+
+
+class EncodeError(CoalescerError):
+    """The tower failed on a unit of this request; the tower's exception is chained as ``__cause__``."""
+
+
+class CoalescerClosedError(CoalescerError):
+    """The coalescer is closed, or was closed with ``cancel_pending=True`` before this unit ran."""

@@ -1,0 +1,50 @@
+"""The two shapes every layer speaks: the unit of encode work, and the tower that encodes it."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+MODALITIES = ("image", "video")
+
+
+@dataclass(eq=False, slots=True)
+class EncodeItem:
+    """One image, or one video, of a request.
+
+    ``num_patches`` is what the budget counts. For ``modality="video"`` the first axis of
+    ``pixel_values`` is the frame (or temporal-slice) axis and ``num_patches`` counts the patches of
+    ONE frame unit: the coalescer encodes each frame as its own unit, so frames batch with images of
+    the same size, and concatenates the per-frame outputs along dim 0.
+
+    ``key`` names identical content (an image hash): equal keys queued or in flight at the same
+    time are encoded once. ``meta`` is passed through untouched to the tower (e.g. a grid shape).
+    """
+
+    pixel_values: torch.Tensor
+    num_patches: int
+    modality: str = "image"
+    key: Hashable | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Tower(Protocol):
+    """A vision encoder as the coalescer sees it.
+
+    ``ragged``: one forward may mix patch counts (packed varlen towers such as Qwen2.5-VL); when
+    False every forward holds a single patch count (SigLIP, Gemma).
+    ``bytes_per_patch``: peak activation bytes per patch of a forward; the budget divides by it.
+    ``forward`` is synchronous and runs on a worker thread (inside the executor's CUDA stream on
+    GPU); it returns one output per unit, in order. A tower may also define
+    ``validate(item) -> None`` raising ``ValueError`` for input it cannot encode: the coalescer calls
+    it at submit time so a malformed item fails its own request instead of a whole batch.
+    """
+
+    ragged: bool
+    bytes_per_patch: int
+
+    def forward(self, units: Sequence[EncodeItem]) -> Sequence[torch.Tensor]: ...
