@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 class _Request:
     """One ``encode()`` call: where its units' outputs go, and the future its caller awaits."""
 
-    __slots__ = ("seq", "future", "outputs", "remaining", "jobs")
+    __slots__ = ("future", "jobs", "outputs", "remaining", "seq")
 
     def __init__(self, seq: int, future: asyncio.Future[None], num_units: int) -> None:
         self.seq = seq
@@ -44,14 +44,16 @@ class _Request:
         self.jobs: list[_Job] = []
 
 
-class _Job:
-    """One distinct unit of work; several requests may wait on it when their keys are equal."""
+class _Job(PlanUnit):
+    """One distinct unit of work, queued in the planner; several requests wait on it when keys match."""
 
-    __slots__ = ("unit", "plan", "key", "waiters", "running")
+    __slots__ = ("key", "running", "unit", "waiters")
 
-    def __init__(self, unit: EncodeItem, plan: PlanUnit, key: Hashable | None) -> None:
+    def __init__(self, unit: EncodeItem, key: Hashable | None, arrival: float) -> None:
+        self.num_patches = unit.num_patches  # PlanUnit's fields, set inline: this runs once per unit
+        self.arrival = arrival
+        self.cancelled = False
         self.unit = unit
-        self.plan = plan
         self.key = key
         self.waiters: list[tuple[_Request, int]] = []
         self.running = False
@@ -125,8 +127,7 @@ class Coalescer:
             return
         self._closing = True
         if cancel_pending:
-            for plan in list(self._planner):
-                job: _Job = plan.payload
+            for job in list(self._planner):
                 error = CoalescerClosedError("coalescer closed before this unit was encoded")
                 for request, _ in list(job.waiters):
                     self._fail(request, error)
@@ -156,9 +157,7 @@ class Coalescer:
         patches = sum(u.num_patches for u in units)
         await self._admit(patches)
         request = _Request(next(self._seq), self._loop.create_future(), len(units))
-        now = self._loop.time()
-        for slot, unit in enumerate(units):
-            self._attach(request, slot, unit, now)
+        self._attach(request, units, self._loop.time())
         self._counts["requests"] += 1
         self._counts["units"] += len(units)
         self._m_units.inc(len(units))
@@ -216,39 +215,43 @@ class Coalescer:
         return units, spans
 
     def _check_item(self, index: int, item: Any) -> None:
-        def bad(reason: str) -> InvalidItemError:
+        reason = self._why_invalid(item)
+        if reason is not None:
             self._counts["rejected_requests"] += 1
             metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc()
-            return InvalidItemError(f"item {index}: {reason}")
+            raise InvalidItemError(f"item {index}: {reason}")
 
+    def _why_invalid(self, item: Any) -> str | None:
         if not isinstance(item, EncodeItem):
-            raise bad(f"expected EncodeItem, got {type(item).__name__}")
-        if not isinstance(item.pixel_values, torch.Tensor):
-            raise bad(f"pixel_values must be a torch.Tensor, got {type(item.pixel_values).__name__}")
-        if isinstance(item.num_patches, bool) or not isinstance(item.num_patches, int) or item.num_patches <= 0:
-            raise bad(f"num_patches must be a positive int, got {item.num_patches!r}")
-        if item.modality not in MODALITIES:
-            raise bad(f"unknown modality {item.modality!r}; expected one of {list(MODALITIES)}")
+            return f"expected EncodeItem, got {type(item).__name__}"
+        pixels = item.pixel_values
+        if not isinstance(pixels, torch.Tensor):
+            return f"pixel_values must be a torch.Tensor, got {type(pixels).__name__}"
+        if type(item.num_patches) is not int or item.num_patches <= 0:
+            return f"num_patches must be a positive int, got {item.num_patches!r}"
         if item.modality == "video":
-            frames = item.pixel_values.shape[0] if item.pixel_values.dim() >= 2 else 0
+            frames = pixels.shape[0] if pixels.dim() >= 2 else 0
             if frames == 0:
-                raise bad(f"video pixel_values must be [frames, ...] with at least one frame, "
-                          f"got shape {tuple(item.pixel_values.shape)}")
+                return (f"video pixel_values must be [frames, ...] with at least one frame, "
+                        f"got shape {tuple(pixels.shape)}")
             expected = item.meta.get("num_frames")
             if expected is not None and expected != frames:
-                raise bad(f"video has {frames} frame units on axis 0 but meta['num_frames'] says {expected}")
-        elif item.pixel_values.numel() == 0:
-            raise bad("pixel_values is empty")
+                return f"video has {frames} frame units on axis 0 but meta['num_frames'] says {expected}"
+        elif item.modality != "image":
+            return f"unknown modality {item.modality!r}; expected one of {list(MODALITIES)}"
+        elif pixels.numel() == 0:
+            return "pixel_values is empty"
         if item.key is not None and not isinstance(item.key, Hashable):
-            raise bad(f"key must be hashable, got {type(item.key).__name__}")
-        reason = self._planner.never_fits(item.num_patches)
-        if reason is not None:
-            raise bad(f"can never be encoded: {reason}")
+            return f"key must be hashable, got {type(item.key).__name__}"
+        too_big = self._planner.never_fits(item.num_patches)
+        if too_big is not None:
+            return f"can never be encoded: {too_big}"
         if self._validate_item is not None:
             try:
                 self._validate_item(item)
             except ValueError as exc:
-                raise bad(str(exc)) from exc
+                return str(exc)
+        return None
 
     async def _admit(self, patches: int) -> None:
         """Backpressure: reject (or wait) while the queue would exceed ``max_queue_patches``."""
@@ -266,27 +269,34 @@ class Coalescer:
         if self._closing:
             raise CoalescerClosedError("coalescer closed while this request waited for queue space")
 
-    def _attach(self, request: _Request, slot: int, unit: EncodeItem, now: float) -> None:
-        key = unit.key if self.config.dedup else None
-        job = self._jobs_by_key.get(key) if key is not None else None
-        if job is not None:
-            self._counts["dedup_hits"] += 1
-            metrics.DEDUP_HITS.labels(**self._labels).inc()
-        else:
-            job = _Job(unit, None, key)  # type: ignore[arg-type]
-            job.plan = PlanUnit(unit.num_patches, now, job)
-            self._planner.add(job.plan)
-            if key is not None:
-                self._jobs_by_key[key] = job
-        job.waiters.append((request, slot))
-        request.jobs.append(job)
+    def _attach(self, request: _Request, units: list[EncodeItem], now: float) -> None:
+        """Queue each unit, or join identical work already queued or running (hot path: kept flat)."""
+        jobs_by_key = self._jobs_by_key if self.config.dedup else None
+        add = self._planner.add
+        request_jobs = request.jobs
+        hits = 0
+        for slot, unit in enumerate(units):
+            key = unit.key if jobs_by_key is not None else None
+            job = jobs_by_key.get(key) if key is not None else None
+            if job is None:
+                job = _Job(unit, key, now)
+                add(job)
+                if key is not None:
+                    jobs_by_key[key] = job
+            else:
+                hits += 1
+            job.waiters.append((request, slot))
+            request_jobs.append(job)
+        if hits:
+            self._counts["dedup_hits"] += hits
+            metrics.DEDUP_HITS.labels(**self._labels).inc(hits)
 
     def _detach(self, request: _Request) -> None:
         """Stop delivering to ``request``; withdraw queued units that nobody else waits for."""
         for job in request.jobs:
             job.waiters = [w for w in job.waiters if w[0] is not request]
             if not job.waiters and not job.running:
-                self._planner.discard(job.plan)
+                self._planner.discard(job)
                 self._forget(job)
         request.jobs = []
         self._queue_changed()
@@ -320,7 +330,8 @@ class Coalescer:
             timeout = None
             if self._planner.pending_units and not self._launching and len(self._batches) < max_inflight:
                 now = self._loop.time()
-                batch = self._planner.next_batch(now, self._max_wait_s, only_ready=window and not self._closing)
+                batch: list[_Job] | None = self._planner.next_batch(  # type: ignore[assignment]
+                    now, self._max_wait_s, only_ready=window and not self._closing)
                 if batch is not None:
                     self._launch(batch)
                     continue
@@ -331,13 +342,12 @@ class Coalescer:
             except TimeoutError:
                 pass
 
-    def _launch(self, batch: list[PlanUnit]) -> None:
-        jobs: list[_Job] = [p.payload for p in batch]
+    def _launch(self, jobs: list[_Job]) -> None:
         for job in jobs:
             job.running = True
         self._launching = True
         self._queue_changed()
-        task = self._loop.create_task(self._run_batch(jobs, batch[0].arrival))
+        task = self._loop.create_task(self._run_batch(jobs, jobs[0].arrival))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
@@ -381,7 +391,7 @@ class Coalescer:
     def _deliver(self, jobs: list[_Job], outcome: BatchOutcome) -> None:
         """Hand each output to its waiters; requests finished by this batch resolve in arrival order."""
         finished: list[_Request] = []
-        for job, output in zip(jobs, outcome.outputs):
+        for job, output in zip(jobs, outcome.outputs, strict=True):
             self._forget(job)
             waiters, job.waiters = job.waiters, []
             if isinstance(output, BaseException):

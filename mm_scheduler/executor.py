@@ -78,7 +78,7 @@ class Executor:
             failure: BaseException = exc
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        except Exception as exc:  # noqa: BLE001 - any tower failure is isolated, never fatal
+        except Exception as exc:
             failure = exc
         if hi - lo == 1:
             outcome.outputs[lo] = failure

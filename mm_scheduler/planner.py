@@ -18,17 +18,17 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 
-@dataclass(eq=False, slots=True)
 class PlanUnit:
-    """The planner's view of one unit: its size, arrival and an opaque payload for the caller."""
+    """The planner's view of one unit: its size and arrival. Callers subclass it to carry their job."""
 
-    num_patches: int
-    arrival: float
-    payload: Any = None
-    cancelled: bool = False
+    __slots__ = ("arrival", "cancelled", "num_patches")
+
+    def __init__(self, num_patches: int, arrival: float) -> None:
+        self.num_patches = num_patches
+        self.arrival = arrival
+        self.cancelled = False
 
 
 @dataclass(slots=True)

@@ -56,12 +56,15 @@ class FakeTower:
     - ``ragged=False`` makes a forward that mixes patch counts raise (as SigLIP would).
     - ``fail_keys``: a forward containing a unit with one of these keys raises RuntimeError.
     - ``capacity_patches``: a forward above it raises ``torch.OutOfMemoryError``.
+    - ``gate``: when given, every forward first waits for this event, so a test can hold the tower
+      busy while it queues more work.
     Every call, successful or not, is appended to ``log``.
     """
 
     def __init__(self, *, ragged: bool = False, bytes_per_patch: int = 1024, fixed_s: float = 0.0,
                  per_patch_s: float = 0.0, fail_keys: Collection[Hashable] = (),
-                 capacity_patches: int | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 capacity_patches: int | None = None, gate: threading.Event | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.ragged = ragged
         self.bytes_per_patch = bytes_per_patch
         self.device = "cpu"
@@ -69,6 +72,7 @@ class FakeTower:
         self.per_patch_s = per_patch_s
         self.fail_keys = set(fail_keys)
         self.capacity_patches = capacity_patches
+        self.gate = gate
         self.sleep = sleep
         self.log: list[ForwardRecord] = []
         self._lock = threading.Lock()
@@ -83,6 +87,8 @@ class FakeTower:
             self.concurrent_forwards += 1
             self.max_concurrent_forwards = max(self.max_concurrent_forwards, self.concurrent_forwards)
         try:
+            if self.gate is not None and not self.gate.wait(timeout=30):
+                raise TimeoutError("fake tower gate was never opened")
             if not self.ragged and len(set(record.patch_counts)) > 1:
                 raise AssertionError(f"uniform tower got mixed patch counts {sorted(set(record.patch_counts))}")
             if self.capacity_patches is not None and record.patches > self.capacity_patches:
