@@ -175,6 +175,8 @@ class Coalescer:
             raise
         self._m_ok.inc()
         outputs = request.outputs
+        if spans is None:
+            return outputs  # type: ignore[return-value]
         return [outputs[a] if b - a == 1 else torch.cat(outputs[a:b], dim=0) for a, b in spans]
 
     def stats(self) -> dict[str, Any]:
@@ -195,12 +197,17 @@ class Coalescer:
         }
 
     # --- submit side -------------------------------------------------------------------------
-    def _split_into_units(self, items: Sequence[EncodeItem]) -> tuple[list[EncodeItem], list[tuple[int, int]]]:
-        """Validate every item first (so a bad one enqueues nothing), then flatten videos to frames."""
+    def _split_into_units(self, items: Sequence[EncodeItem]) -> tuple[list[EncodeItem], list[tuple[int, int]] | None]:
+        """Validate every item first (so a bad one enqueues nothing), then flatten videos to frames.
+
+        Returns the units and, when a video was split, each item's span of units (else None).
+        """
         if isinstance(items, EncodeItem) or not isinstance(items, Sequence):
             raise InvalidItemError(f"encode() takes a sequence of EncodeItem, got {type(items).__name__}")
         for index, item in enumerate(items):
             self._check_item(index, item)
+        if all(item.modality == "image" for item in items):
+            return list(items), None
         units: list[EncodeItem] = []
         spans: list[tuple[int, int]] = []
         for item in items:
@@ -272,21 +279,20 @@ class Coalescer:
     def _attach(self, request: _Request, units: list[EncodeItem], now: float) -> None:
         """Queue each unit, or join identical work already queued or running (hot path: kept flat)."""
         jobs_by_key = self._jobs_by_key if self.config.dedup else None
-        add = self._planner.add
+        new_jobs: list[_Job] = []
         request_jobs = request.jobs
-        hits = 0
         for slot, unit in enumerate(units):
             key = unit.key if jobs_by_key is not None else None
             job = jobs_by_key.get(key) if key is not None else None
             if job is None:
                 job = _Job(unit, key, now)
-                add(job)
+                new_jobs.append(job)
                 if key is not None:
                     jobs_by_key[key] = job
-            else:
-                hits += 1
             job.waiters.append((request, slot))
             request_jobs.append(job)
+        self._planner.add(new_jobs)
+        hits = len(units) - len(new_jobs)
         if hits:
             self._counts["dedup_hits"] += hits
             metrics.DEDUP_HITS.labels(**self._labels).inc(hits)

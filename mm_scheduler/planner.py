@@ -16,7 +16,7 @@ Choosing a batch:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 
@@ -88,15 +88,20 @@ class Planner:
         return self._shrunk_budget_patches[bucket]
 
     # --- queue -------------------------------------------------------------------------------
-    def add(self, unit: PlanUnit) -> None:
-        bucket = self._buckets.get(self.bucket_of(unit.num_patches))
-        if bucket is None:
-            bucket = self._buckets[self.bucket_of(unit.num_patches)] = _Bucket()
-        bucket.units.append(unit)
-        bucket.live_units += 1
-        bucket.live_patches += unit.num_patches
-        self.pending_units += 1
-        self.pending_patches += unit.num_patches
+    def add(self, units: Sequence[PlanUnit]) -> None:
+        """Queue ``units`` (one request's, in order). Hot path: one call per request, locals only."""
+        buckets, ragged, patches = self._buckets, self.ragged, 0
+        for unit in units:
+            key = 0 if ragged else unit.num_patches
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = _Bucket()
+            bucket.units.append(unit)
+            bucket.live_units += 1
+            bucket.live_patches += unit.num_patches
+            patches += unit.num_patches
+        self.pending_units += len(units)
+        self.pending_patches += patches
 
     def discard(self, unit: PlanUnit) -> None:
         """Withdraw a queued unit (its requester went away); it will never be planned."""

@@ -15,8 +15,7 @@ def make_planner(ragged: bool = False, budget_patches: int = 100, max_items: int
 
 def add_units(planner: Planner, sizes: list[int], start: float = 0.0) -> list[PlanUnit]:
     units = [PlanUnit(n, start + i) for i, n in enumerate(sizes)]
-    for u in units:
-        planner.add(u)
+    planner.add(units)
     return units
 
 

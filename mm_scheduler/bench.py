@@ -1,0 +1,209 @@
+"""Open-loop benchmark: one forward per request (today's behaviour) vs the coalescer, same arrivals.
+
+Requests arrive as a Poisson process at a fixed offered rate, independent of how fast they are
+served (open loop: a slow system builds a queue, as a server does). Latency is measured from each
+request's scheduled arrival to its result, so queueing delay is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .coalescer import Coalescer
+from .config import CoalescerConfig
+from .executor import Executor
+from .testing import FakeTower, NoopTower
+from .types import EncodeItem, Tower
+
+RequestSampler = Callable[[random.Random], list[EncodeItem]]
+
+
+@dataclass
+class RunResult:
+    mode: str
+    offered_rps: float
+    requests: int
+    units: int
+    seconds: float
+    throughput_rps: float
+    throughput_units_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    forwards: int
+    mean_patches_per_forward: float
+    mean_units_per_forward: float
+    failed: int
+
+
+class CountingTower:
+    """Wraps a tower to count forwards, units and patches, whatever the tower is."""
+
+    def __init__(self, tower: Tower) -> None:
+        self.inner = tower
+        self.ragged = tower.ragged
+        self.bytes_per_patch = tower.bytes_per_patch
+        self.device = getattr(tower, "device", "cpu")
+        if hasattr(tower, "validate"):
+            self.validate = tower.validate
+        self._lock = threading.Lock()
+        self.forwards = self.units = self.patches = 0
+
+    def forward(self, units: Sequence[EncodeItem]) -> Sequence[torch.Tensor]:
+        with self._lock:
+            self.forwards += 1
+            self.units += len(units)
+            self.patches += sum(u.num_patches for u in units)
+        return self.inner.forward(units)
+
+
+class PerRequestEncoder:
+    """Today's behaviour: each request's items go to the tower in their own forward(s), one at a time.
+
+    A uniform tower gets one forward per distinct patch count of the request (it cannot pad across
+    sizes); video frames ride along as units of their patch count. Same executor, stream and event
+    handling as the coalescer, so the only difference measured is the batching.
+    """
+
+    def __init__(self, tower: Tower, device: torch.device) -> None:
+        self.tower = tower
+        self._executor = Executor(tower, device)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="per-request-forward")
+
+    async def encode(self, items: Sequence[EncodeItem]) -> list[torch.Tensor]:
+        units: list[EncodeItem] = []
+        for item in items:
+            if item.modality == "video":
+                units.extend(EncodeItem(f, item.num_patches, "video", None, item.meta) for f in item.pixel_values)
+            else:
+                units.append(item)
+        groups: dict[int, list[EncodeItem]] = {}
+        for unit in units:
+            groups.setdefault(0 if self.tower.ragged else unit.num_patches, []).append(unit)
+        loop = asyncio.get_running_loop()
+        outputs = []
+        for group in groups.values():
+            outcome = await loop.run_in_executor(self._thread, self._executor.run, group)
+            if outcome.done is not None:
+                await loop.run_in_executor(None, outcome.done.synchronize)
+            for out in outcome.outputs:
+                if isinstance(out, BaseException):
+                    raise out
+            outputs.extend(outcome.outputs)
+        return outputs
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+async def open_loop(encode: Callable, requests: list[list[EncodeItem]], rate: float,
+                    rng: random.Random) -> tuple[list[float], float, int]:
+    """Submit ``requests`` at Poisson arrivals of ``rate``/s; returns latencies (s), makespan, failures."""
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    failed = 0
+
+    async def one(items: list[EncodeItem], arrival: float) -> None:
+        nonlocal failed
+        try:
+            await encode(items)
+        except Exception:
+            failed += 1
+            return
+        latencies.append(loop.time() - arrival)
+
+    start = loop.time()
+    arrival = start
+    tasks = []
+    for items in requests:
+        arrival += rng.expovariate(rate)
+        delay = arrival - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(items, arrival)))
+    await asyncio.gather(*tasks)
+    return latencies, loop.time() - start, failed
+
+
+def summarize(mode: str, rate: float, requests: list[list[EncodeItem]], latencies: list[float], seconds: float,
+              failed: int, tower: CountingTower) -> RunResult:
+    units = sum(len(i.pixel_values) if i.modality == "video" else 1 for r in requests for i in r)
+    ordered = sorted(latencies) or [float("nan")]
+    p99_index = min(len(ordered) - 1, int(0.99 * len(ordered)))
+    return RunResult(
+        mode=mode, offered_rps=rate, requests=len(requests), units=units, seconds=round(seconds, 3),
+        throughput_rps=len(latencies) / seconds, throughput_units_per_s=units / seconds,
+        p50_ms=1000 * ordered[len(ordered) // 2], p99_ms=1000 * ordered[p99_index],
+        mean_ms=1000 * statistics.fmean(ordered), forwards=tower.forwards,
+        mean_patches_per_forward=tower.patches / max(tower.forwards, 1),
+        mean_units_per_forward=tower.units / max(tower.forwards, 1), failed=failed)
+
+
+async def compare(tower: Tower, sample: RequestSampler, rates: Sequence[float], seconds: float,
+                  config: CoalescerConfig, seed: int = 0) -> list[RunResult]:
+    """For each rate, run the same arrival sequence through per-request forwards and the coalescer."""
+    device = torch.device(config.device or str(getattr(tower, "device", "cpu")))
+    results = []
+    for rate in rates:
+        rng = random.Random(seed)
+        requests = [sample(rng) for _ in range(max(1, int(rate * seconds)))]
+        for mode in ("per-request", "coalescer"):
+            counting = CountingTower(tower)
+            arrivals = random.Random(seed + 1)
+            if mode == "per-request":
+                encoder = PerRequestEncoder(counting, device)
+                try:
+                    latencies, makespan, failed = await open_loop(encoder.encode, requests, rate, arrivals)
+                finally:
+                    encoder.close()
+            else:
+                async with Coalescer(counting, config.replace(name=f"bench-{rate}")) as co:
+                    latencies, makespan, failed = await open_loop(co.encode, requests, rate, arrivals)
+            results.append(summarize(mode, rate, requests, latencies, makespan, failed, counting))
+    return results
+
+
+async def coalescer_overhead(requests: int = 20_000, units_per_request: int = 8, repeats: int = 3) -> dict:
+    """The coalescer's own CPU cost: units/s through a no-op tower (best of ``repeats``)."""
+    best = 0.0
+    items = [[EncodeItem(torch.zeros(1), 16) for _ in range(units_per_request)] for _ in range(requests)]
+    config = CoalescerConfig(max_batch_items=256, budget_bytes=1 << 40, max_queue_patches=1 << 40,
+                             name="bench-overhead")
+    for _ in range(repeats):
+        async with Coalescer(NoopTower(), config) as co:
+            start = time.perf_counter()
+            await asyncio.gather(*(co.encode(r) for r in items))
+            best = max(best, requests * units_per_request / (time.perf_counter() - start))
+    return {"units_per_s": best, "us_per_unit": 1e6 / best, "requests": requests,
+            "units_per_request": units_per_request}
+
+
+# --- the default workload: a fake tower shaped like SigLIP-so400m on an H100 --------------------
+FAKE_FIXED_S = 0.0068
+"""Launch + fixed cost of one forward: ~9 ms for one 729-patch image, ~2.2 ms/image batched (seen on H100)."""
+FAKE_PER_PATCH_S = 3.0e-6
+
+
+def fake_siglip_tower() -> FakeTower:
+    return FakeTower(ragged=False, bytes_per_patch=26_500, fixed_s=FAKE_FIXED_S, per_patch_s=FAKE_PER_PATCH_S)
+
+
+def fake_request(rng: random.Random) -> list[EncodeItem]:
+    """1-4 images of 729 patches (384 px SigLIP); one request in ten also carries a 4-frame video."""
+    items = [EncodeItem(torch.full((3, 8, 8), rng.random()), 729) for _ in range(rng.choice((1, 1, 2, 3, 4)))]
+    if rng.random() < 0.1:
+        items.append(EncodeItem(torch.rand(4, 3, 8, 8), 729, "video"))
+    return items
+
+
+def as_rows(results: Sequence[RunResult]) -> list[dict]:
+    return [asdict(r) for r in results]
