@@ -1,0 +1,35 @@
+# Two commands a new user needs: `make bench` (the main job) and `make test` (the full suite).
+# Each creates ./.venv on first use and installs what it needs; later runs reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: bench test lint clean
+
+# torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
+$(VENV)/.core-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e .
+	touch $@
+
+# The real sglang package without its CUDA-only dependencies, plus a pinned list of light ones.
+$(VENV)/.test-installed: $(VENV)/.core-installed requirements-test.txt requirements-sglang.txt
+	$(PIP) --no-deps sglang==0.5.23
+	$(PIP) -r requirements-test.txt
+	touch $@
+
+bench: $(VENV)/.core-installed
+	mkdir -p bench-results
+	$(VENV)/bin/mm-scheduler bench --json bench-results/cpu.json
+
+test: $(VENV)/.test-installed
+	bash scripts/run-tests.sh
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) bench-results .pytest_cache
