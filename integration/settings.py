@@ -1,0 +1,84 @@
+"""How the plugin is switched on: two server flags, or environment variables for ``Engine(...)`` users.
+
+``ServerArgs`` is a sealed msgspec struct, so the choice travels as an underscore attribute
+(:data:`ATTR`), which the struct allows and which ``ServerArgs.__reduce__`` pickles into the spawned
+scheduler processes. The attribute holds plain data (the YAML values and their file), never our
+classes, so anything that unpickles ``ServerArgs`` can do so without this package.
+
+The config file is validated in the launching process so a bad path, bad YAML or unknown key stops
+start-up with a message naming the file and the key. That check must not import prometheus_client:
+SGLang sets ``PROMETHEUS_MULTIPROC_DIR`` only later, and prometheus_client fixes its storage mode
+when first imported, which would hide the launcher's own metrics. So the config module is loaded on
+its own here, without the ``mm_scheduler`` package (whose coalescer imports prometheus_client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ATTR = "_mm_coalescer"
+ENV_ENABLE = "MM_COALESCER"
+ENV_CONFIG = "MM_COALESCER_CONFIG"
+ENV_MODE = "MM_COALESCER_MODE"
+MODES = ("auto", "async", "lockstep")
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the plugin's flags to SGLang's own parser (so ``--help`` and ``--config`` files know them)."""
+    group = parser.add_argument_group("mm-scheduler (vision-encoder coalescing plugin)")
+    group.add_argument("--enable-mm-coalescer", action="store_true", default=False,
+                       help="Batch vision-encoder work of concurrent requests under a memory budget and "
+                            f"start encoding when a request arrives. Also enabled by {ENV_ENABLE}=1.")
+    group.add_argument("--mm-coalescer-config", type=str, default=None, metavar="PATH",
+                       help="YAML file of coalescer settings (see configs/ of mm-scheduler); implies "
+                            f"--enable-mm-coalescer. Also read from {ENV_CONFIG}.")
+
+
+def resolve(enable: bool, config_path: str | None) -> dict[str, Any] | None:
+    """The settings to store on ServerArgs, or None when disabled; environment fills what flags omit.
+
+    Raises ValueError naming the file and key when the config cannot be used.
+    """
+    config_path = config_path or os.environ.get(ENV_CONFIG) or None
+    enabled = enable or config_path is not None or os.environ.get(ENV_ENABLE, "").strip().lower() in _TRUE
+    if not enabled:
+        return None
+    mode = os.environ.get(ENV_MODE, "auto").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"{ENV_MODE}={mode!r}: expected one of {list(MODES)}")
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        config = _isolated_config_module()
+        loaded = config.load_config(config_path)
+        values = {key: getattr(loaded, key) for key in config.CoalescerConfig.__dataclass_fields__}
+    return {"config_path": config_path, "values": values, "mode": mode}
+
+
+def settings_of(server_args: object) -> dict[str, Any] | None:
+    """The settings a ServerArgs carries (set by the CLI hook or, for Engine users, the env hook)."""
+    return getattr(server_args, ATTR, None)
+
+
+def _isolated_config_module() -> ModuleType:
+    """``mm_scheduler/config.py`` loaded without running the package ``__init__`` (see module doc)."""
+    loaded = sys.modules.get("mm_scheduler.config")
+    if loaded is not None:
+        return loaded
+    name = "_mm_coalescer_config_check"
+    if name in sys.modules:
+        return sys.modules[name]
+    package = importlib.util.find_spec("mm_scheduler")
+    if package is None or package.origin is None:
+        raise ImportError("mm_scheduler is not installed")
+    spec = importlib.util.spec_from_file_location(name, Path(package.origin).parent / "config.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module

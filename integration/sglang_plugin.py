@@ -1,0 +1,198 @@
+"""SGLang plugin: entry point ``integration.sglang_plugin:register`` in group ``sglang.srt.plugins``.
+
+SGLang's ``load_plugins()`` calls :func:`register` in every process it starts (launcher, scheduler,
+detokenizer), honouring ``SGLANG_PLUGINS``, then applies the hooks through its ``HookRegistry``.
+Every hook is inert unless the coalescer was enabled (``--enable-mm-coalescer``,
+``--mm-coalescer-config`` or ``MM_COALESCER=1``): they check for the settings or the active service
+and otherwise call straight through.
+
+Hooks, and why each sits where it does:
+
+* ``ServerArgs.add_cli_args`` (AFTER): our two flags join SGLang's own parser.
+* ``ServerArgs.from_cli_args`` (AROUND) and ``ServerArgs.__post_init__`` (AFTER, for ``Engine``
+  users): store the validated settings as an underscore attribute that pickles into children.
+* ``Scheduler.__init__`` (AFTER): the model is loaded; pick its tower adapter, start the service
+  (lockstep when TP>1) and only then hook that model class's ``get_*_feature``.
+* ``Scheduler._add_request_to_queue`` (AROUND): the arrival point of every request on every rank;
+  its items are submitted for encoding at once.
+* ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
+  ``Scheduler._maybe_clear_mm_inputs`` (BEFORE): where SGLang drops a request's media on abort or
+  finish; the request's hold on its results is dropped too (queued units are withdrawn on abort).
+
+Only this module's light imports run in the launcher; ``mm_scheduler`` (which imports torch and
+prometheus_client) is imported in the scheduler once the service starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
+
+from . import settings
+
+if TYPE_CHECKING:
+    from .service import EncoderService
+
+logger = logging.getLogger(__name__)
+
+PLUGIN_NAME = "mm_coalescer"
+SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch"
+# Where each supported model class is defined, and the encoder methods routed through the service.
+MODEL_METHODS: dict[str, tuple[str, ...]] = {
+    "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": ("get_image_feature", "get_video_feature"),
+    "sglang.srt.models.qwen3_vl.Qwen3VLForConditionalGeneration": ("get_image_feature", "get_video_feature"),
+    "sglang.srt.models.gemma3_mm.Gemma3ForConditionalGeneration": ("get_image_feature",),
+    "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration": ("get_image_feature", "get_video_feature"),
+}
+_RID_ATTR = "_mm_coalescer_rid"
+
+_service: EncoderService | None = None
+
+
+def register() -> None:
+    """Entry point: register the always-present hooks (inert until the plugin is enabled)."""
+    hooks: list[tuple[str, Callable[..., Any], HookType]] = [
+        (f"{SERVER_ARGS}.add_cli_args", _after_add_cli_args, HookType.AFTER),
+        (f"{SERVER_ARGS}.from_cli_args", _around_from_cli_args, HookType.AROUND),
+        (f"{SERVER_ARGS}.__post_init__", _after_server_args_init, HookType.AFTER),
+        (f"{SCHEDULER}.__init__", _after_scheduler_init, HookType.AFTER),
+        (f"{SCHEDULER}._add_request_to_queue", _around_add_request_to_queue, HookType.AROUND),
+        (f"{SCHEDULER}._maybe_clear_mm_inputs", _before_clear_mm_inputs, HookType.BEFORE),
+        (f"{SCHEDULE_BATCH}.Req.release_mm_inputs_on_abort", _before_release_on_abort, HookType.BEFORE),
+        (f"{SCHEDULE_BATCH}.MultimodalInputs.release_features", _before_release_features, HookType.BEFORE),
+    ]
+    for target, hook, kind in hooks:
+        HookRegistry.register(target, hook, kind)
+
+
+def active_service() -> EncoderService | None:
+    """The service of this scheduler process, if the plugin is enabled and the model supported."""
+    return _service
+
+
+# --- server arguments ---------------------------------------------------------------------------
+def _after_add_cli_args(_result: None, parser: Any) -> None:
+    settings.add_cli_args(parser)
+
+
+def _around_from_cli_args(original: Callable[..., Any], cls: type, args: Any) -> Any:
+    server_args = original(cls, args)
+    try:
+        chosen = settings.resolve(getattr(args, "enable_mm_coalescer", False),
+                                  getattr(args, "mm_coalescer_config", None))
+    except ValueError as exc:
+        raise SystemExit(f"mm-coalescer: {exc}") from None
+    setattr(server_args, settings.ATTR, chosen)
+    return server_args
+
+
+def _after_server_args_init(_result: None, server_args: Any) -> None:
+    """``Engine(**kwargs)`` takes no unknown kwargs: read the environment when no flag set it."""
+    if settings.ATTR not in getattr(server_args, "__dict__", {}):
+        setattr(server_args, settings.ATTR, settings.resolve(False, None))
+
+
+# --- scheduler lifecycle ------------------------------------------------------------------------
+def _after_scheduler_init(_result: None, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    from sglang.srt.runtime_context import get_server_args
+
+    chosen = settings.settings_of(get_server_args())
+    if chosen is None:
+        return
+    start(scheduler.tp_worker.model_runner.model, chosen, tp_size=scheduler.tp_size)
+
+
+def start(model: Any, chosen: dict[str, Any], *, tp_size: int) -> EncoderService | None:
+    """Start the service for ``model`` and route its encoder methods through it.
+
+    Unsupported models are left untouched (one log line). Lockstep mode is forced when TP>1: the
+    async coalescer's clock-driven batches would differ between ranks and hang their collectives.
+    """
+    global _service
+    from mm_scheduler import config_from_dict
+
+    from .adapters import tower_for
+    from .service import EncoderService
+
+    tower = tower_for(model)
+    if tower is None:
+        logger.info("mm-coalescer: %s has no tower adapter; SGLang encodes its media as usual",
+                    type(model).__name__)
+        return None
+    config = config_from_dict(dict(chosen["values"]), source=chosen["config_path"] or "defaults")
+    mode = chosen["mode"]
+    lockstep = mode == "lockstep" or tp_size > 1
+    if mode == "async" and tp_size > 1:
+        logger.warning("mm-coalescer: %s=async ignored with TP=%d; using lockstep mode", settings.ENV_MODE, tp_size)
+    _service = EncoderService(tower, config, lockstep=lockstep).start()
+    _hook_model_class(type(model))
+    logger.info("mm-coalescer: %s mode for %s (budget %d bytes, %d bytes/patch)", _service.mode,
+                type(model).__name__, _service.budget_bytes, _service.bytes_per_patch)
+    return _service
+
+
+def stop() -> None:
+    """Close the service (queued work fails, model methods fall through to SGLang's own)."""
+    global _service
+    if _service is not None:
+        _service.close()
+        _service = None
+
+
+def _hook_model_class(model_cls: type) -> None:
+    source = HookSource(plugin_name=PLUGIN_NAME, dist_name=None)
+    for target, methods in MODEL_METHODS.items():
+        module, _, name = target.rpartition(".")
+        if not any(cls.__module__ == module and cls.__name__ == name for cls in model_cls.__mro__):
+            continue
+        for method in methods:
+            HookRegistry.register(f"{target}.{method}", _around_get_feature, HookType.AROUND, source=source)
+    HookRegistry.apply_hooks()
+
+
+# --- requests -----------------------------------------------------------------------------------
+def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, req: Any,
+                                 *args: Any, **kwargs: Any) -> Any:
+    result = original(scheduler, req, *args, **kwargs)
+    service = _service
+    retracted = kwargs.get("is_retracted", args[0] if args else False)
+    mm_inputs = req.multimodal_inputs
+    if (service is None or retracted or mm_inputs is None or req.finished()
+            or scheduler.disaggregation_mode.name == "DECODE"):
+        return result
+    service.on_arrival(req.rid, mm_inputs.mm_items)
+    setattr(mm_inputs, _RID_ATTR, req.rid)
+    return result
+
+
+def _before_clear_mm_inputs(scheduler: Any, batch: Any) -> None:
+    service = _service
+    if service is None:
+        return
+    for req in batch.reqs:
+        if req.finished():
+            service.release(req.rid, aborted=False)
+
+
+def _before_release_on_abort(req: Any) -> None:
+    if _service is not None:
+        _service.release(req.rid, aborted=True)
+
+
+def _before_release_features(mm_inputs: Any) -> None:
+    rid = getattr(mm_inputs, _RID_ATTR, None)
+    if _service is not None and rid is not None:
+        _service.release(rid, aborted=False)
+
+
+# --- the encoder ----------------------------------------------------------------------------------
+def _around_get_feature(original: Callable[..., Any], model: Any, items: list[Any]) -> Any:
+    service = _service
+    if service is None or not service.serves(model):
+        return original(model, items)
+    return service.encode(items, lambda subset: original(model, subset))

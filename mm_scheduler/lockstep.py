@@ -1,0 +1,226 @@
+"""Deterministic encoder for tensor parallelism: batches are a pure function of the submit sequence.
+
+Why it exists: with TP>1 every rank runs its shard of the vision tower, and the tower's collectives
+only line up if every rank issues the same forwards, with the same shapes, in the same order. The
+asyncio :class:`~mm_scheduler.Coalescer` cuts batches by a clock on its own thread, so two ranks can
+cut different batches, or interleave encoder collectives with the model's differently, and hang.
+
+:class:`LockstepEncoder` has no clock, no thread and no asyncio. ``submit`` only queues (in arrival
+order). ``step`` runs everything queued, cut into batches by :meth:`Planner.drain` (a pure function of
+the queued sequence), on the calling thread. A host that submits the same sequence on every rank and
+calls ``step`` at the same points of its own deterministic loop (for SGLang: after each
+``ingest_requests`` and when a prefill needs a result) therefore issues identical collectives on every
+rank, in the same order relative to the model's own.
+
+A failed forward fails every unit of that batch; it is not bisected as the coalescer does, because a
+rank-local failure followed by a different sequence of retries would desynchronise the collectives.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from . import metrics
+from .config import CoalescerConfig
+from .errors import EncodeError, InvalidItemError
+from .planner import Planner, PlanUnit
+from .types import MODALITIES, EncodeItem, Tower
+
+
+@dataclass(eq=False)
+class LockstepTicket:
+    """One ``submit`` call: its units' outputs, filled in by ``step``."""
+
+    spans: list[tuple[int, int]]
+    outputs: list[torch.Tensor | None]
+    jobs: list[_Job] = field(default_factory=list)
+    remaining: int = 0
+    error: BaseException | None = None
+    cancelled: bool = False
+    ready: torch.cuda.Event | None = None
+
+    def done(self) -> bool:
+        """True once every unit ran (or one failed): ``result`` will not run a step."""
+        return self.remaining == 0 or self.error is not None
+
+
+class _Job(PlanUnit):
+    """One distinct unit; several tickets wait on it when their keys match."""
+
+    __slots__ = ("key", "unit", "waiters")
+
+    def __init__(self, unit: EncodeItem, key: Hashable | None, arrival: float) -> None:
+        super().__init__(num_patches=unit.num_patches, arrival=arrival)
+        self.unit = unit
+        self.key = key
+        self.waiters: list[tuple[LockstepTicket, int]] = []
+
+
+class LockstepEncoder:
+    """Queues encode work and runs it, batched under the budget, only when ``step`` is called."""
+
+    def __init__(self, tower: Tower, config: CoalescerConfig | None = None) -> None:
+        self.tower = tower
+        self.config = config or CoalescerConfig()
+        self.device = torch.device(self.config.device or str(getattr(tower, "device", "cpu")))
+        # "auto" would measure each rank's allocator separately and could differ between ranks:
+        # only declared or configured sizes keep the batch cuts identical everywhere.
+        declared = self.config.bytes_per_patch
+        self.bytes_per_patch = declared if isinstance(declared, int) else int(tower.bytes_per_patch)
+        self.budget_bytes = self._budget_bytes()
+        self._planner = Planner(ragged=tower.ragged, bytes_per_patch=self.bytes_per_patch,
+                                budget_bytes=self.budget_bytes, max_batch_items=self.config.max_batch_items)
+        self._validate_item = getattr(tower, "validate", None)
+        self._jobs_by_key: dict[Hashable, _Job] = {}
+        self._arrivals = 0
+        self.forwards = 0
+        self._labels = {"coalescer": self.config.name}
+
+    @property
+    def pending_units(self) -> int:
+        return self._planner.pending_units
+
+    def submit(self, items: Sequence[EncodeItem]) -> LockstepTicket:
+        """Queue ``items`` (videos split into frame units); nothing runs until ``step``.
+
+        Raises InvalidItemError, naming the item, when one can never be encoded; nothing is queued then.
+        """
+        for index, item in enumerate(items):
+            reason = self._why_invalid(item)
+            if reason is not None:
+                metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc()
+                raise InvalidItemError(f"item {index}: {reason}")
+        units: list[EncodeItem] = []
+        spans: list[tuple[int, int]] = []
+        for item in items:
+            start = len(units)
+            if item.modality == "video":
+                units.extend(EncodeItem(frame, item.num_patches, "video",
+                                        None if item.key is None else (item.key, i), item.meta)
+                             for i, frame in enumerate(item.pixel_values))
+            else:
+                units.append(item)
+            spans.append((start, len(units)))
+        ticket = LockstepTicket(spans=spans, outputs=[None] * len(units), remaining=len(units))
+        for slot, unit in enumerate(units):
+            key = unit.key if self.config.dedup else None
+            job = self._jobs_by_key.get(key) if key is not None else None
+            if job is None:
+                job = _Job(unit, key, float(self._arrivals))
+                self._arrivals += 1
+                self._planner.add(job)
+                if key is not None:
+                    self._jobs_by_key[key] = job
+            else:
+                metrics.DEDUP_HITS.labels(**self._labels).inc()
+            job.waiters.append((ticket, slot))
+            ticket.jobs.append(job)
+        metrics.UNITS.labels(**self._labels).inc(len(units))
+        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+        return ticket
+
+    def cancel(self, ticket: LockstepTicket) -> None:
+        """Stop delivering to ``ticket``; withdraw its queued units that no other ticket waits for."""
+        ticket.cancelled = True
+        for job in ticket.jobs:
+            job.waiters = [w for w in job.waiters if w[0] is not ticket]
+            if not job.waiters:
+                self._planner.discard(job)
+                if job.key is not None and self._jobs_by_key.get(job.key) is job:
+                    del self._jobs_by_key[job.key]
+        ticket.jobs = []
+        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+
+    def step(self) -> int:
+        """Run every queued unit on this thread, in planner order; returns the number of forwards."""
+        batches = self._planner.drain()
+        for batch in batches:
+            self._run(batch)  # type: ignore[arg-type]
+        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+        return len(batches)
+
+    def result(self, ticket: LockstepTicket) -> list[torch.Tensor]:
+        """The ticket's outputs, one per submitted item; runs ``step`` first if the ticket is not done.
+
+        On CUDA the caller's current stream is made to wait for the producing stream (no host sync).
+        """
+        if ticket.cancelled:
+            raise RuntimeError("result() of a cancelled ticket")
+        if not ticket.done():
+            self.step()
+        if ticket.error is not None:
+            raise ticket.error
+        if ticket.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ticket.ready)
+        outs = ticket.outputs
+        return [outs[a] if b - a == 1 else torch.cat(outs[a:b], dim=0) for a, b in ticket.spans]  # type: ignore[misc]
+
+    def _run(self, jobs: list[_Job]) -> None:
+        patches = sum(job.num_patches for job in jobs)
+        metrics.FORWARDS.labels(**self._labels).inc()
+        metrics.PATCHES_PER_FORWARD.labels(**self._labels).observe(patches)
+        metrics.UNITS_PER_FORWARD.labels(**self._labels).observe(len(jobs))
+        metrics.BUDGET_FILL.labels(**self._labels).observe(patches / self._planner.budget_patches)
+        self.forwards += 1
+        for job in jobs:
+            if job.key is not None and self._jobs_by_key.get(job.key) is job:
+                del self._jobs_by_key[job.key]
+        ready = None
+        try:
+            with torch.inference_mode():
+                outputs = list(self.tower.forward([job.unit for job in jobs]))
+            if len(outputs) != len(jobs):
+                raise RuntimeError(f"tower returned {len(outputs)} outputs for {len(jobs)} units")
+            if self.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record(torch.cuda.current_stream(self.device))
+        except Exception as exc:  # fail this batch's tickets, keep serving
+            metrics.ERRORS.labels(kind="encode", **self._labels).inc(len(jobs))
+            error = EncodeError(f"tower failed on a lockstep batch of {len(jobs)} units, {patches} patches: {exc!r}")
+            error.__cause__ = exc
+            for job in jobs:
+                for ticket, _ in job.waiters:
+                    ticket.error = ticket.error or error
+                job.waiters = []
+            return
+        for job, output in zip(jobs, outputs, strict=True):
+            for ticket, slot in job.waiters:
+                ticket.outputs[slot] = output
+                ticket.remaining -= 1
+                ticket.ready = ready
+            job.waiters = []
+
+    def _why_invalid(self, item: object) -> str | None:
+        if not isinstance(item, EncodeItem):
+            return f"expected EncodeItem, got {type(item).__name__}"
+        if not isinstance(item.pixel_values, torch.Tensor):
+            return f"pixel_values must be a torch.Tensor, got {type(item.pixel_values).__name__}"
+        if type(item.num_patches) is not int or item.num_patches <= 0:
+            return f"num_patches must be a positive int, got {item.num_patches!r}"
+        if item.modality not in MODALITIES:
+            return f"unknown modality {item.modality!r}; expected one of {list(MODALITIES)}"
+        if item.modality == "video" and (item.pixel_values.dim() < 2 or item.pixel_values.shape[0] == 0):
+            return f"video pixel_values must be [frames, ...], got shape {tuple(item.pixel_values.shape)}"
+        too_big = self._planner.never_fits(item.num_patches)
+        if too_big is not None:
+            return f"can never be encoded: {too_big}"
+        if self._validate_item is not None:
+            try:
+                self._validate_item(item)
+            except ValueError as exc:
+                return str(exc)
+        return None
+
+    def _budget_bytes(self) -> int:
+        if self.config.budget_bytes is not None and self.config.budget_fraction is None:
+            return int(self.config.budget_bytes)
+        if self.device.type == "cuda":
+            # Total (not free) memory: identical GPUs give every rank the same budget.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return int(total * self.config.budget_fraction)  # type: ignore[operator]
