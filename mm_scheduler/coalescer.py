@@ -45,18 +45,45 @@ class _Request:
 
 
 class _Job(PlanUnit):
-    """One distinct unit of work, queued in the planner; several requests wait on it when keys match."""
+    """One distinct unit of work, queued in the planner; several requests wait on it when keys match.
 
-    __slots__ = ("key", "running", "unit", "waiters")
+    The first waiter is stored inline and only dedup hits allocate ``more_waiters``: this object is
+    created once per unit, and fewer allocations mean fewer garbage-collector passes on the hot path.
+    """
 
-    def __init__(self, unit: EncodeItem, key: Hashable | None, arrival: float) -> None:
+    __slots__ = ("key", "more_waiters", "request", "running", "slot", "unit")
+
+    def __init__(self, unit: EncodeItem, key: Hashable | None, arrival: float, request: _Request, slot: int) -> None:
         self.num_patches = unit.num_patches  # PlanUnit's fields, set inline: this runs once per unit
         self.arrival = arrival
         self.cancelled = False
         self.unit = unit
         self.key = key
-        self.waiters: list[tuple[_Request, int]] = []
+        self.request: _Request | None = request
+        self.slot = slot
+        self.more_waiters: list[tuple[_Request, int]] | None = None
         self.running = False
+
+    def waiters(self) -> list[tuple[_Request, int]]:
+        first = [] if self.request is None else [(self.request, self.slot)]
+        return first + self.more_waiters if self.more_waiters else first
+
+    def add_waiter(self, request: _Request, slot: int) -> None:
+        if self.request is None:
+            self.request, self.slot = request, slot
+        elif self.more_waiters is None:
+            self.more_waiters = [(request, slot)]
+        else:
+            self.more_waiters.append((request, slot))
+
+    def remove_waiter(self, request: _Request) -> None:
+        if self.request is request:
+            self.request = None
+        if self.more_waiters:
+            self.more_waiters = [w for w in self.more_waiters if w[0] is not request]
+
+    def has_waiters(self) -> bool:
+        return self.request is not None or bool(self.more_waiters)
 
 
 class Coalescer:
@@ -129,7 +156,7 @@ class Coalescer:
         if cancel_pending:
             for job in list(self._planner):
                 error = CoalescerClosedError("coalescer closed before this unit was encoded")
-                for request, _ in list(job.waiters):
+                for request, _ in job.waiters():
                     self._fail(request, error)
         if self._dispatcher is not None:
             self._wakeup.set()
@@ -155,7 +182,8 @@ class Coalescer:
         if not units:
             return []
         patches = sum(u.num_patches for u in units)
-        await self._admit(patches)
+        if self._planner.pending_patches + patches > self.config.max_queue_patches:
+            await self._admit(patches)
         request = _Request(next(self._seq), self._loop.create_future(), len(units))
         self._attach(request, units, self._loop.time())
         self._counts["requests"] += 1
@@ -261,10 +289,8 @@ class Coalescer:
         return None
 
     async def _admit(self, patches: int) -> None:
-        """Backpressure: reject (or wait) while the queue would exceed ``max_queue_patches``."""
+        """Backpressure (the queue would exceed ``max_queue_patches``): reject, or wait for space."""
         limit = self.config.max_queue_patches
-        if self._planner.pending_patches + patches <= limit:
-            return
         if self.config.queue_full == "reject" or patches > limit:
             self._counts["rejected_requests"] += 1
             metrics.ERRORS.labels(kind="queue_full", **self._labels).inc()
@@ -285,11 +311,12 @@ class Coalescer:
             key = unit.key if jobs_by_key is not None else None
             job = jobs_by_key.get(key) if key is not None else None
             if job is None:
-                job = _Job(unit, key, now)
+                job = _Job(unit, key, now, request, slot)
                 new_jobs.append(job)
                 if key is not None:
                     jobs_by_key[key] = job
-            job.waiters.append((request, slot))
+            else:
+                job.add_waiter(request, slot)
             request_jobs.append(job)
         self._planner.add(new_jobs)
         hits = len(units) - len(new_jobs)
@@ -300,8 +327,8 @@ class Coalescer:
     def _detach(self, request: _Request) -> None:
         """Stop delivering to ``request``; withdraw queued units that nobody else waits for."""
         for job in request.jobs:
-            job.waiters = [w for w in job.waiters if w[0] is not request]
-            if not job.waiters and not job.running:
+            job.remove_waiter(request)
+            if not job.running and not job.has_waiters():
                 self._planner.discard(job)
                 self._forget(job)
         request.jobs = []
@@ -398,8 +425,10 @@ class Coalescer:
         """Hand each output to its waiters; requests finished by this batch resolve in arrival order."""
         finished: list[_Request] = []
         for job, output in zip(jobs, outcome.outputs, strict=True):
-            self._forget(job)
-            waiters, job.waiters = job.waiters, []
+            if job.key is not None:
+                self._forget(job)
+            waiters = job.waiters()
+            job.request, job.more_waiters = None, None
             if isinstance(output, BaseException):
                 self._counts["failed_units"] += 1
                 metrics.ERRORS.labels(kind="encode", **self._labels).inc()
