@@ -1,0 +1,232 @@
+"""Tiny real SGLang vision models on CPU, and real SGLang multimodal items to feed them.
+
+What is real and what is not:
+* ``sglang.srt.distributed`` is initialised for world size 1 on gloo, with SGLang's own ``publish``
+  of a ``ServerArgs`` (what ``sglang.test.layer_ut_utils.init_single_process_dist`` does; that helper
+  itself imports benchmark modules needing ``datasets``, so its few lines are repeated here).
+* Qwen2.5-VL and Qwen3-VL: the real SGLang classes, constructed with a tiny config and
+  ``encoder_only=True`` (SGLang's own switch for encoder-only serving), so no language model is built.
+* Gemma3 and Gemma4: SGLang's classes always build their language model, whose rotary embedding on
+  a CPU without SGLang's CPU kernels imports ``vllm``; it cannot be built here. So the real class is
+  instantiated without running its ``__init__`` and given its real vision submodules (SGLang's
+  ``SiglipVisionModel`` + ``Gemma3MultiModalProjector``; ``Gemma4VisionEncoder`` +
+  ``Gemma4MultimodalEmbedder``, built exactly as ``__init__`` builds them) plus a stand-in
+  ``language_model`` that only answers ``device`` and ``dtype()``, the two things the vision path
+  asks of it. ``get_image_feature`` / ``get_video_feature`` under test are SGLang's own methods.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+from torch import nn
+
+_initialised = False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_sglang_cpu() -> None:
+    """World-size-1 gloo process group and SGLang's published runtime context (once per process)."""
+    global _initialised
+    if _initialised:
+        return
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
+    reset_context()
+    publish(ServerArgs(model_path="dummy", tp_size=1, ep_size=1, pp_size=1, device="cpu"), role="test",
+            ranks=SpawnRanks(world_rank=0))
+    if parallel_state._WORLD is not None:
+        get_parallel().override_permanently(world_group=parallel_state._WORLD)
+    initialize_model_parallel(backend="gloo")
+    init_mm_embedding_cache(0)  # SGLANG_VLM_CACHE_SIZE_MB=0, as SGLang sets for Qwen3-VL on big GPUs
+    _initialised = True
+
+
+def _random_weights(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05, generator=generator)
+    return model.eval()
+
+
+def _flatten_text_config(config):
+    # SGLang's model loader exposes text_config attributes on the top-level config.
+    for key, value in config.text_config.to_dict().items():
+        if not hasattr(config, key):
+            setattr(config, key, value)
+    config.encoder_only = True
+    config.language_only = False
+    return config
+
+
+class LanguageModelStandIn(nn.Module):
+    """Answers the two questions the Gemma vision paths ask their language model: device, dtype."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.config = type("TextConfig", (), {"hidden_size": hidden_size})()
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def dtype(self) -> torch.dtype:
+        return self.anchor.dtype
+
+
+def qwen2_5_vl() -> nn.Module:
+    from sglang.srt.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig
+
+    init_sglang_cpu()
+    config = _flatten_text_config(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], in_chans=3)))
+    return _random_weights(Qwen2_5_VLForConditionalGeneration(config), seed=1)
+
+
+def qwen3_vl() -> nn.Module:
+    from sglang.srt.models.qwen3_vl import Qwen3VLForConditionalGeneration
+    from transformers import Qwen3VLConfig
+
+    init_sglang_cpu()
+    config = _flatten_text_config(Qwen3VLConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, head_dim=16,
+                         rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                       "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0, 1], in_channels=3)))
+    return _random_weights(Qwen3VLForConditionalGeneration(config), seed=2)
+
+
+def gemma3() -> nn.Module:
+    from sglang.srt.models.gemma3_mm import Gemma3ForConditionalGeneration, Gemma3MultiModalProjector
+    from sglang.srt.models.siglip import SiglipVisionModel
+    from transformers import Gemma3Config
+
+    init_sglang_cpu()
+    config = Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=8),
+        mm_tokens_per_image=16)
+    model = Gemma3ForConditionalGeneration.__new__(Gemma3ForConditionalGeneration)
+    nn.Module.__init__(model)
+    model.config = config
+    model.vision_tower = SiglipVisionModel(config=config.vision_config, quant_config=None, prefix="vision_tower")
+    model.multi_modal_projector = Gemma3MultiModalProjector(config)
+    model.language_model = LanguageModelStandIn(config.text_config.hidden_size)
+    return _random_weights(model, seed=3)
+
+
+def gemma4() -> nn.Module:
+    from sglang.srt.models.gemma4_mm import Gemma4ForConditionalGeneration, Gemma4MultimodalEmbedder
+    from sglang.srt.models.gemma4_vision import Gemma4VisionEncoder
+    from transformers import Gemma4Config
+
+    init_sglang_cpu()
+    config = Gemma4Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, head_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                           position_embedding_size=64),
+        audio_config=None)
+    model = Gemma4ForConditionalGeneration.__new__(Gemma4ForConditionalGeneration)
+    nn.Module.__init__(model)
+    model.config = config
+    model.vision_tower = Gemma4VisionEncoder(config=config.vision_config, quant_config=None, prefix="vision_tower")
+    model.embed_vision = Gemma4MultimodalEmbedder(config.vision_config, config.text_config, quant_config=None,
+                                                  prefix="embed_vision")
+    model.language_model = LanguageModelStandIn(config.text_config.hidden_size)
+    return _random_weights(model, seed=4)
+
+
+BUILDERS = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "gemma3": gemma3, "gemma4": gemma4}
+
+
+# --- items -------------------------------------------------------------------------------------------
+def _item(modality: str, feature: torch.Tensor, hash_value: int, **model_specific):
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+
+    item = MultimodalDataItem(modality=Modality.IMAGE if modality == "image" else Modality.VIDEO,
+                              feature=feature, model_specific_data=dict(model_specific))
+    item.set_hash(hash_value)
+    return item
+
+
+def qwen_image(model: nn.Module, h: int, w: int, seed: int):
+    vcfg = model.config.vision_config
+    dim = 3 * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    pixels = torch.randn(h * w, dim, generator=torch.Generator().manual_seed(seed))
+    return _item("image", pixels, 1000 + seed, image_grid_thw=torch.tensor([[1, h, w]]))
+
+
+def qwen_video(model: nn.Module, t: int, h: int, w: int, seed: int):
+    vcfg = model.config.vision_config
+    dim = 3 * vcfg.temporal_patch_size * vcfg.patch_size ** 2
+    pixels = torch.randn(t * h * w, dim, generator=torch.Generator().manual_seed(seed))
+    return _item("video", pixels, 2000 + seed, video_grid_thw=torch.tensor([[t, h, w]]))
+
+
+def gemma3_image(model: nn.Module, crops: int, seed: int):
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(crops, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return _item("image", pixels, 3000 + seed)
+
+
+def _gemma4_patches(model: nn.Module, frames: int, gh: int, gw: int, total: int, seed: int):
+    patch_pixels = 3 * model.config.vision_config.patch_size ** 2
+    pixels = torch.randn(frames, total, patch_pixels, generator=torch.Generator().manual_seed(seed))
+    positions = torch.full((frames, total, 2), -1, dtype=torch.long)
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    positions[:, : gh * gw, 0] = xs.flatten()
+    positions[:, : gh * gw, 1] = ys.flatten()
+    pixels[:, gh * gw:] = 0
+    return pixels, positions
+
+
+def gemma4_image(model: nn.Module, gh: int, gw: int, total: int, seed: int):
+    pixels, positions = _gemma4_patches(model, 1, gh, gw, total, seed)
+    return _item("image", pixels, 4000 + seed, image_position_ids=positions)
+
+
+def gemma4_video(model: nn.Module, frames: int, gh: int, gw: int, total: int, seed: int):
+    pixels, positions = _gemma4_patches(model, frames, gh, gw, total, seed)
+    return _item("video", pixels, 5000 + seed, video_position_ids=positions)
+
+
+def tokens_of(model: nn.Module, item) -> int:
+    """How many placeholder tokens SGLang would give ``item`` (= rows of its embedding)."""
+    name = type(model).__name__
+    if name.startswith("Qwen"):
+        grid = (item.image_grid_thw if item.is_image() else item.video_grid_thw).reshape(-1, 3)
+        return int(grid.prod(dim=-1).sum()) // model.visual.spatial_merge_size ** 2
+    if name.startswith("Gemma3"):
+        return item.feature.shape[0] * model.config.mm_tokens_per_image
+    k2 = model.config.vision_config.pooling_kernel_size ** 2
+    positions = item.image_position_ids if item.is_image() else item.video_position_ids
+    real = (positions != -1).any(dim=-1).sum(dim=-1)
+    return int(sum(-(-int(r) // k2) for r in real))
+
