@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -23,10 +22,11 @@ import torch
 
 from . import metrics
 from .config import CoalescerConfig
-from .errors import CoalescerClosedError, EncodeError, InvalidItemError, QueueFullError
+from .errors import CoalescerClosedError, EncodeError, QueueFullError
 from .executor import BatchOutcome, Executor
 from .planner import Planner, PlanUnit
-from .types import MODALITIES, EncodeItem, Tower
+from .types import EncodeItem, Tower
+from .units import assemble, check_items, resolve_budget_bytes, resolve_device, split_into_units
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ class Coalescer:
     def __init__(self, tower: Tower, config: CoalescerConfig | None = None) -> None:
         self.tower = tower
         self.config = config or CoalescerConfig()
-        self.device = torch.device(self.config.device or str(getattr(tower, "device", "cpu")))
+        self.device = resolve_device(self.config, tower)
         self.bytes_per_patch = self._resolve_bytes_per_patch()
-        self.budget_bytes = self._resolve_budget_bytes()
+        self.budget_bytes = resolve_budget_bytes(self.config, self.device)
         self._planner = Planner(ragged=tower.ragged, bytes_per_patch=self.bytes_per_patch,
                                 budget_bytes=self.budget_bytes, max_batch_items=self.config.max_batch_items,
                                 oom_backoff=self.config.oom_backoff)
@@ -178,7 +178,8 @@ class Coalescer:
         """
         if self._closing or self._loop is None:
             raise CoalescerClosedError("coalescer is closed" if self._closing else "coalescer not started")
-        units, spans = self._split_into_units(items)
+        check_items(items, self._planner, self._validate_item, self._count_invalid)
+        units, spans = split_into_units(items)
         if not units:
             return []
         patches = sum(u.num_patches for u in units)
@@ -202,10 +203,7 @@ class Coalescer:
             metrics.REQUESTS.labels(outcome="failed", **self._labels).inc()
             raise
         self._m_ok.inc()
-        outputs = request.outputs
-        if spans is None:
-            return outputs  # type: ignore[return-value]
-        return [outputs[a] if b - a == 1 else torch.cat(outputs[a:b], dim=0) for a, b in spans]
+        return assemble(request.outputs, spans)  # type: ignore[arg-type]
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of counters and queue state (cheap; safe to call from any thread)."""
@@ -225,68 +223,9 @@ class Coalescer:
         }
 
     # --- submit side -------------------------------------------------------------------------
-    def _split_into_units(self, items: Sequence[EncodeItem]) -> tuple[list[EncodeItem], list[tuple[int, int]] | None]:
-        """Validate every item first (so a bad one enqueues nothing), then flatten videos to frames.
-
-        Returns the units and, when a video was split, each item's span of units (else None).
-        """
-        if isinstance(items, EncodeItem) or not isinstance(items, Sequence):
-            raise InvalidItemError(f"encode() takes a sequence of EncodeItem, got {type(items).__name__}")
-        for index, item in enumerate(items):
-            self._check_item(index, item)
-        if all(item.modality == "image" for item in items):
-            return list(items), None
-        units: list[EncodeItem] = []
-        spans: list[tuple[int, int]] = []
-        for item in items:
-            start = len(units)
-            if item.modality == "video":
-                units.extend(EncodeItem(frame, item.num_patches, "video",
-                                        None if item.key is None else (item.key, i), item.meta)
-                             for i, frame in enumerate(item.pixel_values))
-            else:
-                units.append(item)
-            spans.append((start, len(units)))
-        return units, spans
-
-    def _check_item(self, index: int, item: Any) -> None:
-        reason = self._why_invalid(item)
-        if reason is not None:
-            self._counts["rejected_requests"] += 1
-            metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc()
-            raise InvalidItemError(f"item {index}: {reason}")
-
-    def _why_invalid(self, item: Any) -> str | None:
-        if not isinstance(item, EncodeItem):
-            return f"expected EncodeItem, got {type(item).__name__}"
-        pixels = item.pixel_values
-        if not isinstance(pixels, torch.Tensor):
-            return f"pixel_values must be a torch.Tensor, got {type(pixels).__name__}"
-        if type(item.num_patches) is not int or item.num_patches <= 0:
-            return f"num_patches must be a positive int, got {item.num_patches!r}"
-        if item.modality == "video":
-            frames = pixels.shape[0] if pixels.dim() >= 2 else 0
-            if frames == 0:
-                return (f"video pixel_values must be [frames, ...] with at least one frame, "
-                        f"got shape {tuple(pixels.shape)}")
-            expected = item.meta.get("num_frames")
-            if expected is not None and expected != frames:
-                return f"video has {frames} frame units on axis 0 but meta['num_frames'] says {expected}"
-        elif item.modality != "image":
-            return f"unknown modality {item.modality!r}; expected one of {list(MODALITIES)}"
-        elif pixels.numel() == 0:
-            return "pixel_values is empty"
-        if item.key is not None and not isinstance(item.key, Hashable):
-            return f"key must be hashable, got {type(item.key).__name__}"
-        too_big = self._planner.never_fits(item.num_patches)
-        if too_big is not None:
-            return f"can never be encoded: {too_big}"
-        if self._validate_item is not None:
-            try:
-                self._validate_item(item)
-            except ValueError as exc:
-                return str(exc)
-        return None
+    def _count_invalid(self) -> None:
+        self._counts["rejected_requests"] += 1
+        metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc()
 
     async def _admit(self, patches: int) -> None:
         """Backpressure (the queue would exceed ``max_queue_patches``): reject, or wait for space."""
@@ -460,13 +399,3 @@ class Coalescer:
                 return calibrate_tower(self.tower, margin=self.config.calibration_margin)
             logger.warning("bytes_per_patch: auto needs a CUDA tower; using the tower's declared value")
         return int(self.tower.bytes_per_patch)
-
-    def _resolve_budget_bytes(self) -> int:
-        fraction = self.config.budget_fraction
-        if fraction is None:
-            return int(self.config.budget_bytes)
-        if self.device.type == "cuda":
-            total = torch.cuda.get_device_properties(self.device).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return int(total * fraction)

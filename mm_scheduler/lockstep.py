@@ -18,7 +18,6 @@ rank-local failure followed by a different sequence of retries would desynchroni
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,16 +25,17 @@ import torch
 
 from . import metrics
 from .config import CoalescerConfig
-from .errors import EncodeError, InvalidItemError
+from .errors import EncodeError
 from .planner import Planner, PlanUnit
-from .types import MODALITIES, EncodeItem, Tower
+from .types import EncodeItem, Tower
+from .units import Spans, assemble, check_items, resolve_budget_bytes, resolve_device, split_into_units
 
 
 @dataclass(eq=False)
 class LockstepTicket:
     """One ``submit`` call: its units' outputs, filled in by ``step``."""
 
-    spans: list[tuple[int, int]]
+    spans: Spans
     outputs: list[torch.Tensor | None]
     jobs: list[_Job] = field(default_factory=list)
     remaining: int = 0
@@ -66,12 +66,12 @@ class LockstepEncoder:
     def __init__(self, tower: Tower, config: CoalescerConfig | None = None) -> None:
         self.tower = tower
         self.config = config or CoalescerConfig()
-        self.device = torch.device(self.config.device or str(getattr(tower, "device", "cpu")))
+        self.device = resolve_device(self.config, tower)
         # "auto" would measure each rank's allocator separately and could differ between ranks:
         # only declared or configured sizes keep the batch cuts identical everywhere.
         declared = self.config.bytes_per_patch
         self.bytes_per_patch = declared if isinstance(declared, int) else int(tower.bytes_per_patch)
-        self.budget_bytes = self._budget_bytes()
+        self.budget_bytes = resolve_budget_bytes(self.config, self.device)
         self._planner = Planner(ragged=tower.ragged, bytes_per_patch=self.bytes_per_patch,
                                 budget_bytes=self.budget_bytes, max_batch_items=self.config.max_batch_items)
         self._validate_item = getattr(tower, "validate", None)
@@ -89,22 +89,9 @@ class LockstepEncoder:
 
         Raises InvalidItemError, naming the item, when one can never be encoded; nothing is queued then.
         """
-        for index, item in enumerate(items):
-            reason = self._why_invalid(item)
-            if reason is not None:
-                metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc()
-                raise InvalidItemError(f"item {index}: {reason}")
-        units: list[EncodeItem] = []
-        spans: list[tuple[int, int]] = []
-        for item in items:
-            start = len(units)
-            if item.modality == "video":
-                units.extend(EncodeItem(frame, item.num_patches, "video",
-                                        None if item.key is None else (item.key, i), item.meta)
-                             for i, frame in enumerate(item.pixel_values))
-            else:
-                units.append(item)
-            spans.append((start, len(units)))
+        check_items(items, self._planner, self._validate_item,
+                    metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc)
+        units, spans = split_into_units(items)
         ticket = LockstepTicket(spans=spans, outputs=[None] * len(units), remaining=len(units))
         for slot, unit in enumerate(units):
             key = unit.key if self.config.dedup else None
@@ -112,7 +99,7 @@ class LockstepEncoder:
             if job is None:
                 job = _Job(unit, key, float(self._arrivals))
                 self._arrivals += 1
-                self._planner.add(job)
+                self._planner.add([job])
                 if key is not None:
                     self._jobs_by_key[key] = job
             else:
@@ -156,8 +143,7 @@ class LockstepEncoder:
             raise ticket.error
         if ticket.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ticket.ready)
-        outs = ticket.outputs
-        return [outs[a] if b - a == 1 else torch.cat(outs[a:b], dim=0) for a, b in ticket.spans]  # type: ignore[misc]
+        return assemble(ticket.outputs, ticket.spans)  # type: ignore[arg-type]
 
     def _run(self, jobs: list[_Job]) -> None:
         patches = sum(job.num_patches for job in jobs)
@@ -193,34 +179,3 @@ class LockstepEncoder:
                 ticket.remaining -= 1
                 ticket.ready = ready
             job.waiters = []
-
-    def _why_invalid(self, item: object) -> str | None:
-        if not isinstance(item, EncodeItem):
-            return f"expected EncodeItem, got {type(item).__name__}"
-        if not isinstance(item.pixel_values, torch.Tensor):
-            return f"pixel_values must be a torch.Tensor, got {type(item.pixel_values).__name__}"
-        if type(item.num_patches) is not int or item.num_patches <= 0:
-            return f"num_patches must be a positive int, got {item.num_patches!r}"
-        if item.modality not in MODALITIES:
-            return f"unknown modality {item.modality!r}; expected one of {list(MODALITIES)}"
-        if item.modality == "video" and (item.pixel_values.dim() < 2 or item.pixel_values.shape[0] == 0):
-            return f"video pixel_values must be [frames, ...], got shape {tuple(item.pixel_values.shape)}"
-        too_big = self._planner.never_fits(item.num_patches)
-        if too_big is not None:
-            return f"can never be encoded: {too_big}"
-        if self._validate_item is not None:
-            try:
-                self._validate_item(item)
-            except ValueError as exc:
-                return str(exc)
-        return None
-
-    def _budget_bytes(self) -> int:
-        if self.config.budget_bytes is not None and self.config.budget_fraction is None:
-            return int(self.config.budget_bytes)
-        if self.device.type == "cuda":
-            # Total (not free) memory: identical GPUs give every rank the same budget.
-            total = torch.cuda.get_device_properties(self.device).total_memory
-        else:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        return int(total * self.config.budget_fraction)  # type: ignore[operator]

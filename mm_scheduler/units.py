@@ -1,0 +1,110 @@
+"""Submit-side rules shared by the asyncio Coalescer and the LockstepEncoder.
+
+What makes an item valid, how a video becomes frame units, how per-unit outputs become per-item
+results, and how the byte budget is resolved: one definition, so both front ends behave alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import torch
+
+from .config import CoalescerConfig
+from .errors import InvalidItemError
+from .planner import Planner
+from .types import MODALITIES, EncodeItem, Tower
+
+Spans = list[tuple[int, int]] | None
+"""Each item's range of units when a video was split; None when every item is one unit."""
+
+
+def why_invalid(item: Any, planner: Planner, validate: Callable[[EncodeItem], None] | None) -> str | None:
+    """Why ``item`` cannot be encoded, or None. ``validate`` is the tower's optional own check."""
+    if not isinstance(item, EncodeItem):
+        return f"expected EncodeItem, got {type(item).__name__}"
+    pixels = item.pixel_values
+    if not isinstance(pixels, torch.Tensor):
+        return f"pixel_values must be a torch.Tensor, got {type(pixels).__name__}"
+    if type(item.num_patches) is not int or item.num_patches <= 0:
+        return f"num_patches must be a positive int, got {item.num_patches!r}"
+    if item.modality == "video":
+        frames = pixels.shape[0] if pixels.dim() >= 2 else 0
+        if frames == 0:
+            return f"video pixel_values must be [frames, ...] with at least one frame, got shape {tuple(pixels.shape)}"
+        expected = item.meta.get("num_frames")
+        if expected is not None and expected != frames:
+            return f"video has {frames} frame units on axis 0 but meta['num_frames'] says {expected}"
+    elif item.modality != "image":
+        return f"unknown modality {item.modality!r}; expected one of {list(MODALITIES)}"
+    elif pixels.numel() == 0:
+        return "pixel_values is empty"
+    if item.key is not None and not isinstance(item.key, Hashable):
+        return f"key must be hashable, got {type(item.key).__name__}"
+    too_big = planner.never_fits(item.num_patches)
+    if too_big is not None:
+        return f"can never be encoded: {too_big}"
+    if validate is not None:
+        try:
+            validate(item)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def check_items(items: Any, planner: Planner, validate: Callable[[EncodeItem], None] | None,
+                on_invalid: Callable[[], None]) -> None:
+    """Raise InvalidItemError naming the first bad item; ``on_invalid`` counts the rejection."""
+    if isinstance(items, EncodeItem) or not isinstance(items, Sequence):
+        on_invalid()
+        raise InvalidItemError(f"encode() takes a sequence of EncodeItem, got {type(items).__name__}")
+    for index, item in enumerate(items):
+        reason = why_invalid(item, planner, validate)
+        if reason is not None:
+            on_invalid()
+            raise InvalidItemError(f"item {index}: {reason}")
+
+
+def split_into_units(items: Sequence[EncodeItem]) -> tuple[list[EncodeItem], Spans]:
+    """Flatten videos into frame units (key ``(item_key, frame_index)``, the parent's meta)."""
+    if all(item.modality == "image" for item in items):
+        return list(items), None
+    units: list[EncodeItem] = []
+    spans: list[tuple[int, int]] = []
+    for item in items:
+        start = len(units)
+        if item.modality == "video":
+            units.extend(EncodeItem(frame, item.num_patches, "video",
+                                    None if item.key is None else (item.key, i), item.meta)
+                         for i, frame in enumerate(item.pixel_values))
+        else:
+            units.append(item)
+        spans.append((start, len(units)))
+    return units, spans
+
+
+def assemble(outputs: list[torch.Tensor], spans: Spans) -> list[torch.Tensor]:
+    """Per-unit outputs -> one result per item; a video's frames are concatenated along dim 0."""
+    if spans is None:
+        return outputs
+    return [outputs[a] if b - a == 1 else torch.cat(outputs[a:b], dim=0) for a, b in spans]
+
+
+def resolve_device(config: CoalescerConfig, tower: Tower) -> torch.device:
+    return torch.device(config.device or str(getattr(tower, "device", "cpu")))
+
+
+def resolve_budget_bytes(config: CoalescerConfig, device: torch.device) -> int:
+    """``budget_bytes``, or ``budget_fraction`` of the device's total memory (RAM on CPU).
+
+    Total rather than free memory: identical GPUs then get identical budgets on every rank.
+    """
+    if config.budget_fraction is None:
+        return int(config.budget_bytes)  # type: ignore[arg-type]
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(total * config.budget_fraction)
