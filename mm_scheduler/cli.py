@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--device", default="cpu", help="device for real towers (cuda, cuda:1, cpu)")
     b.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[40.0, 120.0],
                    help="offered loads in requests/s, comma-separated (default: 40,120)")
-    b.add_argument("--seconds", type=float, default=8.0, help="seconds of arrivals per rate and mode")
+    b.add_argument("--seconds", type=float, default=6.0, help="seconds of arrivals per rate and mode")
     b.add_argument("--config", help="YAML coalescer config (default: built-in defaults)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write results to this JSON file")
