@@ -52,6 +52,7 @@ MODEL_METHODS: dict[str, tuple[str, ...]] = {
 _RID_ATTR = "_mm_coalescer_rid"
 
 _service: EncoderService | None = None
+_hooked_targets: set[str] = set()
 
 
 def register() -> None:
@@ -151,7 +152,9 @@ def _hook_model_class(model_cls: type) -> None:
         if not any(cls.__module__ == module and cls.__name__ == name for cls in model_cls.__mro__):
             continue
         for method in methods:
-            HookRegistry.register(f"{target}.{method}", _around_get_feature, HookType.AROUND, source=source)
+            if f"{target}.{method}" not in _hooked_targets:
+                _hooked_targets.add(f"{target}.{method}")
+                HookRegistry.register(f"{target}.{method}", _around_get_feature, HookType.AROUND, source=source)
     HookRegistry.apply_hooks()
 
 

@@ -4,20 +4,26 @@ What is real and what is not:
 * ``sglang.srt.distributed`` is initialised for world size 1 on gloo, with SGLang's own ``publish``
   of a ``ServerArgs`` (what ``sglang.test.layer_ut_utils.init_single_process_dist`` does; that helper
   itself imports benchmark modules needing ``datasets``, so its few lines are repeated here).
-* Qwen2.5-VL and Qwen3-VL: the real SGLang classes, constructed with a tiny config and
-  ``encoder_only=True`` (SGLang's own switch for encoder-only serving), so no language model is built.
-* Gemma3 and Gemma4: SGLang's classes always build their language model, whose rotary embedding on
-  a CPU without SGLang's CPU kernels imports ``vllm``; it cannot be built here. So the real class is
-  instantiated without running its ``__init__`` and given its real vision submodules (SGLang's
-  ``SiglipVisionModel`` + ``Gemma3MultiModalProjector``; ``Gemma4VisionEncoder`` +
-  ``Gemma4MultimodalEmbedder``, built exactly as ``__init__`` builds them) plus a stand-in
-  ``language_model`` that only answers ``device`` and ``dtype()``, the two things the vision path
-  asks of it. ``get_image_feature`` / ``get_video_feature`` under test are SGLang's own methods.
+* SGLang's ``RotaryEmbedding.__init__`` imports ``vllm._custom_ops.rotary_embedding`` on devices other
+  than CUDA/its CPU engine, only to keep it as a fallback kernel. vllm is not installed, so that one
+  name is provided by a module that raises if it is ever called. The vision paths tested here only
+  use ``get_cos_sin`` (pure torch) and never call it.
+* Qwen2.5-VL and Qwen3-VL: the real SGLang classes with a tiny config and ``encoder_only=True``
+  (SGLang's own switch for encoder-only serving), so no language model is built.
+* Gemma3: the real SGLang class, fully constructed (language model included).
+* Gemma4: ``Gemma4ForConditionalGeneration.__init__`` cannot build its text model from a tiny
+  transformers 5.19 config here (``head_dim`` is rejected as an ambiguous per-layer attribute), so the
+  real class is instantiated without ``__init__`` and given its real vision submodules
+  (``Gemma4VisionEncoder`` + ``Gemma4MultimodalEmbedder``, built exactly as ``__init__`` builds them)
+  and a stand-in ``language_model`` answering only ``device`` and ``dtype()``, the two things its
+  vision path asks of it. The ``get_image_feature`` / ``get_video_feature`` under test are SGLang's own.
 """
 
 from __future__ import annotations
 
 import socket
+import sys
+import types
 
 import torch
 from torch import nn
@@ -31,11 +37,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _never_called(*args, **kwargs):
+    raise RuntimeError("vllm's rotary kernel is not available in these tests")
+
+
+def _provide_vllm_rotary_name() -> None:
+    if "vllm._custom_ops" in sys.modules:
+        return
+    ops = types.ModuleType("vllm._custom_ops")
+    ops.rotary_embedding = _never_called
+    vllm = types.ModuleType("vllm")
+    vllm._custom_ops = ops
+    sys.modules.setdefault("vllm", vllm)
+    sys.modules["vllm._custom_ops"] = ops
+
+
 def init_sglang_cpu() -> None:
     """World-size-1 gloo process group and SGLang's published runtime context (once per process)."""
     global _initialised
     if _initialised:
         return
+    _provide_vllm_rotary_name()
     from sglang.srt.distributed import parallel_state
     from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
     from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
@@ -73,7 +95,7 @@ def _flatten_text_config(config):
 
 
 class LanguageModelStandIn(nn.Module):
-    """Answers the two questions the Gemma vision paths ask their language model: device, dtype."""
+    """Answers the two questions Gemma4's vision path asks its language model: device, dtype."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -120,8 +142,7 @@ def qwen3_vl() -> nn.Module:
 
 
 def gemma3() -> nn.Module:
-    from sglang.srt.models.gemma3_mm import Gemma3ForConditionalGeneration, Gemma3MultiModalProjector
-    from sglang.srt.models.siglip import SiglipVisionModel
+    from sglang.srt.models.gemma3_mm import Gemma3ForConditionalGeneration
     from transformers import Gemma3Config
 
     init_sglang_cpu()
@@ -131,13 +152,7 @@ def gemma3() -> nn.Module:
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=64, patch_size=8),
         mm_tokens_per_image=16)
-    model = Gemma3ForConditionalGeneration.__new__(Gemma3ForConditionalGeneration)
-    nn.Module.__init__(model)
-    model.config = config
-    model.vision_tower = SiglipVisionModel(config=config.vision_config, quant_config=None, prefix="vision_tower")
-    model.multi_modal_projector = Gemma3MultiModalProjector(config)
-    model.language_model = LanguageModelStandIn(config.text_config.hidden_size)
-    return _random_weights(model, seed=3)
+    return _random_weights(Gemma3ForConditionalGeneration(config), seed=3)
 
 
 def gemma4() -> nn.Module:

@@ -1,0 +1,121 @@
+"""Hooked get_image_feature / get_video_feature return what SGLang's own methods return.
+
+Every model is a real SGLang class (see sglang_models for how the Gemma ones are assembled on CPU),
+fed real ``MultimodalDataItem`` objects, once directly and once through SGLang's ``embed_mm_inputs``
+with several requests in one prefill batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import sglang_models as sm
+import torch
+from torch import nn
+
+from integration import sglang_plugin
+
+# fp32 on CPU: a different batch composition changes reduction order, nothing else.
+ATOL, RTOL = 1e-4, 1e-3
+
+
+def _items(family: str, model: nn.Module) -> dict[str, list]:
+    """Per modality, items of mixed sizes (and a repeat of one image) for one prefill."""
+    if family.startswith("qwen"):
+        images = [sm.qwen_image(model, 4, 4, 1), sm.qwen_image(model, 8, 4, 2), sm.qwen_image(model, 4, 6, 3)]
+        videos = [sm.qwen_video(model, 3, 4, 4, 4), sm.qwen_video(model, 2, 6, 4, 5)]
+        return {"image": images, "video": videos}
+    if family == "gemma3":
+        return {"image": [sm.gemma3_image(model, 1, 1), sm.gemma3_image(model, 2, 2), sm.gemma3_image(model, 1, 3)]}
+    images = [sm.gemma4_image(model, 8, 8, 64, 1), sm.gemma4_image(model, 4, 8, 64, 2),
+              sm.gemma4_image(model, 4, 4, 16, 3)]
+    videos = [sm.gemma4_video(model, 3, 4, 4, 16, 4)]
+    return {"image": images, "video": videos}
+
+
+def _original(model: nn.Module, modality: str):
+    return inspect.unwrap(getattr(type(model), f"get_{modality}_feature")).__get__(model)
+
+
+@pytest.fixture(scope="module", params=list(sm.BUILDERS))
+def family_model(request):
+    return request.param, sm.BUILDERS[request.param]()
+
+
+@pytest.fixture(params=["async", "lockstep"])
+def service(request, family_model):
+    _, model = family_model
+    svc = sglang_plugin.start(model, {"config_path": None, "mode": request.param,
+                                      "values": {"budget_bytes": 1 << 30, "max_wait_ms": 1.0}}, tp_size=1)
+    yield svc
+    sglang_plugin.stop()
+
+
+def test_hooked_feature_methods_equal_sglang_originals(family_model, service):
+    family, model = family_model
+    for modality, items in _items(family, model).items():
+        with torch.no_grad():
+            expected = _original(model, modality)(items)
+            got = getattr(model, f"get_{modality}_feature")(items)
+        assert got.shape == expected.shape, (family, modality)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+        assert service.counts["encoded_on_demand"] >= len(items)
+
+
+def _mm_inputs(model: nn.Module, items: list, start: int):
+    """A real MultimodalInputs whose placeholder spans sit after ``start`` text tokens."""
+    from sglang.srt.managers.schedule_batch import MultimodalInputs
+
+    pos, ids = start, list(range(1, start + 1))
+    for item in items:
+        n = sm.tokens_of(model, item)
+        item.offsets = [(pos, pos + n - 1)]
+        ids += [item.pad_value] * n + [7]
+        pos += n + 1
+    return MultimodalInputs(mm_items=items), ids
+
+
+def _embed(model: nn.Module, requests: list[tuple[list, int]], chunks: list[tuple[int, int]]):
+    """SGLang's embed_mm_inputs for one batch; ``chunks`` gives each request's (prefix_len, extend_len)."""
+    from sglang.srt.managers.mm_utils import embed_mm_inputs
+
+    mm_list, ids_all = [], []
+    for (items, start), (prefix, extend) in zip(requests, chunks, strict=True):
+        mm, ids = _mm_inputs(model, items, start)
+        mm_list.append(mm)
+        ids_all += ids[prefix:prefix + extend]
+    embedding = nn.Embedding(1000, model.config.text_config.hidden_size)
+    nn.init.zeros_(embedding.weight)
+    use_deepstack = getattr(model, "use_deepstack", {})  # Qwen3-VL passes this in its forward
+    with torch.no_grad():
+        embeds, info = embed_mm_inputs(mm_list, [c[0] for c in chunks], [c[1] for c in chunks],
+                                       torch.tensor(ids_all), embedding, multimodal_model=model,
+                                       use_deepstack=use_deepstack)
+    if use_deepstack:
+        return torch.cat([embeds, info["input_deepstack_embeds"]], dim=-1)
+    return embeds
+
+
+def _request_lengths(model, requests):
+    return [start + sum(sm.tokens_of(model, i) + 1 for i in items) for items, start in requests]
+
+
+def test_embed_mm_inputs_batch_of_requests_equals_sglang_path(family_model):
+    """Three requests in one prefill batch (one repeats an image): same embeddings with the plugin."""
+    family, model = family_model
+    items = _items(family, model)
+    first = items["image"]
+    second = items.get("video", [])
+    requests = [(first[:2], 3), (first[2:] + second, 5), ([first[0]], 2)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service = sglang_plugin.start(model, {"config_path": None, "mode": "async", "values": {}}, tp_size=1)
+    try:
+        got = _embed(model, requests, full)
+        routed = service.counts["encoded_on_demand"]
+    finally:
+        sglang_plugin.stop()
+    assert routed == len({i.hash for items, _ in requests for i in items})
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
