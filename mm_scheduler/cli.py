@@ -97,9 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--tower", default="fake", choices=["fake", "siglip", "siglip-mixed", "qwen2_5_vl"],
                    help="fake: CPU tower with a SigLIP-like latency model (default); others need transformers")
     b.add_argument("--device", default="cpu", help="device for real towers (cuda, cuda:1, cpu)")
-    b.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[40.0, 120.0],
-                   help="offered loads in requests/s, comma-separated (default: 40,120)")
-    b.add_argument("--seconds", type=float, default=6.0, help="seconds of arrivals per rate and mode")
+    b.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[40.0, 100.0, 200.0],
+                   help="offered loads in requests/s, comma-separated (default: 40,100,200)")
+    b.add_argument("--seconds", type=float, default=5.0, help="seconds of arrivals per rate and mode")
     b.add_argument("--config", help="YAML coalescer config (default: built-in defaults)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", help="also write results to this JSON file")
