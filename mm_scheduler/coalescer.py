@@ -154,10 +154,7 @@ class Coalescer:
             return
         self._closing = True
         if cancel_pending:
-            for job in list(self._planner):
-                error = CoalescerClosedError("coalescer closed before this unit was encoded")
-                for request, _ in job.waiters():
-                    self._fail(request, error)
+            self._fail_queued(CoalescerClosedError("coalescer closed before this unit was encoded"))
         if self._dispatcher is not None:
             self._wakeup.set()
             await self._dispatcher
@@ -293,7 +290,24 @@ class Coalescer:
 
     # --- dispatch side -----------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
-        """Form a batch whenever the forward thread is free and a batch is due; exit once drained."""
+        """Form a batch whenever the forward thread is free and a batch is due; exit once drained.
+
+        Should this loop ever fail, the coalescer closes and fails what is queued rather than leave
+        callers waiting forever.
+        """
+        try:
+            await self._dispatch_until_drained()
+        except Exception:
+            logger.exception("coalescer %s: dispatcher failed; closing", self.config.name)
+            self._closing = True
+            self._fail_queued(CoalescerClosedError("coalescer dispatcher failed; see the log"))
+
+    def _fail_queued(self, error: CoalescerClosedError) -> None:
+        for job in list(self._planner):
+            for request, _ in job.waiters():
+                self._fail(request, error)
+
+    async def _dispatch_until_drained(self) -> None:
         max_inflight = self.config.max_inflight_batches
         window = self.config.dispatch == "window"
         while True:

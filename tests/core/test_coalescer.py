@@ -560,3 +560,15 @@ async def test_cuda_results_are_correct_on_a_dedicated_stream():
         outs = await co.encode(items)
     for item, out in zip(items, outs, strict=True):
         assert torch.equal(out.cpu(), expected_encoding(item))
+
+
+async def test_a_failing_dispatcher_closes_the_coalescer_instead_of_hanging_callers(monkeypatch):
+    async with Coalescer(FakeTower(), config()) as co:
+        def broken(*args, **kwargs):
+            raise RuntimeError("planner bug")
+
+        monkeypatch.setattr(co._planner, "next_batch", broken)
+        with pytest.raises(CoalescerClosedError, match="dispatcher failed"):
+            await asyncio.wait_for(co.encode([image(16)]), timeout=5)
+        with pytest.raises(CoalescerClosedError):
+            await co.encode([image(16)])
