@@ -199,6 +199,12 @@ class EncoderService:
             if aborted and self._cancel(entry.handle):
                 self.counts["cancelled"] += 1
 
+    def stats(self) -> dict[str, Any]:
+        """Service counters plus the backend's queue state (for logs, tests and debugging)."""
+        backend = (self._coalescer.stats() if self._coalescer is not None
+                   else {"pending_units": self._lockstep.pending_units, "forwards": self._lockstep.forwards})
+        return {**self.counts, **backend, "held_items": len(self._entries), "mode": self.mode}
+
     def held_keys(self) -> set[EntryKey]:
         return set(self._entries)
 

@@ -182,7 +182,7 @@ BUILDERS = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "gemma3": gemma3, "g
 
 
 # --- items -------------------------------------------------------------------------------------------
-def _item(modality: str, feature: torch.Tensor, hash_value: int, **model_specific):
+def make_item(modality: str, feature: torch.Tensor, hash_value: int, **model_specific):
     from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
 
     item = MultimodalDataItem(modality=Modality.IMAGE if modality == "image" else Modality.VIDEO,
@@ -195,20 +195,20 @@ def qwen_image(model: nn.Module, h: int, w: int, seed: int):
     vcfg = model.config.vision_config
     dim = 3 * vcfg.temporal_patch_size * vcfg.patch_size ** 2
     pixels = torch.randn(h * w, dim, generator=torch.Generator().manual_seed(seed))
-    return _item("image", pixels, 1000 + seed, image_grid_thw=torch.tensor([[1, h, w]]))
+    return make_item("image", pixels, 1000 + seed, image_grid_thw=torch.tensor([[1, h, w]]))
 
 
 def qwen_video(model: nn.Module, t: int, h: int, w: int, seed: int):
     vcfg = model.config.vision_config
     dim = 3 * vcfg.temporal_patch_size * vcfg.patch_size ** 2
     pixels = torch.randn(t * h * w, dim, generator=torch.Generator().manual_seed(seed))
-    return _item("video", pixels, 2000 + seed, video_grid_thw=torch.tensor([[t, h, w]]))
+    return make_item("video", pixels, 2000 + seed, video_grid_thw=torch.tensor([[t, h, w]]))
 
 
 def gemma3_image(model: nn.Module, crops: int, seed: int):
     size = model.config.vision_config.image_size
     pixels = torch.randn(crops, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    return _item("image", pixels, 3000 + seed)
+    return make_item("image", pixels, 3000 + seed)
 
 
 def _gemma4_patches(model: nn.Module, frames: int, gh: int, gw: int, total: int, seed: int):
@@ -224,12 +224,12 @@ def _gemma4_patches(model: nn.Module, frames: int, gh: int, gw: int, total: int,
 
 def gemma4_image(model: nn.Module, gh: int, gw: int, total: int, seed: int):
     pixels, positions = _gemma4_patches(model, 1, gh, gw, total, seed)
-    return _item("image", pixels, 4000 + seed, image_position_ids=positions)
+    return make_item("image", pixels, 4000 + seed, image_position_ids=positions)
 
 
 def gemma4_video(model: nn.Module, frames: int, gh: int, gw: int, total: int, seed: int):
     pixels, positions = _gemma4_patches(model, frames, gh, gw, total, seed)
-    return _item("video", pixels, 5000 + seed, video_position_ids=positions)
+    return make_item("video", pixels, 5000 + seed, video_position_ids=positions)
 
 
 def tokens_of(model: nn.Module, item) -> int:

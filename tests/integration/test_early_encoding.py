@@ -1,0 +1,188 @@
+"""Early encoding: items are submitted when a request arrives, taken by hash at prefill, freed after.
+
+Requests are SGLang's real ``Req`` / ``MultimodalInputs`` / ``MultimodalDataItem``; release goes
+through their real (hooked) ``release_features`` / ``release_mm_inputs_on_abort``; prefill goes
+through SGLang's real ``embed_mm_inputs``. The arrival hook is called as SGLang calls it, with a
+no-op in place of the queue insertion (a Scheduler cannot be built without a GPU model runner).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from array import array
+from types import SimpleNamespace
+
+import pytest
+import sglang_models as sm
+import torch
+from test_equivalence import ATOL, RTOL, _embed, _request_lengths
+
+from integration import sglang_plugin
+
+
+@pytest.fixture(scope="module")
+def model():
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    sglang_plugin.register()
+    HookRegistry.apply_hooks()
+    return sm.qwen2_5_vl()
+
+
+class ForwardLog:
+    """Wraps the service's tower: records the keys of every unit it runs; can hold forwards at a gate."""
+
+    def __init__(self, tower) -> None:
+        self.keys: list = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = threading.Event()
+        self._forward = tower.forward
+        tower.forward = self
+
+    def __call__(self, units):
+        self.started.set()
+        assert self.gate.wait(30), "test gate never opened"
+        self.keys.extend(u.key for u in units)
+        return self._forward(units)
+
+    def wait_for(self, count: int) -> None:
+        _eventually(lambda: len(self.keys) >= count, f"{count} units to run")
+
+
+def _eventually(condition, what: str, timeout: float = 30.0) -> None:
+    """Handoffs to the coalescer's loop thread are asynchronous: poll, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _start(model, mode="async", **values):
+    service = sglang_plugin.start(model, {"config_path": None, "mode": mode,
+                                          "values": values}, tp_size=1)
+    return service, ForwardLog(service.tower)
+
+
+@pytest.fixture
+def stop_service():
+    yield
+    sglang_plugin.stop()
+
+
+def _request(rid: str, items: list):
+    from sglang.srt.managers.schedule_batch import MultimodalInputs, Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req(rid, "", array("i", [1, 2, 3]), SamplingParams(max_new_tokens=4))
+    req.multimodal_inputs = MultimodalInputs(mm_items=items)
+    return req
+
+
+def _arrive(req) -> None:
+    """What ``Scheduler._add_request_to_queue`` does once hooked, minus the queue insertion itself."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    scheduler = SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL)
+    sglang_plugin._around_add_request_to_queue(lambda *args, **kwargs: None, scheduler, req)
+
+
+def _clone(item):
+    """Another request's copy of the same image: a distinct item object with the same content hash."""
+    twin = sm.make_item("image", item.feature.clone(), 0, image_grid_thw=item.image_grid_thw.clone())
+    twin.set_hash(item.hash)
+    return twin
+
+
+def test_request_encoded_at_arrival_is_taken_at_prefill_and_freed_at_finish(model, stop_service):
+    items = [sm.qwen_image(model, 4, 4, 11), sm.qwen_image(model, 8, 4, 12)]
+    requests = [(items, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model)
+    req = _request("a", items)
+    _arrive(req)
+    log.wait_for(2)  # encoded before any prefill asked for it
+    got = _embed(model, requests, full)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert len(log.keys) == 2 and service.counts["taken_early"] == 2 and service.counts["encoded_on_demand"] == 0
+    assert len(service.held_keys()) == 2
+    req.multimodal_inputs.release_features()  # SGLang's finish path
+    assert service.held_keys() == set()
+
+
+def test_abort_withdraws_queued_units_before_they_run(model, stop_service):
+    service, log = _start(model)
+    log.gate.clear()
+    running = _request("running", [sm.qwen_image(model, 4, 4, 21)])
+    _arrive(running)
+    assert log.started.wait(30)  # while a forward runs, the coalescer queues new units
+    aborted = _request("aborted", [sm.qwen_image(model, 8, 8, 22), sm.qwen_image(model, 4, 8, 23)])
+    _arrive(aborted)
+    _eventually(lambda: service.stats()["pending_units"] == 2, "both units of the second request to queue")
+    aborted.release_mm_inputs_on_abort()  # SGLang's abort path
+    _eventually(lambda: service.stats()["pending_units"] == 0, "the aborted units to be withdrawn")
+    log.gate.set()
+    log.wait_for(1)
+    time.sleep(0.2)  # a withdrawn unit would be dispatched right after the running batch
+    assert log.keys == [(running.multimodal_inputs.mm_items[0].hash, 0)]
+    assert service.counts["cancelled"] == 2 and len(service.held_keys()) == 1, service.stats()
+
+
+def test_two_requests_with_the_same_image_hash_encode_once(model, stop_service):
+    shared = sm.qwen_image(model, 4, 4, 31)
+    first = _request("first", [shared])
+    second = _request("second", [_clone(shared), sm.qwen_image(model, 4, 6, 32)])
+    requests = [(second.multimodal_inputs.mm_items, 2)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model)
+    _arrive(first)
+    _arrive(second)
+    log.wait_for(2)
+    got = _embed(model, requests, full)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert sorted(log.keys) == sorted([(shared.hash, 0), (second.multimodal_inputs.mm_items[1].hash, 0)])
+    assert service.counts["shared"] == 1 and service.counts["taken_early"] == 2
+    first.multimodal_inputs.release_features()
+    assert ("image", shared.hash) in service.held_keys()  # the second request still holds it
+    second.multimodal_inputs.release_features()
+    assert service.held_keys() == set()
+
+
+def test_chunked_prefill_takes_held_results_in_every_chunk(model, stop_service):
+    items = [sm.qwen_image(model, 4, 4, 41), sm.qwen_image(model, 8, 4, 42)]
+    requests = [(items, 3)]
+    (length,) = _request_lengths(model, requests)
+    expected = _embed(model, requests, [(0, length)])
+    service, log = _start(model)
+    _arrive(_request("chunked", items))
+    split = 3 + 4 + 1 + 3  # text, first image, separator, then 3 of the second image's 8 tokens
+    chunks = [_embed(model, requests, [(0, split)]), _embed(model, requests, [(split, length - split)])]
+    torch.testing.assert_close(torch.cat(chunks), expected, atol=ATOL, rtol=RTOL)
+    assert len(log.keys) == 2  # the second image served both chunks from one encode
+    assert service.counts["taken_early"] == 3
+
+
+def test_lockstep_service_encodes_everything_queued_at_the_first_prefill(model, stop_service):
+    service, log = _start(model, mode="lockstep")
+    early = _request("early", [sm.qwen_image(model, 4, 4, 51)])
+    later = _request("later", [sm.qwen_image(model, 4, 6, 52), sm.qwen_image(model, 8, 4, 53)])
+    _arrive(early)
+    _arrive(later)
+    assert log.keys == []  # lockstep never encodes behind the scheduler's back
+    requests = [(early.multimodal_inputs.mm_items, 1)]
+    _embed(model, requests, [(0, n) for n in _request_lengths(model, requests)])
+    assert service.stats()["forwards"] == 1 and len(log.keys) == 3
+    requests = [(later.multimodal_inputs.mm_items, 1)]
+    _embed(model, requests, [(0, n) for n in _request_lengths(model, requests)])
+    assert service.stats()["forwards"] == 1 and service.counts["taken_early"] == 3
+
+
+def test_unsupported_model_is_left_untouched_with_a_log_line(caplog):
+    caplog.set_level("INFO", logger="integration.sglang_plugin")
+    assert sglang_plugin.start(torch.nn.Linear(2, 2), {"config_path": None, "mode": "auto", "values": {}},
+                               tp_size=1) is None
+    assert sglang_plugin.active_service() is None
+    assert "Linear has no tower adapter" in caplog.text
