@@ -9,8 +9,11 @@ and otherwise call straight through.
 Hooks, and why each sits where it does:
 
 * ``ServerArgs.add_cli_args`` (AFTER): our two flags join SGLang's own parser.
-* ``ServerArgs.from_cli_args`` (AROUND) and ``ServerArgs.__post_init__`` (AFTER, for ``Engine``
-  users): store the validated settings as an underscore attribute that pickles into children.
+* ``ServerArgs.from_cli_args`` (AROUND) and ``ServerArgs.resolve_once`` (AFTER, for ``Engine``
+  users, whose keyword arguments cannot carry our settings): store the validated settings as an
+  underscore attribute that pickles into children. ``resolve_once`` runs in the launcher on both
+  paths before any child is spawned. (``__post_init__`` is no hook point: msgspec binds it when the
+  struct type is built, so replacing the class attribute later never runs.)
 * ``Scheduler.__init__`` (AFTER): the model is loaded; pick its tower adapter, start the service
   (lockstep when TP>1) and only then hook that model class's ``get_*_feature``.
 * ``Scheduler._add_request_to_queue`` (AROUND): the arrival point of every request on every rank;
@@ -60,7 +63,7 @@ def register() -> None:
     hooks: list[tuple[str, Callable[..., Any], HookType]] = [
         (f"{SERVER_ARGS}.add_cli_args", _after_add_cli_args, HookType.AFTER),
         (f"{SERVER_ARGS}.from_cli_args", _around_from_cli_args, HookType.AROUND),
-        (f"{SERVER_ARGS}.__post_init__", _after_server_args_init, HookType.AFTER),
+        (f"{SERVER_ARGS}.resolve_once", _after_resolve_once, HookType.AFTER),
         (f"{SCHEDULER}.__init__", _after_scheduler_init, HookType.AFTER),
         (f"{SCHEDULER}._add_request_to_queue", _around_add_request_to_queue, HookType.AROUND),
         (f"{SCHEDULER}._maybe_clear_mm_inputs", _before_clear_mm_inputs, HookType.BEFORE),
@@ -92,10 +95,14 @@ def _around_from_cli_args(original: Callable[..., Any], cls: type, args: Any) ->
     return server_args
 
 
-def _after_server_args_init(_result: None, server_args: Any) -> None:
+def _after_resolve_once(_result: None, server_args: Any) -> None:
     """``Engine(**kwargs)`` takes no unknown kwargs: read the environment when no flag set it."""
-    if settings.ATTR not in getattr(server_args, "__dict__", {}):
-        setattr(server_args, settings.ATTR, settings.resolve(False, None))
+    if settings.ATTR not in server_args.__dict__:
+        try:
+            chosen = settings.resolve(False, None)
+        except ValueError as exc:
+            raise SystemExit(f"mm-coalescer: {exc}") from None
+        setattr(server_args, settings.ATTR, chosen)
 
 
 # --- scheduler lifecycle ------------------------------------------------------------------------
