@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from prometheus_client import Counter
 
 from mm_scheduler import Coalescer, CoalescerConfig, CoalescerError, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
@@ -34,6 +35,11 @@ from .adapters import SGLangTower
 logger = logging.getLogger(__name__)
 
 EntryKey = tuple[str, int]
+
+# Imported only in scheduler processes, after SGLang has set PROMETHEUS_MULTIPROC_DIR.
+PREFILL_ITEMS = Counter("mm_coalescer_prefill_items", "Items a prefill asked the encoder for, by where the result came "
+                        "from: early (encoded since arrival), on_demand, or fallback (SGLang's own method)",
+                        ("coalescer", "source"))
 
 
 def entry_key(item: Any) -> EntryKey:
@@ -156,6 +162,7 @@ class EncoderService:
         fall back to the model's own method for the whole call, so SGLang's behaviour is the floor.
         """
         if not items or not all(self.tower.accepts(item) for item in items):
+            PREFILL_ITEMS.labels(self.config.name, "fallback").inc(len(items))
             return original(list(items))
         results: list[torch.Tensor | None] = [None] * len(items)
         missing: list[int] = []
@@ -167,6 +174,7 @@ class EncoderService:
             try:
                 results[i] = self.tower.assemble(item, self._wait(entry.handle))
                 self.counts["taken_early"] += 1
+                PREFILL_ITEMS.labels(self.config.name, "early").inc()
             except CoalescerError:
                 logger.warning("mm-coalescer: early encode of item %s failed; encoding it again", item.hash,
                                exc_info=True)
@@ -177,9 +185,11 @@ class EncoderService:
                 for i, handle in zip(missing, handles, strict=True):
                     results[i] = self.tower.assemble(items[i], self._wait(handle))
                 self.counts["encoded_on_demand"] += len(missing)
+                PREFILL_ITEMS.labels(self.config.name, "on_demand").inc(len(missing))
             except CoalescerError:
                 logger.warning("mm-coalescer: encoding failed; using the model's own method", exc_info=True)
                 self.counts["fallbacks"] += 1
+                PREFILL_ITEMS.labels(self.config.name, "fallback").inc(len(items))
                 return original(list(items))
         outputs = [self._for_consumer(t) for t in results]  # type: ignore[arg-type]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
