@@ -107,10 +107,12 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
 
 # --- scheduler lifecycle ------------------------------------------------------------------------
 def _after_scheduler_init(_result: None, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    from sglang.srt.runtime_context import get_server_args
+    from sglang.srt.runtime_context import get_parallel
 
-    chosen = settings.settings_of(get_server_args())
+    chosen = settings.settings_of(kwargs.get("server_args", args[0] if args else None))
     if chosen is None:
+        return
+    if get_parallel().pp_rank != 0:  # the vision tower lives on the first pipeline stage only
         return
     start(scheduler.tp_worker.model_runner.model, chosen, tp_size=scheduler.tp_size)
 

@@ -201,3 +201,9 @@ def test_pyproject_declares_the_entry_point_sglang_loads():
     if plugins is None:
         pytest.skip("pyproject.toml has no [project.entry-points.\"sglang.srt.plugins\"] table yet")
     assert plugins == {"mm_coalescer": ENTRY_POINT}
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "gemma4"])
+def test_model_family_configs_are_valid(family):
+    chosen = settings.resolve(False, str(REPO / "configs" / f"{family}.yaml"))
+    assert chosen["values"]["name"] == family
