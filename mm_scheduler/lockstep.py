@@ -7,10 +7,11 @@ cut different batches, or interleave encoder collectives with the model's differ
 
 :class:`LockstepEncoder` has no clock, no thread and no asyncio. ``submit`` only queues (in arrival
 order). ``step`` runs everything queued, cut into batches by :meth:`Planner.drain` (a pure function of
-the queued sequence), on the calling thread. A host that submits the same sequence on every rank and
-calls ``step`` at the same points of its own deterministic loop (for SGLang: after each
-``ingest_requests`` and when a prefill needs a result) therefore issues identical collectives on every
-rank, in the same order relative to the model's own.
+the queued sequence), on the calling thread; ``result`` runs the same batches in the same order but
+stops once the ticket it waits for is complete. A host that submits the same sequence on every rank
+and calls ``step`` / ``result`` at the same points of its own deterministic loop (the SGLang plugin:
+inside the prefill forward that needs the result, where SGLang runs its own encoder) therefore issues
+identical collectives on every rank, in the same order relative to the model's own.
 
 A failed forward fails every unit of that batch; it is not bisected as the coalescer does, because a
 rank-local failure followed by a different sequence of retries would desynchronise the collectives.
@@ -18,6 +19,7 @@ rank-local failure followed by a different sequence of retries would desynchroni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -131,14 +133,17 @@ class LockstepEncoder:
         return len(batches)
 
     def result(self, ticket: LockstepTicket) -> list[torch.Tensor]:
-        """The ticket's outputs, one per submitted item; runs ``step`` first if the ticket is not done.
+        """The ticket's outputs, one per submitted item; first runs queued batches until it is done.
 
         On CUDA the caller's current stream is made to wait for the producing stream (no host sync).
         """
         if ticket.cancelled:
             raise RuntimeError("result() of a cancelled ticket")
-        if not ticket.done():
-            self.step()
+        while not ticket.done() and self._planner.pending_units:
+            # Queue order (the oldest head first, as in drain()), one batch at a time, stopping once
+            # this ticket is complete: later arrivals wait for their own prefill.
+            self._run(self._planner.next_batch(math.inf, 0.0))  # type: ignore[arg-type]
+        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
         if ticket.error is not None:
             raise ticket.error
         if ticket.ready is not None:
