@@ -114,7 +114,11 @@ def _after_scheduler_init(_result: None, scheduler: Any, *args: Any, **kwargs: A
         return
     if get_parallel().pp_rank != 0:  # the vision tower lives on the first pipeline stage only
         return
-    start(scheduler.tp_worker.model_runner.model, chosen, tp_size=scheduler.tp_size)
+    model = getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "model", None)
+    if model is None:
+        logger.warning("mm-coalescer: this scheduler's worker exposes no model_runner.model; plugin off")
+        return
+    start(model, chosen, tp_size=scheduler.tp_size)
 
 
 def start(model: Any, chosen: dict[str, Any], *, tp_size: int) -> EncoderService | None:
