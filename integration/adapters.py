@@ -39,7 +39,10 @@ def _modality_name(item: Any) -> str:
 
 
 def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    device = next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:  # the coalescer's forward thread selects it by index
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _unhooked(model: nn.Module, name: str) -> Callable[..., Any]:

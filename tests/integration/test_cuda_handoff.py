@@ -28,8 +28,8 @@ class SlowCudaTower(SGLangTower):
     bytes_per_patch = 4096
 
     def __init__(self) -> None:
-        self.model = torch.nn.Linear(1, 1).cuda()
-        self.device = torch.device("cuda")
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.model = torch.nn.Linear(1, 1).to(self.device)
 
     def _raw_pixels(self, item) -> bool:
         return True
