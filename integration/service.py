@@ -162,6 +162,7 @@ class EncoderService:
         fall back to the model's own method for the whole call, so SGLang's behaviour is the floor.
         """
         if not items or not all(self.tower.accepts(item) for item in items):
+            self.counts["fallbacks"] += 1
             PREFILL_ITEMS.labels(self.config.name, "fallback").inc(len(items))
             return original(list(items))
         results: list[torch.Tensor | None] = [None] * len(items)

@@ -186,3 +186,13 @@ def test_unsupported_model_is_left_untouched_with_a_log_line(caplog):
                                tp_size=1) is None
     assert sglang_plugin.active_service() is None
     assert "Linear has no tower adapter" in caplog.text
+
+
+def test_items_the_tower_does_not_take_go_to_sglangs_own_method(model, stop_service):
+    """Qwen2.5-VL's own method passes already-embedded features through; the plugin must not touch them."""
+    service, log = _start(model)
+    embedded = sm.make_item("image", torch.randn(4, 64), 61, image_grid_thw=torch.tensor([[1, 4, 4]]))
+    _arrive(_request("embedded", [embedded]))
+    got = model.get_image_feature([embedded])
+    assert torch.equal(got, embedded.feature)  # SGLang's own pass-through (cat + dtype cast copies)
+    assert service.counts["fallbacks"] == 1 and service.counts["submitted"] == 0 and log.keys == []
