@@ -6,8 +6,10 @@ Every method is called from the scheduler thread. Two backends do the encoding:
 * ``async`` (TP=1): a :class:`~mm_scheduler.Coalescer` on its own event loop thread (uvloop when
   installed). Work is handed over with ``asyncio.run_coroutine_threadsafe``; the tower runs on the
   coalescer's forward thread and CUDA stream, overlapping the scheduler and the model's forward.
-* ``lockstep`` (TP>1): a :class:`~mm_scheduler.lockstep.LockstepEncoder` stepped from the scheduler
-  thread at fixed points, so every rank issues the same encoder collectives in the same order.
+* ``lockstep`` (TP>1): a :class:`~mm_scheduler.lockstep.LockstepEncoder`. Arrival only queues; the
+  prefill forward that needs a result runs the queued batches, in queue order, on the scheduler
+  thread and stream, where SGLang runs its own encoder. Every rank sees the same broadcast
+  requests and prefills, so every rank issues the same encoder collectives in the same order.
 
 Results are held per ``(modality, item hash)`` for as long as a request that submitted the item is
 alive (chunked prefill may ask several times); the last holder's finish or abort frees the result,
@@ -149,11 +151,6 @@ class EncoderService:
             entry.holders.add(rid)
             self._held_by.setdefault(rid, set()).add(key)
 
-    def step(self) -> None:
-        """Lockstep only: run everything queued. Called at the same scheduler points on every rank."""
-        if self._lockstep is not None and self._lockstep.pending_units:
-            self._lockstep.step()
-
     # --- prefill ---------------------------------------------------------------------------------
     def encode(self, items: Sequence[Any], original: Callable[[list[Any]], Any]) -> Any:
         """What the hooked ``get_*_feature`` returns: held results where present, the rest encoded now.
@@ -218,10 +215,6 @@ class EncoderService:
 
     def held_keys(self) -> set[EntryKey]:
         return set(self._entries)
-
-    def holders_of(self, key: EntryKey) -> set[str]:
-        entry = self._entries.get(key)
-        return set(entry.holders) if entry is not None else set()
 
     # --- backend plumbing ------------------------------------------------------------------------
     def _submit(self, units: list[EncodeItem], raise_errors: bool = False) -> Any:
