@@ -196,3 +196,21 @@ def test_items_the_tower_does_not_take_go_to_sglangs_own_method(model, stop_serv
     got = model.get_image_feature([embedded])
     assert torch.equal(got, embedded.feature)  # SGLang's own pass-through (cat + dtype cast copies)
     assert service.counts["fallbacks"] == 1 and service.counts["submitted"] == 0 and log.keys == []
+
+
+def test_arrival_hook_skips_retracted_decode_side_and_rejected_requests(model, stop_service):
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    service, _ = _start(model)
+    normal = SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL)
+    decode = SimpleNamespace(disaggregation_mode=DisaggregationMode.DECODE)
+    queue = lambda *args, **kwargs: None  # noqa: E731 - the queue insertion SGLang would do
+    sglang_plugin._around_add_request_to_queue(queue, normal, _request("retracted", [sm.qwen_image(model, 4, 4, 71)]),
+                                               is_retracted=True)
+    sglang_plugin._around_add_request_to_queue(queue, decode, _request("decode", [sm.qwen_image(model, 4, 4, 72)]))
+    rejected = _request("rejected", [sm.qwen_image(model, 4, 4, 73)])
+    # What SGLang's queue insertion does to a request it rejects (priority / queue limit):
+    sglang_plugin._around_add_request_to_queue(lambda *a, **k: rejected.release_mm_inputs_on_abort(), normal, rejected)
+    assert service.counts["submitted"] == 0 and service.held_keys() == set()
+    sglang_plugin._around_add_request_to_queue(queue, normal, _request("ok", [sm.qwen_image(model, 4, 4, 74)]))
+    assert service.counts["submitted"] == 1
