@@ -77,6 +77,10 @@ class SGLangTower:
         """The coalescer units of one SGLang item; ``assemble`` undoes the split."""
         raise NotImplementedError
 
+    def output_bytes(self, item: Any) -> int:
+        """Bytes of the item's embedding (an upper bound), to cap what early results may hold."""
+        raise NotImplementedError
+
     def assemble(self, item: Any, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """One item's tensor, shaped as the model's own method returns it, from its units' outputs."""
         return outputs[0] if len(outputs) == 1 else torch.cat(list(outputs), dim=0)
@@ -101,6 +105,8 @@ class QwenVLTower(SGLangTower):
         inter = int(vcfg.intermediate_size)
         # A block's live activations per patch: residual, qkv, attention out, gate+up and down.
         self.bytes_per_patch = (5 * hidden + 3 * inter) * _dtype_bytes(visual.dtype)
+        self._out_width = int(getattr(visual, "out_hidden_size", vcfg.out_hidden_size))
+        self._out_dtype_bytes = _dtype_bytes(visual.dtype)
         self._image = _unhooked(model, "get_image_feature")
         self._video = _unhooked(model, "get_video_feature")
 
@@ -129,6 +135,10 @@ class QwenVLTower(SGLangTower):
             else:
                 out.append(EncodeItem(rows, t * h * w, "image", key, {"grid": (t, h, w)}))
         return out
+
+    def output_bytes(self, item: Any) -> int:
+        tokens = int(self._grid(item).prod(dim=-1).sum()) // self.merge ** 2
+        return tokens * self._out_width * self._out_dtype_bytes
 
     def validate(self, unit: EncodeItem) -> None:
         t, h, w = unit.meta["grid"]
@@ -170,11 +180,16 @@ class Gemma3Tower(SGLangTower):
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 2 * inter) * _dtype_bytes(model.language_model.dtype())
         self.batched_siglip = _siglip_takes_batches(model.vision_tower)
+        self._bytes_per_crop = int(model.config.mm_tokens_per_image) * int(model.config.text_config.hidden_size) * \
+            _dtype_bytes(model.language_model.dtype())
 
     def _raw_pixels(self, item: Any) -> bool:
         feature = item.feature
         return feature.dim() in (3, 4, 5) and feature.shape[-1] == self.image_size and \
             feature.shape[-2] == self.image_size
+
+    def output_bytes(self, item: Any) -> int:
+        return item.feature.reshape(-1, *item.feature.shape[-3:]).shape[0] * self._bytes_per_crop
 
     def units(self, item: Any) -> list[EncodeItem]:
         crops = item.feature.reshape(-1, *item.feature.shape[-3:])
@@ -212,6 +227,11 @@ class Gemma4Tower(SGLangTower):
         self.text_hidden = int(model.config.text_config.hidden_size)
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 3 * inter) * _dtype_bytes(model.language_model.dtype())
+        self._pool = int(vcfg.pooling_kernel_size) ** 2
+        self._bytes_per_token = self.text_hidden * _dtype_bytes(model.language_model.dtype())
+
+    def output_bytes(self, item: Any) -> int:
+        return item.feature[..., 0].numel() // self._pool * self._bytes_per_token
 
     def _raw_pixels(self, item: Any) -> bool:
         feature = item.feature

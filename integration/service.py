@@ -82,22 +82,28 @@ class _Entry:
     """One submitted item: its pending encode and the requests that still need it."""
 
     handle: concurrent.futures.Future[list[torch.Tensor]] | LockstepTicket
+    nbytes: int
     holders: set[str] = field(default_factory=set)
 
 
 class EncoderService:
     """Routes an SGLang model's vision encoding through a coalescer (or lockstep encoder)."""
 
-    def __init__(self, tower: SGLangTower, config: CoalescerConfig, *, lockstep: bool) -> None:
+    def __init__(self, tower: SGLangTower, config: CoalescerConfig, *, lockstep: bool,
+                 max_held_bytes: int = 1 << 30) -> None:
         self.tower = tower
         self.config = config
         self.lockstep = lockstep
+        # Results encoded ahead of their prefill wait on the GPU; under overload (a long waiting
+        # queue) they must not grow without bound. Beyond the cap, arrivals encode at prefill.
+        self.max_held_bytes = max_held_bytes
+        self.held_bytes = 0
         self._entries: dict[EntryKey, _Entry] = {}
         self._held_by: dict[str, set[EntryKey]] = {}
         self._loop: LoopThread | None = None
         self._coalescer: Coalescer | None = None
         self._lockstep: LockstepEncoder | None = None
-        self.counts = dict.fromkeys(("submitted", "shared", "taken_early", "encoded_on_demand",
+        self.counts = dict.fromkeys(("submitted", "shared", "deferred", "taken_early", "encoded_on_demand",
                                      "released", "cancelled", "fallbacks"), 0)
 
     @property
@@ -128,6 +134,7 @@ class EncoderService:
             self._loop.stop()
         self._entries.clear()
         self._held_by.clear()
+        self.held_bytes = 0
 
     def serves(self, model: object) -> bool:
         return model is self.tower.model
@@ -141,10 +148,15 @@ class EncoderService:
             key = entry_key(item)
             entry = self._entries.get(key)
             if entry is None:
+                nbytes = self.tower.output_bytes(item)
+                if self.held_bytes + nbytes > self.max_held_bytes:
+                    self.counts["deferred"] += 1
+                    continue
                 handle = self._submit(self.tower.units(item))
                 if handle is None:
                     continue
-                entry = self._entries[key] = _Entry(handle)
+                entry = self._entries[key] = _Entry(handle, nbytes)
+                self.held_bytes += nbytes
                 self.counts["submitted"] += 1
             elif rid not in entry.holders:
                 self.counts["shared"] += 1
@@ -203,6 +215,7 @@ class EncoderService:
             if entry.holders:
                 continue
             del self._entries[key]
+            self.held_bytes -= entry.nbytes
             self.counts["released"] += 1
             if aborted and self._cancel(entry.handle):
                 self.counts["cancelled"] += 1
@@ -211,7 +224,8 @@ class EncoderService:
         """Service counters plus the backend's queue state (for logs, tests and debugging)."""
         backend = (self._coalescer.stats() if self._coalescer is not None
                    else {"pending_units": self._lockstep.pending_units, "forwards": self._lockstep.forwards})
-        return {**self.counts, **backend, "held_items": len(self._entries), "mode": self.mode}
+        return {**self.counts, **backend, "held_items": len(self._entries), "held_bytes": self.held_bytes,
+                "mode": self.mode}
 
     def held_keys(self) -> set[EntryKey]:
         return set(self._entries)

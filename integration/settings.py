@@ -26,6 +26,8 @@ ATTR = "_mm_coalescer"
 ENV_ENABLE = "MM_COALESCER"
 ENV_CONFIG = "MM_COALESCER_CONFIG"
 ENV_MODE = "MM_COALESCER_MODE"
+ENV_MAX_HELD_MB = "MM_COALESCER_MAX_HELD_MB"
+DEFAULT_MAX_HELD_MB = 1024.0
 MODES = ("auto", "async", "lockstep")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -39,9 +41,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--mm-coalescer-config", type=str, default=None, metavar="PATH",
                        help="YAML file of coalescer settings (see configs/ of mm-scheduler); implies "
                             f"--enable-mm-coalescer. Also read from {ENV_CONFIG}.")
+    group.add_argument("--mm-coalescer-max-held-mb", type=float, default=None, metavar="MB",
+                       help="Most memory that results encoded ahead of their prefill may hold; requests "
+                            "arriving beyond it are encoded when their prefill runs. Default "
+                            f"{DEFAULT_MAX_HELD_MB:g}; also read from {ENV_MAX_HELD_MB}.")
 
 
-def resolve(enable: bool, config_path: str | None) -> dict[str, Any] | None:
+def resolve(enable: bool, config_path: str | None, max_held_mb: float | None = None) -> dict[str, Any] | None:
     """The settings to store on ServerArgs, or None when disabled; environment fills what flags omit.
 
     Raises ValueError naming the file and key when the config cannot be used.
@@ -53,12 +59,20 @@ def resolve(enable: bool, config_path: str | None) -> dict[str, Any] | None:
     mode = os.environ.get(ENV_MODE, "auto").strip().lower()
     if mode not in MODES:
         raise ValueError(f"{ENV_MODE}={mode!r}: expected one of {list(MODES)}")
+    if max_held_mb is None:
+        raw = os.environ.get(ENV_MAX_HELD_MB)
+        try:
+            max_held_mb = DEFAULT_MAX_HELD_MB if raw is None else float(raw)
+        except ValueError:
+            raise ValueError(f"{ENV_MAX_HELD_MB}={raw!r}: expected a number of megabytes") from None
+    if max_held_mb < 0:
+        raise ValueError(f"max held results must be >= 0 MB, got {max_held_mb!r}")
     values: dict[str, Any] = {}
     if config_path is not None:
         config = _isolated_config_module()
         loaded = config.load_config(config_path)
         values = {key: getattr(loaded, key) for key in config.CoalescerConfig.__dataclass_fields__}
-    return {"config_path": config_path, "values": values, "mode": mode}
+    return {"config_path": config_path, "values": values, "mode": mode, "max_held_bytes": int(max_held_mb * 2**20)}
 
 
 def settings_of(server_args: object) -> dict[str, Any] | None:

@@ -88,7 +88,8 @@ def _around_from_cli_args(original: Callable[..., Any], cls: type, args: Any) ->
     server_args = original(cls, args)
     try:
         chosen = settings.resolve(getattr(args, "enable_mm_coalescer", False),
-                                  getattr(args, "mm_coalescer_config", None))
+                                  getattr(args, "mm_coalescer_config", None),
+                                  getattr(args, "mm_coalescer_max_held_mb", None))
     except ValueError as exc:
         raise SystemExit(f"mm-coalescer: {exc}") from None
     setattr(server_args, settings.ATTR, chosen)
@@ -143,7 +144,8 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int) -> EncoderService
     lockstep = mode == "lockstep" or tp_size > 1
     if mode == "async" and tp_size > 1:
         logger.warning("mm-coalescer: %s=async ignored with TP=%d; using lockstep mode", settings.ENV_MODE, tp_size)
-    _service = EncoderService(tower, config, lockstep=lockstep).start()
+    max_held = chosen.get("max_held_bytes", int(settings.DEFAULT_MAX_HELD_MB * 2**20))
+    _service = EncoderService(tower, config, lockstep=lockstep, max_held_bytes=max_held).start()
     _hook_model_class(type(model))
     logger.info("mm-coalescer: %s mode for %s (budget %d bytes, %d bytes/patch)", _service.mode,
                 type(model).__name__, _service.budget_bytes, _service.bytes_per_patch)

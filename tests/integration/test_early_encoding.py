@@ -214,3 +214,21 @@ def test_arrival_hook_skips_retracted_decode_side_and_rejected_requests(model, s
     assert service.counts["submitted"] == 0 and service.held_keys() == set()
     sglang_plugin._around_add_request_to_queue(queue, normal, _request("ok", [sm.qwen_image(model, 4, 4, 74)]))
     assert service.counts["submitted"] == 1
+
+
+def test_arrivals_beyond_the_held_results_cap_are_encoded_at_prefill(model, stop_service):
+    first = _request("first", [sm.qwen_image(model, 4, 4, 81)])
+    second = _request("second", [sm.qwen_image(model, 8, 4, 82)])
+    requests = [(second.multimodal_inputs.mm_items, 2)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    cap = 4 * 64 * 4  # exactly the first image's embedding: 4 tokens x 64 floats
+    service = sglang_plugin.start(model, {"config_path": None, "mode": "async", "values": {},
+                                          "max_held_bytes": cap}, tp_size=1)
+    _arrive(first)
+    _arrive(second)
+    assert service.counts["submitted"] == 1 and service.counts["deferred"] == 1 and service.held_bytes == cap
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert service.counts["encoded_on_demand"] == 1
+    first.multimodal_inputs.release_features()
+    assert service.held_bytes == 0

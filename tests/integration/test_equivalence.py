@@ -119,3 +119,19 @@ def test_embed_mm_inputs_batch_of_requests_equals_sglang_path(family_model):
     assert routed == len({i.hash for items, _ in requests for i in items})
     assert got.abs().sum() > 0
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_declared_output_bytes_bound_each_items_embedding(family_model):
+    """The cap on held early results counts these bytes: exact for fixed layouts, an upper bound for Gemma4."""
+    from integration.adapters import tower_for
+
+    family, model = family_model
+    tower = tower_for(model)
+    for modality, items in _items(family, model).items():
+        for item in items:
+            with torch.no_grad():
+                nbytes = _original(model, modality)([item]).nbytes
+            if family == "gemma4":
+                assert nbytes <= tower.output_bytes(item) <= 2 * nbytes
+            else:
+                assert tower.output_bytes(item) == nbytes

@@ -155,7 +155,15 @@ def test_no_flag_no_environment_means_plugin_off(parse):
 
 def test_enable_flag_alone_uses_default_settings(parse):
     chosen = settings.settings_of(parse("--enable-mm-coalescer"))
-    assert chosen == {"config_path": None, "values": {}, "mode": "auto"}
+    assert chosen == {"config_path": None, "values": {}, "mode": "auto",
+                      "max_held_bytes": int(settings.DEFAULT_MAX_HELD_MB * 2**20)}
+
+
+def test_max_held_flag_overrides_environment(parse, monkeypatch):
+    monkeypatch.setenv(settings.ENV_MAX_HELD_MB, "64")
+    assert settings.settings_of(parse("--enable-mm-coalescer"))["max_held_bytes"] == 64 << 20
+    chosen = settings.settings_of(parse("--enable-mm-coalescer", "--mm-coalescer-max-held-mb", "0.5"))
+    assert chosen["max_held_bytes"] == 1 << 19
 
 
 def test_engine_users_enable_through_environment(hooks_applied, monkeypatch, config_file):
