@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: bench test lint clean
+.PHONY: bench test lint clean gpu-bench
 
 # torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
 $(VENV)/.core-installed: pyproject.toml
@@ -27,6 +27,11 @@ bench: $(VENV)/.core-installed
 
 test: $(VENV)/.test-installed
 	bash scripts/run-tests.sh
+
+# On a CUDA machine: real towers (SigLIP, SigLIP mixed-res, Qwen2.5-VL vision), about 5 minutes.
+gpu-bench: $(VENV)/.test-installed
+	$(PY) -m benchmarks.gpu_bench --all --no-cudnn-sdpa --out benchmarks/results
+	$(PY) -m benchmarks.plot benchmarks/results/gpu_bench.json
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

@@ -23,6 +23,7 @@ from .config import CoalescerConfig
 from .executor import Executor
 from .testing import FakeTower, NoopTower
 from .types import EncodeItem, Tower
+from .units import resolve_device
 
 RequestSampler = Callable[[random.Random], list[EncodeItem]]
 
@@ -46,17 +47,16 @@ class RunResult:
 
 
 class CountingTower:
-    """Wraps a tower to count forwards, units and patches, whatever the tower is."""
+    """Wraps a tower to count forwards, units and patches; every other attribute is the tower's own
+    (``validate``, ``device``, calibration probes, ...)."""
 
     def __init__(self, tower: Tower) -> None:
         self.inner = tower
-        self.ragged = tower.ragged
-        self.bytes_per_patch = tower.bytes_per_patch
-        self.device = getattr(tower, "device", "cpu")
-        if hasattr(tower, "validate"):
-            self.validate = tower.validate
         self._lock = threading.Lock()
         self.forwards = self.units = self.patches = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
 
     def forward(self, units: Sequence[EncodeItem]) -> Sequence[torch.Tensor]:
         with self._lock:
@@ -151,7 +151,7 @@ def summarize(mode: str, rate: float, requests: list[list[EncodeItem]], latencie
 async def compare(tower: Tower, sample: RequestSampler, rates: Sequence[float], seconds: float,
                   config: CoalescerConfig, seed: int = 0) -> list[RunResult]:
     """For each rate, run the same arrival sequence through per-request forwards and the coalescer."""
-    device = torch.device(config.device or str(getattr(tower, "device", "cpu")))
+    device = resolve_device(config, tower)
     results = []
     for rate in rates:
         rng = random.Random(seed)

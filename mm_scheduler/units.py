@@ -93,7 +93,11 @@ def assemble(outputs: list[torch.Tensor], spans: Spans) -> list[torch.Tensor]:
 
 
 def resolve_device(config: CoalescerConfig, tower: Tower) -> torch.device:
-    return torch.device(config.device or str(getattr(tower, "device", "cpu")))
+    """The configured device, else the tower's own, else CPU; a bare "cuda" becomes the current GPU."""
+    device = torch.device(config.device or str(getattr(tower, "device", "cpu")))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def resolve_budget_bytes(config: CoalescerConfig, device: torch.device) -> int:
