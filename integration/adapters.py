@@ -5,10 +5,13 @@ batches of units through the model's own modules, and reassembles one item's out
 the tensor the model's ``get_image_feature`` / ``get_video_feature`` would have produced for it.
 
 * Qwen2.5-VL / Qwen3-VL (``ragged``): a batch is one packed varlen forward with one ``grid_thw``
-  row per unit, run through the model's unhooked ``get_*_feature``. A video is split into temporal
-  slices ``(1, h, w)``: exact, because these towers attend only within a slice (full-attention
-  ``cu_seqlens`` repeat ``h*w`` per ``t``; Qwen2.5's windows are cut per ``t`` too) and the rotary /
-  interpolated position embeddings depend on ``(h, w)`` only.
+  row per unit, run through the model's unhooked ``get_*_feature``. Videos differ:
+  Qwen3-VL splits a video into temporal slices ``(1, h, w)``, exact because its full attention is
+  per slice (``token_cu_seqlens = repeat(h*w, t)`` in ``Qwen3VLMoeVisionModel.forward``) and its
+  interpolated position embedding depends on ``(h, w)`` only. SGLang's Qwen2.5-VL tower is not
+  sliceable: its full-attention ``cu_seqlens`` is the cumulative ``t*h*w`` of each grid row
+  (``Qwen2_5_VisionTransformer.forward``), so every frame attends to the whole clip; a Qwen2.5-VL
+  video is therefore one unit of ``t*h*w`` patches (splitting changed outputs by ~2% here).
 * Gemma3 (uniform): SigLIP at a fixed resolution; units are single crops, stacked into one batch.
 * Gemma4 (uniform per patch count): units are single images or video frames ``[P, patch_pixels]``
   with their position ids; one batch holds one ``P`` (padding patches carry position -1).
@@ -107,6 +110,7 @@ class QwenVLTower(SGLangTower):
         self.bytes_per_patch = (5 * hidden + 3 * inter) * _dtype_bytes(visual.dtype)
         self._out_width = int(getattr(visual, "out_hidden_size", vcfg.out_hidden_size))
         self._out_dtype_bytes = _dtype_bytes(visual.dtype)
+        self.slice_videos = any(c.__name__ == "Qwen3VLForConditionalGeneration" for c in type(model).__mro__)
         self._image = _unhooked(model, "get_image_feature")
         self._video = _unhooked(model, "get_video_feature")
 
@@ -122,7 +126,7 @@ class QwenVLTower(SGLangTower):
         return grid.reshape(-1, 3) if isinstance(grid, torch.Tensor) else None
 
     def units(self, item: Any) -> list[EncodeItem]:
-        """One unit per image (``t*h*w`` patches); one video unit per clip, split by ``t`` slice."""
+        """One unit per image (``t*h*w`` patches); per video, ``t`` slices (Qwen3-VL) or one clip (Qwen2.5-VL)."""
         grid = self._grid(item).tolist()
         video = _modality_name(item) == "video"
         out, start = [], 0
@@ -130,10 +134,12 @@ class QwenVLTower(SGLangTower):
             rows = item.feature[start:start + t * h * w]
             start += t * h * w
             key = None if item.hash is None else (item.hash, index)
-            if video:
-                out.append(EncodeItem(rows.reshape(t, h * w, -1), h * w, "video", key, {"grid": (1, h, w)}))
-            else:
+            if not video:
                 out.append(EncodeItem(rows, t * h * w, "image", key, {"grid": (t, h, w)}))
+            elif self.slice_videos:
+                out.append(EncodeItem(rows.reshape(t, h * w, -1), h * w, "video", key, {"grid": (1, h, w)}))
+            else:  # a single frame unit holding the whole clip: the coalescer must not split it
+                out.append(EncodeItem(rows.unsqueeze(0), t * h * w, "video", key, {"grid": (t, h, w)}))
         return out
 
     def output_bytes(self, item: Any) -> int:

@@ -77,10 +77,12 @@ def init_sglang_cpu() -> None:
 
 
 def _random_weights(model: nn.Module, seed: int) -> nn.Module:
+    """Weights large enough that attention is sharp: with near-uniform attention, encoding a video
+    slice by slice instead of whole differed by only 1e-5 and would pass a tolerance check."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.05, generator=generator)
+            p.normal_(0.0, 0.3, generator=generator)
     return model.eval()
 
 
