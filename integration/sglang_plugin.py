@@ -8,14 +8,16 @@ and otherwise call straight through.
 
 Hooks, and why each sits where it does:
 
-* ``ServerArgs.add_cli_args`` (AFTER): our two flags join SGLang's own parser.
+* ``ServerArgs.add_cli_args`` (AFTER): our flags join SGLang's own parser (and ``--config`` files).
 * ``ServerArgs.from_cli_args`` (AROUND) and ``ServerArgs.resolve_once`` (AFTER, for ``Engine``
   users, whose keyword arguments cannot carry our settings): store the validated settings as an
   underscore attribute that pickles into children. ``resolve_once`` runs in the launcher on both
   paths before any child is spawned. (``__post_init__`` is no hook point: msgspec binds it when the
   struct type is built, so replacing the class attribute later never runs.)
 * ``Scheduler.__init__`` (AFTER): the model is loaded; pick its tower adapter, start the service
-  (lockstep when TP>1) and only then hook that model class's ``get_*_feature``.
+  (lockstep when TP>1) and only then hook that model class's ``get_*_feature`` (registered and
+  applied through the same HookRegistry, in the scheduler only: other processes never import
+  the model modules on our account).
 * ``Scheduler._add_request_to_queue`` (AROUND): the arrival point of every request on every rank;
   its items are submitted for encoding at once.
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
