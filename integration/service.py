@@ -11,9 +11,9 @@ Every method is called from the scheduler thread. Two backends do the encoding:
   thread and stream, where SGLang runs its own encoder. Every rank sees the same broadcast
   requests and prefills, so every rank issues the same encoder collectives in the same order.
 
-Results are held per ``(modality, item hash)`` for as long as a request that submitted the item is
-alive (chunked prefill may ask several times); the last holder's finish or abort frees the result,
-and an abort withdraws units still queued.
+Results are held per ``(modality, item hash)`` until every request that submitted the item has
+prefilled past its tokens (chunked prefill may ask several times), finished or aborted; then the
+result is freed, and an abort withdraws units still queued.
 """
 
 from __future__ import annotations
@@ -208,17 +208,37 @@ class EncoderService:
     def release(self, rid: str, *, aborted: bool) -> None:
         """Drop ``rid``'s hold on its items; free results nobody holds and cancel their queued units."""
         for key in self._held_by.pop(rid, ()):
-            entry = self._entries.get(key)
-            if entry is None:
-                continue
-            entry.holders.discard(rid)
-            if entry.holders:
-                continue
-            del self._entries[key]
-            self.held_bytes -= entry.nbytes
-            self.counts["released"] += 1
-            if aborted and self._cancel(entry.handle):
-                self.counts["cancelled"] += 1
+            self._drop(rid, key, aborted)
+
+    def consumed(self, rid: str, items: Sequence[Any], prefilled_upto: int) -> None:
+        """``rid``'s prefill has passed every token of some items: it will not ask for them again.
+
+        Only a retraction (re-prefill) could; it then encodes on demand, as SGLang itself would.
+        Freeing here rather than at finish keeps decode-phase requests from filling ``max_held_bytes``.
+        """
+        held = self._held_by.get(rid)
+        if not held:
+            return
+        for item in items:
+            key = entry_key(item)
+            if key in held and item.offsets and item.offsets[-1][1] < prefilled_upto:
+                held.discard(key)
+                self._drop(rid, key, aborted=False)
+        if not held:
+            del self._held_by[rid]
+
+    def _drop(self, rid: str, key: EntryKey, aborted: bool) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.holders.discard(rid)
+        if entry.holders:
+            return
+        del self._entries[key]
+        self.held_bytes -= entry.nbytes
+        self.counts["released"] += 1
+        if aborted and self._cancel(entry.handle):
+            self.counts["cancelled"] += 1
 
     def stats(self) -> dict[str, Any]:
         """Service counters plus the backend's queue state (for logs, tests and debugging)."""

@@ -20,6 +20,9 @@ Hooks, and why each sits where it does:
   the model modules on our account).
 * ``Scheduler._add_request_to_queue`` (AROUND): the arrival point of every request on every rank;
   its items are submitted for encoding at once.
+* ``Scheduler.run_batch`` (AFTER): the forward (launched synchronously on the scheduler thread,
+  embeddings included) has consumed the items whose tokens lie before each request's
+  ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
   ``Scheduler._maybe_clear_mm_inputs`` (BEFORE): where SGLang drops a request's media on abort or
   finish; the request's hold on its results is dropped too (queued units are withdrawn on abort).
@@ -68,6 +71,7 @@ def register() -> None:
         (f"{SERVER_ARGS}.resolve_once", _after_resolve_once, HookType.AFTER),
         (f"{SCHEDULER}.__init__", _after_scheduler_init, HookType.AFTER),
         (f"{SCHEDULER}._add_request_to_queue", _around_add_request_to_queue, HookType.AROUND),
+        (f"{SCHEDULER}.run_batch", _after_run_batch, HookType.AFTER),
         (f"{SCHEDULER}._maybe_clear_mm_inputs", _before_clear_mm_inputs, HookType.BEFORE),
         (f"{SCHEDULE_BATCH}.Req.release_mm_inputs_on_abort", _before_release_on_abort, HookType.BEFORE),
         (f"{SCHEDULE_BATCH}.MultimodalInputs.release_features", _before_release_features, HookType.BEFORE),
@@ -188,6 +192,16 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
     service.on_arrival(req.rid, mm_inputs.mm_items)
     setattr(mm_inputs, _RID_ATTR, req.rid)
     return result
+
+
+def _after_run_batch(_result: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    """The forward of ``batch`` is launched, so its prefill chunks have taken their embeddings."""
+    service = _service
+    if service is None or not batch.forward_mode.is_extend():
+        return
+    for req in batch.reqs:
+        if req.multimodal_inputs is not None and req.extend_end is not None:
+            service.consumed(req.rid, req.multimodal_inputs.mm_items, req.extend_end)
 
 
 def _before_clear_mm_inputs(scheduler: Any, batch: Any) -> None:

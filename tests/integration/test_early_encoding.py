@@ -232,3 +232,30 @@ def test_arrivals_beyond_the_held_results_cap_are_encoded_at_prefill(model, stop
     assert service.counts["encoded_on_demand"] == 1
     first.multimodal_inputs.release_features()
     assert service.held_bytes == 0
+
+
+def _launched(req, extend_end: int) -> None:
+    """What the hooked ``Scheduler.run_batch`` sees after launching a prefill chunk of ``req``."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    req.extend_end = extend_end
+    sglang_plugin._after_run_batch(None, None, SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[req]))
+
+
+def test_results_are_freed_once_prefill_has_passed_their_tokens(model, stop_service):
+    items = [sm.qwen_image(model, 4, 4, 91), sm.qwen_image(model, 8, 4, 92)]
+    req = _request("chunked", items)
+    requests = [(items, 3)]
+    (length,) = _request_lengths(model, requests)
+    service, log = _start(model)
+    _arrive(req)
+    split = 3 + 4 + 1 + 3  # the first chunk ends inside the second image
+    _embed(model, requests, [(0, split)])
+    _launched(req, split)
+    assert service.held_keys() == {("image", items[1].hash)}  # the first image is done with
+    _embed(model, requests, [(split, length - split)])
+    _launched(req, length)
+    assert service.held_keys() == set() and service.held_bytes == 0
+    assert len(log.keys) == 2 and service.counts["taken_early"] == 3 and not req.finished()
+    req.multimodal_inputs.release_features()  # the later finish finds nothing left to free
+    assert service.counts["released"] == 2

@@ -48,6 +48,7 @@ CHECK_HOOKS = textwrap.dedent("""
         "scheduler_init": hooked(Scheduler, "__init__", plugin._after_scheduler_init),
         "add_request": hooked(Scheduler, "_add_request_to_queue", plugin._around_add_request_to_queue),
         "clear_mm_inputs": hooked(Scheduler, "_maybe_clear_mm_inputs", plugin._before_clear_mm_inputs),
+        "run_batch": hooked(Scheduler, "run_batch", plugin._after_run_batch),
         "abort": hooked(Req, "release_mm_inputs_on_abort", plugin._before_release_on_abort),
         "release": hooked(MultimodalInputs, "release_features", plugin._before_release_features),
     }
