@@ -335,7 +335,6 @@ class Coalescer:
         self._queue_changed()
         task = self._loop.create_task(self._run_batch(jobs, jobs[0].arrival))
         self._batches.add(task)
-        task.add_done_callback(self._batches.discard)
 
     async def _run_batch(self, jobs: list[_Job], oldest_arrival: float) -> None:
         started = self._loop.time()
@@ -353,6 +352,8 @@ class Coalescer:
         self._launching = False
         self._record(jobs, outcome, self._loop.time() - started)
         self._deliver(jobs, outcome)
+        # Free the slot before waking the dispatcher (a done-callback would run only after it looked).
+        self._batches.discard(asyncio.current_task())  # type: ignore[arg-type]
         self._wakeup.set()
 
     def _record(self, jobs: list[_Job], outcome: BatchOutcome, seconds: float) -> None:

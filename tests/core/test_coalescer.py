@@ -572,3 +572,16 @@ async def test_a_failing_dispatcher_closes_the_coalescer_instead_of_hanging_call
             await asyncio.wait_for(co.encode([image(16)]), timeout=5)
         with pytest.raises(CoalescerClosedError):
             await co.encode([image(16)])
+
+
+@pytest.mark.parametrize("max_inflight", [1, 2])
+async def test_back_to_back_requests_complete_with_any_inflight_limit(max_inflight):
+    tower = FakeTower(fixed_s=0.05)
+    async with Coalescer(tower, config(max_inflight_batches=max_inflight)) as co:
+        first = asyncio.create_task(co.encode([image(16)]))
+        await asyncio.sleep(0.01)
+        second_item = image(16)
+        second = asyncio.create_task(co.encode([second_item]))
+        async with asyncio.timeout(5):
+            await first
+            assert_outputs([second_item], await second)
