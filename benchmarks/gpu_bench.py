@@ -36,6 +36,7 @@ import torch
 from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler.calibrate import calibrate, calibrate_tower
 from mm_scheduler.towers import build_tower
+from mm_scheduler.units import split_into_units
 
 LOADS = (0.1, 0.5, 0.9, 1.5)
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -129,12 +130,6 @@ class Workload:
             return reqs
         return [Request([EncodeItem(self.pool[r][0], self.tower.patches_for(r))], self.tower.patches_for(r), 1)
                 for r in self.resolutions]
-
-
-def units_of(item: EncodeItem) -> list[EncodeItem]:
-    if item.modality == "video":
-        return [EncodeItem(f, item.num_patches, "video", meta=item.meta) for f in item.pixel_values]
-    return [item]
 
 
 # --- measurement helpers -----------------------------------------------------------------------
@@ -389,10 +384,10 @@ async def run_mode(mode: str, meter: MeteredTower, trace: list[tuple[float, Requ
     try:
         if mode == "per_item":
             async def handle(r: Request) -> None:
-                await asyncio.gather(*(server.submit(units_of(it)) for it in r.items))
+                await asyncio.gather(*(server.submit(split_into_units([it])[0]) for it in r.items))
         else:
             async def handle(r: Request) -> None:
-                await server.submit([u for it in r.items for u in units_of(it)])
+                await server.submit(split_into_units(r.items)[0])
         await asyncio.gather(*(handle(r) for r in warmup))
         meter.reset()
         outcomes, span = await replay(trace, handle, duration, drain)
