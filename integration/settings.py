@@ -6,20 +6,15 @@ scheduler processes. The attribute holds plain data (the YAML values and their f
 classes, so anything that unpickles ``ServerArgs`` can do so without this package.
 
 The config file is validated in the launching process so a bad path, bad YAML or unknown key stops
-start-up with a message naming the file and the key. That check must not import prometheus_client:
-SGLang sets ``PROMETHEUS_MULTIPROC_DIR`` only later, and prometheus_client fixes its storage mode
-when first imported, which would hide the launcher's own metrics. So the config module is loaded on
-its own here, without the ``mm_scheduler`` package (whose coalescer imports prometheus_client).
+start-up with a message naming the file and the key. That check does not import prometheus_client
+(``mm_scheduler.metrics`` defers it to first use): SGLang sets ``PROMETHEUS_MULTIPROC_DIR`` only later,
+and prometheus_client fixes its storage mode when first imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 ATTR = "_mm_coalescer"
@@ -69,30 +64,13 @@ def resolve(enable: bool, config_path: str | None, max_held_mb: float | None = N
         raise ValueError(f"max held results must be >= 0 MB, got {max_held_mb!r}")
     values: dict[str, Any] = {}
     if config_path is not None:
-        config = _isolated_config_module()
-        loaded = config.load_config(config_path)
-        values = {key: getattr(loaded, key) for key in config.CoalescerConfig.__dataclass_fields__}
+        from mm_scheduler.config import CoalescerConfig, load_config
+
+        loaded = load_config(config_path)
+        values = {key: getattr(loaded, key) for key in CoalescerConfig.__dataclass_fields__}
     return {"config_path": config_path, "values": values, "mode": mode, "max_held_bytes": int(max_held_mb * 2**20)}
 
 
 def settings_of(server_args: object) -> dict[str, Any] | None:
     """The settings a ServerArgs carries (set by the CLI hook or, for Engine users, the env hook)."""
     return getattr(server_args, ATTR, None)
-
-
-def _isolated_config_module() -> ModuleType:
-    """``mm_scheduler/config.py`` loaded without running the package ``__init__`` (see module doc)."""
-    loaded = sys.modules.get("mm_scheduler.config")
-    if loaded is not None:
-        return loaded
-    name = "_mm_coalescer_config_check"
-    if name in sys.modules:
-        return sys.modules[name]
-    package = importlib.util.find_spec("mm_scheduler")
-    if package is None or package.origin is None:
-        raise ImportError("mm_scheduler is not installed")
-    spec = importlib.util.spec_from_file_location(name, Path(package.origin).parent / "config.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
