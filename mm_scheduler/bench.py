@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -213,7 +213,3 @@ def fake_request(rng: random.Random) -> list[EncodeItem]:
     if rng.random() < 0.1:
         items.append(EncodeItem(torch.rand(4, 3, 8, 8), 729, "video"))
     return items
-
-
-def as_rows(results: Sequence[RunResult]) -> list[dict]:
-    return [asdict(r) for r in results]

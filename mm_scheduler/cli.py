@@ -8,6 +8,7 @@ import json
 import platform
 import sys
 from collections.abc import Coroutine, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,7 +67,7 @@ def _bench(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {
         "tower": args.tower, "device": config.device, "seconds": args.seconds, "seed": args.seed,
         "config": {k: getattr(config, k) for k in CoalescerConfig.__dataclass_fields__},
-        "results": bench.as_rows(results),
+        "results": [asdict(r) for r in results],
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
                         "machine": platform.machine(), "date": datetime.now(UTC).isoformat()},
     }

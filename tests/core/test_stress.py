@@ -93,6 +93,7 @@ async def test_thousands_of_concurrent_requests_lose_and_misroute_nothing(ragged
         if not ragged:
             assert len(set(record.patch_counts)) == 1
     assert stats["mean_patches_per_forward"] > 2 * min(PATCH_SIZES)  # it did coalesce
+    assert tower.max_concurrent_forwards == 1  # one forward thread: the tower is never re-entered
 
 
 @pytest.mark.stress
