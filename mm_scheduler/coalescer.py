@@ -26,7 +26,14 @@ from .errors import CoalescerClosedError, EncodeError, QueueFullError
 from .executor import BatchOutcome, Executor
 from .planner import Planner, PlanUnit
 from .types import EncodeItem, Tower
-from .units import assemble, check_items, resolve_budget_bytes, resolve_device, split_into_units
+from .units import (
+    assemble,
+    check_items,
+    record_ready_events,
+    resolve_budget_bytes,
+    resolve_device,
+    split_into_units,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +183,7 @@ class Coalescer:
         if self._closing or self._loop is None:
             raise CoalescerClosedError("coalescer is closed" if self._closing else "coalescer not started")
         check_items(items, self._planner, self._validate_item, self._count_invalid)
+        record_ready_events(items)
         units, spans = split_into_units(items)
         if not units:
             return []
@@ -201,6 +209,18 @@ class Coalescer:
             raise
         self._m_ok.inc()
         return assemble(request.outputs, spans)  # type: ignore[arg-type]
+
+    def expedite(self, keys: Sequence[Hashable]) -> int:
+        """Someone is blocked on the units queued under ``keys``: dispatch them next.
+
+        Returns how many were still queued (running or finished ones need nothing). Keys are the
+        dedup keys of :class:`EncodeItem` (video frames: ``(key, frame)``), so this needs ``dedup``.
+        """
+        jobs = [job for key in keys if (job := self._jobs_by_key.get(key)) is not None and not job.running]
+        if jobs:
+            self._planner.expedite(jobs)
+            self._wakeup.set()
+        return len(jobs)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of counters and queue state (cheap; safe to call from any thread)."""

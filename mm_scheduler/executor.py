@@ -31,6 +31,36 @@ class BatchOutcome:
     """Recorded on the executor's stream after the last forward; outputs are valid once it completes."""
 
 
+def wait_for_inputs(units: Sequence[EncodeItem], stream: torch.cuda.Stream) -> None:
+    """Order ``stream`` after the producers of CUDA inputs and tie their memory to it.
+
+    The producer is whatever stream the caller's pixels were written on (SGLang's schedule or
+    forward stream, never reliably the default one): its ``ready`` event says when they landed.
+    ``record_stream`` keeps the caching allocator from handing their blocks to anyone else until
+    this stream has read them, even if the caller drops its reference first.
+    """
+    waited: set[int] = set()
+    for unit in units:
+        pixels = unit.pixel_values
+        if not isinstance(pixels, torch.Tensor) or not pixels.is_cuda:
+            continue
+        if unit.ready is not None and id(unit.ready) not in waited:
+            waited.add(id(unit.ready))
+            stream.wait_event(unit.ready)
+        elif unit.ready is None:
+            stream.wait_stream(torch.cuda.current_stream(pixels.device))
+        pixels.record_stream(stream)
+
+
+def own_storage(output: object) -> object:
+    """A view into a larger batch buffer keeps the whole buffer alive: copy it out so holding one
+    result holds only its own bytes (and freeing it frees them)."""
+    if isinstance(output, torch.Tensor) and \
+            output.untyped_storage().nbytes() > output.numel() * output.element_size():
+        return output.clone()
+    return output
+
+
 class Executor:
     """Runs batches on ``tower``; on CUDA inside a dedicated stream, so encodes overlap other work."""
 
@@ -55,8 +85,7 @@ class Executor:
         stream_ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with stream_ctx, torch.inference_mode():
             if self._stream is not None:
-                # Inputs staged by the caller on the default stream must land before we read them.
-                self._stream.wait_stream(torch.cuda.default_stream(self.device))
+                wait_for_inputs(units, self._stream)
             self._run_range(units, 0, len(units), outcome)
             if on_cuda:
                 outcome.done = torch.cuda.Event()
@@ -71,13 +100,11 @@ class Executor:
             outputs = list(self.tower.forward(part))
             if len(outputs) != len(part):
                 raise RuntimeError(f"tower returned {len(outputs)} outputs for {len(part)} units")
-            outcome.outputs[lo:hi] = outputs
+            outcome.outputs[lo:hi] = [own_storage(out) for out in outputs]
             return
         except torch.OutOfMemoryError as exc:
             outcome.oom_patches.append(patches)
-            failure: BaseException = exc
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            failure: BaseException = exc  # no empty_cache(): it syncs the device; the planner shrinks instead
         except Exception as exc:
             failure = exc
         if hi - lo == 1:

@@ -6,6 +6,7 @@ towers that need uniform batches, a single bucket for ragged towers. Time only e
 mode), so every decision is a function of the arguments and can be tested exhaustively.
 
 Choosing a batch:
+0. Units someone is blocked on (:meth:`Planner.expedite`: a prefill needs them now) go first.
 1. A bucket whose oldest unit has waited ``max_wait`` or longer is *aged*: the one with the oldest
    head goes first, so rare resolutions are never starved by busy ones.
 2. Otherwise the bucket that fills the largest share of its budget goes first (throughput).
@@ -58,6 +59,7 @@ class Planner:
         self.oom_backoff = oom_backoff
         self._buckets: dict[int, _Bucket] = {}
         self._shrunk_budget_patches: dict[int, int] = {}
+        self._expedited: list[int] = []  # bucket keys, in the order their units were expedited
         self.pending_units = 0
         self.pending_patches = 0
 
@@ -114,6 +116,24 @@ class Planner:
         self.pending_units -= 1
         self.pending_patches -= unit.num_patches
 
+    def expedite(self, units: Sequence[PlanUnit]) -> None:
+        """Someone is blocked on ``units``: move them to the front of their buckets (keeping their
+        order) and dispatch those buckets before any other, whatever their age or fill."""
+        by_bucket: dict[int, list[PlanUnit]] = {}
+        for unit in units:
+            if not unit.cancelled:
+                by_bucket.setdefault(self.bucket_of(unit.num_patches), []).append(unit)
+        for key, moved in by_bucket.items():
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                continue
+            queued = [u for u in moved if u in bucket.units]
+            for unit in queued:
+                bucket.units.remove(unit)
+            bucket.units.extendleft(reversed(queued))
+            if queued and key not in self._expedited:
+                self._expedited.append(key)
+
     def __iter__(self) -> Iterator[PlanUnit]:
         """Live pending units, bucket by bucket, each bucket in arrival order."""
         for bucket in self._buckets.values():
@@ -148,6 +168,11 @@ class Planner:
         return batches
 
     def _choose_bucket(self, now: float, max_wait: float, only_ready: bool) -> int | None:
+        while self._expedited:
+            key = self._expedited[0]
+            if key in self._buckets and self._buckets[key].head() is not None:
+                return key
+            self._expedited.pop(0)
         best_key, best_fill, aged_key, aged_arrival = None, -1.0, None, None
         for key, bucket in self._buckets.items():
             head = bucket.head()
@@ -180,6 +205,8 @@ class Planner:
         bucket.live_patches -= patches
         self.pending_units -= len(batch)
         self.pending_patches -= patches
+        if key in self._expedited:
+            self._expedited.remove(key)
         if not bucket.live_units:
             del self._buckets[key]
         return batch

@@ -22,6 +22,12 @@ class EncodeItem:
 
     ``key`` names identical content (an image hash): equal keys queued or in flight at the same
     time are encoded once. ``meta`` is passed through untouched to the tower (e.g. a grid shape).
+
+    ``ready``: for CUDA ``pixel_values``, an event recorded on the stream that produced them (a
+    non-blocking copy, a CUDA-IPC rebuild). The encoder stream waits for it before reading, so it
+    never reads pixels that have not landed. :meth:`Coalescer.encode` records one on the caller's
+    current stream when it is None; callers on another thread than the coalescer's (the SGLang
+    plugin) record it themselves, on their own stream, at submit.
     """
 
     pixel_values: torch.Tensor
@@ -29,6 +35,7 @@ class EncodeItem:
     modality: str = "image"
     key: Hashable | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    ready: torch.cuda.Event | None = None
 
 
 @runtime_checkable

@@ -77,12 +77,21 @@ def split_into_units(items: Sequence[EncodeItem]) -> tuple[list[EncodeItem], Spa
         start = len(units)
         if item.modality == "video":
             units.extend(EncodeItem(frame, item.num_patches, "video",
-                                    None if item.key is None else (item.key, i), item.meta)
+                                    None if item.key is None else (item.key, i), item.meta, item.ready)
                          for i, frame in enumerate(item.pixel_values))
         else:
             units.append(item)
         spans.append((start, len(units)))
     return units, spans
+
+
+def record_ready_events(items: Sequence[EncodeItem]) -> None:
+    """Give CUDA inputs without a ``ready`` event one recorded on the current stream (the producer's)."""
+    for item in items:
+        pixels = item.pixel_values
+        if item.ready is None and pixels.is_cuda:
+            item.ready = torch.cuda.Event()
+            item.ready.record(torch.cuda.current_stream(pixels.device))
 
 
 def assemble(outputs: list[torch.Tensor], spans: Spans) -> list[torch.Tensor]:
