@@ -15,13 +15,25 @@ identical collectives on every rank, in the same order relative to the model's o
 
 A failed forward fails every unit of that batch; it is not bisected as the coalescer does, because a
 rank-local failure followed by a different sequence of retries would desynchronise the collectives.
+
+Failures are agreed between ranks when ``agree`` is given (TP>1): a function that takes this rank's
+"I failed" flag and returns True if any rank failed (:func:`process_group_agree` all-reduces it over
+a CPU process group; the SGLang plugin passes its TP CPU group). It is called twice per batch, at
+the same point on every rank: before the forward, on the outcome of a preflight (the tower's
+``preflight(units)`` if it has one, else, on CUDA, reserving the batch's budgeted bytes, so an
+out-of-memory surfaces before the first collective), and after it, on the forward's outcome. An
+agreed failure fails the batch on every rank, so every rank takes the same fallback. What agreement
+cannot repair is an exception *between* the tower's own collectives on one rank: the others are
+already inside a collective it never joins. The preflight makes the common case (OOM) happen before
+the first collective; for the rest the collective's timeout (NCCL's watchdog) is the backstop.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -62,12 +74,38 @@ class _Job(PlanUnit):
         self.waiters: list[tuple[LockstepTicket, int]] = []
 
 
+Agree = Callable[[bool], bool]
+"""Takes this rank's failure flag, returns True if any rank failed; called at the same point on every rank."""
+
+
+def process_group_agree(group: Any = None) -> Agree:
+    """An :data:`Agree` over a ``torch.distributed`` CPU (gloo) group: one all-reduce (MAX) of the flag.
+
+    A CPU group keeps the agreement off the GPU streams, so it neither waits behind queued kernels
+    nor interleaves with the tower's or the model's NCCL collectives.
+    """
+    import torch.distributed as dist
+
+    def agree(failed: bool) -> bool:
+        flag = torch.tensor([1 if failed else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    return agree
+
+
+class PeerFailedError(RuntimeError):
+    """Another rank failed this batch; this rank fails it too so all ranks take the same path."""
+
+
 class LockstepEncoder:
     """Queues encode work and runs it, batched under the budget, only when ``step`` is called."""
 
-    def __init__(self, tower: Tower, config: CoalescerConfig | None = None) -> None:
+    def __init__(self, tower: Tower, config: CoalescerConfig | None = None, *, agree: Agree | None = None) -> None:
         self.tower = tower
         self.config = config or CoalescerConfig()
+        self.agree = agree
+        self._preflight_hook = getattr(tower, "preflight", None)
         self.device = resolve_device(self.config, tower)
         # "auto" would measure each rank's allocator separately and could differ between ranks:
         # only declared or configured sizes keep the batch cuts identical everywhere.
@@ -80,6 +118,7 @@ class LockstepEncoder:
         self._jobs_by_key: dict[Hashable, _Job] = {}
         self._arrivals = 0
         self.forwards = 0
+        self.agreed_failures = 0  # batches failed on every rank because some rank failed
         self._labels = {"coalescer": self.config.name}
 
     @property
@@ -150,6 +189,14 @@ class LockstepEncoder:
             torch.cuda.current_stream(self.device).wait_event(ticket.ready)
         return assemble(ticket.outputs, ticket.spans)  # type: ignore[arg-type]
 
+    def _preflight(self, jobs: list[_Job], patches: int) -> None:
+        """Raise now, before any collective, what would make this rank fail the forward (OOM)."""
+        if self._preflight_hook is not None:
+            self._preflight_hook([job.unit for job in jobs])
+        elif self.device.type == "cuda":
+            # Freed at once; the caching allocator keeps the block for the forward that follows.
+            torch.empty(patches * self.bytes_per_patch, dtype=torch.uint8, device=self.device)
+
     def _run(self, jobs: list[_Job]) -> None:
         patches = sum(job.num_patches for job in jobs)
         metrics.FORWARDS.labels(**self._labels).inc()
@@ -160,7 +207,17 @@ class LockstepEncoder:
         for job in jobs:
             if job.key is not None and self._jobs_by_key.get(job.key) is job:
                 del self._jobs_by_key[job.key]
+        failure: BaseException | None = None
+        if self.agree is not None:
+            try:
+                self._preflight(jobs, patches)
+            except Exception as exc:
+                failure = exc
+            if self.agree(failure is not None):
+                self._fail(jobs, patches, failure or PeerFailedError("another rank failed the preflight"))
+                return
         ready = None
+        outputs: list[torch.Tensor] = []
         try:
             with torch.inference_mode():
                 outputs = list(self.tower.forward([job.unit for job in jobs]))
@@ -170,17 +227,26 @@ class LockstepEncoder:
                 ready = torch.cuda.Event()
                 ready.record(torch.cuda.current_stream(self.device))
         except Exception as exc:  # fail this batch's tickets, keep serving
-            metrics.ERRORS.labels(kind="encode", **self._labels).inc(len(jobs))
-            error = EncodeError(f"tower failed on a lockstep batch of {len(jobs)} units, {patches} patches: {exc!r}")
-            error.__cause__ = exc
-            for job in jobs:
-                for ticket, _ in job.waiters:
-                    ticket.error = ticket.error or error
-                job.waiters = []
+            failure = exc
+        if self.agree is not None and self.agree(failure is not None) and failure is None:
+            failure = PeerFailedError("another rank failed the forward")
+        if failure is not None:
+            self._fail(jobs, patches, failure)
             return
         for job, output in zip(jobs, outputs, strict=True):
             for ticket, slot in job.waiters:
                 ticket.outputs[slot] = output
                 ticket.remaining -= 1
                 ticket.ready = ready
+            job.waiters = []
+
+    def _fail(self, jobs: list[_Job], patches: int, exc: BaseException) -> None:
+        metrics.ERRORS.labels(kind="encode", **self._labels).inc(len(jobs))
+        if self.agree is not None:
+            self.agreed_failures += 1
+        error = EncodeError(f"tower failed on a lockstep batch of {len(jobs)} units, {patches} patches: {exc!r}")
+        error.__cause__ = exc
+        for job in jobs:
+            for ticket, _ in job.waiters:
+                ticket.error = ticket.error or error
             job.waiters = []

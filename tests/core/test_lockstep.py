@@ -6,14 +6,15 @@ import pytest
 import torch
 
 from mm_scheduler import CoalescerConfig, EncodeError, EncodeItem, InvalidItemError
-from mm_scheduler.lockstep import LockstepEncoder
+from mm_scheduler.lockstep import LockstepEncoder, PeerFailedError
 from mm_scheduler.testing import FakeTower, expected_encoding
 
 from .helpers import image, video
 
 
-def encoder(tower: FakeTower, **overrides) -> LockstepEncoder:
-    return LockstepEncoder(tower, CoalescerConfig(**{"max_batch_items": 4, "budget_bytes": 1024 * 200, **overrides}))
+def encoder(tower: FakeTower, agree=None, **overrides) -> LockstepEncoder:
+    config = CoalescerConfig(**{"max_batch_items": 4, "budget_bytes": 1024 * 200, **overrides})
+    return LockstepEncoder(tower, config, agree=agree)
 
 
 def test_nothing_runs_until_step_and_then_everything_queued_runs():
@@ -28,17 +29,26 @@ def test_nothing_runs_until_step_and_then_everything_queued_runs():
         assert torch.equal(out, expected_encoding(item))
 
 
-def test_batches_are_a_pure_function_of_the_submit_sequence():
-    logs = []
-    for _ in range(2):
-        tower = FakeTower()
-        enc = encoder(tower)
-        for n in (16, 64, 16, 16, 144, 64, 16, 16):
-            enc.submit([EncodeItem(torch.ones(2) * n, n)])
-        enc.step()
-        logs.append([r.patch_counts for r in tower.log])
-    assert logs[0] == logs[1]
-    assert logs[0][0] == (16, 16, 16, 16)  # oldest unit's bucket first, capped at max_batch_items
+def test_step_cuts_batches_by_submit_order_alone():
+    """Expected batches worked out by hand from the sequence (budget 200 patches, 4 items per batch)."""
+    tower = FakeTower()
+    enc = encoder(tower)
+    for key, n in enumerate((16, 64, 16, 16, 144, 64, 16, 16)):
+        enc.submit([EncodeItem(torch.ones(2) * n, n, key=key)])
+    assert enc.step() == 4
+    # The oldest unit's bucket first (16: keys 0, 2, 3, 6, capped at 4 items), then 64 (head key 1),
+    # then 144 (key 4), then what is left of 16 (key 7). No clock: the same cuts on every run, any timing.
+    assert [r.keys for r in tower.log] == [(0, 2, 3, 6), (1, 5), (4,), (7,)]
+    assert [r.patch_counts for r in tower.log] == [(16,) * 4, (64, 64), (144,), (16,)]
+
+
+def test_result_runs_queue_order_batches_until_its_ticket_is_done():
+    tower = FakeTower()
+    enc = encoder(tower)
+    tickets = [enc.submit([EncodeItem(torch.ones(2) * n, n, key=key)]) for key, n in enumerate((16, 64, 16, 64, 144))]
+    enc.result(tickets[1])
+    assert [r.keys for r in tower.log] == [(0, 2), (1, 3)]  # stops before key 4's batch
+    assert enc.pending_units == 1 and not tickets[4].done()
 
 
 def test_result_runs_a_step_when_the_ticket_is_not_done():
@@ -82,3 +92,82 @@ def test_failed_forward_fails_that_batch_and_later_batches_still_run():
         enc.result(bad)
     good_item = image(16)
     assert torch.equal(enc.result(enc.submit([good_item]))[0], expected_encoding(good_item))
+
+
+class ScriptedPeers:
+    """An ``agree`` for one process: records what this rank said, answers as if peers said ``peer``."""
+
+    def __init__(self, peer: list[bool]) -> None:
+        self.peer = list(peer)
+        self.said: list[bool] = []
+
+    def __call__(self, failed: bool) -> bool:
+        self.said.append(failed)
+        return failed or self.peer.pop(0)
+
+
+class PreflightTower(FakeTower):
+    def __init__(self, oom_keys: set, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.oom_keys = oom_keys
+        self.preflights = 0
+
+    def preflight(self, units) -> None:
+        self.preflights += 1
+        if any(u.key in self.oom_keys for u in units):
+            raise torch.OutOfMemoryError("injected")
+
+
+def test_a_peer_failing_the_forward_fails_the_batch_here_too():
+    tower = FakeTower()
+    peers = ScriptedPeers([False, True])  # preflight fine everywhere, a peer's forward failed
+    enc = encoder(tower, agree=peers)
+    ticket = enc.submit([image(16)])
+    enc.step()
+    assert len(tower.log) == 1 and peers.said == [False, False]
+    with pytest.raises(EncodeError) as info:
+        enc.result(ticket)
+    assert isinstance(info.value.__cause__, PeerFailedError)
+    assert enc.agreed_failures == 1
+
+
+def test_a_peer_failing_preflight_skips_the_forward_on_this_rank():
+    tower = FakeTower()
+    peers = ScriptedPeers([True])
+    enc = encoder(tower, agree=peers)
+    ticket = enc.submit([image(16)])
+    enc.step()
+    assert tower.log == [] and peers.said == [False]
+    with pytest.raises(EncodeError):
+        enc.result(ticket)
+
+
+def test_local_preflight_oom_is_told_to_peers_before_any_forward_and_later_batches_run():
+    tower = PreflightTower(oom_keys={"big"})
+    peers = ScriptedPeers([False, False, False])
+    enc = encoder(tower, agree=peers)
+    bad = enc.submit([image(144, key="big")])
+    good_item = image(16)
+    good = enc.submit([good_item])
+    enc.step()
+    assert peers.said == [True, False, False]  # preflight(big) failed; then good's preflight and forward
+    assert [r.keys for r in tower.log] == [(good_item.key,)]
+    with pytest.raises(EncodeError) as info:
+        enc.result(bad)
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
+    assert torch.equal(enc.result(good)[0], expected_encoding(good_item))
+
+
+def test_local_forward_failure_is_told_to_peers():
+    peers = ScriptedPeers([False, False])
+    enc = encoder(FakeTower(fail_keys={"bad"}), agree=peers)
+    enc.submit([image(16, key="bad")])
+    enc.step()
+    assert peers.said == [False, True]
+
+
+def test_without_agreement_no_preflight_runs():
+    tower = PreflightTower(oom_keys={"big"})
+    enc = encoder(tower)
+    assert enc.result(enc.submit([image(144, key="big")]))
+    assert tower.preflights == 0 and len(tower.log) == 1
