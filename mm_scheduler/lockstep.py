@@ -65,12 +65,13 @@ class LockstepTicket:
 class _Job(PlanUnit):
     """One distinct unit; several tickets wait on it when their keys match."""
 
-    __slots__ = ("key", "unit", "waiters")
+    __slots__ = ("key", "ran", "unit", "waiters")
 
     def __init__(self, unit: EncodeItem, key: Hashable | None, arrival: float) -> None:
         super().__init__(num_patches=unit.num_patches, arrival=arrival)
         self.unit = unit
         self.key = key
+        self.ran = False  # taken by a batch: no longer in the planner's queue
         self.waiters: list[tuple[LockstepTicket, int]] = []
 
 
@@ -156,7 +157,7 @@ class LockstepEncoder:
         ticket.cancelled = True
         for job in ticket.jobs:
             job.waiters = [w for w in job.waiters if w[0] is not ticket]
-            if not job.waiters:
+            if not job.waiters and not job.ran:
                 self._planner.discard(job)
                 if job.key is not None and self._jobs_by_key.get(job.key) is job:
                     del self._jobs_by_key[job.key]
@@ -205,6 +206,7 @@ class LockstepEncoder:
         metrics.BUDGET_FILL.labels(**self._labels).observe(patches / self._planner.budget_patches)
         self.forwards += 1
         for job in jobs:
+            job.ran = True
             if job.key is not None and self._jobs_by_key.get(job.key) is job:
                 del self._jobs_by_key[job.key]
         failure: BaseException | None = None

@@ -69,6 +69,19 @@ def test_equal_keys_encode_once_and_cancel_keeps_work_for_other_holder():
     assert sum(r.keys.count("h") for r in tower.log) == 1
 
 
+def test_cancelling_a_ticket_after_its_batch_ran_leaves_the_queue_intact():
+    tower = FakeTower()
+    enc = encoder(tower)
+    done = enc.submit([image(16, key="ran")])
+    enc.step()
+    queued_item = image(16, key="queued")
+    queued = enc.submit([queued_item])
+    enc.cancel(done)  # an abort arriving after the encode (the service cancels on every abort)
+    assert enc.pending_units == 1
+    assert torch.equal(enc.result(queued)[0], expected_encoding(queued_item))
+    assert enc.pending_units == 0 and enc.step() == 0
+
+
 def test_cancelled_ticket_units_never_reach_the_tower():
     tower = FakeTower()
     enc = encoder(tower)
