@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mm_scheduler import CoalescerConfig, ConfigError, config_from_dict, load_config
+from mm_scheduler import Coalescer, CoalescerConfig, ConfigError, config_from_dict, load_config
+from mm_scheduler.testing import FakeTower
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -20,8 +23,12 @@ def test_default_yaml_loads_and_documents_every_key():
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_is_valid(path):
-    assert isinstance(load_config(path), CoalescerConfig)
+def test_every_shipped_config_loads_with_the_values_its_file_sets(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    assert raw, f"{path.name} sets nothing"
+    assert {key: getattr(cfg, key) for key in raw} == raw  # every value in the file arrives unchanged
+    assert cfg.name == path.stem  # each model's metrics series stay apart
 
 
 def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
@@ -60,8 +67,12 @@ def test_invalid_value_is_an_error_naming_the_key(values, key):
 
 
 def test_budget_fraction_alone_is_enough():
+    """Without budget_bytes the budget is that share of the device's total memory (RAM on CPU)."""
     cfg = CoalescerConfig(budget_bytes=None, budget_fraction=0.1)
-    assert cfg.budget_fraction == 0.1
+    coalescer = Coalescer(FakeTower(bytes_per_patch=1000), cfg)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert coalescer.budget_bytes == int(ram * 0.1)
+    assert coalescer.stats()["budget_patches"] == int(ram * 0.1) // 1000
 
 
 def test_invalid_yaml_names_the_file(tmp_path):
