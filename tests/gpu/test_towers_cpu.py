@@ -134,14 +134,19 @@ def test_siglip_rejects_malformed_items():
 
 
 @pytest.mark.parametrize("name", ["siglip", "siglip-mixed", "qwen2_5_vl"])
-def test_example_requests_are_valid_and_encode(name):
+def test_example_requests_are_valid_and_encode_to_the_direct_result(name):
     tower = build_tower(name, "cpu", tiny=True)
     rng = random.Random(0)
     requests = [tower.example_request(rng) for _ in range(20)]
     for request in requests:
         for item in request:
             tower.validate(item)
-    assert len(encode_all(tower, requests[:4])) == 4
+    encoded = encode_all(tower, requests[:4])
+    assert len(encoded) == 4
+    for request, outs in zip(requests[:4], encoded, strict=True):
+        assert len(outs) == len(request)
+        for item, out in zip(request, outs, strict=True):
+            assert rel_err(out, direct(tower, item)) < 1e-5  # coalesced equals the tower run on this item alone
 
 
 def test_build_tower_names_the_choices():
