@@ -199,11 +199,13 @@ def rank_main(rank: int, port: int, results) -> None:
         results.put((rank, None, None, None, traceback.format_exc()))
 
 
-def run_ranks(target) -> dict[int, tuple]:
+def run_ranks(target, *args) -> dict[int, list]:
+    """Run ``target(rank, port, results, *args)`` in one spawned process per rank; each puts
+    ``(rank, *values, error_or_None)``. A rank that reports an error or nothing within 120 s fails the test."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=target, args=(rank, port, results), daemon=True) for rank in range(WORLD)]
+    procs = [ctx.Process(target=target, args=(rank, port, results, *args), daemon=True) for rank in range(WORLD)]
     for p in procs:
         p.start()
     try:
