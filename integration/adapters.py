@@ -4,8 +4,8 @@ Each adapter turns one SGLang ``MultimodalDataItem`` into coalescer units (``Enc
 batches of units through the model's own modules, and reassembles one item's outputs into exactly
 the tensor the model's ``get_image_feature`` / ``get_video_feature`` would have produced for it.
 
-* Qwen2.5-VL / Qwen3-VL (``ragged``): a batch is one packed varlen forward with one ``grid_thw``
-  row per unit, run through the model's unhooked ``get_*_feature``. Videos differ:
+* Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE (``ragged``): a batch is one packed varlen forward with one
+  ``grid_thw`` row per unit, run through the model's unhooked ``get_*_feature``. Videos differ:
   Qwen3-VL splits a video into temporal slices ``(1, h, w)``, exact because its full attention is
   per slice (``token_cu_seqlens = repeat(h*w, t)`` in ``Qwen3VLMoeVisionModel.forward``) and its
   interpolated position embedding depends on ``(h, w)`` only. SGLang's Qwen2.5-VL tower is not
@@ -15,14 +15,23 @@ the tensor the model's ``get_image_feature`` / ``get_video_feature`` would have 
 * Gemma3 (uniform): SigLIP at a fixed resolution; units are single crops, stacked into one batch.
 * Gemma4 (uniform per patch count): units are single images or video frames ``[P, patch_pixels]``
   with their position ids; one batch holds one ``P`` (padding patches carry position -1).
+
+Selection is by exact class (:data:`SUPPORTED_MODELS`) plus a check of the vision modules: a
+subclass (Qwen3.5, Cosmos3, Gemma4 unified, ...) may change the encoder or its inputs, so it keeps
+SGLang's own path. :func:`why_unsupported` says why a model is left alone, :func:`tower_for` builds
+the adapter otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import inspect
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+import math
+import sys
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,18 +40,25 @@ from mm_scheduler import EncodeItem
 
 logger = logging.getLogger(__name__)
 
-# Names, not classes: importing every model module just to test isinstance would pull in all of them.
-QWEN_CLASSES = ("Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
-GEMMA3_CLASSES = ("Gemma3ForConditionalGeneration",)
-GEMMA4_CLASSES = ("Gemma4ForConditionalGeneration",)
+# The vision module each supported model must hold, by attribute, as that exact class.
+_QWEN2_5_VISION = {"visual": "sglang.srt.models.qwen2_5_vl.Qwen2_5_VisionTransformer"}
+_QWEN3_VISION = {"visual": "sglang.srt.models.qwen3_vl.Qwen3VLMoeVisionModel"}
+_GEMMA3_VISION = {"vision_tower": "sglang.srt.models.siglip.SiglipVisionModel",
+                  "multi_modal_projector": "sglang.srt.models.gemma3_mm.Gemma3MultiModalProjector"}
+_GEMMA4_VISION = {"vision_tower": "sglang.srt.models.gemma4_vision.Gemma4VisionEncoder",
+                  "embed_vision": "sglang.srt.models.gemma4_mm.Gemma4MultimodalEmbedder"}
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _modality_name(item: Any) -> str:
     return item.modality.name.lower()
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    device = next(model.parameters()).device
+def _model_device(module: nn.Module) -> torch.device:
+    device = next(module.parameters()).device
     if device.type == "cuda" and device.index is None:  # the coalescer's forward thread selects it by index
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -57,28 +73,146 @@ def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _resolve(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _structure_problem(model: nn.Module, expected: dict[str, str]) -> str | None:
+    """Why ``model``'s vision modules are not exactly the ones an adapter drives, or None."""
+    for attr, path in expected.items():
+        module = getattr(model, attr, None)
+        if module is None:
+            return f"it has no {attr} (a language-model-only or encoder-free variant)"
+        if type(module) is not _resolve(path):
+            return f"its {attr} is {qualified_name(type(module))}, not {path}"
+    return None
+
+
+# --- CUDA-IPC / CUDA-VMM feature transport ------------------------------------------------------
+def _ipc_proxy_class() -> type | None:
+    try:
+        from sglang.srt.multimodal.transport.cuda_ipc import CudaIpcTensorTransportProxy
+    except ImportError:
+        return None
+    return CudaIpcTensorTransportProxy
+
+
+def is_transport_proxy(value: Any) -> bool:
+    """A CUDA-IPC feature proxy (``CudaVmmTensorTransportProxy`` is a subclass, so VMM counts)."""
+    proxy_cls = _ipc_proxy_class()
+    return proxy_cls is not None and isinstance(value, proxy_cls)
+
+
+def feature_shape(item: Any) -> torch.Size | None:
+    """Shape of the item's pixel tensor without materialising it: the tensor's, or what a CUDA-IPC /
+    CUDA-VMM proxy says it rebuilds to (``recons_shape`` / ``shape``). None for anything else."""
+    feature = item.feature
+    if isinstance(feature, torch.Tensor):
+        return feature.shape
+    if is_transport_proxy(feature):
+        state = getattr(feature, "proxy_state", None)
+        shape = state["ipc_extra"]["recons_shape"] if state is not None else feature.shape
+        return torch.Size(shape)
+    return None
+
+
+def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
+    """The item's pixel tensor, rebuilt in place from a transport proxy exactly as SGLang does.
+
+    Qwen3-VL (TP=1 or DP encoder) defers the rebuild to its own ``_materialize_visual_items``,
+    which calls ``item.reconstruct(device_index)``: one copy out of the shared pool into a fresh
+    tensor, on the current stream, acknowledging the pool slice so it is recycled. We do the same
+    call (so SGLang's own path later finds a plain tensor and copies nothing more), and make the
+    current stream wait for a pending host/device copy SGLang recorded for the item (the event is
+    left in place for SGLang's own path). SGLang's zero-copy "borrow" is not used: it keeps the
+    pool slice leased until the encode runs, and an early encode may wait behind a queue.
+    """
+    from sglang.srt.multimodal.transport.cuda_ipc import CUDA_IPC_FEATURE_COPY_EVENT_KEY
+
+    if device.type == "cuda":
+        pending = item.model_specific_data.get(CUDA_IPC_FEATURE_COPY_EVENT_KEY)
+        if pending is not None:
+            torch.cuda.current_stream(device).wait_event(pending)
+    if is_transport_proxy(item.feature):
+        if device.type != "cuda":
+            raise ValueError("a CUDA-IPC / CUDA-VMM feature can only be rebuilt on a CUDA device")
+        with torch.cuda.device(device):
+            item.reconstruct(device.index)
+    return item.feature
+
+
+def _token_count(item: Any) -> int | None:
+    offsets = getattr(item, "offsets", None)
+    return sum(end - start + 1 for start, end in offsets) if offsets else None
+
+
+def _tensor_digest(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Shape, dtype and a content digest of a small CPU-side tensor (positions, grids)."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.blake2b(data.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+    return tuple(data.shape), str(data.dtype), digest
+
+
 class SGLangTower:
-    """Common part: which items an adapter takes, and the bookkeeping the coalescer needs."""
+    """Common part: which items an adapter takes, the key of a result, the bookkeeping the coalescer needs."""
 
     ragged: bool
     bytes_per_patch: int
+    probe_patch_counts: tuple[int, ...]
     modalities: tuple[str, ...] = ("image", "video")
+    feature_methods: tuple[str, ...] = ("get_image_feature", "get_video_feature")
+    """The model's encoder methods the plugin routes through the service."""
+    vision_modules: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.device = _model_device(model)
 
-    def accepts(self, item: Any) -> bool:
-        """True for raw pixel items of a supported modality (precomputed embeddings stay with SGLang)."""
-        return (_modality_name(item) in self.modalities and isinstance(item.feature, torch.Tensor)
-                and item.precomputed_embeddings is None and self._raw_pixels(item))
+    @classmethod
+    def why_unsupported(cls, model: nn.Module) -> str | None:
+        """Why this adapter cannot drive ``model`` (the class is already known to be allowed)."""
+        return _structure_problem(model, cls.vision_modules)
 
-    def _raw_pixels(self, item: Any) -> bool:
+    def accepts(self, item: Any) -> bool:
+        """True for raw pixel items of a supported modality (precomputed embeddings stay with SGLang).
+
+        A CUDA-IPC / CUDA-VMM proxy is judged by the layout it describes, and taken only by a tower
+        on CUDA (the only place SGLang can rebuild it); :meth:`units` materialises it.
+        """
+        shape = feature_shape(item)
+        if shape is None or (self.device.type != "cuda" and not isinstance(item.feature, torch.Tensor)):
+            return False
+        return (_modality_name(item) in self.modalities and item.precomputed_embeddings is None
+                and self._raw_pixels(item, shape))
+
+    def _raw_pixels(self, item: Any, shape: torch.Size) -> bool:
         raise NotImplementedError
+
+    def result_key(self, item: Any) -> Hashable | None:
+        """Everything that decides this item's encoder output; None if SGLang gave it no hash.
+
+        SGLang's ``item.hash`` is, by default, ``hash_feature(feature)``: a SHA-256 of the
+        preprocessed pixel *bytes* (``tensor_hash`` flattens, so shape and dtype are not in it).
+        It may instead be a caller's ``mm_hashes`` entry (raw content, blind to preprocessing) or
+        an artifact-cache key. The key therefore adds the preprocessed layout (feature shape,
+        grids, position ids) and the placeholder token count: two items share a result only if
+        SGLang's own embedding cache (keyed by hash and token count) would, and have the same layout.
+        """
+        if item.hash is None:
+            return None
+        return (_modality_name(item), item.hash, self._layout(item), _token_count(item))
+
+    def _layout(self, item: Any) -> Hashable:
+        return tuple(feature_shape(item) or ())
 
     def units(self, item: Any) -> list[EncodeItem]:
         """The coalescer units of one SGLang item; ``assemble`` undoes the split."""
         raise NotImplementedError
+
+    def _unit_key(self, item: Any, index: int) -> Hashable | None:
+        key = self.result_key(item)
+        return None if key is None else (key, index)
 
     def output_bytes(self, item: Any) -> int:
         """Bytes of the item's embedding (an upper bound), to cap what early results may hold."""
@@ -88,36 +222,64 @@ class SGLangTower:
         """One item's tensor, shaped as the model's own method returns it, from its units' outputs."""
         return outputs[0] if len(outputs) == 1 else torch.cat(list(outputs), dim=0)
 
+    def probe_units(self, num_patches: int) -> list[EncodeItem]:
+        """Units of about ``num_patches`` patches shaped like real inputs, for ``calibrate_tower``."""
+        raise NotImplementedError
+
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         raise NotImplementedError
 
 
 class QwenVLTower(SGLangTower):
-    """Qwen2.5-VL and Qwen3-VL: packed varlen tower, ragged batches of ``grid_thw`` rows."""
+    """Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: packed varlen tower, ragged batches of ``grid_thw`` rows."""
 
     ragged = True
+    PROBE_SIDE = 32
+    """Probe images are ``32 x 32`` patches (448 px at patch 14), a typical image after ``max_pixels``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         visual = model.visual
-        vcfg = model.config.vision_config
+        embed = visual.patch_embed
         self.merge = int(visual.spatial_merge_size)
-        self.patch_dim = int(vcfg.in_channels if hasattr(vcfg, "in_channels") else vcfg.in_chans) * \
-            int(vcfg.temporal_patch_size) * int(vcfg.patch_size) ** 2
-        hidden = int(vcfg.hidden_size)
-        inter = int(vcfg.intermediate_size)
-        # A block's live activations per patch: residual, qkv, attention out, gate+up and down.
-        self.bytes_per_patch = (5 * hidden + 3 * inter) * _dtype_bytes(visual.dtype)
-        self._out_width = int(getattr(visual, "out_hidden_size", vcfg.out_hidden_size))
+        self.patch_dim = int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
+        # Read from the modules: Qwen3-VL-MoE keeps only its text config on the model.
+        hidden = int(embed.embed_dim)
+        mlp = sum(p.numel() for p in visual.blocks[0].mlp.parameters() if p.dim() == 2) // hidden
+        # A block's live activations per patch: residual, qkv, attention out, and the MLP's widths.
+        self.bytes_per_patch = (5 * hidden + mlp) * _dtype_bytes(visual.dtype)
+        self._out_width = int(visual.out_hidden_size)
         self._out_dtype_bytes = _dtype_bytes(visual.dtype)
-        self.slice_videos = any(c.__name__ == "Qwen3VLForConditionalGeneration" for c in type(model).__mro__)
+        self.slice_videos = qualified_name(type(model)) != \
+            "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration"
         self._image = _unhooked(model, "get_image_feature")
         self._video = _unhooked(model, "get_video_feature")
+        side = max(self.merge, self.PROBE_SIDE // self.merge * self.merge)
+        self._probe_side = side
+        self.probe_patch_counts = (side * side, 2 * side * side, 4 * side * side)
 
-    def _raw_pixels(self, item: Any) -> bool:
+    @classmethod
+    def why_unsupported(cls, model: nn.Module) -> str | None:
+        """Also refuses the ViT CUDA-graph path: its outputs are views of a static buffer that the next
+        replay overwrites, and capture from the coalescer's thread is not safe."""
+        qwen2_5 = qualified_name(type(model)).endswith(".Qwen2_5_VLForConditionalGeneration")
+        problem = _structure_problem(model, _QWEN2_5_VISION if qwen2_5 else _QWEN3_VISION)
+        if problem is not None:
+            return problem
+        if qwen2_5:  # decided once in Qwen2_5_VisionTransformer.__init__ (CUDA and the env var)
+            graph = bool(getattr(model.visual, "enable_cg", False))
+        else:  # read on every Qwen3VLMoeVisionModel.forward, on any device
+            from sglang.srt.environ import envs
+
+            graph = bool(envs.SGLANG_VIT_ENABLE_CUDA_GRAPH.get())
+        if graph:
+            return "SGLANG_VIT_ENABLE_CUDA_GRAPH is on: its vision outputs are views of a graph's static buffer"
+        return None
+
+    def _raw_pixels(self, item: Any, shape: torch.Size) -> bool:
         grid = self._grid(item)
-        return (grid is not None and item.feature.dim() == 2 and item.feature.shape[-1] == self.patch_dim
-                and int(grid.prod(dim=-1).sum()) == item.feature.shape[0])
+        return (grid is not None and len(shape) == 2 and shape[-1] == self.patch_dim
+                and int(grid.prod(dim=-1).sum()) == shape[0])
 
     @staticmethod
     def _grid(item: Any) -> torch.Tensor | None:
@@ -125,15 +287,21 @@ class QwenVLTower(SGLangTower):
         grid = item.model_specific_data.get(name)
         return grid.reshape(-1, 3) if isinstance(grid, torch.Tensor) else None
 
+    def _layout(self, item: Any) -> Hashable:
+        grid = self._grid(item)
+        return (tuple(feature_shape(item) or ()),
+                None if grid is None else tuple(tuple(int(v) for v in row) for row in grid.tolist()))
+
     def units(self, item: Any) -> list[EncodeItem]:
         """One unit per image (``t*h*w`` patches); per video, ``t`` slices (Qwen3-VL) or one clip (Qwen2.5-VL)."""
+        feature = materialize_feature(item, self.device)
         grid = self._grid(item).tolist()
         video = _modality_name(item) == "video"
         out, start = [], 0
         for index, (t, h, w) in enumerate(grid):
-            rows = item.feature[start:start + t * h * w]
+            rows = feature[start:start + t * h * w]
             start += t * h * w
-            key = None if item.hash is None else (item.hash, index)
+            key = self._unit_key(item, index)
             if not video:
                 out.append(EncodeItem(rows, t * h * w, "image", key, {"grid": (t, h, w)}))
             elif self.slice_videos:
@@ -150,6 +318,20 @@ class QwenVLTower(SGLangTower):
         t, h, w = unit.meta["grid"]
         if h % self.merge or w % self.merge:
             raise ValueError(f"grid {(t, h, w)} is not a multiple of spatial_merge_size {self.merge}")
+
+    def probe_units(self, num_patches: int) -> list[EncodeItem]:
+        """Square images of ``PROBE_SIDE`` patches a side, then one ``merge``-high image for the rest;
+        float32 pixels on the tower's device, as the processor hands them over with CUDA-IPC."""
+        unit = self.merge ** 2
+        remaining = max(unit, num_patches // unit * unit)
+        side = self._probe_side
+        out = []
+        while remaining > 0:
+            h, w = (side, side) if remaining >= side * side else (self.merge, remaining // self.merge)
+            pixels = torch.randn(h * w, self.patch_dim, device=self.device)
+            out.append(EncodeItem(pixels, h * w, "image", None, {"grid": (1, h, w)}))
+            remaining -= h * w
+        return out
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         """Image units and video slices go through the model's own method of their modality."""
@@ -177,6 +359,8 @@ class Gemma3Tower(SGLangTower):
 
     ragged = False
     modalities = ("image",)
+    feature_methods = ("get_image_feature",)
+    vision_modules: ClassVar[dict[str, str]] = _GEMMA3_VISION
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -188,19 +372,28 @@ class Gemma3Tower(SGLangTower):
         self.batched_siglip = _siglip_takes_batches(model.vision_tower)
         self._bytes_per_crop = int(model.config.mm_tokens_per_image) * int(model.config.text_config.hidden_size) * \
             _dtype_bytes(model.language_model.dtype())
+        self.probe_patch_counts = (self.num_patches, 2 * self.num_patches, 4 * self.num_patches)
 
-    def _raw_pixels(self, item: Any) -> bool:
-        feature = item.feature
-        return feature.dim() in (3, 4, 5) and feature.shape[-1] == self.image_size and \
-            feature.shape[-2] == self.image_size
+    def _raw_pixels(self, item: Any, shape: torch.Size) -> bool:
+        return len(shape) in (3, 4, 5) and shape[-1] == self.image_size and shape[-2] == self.image_size
+
+    @staticmethod
+    def _crops(shape: torch.Size) -> int:
+        return math.prod(shape[:-3])
 
     def output_bytes(self, item: Any) -> int:
-        return item.feature.reshape(-1, *item.feature.shape[-3:]).shape[0] * self._bytes_per_crop
+        return self._crops(feature_shape(item)) * self._bytes_per_crop
 
     def units(self, item: Any) -> list[EncodeItem]:
-        crops = item.feature.reshape(-1, *item.feature.shape[-3:])
-        return [EncodeItem(crop, self.num_patches, "image", None if item.hash is None else (item.hash, i))
-                for i, crop in enumerate(crops)]
+        feature = materialize_feature(item, self.device)
+        crops = feature.reshape(-1, *feature.shape[-3:])
+        return [EncodeItem(crop, self.num_patches, "image", self._unit_key(item, i)) for i, crop in enumerate(crops)]
+
+    def probe_units(self, num_patches: int) -> list[EncodeItem]:
+        """Whole crops at the model's resolution (float32, as the processor emits them)."""
+        crops = max(1, math.ceil(num_patches / self.num_patches))
+        return [EncodeItem(torch.randn(3, self.image_size, self.image_size, device=self.device), self.num_patches)
+                for _ in range(crops)]
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         model = self.model
@@ -225,6 +418,10 @@ class Gemma4Tower(SGLangTower):
     """Gemma4: variable resolution, so a batch holds images (or frames) of one patch count."""
 
     ragged = False
+    vision_modules: ClassVar[dict[str, str]] = _GEMMA4_VISION
+    PROBE_SOFT_TOKENS = (14, 20)
+    """Probe images pool to 14 x 20 = 280 soft tokens, the Gemma4 image processor's ``max_soft_tokens``
+    default, so each holds ``280 * pooling_kernel_size**2`` patches as real (padded) images do."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -233,18 +430,28 @@ class Gemma4Tower(SGLangTower):
         self.text_hidden = int(model.config.text_config.hidden_size)
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 3 * inter) * _dtype_bytes(model.language_model.dtype())
-        self._pool = int(vcfg.pooling_kernel_size) ** 2
+        self._kernel = int(vcfg.pooling_kernel_size)
+        self._pool = self._kernel ** 2
         self._bytes_per_token = self.text_hidden * _dtype_bytes(model.language_model.dtype())
+        rows, cols = self.PROBE_SOFT_TOKENS
+        self._probe_grid = (rows * self._kernel, cols * self._kernel)
+        per_image = self._probe_grid[0] * self._probe_grid[1]
+        self.probe_patch_counts = (per_image, 2 * per_image, 4 * per_image)
 
     def output_bytes(self, item: Any) -> int:
-        return item.feature[..., 0].numel() // self._pool * self._bytes_per_token
+        return math.prod(feature_shape(item)[:-1]) // self._pool * self._bytes_per_token
 
-    def _raw_pixels(self, item: Any) -> bool:
-        feature = item.feature
+    def _raw_pixels(self, item: Any, shape: torch.Size) -> bool:
         positions = item.model_specific_data.get(self._positions_name(item))
-        return (feature.dim() in (2, 3, 4) and feature.shape[-1] == self.patch_pixels
-                and feature.shape[-1] != self.text_hidden and isinstance(positions, torch.Tensor)
-                and positions.shape[:-1] == feature.shape[:-1])
+        return (len(shape) in (2, 3, 4) and shape[-1] == self.patch_pixels
+                and shape[-1] != self.text_hidden and isinstance(positions, torch.Tensor)
+                and positions.shape[:-1] == shape[:-1])
+
+    def _layout(self, item: Any) -> Hashable:
+        """Position ids decide the output too (which patches are real, and where): their digest."""
+        positions = item.model_specific_data.get(self._positions_name(item))
+        return (tuple(feature_shape(item) or ()),
+                _tensor_digest(positions) if isinstance(positions, torch.Tensor) else None)
 
     @staticmethod
     def _positions_name(item: Any) -> str:
@@ -253,14 +460,24 @@ class Gemma4Tower(SGLangTower):
     def units(self, item: Any) -> list[EncodeItem]:
         """One unit per image or frame: ``[1, P, patch_pixels]`` with its ``[P, 2]`` positions."""
         video = _modality_name(item) == "video"
-        pixels = item.feature.reshape(-1, *item.feature.shape[-2:])
+        feature = materialize_feature(item, self.device)
+        pixels = feature.reshape(-1, *feature.shape[-2:])
         positions = item.model_specific_data[self._positions_name(item)].reshape(-1, pixels.shape[-2], 2)
         modality = "video" if video else "image"
         out = []
         for i, (pv, pp) in enumerate(zip(pixels, positions, strict=True)):
-            key = None if item.hash is None else (item.hash, i)
-            out.append(EncodeItem(pv.unsqueeze(0) if video else pv, pv.shape[0], modality, key, {"positions": pp}))
+            out.append(EncodeItem(pv.unsqueeze(0) if video else pv, pv.shape[0], modality,
+                                  self._unit_key(item, i), {"positions": pp}))
         return out
+
+    def probe_units(self, num_patches: int) -> list[EncodeItem]:
+        """Full (unpadded) images of the probe grid, with raster position ids ``(x, y)``."""
+        gh, gw = self._probe_grid
+        ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        positions = torch.stack([xs.flatten(), ys.flatten()], dim=-1)
+        count = max(1, num_patches // (gh * gw))
+        return [EncodeItem(torch.randn(gh * gw, self.patch_pixels, device=self.device), gh * gw, "image", None,
+                           {"positions": positions}) for _ in range(count)]
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         model = self.model
@@ -272,11 +489,34 @@ class Gemma4Tower(SGLangTower):
                 for hs, mask in zip(pooled, pooler_mask, strict=True)]
 
 
+_ADAPTERS: dict[str, type[SGLangTower]] = {
+    "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": QwenVLTower,
+    "sglang.srt.models.qwen3_vl.Qwen3VLForConditionalGeneration": QwenVLTower,
+    "sglang.srt.models.qwen3_vl_moe.Qwen3VLMoeForConditionalGeneration": QwenVLTower,
+    "sglang.srt.models.gemma3_mm.Gemma3ForConditionalGeneration": Gemma3Tower,
+    "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration": Gemma4Tower,
+}
+SUPPORTED_MODELS: dict[str, tuple[str, ...]] = {path: adapter.feature_methods for path, adapter in _ADAPTERS.items()}
+"""Exactly these classes (module path + name) get an adapter, with the encoder methods to route.
+Classes are named, not imported: importing every model module to compare would pull them all in."""
+
+
+def why_unsupported(model: nn.Module) -> str | None:
+    """Why the plugin leaves ``model`` to SGLang (one line for the log), or None if an adapter drives it."""
+    cls = type(model)
+    path = qualified_name(cls)
+    if path not in _ADAPTERS:
+        return f"{path} is not one of the supported classes ({', '.join(sorted(_ADAPTERS))})"
+    module = sys.modules.get(cls.__module__)
+    if getattr(module, cls.__name__, None) is not cls:
+        return f"{path} is not the class SGLang defines under that name"
+    problem = _ADAPTERS[path].why_unsupported(model)
+    return None if problem is None else f"{cls.__name__}: {problem}"
+
+
 def tower_for(model: nn.Module) -> SGLangTower | None:
-    """The adapter for ``model``'s class (or a subclass, e.g. Qwen3-VL-MoE), or None if unsupported."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    for classes, adapter in ((QWEN_CLASSES, QwenVLTower), (GEMMA3_CLASSES, Gemma3Tower),
-                             (GEMMA4_CLASSES, Gemma4Tower)):
-        if names.intersection(classes):
-            return adapter(model)
-    return None
+    """The adapter for ``model`` when its exact class and vision modules are supported, else None
+    (ask :func:`why_unsupported` for the reason)."""
+    if why_unsupported(model) is not None:
+        return None
+    return _ADAPTERS[qualified_name(type(model))](model)

@@ -1,0 +1,275 @@
+"""Tower adapters on the real SGLang model classes (tiny, CPU): which models are taken, the key that
+decides result sharing, calibration probes, and CUDA-IPC / CUDA-VMM feature proxies.
+
+Models come from ``sglang_models`` (real SGLang classes; see its docstring for the Gemma4 assembly).
+The transport proxies are SGLang's own classes, constructed on CPU; rebuilding one needs CUDA and a
+second process (CUDA refuses to open an IPC handle in the process that exported it), which
+``tests/gpu/test_adapters_cuda.py`` does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sglang_models as sm
+import torch
+from torch import nn
+
+from integration import adapters
+from integration.adapters import SUPPORTED_MODELS, feature_shape, materialize_feature, tower_for, why_unsupported
+
+
+@pytest.fixture(scope="module", params=list(sm.BUILDERS))
+def family_model(request):
+    return request.param, sm.BUILDERS[request.param]()
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    return sm.qwen3_vl()
+
+
+@pytest.fixture(scope="module")
+def qwen2_5():
+    return sm.qwen2_5_vl()
+
+
+class _SwappedClass:
+    """Run a block with ``model`` re-typed as ``cls`` (same layout, as a subclass instance would be)."""
+
+    def __init__(self, model: nn.Module, cls: type) -> None:
+        self.model, self.cls, self.original = model, cls, type(model)
+
+    def __enter__(self) -> nn.Module:
+        self.model.__class__ = self.cls
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        self.model.__class__ = self.original
+
+
+# --- selection -----------------------------------------------------------------------------------
+def test_each_supported_class_gets_an_adapter(family_model):
+    _, model = family_model
+    assert adapters.qualified_name(type(model)) in SUPPORTED_MODELS
+    assert why_unsupported(model) is None
+    assert isinstance(tower_for(model), adapters.SGLangTower)
+
+
+def test_allow_list_names_the_real_classes_with_their_encoder_methods():
+    """Every entry resolves to an SGLang class defining (or inheriting) the methods the plugin hooks."""
+    assert len(SUPPORTED_MODELS) == 5
+    for path, methods in SUPPORTED_MODELS.items():
+        cls = adapters._resolve(path)
+        assert adapters.qualified_name(cls) == path
+        assert all(callable(getattr(cls, m, None)) for m in methods)
+
+
+def test_subclasses_of_supported_classes_are_refused(qwen3):
+    from sglang.srt.models.cosmos3 import Cosmos3ForConditionalGeneration
+    from sglang.srt.models.qwen3_5 import Qwen3_5ForConditionalGeneration
+    from sglang.srt.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    class LocalQwen3VL(Qwen3VLForConditionalGeneration):
+        pass
+
+    for cls in (LocalQwen3VL, Cosmos3ForConditionalGeneration, Qwen3_5ForConditionalGeneration):
+        with _SwappedClass(qwen3, cls) as model:
+            reason = why_unsupported(model)
+            assert reason is not None and "not one of the supported classes" in reason
+            assert tower_for(model) is None
+    assert tower_for(qwen3) is not None
+
+
+def test_gemma4_unified_subclass_is_refused():
+    from sglang.srt.models.gemma4_unified import Gemma4UnifiedForConditionalGeneration
+
+    with _SwappedClass(sm.gemma4(), Gemma4UnifiedForConditionalGeneration) as model:
+        assert "not one of the supported classes" in why_unsupported(model)
+
+
+def test_a_lookalike_class_with_a_supported_name_is_refused(qwen3):
+    lookalike = type("Qwen3VLForConditionalGeneration", (nn.Module,),
+                     {"__module__": "sglang.srt.models.qwen3_vl", "__qualname__": "Qwen3VLForConditionalGeneration"})
+    with _SwappedClass(qwen3, lookalike) as model:
+        assert "not the class SGLang defines" in why_unsupported(model)
+
+
+def test_language_model_only_qwen3_vl_is_refused():
+    """The real class, built as SGLang builds it with ``language_model_only``: no vision tower at all."""
+    from sglang.srt.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    config = sm.qwen3_vl().config
+    config.language_model_only = True
+    model = Qwen3VLForConditionalGeneration(config)
+    assert model.visual is None
+    assert "has no visual" in why_unsupported(model)
+    assert tower_for(model) is None
+
+
+def test_gemma4_without_its_vision_encoder_is_refused():
+    """A later pipeline stage holds ``PPMissingLayer`` where the vision tower would be."""
+    from sglang.srt.layers.utils import PPMissingLayer
+
+    model = sm.gemma4()
+    model.vision_tower = PPMissingLayer()
+    assert "vision_tower is" in why_unsupported(model)
+
+
+def test_vit_cuda_graph_env_refuses_qwen3_vl(qwen3, monkeypatch):
+    """Qwen3-VL reads SGLANG_VIT_ENABLE_CUDA_GRAPH on every vision forward and then returns views of
+    the graph's static output buffer: the plugin must leave that model to SGLang."""
+    monkeypatch.setenv("SGLANG_VIT_ENABLE_CUDA_GRAPH", "1")
+    reason = why_unsupported(qwen3)
+    assert reason is not None and "SGLANG_VIT_ENABLE_CUDA_GRAPH" in reason
+    assert tower_for(qwen3) is None
+    monkeypatch.delenv("SGLANG_VIT_ENABLE_CUDA_GRAPH")
+    assert why_unsupported(qwen3) is None
+
+
+def test_vit_cuda_graph_refuses_qwen2_5_vl_only_when_its_tower_uses_it(qwen2_5, monkeypatch):
+    """Qwen2.5-VL decides once, at construction (``enable_cg = is_cuda and env``): on CPU the env alone
+    changes nothing; a tower built with the graph runner is refused."""
+    monkeypatch.setenv("SGLANG_VIT_ENABLE_CUDA_GRAPH", "1")
+    assert why_unsupported(qwen2_5) is None
+    monkeypatch.setattr(qwen2_5.visual, "enable_cg", True)
+    assert "SGLANG_VIT_ENABLE_CUDA_GRAPH" in why_unsupported(qwen2_5)
+
+
+# --- the key of a shared result ----------------------------------------------------------------------
+def test_same_hash_different_grid_gives_different_keys_and_outputs(qwen3):
+    """SGLang hashes the preprocessed pixel bytes only (``tensor_hash`` flattens), so a 4x8 and an 8x4
+    patch grid of the same rows get the same ``item.hash`` yet encode differently."""
+    from sglang.srt.managers.mm_utils import hash_feature
+
+    tower = tower_for(qwen3)
+    pixels = torch.randn(32, tower.patch_dim, generator=torch.Generator().manual_seed(7))
+    wide = sm.make_item("image", pixels.clone(), hash_feature(pixels), image_grid_thw=torch.tensor([[1, 4, 8]]))
+    tall = sm.make_item("image", pixels.clone(), hash_feature(pixels), image_grid_thw=torch.tensor([[1, 8, 4]]))
+    assert wide.hash == tall.hash
+    assert tower.result_key(wide) != tower.result_key(tall)
+    with torch.no_grad():
+        out_wide, out_tall = tower.forward(tower.units(wide) + tower.units(tall))
+    assert not torch.allclose(out_wide, out_tall, atol=1e-3)
+
+
+def test_key_includes_token_count_and_is_stable_for_equal_items(qwen3):
+    tower = tower_for(qwen3)
+    a, b = sm.qwen_image(qwen3, 4, 4, 1), sm.qwen_image(qwen3, 4, 4, 1)
+    assert tower.result_key(a) == tower.result_key(b)
+    a.offsets, b.offsets = [(3, 6)], [(10, 13)]
+    assert tower.result_key(a) == tower.result_key(b)  # where the tokens sit does not matter
+    b.offsets = [(10, 12)]
+    assert tower.result_key(a) != tower.result_key(b)
+
+
+def test_gemma4_key_follows_position_ids():
+    """Same pixel bytes and hash, another patch layout: Gemma4's output depends on the positions."""
+    model = sm.gemma4()
+    tower = tower_for(model)
+    square = sm.gemma4_image(model, 4, 4, 16, 1)
+    flat = sm.gemma4_image(model, 2, 8, 16, 1)
+    flat.feature = square.feature.clone()
+    assert square.hash == flat.hash
+    assert tower.result_key(square) != tower.result_key(flat)
+
+
+def test_unit_keys_carry_the_result_key(family_model):
+    _, model = family_model
+    tower = tower_for(model)
+    item = _one_item(model)
+    assert [u.key for u in tower.units(item)] == [(tower.result_key(item), i) for i in range(len(tower.units(item)))]
+    item.hash = None
+    assert tower.result_key(item) is None and all(u.key is None for u in tower.units(item))
+
+
+def _one_item(model: nn.Module):
+    name = type(model).__name__
+    if name.startswith("Qwen"):
+        return sm.qwen_image(model, 4, 8, 3)
+    if name.startswith("Gemma3"):
+        return sm.gemma3_image(model, 2, 3)
+    return sm.gemma4_image(model, 4, 8, 64, 3)
+
+
+# --- calibration probes -------------------------------------------------------------------------------
+def test_probes_follow_calibrate_protocol_and_encode(family_model):
+    """``calibrate_tower`` calls ``probe_units(n)`` for each of ``probe_patch_counts`` (at least two
+    different sizes) and forwards them; every probe unit must pass the tower's own checks."""
+    from mm_scheduler.planner import Planner
+    from mm_scheduler.units import why_invalid
+
+    family, model = family_model
+    tower = tower_for(model)
+    counts = tower.probe_patch_counts
+    assert len(counts) >= 2 and len(set(counts)) == len(counts)
+    planner = Planner(ragged=tower.ragged, bytes_per_patch=tower.bytes_per_patch, budget_bytes=1 << 40,
+                      max_batch_items=1024)
+    for n in counts[:2]:  # the largest is the same shapes, more of them
+        units = tower.probe_units(n)
+        assert sum(u.num_patches for u in units) == n
+        assert all(u.pixel_values.device == tower.device and u.pixel_values.dtype == torch.float32 for u in units)
+        assert all(why_invalid(u, planner, getattr(tower, "validate", None)) is None for u in units)
+        if not tower.ragged:
+            assert len({u.num_patches for u in units}) == 1
+        with torch.no_grad():
+            outputs = tower.forward(units)
+        assert len(outputs) == len(units)
+        assert all(torch.isfinite(o).all() and o.shape[-1] == _width(model) for o in outputs)
+        if family.startswith("qwen"):
+            merge = tower.merge ** 2
+            assert [o.shape[0] for o in outputs] == [u.num_patches // merge for u in units]
+
+
+def _width(model: nn.Module) -> int:
+    visual = getattr(model, "visual", None)
+    return visual.out_hidden_size if visual is not None else model.config.text_config.hidden_size
+
+
+# --- CUDA-IPC / CUDA-VMM proxies ------------------------------------------------------------------------
+def _ipc_proxy(tensor: torch.Tensor):
+    """SGLang's real proxy, as ``MmItemMemoryPool.wrap_tensor`` builds it (the pool slice is bytes)."""
+    from sglang.srt.multimodal.transport.cuda_ipc import CudaIpcTensorTransportProxy
+
+    data = torch.empty(tensor.numel() * tensor.element_size(), dtype=torch.uint8)
+    return CudaIpcTensorTransportProxy(data=data, info_data=tensor, pool_ipc_handle=(0, b"handle"),
+                                       pool_byte_offset=0, ready_byte_offset=0, ack_byte_offset=4, generation=1,
+                                       total_consumer_count=1, use_pool_handle_cache=True)
+
+
+def _vmm_proxy(tensor: torch.Tensor):
+    from sglang.srt.utils.cuda_vmm_transport_utils import CudaVmmTensorTransportProxy
+
+    return CudaVmmTensorTransportProxy(fabric_handle=None, posix_socket_path=None, allocation_size=0, data_offset=0,
+                                       data_nbytes=tensor.numel() * tensor.element_size(), control_offset=0,
+                                       consumer_count=1, shape=tensor.shape, dtype=tensor.dtype)
+
+
+@pytest.mark.parametrize("wrap", [_ipc_proxy, _vmm_proxy], ids=["cuda_ipc", "cuda_vmm"])
+def test_transport_proxy_is_judged_by_the_layout_it_describes(qwen3, wrap):
+    """Qwen3-VL's deferred CUDA-IPC items reach arrival as proxies: their key and acceptance follow the
+    tensor they rebuild to; a tower on CPU (where SGLang never rebuilds them) leaves them alone."""
+    tower = tower_for(qwen3)
+    plain = sm.qwen_image(qwen3, 4, 8, 5)
+    proxied = sm.qwen_image(qwen3, 4, 8, 5)
+    proxied.feature = wrap(plain.feature)
+    assert adapters.is_transport_proxy(proxied.feature)
+    assert feature_shape(proxied) == plain.feature.shape
+    assert tower.result_key(proxied) == tower.result_key(plain)
+    assert tower.output_bytes(proxied) == tower.output_bytes(plain)
+    assert tower.accepts(plain) and not tower.accepts(proxied)
+    with pytest.raises(ValueError, match="CUDA device"):
+        materialize_feature(proxied, tower.device)
+
+    on_cuda = tower_for(qwen3)
+    on_cuda.device = torch.device("cuda", 0)  # what it would say on a GPU: proxies become acceptable
+    assert on_cuda.accepts(proxied)
+    bad = sm.qwen_image(qwen3, 4, 8, 5)
+    bad.feature = wrap(plain.feature[:, :-1])  # described rows no longer match the patch size
+    assert not on_cuda.accepts(bad)
+
+
+def test_materialize_leaves_plain_tensors_untouched(family_model):
+    _, model = family_model
+    item = _one_item(model)
+    feature = item.feature
+    assert materialize_feature(item, torch.device("cpu")) is feature
