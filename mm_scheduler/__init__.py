@@ -2,7 +2,15 @@
 
 from .coalescer import Coalescer
 from .config import CoalescerConfig, ConfigError, config_from_dict, load_config
-from .errors import CoalescerClosedError, CoalescerError, EncodeError, InvalidItemError, QueueFullError
+from .errors import (
+    CoalescerClosedError,
+    CoalescerError,
+    EncodeError,
+    ForwardTimeoutError,
+    InvalidItemError,
+    QueueFullError,
+    TowerUnhealthyError,
+)
 from .types import EncodeItem, Tower
 
 __all__ = [
@@ -13,9 +21,11 @@ __all__ = [
     "ConfigError",
     "EncodeError",
     "EncodeItem",
+    "ForwardTimeoutError",
     "InvalidItemError",
     "QueueFullError",
     "Tower",
+    "TowerUnhealthyError",
     "config_from_dict",
     "load_config",
 ]

@@ -7,6 +7,7 @@ can act on instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -42,6 +43,7 @@ class CoalescerConfig:
     dedup: bool = True
     device: str | None = None
     stream: StreamChoice = "dedicated"
+    forward_timeout_s: float | Literal["auto"] | None = "auto"
     name: str = "default"
 
     def __post_init__(self) -> None:
@@ -70,12 +72,21 @@ class CoalescerConfig:
         if self.device is not None and not isinstance(self.device, str):
             raise ConfigError(f"'device' must be a string such as 'cuda:0' or 'cpu', got {self.device!r}")
         _check_choice("stream", self.stream, ("dedicated", "current"))
+        if self.forward_timeout_s is not None and self.forward_timeout_s != "auto":
+            _check_number("forward_timeout_s", self.forward_timeout_s, minimum=0.0)
+            if not math.isfinite(self.forward_timeout_s):
+                raise ConfigError(f"'forward_timeout_s' must be finite (0 or null disables it), "
+                                  f"got {self.forward_timeout_s!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"'name' must be a non-empty string, got {self.name!r}")
 
     def replace(self, **changes: Any) -> CoalescerConfig:
         """A copy with ``changes`` applied and validated again."""
         return dataclasses.replace(self, **changes)
+
+
+HOST_SECTIONS = ("sglang",)
+"""Top-level YAML sections that belong to a host engine's plugin (``integration/settings.py``)."""
 
 
 def load_config(path: str | os.PathLike[str], **overrides: Any) -> CoalescerConfig:
@@ -89,6 +100,8 @@ def load_config(path: str | os.PathLike[str], **overrides: Any) -> CoalescerConf
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(raw).__name__}")
+    for section in HOST_SECTIONS:  # read and validated by the host's integration, not the core
+        raw.pop(section, None)
     return config_from_dict({**raw, **overrides}, source=str(path))
 
 

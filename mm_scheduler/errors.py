@@ -22,3 +22,14 @@ class EncodeError(CoalescerError):
 
 class CoalescerClosedError(CoalescerError):
     """The coalescer is closed, or was closed with ``cancel_pending=True`` before this unit ran."""
+
+
+class ForwardTimeoutError(EncodeError):
+    """The forward holding this request's unit ran past ``forward_timeout_s``; it was abandoned, not killed."""
+
+
+class TowerUnhealthyError(CoalescerError):
+    """A forward hung and no health probe has succeeded since: the request was refused without queueing.
+
+    Callers should use another path (the SGLang plugin falls back to the model's own method).
+    """

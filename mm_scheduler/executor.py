@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ class BatchOutcome:
     """Patch count of every forward attempted (more than one when the batch was bisected)."""
     oom_patches: list[int] = field(default_factory=list)
     """Patch count of every forward that ran out of memory."""
+    forward_seconds: list[float] = field(default_factory=list)
+    """Host time of every forward call (what the automatic forward deadline learns from)."""
     done: torch.cuda.Event | None = None
     """Recorded on the executor's stream after the last forward; outputs are valid once it completes."""
 
@@ -71,10 +74,20 @@ class Executor:
         if device.type == "cuda" and dedicated_stream:
             self._stream = torch.cuda.Stream(device=device)
         self._thread_ready = threading.local()
+        self._forward_started: dict[int, float] = {}
 
     @property
     def stream(self) -> torch.cuda.Stream | None:
         return self._stream
+
+    def forward_started(self, thread: int | None) -> float | None:
+        """``time.monotonic()`` at which ``thread``'s current tower forward began; None between forwards."""
+        return None if thread is None else self._forward_started.get(thread)
+
+    def renew_stream(self) -> None:
+        """After a hung forward: later work goes on a fresh stream, not queued behind the stuck kernel."""
+        if self._stream is not None:
+            self._stream = torch.cuda.Stream(device=self.device)
 
     def run(self, units: Sequence[EncodeItem]) -> BatchOutcome:
         outcome = BatchOutcome(outputs=[None] * len(units))  # type: ignore[list-item]
@@ -96,6 +109,8 @@ class Executor:
         part = units[lo:hi]
         patches = sum(u.num_patches for u in part)
         outcome.forward_sizes.append(patches)
+        thread = threading.get_ident()
+        started = self._forward_started[thread] = time.monotonic()
         try:
             outputs = list(self.tower.forward(part))
             if len(outputs) != len(part):
@@ -107,6 +122,9 @@ class Executor:
             failure: BaseException = exc  # no empty_cache(): it syncs the device; the planner shrinks instead
         except Exception as exc:
             failure = exc
+        finally:
+            del self._forward_started[thread]
+            outcome.forward_seconds.append(time.monotonic() - started)
         if hi - lo == 1:
             outcome.outputs[lo] = failure
             return

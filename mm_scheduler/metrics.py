@@ -46,6 +46,14 @@ def _series() -> SimpleNamespace:
         OOM_BACKOFFS=Counter("mm_coalescer_oom_backoffs", "Out-of-memory forwards that shrank a bucket's budget",
                              _LABEL),
         QUEUE_PATCHES=Gauge("mm_coalescer_queue_patches", "Patches waiting in the queue", _LABEL),
+        TOWER_HEALTHY=Gauge("mm_coalescer_tower_healthy",
+                            "1 while the tower serves; 0 after a forward hung until a health probe succeeds", _LABEL),
+        FORWARD_TIMEOUTS=Counter("mm_coalescer_forward_timeouts",
+                                 "Forwards abandoned past forward_timeout_s (their thread is left behind)", _LABEL),
+        HEALTH_PROBES=Counter("mm_coalescer_health_probes", "Probe forwards run while unhealthy, by outcome",
+                              (*_LABEL, "outcome")),
+        FORWARD_DEADLINE=Gauge("mm_coalescer_forward_deadline_seconds",
+                               "The deadline one forward currently gets (0: none)", _LABEL),
     )
 
 

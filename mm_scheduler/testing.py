@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Collection, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,13 +57,25 @@ class FakeTower:
     - ``fail_keys``: a forward containing a unit with one of these keys raises RuntimeError.
     - ``capacity_patches``: a forward above it raises ``torch.OutOfMemoryError``.
     - ``gate``: when given, every forward first waits for this event, so a test can hold the tower
-      busy while it queues more work.
+      busy while it queues more work. A gate left closed fails the forward after ``gate_timeout_s``
+      and every later gated forward at once (so a failing test tears down in seconds, not minutes);
+      :meth:`release` opens it.
+    - ``hang_keys``: a forward containing one of these keys blocks with no timeout (an unbounded
+      hang) until :meth:`release`; ``hanging`` is set once such a forward has started.
+    - ``slow_keys``: key -> extra seconds a forward containing it sleeps.
+    - ``oom_keys``: a forward of more than one unit containing one of these raises
+      ``torch.OutOfMemoryError`` (a transient OOM: the unit alone fits).
+    - ``malformed_keys``: the tower returns garbage for these units: a ``list`` instead of a tensor
+      for an image, rows of width 3 instead of 2 for video frames after the first.
     Every call, successful or not, is appended to ``log``.
     """
 
     def __init__(self, *, ragged: bool = False, bytes_per_patch: int = 1024, fixed_s: float = 0.0,
                  per_patch_s: float = 0.0, fail_keys: Collection[Hashable] = (),
                  capacity_patches: int | None = None, gate: threading.Event | None = None,
+                 gate_timeout_s: float = 5.0, hang_keys: Collection[Hashable] = (),
+                 slow_keys: Mapping[Hashable, float] | None = None, oom_keys: Collection[Hashable] = (),
+                 malformed_keys: Collection[Hashable] = (),
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.ragged = ragged
         self.bytes_per_patch = bytes_per_patch
@@ -73,7 +85,16 @@ class FakeTower:
         self.fail_keys = set(fail_keys)
         self.capacity_patches = capacity_patches
         self.gate = gate
+        self.gate_timeout_s = gate_timeout_s
+        self.hang_keys = set(hang_keys)
+        self.slow_keys = dict(slow_keys or {})
+        self.oom_keys = set(oom_keys)
+        self.malformed_keys = set(malformed_keys)
         self.sleep = sleep
+        self.hanging = threading.Event()
+        self.hung_forwards = 0
+        self._released = threading.Event()
+        self._gate_expired = False
         self.log: list[ForwardRecord] = []
         self._lock = threading.Lock()
         self.concurrent_forwards = 0
@@ -87,23 +108,60 @@ class FakeTower:
             self.concurrent_forwards += 1
             self.max_concurrent_forwards = max(self.max_concurrent_forwards, self.concurrent_forwards)
         try:
-            if self.gate is not None and not self.gate.wait(timeout=30):
-                raise TimeoutError("fake tower gate was never opened")
+            if self.gate is not None:
+                self._wait_for_gate()
+            base_keys = [self._base_key(k) for k in record.keys if k is not None]
+            if self.hang_keys and not self.hang_keys.isdisjoint(base_keys):
+                with self._lock:
+                    self.hung_forwards += 1
+                self.hanging.set()
+                self._released.wait()
             if not self.ragged and len(set(record.patch_counts)) > 1:
                 raise AssertionError(f"uniform tower got mixed patch counts {sorted(set(record.patch_counts))}")
             if self.capacity_patches is not None and record.patches > self.capacity_patches:
                 raise torch.OutOfMemoryError(
                     f"fake OOM: {record.patches} patches > capacity {self.capacity_patches}")
+            if len(units) > 1 and self.oom_keys and not self.oom_keys.isdisjoint(base_keys):
+                raise torch.OutOfMemoryError(f"fake transient OOM on a {record.patches}-patch forward")
             poisoned = [k for k in record.keys if k is not None and self._base_key(k) in self.fail_keys]
             if poisoned:
                 raise RuntimeError(f"poisoned unit(s) {poisoned}")
             delay = self.fixed_s + self.per_patch_s * record.patches
+            if self.slow_keys:
+                delay += max((self.slow_keys.get(k, 0.0) for k in base_keys), default=0.0)
             if delay > 0:
                 self.sleep(delay)
-            return [expected_output(u) for u in units]
+            outputs = [expected_output(u) for u in units]
+            if self.malformed_keys:
+                outputs = [self._malform(u, out) for u, out in zip(units, outputs, strict=True)]
+            return outputs
         finally:
             with self._lock:
                 self.concurrent_forwards -= 1
+
+    def release(self) -> None:
+        """Open the gate for good and end every hang: what a test calls before it lets go of the tower."""
+        self._released.set()
+        if self.gate is not None:
+            self.gate.set()
+
+    def _wait_for_gate(self) -> None:
+        assert self.gate is not None
+        deadline = time.monotonic() + self.gate_timeout_s
+        while not self.gate.wait(timeout=0.01):
+            if self._released.is_set():
+                return
+            if self._gate_expired or time.monotonic() >= deadline:
+                self._gate_expired = True
+                raise TimeoutError(f"fake tower gate was not opened within {self.gate_timeout_s} s")
+
+    def _malform(self, unit: EncodeItem, output: torch.Tensor) -> object:
+        if unit.key is None or self._base_key(unit.key) not in self.malformed_keys:
+            return output
+        if unit.modality == "image":
+            return output.tolist()
+        frame = unit.key[1] if isinstance(unit.key, tuple) else 0
+        return output if frame == 0 else torch.cat([output, output[:, :1]], dim=1)
 
     @staticmethod
     def _base_key(key: Hashable) -> Hashable:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .config import CoalescerConfig
-from .errors import InvalidItemError
+from .errors import EncodeError, InvalidItemError
 from .planner import Planner
 from .types import MODALITIES, EncodeItem, Tower
 
@@ -94,11 +94,34 @@ def record_ready_events(items: Sequence[EncodeItem]) -> None:
             item.ready.record(torch.cuda.current_stream(pixels.device))
 
 
+def not_a_tensor(output: object) -> EncodeError | None:
+    """The error for a tower output that is not a tensor (it fails that unit only), or None."""
+    if isinstance(output, torch.Tensor):
+        return None
+    return EncodeError(f"tower returned a {type(output).__name__} for a unit, expected a torch.Tensor")
+
+
 def assemble(outputs: list[torch.Tensor], spans: Spans) -> list[torch.Tensor]:
-    """Per-unit outputs -> one result per item; a video's frames are concatenated along dim 0."""
+    """Per-unit outputs -> one result per item; a video's frames are concatenated along dim 0.
+
+    Frames the tower returned with mismatched shapes, dtypes or devices cannot be joined: that is the
+    tower's fault on this request's item, so it is an EncodeError (cause chained), not a raw
+    RuntimeError/TypeError from ``torch.cat``.
+    """
     if spans is None:
         return outputs
-    return [outputs[a] if b - a == 1 else torch.cat(outputs[a:b], dim=0) for a, b in spans]
+    results = []
+    for index, (a, b) in enumerate(spans):
+        if b - a == 1:
+            results.append(outputs[a])
+            continue
+        try:
+            results.append(torch.cat(outputs[a:b], dim=0))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            shapes = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__ for o in outputs[a:b]]
+            raise EncodeError(f"item {index}: the tower's {b - a} frame outputs cannot be joined "
+                              f"(shapes {shapes}): {exc}") from exc
+    return results
 
 
 def resolve_device(config: CoalescerConfig, tower: Tower) -> torch.device:
