@@ -1,0 +1,476 @@
+"""EPD: SGLang's encoder-only server batching through the coalescer (integration/epd.py), on CPU.
+
+What is real: SGLang's ``MMEncoder`` methods (``batch_encode``, staging, ``_sync_tp_prepare_status``,
+``send`` over ZMQ), its ``EncoderPreprocessor`` (HF Qwen2-VL processors from a saved config), its
+``EncoderScheduler`` and ``execute_encode_pipeline`` (the /encode request lifecycle), the TP worker's
+message handler ``_handle_encoder_worker_request`` fed by SGLang's PUSH/PULL sockets, and the tiny
+random-weight Qwen2.5-VL from ``sglang_models``. ``MMEncoder`` is built without ``__init__`` (which
+loads weights from a model path and starts Mooncake/metrics), with the attributes ``__init__`` sets.
+Embeddings are compared as they arrive at a stand-in prefill server: a ZMQ PULL socket receiving
+SGLang's own ``zmq_to_tokenizer`` transfer (pickled ``EmbeddingData`` + raw tensor bytes).
+
+The TP=2 group is two processes on gloo; the vision tower is not TP-sharded here (see
+``_init_dist``): the collectives checked are the ones ``batch_encode`` issues itself (the prepare
+status all_gather), which any mismatch in batch composition between ranks breaks.
+Every scenario runs in spawned processes with a queue timeout, so a hang fails instead of blocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import sys
+import tempfile
+import traceback
+from types import SimpleNamespace
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+TIMEOUT_S = 150
+
+
+# --- harness (runs in the child processes) ---------------------------------------------------------
+def _png(width: int, height: int, seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _init_dist(rank: int, world: int, port: int) -> None:
+    sys.path[:0] = [HERE, ROOT]
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    import sglang_models as sm
+    from sglang.srt.distributed import parallel_state
+    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
+    from sglang.srt.server_args import ServerArgs
+
+    sm._provide_vllm_rotary_name()
+    init_distributed_environment(world_size=world, rank=rank, local_rank=rank, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    reset_context()
+    publish(ServerArgs(model_path="dummy", tp_size=world, ep_size=1, pp_size=1, device="cpu"), role="test",
+            ranks=SpawnRanks(world_rank=rank))
+    get_parallel().override_permanently(world_group=parallel_state._WORLD)
+    initialize_model_parallel(backend="gloo")
+    sm._initialised = True
+
+
+def _build_encoder(rank: int):
+    """A real MMEncoder (methods and preprocessing are SGLang's), built without loading weights from disk."""
+    import concurrent.futures
+
+    import sglang_models as sm
+    import torch
+    import zmq
+    import zmq.asyncio
+    from sglang.srt.disaggregation.encoder.preprocessor import EncoderPreprocessor
+    from sglang.srt.disaggregation.encoder.server import MMEncoder, ZmqDelivery
+    from sglang.srt.managers.schedule_batch import Modality
+    from sglang.srt.mem_cache.multimodal_cache import MultiModalStaticCache
+    from sglang.srt.multimodal.encoder_preprocessing import EncoderMediaProcessorConfig
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    model = sm.qwen2_5_vl()
+    pre = EncoderPreprocessor.__new__(EncoderPreprocessor)
+    pre.server_args, pre._model_preprocessor = None, None
+    pre.model_config = SimpleNamespace(hf_config=model.config)
+    pre.encoder_media_processor_config = EncoderMediaProcessorConfig()
+    pre.model_type, pre.device, pre.use_image_processor_gpu = "qwen2_5_vl", "cpu", False
+    pre.image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=224 * 224)
+    pre.video_processor = Qwen2VLVideoProcessor(min_pixels=28 * 28, max_pixels=112 * 112)
+    pre.audio_processor = None
+    pre._supported_modalities = frozenset({Modality.IMAGE, Modality.VIDEO})
+    pre._build_vision_config(None)
+    pre.preproc_executor = concurrent.futures.ThreadPoolExecutor(2)
+    pre.io_executor = concurrent.futures.ThreadPoolExecutor(2)
+
+    enc = MMEncoder.__new__(MMEncoder)
+    enc.server_args, enc.rank, enc.dp_rank, enc.profiler = None, rank, 0, None
+    enc.transfer_backend, enc.use_mooncake = "zmq_to_tokenizer", False
+    enc.model, enc.model_type, enc.device, enc.gpu_id = model, "qwen2_5_vl", "cpu", 0
+    enc.model_config = SimpleNamespace(hf_config=model.config, hidden_size=64)
+    enc.preprocessor = pre
+    enc.context, enc.sync_context = zmq.asyncio.Context(2), zmq.Context()
+    enc.scheduler_send_sockets, enc.scheduler_send_locks = {}, {}
+    enc.executor = concurrent.futures.ThreadPoolExecutor(4)
+    enc.mm_cache, enc.mm_cache_lock = MultiModalStaticCache(0), asyncio.Lock()
+    enc.send_timeout, enc.background_tasks, enc.mm_global_cache = 30.0, set(), None
+    enc._embedding_dtype = next(model.parameters()).dtype
+    enc._element_size = torch.tensor([], dtype=enc._embedding_dtype).element_size()
+    enc._embedding_dims = {m: 64 for m in (Modality.IMAGE, Modality.VIDEO, Modality.AUDIO)}
+    if rank == 0:
+        enc.req_states, enc.abandoned_req_ids = {}, set()
+        enc.encode_dispatch_lock = asyncio.Lock()
+        enc.delivery = ZmqDelivery(enc, cleanup_receive_state=False)
+    return enc
+
+
+class Prefill:
+    """A stand-in prefill server: SGLang's zmq_to_tokenizer transfer lands on this PULL socket."""
+
+    def __init__(self) -> None:
+        import zmq
+
+        self.sock = zmq.Context.instance().socket(zmq.PULL)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.got: dict = {}
+
+    def drain(self) -> dict:
+        import torch
+        import zmq
+
+        while self.sock.poll(200, zmq.POLLIN):
+            frames = self.sock.recv_multipart()
+            data = pickle.loads(frames[0])
+            tensor = None
+            if len(frames) > 1:
+                tensor = torch.frombuffer(bytearray(frames[1]), dtype=data.dtype).reshape(data.shape).clone()
+            self.got[data.req_id] = (tensor, data.error_msg, data.error_code)
+        return self.got
+
+
+def _request(rid: str, modality: str, items: list, prefill: Prefill) -> dict:
+    return {"req_id": rid, "modality": modality, "mm_items": items, "num_parts": 1, "part_idx": 0,
+            "prefill_host": "127.0.0.1", "embedding_port": prefill.port}
+
+
+def _workload(prefill: Prefill, tag: str) -> list[dict]:
+    sizes = [(56, 56), (112, 84), (224, 168), (84, 140), (56, 56), (168, 224)]
+    reqs = []
+    for r in range(8):
+        imgs = [_png(*sizes[(r + i) % len(sizes)], seed=10 * r + i) for i in range(1 + r % 3)]
+        reqs.append(_request(f"{tag}i{r}", "image", imgs, prefill))
+    return reqs
+
+
+async def _run_pipeline(enc, sched, requests, send_sockets=()) -> dict:
+    """SGLang's /encode lifecycle for each request, concurrently; returns req_id -> 'ok' or the error."""
+    from sglang.srt.disaggregation.encoder.runtime import execute_encode_pipeline
+
+    async def one(req):
+        try:
+            await execute_encode_pipeline(enc, sched, dict(req), send_sockets=list(send_sockets) or None)
+            return "ok"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {getattr(exc, 'code', '')} {exc}"
+
+    outcomes = await asyncio.gather(*(one(r) for r in requests))
+    return {r["req_id"]: o for r, o in zip(requests, outcomes, strict=True)}
+
+
+def _embeddings(prefill: Prefill, tag: str) -> dict:
+    return {rid[len(tag):]: t for rid, (t, _, _) in prefill.drain().items() if rid.startswith(tag)}
+
+
+def _tp1_main(out) -> None:
+    try:
+        out.put(("ok", asyncio.run(_tp1_scenarios())))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
+async def _tp1_scenarios() -> dict:
+    _init_dist(0, 1, _free_port())
+    from sglang.srt.disaggregation.encoder import runtime as rt
+    from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    from integration.epd import CoalescedEncoderScheduler
+    from mm_scheduler import CoalescerConfig
+
+    enc = _build_encoder(0)
+    prefill = Prefill()
+    res: dict = {}
+    # SGLang's own path: EncoderScheduler for images, videos one request at a time.
+    sglang_sched = EncoderScheduler(enc, [], max_batch_size=8)
+    sglang_sched.start()
+    res["sglang_outcomes"] = await _run_pipeline(enc, sglang_sched, _workload(prefill, "S"))
+    await sglang_sched.stop()
+    res["sglang"] = _embeddings(prefill, "S")
+
+    # Ours: videos go through the scheduler too (what install() arranges).
+    rt._BATCHABLE_MODALITIES.add(Modality.VIDEO)
+    config = CoalescerConfig(name="epd-test", budget_bytes=64 * 1024 * 1024, bytes_per_patch=8192,
+                             max_batch_items=16)
+    ours = CoalescedEncoderScheduler(enc, [], config)
+    await ours.astart()
+    forwards: list[tuple[str, ...]] = []
+    original_forward = ours.tower.forward
+
+    def counting_forward(units):
+        forwards.append(tuple(u.meta["unit"].modality.name for u in units))
+        return original_forward(units)
+
+    ours.tower.forward = counting_forward
+    res["ours_outcomes"] = await _run_pipeline(enc, ours, _workload(prefill, "C"))
+    res["ours"] = _embeddings(prefill, "C")
+    res["forwards"] = forwards
+
+    # Failure cases, each next to healthy requests that must still succeed.
+    good = _workload(prefill, "G")[:3]
+    bad = [
+        {"req_id": "Bmalformed", "modality": "image", "mm_items": [], "num_parts": 1, "part_idx": 0},
+        _request("Bundecodable", "image", ["data:image/png;base64,AAAAnotapng"], prefill),
+        _request("Boversized", "image", [_png(224, 224, 7)], prefill),
+    ]
+    small = CoalescedEncoderScheduler(enc, [], config.replace(budget_bytes=8192 * 200))
+    await small.astart()
+    res["failure_outcomes"] = await _run_pipeline(enc, small, bad + good)
+    # A poisoned image: it preprocesses fine but the tower fails on it (forced here by its pixel sum).
+    poison = _request("Ppoison", "image", [_png(84, 84, 666)], prefill)
+    pre = await asyncio.get_running_loop().run_in_executor(None, small._preprocess, poison, Modality.IMAGE)
+    poison_sum = float(pre.mm_inputs["pixel_values"].sum())
+    real_forward = small.tower._forward_group
+
+    def poisoned_forward(metas, pixels, mixed):
+        if any(abs(float(p.sum()) - poison_sum) < 1e-3 for p in pixels):
+            raise RuntimeError("tower failed on a poisoned image")
+        return real_forward(metas, pixels, mixed)
+
+    small.tower._forward_group = poisoned_forward
+    mates = _workload(prefill, "P")[:4]
+    res["poison_outcomes"] = await _run_pipeline(enc, small, [poison] + mates)
+    res["poison_embeddings"] = _embeddings(prefill, "P")
+    res["prefill_errors"] = {rid: (msg, code) for rid, (_, msg, code) in prefill.drain().items() if msg}
+    # A client that disconnects: its request is cancelled while queued behind a slow forward.
+    gate = asyncio.Event()
+    slow_forward = small.tower._forward_group
+    release = asyncio.get_running_loop()
+
+    def gated_forward(metas, pixels, mixed):
+        asyncio.run_coroutine_threadsafe(gate.wait(), release).result(timeout=30)
+        return slow_forward(metas, pixels, mixed)
+
+    small.tower._forward_group = gated_forward
+    first = asyncio.ensure_future(_run_pipeline(enc, small, _workload(prefill, "D")[:1]))
+    while small.coalescer.stats()["inflight_batches"] == 0:
+        await asyncio.sleep(0.01)
+    leaver = asyncio.ensure_future(_run_pipeline(enc, small, [_request("Lgone", "image", [_png(56, 56, 5)],
+                                                                       prefill)]))
+    stayer = asyncio.ensure_future(_run_pipeline(enc, small, [_request("Lstay", "image", [_png(84, 56, 6)],
+                                                                       prefill)]))
+    while small.coalescer.stats()["pending_units"] < 2:
+        await asyncio.sleep(0.01)
+    leaver.cancel()
+    await asyncio.sleep(0.05)
+    pending_after_cancel = small.coalescer.stats()["pending_units"]
+    gate.set()
+    res["disconnect"] = {"pending_after_cancel": pending_after_cancel, "first": await first,
+                         "stayer": await stayer, "cancelled": leaver.cancelled(),
+                         "states_left": sorted(enc.req_states), "stats": dict(small.stats)}
+    await small.stop()
+    await ours.stop()
+    return _plain(res)
+
+
+def _worker_main(port: int, schedule_path: str) -> None:
+    """TP rank 1 as SGLang runs it (server.run_encoder): PULL socket -> _handle_encoder_worker_request."""
+    _init_dist(1, 2, port)
+    enc = _build_encoder(1)
+
+    async def serve() -> None:
+        import zmq
+        from sglang.srt.disaggregation.encoder.server import _handle_encoder_worker_request
+        from sglang.srt.managers.io_struct import async_sock_recv
+        from sglang.srt.utils.network import get_zmq_socket
+
+        sock = get_zmq_socket(enc.context, zmq.PULL, schedule_path, True)
+        while True:
+            await _handle_encoder_worker_request(enc, await async_sock_recv(sock))
+
+    asyncio.run(serve())
+
+
+def _tp2_main(out) -> None:
+    try:
+        out.put(("ok", asyncio.run(_tp2_scenarios())))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
+async def _tp2_scenarios() -> dict:
+    import zmq
+    from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
+    from sglang.srt.utils.network import get_zmq_socket
+
+    port = _free_port()
+    path = f"ipc://{tempfile.mkdtemp()}/schedule_1"
+    worker = mp.get_context("spawn").Process(target=_worker_main, args=(port, path), daemon=True)
+    worker.start()  # rank 0 starts its TP worker, as runtime.launch_local_runtime does
+    try:
+        return await _tp2_with_worker(port, worker, get_zmq_socket(zmq.Context(), zmq.PUSH, path, False),
+                                      EncoderScheduler)
+    finally:
+        if worker.is_alive():
+            worker.kill()
+
+
+async def _tp2_with_worker(port, worker, push, EncoderScheduler) -> dict:
+    _init_dist(0, 2, port)
+    from integration.epd import CoalescedEncoderScheduler
+    from mm_scheduler import CoalescerConfig
+
+    enc = _build_encoder(0)
+    prefill = Prefill()
+    res: dict = {}
+    sglang_sched = EncoderScheduler(enc, [push], max_batch_size=8)
+    sglang_sched.start()
+    res["sglang_outcomes"] = await _run_pipeline(enc, sglang_sched, _workload(prefill, "S"), [push])
+    await sglang_sched.stop()
+    res["sglang"] = _embeddings(prefill, "S")
+
+    config = CoalescerConfig(name="epd-tp2", budget_bytes=64 * 1024 * 1024, bytes_per_patch=8192,
+                             max_batch_items=16)
+    ours = CoalescedEncoderScheduler(enc, [push], config, worker_processes=[worker])
+    await ours.astart()
+    res["ours_outcomes"] = await _run_pipeline(enc, ours, _workload(prefill, "C"), [push])
+    res["ours"] = _embeddings(prefill, "C")
+    res["forwards"] = ours.coalescer.stats()["forwards"]
+
+    # The worker dies mid-batch: after rank 0 broadcast the batch, before the collective.
+    real_sync = enc._sync_tp_prepare_status
+
+    def die_then_sync(*args, **kwargs):
+        if worker.is_alive():
+            worker.kill()
+            worker.join(10)
+        return real_sync(*args, **kwargs)
+
+    enc._sync_tp_prepare_status = die_then_sync
+    res["death_outcomes"] = await asyncio.wait_for(_run_pipeline(enc, ours, _workload(prefill, "X")[:5]), 60)
+    res["after_death"] = await asyncio.wait_for(_run_pipeline(enc, ours, _workload(prefill, "Y")[:1]), 30)
+    res["states_left"] = sorted(enc.req_states)
+    return _plain(res)
+
+
+def _plain(value):
+    """Tensors -> nested lists, so results pickle through the queue without torch storage sharing."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.tolist())
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(targets: list[tuple], timeout: float) -> list:
+    """Run ``targets`` in spawned processes; collect one result per process or fail on timeout/crash."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=fn, args=(*args, out)) for fn, *args in targets]  # may start their own workers
+    for p in procs:
+        p.start()
+    try:
+        results = []
+        for _ in procs:
+            try:
+                results.append(out.get(timeout=timeout))
+            except queue.Empty:
+                pytest.fail(f"EPD scenario did not finish within {timeout}s (hang)")
+        return results
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+# --- tests -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tp1() -> dict:
+    (status, payload), = _spawn([(_tp1_main,)], TIMEOUT_S)
+    assert status == "ok", payload
+    return payload
+
+
+def test_embeddings_at_prefill_identical_to_sglang_encoder_scheduler(tp1):
+    assert set(tp1["sglang_outcomes"].values()) == {"ok"}, tp1["sglang_outcomes"]
+    assert set(tp1["ours_outcomes"].values()) == {"ok"}, tp1["ours_outcomes"]
+    assert sorted(tp1["sglang"]) == sorted(tp1["ours"]) and len(tp1["ours"]) == 8
+    for key, theirs in tp1["sglang"].items():
+        import torch
+
+        a, b = torch.tensor(theirs[1]), torch.tensor(tp1["ours"][key][1])
+        assert a.shape == b.shape, key
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_images_of_different_requests_share_forwards(tp1):
+    forwards = tp1["forwards"]
+    assert sum(len(f) for f in forwards) == 15  # 8 requests, 15 images
+    assert len(forwards) < 8 and max(len(f) for f in forwards) > 3
+
+
+def test_malformed_undecodable_and_oversized_requests_fail_alone_with_400(tp1):
+    outcomes = tp1["failure_outcomes"]
+    for rid in ("Bmalformed", "Bundecodable", "Boversized"):
+        assert "400" in outcomes[rid] or "BadRequest" in outcomes[rid], (rid, outcomes[rid])
+    assert "can never be encoded" in outcomes["Boversized"]
+    assert [o for r, o in outcomes.items() if r.startswith("G")] == ["ok"] * 3
+
+
+def test_poisoned_image_fails_only_its_request_and_prefill_is_told(tp1):
+    outcomes = tp1["poison_outcomes"]
+    assert "MMError" in outcomes["Ppoison"] and "poisoned" in outcomes["Ppoison"]
+    assert [o for r, o in outcomes.items() if r != "Ppoison"] == ["ok"] * 4
+    assert len(tp1["poison_embeddings"]) == 4  # the four mates' embeddings reached prefill
+    msg, code = tp1["prefill_errors"]["Ppoison"]
+    assert "poisoned" in msg and code == 500
+
+
+def test_disconnected_client_is_withdrawn_and_others_finish(tp1):
+    d = tp1["disconnect"]
+    assert d["cancelled"] and d["pending_after_cancel"] == 1
+    assert list(d["first"].values()) == ["ok"] and d["stayer"] == {"Lstay": "ok"}
+    assert d["states_left"] == []  # nothing staged or leaked for anyone
+
+
+@pytest.fixture(scope="module")
+def tp2() -> dict:
+    (status, payload), = _spawn([(_tp2_main,)], TIMEOUT_S)
+    assert status == "ok", payload
+    return payload
+
+
+def test_tp2_rank0_plans_batches_and_unmodified_sglang_worker_follows(tp2):
+    assert set(tp2["sglang_outcomes"].values()) == {"ok"}, tp2["sglang_outcomes"]
+    assert set(tp2["ours_outcomes"].values()) == {"ok"}, tp2["ours_outcomes"]
+    assert tp2["forwards"] < 8
+    import torch
+
+    for key, theirs in tp2["sglang"].items():
+        torch.testing.assert_close(torch.tensor(tp2["ours"][key][1]), torch.tensor(theirs[1]),
+                                   rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_tp_worker_dying_mid_batch_fails_requests_with_503_and_never_hangs(tp2):
+    outcomes = tp2["death_outcomes"]
+    assert outcomes and all(o != "ok" for o in outcomes.values()), outcomes
+    assert all("500" in o or "503" in o for o in outcomes.values()), outcomes
+    after, = tp2["after_death"].values()
+    assert "503" in after and "exited" in after
+    assert tp2["states_left"] == []
