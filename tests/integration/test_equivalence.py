@@ -8,6 +8,7 @@ with several requests in one prefill batch.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 
 import pytest
 import sglang_models as sm
@@ -18,6 +19,9 @@ from integration import sglang_plugin
 
 # fp32 on CPU: a different batch composition changes reduction order, nothing else.
 ATOL, RTOL = 1e-4, 1e-3
+# What each family serves through the coalescer (README "Supported"): one hooked method per modality.
+MODALITIES = {"qwen2_5_vl": ("image", "video"), "qwen3_vl": ("image", "video"), "gemma3": ("image",),
+              "gemma4": ("image", "video")}
 
 
 def _items(family: str, model: nn.Module) -> dict[str, list]:
@@ -52,15 +56,46 @@ def service(request, family_model):
     sglang_plugin.stop()
 
 
+class UnitsByModality:
+    """Wraps the service's tower: counts the units of each modality that its forwards run."""
+
+    def __init__(self, tower) -> None:
+        self.counts: Counter[str] = Counter()
+        self._forward = tower.forward
+        tower.forward = self
+
+    def __call__(self, units):
+        self.counts.update(u.modality for u in units)
+        return self._forward(units)
+
+
 def test_hooked_feature_methods_equal_sglang_originals(family_model, service):
+    """Each ``get_<modality>_feature`` call goes through the service (its own counter and tower forward
+    deltas, per call: an unhooked method returns the original's output and moves neither) and returns
+    what SGLang's own method returns."""
     family, model = family_model
-    for modality, items in _items(family, model).items():
+    forwarded = UnitsByModality(service.tower)
+    items_by_modality = _items(family, model)
+    assert set(items_by_modality) == set(MODALITIES[family])
+    for modality, items in items_by_modality.items():
         with torch.no_grad():
             expected = _original(model, modality)(items)
+            on_demand, units = service.counts["encoded_on_demand"], dict(forwarded.counts)
             got = getattr(model, f"get_{modality}_feature")(items)
+        assert service.counts["encoded_on_demand"] - on_demand == len(items), (family, modality, "not routed")
+        ran = {m: forwarded.counts[m] - units.get(m, 0) for m in forwarded.counts}
+        assert ran.get(modality, 0) >= len(items) and sum(ran.values()) == ran[modality], (family, modality, ran)
         assert got.shape == expected.shape, (family, modality)
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
-        assert service.counts["encoded_on_demand"] >= len(items)
+
+
+def test_plugin_hooks_exactly_the_feature_methods_of_each_supported_model(family_model):
+    """The plugin's declared hook list names, for each model class, one method per modality it serves."""
+    family, model = family_model
+    declared = [methods for target, methods in sglang_plugin.MODEL_METHODS.items()
+                if target in {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}]
+    assert declared, f"{type(model).__name__} is not in the plugin's MODEL_METHODS"
+    assert sorted(declared[0]) == sorted(f"get_{m}_feature" for m in MODALITIES[family])
 
 
 def _mm_inputs(model: nn.Module, items: list, start: int):

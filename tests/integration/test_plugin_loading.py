@@ -206,10 +206,23 @@ def test_pyproject_declares_the_entry_point_sglang_loads():
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    plugins = project.get("entry-points", {}).get("sglang.srt.plugins")
-    if plugins is None:
-        pytest.skip("pyproject.toml has no [project.entry-points.\"sglang.srt.plugins\"] table yet")
-    assert plugins == {"mm_coalescer": ENTRY_POINT}
+    assert project.get("entry-points", {}).get("sglang.srt.plugins") == {"mm_coalescer": ENTRY_POINT}
+
+
+def test_installed_distribution_exposes_the_entry_point_to_sglangs_own_loader(monkeypatch):
+    """What the tests' throw-away dist-info stands in for: the installed project's own metadata."""
+    from importlib.metadata import distribution, entry_points
+
+    from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+
+    installed = [(ep.name, ep.value) for ep in distribution("mm-scheduler").entry_points
+                 if ep.group == GENERAL_PLUGINS_GROUP]
+    assert installed == [("mm_coalescer", ENTRY_POINT)], "reinstall the project: pip install -e ."
+    assert {ep.value for ep in entry_points(group=GENERAL_PLUGINS_GROUP) if ep.name == "mm_coalescer"} == {ENTRY_POINT}
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    func, dist_name = load_plugins_by_group(GENERAL_PLUGINS_GROUP)["mm_coalescer"]
+    assert func is sglang_plugin.register
+    assert dist_name is not None and dist_name.replace("_", "-") == "mm-scheduler"
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3", "gemma4"])
