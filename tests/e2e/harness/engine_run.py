@@ -1,0 +1,95 @@
+"""Drive a real ``sglang.Engine`` on CPU, plugin off or on, and write what happened as JSON.
+
+Run by tests/e2e/test_engine.py in a subprocess whose environment comes from
+``scenario.e2e_environment()`` (SGLang's children are spawned and inherit it). The plugin is switched
+on exactly as the README tells ``Engine`` users: ``MM_COALESCER=1`` and ``MM_COALESCER_CONFIG=<yaml>``.
+Each Engine gets its own ``PROMETHEUS_MULTIPROC_DIR``; the plugin's series are read from it the way
+SGLang's own ``/metrics`` reads them (prometheus_client's MultiProcessCollector).
+
+One Engine per process: a second Engine with metrics in one process fails in SGLang itself
+(``DuplicateTimeseries: sglang:startup_time_seconds``, its tokenizer manager lives in the launcher).
+
+Usage: python engine_run.py off|on MODEL_DIR MEDIA_DIR OUT_JSON
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import media
+import scenario
+
+
+async def _one(engine, req: scenario.Request, files: dict[str, str]) -> dict:
+    kwargs: dict = {"prompt": req.prompt(), "sampling_params": scenario.sampling_params(req), "rid": req.name}
+    if req.images:
+        kwargs["image_data"] = [files[name] for name in req.images]
+    if req.video:
+        kwargs["video_data"] = [files["video"]]
+    if not req.abort:
+        out = await engine.async_generate(**kwargs)
+        return {"output_ids": out["output_ids"], "finish": out["meta_info"]["finish_reason"]}
+    chunks = 0
+    finish = None
+    async for chunk in await engine.async_generate(stream=True, **kwargs):
+        chunks += 1
+        finish = chunk["meta_info"].get("finish_reason")
+        if chunks == 2:  # prefilled and decoding: abort mid-way
+            engine.tokenizer_manager.abort_request(rid=req.name)
+    return {"chunks": chunks, "finish": finish}
+
+
+async def _scenario(engine, files: dict[str, str], with_video: bool) -> dict:
+    results: dict[str, dict] = {}
+    reqs = scenario.requests(with_video)
+    for phase in sorted({r.phase for r in reqs}):
+        batch = [r for r in reqs if r.phase == phase]
+        outs = await asyncio.gather(*(_one(engine, r, files) for r in batch))
+        results.update({r.name: out for r, out in zip(batch, outs, strict=True)})
+    return results
+
+
+def run_engine(model: str, files: dict[str, str], with_video: bool, plugin: bool) -> dict:
+    import sglang
+
+    os.environ.pop("MM_COALESCER", None)
+    os.environ.pop("MM_COALESCER_CONFIG", None)
+    if plugin:  # exactly as the README tells Engine users
+        os.environ["MM_COALESCER"] = "1"
+        os.environ["MM_COALESCER_CONFIG"] = str(scenario.REPO / scenario.PLUGIN_CONFIG)
+    metrics_dir = tempfile.mkdtemp(prefix="e2e-prom-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    started = time.monotonic()
+    engine = sglang.Engine(model_path=model, **scenario.ENGINE_ARGS)
+    try:
+        ready = time.monotonic() - started
+        results = engine.loop.run_until_complete(_scenario(engine, files, with_video))
+        metrics = scenario.read_multiproc_metrics(metrics_dir)
+    finally:
+        engine.shutdown()
+    return {"results": results, "metrics": metrics, "start_s": ready, "total_s": time.monotonic() - started}
+
+
+def main() -> None:
+    label, model, media_dir, out_path = sys.argv[1:5]
+    files = media.write_images(Path(media_dir))
+    decoder = media.video_decoder()
+    if decoder is not None:
+        files["video"] = media.write_video(Path(media_dir))
+    scenario.log(f"engine with plugin {label}")
+    report = run_engine(model, files, decoder is not None, plugin=label == "on")
+    report["video_decoder"] = decoder
+    scenario.log(f"plugin {label}: {json.dumps(report['metrics'], sort_keys=True)}")
+    Path(out_path).write_text(json.dumps(report, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
