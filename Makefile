@@ -16,8 +16,8 @@ $(VENV)/.core-installed: pyproject.toml
 	touch $@
 
 # The real sglang package without its CUDA-only dependencies, plus a pinned list of light ones.
-$(VENV)/.test-installed: $(VENV)/.core-installed requirements-test.txt requirements-sglang.txt
-	$(PIP) --no-deps sglang==0.5.23
+$(VENV)/.test-installed: $(VENV)/.core-installed requirements-test.txt requirements-sglang.txt requirements-e2e.txt
+	$(PIP) --no-deps sglang==0.5.23 xgrammar==0.2.7
 	$(PIP) -r requirements-test.txt
 	touch $@
 
