@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import platform
 import queue
 import random
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.harness import log, pct, poisson_trace, stream_ctx
 from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler.calibrate import calibrate, calibrate_tower
 from mm_scheduler.towers import build_tower
@@ -41,10 +41,6 @@ from mm_scheduler.units import split_into_units
 LOADS = (0.1, 0.5, 0.9, 1.5)
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 MODES = ("per_item", "per_request", "coalescer")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # --- workload --------------------------------------------------------------------------------
@@ -165,17 +161,6 @@ class MeteredTower:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def stream_ctx(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 def single_forward_ms(tower: Any, items: list[EncodeItem], stream: torch.cuda.Stream | None, reps: int) -> float:
@@ -398,13 +383,7 @@ async def run_mode(mode: str, meter: MeteredTower, trace: list[tuple[float, Requ
 
 
 def make_trace(work: Workload, rate: float, duration: float, seed: int) -> list[tuple[float, Request]]:
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            return out
-        out.append((t, work.request(rng)))
+    return poisson_trace(work.request, rate, duration, seed)
 
 
 # --- one tower ---------------------------------------------------------------------------------

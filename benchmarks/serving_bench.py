@@ -1,0 +1,847 @@
+"""Serving benchmark: time-to-first-token and inter-token latency of an SGLang-shaped serving loop (issue 9).
+
+A real SGLang server cannot run on the GPU machine, so this is the next most faithful thing:
+
+* **Scheduler**: SGLang's ``event_loop_normal`` shape on one thread. Each iteration ingests the requests
+  that have arrived (Poisson clock, fixed seed), then runs on the *forward stream* either a prefill of
+  newly admitted requests (FIFO, at most ``--chunk-tokens`` prompt tokens and ``--max-running`` running
+  requests; prefill goes before decode, as in SGLang) or one decode step of the running batch. The
+  whole loop runs inside ``torch.cuda.stream(forward_stream)``: the scheduler thread's current stream is
+  never the default stream, as in SGLang. Each step ends with the sampled ids copied to the host.
+* **LLM**: real decoder layers with random bf16 weights of Qwen2.5-VL-7B's language model (hidden 3584,
+  28 layers, 28 heads / 4 KV heads, intermediate 18944, vocab 152064): fused QKV with bias, RoPE, GQA
+  attention (SDPA; prefill causal per request, decode over a slot-per-request KV cache), SwiGLU MLP,
+  LM head and greedy sampling, so prefill and decode steps cost what they cost. Eager, no CUDA graphs.
+* **Vision**: the project's real towers (``mm_scheduler.towers``: Qwen2.5-VL vision by default,
+  ``--tower siglip-mixed`` with a linear projector), random weights, behind an ``SGLangTower`` subclass.
+* **Plugin**: driven through ``integration/service.py``'s ``EncoderService`` exactly where SGLang calls
+  it: ``on_arrival`` when a request enters the waiting queue, ``encode(items, original)`` as the hooked
+  ``get_*_feature`` inside prefill, ``consumed`` after the prefill, ``release`` at finish.
+
+Modes, same arrivals and seeds: ``inline`` (one encoder call per request inside its prefill),
+``inline-batched`` (SGLang today: one call for all images of the prefill batch, one per video),
+``plugin`` (early encoding from arrival on the coalescer's stream), ``plugin-tuned`` (LLM forward
+stream at the highest CUDA priority, and an admission guard: while decode has work, a request whose
+early encode has not finished on the GPU waits in the queue, up to ``--tuned-hold-ms``, instead of
+blocking the scheduler inside its prefill). Loads are fractions of ``inline``'s capacity, measured
+first in the same run by a saturated burst.
+
+    python -m benchmarks.serving_bench --out benchmarks/results     # CUDA (H100/H200), about 5 minutes
+    python -m benchmarks.serving_bench --smoke --out /tmp/serving    # CPU, tiny models, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import itertools
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import (
+    Media,
+    MediaMix,
+    build_bench_tower,
+    bytes_per_patch,
+    device_name,
+    format_table,
+    latency_stats,
+    log,
+    markdown_table,
+    pct,
+    poisson_trace,
+    progress,
+    resolve,
+    stream_ctx,
+    write_json,
+)
+from integration.adapters import SGLangTower
+from integration.service import EncoderService
+from mm_scheduler import CoalescerConfig, EncodeItem, config_from_dict, load_config
+from mm_scheduler.units import assemble, split_into_units
+
+MODES = ("inline", "inline-batched", "plugin", "plugin-tuned")
+LOADS = (0.2, 0.5, 0.8, 1.0, 1.2)
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- the LLM ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LLMShape:
+    """A decoder-only LM's dimensions (Qwen2 family: GQA, SwiGLU, QKV bias)."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    rope_theta: float = 1_000_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def describe(self) -> str:
+        return (f"{self.name}: hidden {self.hidden}, {self.layers} layers, {self.heads} heads / {self.kv_heads} KV "
+                f"heads (head_dim {self.head_dim}), intermediate {self.intermediate}, vocab {self.vocab}")
+
+
+QWEN2_5_VL_7B_LM = LLMShape("Qwen2.5-VL-7B language model", 3584, 28, 28, 4, 18944, 152064)
+TINY_LM = LLMShape("tiny LM", 48, 2, 4, 2, 96, 512)  # hidden = the tiny Qwen tower's output width
+
+
+class DecoderLM:
+    """Qwen2-style decoder with random weights and a KV cache of one row ("slot") per running request.
+
+    Why hand-written rather than transformers' generate(): continuous batching needs a packed prefill
+    of new prompts of different lengths next to a batched decode whose members join and leave every
+    step. Running requests hold slots ``0..B-1``; when one finishes, the last slot's cache rows move
+    into the hole, so decode attention reads ``kv[:, :B, :, :L]`` as a view, with no gather.
+    """
+
+    def __init__(self, shape: LLMShape, device: torch.device, dtype: torch.dtype, max_slots: int,
+                 max_len: int, seed: int = 0) -> None:
+        self.shape, self.device, self.dtype = shape, device, dtype
+        self.max_slots, self.max_len = max_slots, max_len
+        self.group = shape.heads // shape.kv_heads
+        hidden, hd, kvh = shape.hidden, shape.head_dim, shape.kv_heads
+        self.splits = (hidden, kvh * hd, kvh * hd)
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def weight(*size: int, std: float = 0.02) -> torch.Tensor:
+            return torch.randn(*size, device=device, dtype=dtype, generator=gen).mul_(std)
+
+        def ones() -> torch.Tensor:
+            return torch.ones(hidden, device=device, dtype=dtype)
+
+        with torch.inference_mode():
+            self.layers = [{"ln1": ones(), "wqkv": weight(sum(self.splits), hidden), "bqkv": weight(sum(self.splits)),
+                            "wo": weight(hidden, hidden), "ln2": ones(),
+                            "wgu": weight(2 * shape.intermediate, hidden), "wd": weight(hidden, shape.intermediate)}
+                           for _ in range(shape.layers)]
+            self.embed = weight(shape.vocab, hidden)
+            self.norm = ones()
+            self.lm_head = weight(shape.vocab, hidden)
+            self.kv = torch.zeros(shape.layers, 2, max_slots, kvh, max_len, hd, device=device, dtype=dtype)
+            inv = 1.0 / shape.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+            freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+            self.cos, self.sin = freqs.cos().to(device), freqs.sin().to(device)
+            self.rows = torch.arange(max_slots, device=device)
+
+    @property
+    def weight_bytes(self) -> int:
+        tensors = [t for layer in self.layers for t in layer.values()] + [self.embed, self.norm, self.lm_head]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _h2d(self, values: Sequence[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE in float32; ``x`` is ``[tokens, heads, head_dim]``, cos/sin ``[tokens, head_dim/2]``."""
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    def _mlp(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = F.rms_norm(x, (self.shape.hidden,), p["ln2"], eps=1e-6)
+        gate, up = F.linear(h, p["wgu"]).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, p["wd"])
+
+    def prefill(self, slots: Sequence[int], x: torch.Tensor, lens: Sequence[int]) -> torch.Tensor:
+        """Run packed prompts ``x [sum(lens), hidden]`` (request i owns ``slots[i]``); their last hidden states."""
+        s = self.shape
+        total, hd, kvh = x.shape[0], s.head_dim, s.kv_heads
+        pos = torch.cat([torch.arange(n) for n in lens])
+        pos = pos.to(self.device, non_blocking=True) if self.device.type == "cuda" else pos
+        cos, sin = self.cos[pos], self.sin[pos]
+        starts = list(itertools.accumulate(lens, initial=0))
+        for layer, p in enumerate(self.layers):
+            h = F.rms_norm(x, (s.hidden,), p["ln1"], eps=1e-6)
+            q, k, v = F.linear(h, p["wqkv"], p["bqkv"]).split(self.splits, dim=-1)
+            q = self._rope(q.view(total, s.heads, hd), cos, sin)
+            k = self._rope(k.view(total, kvh, hd), cos, sin)
+            v = v.view(total, kvh, hd)
+            cache = self.kv[layer]
+            out = torch.empty_like(q)
+            for slot, a, b in zip(slots, starts[:-1], starts[1:], strict=True):
+                ks, vs = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)  # [kv_heads, n, head_dim]
+                cache[0, slot, :, :b - a] = ks
+                cache[1, slot, :, :b - a] = vs
+                o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1)[None],
+                                                   ks.repeat_interleave(self.group, 0)[None],
+                                                   vs.repeat_interleave(self.group, 0)[None], is_causal=True)
+                out[a:b] = o[0].transpose(0, 1)
+            x = x + F.linear(out.view(total, s.hidden), p["wo"])
+            x = self._mlp(x, p)
+        return x[torch.tensor(starts[1:], device=self.device) - 1]
+
+    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """One step of the running batch in slots ``0..B-1``: token ``ids[i]`` at ``positions[i]``; last hidden."""
+        s = self.shape
+        batch, hd, kvh = len(ids), s.head_dim, s.kv_heads
+        ids_t, pos_t = self._h2d(ids), self._h2d(positions)
+        x = self.embed[ids_t]
+        cos, sin = self.cos[pos_t], self.sin[pos_t]
+        span = min(self.max_len, -(-(max(positions) + 1) // 64) * 64)  # KV read width, padded to 64
+        mask = (torch.arange(span, device=self.device)[None, :] <= pos_t[:, None])[:, None, None, :]
+        rows = self.rows[:batch]
+        for layer, p in enumerate(self.layers):
+            h = F.rms_norm(x, (s.hidden,), p["ln1"], eps=1e-6)
+            q, k, v = F.linear(h, p["wqkv"], p["bqkv"]).split(self.splits, dim=-1)
+            q = self._rope(q.view(batch, s.heads, hd), cos, sin)
+            k = self._rope(k.view(batch, kvh, hd), cos, sin)
+            cache = self.kv[layer]
+            cache[0][rows, :, pos_t] = k
+            cache[1][rows, :, pos_t] = v.view(batch, kvh, hd)
+            # GQA without copies: the query heads of one KV head become that head's "query positions".
+            o = F.scaled_dot_product_attention(q.view(batch, kvh, self.group, hd), cache[0, :batch, :, :span],
+                                               cache[1, :batch, :, :span], attn_mask=mask)
+            x = x + F.linear(o.reshape(batch, s.hidden), p["wo"])
+            x = self._mlp(x, p)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.rms_norm(hidden, (self.shape.hidden,), self.norm, eps=1e-6), self.lm_head)
+
+    def sample(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy ids (on the device; the caller's ``tolist()`` is the step's host sync)."""
+        return self.logits(hidden).argmax(dim=-1)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+
+# --- the tower adapter ----------------------------------------------------------------------------
+class Modality(enum.Enum):
+    """SGLang's ``Modality`` as far as the adapter reads it (``item.modality.name``)."""
+
+    IMAGE = 1
+    VIDEO = 2
+
+
+class ServedTower(SGLangTower):
+    """The project's real tower behind the adapter interface ``EncoderService`` drives inside SGLang.
+
+    Items are SGLang-shaped (``modality``, ``hash``, ``feature``, ``precomputed_embeddings``,
+    ``offsets``, ``model_specific_data``). ``encode_direct`` is what the model's own ``get_*_feature``
+    does today: one tower forward for the items it is given. Every forward is recorded (units,
+    patches); for the tuned mode's admission guard the adapter also records which items' early
+    encodes have completed on the GPU (one CUDA event per forward, polled without blocking).
+    """
+
+    def __init__(self, tower: Any, llm_hidden: int) -> None:
+        super().__init__(tower.model)
+        self.inner = tower
+        self.ragged = tower.ragged
+        self.bytes_per_patch = int(tower.bytes_per_patch)
+        self.validate = tower.validate
+        self.qwen = hasattr(tower, "merge")
+        self.merge2 = tower.merge ** 2 if self.qwen else 1
+        width = tower.config.out_hidden_size if self.qwen else tower.config.hidden_size
+        self.projector: torch.nn.Linear | None = None
+        if width != llm_hidden:  # SigLIP: a LLaVA-style linear projector into the LLM's width
+            with torch.inference_mode():
+                self.projector = torch.nn.Linear(width, llm_hidden, device=tower.device, dtype=tower.dtype)
+        self.llm_hidden = llm_hidden
+        self.elem_bytes = torch.empty((), dtype=tower.dtype).element_size()
+        self.forwards: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self._expected: dict[int, int] = {}
+        self._done: dict[int, list[torch.cuda.Event | None]] = {}
+
+    def _raw_pixels(self, item: Any, shape: torch.Size | None = None) -> bool:
+        video = item.modality.name == "VIDEO"
+        f = item.feature
+        if self.qwen:
+            return f.dim() == (3 if video else 2) and f.shape[-1] == self.inner.unit_dim and \
+                "grid_hw" in item.model_specific_data
+        return f.dim() == (4 if video else 3) and f.shape[-3] == 3
+
+    def _unit(self, item: Any) -> EncodeItem:
+        modality = item.modality.name.lower()
+        f = item.feature
+        if self.qwen:
+            h, w = item.model_specific_data["grid_hw"]
+            return EncodeItem(f, h * w, modality, item.hash, {"grid_hw": (h, w)})
+        ps = self.inner.patch_size
+        return EncodeItem(f, (f.shape[-2] // ps) * (f.shape[-1] // ps), modality, item.hash)
+
+    def units(self, item: Any) -> list[EncodeItem]:
+        unit = self._unit(item)
+        with self._lock:
+            self._expected[item.hash] = unit.pixel_values.shape[0] if unit.modality == "video" else 1
+        return [unit]
+
+    def output_tokens(self, item: Any) -> int:
+        unit = self._unit(item)
+        frames = unit.pixel_values.shape[0] if unit.modality == "video" else 1
+        return frames * unit.num_patches // self.merge2
+
+    def output_bytes(self, item: Any) -> int:
+        return self.output_tokens(item) * self.llm_hidden * self.elem_bytes
+
+    def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
+        outs = list(self.inner.forward(units))
+        if self.projector is not None:
+            sizes = [o.shape[0] for o in outs]
+            outs = list(self.projector(torch.cat(outs)).split(sizes))
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        with self._lock:
+            self.forwards.append((len(units), sum(u.num_patches for u in units)))
+            for u in units:
+                key = u.key[0] if isinstance(u.key, tuple) else u.key
+                if key in self._expected:
+                    self._done.setdefault(key, []).append(event)
+        return outs
+
+    def encode_direct(self, items: Sequence[Any]) -> torch.Tensor:
+        """The model's own method: one tower forward for ``items`` on the caller's stream, rows in item order."""
+        frames, spans = split_into_units([self._unit(item) for item in items])
+        outs = assemble(self.forward(frames), spans)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def ready(self, item: Any) -> bool | None:
+        """Has the early encode of ``item`` finished on the GPU? None when it was not submitted early."""
+        with self._lock:
+            expected = self._expected.get(item.hash)
+            if expected is None:
+                return None
+            events = list(self._done.get(item.hash, ()))
+        return len(events) >= expected and all(e is None or e.query() for e in events)
+
+    def forget(self, items: Sequence[Any]) -> None:
+        with self._lock:
+            for item in items:
+                self._expected.pop(item.hash, None)
+                self._done.pop(item.hash, None)
+
+    def take_forwards(self) -> list[tuple[int, int]]:
+        with self._lock:
+            out, self.forwards = self.forwards, []
+        return out
+
+
+# --- requests -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RequestSpec:
+    """What a client sends: media, text prompt length and how many tokens it will generate."""
+
+    media: tuple[Media, ...]
+    text_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Workload:
+    mix: MediaMix
+    text_tokens: tuple[int, int]
+    output_tokens: tuple[int, int]
+
+    def request(self, rng: random.Random) -> RequestSpec:
+        media = tuple(self.mix.draw(rng))
+        return RequestSpec(media, rng.randint(*self.text_tokens), rng.randint(*self.output_tokens))
+
+    @property
+    def max_len(self) -> int:
+        """KV length a request can reach: text + media + output, padded to 64."""
+        longest = self.text_tokens[1] + self.mix.max_tokens + self.output_tokens[1]
+        return -(-longest // 64) * 64
+
+
+_HASHES = itertools.count(1)
+
+
+class Req:
+    """One request inside the serving loop: its SGLang-shaped items and its timeline."""
+
+    def __init__(self, rid: str, spec: RequestSpec, arrival: float) -> None:
+        self.rid, self.spec, self.arrival = rid, spec, arrival
+        prefix = min(16, spec.text_tokens)
+        pos = prefix
+        self.items: list[SimpleNamespace] = []
+        for media in spec.media:
+            self.items.append(SimpleNamespace(
+                modality=Modality.VIDEO if media.modality == "video" else Modality.IMAGE, hash=next(_HASHES),
+                pad_value=0, offsets=[(pos, pos + media.tokens - 1)], feature=media.pixels,
+                precomputed_embeddings=None, model_specific_data=dict(media.meta)))
+            pos += media.tokens
+        self.prompt_len = pos + spec.text_tokens - prefix
+        self.seen = arrival  # when the scheduler ingested it
+        self.slot = -1
+        self.length = 0
+        self.last_token = 0
+        self.token_times: list[float] = []
+        self.finished: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return len(self.token_times) >= self.spec.output_tokens
+
+
+# --- the serving loop -----------------------------------------------------------------------------
+@dataclass
+class ModeSetup:
+    """How one mode encodes, and on which stream its forwards run."""
+
+    name: str
+    stream: torch.cuda.Stream | None
+    service: EncoderService | None = None
+    guard_hold_s: float | None = None  # admission guard (plugin-tuned)
+
+
+@dataclass
+class RunLog:
+    reqs: list[Req]
+    t0: float
+    end: float
+    prefill_sizes: list[int]
+    decode_sizes: list[int]
+    decode_ms: list[float]
+    held: int
+
+
+class ServingLoop:
+    """SGLang's ``event_loop_normal`` shape: ingest -> prefill new requests, else decode the running batch."""
+
+    def __init__(self, llm: DecoderLM, tower: ServedTower, max_running: int, chunk_tokens: int) -> None:
+        self.llm, self.tower = llm, tower
+        self.max_running, self.chunk_tokens = max_running, chunk_tokens
+
+    def serve(self, mode: ModeSetup, trace: Sequence[tuple[float, RequestSpec]], stop_after: float) -> RunLog:
+        """Replay ``trace`` (open loop: arrivals never wait for completions) until done or ``stop_after`` s."""
+        service = mode.service
+        pending = list(trace)
+        next_arrival = 0
+        waiting: list[Req] = []
+        running: list[Req] = []
+        all_reqs: list[Req] = []
+        log_ = RunLog(all_reqs, 0.0, 0.0, [], [], [], 0)
+        self.tower.take_forwards()
+        with stream_ctx(mode.stream), torch.inference_mode():
+            t0 = time.perf_counter() + 0.02
+            log_.t0 = t0
+            deadline = t0 + stop_after
+            while True:
+                now = time.perf_counter()
+                while next_arrival < len(pending) and t0 + pending[next_arrival][0] <= now:  # ingest
+                    at, spec = pending[next_arrival]
+                    req = Req(f"r{next_arrival}", spec, t0 + at)
+                    req.seen = now
+                    next_arrival += 1
+                    waiting.append(req)
+                    all_reqs.append(req)
+                    if service is not None:
+                        service.on_arrival(req.rid, req.items)
+                if (next_arrival == len(pending) and not waiting and not running) or now > deadline:
+                    break
+                batch = self._admit(mode, waiting, running, now, log_)
+                if batch:
+                    self._prefill(mode, batch, running)
+                    log_.prefill_sizes.append(len(batch))
+                elif running:
+                    log_.decode_sizes.append(len(running))
+                    t = time.perf_counter()
+                    self._decode(mode, running)
+                    log_.decode_ms.append((time.perf_counter() - t) * 1e3)
+                elif next_arrival < len(pending):  # idle: nothing queued, nothing running
+                    time.sleep(max(0.0, t0 + pending[next_arrival][0] - time.perf_counter()))
+            log_.end = time.perf_counter()
+            if mode.stream is not None:
+                mode.stream.synchronize()
+        for req in waiting + running:  # cut: free what the service still holds for unfinished requests
+            if service is not None:
+                service.release(req.rid, aborted=True)
+            self.tower.forget(req.items)
+        return log_
+
+    def _admit(self, mode: ModeSetup, waiting: list[Req], running: list[Req], now: float,
+               log_: RunLog) -> list[Req]:
+        """FIFO under the prefill token budget and the running-request cap (SGLang's PrefillAdder, simplified)."""
+        room = self.max_running - len(running)
+        if room <= 0 or not waiting:
+            return []
+        batch: list[Req] = []
+        keep: list[Req] = []
+        tokens, full = 0, False
+        for req in waiting:
+            full = full or len(batch) >= room or (bool(batch) and tokens + req.prompt_len > self.chunk_tokens)
+            if full:
+                keep.append(req)
+                continue
+            if (mode.guard_hold_s is not None and running and now - req.seen < mode.guard_hold_s
+                    and not all(self.tower.ready(item) is not False for item in req.items)):
+                keep.append(req)  # its encode is still running: decode meanwhile instead of blocking on it
+                log_.held += 1
+                continue
+            batch.append(req)
+            tokens += req.prompt_len
+        waiting[:] = keep
+        return batch
+
+    def _media_embeddings(self, mode: ModeSetup, batch: list[Req], starts: list[int]) -> tuple[list[torch.Tensor],
+                                                                                                  list[int]]:
+        """Encoder calls of one prefill, as SGLang's ``embed_mm_inputs`` makes them; rows and their positions."""
+        calls: list[list[tuple[Req, int, Any]]] = []
+        if mode.name == "inline":  # one call per request
+            calls = [[(r, s, it) for it in r.items] for r, s in zip(batch, starts, strict=True) if r.items]
+        else:  # all images of the batch in one call; videos request by request
+            images = [(r, s, it) for r, s in zip(batch, starts, strict=True) for it in r.items
+                      if it.modality is Modality.IMAGE]
+            calls = [images] if images else []
+            calls += [[(r, s, it)] for r, s in zip(batch, starts, strict=True) for it in r.items
+                      if it.modality is Modality.VIDEO]
+        rows, positions = [], []
+        for call in calls:
+            items = [it for _, _, it in call]
+            if mode.service is None:
+                out = self.tower.encode_direct(items)
+            else:
+                out = mode.service.encode(items, self.tower.encode_direct)
+            rows.append(out)
+            for _, start, it in call:
+                a, b = it.offsets[0]
+                positions.extend(range(start + a, start + b + 1))
+            if out.shape[0] != sum(it.offsets[0][1] - it.offsets[0][0] + 1 for it in items):
+                raise RuntimeError(f"encoder returned {out.shape[0]} rows for items of other token counts")
+        return rows, positions
+
+    def _prefill(self, mode: ModeSetup, batch: list[Req], running: list[Req]) -> None:
+        llm = self.llm
+        lens = [r.prompt_len for r in batch]
+        starts = list(itertools.accumulate(lens, initial=0))[:-1]
+        ids = torch.randint(0, llm.shape.vocab, (sum(lens),), device=llm.device)
+        x = llm.embed[ids]
+        rows, positions = self._media_embeddings(mode, batch, starts)
+        if rows:
+            index = torch.tensor(positions, dtype=torch.long)
+            x[index.to(llm.device)] = torch.cat(rows).to(x.dtype)
+        for i, req in enumerate(batch):
+            req.slot = len(running) + i
+        hidden = llm.prefill([r.slot for r in batch], x, lens)
+        tokens = llm.sample(hidden).tolist()
+        now = time.perf_counter()
+        for req, tok in zip(batch, tokens, strict=True):
+            req.length, req.last_token = req.prompt_len, tok
+            req.token_times.append(now)
+            if mode.service is not None:  # SGLang's run_batch AFTER hook: prefill has passed the items' tokens
+                mode.service.consumed(req.rid, req.items, req.prompt_len)
+        running.extend(batch)
+        self._retire(mode, running, now)
+
+    def _decode(self, mode: ModeSetup, running: list[Req]) -> None:
+        hidden = self.llm.decode([r.last_token for r in running], [r.length for r in running])
+        tokens = self.llm.sample(hidden).tolist()
+        now = time.perf_counter()
+        for req, tok in zip(running, tokens, strict=True):
+            req.length += 1
+            req.last_token = tok
+            req.token_times.append(now)
+        self._retire(mode, running, now)
+
+    def _retire(self, mode: ModeSetup, running: list[Req], now: float) -> None:
+        """Finish done requests (release their items) and compact slots: the last ones move into the holes."""
+        finished = [r for r in running if r.done]
+        if not finished:
+            return
+        alive = [r for r in running if not r.done]
+        holes = sorted(r.slot for r in finished if r.slot < len(alive))
+        movers = [r for r in alive if r.slot >= len(alive)]
+        for hole, req in zip(holes, movers, strict=True):
+            self.llm.move_slot(req.slot, hole, req.length)
+            req.slot = hole
+        for req in finished:
+            req.finished = now
+            if mode.service is not None:
+                mode.service.release(req.rid, aborted=False)
+            self.tower.forget(req.items)
+        running[:] = sorted(alive, key=lambda r: r.slot)
+
+
+# --- measurement ----------------------------------------------------------------------------------
+def summarize(run: RunLog, duration: float, forwards: list[tuple[int, int]]) -> dict[str, Any]:
+    """TTFT from scheduled arrival to the first token on the host; ITL between a request's tokens.
+
+    ``tok_s`` counts tokens produced while arrivals run (the service rate under that load); requests
+    that never got a first token count with their age at the cut (a lower bound).
+    """
+    reqs, t0 = run.reqs, run.t0
+    ttft = [((r.token_times[0] if r.token_times else run.end) - r.arrival) * 1e3 for r in reqs]
+    itl = [(b - a) * 1e3 for r in reqs for a, b in itertools.pairwise(r.token_times)]
+    e2e = [(r.finished - r.arrival) * 1e3 for r in reqs if r.finished is not None]
+    in_window = sum(1 for r in reqs for t in r.token_times if t <= t0 + duration)
+    total = sum(len(r.token_times) for r in reqs)
+    last = max((t for r in reqs for t in r.token_times[-1:]), default=t0)
+    units = [u for u, _ in forwards]
+    out: dict[str, Any] = {
+        "requests": len(reqs), "completed": sum(r.finished is not None for r in reqs),
+        **latency_stats(ttft, "ttft"), **latency_stats(itl, "itl"),
+        "tok_s": in_window / duration, "tok_s_total": total / (last - t0) if last > t0 else 0.0,
+        "output_tokens": total, "e2e_p50_ms": pct(e2e, 50),
+        "encoder_calls": len(forwards),
+        "encoder_units_per_call_mean": statistics.fmean(units) if units else 0.0,
+        "encoder_units_per_call_p50": pct(units, 50) if units else 0.0,
+        "encoder_units_per_call_max": max(units, default=0),
+        "encoder_patches_per_call_mean": statistics.fmean(p for _, p in forwards) if forwards else 0.0,
+        "prefill_batches": len(run.prefill_sizes),
+        "prefill_reqs_per_batch_mean": statistics.fmean(run.prefill_sizes) if run.prefill_sizes else 0.0,
+        "decode_steps": len(run.decode_sizes),
+        "decode_batch_mean": statistics.fmean(run.decode_sizes) if run.decode_sizes else 0.0,
+        "decode_step_p50_ms": pct(run.decode_ms, 50), "decode_step_p99_ms": pct(run.decode_ms, 99),
+        "guard_holds": run.held, "wall_s": run.end - t0,
+    }
+    return out
+
+
+def service_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    keys = ("submitted", "taken_early", "encoded_on_demand", "fallbacks", "deferred", "cancelled", "wait_timeouts",
+            "forwards")
+    return {f"service_{k}": int(after.get(k, 0)) - int(before.get(k, 0)) for k in keys if k in after}
+
+
+def capacity_of(run: RunLog) -> float:
+    """Completed requests per second of a saturated run: over its last two thirds, or all of it if it drained."""
+    finishes = sorted(r.finished for r in run.reqs if r.finished is not None)
+    if not finishes:
+        return 0.0
+    if len(finishes) == len(run.reqs):
+        return len(finishes) / (finishes[-1] - run.t0)
+    lo = run.t0 + (run.end - run.t0) / 3
+    return sum(f >= lo for f in finishes) / (run.end - lo)
+
+
+def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Issue 9's ratios against ``inline`` (50/80 %) and each mode's capacity (last load with TTFT p50 <= 2x 20 %)."""
+    by = {(r["mode"], r["load"]): r for r in rows}
+    loads = sorted({r["load"] for r in rows})
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    out: dict[str, Any] = {"capacity_load": {}}
+    for mode in modes:
+        base = by[(mode, loads[0])]["ttft_p50_ms"]
+        within = [load for load in loads if by[(mode, load)]["ttft_p50_ms"] <= 2 * base]
+        out["capacity_load"][mode] = max(within) if within else None
+    for mode in modes:
+        if mode == "inline":
+            continue
+        for load in (0.5, 0.8):
+            if (mode, load) not in by or ("inline", load) not in by:
+                continue
+            m, i = by[(mode, load)], by[("inline", load)]
+            ratios = {"ttft_p50": m["ttft_p50_ms"] / i["ttft_p50_ms"], "itl_p99": m["itl_p99_ms"] / i["itl_p99_ms"],
+                      "tok_s": m["tok_s"] / i["tok_s"] if i["tok_s"] else float("nan")}
+            ratios["ok"] = ratios["ttft_p50"] <= 0.70 and ratios["itl_p99"] <= 1.05 and ratios["tok_s"] >= 1.0
+            out[f"{mode}@{load:g}"] = ratios
+    return out
+
+
+TABLE = (("mode", "mode", ""), ("load", "load", ".0%"), ("offered_req_s", "req/s", ".1f"),
+         ("completed", "done", "d"), ("requests", "of", "d"), ("ttft_p50_ms", "TTFT p50", ".0f"),
+         ("ttft_p90_ms", "p90", ".0f"), ("ttft_p99_ms", "p99", ".0f"), ("itl_p50_ms", "ITL p50", ".1f"),
+         ("itl_p99_ms", "p99", ".1f"), ("tok_s", "tok/s", ".0f"), ("encoder_calls", "enc calls", "d"),
+         ("encoder_units_per_call_mean", "units/call", ".2f"), ("decode_batch_mean", "decode B", ".1f"),
+         ("guard_holds", "holds", "d"))
+
+
+# --- main -----------------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny towers and a 2-layer tiny LM, seconds")
+    p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tower", default="qwen2_5_vl", choices=["qwen2_5_vl", "siglip-mixed"])
+    p.add_argument("--layers", type=int, default=None, help="LM layers (default: the shape's 28)")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="fractions of inline's capacity")
+    p.add_argument("--seconds", type=float, default=None, help="arrival window per run (default 8; smoke 0.5)")
+    p.add_argument("--min-requests", type=int, default=None, help="lengthen a light run's window to get these")
+    p.add_argument("--drain-seconds", type=float, default=None, help="most time after the window (default 20)")
+    p.add_argument("--capacity-seconds", type=float, default=None, help="saturated inline run (default 12)")
+    p.add_argument("--burst", type=int, default=None, help="requests of the saturated run (default 400)")
+    p.add_argument("--max-running", type=int, default=None, help="running-request cap (default 64; smoke 8)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="prompt tokens per prefill (default 8192)")
+    p.add_argument("--tuned-priority", type=int, default=-5,
+                   help="plugin-tuned: LLM forward stream priority (lower is higher; clamped to the device's range)")
+    p.add_argument("--tuned-hold-ms", type=float, default=150.0,
+                   help="plugin-tuned: longest a request waits for its early encode while decode runs")
+    p.add_argument("--tuned-max-inflight", type=int, default=None,
+                   help="plugin-tuned: coalescer max_inflight_batches (default: the config's)")
+    p.add_argument("--cudnn-sdpa", action="store_true", help="keep cuDNN SDPA (builds a graph per new shape)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    smoke = args.smoke
+    args.device = args.device or ("cpu" if smoke else "cuda")
+    defaults = {"seconds": (0.5, 8.0), "min_requests": (4, 30), "drain_seconds": (60.0, 20.0),
+                "capacity_seconds": (30.0, 12.0), "burst": (16, 400), "max_running": (8, 64),
+                "chunk_tokens": (512, 8192)}
+    for key, (tiny, full) in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if smoke else full)
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = set(args.modes) - set(MODES)
+    if unknown or "inline" not in args.modes:
+        p.error(f"--modes must include inline and name only {MODES}; got {args.modes}")
+    args.loads = [float(x) for x in args.loads.split(",") if x]
+    return args
+
+
+def coalescer_config(args: argparse.Namespace, bpp: int) -> CoalescerConfig:
+    """The shipped Qwen2.5-VL config (bytes/patch measured once here instead of at each start)."""
+    if args.tower == "qwen2_5_vl":
+        return load_config(REPO / "configs" / "qwen2_5_vl.yaml", bytes_per_patch=bpp, name="serving-plugin")
+    return config_from_dict({"max_batch_items": 64, "budget_bytes": 1 << 30, "bytes_per_patch": bpp,
+                             "name": "serving-plugin"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = parse_args(argv)
+    device = resolve(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not args.cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.manual_seed(args.seed)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shape = TINY_LM if args.smoke else QWEN2_5_VL_7B_LM
+    if args.layers:
+        shape = dataclasses.replace(shape, layers=args.layers)
+
+    raw_tower = build_bench_tower(args.tower, device, tiny=args.smoke)
+    tower = ServedTower(raw_tower, shape.hidden)
+    mix = MediaMix(args.tower, raw_tower, tiny=args.smoke, seed=args.seed)
+    work = Workload(mix, (4, 24) if args.smoke else (64, 512), (2, 6) if args.smoke else (32, 192))
+    t = time.perf_counter()
+    llm = DecoderLM(shape, device, dtype, args.max_running, work.max_len, seed=args.seed)
+    log(f"LM {shape.describe()}: {llm.weight_bytes / 2**30:.2f} GiB weights, KV cache "
+        f"{llm.kv.numel() * llm.kv.element_size() / 2**30:.2f} GiB ({args.max_running} x {work.max_len} tokens); "
+        f"built in {time.perf_counter() - t:.1f}s")
+    bpp = bytes_per_patch(raw_tower)
+    tower.bytes_per_patch = bpp
+    base_config = coalescer_config(args, bpp)
+    tuned_config = base_config.replace(name="serving-plugin-tuned", **(
+        {"max_inflight_batches": args.tuned_max_inflight} if args.tuned_max_inflight else {}))
+
+    normal = torch.cuda.Stream(device, priority=0) if cuda else None
+    high = torch.cuda.Stream(device, priority=args.tuned_priority) if cuda else None
+    setups: dict[str, ModeSetup] = {}
+    for mode in args.modes:
+        if mode == "plugin":
+            service = EncoderService(tower, base_config, lockstep=False).start()
+            setups[mode] = ModeSetup(mode, normal, service)
+        elif mode == "plugin-tuned":
+            service = EncoderService(tower, tuned_config, lockstep=False).start()
+            setups[mode] = ModeSetup(mode, high, service, guard_hold_s=args.tuned_hold_ms / 1e3)
+        else:
+            setups[mode] = ModeSetup(mode, normal)
+    loop = ServingLoop(llm, tower, args.max_running, args.chunk_tokens)
+    meta: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": vars(args),
+        "torch": torch.__version__, "tower": args.tower, "llm": dataclasses.asdict(shape),
+        "llm_weight_gib": llm.weight_bytes / 2**30, "max_len": work.max_len, "bytes_per_patch": bpp,
+        "coalescer_config": dataclasses.asdict(base_config), "tuned_config": dataclasses.asdict(tuned_config),
+        "stream_priority": {"normal": normal.priority if normal else None, "high": high.priority if high else None},
+        "workload": {"text_tokens": work.text_tokens, "output_tokens": work.output_tokens,
+                     "media": "50 % one image, 30 % 2-3 images, 20 % one video",
+                     "image_tokens": sorted({g[0].tokens for g in mix.images}),
+                     "video_tokens": mix.videos[0].tokens},
+    }
+    try:
+        rows = run_all(args, loop, setups, work, meta)
+    finally:
+        for setup in setups.values():
+            if setup.service is not None:
+                setup.service.close()
+    llm_shape = shape.describe() + ("" if shape.layers == QWEN2_5_VL_7B_LM.layers or args.smoke
+                                    else f" (scaled: {shape.layers} of 28 layers)")
+    report = {"device": device_name(device), "llm_shape": llm_shape, "rows": rows}
+    meta["targets"] = targets(rows)
+    meta["total_seconds"] = time.perf_counter() - started
+    if cuda:
+        meta["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    out = Path(args.out)
+    stem = "serving_bench_smoke" if args.smoke else "serving_bench"
+    write_json(out / f"{stem}.json", report)
+    write_json(out / f"{stem}_meta.json", meta)
+    print(f"\n{report['device']}; {llm_shape}; tower {args.tower}; inline capacity "
+          f"{meta['inline_capacity_req_s']:.2f} req/s")
+    print(format_table(rows, TABLE))
+    print("\ntargets vs inline:", {k: v for k, v in meta["targets"].items()})
+    (out / f"{stem}_table.md").write_text(markdown_table(rows, TABLE) + "\n")
+    try:
+        from benchmarks.plot_serving import plot
+
+        plot(report, meta, out / f"{stem}.png")
+        log(f"wrote {out / f'{stem}.png'}")
+    except ImportError as exc:
+        log(f"no plot ({exc}); run python -m benchmarks.plot_serving {out / f'{stem}.json'} where matplotlib is")
+    log(f"wrote {out / f'{stem}.json'}; total {meta['total_seconds']:.0f} s wall")
+    return 0
+
+
+def run_all(args: argparse.Namespace, loop: ServingLoop, setups: dict[str, ModeSetup], work: Workload,
+            meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """Warm every mode, measure inline's capacity, then every load x mode on the same traces."""
+    warm = [(0.0, RequestSpec(tuple(media), 8, 3)) for media in work.mix.warm_set()]
+    warm += poisson_trace(work.request, 200.0, 0.05, seed=99)
+    t = time.perf_counter()
+    for setup in setups.values():
+        loop.serve(setup, warm, stop_after=120.0)
+    log(f"warm-up of {len(setups)} modes: {time.perf_counter() - t:.1f}s")
+
+    rng = random.Random(args.seed + 7)
+    burst = [(0.0, work.request(rng)) for _ in range(args.burst)]
+    cap_run = loop.serve(setups["inline"], burst, stop_after=args.capacity_seconds)
+    capacity = capacity_of(cap_run)
+    meta["inline_capacity_req_s"] = capacity
+    meta["capacity_run"] = {"requests": len(burst), "completed": sum(r.finished is not None for r in cap_run.reqs),
+                            "seconds": cap_run.end - cap_run.t0}
+    log(f"inline capacity: {capacity:.2f} req/s ({meta['capacity_run']})")
+
+    rows: list[dict[str, Any]] = []
+    plan = [(load, mode) for load in args.loads for mode in args.modes]
+    traces: dict[float, tuple[float, list[tuple[float, RequestSpec]]]] = {}
+    for i, load in enumerate(args.loads):
+        rate = load * capacity
+        duration = min(2 * args.seconds, max(args.seconds, args.min_requests / rate))
+        traces[load] = (duration, poisson_trace(work.request, rate, duration, seed=1000 + i))
+    bar = progress(plan, len(plan), "serving runs")
+    for load, mode in bar:
+        duration, trace = traces[load]
+        setup = setups[mode]
+        before = setup.service.stats() if setup.service else {}
+        run = loop.serve(setup, trace, stop_after=duration + args.drain_seconds)
+        row = {"mode": mode, "load": load, "offered_req_s": load * capacity, "duration_s": duration,
+               "trace_requests": len(trace),
+               **summarize(run, duration, loop.tower.take_forwards())}
+        if setup.service:
+            row.update(service_delta(before, setup.service.stats()))
+        rows.append(row)
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"{mode} {load:.0%}: TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
+                                f"ITL p99 {row['itl_p99_ms']:.1f} ms")
+        else:
+            log(f"{mode} {load:.0%}: TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p99 {row['itl_p99_ms']:.1f} ms")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
