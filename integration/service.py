@@ -1,19 +1,25 @@
-"""The scheduler-process side: early encoding at arrival, results taken by item hash at prefill.
+"""The scheduler-process side: early encoding at arrival, results taken by result key at prefill.
 
 One :class:`EncoderService` lives in each SGLang scheduler process that serves a supported model.
-Every method is called from the scheduler thread. Two backends do the encoding:
+Two backends do the encoding:
 
-* ``async`` (TP=1): a :class:`~mm_scheduler.Coalescer` on its own event loop thread (uvloop when
+* ``async``: a :class:`~mm_scheduler.Coalescer` on its own event loop thread (uvloop when
   installed). Work is handed over with ``asyncio.run_coroutine_threadsafe``; the tower runs on the
   coalescer's forward thread and CUDA stream, overlapping the scheduler and the model's forward.
-* ``lockstep`` (TP>1): a :class:`~mm_scheduler.lockstep.LockstepEncoder`. Arrival only queues; the
-  prefill forward that needs a result runs the queued batches, in queue order, on the scheduler
-  thread and stream, where SGLang runs its own encoder. Every rank sees the same broadcast
-  requests and prefills, so every rank issues the same encoder collectives in the same order.
+* ``lockstep`` (TP>1 with a sharded tower): a :class:`~mm_scheduler.lockstep.LockstepEncoder`.
+  Arrival only queues; the prefill forward that needs a result runs the queued batches, in queue
+  order, on the scheduler thread and stream, where SGLang runs its own encoder.
 
-Results are held per ``(modality, item hash)`` until every request that submitted the item has
-prefilled past its tokens (chunked prefill may ask several times), finished or aborted; then the
-result is freed, and an abort withdraws units still queued.
+Who calls it: in sglang 0.5.23 every hook the plugin installs runs on the scheduler process's main
+thread (the overlap scheduler overlaps with CUDA streams, not threads); PD bootstrap and the
+detokenizer live in other threads or processes that never touch the service. It is nevertheless
+safe to call from any thread: one lock guards the bookkeeping, and nothing blocks while holding it.
+
+CUDA: pixels may have been produced on the caller's current stream (SGLang's schedule or forward
+stream, a CUDA-IPC rebuild): an event recorded there at submit orders the encoder stream after
+them. Results were produced on the encoder stream and are read on the caller's: each is tied to the
+consuming stream (``record_stream``) before any kernel there touches it, so the allocator cannot
+recycle its memory until the consumer is done, whoever drops the last reference.
 """
 
 from __future__ import annotations
@@ -22,31 +28,47 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import torch
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 
 from mm_scheduler import Coalescer, CoalescerConfig, CoalescerError, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
 
 from .adapters import SGLangTower
+from .held import Deferred, HeldResults
 
 logger = logging.getLogger(__name__)
-
-EntryKey = tuple[str, int]
 
 # Imported only in scheduler processes, after SGLang has set PROMETHEUS_MULTIPROC_DIR.
 PREFILL_ITEMS = Counter("mm_coalescer_prefill_items", "Items a prefill asked the encoder for, by where the result came "
                         "from: early (encoded since arrival), on_demand, or fallback (SGLang's own method)",
                         ("coalescer", "source"))
+PREFILL_WAIT = Histogram("mm_coalescer_prefill_wait_seconds", "Time the scheduler thread was blocked waiting for "
+                         "encoder results inside a prefill", ("coalescer",),
+                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 
 
-def entry_key(item: Any) -> EntryKey:
-    """Results are held under the modality and SGLang's content hash of the item."""
-    return (item.modality.name.lower(), item.hash)
+def result_key(tower: SGLangTower, item: Any) -> Hashable:
+    """What decides an item's encoding (the adapter's key when it defines one)."""
+    key_of = getattr(tower, "result_key", None)
+    return key_of(item) if key_of is not None else (item.modality.name.lower(), item.hash)
+
+
+def _queue_keys(units: Sequence[EncodeItem]) -> list[Hashable]:
+    """The keys the coalescer queues ``units`` under (a video unit becomes ``(key, frame)`` units)."""
+    keys: list[Hashable] = []
+    for unit in units:
+        if unit.key is None:
+            continue
+        if unit.modality == "video":
+            keys.extend((unit.key, frame) for frame in range(unit.pixel_values.shape[0]))
+        else:
+            keys.append(unit.key)
+    return keys
 
 
 def _new_event_loop() -> asyncio.AbstractEventLoop:
@@ -58,7 +80,7 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 class LoopThread:
-    """An event loop running forever on a daemon thread; the scheduler thread submits coroutines."""
+    """An event loop running forever on a daemon thread; other threads submit coroutines."""
 
     def __init__(self, name: str) -> None:
         self.loop = _new_event_loop()
@@ -77,38 +99,60 @@ class LoopThread:
         self.thread.join(timeout=10)
 
 
-@dataclass(eq=False)
-class _Entry:
-    """One submitted item: its pending encode and the requests that still need it."""
+class ExclusiveTower:
+    """The adapter, with every forward under one lock that SGLang's own method also takes.
 
-    handle: concurrent.futures.Future[list[torch.Tensor]] | LockstepTicket
-    nbytes: int
-    holders: set[str] = field(default_factory=set)
+    SGLang's fallback ``get_*_feature`` (scheduler thread) and a coalescer forward (forward thread)
+    would otherwise run the same vision module at once: shared workspaces, graph buffers, caches.
+    """
+
+    def __init__(self, tower: SGLangTower) -> None:
+        self._tower = tower
+        self.lock = threading.Lock()
+
+    def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
+        with self.lock:
+            return self._tower.forward(units)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tower, name)
 
 
 class EncoderService:
     """Routes an SGLang model's vision encoding through a coalescer (or lockstep encoder)."""
 
     def __init__(self, tower: SGLangTower, config: CoalescerConfig, *, lockstep: bool,
-                 max_held_bytes: int = 1 << 30) -> None:
+                 max_held_bytes: int = 1 << 30, prefill_wait_s: float = 2.0,
+                 agree: Callable[[bool], bool] | None = None) -> None:
         self.tower = tower
         self.config = config
         self.lockstep = lockstep
-        # Results encoded ahead of their prefill wait on the GPU; under overload (a long waiting
-        # queue) they must not grow without bound. Beyond the cap, arrivals encode at prefill.
-        self.max_held_bytes = max_held_bytes
-        self.held_bytes = 0
-        self._entries: dict[EntryKey, _Entry] = {}
-        self._held_by: dict[str, set[EntryKey]] = {}
+        self.prefill_wait_s = prefill_wait_s
+        self._agree = agree
+        self._exclusive = ExclusiveTower(tower)
+        # Results encoded ahead of their prefill wait on the GPU; beyond the cap arrivals wait
+        # (deferred) until frees make room, and are encoded at prefill if their turn never comes.
+        self._held: HeldResults[Any, Any] = HeldResults(max_held_bytes)
+        self._lock = threading.Lock()
+        self._suspects: set[str] = set()
         self._loop: LoopThread | None = None
         self._coalescer: Coalescer | None = None
         self._lockstep: LockstepEncoder | None = None
-        self.counts = dict.fromkeys(("submitted", "shared", "deferred", "taken_early", "encoded_on_demand",
-                                     "released", "cancelled", "fallbacks"), 0)
+        self.counts = dict.fromkeys(("submitted", "shared", "deferred", "admitted", "taken_early",
+                                     "encoded_on_demand", "released", "cancelled", "swept", "wait_timeouts",
+                                     "fallbacks"), 0)
 
     @property
     def mode(self) -> str:
         return "lockstep" if self.lockstep else "async"
+
+    @property
+    def max_held_bytes(self) -> int:
+        return self._held.max_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held.held_bytes
 
     @property
     def budget_bytes(self) -> int:
@@ -120,11 +164,16 @@ class EncoderService:
 
     def start(self) -> EncoderService:
         if self.lockstep:
-            self._lockstep = LockstepEncoder(self.tower, self.config)
+            kwargs = {} if self._agree is None else {"agree": self._agree}
+            self._lockstep = LockstepEncoder(self._exclusive, self.config, **kwargs)
         else:
             self._loop = LoopThread(f"mm-coalescer-{self.config.name}")
-            self._coalescer = Coalescer(self.tower, self.config)
-            self._loop.submit(self._coalescer.start()).result()
+            try:
+                self._coalescer = Coalescer(self._exclusive, self.config)
+                self._loop.submit(self._coalescer.start()).result()
+            except BaseException:
+                self._loop.stop()
+                raise
         return self
 
     def close(self) -> None:
@@ -132,140 +181,219 @@ class EncoderService:
         if self._coalescer is not None and self._loop is not None:
             self._loop.submit(self._coalescer.aclose(cancel_pending=True)).result(timeout=60)
             self._loop.stop()
-        self._entries.clear()
-        self._held_by.clear()
-        self.held_bytes = 0
+        with self._lock:
+            self._held.clear()
 
     def serves(self, model: object) -> bool:
         return model is self.tower.model
 
+    def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run SGLang's own encoder method, never at the same time as a coalescer forward."""
+        with self._exclusive.lock:
+            return fn()
+
     # --- arrival --------------------------------------------------------------------------------
     def on_arrival(self, rid: str, items: Sequence[Any]) -> None:
         """Submit a new request's items now; identical items already held are shared, not re-encoded."""
-        for item in items:
-            if item is None or item.hash is None or not self.tower.accepts(item):
-                continue
-            key = entry_key(item)
-            entry = self._entries.get(key)
-            if entry is None:
+        with self._lock:
+            for item in items:
+                if item is None or item.hash is None or not self.tower.accepts(item):
+                    continue
+                key = result_key(self.tower, item)
+                if self._held.join(rid, key):
+                    self.counts["shared"] += 1
+                    continue
                 nbytes = self.tower.output_bytes(item)
-                if self.held_bytes + nbytes > self.max_held_bytes:
+                if not self._held.fits(nbytes):
+                    self._held.defer(rid, key, nbytes, item)
                     self.counts["deferred"] += 1
                     continue
-                handle = self._submit(self.tower.units(item))
-                if handle is None:
-                    continue
-                entry = self._entries[key] = _Entry(handle, nbytes)
-                self.held_bytes += nbytes
-                self.counts["submitted"] += 1
-            elif rid not in entry.holders:
-                self.counts["shared"] += 1
-            entry.holders.add(rid)
-            self._held_by.setdefault(rid, set()).add(key)
+                handle = self._submit_quietly(item)
+                if handle is not None:
+                    self._held.add(rid, key, handle, nbytes)
+                    self.counts["submitted"] += 1
 
     # --- prefill ---------------------------------------------------------------------------------
     def encode(self, items: Sequence[Any], original: Callable[[list[Any]], Any]) -> Any:
         """What the hooked ``get_*_feature`` returns: held results where present, the rest encoded now.
 
-        Items this tower does not take (precomputed embeddings, unknown layouts) and coalescer errors
-        fall back to the model's own method for the whole call, so SGLang's behaviour is the floor.
+        Items this tower does not take (precomputed embeddings, unknown layouts), coalescer errors
+        and a wait longer than ``prefill_wait_s`` fall back to the model's own method for the whole
+        call, so SGLang's behaviour is the floor.
         """
         if not items or not all(self.tower.accepts(item) for item in items):
-            self.counts["fallbacks"] += 1
-            PREFILL_ITEMS.labels(self.config.name, "fallback").inc(len(items))
-            return original(list(items))
-        results: list[torch.Tensor | None] = [None] * len(items)
+            return self._fallback(items, original)
+        started = time.perf_counter()
+        deadline = started + self.prefill_wait_s
+        with self._lock:
+            handles = [self._held_handle(item) for item in items]
+        self._expedite(h for h in handles if h is not None)
+        outputs: list[list[torch.Tensor] | None] = [None] * len(items)
         missing: list[int] = []
-        for i, item in enumerate(items):
-            entry = self._entries.get(entry_key(item)) if item.hash is not None else None
-            if entry is None:
-                missing.append(i)
-                continue
-            try:
-                results[i] = self.tower.assemble(item, self._wait(entry.handle))
-                self.counts["taken_early"] += 1
-                PREFILL_ITEMS.labels(self.config.name, "early").inc()
-            except CoalescerError:
-                logger.warning("mm-coalescer: early encode of item %s failed; encoding it again", item.hash,
-                               exc_info=True)
-                missing.append(i)
-        if missing:
-            try:
-                handles = [self._submit(self.tower.units(items[i]), raise_errors=True) for i in missing]
-                for i, handle in zip(missing, handles, strict=True):
-                    results[i] = self.tower.assemble(items[i], self._wait(handle))
+        try:
+            for i, handle in enumerate(handles):
+                if handle is None:
+                    missing.append(i)
+                    continue
+                try:
+                    outputs[i] = self._wait(handle, deadline)
+                    self.counts["taken_early"] += 1
+                    PREFILL_ITEMS.labels(self.config.name, "early").inc()
+                except (CoalescerError, concurrent.futures.CancelledError):
+                    logger.warning("mm-coalescer: early encode of item %s failed or was withdrawn; encoding it "
+                                   "again", items[i].hash, exc_info=True)
+                    missing.append(i)
+            if missing:
+                fresh = [self._submit(items[i], urgent=True) for i in missing]
+                for i, handle in zip(missing, fresh, strict=True):
+                    outputs[i] = self._wait(handle, deadline)
                 self.counts["encoded_on_demand"] += len(missing)
                 PREFILL_ITEMS.labels(self.config.name, "on_demand").inc(len(missing))
-            except CoalescerError:
-                logger.warning("mm-coalescer: encoding failed; using the model's own method", exc_info=True)
-                self.counts["fallbacks"] += 1
-                PREFILL_ITEMS.labels(self.config.name, "fallback").inc(len(items))
-                return original(list(items))
-        outputs = [self._for_consumer(t) for t in results]  # type: ignore[arg-type]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
+        except TimeoutError:
+            self.counts["wait_timeouts"] += 1
+            logger.warning("mm-coalescer: encoder results not ready within %.0f ms; using the model's own method",
+                           self.prefill_wait_s * 1000)
+            return self._fallback(items, original)
+        except (CoalescerError, concurrent.futures.CancelledError):
+            logger.warning("mm-coalescer: encoding failed; using the model's own method", exc_info=True)
+            return self._fallback(items, original)
+        finally:
+            PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
+        consumer = [self.tower.assemble(item, self._for_consumer(out))  # type: ignore[arg-type]
+                    for item, out in zip(items, outputs, strict=True)]
+        return consumer[0] if len(consumer) == 1 else torch.cat(consumer, dim=0)
+
+    def _fallback(self, items: Sequence[Any], original: Callable[[list[Any]], Any]) -> Any:
+        self.counts["fallbacks"] += 1
+        PREFILL_ITEMS.labels(self.config.name, "fallback").inc(len(items))
+        return self.run_exclusive(lambda: original(list(items)))
+
+    def _held_handle(self, item: Any) -> Any:
+        if item.hash is None:
+            return None
+        entry = self._held.entry(result_key(self.tower, item))
+        return None if entry is None else entry.handle
 
     # --- release ---------------------------------------------------------------------------------
-    def release(self, rid: str, *, aborted: bool) -> None:
-        """Drop ``rid``'s hold on its items; free results nobody holds and cancel their queued units."""
-        for key in self._held_by.pop(rid, ()):
-            self._drop(rid, key, aborted)
+    def release(self, rid: str, *, aborted: bool = False) -> None:
+        """Drop ``rid``'s holds; free results nobody holds and withdraw their queued units.
+
+        ``aborted`` only documents the caller's reason: work nobody waits for any more is
+        withdrawn either way (a finished request cannot need it).
+        """
+        with self._lock:
+            freed = self._held.release(rid)
+            self._after_free(freed)
 
     def consumed(self, rid: str, items: Sequence[Any], prefilled_upto: int) -> None:
         """``rid``'s prefill has passed every token of some items: it will not ask for them again.
 
         Only a retraction (re-prefill) could; it then encodes on demand, as SGLang itself would.
-        Freeing here rather than at finish keeps decode-phase requests from filling ``max_held_bytes``.
+        Freeing here rather than at finish keeps decode-phase requests from filling the cap.
         """
-        held = self._held_by.get(rid)
-        if not held:
-            return
-        for item in items:
-            key = entry_key(item)
-            if key in held and item.offsets and item.offsets[-1][1] < prefilled_upto:
-                held.discard(key)
-                self._drop(rid, key, aborted=False)
-        if not held:
-            del self._held_by[rid]
+        with self._lock:
+            freed = []
+            for item in items:
+                if item.hash is None or not item.offsets or item.offsets[-1][1] >= prefilled_upto:
+                    continue
+                handle = self._held.consume(rid, result_key(self.tower, item))
+                if handle is not None:
+                    freed.append(handle)
+            self._after_free(freed)
 
-    def _drop(self, rid: str, key: EntryKey, aborted: bool) -> None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return
-        entry.holders.discard(rid)
-        if entry.holders:
-            return
-        del self._entries[key]
-        self.held_bytes -= entry.nbytes
-        self.counts["released"] += 1
-        if aborted and self._cancel(entry.handle):
-            self.counts["cancelled"] += 1
+    def sweep(self, live_rids: Iterable[str]) -> int:
+        """Safety net for exits that skip every release hook: drop holders absent from two sweeps running.
+
+        ``live_rids`` are the requests the scheduler still has anywhere. Two sweeps, not one, so a
+        request in transit between two of the scheduler's queues is never mistaken for gone; a
+        mistaken release would only make its prefill encode on demand.
+        """
+        with self._lock:
+            absent = self._held.holders() - set(live_rids)
+            gone, self._suspects = absent & self._suspects, absent - self._suspects
+            for rid in gone:
+                self._after_free(self._held.release(rid))
+            self.counts["swept"] += len(gone)
+            return len(gone)
+
+    def release_all(self) -> None:
+        """The server releases its GPU memory (``release_memory_occupation``): hold nothing."""
+        with self._lock:
+            self._after_free(self._held.clear())
+
+    def _after_free(self, freed: list[Any]) -> None:
+        """Withdraw work nobody waits for, then admit deferred items that now fit (under the lock)."""
+        self.counts["released"] += len(freed)
+        for handle in freed:
+            if self._cancel(handle):
+                self.counts["cancelled"] += 1
+        for deferred in self._held.admit():
+            self._admit(deferred)
+
+    def _admit(self, deferred: Deferred[Any]) -> None:
+        handle = self._submit_quietly(deferred.payload)
+        self._held.admitted(deferred, handle)
+        if handle is not None:
+            self.counts["admitted"] += 1
 
     def stats(self) -> dict[str, Any]:
         """Service counters plus the backend's queue state (for logs, tests and debugging)."""
         backend = (self._coalescer.stats() if self._coalescer is not None
                    else {"pending_units": self._lockstep.pending_units, "forwards": self._lockstep.forwards})
-        return {**self.counts, **backend, "held_items": len(self._entries), "held_bytes": self.held_bytes,
-                "mode": self.mode}
+        with self._lock:
+            held = {"held_items": len(self._held), "held_bytes": self._held.held_bytes,
+                    "deferred_items": self._held.deferred_count}
+        return {**self.counts, **backend, **held, "mode": self.mode}
 
-    def held_keys(self) -> set[EntryKey]:
-        return set(self._entries)
+    def held_keys(self) -> set[Hashable]:
+        with self._lock:
+            return self._held.keys()
 
     # --- backend plumbing ------------------------------------------------------------------------
-    def _submit(self, units: list[EncodeItem], raise_errors: bool = False) -> Any:
-        if self._lockstep is not None:
-            try:
-                return self._lockstep.submit(units)
-            except CoalescerError:
-                if raise_errors:
-                    raise
-                logger.warning("mm-coalescer: not encoding an item early", exc_info=True)
-                return None
-        return self._loop.submit(self._coalescer.encode(units))  # type: ignore[union-attr]
+    def _units(self, item: Any) -> list[EncodeItem]:
+        """The item's units, with an event on the submitting thread's stream for CUDA pixels."""
+        units = self.tower.units(item)
+        cuda = [u for u in units if u.pixel_values.is_cuda]
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(cuda[0].pixel_values.device))
+            for unit in cuda:
+                unit.ready = ready
+        return units
 
-    def _wait(self, handle: Any) -> list[torch.Tensor]:
+    def _submit(self, item: Any, *, urgent: bool = False) -> Any:
+        """Queue ``item``'s units; raises CoalescerError (invalid, queue full, closed)."""
+        units = self._units(item)
+        if self._lockstep is not None:
+            return self._lockstep.submit(units)
+        handle = self._loop.submit(self._coalescer.encode(units, urgent=urgent))  # type: ignore[union-attr]
+        handle.unit_keys = _queue_keys(units)  # type: ignore[attr-defined]
+        return handle
+
+    def _submit_quietly(self, item: Any) -> Any:
+        """Early encoding is an optimisation: if the backend refuses, the prefill encodes on demand."""
+        try:
+            return self._submit(item)
+        except CoalescerError:
+            logger.warning("mm-coalescer: not encoding an item early", exc_info=True)
+            return None
+
+    def _expedite(self, handles: Iterable[Any]) -> None:
+        """A prefill is about to block on these: their queued units jump the coalescer's queue."""
+        if self._coalescer is None:
+            return  # lockstep: result() runs the queued batches in order, deterministically
+        keys = [unit_key for handle in handles if not handle.done()
+                for unit_key in getattr(handle, "unit_keys", ())]
+        if keys:
+            self._loop.loop.call_soon_threadsafe(self._coalescer.expedite, keys)  # type: ignore[union-attr]
+
+    def _wait(self, handle: Any, deadline: float) -> list[torch.Tensor]:
         if isinstance(handle, LockstepTicket):
             return self._lockstep.result(handle)  # type: ignore[union-attr]
-        return handle.result()
+        try:
+            return handle.result(timeout=max(0.0, deadline - time.perf_counter()))
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError from None
 
     def _cancel(self, handle: Any) -> bool:
         """Withdraw queued work; True if something was still pending."""
@@ -276,8 +404,9 @@ class EncoderService:
         return handle.cancel()
 
     @staticmethod
-    def _for_consumer(tensor: torch.Tensor) -> torch.Tensor:
-        """Tie a CUDA result's memory to the consuming stream before the producer's reference drops."""
-        if tensor.is_cuda:
-            tensor.record_stream(torch.cuda.current_stream(tensor.device))
-        return tensor
+    def _for_consumer(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Tie CUDA results to the consuming stream before any kernel there reads them."""
+        for tensor in outputs:
+            if tensor.is_cuda:
+                tensor.record_stream(torch.cuda.current_stream(tensor.device))
+        return outputs

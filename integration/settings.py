@@ -24,6 +24,15 @@ ENV_MODE = "MM_COALESCER_MODE"
 ENV_MAX_HELD_MB = "MM_COALESCER_MAX_HELD_MB"
 DEFAULT_MAX_HELD_MB = 1024.0
 MODES = ("auto", "async", "lockstep")
+PLUGIN_DEFAULTS: dict[str, Any] = {
+    # CUDA priority of SGLang's own streams (created while the scheduler starts). Priority 0, which
+    # SGLang uses, is already CUDA's lowest, and so is the encoder's stream: "high" creates the
+    # LLM's streams at the highest priority so decode kernels overtake encoder kernels.
+    "llm_stream_priority": "high",
+    # Longest a prefill waits for a result encoded since arrival (its units jump the queue first);
+    # past it the whole call falls back to the model's own method.
+    "prefill_wait_ms": 2000.0,
+}
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -63,12 +72,35 @@ def resolve(enable: bool, config_path: str | None, max_held_mb: float | None = N
     if max_held_mb < 0:
         raise ValueError(f"max held results must be >= 0 MB, got {max_held_mb!r}")
     values: dict[str, Any] = {}
+    plugin = dict(PLUGIN_DEFAULTS)
     if config_path is not None:
         from mm_scheduler.config import CoalescerConfig, load_config
 
         loaded = load_config(config_path)
         values = {key: getattr(loaded, key) for key in CoalescerConfig.__dataclass_fields__}
-    return {"config_path": config_path, "values": values, "mode": mode, "max_held_bytes": int(max_held_mb * 2**20)}
+        plugin.update(_plugin_section(config_path))
+    return {"config_path": config_path, "values": values, "mode": mode, "max_held_bytes": int(max_held_mb * 2**20),
+            "plugin": plugin}
+
+
+def _plugin_section(config_path: str) -> dict[str, Any]:
+    """The YAML file's ``sglang:`` section (settings of this plugin, not of the core), validated."""
+    import yaml
+
+    with open(config_path) as f:
+        section = (yaml.safe_load(f) or {}).get("sglang") or {}
+    if not isinstance(section, dict):
+        raise ValueError(f"{config_path}: 'sglang' must be a mapping, got {type(section).__name__}")
+    unknown = sorted(set(section) - set(PLUGIN_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{config_path}: unknown key(s) {unknown} under 'sglang'; known: {sorted(PLUGIN_DEFAULTS)}")
+    priority = section.get("llm_stream_priority", PLUGIN_DEFAULTS["llm_stream_priority"])
+    if priority not in ("high", "default"):
+        raise ValueError(f"{config_path}: sglang.llm_stream_priority must be 'high' or 'default', got {priority!r}")
+    wait = section.get("prefill_wait_ms", PLUGIN_DEFAULTS["prefill_wait_ms"])
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait <= 0:
+        raise ValueError(f"{config_path}: sglang.prefill_wait_ms must be a number > 0, got {wait!r}")
+    return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait)}
 
 
 def settings_of(server_args: object) -> dict[str, Any] | None:

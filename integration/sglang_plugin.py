@@ -33,8 +33,10 @@ prometheus_client) is imported in the scheduler once the service starts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
@@ -50,6 +52,11 @@ PLUGIN_NAME = "mm_coalescer"
 SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch"
+WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
+# Where a scheduler keeps requests (lists, batches with .reqs, queues with .queue); the sweep's live set.
+LIVE_REQUEST_HOLDERS = ("waiting_queue", "running_batch", "cur_batch", "last_batch", "chunked_req",
+                        "disagg_prefill_bootstrap_queue", "disagg_prefill_inflight_queue")
+SWEEP_INTERVAL_S = 1.0
 # Where each supported model class is defined, and the encoder methods routed through the service.
 MODEL_METHODS: dict[str, tuple[str, ...]] = {
     "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": ("get_image_feature", "get_video_feature"),
@@ -61,6 +68,7 @@ _RID_ATTR = "_mm_coalescer_rid"
 
 _service: EncoderService | None = None
 _hooked_targets: set[str] = set()
+_last_sweep = 0.0
 
 
 def register() -> None:
@@ -69,7 +77,9 @@ def register() -> None:
         (f"{SERVER_ARGS}.add_cli_args", _after_add_cli_args, HookType.AFTER),
         (f"{SERVER_ARGS}.from_cli_args", _around_from_cli_args, HookType.AROUND),
         (f"{SERVER_ARGS}.resolve_once", _after_resolve_once, HookType.AFTER),
-        (f"{SCHEDULER}.__init__", _after_scheduler_init, HookType.AFTER),
+        (f"{SCHEDULER}.__init__", _around_scheduler_init, HookType.AROUND),
+        (f"{SCHEDULER}.get_next_batch_to_run", _after_get_next_batch, HookType.AFTER),
+        (f"{WEIGHT_UPDATER}.release_memory_occupation", _before_release_memory, HookType.BEFORE),
         (f"{SCHEDULER}._add_request_to_queue", _around_add_request_to_queue, HookType.AROUND),
         (f"{SCHEDULER}.run_batch", _after_run_batch, HookType.AFTER),
         (f"{SCHEDULER}._maybe_clear_mm_inputs", _before_clear_mm_inputs, HookType.BEFORE),
@@ -78,6 +88,7 @@ def register() -> None:
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)
+    __import__("integration.epd", fromlist=["register_epd"]).register_epd()  # EPD encoder servers (issue 10)
 
 
 def active_service() -> EncoderService | None:
@@ -113,12 +124,29 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
 
 
 # --- scheduler lifecycle ------------------------------------------------------------------------
-def _after_scheduler_init(_result: None, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    from sglang.srt.runtime_context import get_parallel
+def _around_scheduler_init(original: Callable[..., Any], scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Build the scheduler (its CUDA streams at high priority if configured), then start the service.
 
+    Nothing here may take the server down: any failure of the plugin logs one error and leaves
+    SGLang's own encoder path in place.
+    """
     chosen = settings.settings_of(kwargs.get("server_args", args[0] if args else None))
+    priority = (chosen or {}).get("plugin", settings.PLUGIN_DEFAULTS)["llm_stream_priority"]
+    with llm_streams_at_high_priority(enabled=chosen is not None and priority == "high"):
+        original(scheduler, *args, **kwargs)
     if chosen is None:
         return
+    try:
+        _start_for_scheduler(scheduler, chosen)
+    except Exception:
+        logger.error("mm-coalescer: the plugin failed to start; SGLang encodes media with its own method",
+                     exc_info=True)
+        stop()
+
+
+def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
+    from sglang.srt.runtime_context import get_parallel
+
     if get_parallel().pp_rank != 0:  # the vision tower lives on the first pipeline stage only
         return
     model = getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "model", None)
@@ -126,6 +154,40 @@ def _after_scheduler_init(_result: None, scheduler: Any, *args: Any, **kwargs: A
         logger.warning("mm-coalescer: this scheduler's worker exposes no model_runner.model; plugin off")
         return
     start(model, chosen, tp_size=scheduler.tp_size)
+
+
+@contextlib.contextmanager
+def llm_streams_at_high_priority(enabled: bool) -> Iterator[None]:
+    """While SGLang builds its scheduler and model runner, CUDA streams are created at the highest priority.
+
+    SGLang creates its schedule and forward streams at priority 0, CUDA's lowest, the same as the
+    encoder stream, so encoder kernels compete equally with decode. Streams cannot change priority
+    after creation and many objects keep references to them, so they are created high from the start.
+    """
+    if not enabled or not torch_cuda_available():
+        yield
+        return
+    import torch
+
+    stream_cls = torch.cuda.Stream
+    original_new = stream_cls.__dict__["__new__"]
+    _least, greatest = torch.cuda.Stream.priority_range()
+
+    def high_priority_new(cls: type, device: Any = None, priority: int = 0, **kwargs: Any) -> Any:
+        return original_new(cls, device, priority=min(priority, greatest), **kwargs)  # lower number = higher
+
+    stream_cls.__new__ = high_priority_new  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        stream_cls.__new__ = original_new  # type: ignore[method-assign]
+    logger.info("mm-coalescer: SGLang's CUDA streams were created at priority %d (encoder stream: 0)", greatest)
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def start(model: Any, chosen: dict[str, Any], *, tp_size: int) -> EncoderService | None:
@@ -151,8 +213,14 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int) -> EncoderService
     if mode == "async" and tp_size > 1:
         logger.warning("mm-coalescer: %s=async ignored with TP=%d; using lockstep mode", settings.ENV_MODE, tp_size)
     max_held = chosen.get("max_held_bytes", int(settings.DEFAULT_MAX_HELD_MB * 2**20))
-    _service = EncoderService(tower, config, lockstep=lockstep, max_held_bytes=max_held).start()
-    _hook_model_class(type(model))
+    plugin = chosen.get("plugin", settings.PLUGIN_DEFAULTS)
+    _service = EncoderService(tower, config, lockstep=lockstep, max_held_bytes=max_held,
+                              prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0).start()
+    try:
+        _hook_model_class(type(model))
+    except BaseException:
+        stop()
+        raise
     logger.info("mm-coalescer: %s mode for %s (budget %d bytes, %d bytes/patch)", _service.mode,
                 type(model).__name__, _service.budget_bytes, _service.bytes_per_patch)
     return _service
@@ -202,6 +270,37 @@ def _after_run_batch(_result: Any, scheduler: Any, batch: Any, *args: Any, **kwa
     for req in batch.reqs:
         if req.multimodal_inputs is not None and req.extend_end is not None:
             service.consumed(req.rid, req.multimodal_inputs.mm_items, req.extend_end)
+
+
+def _after_get_next_batch(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """About once a second: release holds of requests the scheduler no longer has anywhere."""
+    global _last_sweep
+    service = _service
+    now = time.monotonic()
+    if service is None or now - _last_sweep < SWEEP_INTERVAL_S:
+        return
+    _last_sweep = now
+    service.sweep(live_rids(scheduler))
+
+
+def live_rids(scheduler: Any) -> set[str]:
+    """Every request id the scheduler still holds in one of its queues or batches."""
+    rids: set[str] = set()
+    for name in LIVE_REQUEST_HOLDERS:
+        holder = getattr(scheduler, name, None)
+        if holder is None:
+            continue
+        reqs = getattr(holder, "reqs", None) or getattr(holder, "queue", None)
+        if reqs is None:
+            reqs = holder if isinstance(holder, list) else [holder]
+        rids.update(getattr(req, "rid", None) for req in reqs)
+    rids.discard(None)  # type: ignore[arg-type]
+    return rids
+
+
+def _before_release_memory(*_args: Any, **_kwargs: Any) -> None:
+    if _service is not None:
+        _service.release_all()
 
 
 def _before_clear_mm_inputs(scheduler: Any, batch: Any) -> None:
