@@ -216,8 +216,11 @@ class Coalescer:
         self._closed = True
 
     # --- the public call ---------------------------------------------------------------------
-    async def encode(self, items: Sequence[EncodeItem]) -> list[torch.Tensor]:
+    async def encode(self, items: Sequence[EncodeItem], *, urgent: bool = False) -> list[torch.Tensor]:
         """Encode ``items``; returns one tensor per item, in the order given.
+
+        ``urgent``: the caller is blocked on the result (a prefill needs it now): its units are
+        dispatched before anything else queued (see :meth:`expedite`).
 
         Raises InvalidItemError (bad input, nothing enqueued), QueueFullError (backpressure),
         EncodeError (the tower failed on one of these items) or CoalescerClosedError.
@@ -238,6 +241,8 @@ class Coalescer:
                 raise self._refuse_unhealthy()
         request = _Request(next(self._seq), self._loop.create_future(), len(units))
         self._attach(request, units, self._loop.time())
+        if urgent:
+            self._planner.expedite([job for job in request.jobs if not job.running])
         self._counts["requests"] += 1
         self._counts["units"] += len(units)
         self._m_units.inc(len(units))
