@@ -142,11 +142,6 @@ def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
     return item.feature
 
 
-def _token_count(item: Any) -> int | None:
-    offsets = getattr(item, "offsets", None)
-    return sum(end - start + 1 for start, end in offsets) if offsets else None
-
-
 def _tensor_digest(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Shape, dtype and a content digest of a small CPU-side tensor (positions, grids)."""
     data = tensor.detach().cpu().contiguous()
@@ -201,7 +196,19 @@ class SGLangTower:
         """
         if item.hash is None:
             return None
-        return (_modality_name(item), item.hash, self._layout(item), _token_count(item))
+        return (_modality_name(item), item.hash, self._layout(item), self.token_count(item))
+
+    def token_count(self, item: Any) -> int:
+        """Placeholder tokens of the item: its ``offsets`` spans, as SGLang's embedding cache counts
+        them, or (before the processor set them) the rows the encoder will return for its layout."""
+        offsets = getattr(item, "offsets", None)
+        if offsets:
+            return sum(end - start + 1 for start, end in offsets)
+        return self.output_tokens(item)
+
+    def output_tokens(self, item: Any) -> int:
+        """Rows of the item's embedding, from its layout alone."""
+        raise NotImplementedError
 
     def _layout(self, item: Any) -> Hashable:
         return tuple(feature_shape(item) or ())
@@ -310,9 +317,11 @@ class QwenVLTower(SGLangTower):
                 out.append(EncodeItem(rows.unsqueeze(0), t * h * w, "video", key, {"grid": (t, h, w)}))
         return out
 
+    def output_tokens(self, item: Any) -> int:
+        return int(self._grid(item).prod(dim=-1).sum()) // self.merge ** 2
+
     def output_bytes(self, item: Any) -> int:
-        tokens = int(self._grid(item).prod(dim=-1).sum()) // self.merge ** 2
-        return tokens * self._out_width * self._out_dtype_bytes
+        return self.output_tokens(item) * self._out_width * self._out_dtype_bytes
 
     def validate(self, unit: EncodeItem) -> None:
         t, h, w = unit.meta["grid"]
@@ -370,7 +379,8 @@ class Gemma3Tower(SGLangTower):
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 2 * inter) * _dtype_bytes(model.language_model.dtype())
         self.batched_siglip = _siglip_takes_batches(model.vision_tower)
-        self._bytes_per_crop = int(model.config.mm_tokens_per_image) * int(model.config.text_config.hidden_size) * \
+        self._tokens_per_crop = int(model.config.mm_tokens_per_image)
+        self._bytes_per_crop = self._tokens_per_crop * int(model.config.text_config.hidden_size) * \
             _dtype_bytes(model.language_model.dtype())
         self.probe_patch_counts = (self.num_patches, 2 * self.num_patches, 4 * self.num_patches)
 
@@ -380,6 +390,9 @@ class Gemma3Tower(SGLangTower):
     @staticmethod
     def _crops(shape: torch.Size) -> int:
         return math.prod(shape[:-3])
+
+    def output_tokens(self, item: Any) -> int:
+        return self._crops(feature_shape(item)) * self._tokens_per_crop
 
     def output_bytes(self, item: Any) -> int:
         return self._crops(feature_shape(item)) * self._bytes_per_crop
@@ -437,6 +450,12 @@ class Gemma4Tower(SGLangTower):
         self._probe_grid = (rows * self._kernel, cols * self._kernel)
         per_image = self._probe_grid[0] * self._probe_grid[1]
         self.probe_patch_counts = (per_image, 2 * per_image, 4 * per_image)
+
+    def output_tokens(self, item: Any) -> int:
+        """Per image or frame, its real (position != -1) patches pooled by ``kernel**2``, rounded up."""
+        positions = item.model_specific_data[self._positions_name(item)]
+        real = (positions != -1).any(dim=-1).reshape(-1, positions.shape[-2]).sum(dim=-1)
+        return int((-(-real // self._pool)).sum())
 
     def output_bytes(self, item: Any) -> int:
         return math.prod(feature_shape(item)[:-1]) // self._pool * self._bytes_per_token

@@ -153,13 +153,32 @@ def test_same_hash_different_grid_gives_different_keys_and_outputs(qwen3):
 
 
 def test_key_includes_token_count_and_is_stable_for_equal_items(qwen3):
+    """SGLang's own batch dedup keys on (hash, placeholder token count); so does ours, and an item
+    whose spans are not set yet counts the rows its layout gives (4x4 patches, merge 2: 4 tokens)."""
     tower = tower_for(qwen3)
     a, b = sm.qwen_image(qwen3, 4, 4, 1), sm.qwen_image(qwen3, 4, 4, 1)
+    a.offsets = [(3, 6)]
     assert tower.result_key(a) == tower.result_key(b)
-    a.offsets, b.offsets = [(3, 6)], [(10, 13)]
+    b.offsets = [(10, 13)]
     assert tower.result_key(a) == tower.result_key(b)  # where the tokens sit does not matter
     b.offsets = [(10, 12)]
     assert tower.result_key(a) != tower.result_key(b)
+
+
+def test_token_count_from_layout_equals_the_encoders_rows(family_model):
+    import inspect
+
+    _, model = family_model
+    tower = tower_for(model)
+    items = [_one_item(model)]
+    if type(model).__name__.startswith("Gemma4"):
+        items.append(sm.gemma4_video(model, 3, 4, 4, 16, 4))
+    for item in items:
+        method = inspect.unwrap(getattr(type(model), f"get_{item.modality.name.lower()}_feature"))
+        with torch.no_grad():
+            out = method(model, [item])
+        rows = out.reshape(-1, out.shape[-1]).shape[0]  # Gemma3 returns [crops, tokens, hidden]
+        assert tower.output_tokens(item) == rows == sm.tokens_of(model, item)
 
 
 def test_gemma4_key_follows_position_ids():
