@@ -672,9 +672,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="LM layers (default: the shape's 28)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="fractions of inline's capacity")
-    p.add_argument("--seconds", type=float, default=None, help="arrival window per run (default 8; smoke 0.5)")
+    p.add_argument("--seconds", type=float, default=None, help="arrival window per run (default 8; smoke 0.25)")
     p.add_argument("--min-requests", type=int, default=None, help="lengthen a light run's window to get these")
-    p.add_argument("--drain-seconds", type=float, default=None, help="most time after the window (default 20)")
+    p.add_argument("--drain-seconds", type=float, default=None, help="most time after the window (default 12)")
     p.add_argument("--capacity-seconds", type=float, default=None, help="saturated inline run (default 12)")
     p.add_argument("--burst", type=int, default=None, help="requests of the saturated run (default 400)")
     p.add_argument("--max-running", type=int, default=None, help="running-request cap (default 64; smoke 8)")
@@ -690,8 +690,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     smoke = args.smoke
     args.device = args.device or ("cpu" if smoke else "cuda")
-    defaults = {"seconds": (0.5, 8.0), "min_requests": (4, 30), "drain_seconds": (60.0, 20.0),
-                "capacity_seconds": (30.0, 12.0), "burst": (16, 400), "max_running": (8, 64),
+    defaults = {"seconds": (0.25, 8.0), "min_requests": (3, 30), "drain_seconds": (60.0, 12.0),
+                "capacity_seconds": (30.0, 12.0), "burst": (12, 400), "max_running": (8, 64),
                 "chunk_tokens": (512, 8192)}
     for key, (tiny, full) in defaults.items():
         if getattr(args, key) is None:
