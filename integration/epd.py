@@ -293,6 +293,7 @@ class CoalescedEncoderScheduler:
 
     def _on_worker_exit(self, rank: int, proc: Any) -> None:
         asyncio.get_running_loop().remove_reader(proc.sentinel)
+        proc.join(timeout=1)  # reap it, so its exit code is known
         reason = f"encoder TP worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode}"
         logger.error("mm-coalescer EPD: %s; failing its requests", reason)
         self.tower.dead = reason
@@ -324,7 +325,7 @@ class CoalescedEncoderScheduler:
         except asyncio.CancelledError:
             self.stats["cancelled"] += 1
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats["failed"] += 1
             raise
         except Exception as exc:
