@@ -159,6 +159,8 @@ class SGLangTower:
     feature_methods: tuple[str, ...] = ("get_image_feature", "get_video_feature")
     """The model's encoder methods the plugin routes through the service."""
     vision_modules: ClassVar[dict[str, str]] = {}
+    collective_free: bool = False
+    """True when forwards issue no collective even at TP>1 (a replicated tower called directly)."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -261,6 +263,11 @@ class QwenVLTower(SGLangTower):
             "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration"
         self._image = _unhooked(model, "get_image_feature")
         self._video = _unhooked(model, "get_video_feature")
+        # --mm-enable-dp-encoder builds the tower replicated and its get_*_feature shards the images
+        # over the ranks with collectives. Calling the replicated tower directly (as get_*_feature
+        # does without the flag) keeps every forward collective-free, so the async coalescer is safe
+        # at any TP size (integration/modes.py); each rank then encodes all of its items itself.
+        self.collective_free = bool(getattr(model, "use_data_parallel", False)) and not self.slice_videos
         side = max(self.merge, self.PROBE_SIDE // self.merge * self.merge)
         self._probe_side = side
         self.probe_patch_counts = (side * side, 2 * side * side, 4 * side * side)
@@ -356,7 +363,12 @@ class QwenVLTower(SGLangTower):
                 modality=Modality.IMAGE if modality == "image" else Modality.VIDEO,
                 feature=units[i].pixel_values.to(self.device, non_blocking=True),
                 model_specific_data={grid_name: torch.tensor([units[i].meta["grid"]])}) for i in picked]
-            packed = method(items)
+            if self.collective_free:
+                pixels = torch.cat([item.feature for item in items]).type(self.model.visual.dtype)
+                grids = torch.cat([item.model_specific_data[grid_name] for item in items]).to(self.device)
+                packed = self.model.visual(pixels, grid_thw=grids)
+            else:
+                packed = method(items)
             sizes = [units[i].pixel_values.shape[0] // self.merge ** 2 for i in picked]
             for i, out in zip(picked, torch.split(packed, sizes, dim=0), strict=True):
                 outputs[i] = out

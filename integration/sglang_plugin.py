@@ -57,13 +57,6 @@ WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.Schedu
 LIVE_REQUEST_HOLDERS = ("waiting_queue", "running_batch", "cur_batch", "last_batch", "chunked_req",
                         "disagg_prefill_bootstrap_queue", "disagg_prefill_inflight_queue")
 SWEEP_INTERVAL_S = 1.0
-# Where each supported model class is defined, and the encoder methods routed through the service.
-MODEL_METHODS: dict[str, tuple[str, ...]] = {
-    "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration": ("get_image_feature", "get_video_feature"),
-    "sglang.srt.models.qwen3_vl.Qwen3VLForConditionalGeneration": ("get_image_feature", "get_video_feature"),
-    "sglang.srt.models.gemma3_mm.Gemma3ForConditionalGeneration": ("get_image_feature",),
-    "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration": ("get_image_feature", "get_video_feature"),
-}
 _RID_ATTR = "_mm_coalescer_rid"
 
 _service: EncoderService | None = None
@@ -153,7 +146,7 @@ def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
     if model is None:
         logger.warning("mm-coalescer: this scheduler's worker exposes no model_runner.model; plugin off")
         return
-    start(model, chosen, tp_size=scheduler.tp_size)
+    start(model, chosen, tp_size=scheduler.tp_size, scheduler=scheduler)
 
 
 @contextlib.contextmanager
@@ -190,32 +183,36 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def start(model: Any, chosen: dict[str, Any], *, tp_size: int) -> EncoderService | None:
+def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = None) -> EncoderService | None:
     """Start the service for ``model`` and route its encoder methods through it.
 
-    Unsupported models are left untouched (one log line). Lockstep mode is forced when TP>1: the
-    async coalescer's clock-driven batches would differ between ranks and hang their collectives.
+    Unsupported models are left untouched (one log line). With TP>1 and a sharded tower, lockstep
+    mode is forced (the async coalescer's clock-driven batches would differ between ranks and hang
+    their collectives) and failures are agreed over the scheduler's TP CPU group.
     """
     global _service
     from mm_scheduler import config_from_dict
 
-    from .adapters import tower_for
+    from .adapters import tower_for, why_unsupported
+    from .modes import choose_mode, tp_agreement
     from .service import EncoderService
 
-    tower = tower_for(model)
+    reason = why_unsupported(model)
+    tower = None if reason is not None else tower_for(model)
     if tower is None:
-        logger.info("mm-coalescer: %s has no tower adapter; SGLang encodes its media as usual",
-                    type(model).__name__)
+        logger.info("mm-coalescer: plugin off for this model (%s); SGLang encodes its media as usual", reason)
         return None
     config = config_from_dict(dict(chosen["values"]), source=chosen["config_path"] or "defaults")
-    mode = chosen["mode"]
-    lockstep = mode == "lockstep" or tp_size > 1
-    if mode == "async" and tp_size > 1:
-        logger.warning("mm-coalescer: %s=async ignored with TP=%d; using lockstep mode", settings.ENV_MODE, tp_size)
+    collective_free = bool(getattr(tower, "collective_free", False))
+    mode = choose_mode(chosen["mode"], tp_size, dp_encoder=collective_free)
+    if chosen["mode"] == "async" and mode == "lockstep":
+        logger.warning("mm-coalescer: %s=async ignored with TP=%d and a sharded vision tower; using lockstep",
+                       settings.ENV_MODE, tp_size)
+    agree = tp_agreement(scheduler) if mode == "lockstep" and tp_size > 1 and scheduler is not None else None
     max_held = chosen.get("max_held_bytes", int(settings.DEFAULT_MAX_HELD_MB * 2**20))
     plugin = chosen.get("plugin", settings.PLUGIN_DEFAULTS)
-    _service = EncoderService(tower, config, lockstep=lockstep, max_held_bytes=max_held,
-                              prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0).start()
+    _service = EncoderService(tower, config, lockstep=mode == "lockstep", max_held_bytes=max_held,
+                              prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree).start()
     try:
         _hook_model_class(type(model))
     except BaseException:
@@ -235,15 +232,15 @@ def stop() -> None:
 
 
 def _hook_model_class(model_cls: type) -> None:
+    """Route the encoder methods of exactly this class (never a parent's: subclasses keep SGLang's)."""
+    from .adapters import SUPPORTED_MODELS, qualified_name
+
     source = HookSource(plugin_name=PLUGIN_NAME, dist_name=None)
-    for target, methods in MODEL_METHODS.items():
-        module, _, name = target.rpartition(".")
-        if not any(cls.__module__ == module and cls.__name__ == name for cls in model_cls.__mro__):
-            continue
-        for method in methods:
-            if f"{target}.{method}" not in _hooked_targets:
-                _hooked_targets.add(f"{target}.{method}")
-                HookRegistry.register(f"{target}.{method}", _around_get_feature, HookType.AROUND, source=source)
+    target = qualified_name(model_cls)
+    for method in SUPPORTED_MODELS[target]:
+        if f"{target}.{method}" not in _hooked_targets:
+            _hooked_targets.add(f"{target}.{method}")
+            HookRegistry.register(f"{target}.{method}", _around_get_feature, HookType.AROUND, source=source)
     HookRegistry.apply_hooks()
 
 

@@ -92,10 +92,11 @@ def test_hooked_feature_methods_equal_sglang_originals(family_model, service):
 def test_plugin_hooks_exactly_the_feature_methods_of_each_supported_model(family_model):
     """The plugin's declared hook list names, for each model class, one method per modality it serves."""
     family, model = family_model
-    declared = [methods for target, methods in sglang_plugin.MODEL_METHODS.items()
-                if target in {f"{c.__module__}.{c.__qualname__}" for c in type(model).__mro__}]
-    assert declared, f"{type(model).__name__} is not in the plugin's MODEL_METHODS"
-    assert sorted(declared[0]) == sorted(f"get_{m}_feature" for m in MODALITIES[family])
+    from integration.adapters import SUPPORTED_MODELS, qualified_name
+
+    declared = SUPPORTED_MODELS.get(qualified_name(type(model)))
+    assert declared, f"{type(model).__name__} is not in the adapters' SUPPORTED_MODELS"
+    assert sorted(declared) == sorted(f"get_{m}_feature" for m in MODALITIES[family])
 
 
 def _mm_inputs(model: nn.Module, items: list, start: int):
