@@ -147,8 +147,9 @@ class DecoderLM:
         tensors = [t for layer in self.layers for t in layer.values()] + [self.embed, self.norm, self.lm_head]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def _h2d(self, values: Sequence[int]) -> torch.Tensor:
-        t = torch.tensor(values, dtype=torch.long)
+    def h2d(self, values: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Host ints -> device through pinned memory: a pageable copy would make the host wait for the stream."""
+        t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
         if self.device.type == "cuda":
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
@@ -169,10 +170,10 @@ class DecoderLM:
         """Run packed prompts ``x [sum(lens), hidden]`` (request i owns ``slots[i]``); their last hidden states."""
         s = self.shape
         total, hd, kvh = x.shape[0], s.head_dim, s.kv_heads
-        pos = torch.cat([torch.arange(n) for n in lens])
-        pos = pos.to(self.device, non_blocking=True) if self.device.type == "cuda" else pos
-        cos, sin = self.cos[pos], self.sin[pos]
         starts = list(itertools.accumulate(lens, initial=0))
+        pos = self.h2d(torch.cat([torch.arange(n) for n in lens]))
+        last = self.h2d(torch.tensor(starts[1:]) - 1)
+        cos, sin = self.cos[pos], self.sin[pos]
         for layer, p in enumerate(self.layers):
             h = F.rms_norm(x, (s.hidden,), p["ln1"], eps=1e-6)
             q, k, v = F.linear(h, p["wqkv"], p["bqkv"]).split(self.splits, dim=-1)
@@ -191,16 +192,22 @@ class DecoderLM:
                 out[a:b] = o[0].transpose(0, 1)
             x = x + F.linear(out.view(total, s.hidden), p["wo"])
             x = self._mlp(x, p)
-        return x[torch.tensor(starts[1:], device=self.device) - 1]
+        return x[last]
+
+    def span_for(self, positions: Sequence[int], step: int = 64) -> int:
+        """KV read width of a decode step: the longest sequence, padded to ``step``."""
+        return min(self.max_len, -(-(max(positions) + 1) // step) * step)
 
     def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
-        """One step of the running batch in slots ``0..B-1``: token ``ids[i]`` at ``positions[i]``; last hidden."""
+        """One eager step of the running batch in slots ``0..B-1``: ``ids[i]`` at ``positions[i]``; last hidden."""
+        return self.decode_hidden(self.h2d(ids), self.h2d(positions), self.span_for(positions))
+
+    def decode_hidden(self, ids_t: torch.Tensor, pos_t: torch.Tensor, span: int) -> torch.Tensor:
+        """The decode step on device tensors only (no host sync), so a CUDA graph can capture it."""
         s = self.shape
-        batch, hd, kvh = len(ids), s.head_dim, s.kv_heads
-        ids_t, pos_t = self._h2d(ids), self._h2d(positions)
+        batch, hd, kvh = ids_t.shape[0], s.head_dim, s.kv_heads
         x = self.embed[ids_t]
         cos, sin = self.cos[pos_t], self.sin[pos_t]
-        span = min(self.max_len, -(-(max(positions) + 1) // 64) * 64)  # KV read width, padded to 64
         mask = (torch.arange(span, device=self.device)[None, :] <= pos_t[:, None])[:, None, None, :]
         rows = self.rows[:batch]
         for layer, p in enumerate(self.layers):
@@ -227,6 +234,61 @@ class DecoderLM:
 
     def move_slot(self, src: int, dst: int, length: int) -> None:
         self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode step per (padded batch size, KV span), as SGLang's ``CudaGraphRunner`` does.
+
+    Why: an eager 28-layer step is ~700 kernel launches and host-bound; SGLang replays captured
+    graphs, so its decode costs GPU time. Padding rows (beyond the live batch) write into free slots.
+    """
+
+    def __init__(self, llm: DecoderLM, span_step: int = 512) -> None:
+        self.llm = llm
+        top = llm.max_slots
+        self.batches = sorted({b for b in (1, 2, 4, 8, *range(16, top + 1, 8)) if b <= top} | {top})
+        self.spans = sorted({min(llm.max_len, s) for s in range(span_step, llm.max_len + span_step, span_step)})
+        self.ids = torch.zeros(top, dtype=torch.long, device=llm.device)
+        self.pos = torch.zeros(top, dtype=torch.long, device=llm.device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(llm.device)
+        with torch.inference_mode():
+            for b in reversed(self.batches):
+                for span in reversed(self.spans):
+                    side.wait_stream(torch.cuda.current_stream(llm.device))
+                    with torch.cuda.stream(side):  # warm-up outside the capture: workspaces, kernel choice
+                        llm.decode_hidden(self.ids[:b], self.pos[:b], span)
+                    torch.cuda.current_stream(llm.device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool, stream=side, capture_error_mode="thread_local"):
+                        out = llm.decode_hidden(self.ids[:b], self.pos[:b], span)
+                    self.graphs[(b, span)] = (graph, out)
+        torch.cuda.synchronize(llm.device)
+
+    def decode(self, ids: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
+        """Last hidden of the live rows (a view of the graph's output: read it before the next replay)."""
+        n = len(ids)
+        b = next(x for x in self.batches if x >= n)
+        span = next(x for x in self.spans if x >= max(positions) + 1)
+        host = torch.zeros(2, b, dtype=torch.long)
+        host[0, :n] = torch.tensor(ids)
+        host[1, :n] = torch.tensor(positions)
+        dev = self.llm.h2d(host)
+        self.ids[:b].copy_(dev[0])
+        self.pos[:b].copy_(dev[1])
+        graph, out = self.graphs[(b, span)]
+        graph.replay()
+        return out[:n]
+
+    def check(self) -> float:
+        """Relative difference of a replayed step against the eager step (same inputs, same cache)."""
+        positions = [3, 40, min(self.llm.max_len - 1, 700)]
+        ids = [1, 2, 3]
+        with torch.inference_mode():
+            graphed = self.decode(ids, positions).float().clone()
+            eager = self.llm.decode(ids, positions).float()
+        return float((graphed - eager).norm() / eager.norm().clamp_min(1e-6))
 
 
 # --- the tower adapter ----------------------------------------------------------------------------
@@ -424,8 +486,9 @@ class RunLog:
 class ServingLoop:
     """SGLang's ``event_loop_normal`` shape: ingest -> prefill new requests, else decode the running batch."""
 
-    def __init__(self, llm: DecoderLM, tower: ServedTower, max_running: int, chunk_tokens: int) -> None:
-        self.llm, self.tower = llm, tower
+    def __init__(self, llm: DecoderLM, tower: ServedTower, max_running: int, chunk_tokens: int,
+                 graphs: DecodeGraphs | None = None) -> None:
+        self.llm, self.tower, self.graphs = llm, tower, graphs
         self.max_running, self.chunk_tokens = max_running, chunk_tokens
 
     def serve(self, mode: ModeSetup, trace: Sequence[tuple[float, RequestSpec]], stop_after: float) -> RunLog:
@@ -550,7 +613,8 @@ class ServingLoop:
         self._retire(mode, running, now)
 
     def _decode(self, mode: ModeSetup, running: list[Req]) -> None:
-        hidden = self.llm.decode([r.last_token for r in running], [r.length for r in running])
+        step = self.graphs.decode if self.graphs is not None else self.llm.decode
+        hidden = step([r.last_token for r in running], [r.length for r in running])
         tokens = self.llm.sample(hidden).tolist()
         now = time.perf_counter()
         for req, tok in zip(running, tokens, strict=True):
@@ -685,6 +749,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="plugin-tuned: longest a request waits for its early encode while decode runs")
     p.add_argument("--tuned-max-inflight", type=int, default=None,
                    help="plugin-tuned: coalescer max_inflight_batches (default: the config's)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="eager decode steps (SGLang graphs them)")
     p.add_argument("--cudnn-sdpa", action="store_true", help="keep cuDNN SDPA (builds a graph per new shape)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -712,6 +777,26 @@ def coalescer_config(args: argparse.Namespace, bpp: int) -> CoalescerConfig:
                              "name": "serving-plugin"})
 
 
+def capture_decode_graphs(llm: DecoderLM, enabled: bool) -> tuple[DecodeGraphs | None, dict[str, Any]]:
+    """Capture decode graphs and check one replay against the eager step; eager decode if either fails."""
+    if not enabled:
+        return None, {"enabled": False, "reason": "CPU or --no-cuda-graph"}
+    t = time.perf_counter()
+    try:
+        graphs = DecodeGraphs(llm)
+        diff = graphs.check()
+    except Exception as exc:  # a capture failure must not cost the (single) GPU run: fall back to eager
+        log(f"decode CUDA graphs unavailable ({exc!r}); decoding eagerly")
+        return None, {"enabled": False, "reason": repr(exc)}
+    note = {"enabled": diff < 0.02, "graphs": len(graphs.graphs), "batches": graphs.batches, "spans": graphs.spans,
+            "replay_vs_eager_rel_diff": diff, "capture_s": time.perf_counter() - t}
+    log(f"decode CUDA graphs: {note}")
+    if diff >= 0.02:
+        log("decode CUDA graph replay differs from the eager step; decoding eagerly")
+        return None, note
+    return graphs, note
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
@@ -734,6 +819,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"LM {shape.describe()}: {llm.weight_bytes / 2**30:.2f} GiB weights, KV cache "
         f"{llm.kv.numel() * llm.kv.element_size() / 2**30:.2f} GiB ({args.max_running} x {work.max_len} tokens); "
         f"built in {time.perf_counter() - t:.1f}s")
+    graphs, graph_note = capture_decode_graphs(llm, enabled=cuda and not args.no_cuda_graph)
     bpp = bytes_per_patch(raw_tower)
     tower.bytes_per_patch = bpp
     base_config = coalescer_config(args, bpp)
@@ -752,11 +838,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             setups[mode] = ModeSetup(mode, high, service, guard_hold_s=args.tuned_hold_ms / 1e3)
         else:
             setups[mode] = ModeSetup(mode, normal)
-    loop = ServingLoop(llm, tower, args.max_running, args.chunk_tokens)
+    loop = ServingLoop(llm, tower, args.max_running, args.chunk_tokens, graphs)
     meta: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": vars(args),
         "torch": torch.__version__, "tower": args.tower, "llm": dataclasses.asdict(shape),
-        "llm_weight_gib": llm.weight_bytes / 2**30, "max_len": work.max_len, "bytes_per_patch": bpp,
+        "llm_weight_gib": llm.weight_bytes / 2**30, "decode_cuda_graphs": graph_note, "max_len": work.max_len,
+        "bytes_per_patch": bpp,
         "coalescer_config": dataclasses.asdict(base_config), "tuned_config": dataclasses.asdict(tuned_config),
         "stream_priority": {"normal": normal.priority if normal else None, "high": high.priority if high else None},
         "workload": {"text_tokens": work.text_tokens, "output_tokens": work.output_tokens,

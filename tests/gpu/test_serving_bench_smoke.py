@@ -69,3 +69,14 @@ def test_decode_over_the_kv_cache_matches_recomputing_the_whole_sequence():
                 torch.testing.assert_close(logits[i], _full_logits(llm, seq, slot=2), atol=1e-4, rtol=1e-4)
             tokens = logits.argmax(-1).tolist()
             lengths = [n + 1 for n in lengths]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_graph_replay_matches_the_eager_step_on_cuda():
+    from benchmarks.serving_bench import DecodeGraphs
+
+    with torch.inference_mode():
+        llm = DecoderLM(TINY_LM, torch.device("cuda", torch.cuda.current_device()), torch.bfloat16,
+                        max_slots=8, max_len=256, seed=1)
+    graphs = DecodeGraphs(llm, span_step=128)
+    assert graphs.check() < 0.02
