@@ -31,21 +31,6 @@ from .harness import scenario
 pytestmark = pytest.mark.e2e
 
 
-def _counter(metrics: dict[str, float], key: str) -> float:
-    return metrics.get(key, 0.0)
-
-
-def taken_by_prefill(metrics: dict[str, float]) -> float:
-    return (_counter(metrics, "mm_coalescer_prefill_items_total{source=early}")
-            + _counter(metrics, "mm_coalescer_prefill_items_total{source=on_demand}"))
-
-
-def distinct_media(with_video: bool) -> int:
-    """Each distinct image once, plus the video: what some prefill must encode at least once."""
-    images = {name for req in scenario.requests(with_video) for name in req.images}
-    return len(images) + int(with_video)
-
-
 def test_engine_greedy_ids_identical_with_plugin_off_and_on(engine_runs: dict[str, Any]) -> None:
     off, on = engine_runs["off"]["results"], engine_runs["on"]["results"]
     requests = scenario.requests(with_video=engine_runs["on"]["video_decoder"] is not None)
@@ -79,11 +64,11 @@ def test_engine_items_go_through_the_coalescer_not_the_fallback(engine_runs: dic
     off, on = engine_runs["off"]["metrics"], engine_runs["on"]["metrics"]
     with_video = engine_runs["on"]["video_decoder"] is not None
     assert off == {}, "plugin off must add no mm_coalescer series"
-    assert _counter(on, "mm_coalescer_prefill_items_total{source=fallback}") == 0, on
-    assert taken_by_prefill(on) >= distinct_media(with_video), on
-    assert _counter(on, "mm_coalescer_units_total") >= distinct_media(with_video), on
-    assert _counter(on, "mm_coalescer_forwards_total") >= 1, on
-    assert _counter(on, "mm_coalescer_requests_total{outcome=error}") == 0, on
+    assert scenario.counter(on, "mm_coalescer_prefill_items_total{source=fallback}") == 0, on
+    assert scenario.taken_by_prefill(on) >= scenario.distinct_media(with_video), on
+    assert scenario.counter(on, "mm_coalescer_units_total") >= scenario.distinct_media(with_video), on
+    assert scenario.counter(on, "mm_coalescer_forwards_total") >= 1, on
+    assert scenario.counter(on, "mm_coalescer_requests_total{outcome=error}") == 0, on
 
 
 @pytest.mark.xfail(strict=True, reason="issue 8 item 13: an item whose prompt prefix is already cached is still "
@@ -91,4 +76,4 @@ def test_engine_items_go_through_the_coalescer_not_the_fallback(engine_runs: dic
 def test_engine_every_item_encoded_at_arrival_is_taken_by_a_prefill(engine_runs: dict[str, Any]) -> None:
     on = engine_runs["on"]["metrics"]
     # Qwen2.5-VL: one unit per image and per video, so units submitted == items some prefill took.
-    assert _counter(on, "mm_coalescer_units_total") == taken_by_prefill(on), on
+    assert scenario.counter(on, "mm_coalescer_units_total") == scenario.taken_by_prefill(on), on

@@ -83,6 +83,21 @@ def sampling_params(req: Request) -> dict[str, object]:
     return {"temperature": 0.0, "max_new_tokens": MAX_NEW_TOKENS, "ignore_eos": True}
 
 
+def counter(metrics: dict[str, float], key: str) -> float:
+    return metrics.get(key, 0.0)
+
+
+def taken_by_prefill(metrics: dict[str, float]) -> float:
+    return (counter(metrics, "mm_coalescer_prefill_items_total{source=early}")
+            + counter(metrics, "mm_coalescer_prefill_items_total{source=on_demand}"))
+
+
+def distinct_media(with_video: bool) -> int:
+    """Each distinct image once, plus the video: what some prefill must encode at least once."""
+    images = {name for req in requests(with_video) for name in req.images}
+    return len(images) + int(with_video)
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """``mm_coalescer_*`` samples of a Prometheus exposition, keyed by name and labels (coalescer label dropped)."""
     from prometheus_client.parser import text_string_to_metric_families
