@@ -1,0 +1,281 @@
+"""EncoderService on its own (CPU): threads, leaks, the cap, bounded waits, the tower lock, the sweep.
+
+A small CPU adapter stands in for a model's tower here: what is tested is the service's bookkeeping
+and its handoffs between threads, which do not depend on the model (the real models' adapters are
+covered in test_adapters.py, test_equivalence.py and test_early_encoding.py).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from array import array
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from integration.adapters import SGLangTower
+from integration.service import EncoderService
+from mm_scheduler import CoalescerConfig, EncodeItem
+
+ROWS = 4
+
+
+class SumTower(SGLangTower):
+    """One unit per item; output row = pixel sum. ``gate`` can hold forwards; ``in_forward`` is visible."""
+
+    ragged = True
+    bytes_per_patch = 64
+
+    def __init__(self) -> None:
+        self.device = torch.device("cpu")
+        self.model = object()
+        self.gate = threading.Event()
+        self.gate.set()
+        self.in_forward = threading.Event()
+        self.forwarded: list = []
+
+    def _raw_pixels(self, item, shape=None) -> bool:
+        return isinstance(item.feature, torch.Tensor)
+
+    def accepts(self, item) -> bool:
+        return item.precomputed_embeddings is None and isinstance(item.feature, torch.Tensor)
+
+    def result_key(self, item):
+        return ("image", item.hash)
+
+    def output_bytes(self, item) -> int:
+        return ROWS * 4
+
+    def units(self, item) -> list[EncodeItem]:
+        return [EncodeItem(item.feature, ROWS, "image", (item.hash, 0))]
+
+    def forward(self, units):
+        self.in_forward.set()
+        try:
+            assert self.gate.wait(30), "test gate never opened"
+            self.forwarded.extend(u.key for u in units)
+            return [u.pixel_values.sum(dim=-1, keepdim=True) for u in units]
+        finally:
+            self.in_forward.clear()
+
+
+def item(hash_value: int, end: int = 10):
+    return SimpleNamespace(modality=SimpleNamespace(name="IMAGE"), hash=hash_value,
+                           feature=torch.full((ROWS, 3), float(hash_value)), precomputed_embeddings=None,
+                           offsets=[(0, end)], model_specific_data={})
+
+
+def expected(*hashes: int) -> torch.Tensor:
+    return torch.cat([torch.full((ROWS, 1), 3.0 * h) for h in hashes])
+
+
+def never(_items):
+    raise AssertionError("fell back to the model's own method")
+
+
+@pytest.fixture
+def make_service():
+    services = []
+
+    def make(**kwargs) -> EncoderService:
+        tower = kwargs.pop("tower", None) or SumTower()
+        config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+        service = EncoderService(tower, config, lockstep=kwargs.pop("lockstep", False), **kwargs).start()
+        services.append(service)
+        return service
+
+    yield make
+    for service in services:
+        service.tower.gate.set()
+        service.close()
+
+
+def _eventually(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_eight_threads_arriving_encoding_and_releasing_leave_nothing_held(make_service, lockstep):
+    """Issue 11: concurrent callers must not leak held bytes (submitted ahead of released)."""
+    service = make_service(lockstep=lockstep, max_held_bytes=ROWS * 4 * 6)  # room for 6: deferrals happen
+    errors: list[BaseException] = []
+    lockstep_turn = threading.Lock()  # lockstep runs forwards on the caller's thread: one at a time
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for n in range(60):
+                rid = f"t{seed}-{n}"
+                hashes = rng.sample(range(1, 25), rng.randint(1, 3))  # shared hashes across threads
+                items = [item(h) for h in hashes]
+                service.on_arrival(rid, items)
+                if rng.random() < 0.25:
+                    service.release(rid, aborted=True)
+                    continue
+                with lockstep_turn if lockstep else _nothing():
+                    got = service.encode(items, original=never)
+                assert torch.equal(got, expected(*hashes))
+                if rng.random() < 0.5:
+                    service.consumed(rid, items, prefilled_upto=1 << 20)
+                service.release(rid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[0]
+    stats = service.stats()
+    assert (stats["held_bytes"], stats["held_items"], stats["deferred_items"]) == (0, 0, 0), stats
+    assert stats["fallbacks"] == 0 and stats["deferred"] > 0, stats
+    _eventually(lambda: service.stats()["pending_units"] == 0, "withdrawn work to leave the queue")
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_prefill_waiting_on_a_shared_result_survives_the_other_holders_abort(make_service):
+    """Issue 11: an abort cancels the shared handle; the waiter must re-encode, not see CancelledError."""
+    service = make_service()
+    service.tower.gate.clear()
+    service.on_arrival("busy", [item(99)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    service.on_arrival("holder", [item(7)])  # queued behind the busy forward
+    result: dict = {}
+
+    def prefill_of_another_request() -> None:  # it never arrived (e.g. beyond the cap): joins at prefill
+        try:
+            result["value"] = service.encode([item(7)], original=never)
+        except BaseException as exc:
+            result["error"] = exc
+
+    waiter = threading.Thread(target=prefill_of_another_request)
+    waiter.start()
+    time.sleep(0.05)  # let it block on the holder's handle
+    service.release("holder", aborted=True)  # cancels the queued encode the waiter was using
+    service.tower.gate.set()
+    waiter.join(30)
+    assert "error" not in result, result.get("error")
+    assert torch.equal(result["value"], expected(7))
+    assert service.counts["cancelled"] == 1 and service.counts["encoded_on_demand"] == 1
+
+
+def test_items_beyond_the_cap_are_encoded_once_room_frees(make_service):
+    """Issue 8 item 12: the cap is back-pressure that recovers, not a switch that stays off."""
+    service = make_service(max_held_bytes=ROWS * 4)
+    service.on_arrival("a", [item(1)])
+    service.on_arrival("b", [item(2)])
+    assert service.stats()["deferred_items"] == 1
+    service.encode([item(1)], original=never)
+    service.consumed("a", [item(1)], prefilled_upto=100)  # frees a's result: b's is admitted
+    assert service.counts["admitted"] == 1
+    assert torch.equal(service.encode([item(2)], original=never), expected(2))
+    assert service.counts["taken_early"] == 2 and service.counts["encoded_on_demand"] == 0
+
+
+def test_sweep_releases_holders_absent_from_two_sweeps_and_withdraws_their_work(make_service):
+    """Issue 8 item 12: exits that skip every release hook (PD bootstrap failure, ...) are swept."""
+    service = make_service()
+    service.tower.gate.clear()
+    service.on_arrival("busy", [item(50)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    service.on_arrival("live", [item(1)])
+    service.on_arrival("vanished", [item(2)])
+    assert service.sweep({"live", "busy"}) == 0  # first absence: only suspected
+    assert service.sweep({"live", "busy"}) == 1
+    assert service.held_keys() == {("image", 50), ("image", 1)}
+    service.tower.gate.set()
+    service.encode([item(1)], original=never)
+    assert (2, 0) not in service.tower.forwarded  # the vanished request's unit was withdrawn
+
+
+def test_a_request_back_in_the_live_set_is_not_swept(make_service):
+    service = make_service()
+    service.on_arrival("r", [item(3)])
+    service.sweep(set())  # in transit between two queues
+    service.sweep({"r"})
+    service.sweep(set())
+    assert service.held_keys() == {("image", 3)}
+
+
+def test_release_all_frees_everything_when_the_server_releases_memory(make_service):
+    service = make_service()
+    service.on_arrival("a", [item(1), item(2)])
+    service.on_arrival("b", [item(2), item(3)])
+    service.release_all()
+    assert service.stats()["held_bytes"] == 0 and service.held_keys() == set()
+
+
+def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make_service):
+    """Issue 8 item 10 / issue 11: a hung or slow tower never holds the scheduler thread unbounded."""
+    service = make_service(prefill_wait_s=0.2)
+    service.tower.gate.clear()
+    service.on_arrival("r", [item(4)])
+    calls = []
+    got = service.encode([item(4)], original=lambda items: calls.append(items) or "sglang's own")
+    assert got == "sglang's own" and len(calls) == 1
+    assert service.counts["wait_timeouts"] == 1
+
+
+def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
+    """Issue 8 item 10: units behind a long queue are dispatched first when prefill needs them."""
+    service = make_service()
+    service.tower.gate.clear()
+    service.on_arrival("busy", [item(100)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    service.config = service.config  # (no-op: config is fixed at start)
+    for n in range(30):
+        service.on_arrival(f"q{n}", [item(200 + n)])
+    service.on_arrival("needed", [item(7)])
+    threading.Timer(0.1, service.tower.gate.set).start()
+    service.encode([item(7)], original=never)
+    order = service.tower.forwarded
+    assert order.index((7, 0)) < order.index((229, 0)), order
+
+
+def test_sglangs_own_method_never_runs_during_a_coalescer_forward(make_service):
+    """Issue 8 item 11: one tower, one user at a time."""
+    service = make_service()
+    service.tower.gate.clear()
+    service.on_arrival("r", [item(5)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    precomputed = SimpleNamespace(**{**vars(item(6)), "precomputed_embeddings": torch.zeros(1)})
+    overlapped = []
+
+    def original(items):
+        overlapped.append(service.tower.in_forward.is_set())
+        return "sglang's own"
+
+    threading.Timer(0.1, service.tower.gate.set).start()
+    assert service.encode([precomputed], original=original) == "sglang's own"
+    assert overlapped == [False]
+
+
+def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from integration.sglang_plugin import live_rids
+
+    def req(rid):
+        return Req(rid, "", array("i", [1, 2]), SamplingParams(max_new_tokens=1))
+
+    scheduler = SimpleNamespace(
+        waiting_queue=[req("w")], running_batch=ScheduleBatch(reqs=[req("run")]), cur_batch=None,
+        last_batch=ScheduleBatch(reqs=[req("last")]), chunked_req=req("chunk"),
+        disagg_prefill_bootstrap_queue=SimpleNamespace(queue=[req("boot")]),
+        disagg_prefill_inflight_queue=[req("inflight")])
+    assert live_rids(scheduler) == {"w", "run", "last", "chunk", "boot", "inflight"}
