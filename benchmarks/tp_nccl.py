@@ -77,7 +77,7 @@ class Shape:
 
 
 GPU = Shape(hidden=1280, heads=16, inter=3420, depth=32, patch_dim=1176, llm_hidden=3584, llm_inter=18944,
-            llm_layers=28, llm_tokens=64, sizes=(64, 256, 576, 1024), soak_requests=2000, bench_requests=300,
+            llm_layers=28, llm_tokens=64, sizes=(64, 256, 576, 1024), soak_requests=2000, bench_requests=500,
             budget_patches=8192, max_items=16, jitter_s=0.002)
 SMOKE = Shape(hidden=64, heads=4, inter=96, depth=2, patch_dim=24, llm_hidden=64, llm_inter=128, llm_layers=2,
               llm_tokens=8, sizes=(4, 8, 16), soak_requests=60, bench_requests=12, budget_patches=48, max_items=4,

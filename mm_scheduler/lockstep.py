@@ -18,7 +18,7 @@ rank-local failure followed by a different sequence of retries would desynchroni
 
 Failures are agreed between ranks when ``agree`` is given (TP>1): a function that takes this rank's
 "I failed" flag and returns True if any rank failed (:func:`process_group_agree` all-reduces it over
-a CPU process group; the SGLang plugin passes its TP CPU group). It is called twice per batch, at
+a CPU process group; the SGLang plugin passes its attention-TP CPU group). It is called twice per batch, at
 the same point on every rank: before the forward, on the outcome of a preflight (the tower's
 ``preflight(units)`` if it has one, else, on CUDA, reserving the batch's budgeted bytes, so an
 out-of-memory surfaces before the first collective), and after it, on the forward's outcome. An
