@@ -127,6 +127,9 @@ class Coalescer:
     methods except :meth:`stats` must be called from the event loop the coalescer was started on.
     """
 
+    _sync_lone_inline = True
+    """A lone batch's forward thread waits for its completion event itself (see ``_run_on_tower``)."""
+
     def __init__(self, tower: Tower, config: CoalescerConfig | None = None) -> None:
         self.tower = tower
         self.config = config or CoalescerConfig()
@@ -444,15 +447,19 @@ class Coalescer:
         if worker is None or not self._healthy:
             return BatchOutcome(outputs=[self._unhealthy_error()] * len(units))
         watch = _Watch()
-        forward = worker.submit(self._watched_run, units, watch)
-        if not await self._in_time(forward, lambda: self._executor.forward_started(watch.thread)):
-            return self._timed_out(forward, "forward", units)
+        # Lone batch (nothing queued, nothing else in flight): the forward thread also waits for the GPU,
+        # saving the loop -> event-waiter -> loop hops; with work queued it returns at once to pipeline.
+        lone = self._sync_lone_inline and not self._planner.pending_units and len(self._batches) <= 1
+        forward = worker.submit(self._watched_run, units, watch, lone)
+        if not await self._in_time(forward, lambda: self._executor.forward_started(watch.thread) or watch.started):
+            what = "forward" if watch.started is None else "wait for the CUDA completion event"
+            return self._timed_out(forward, what, units)
         if forward.cancelled():  # it was queued behind a forward that hung, on the abandoned thread
             return BatchOutcome(outputs=[self._unhealthy_error()] * len(units))
         outcome: BatchOutcome = forward.result()
         self._launching = False
         self._wakeup.set()
-        if outcome.done is not None:
+        if outcome.done is not None and not outcome.done.query():
             began = time.monotonic()
             done = self._event_waiters.submit(outcome.done.synchronize)
             if not await self._in_time(done, lambda: began):
@@ -463,9 +470,14 @@ class Coalescer:
             outcome.forward_seconds.append(time.monotonic() - began)
         return outcome
 
-    def _watched_run(self, units: list[EncodeItem], watch: _Watch) -> BatchOutcome:
+    def _watched_run(self, units: list[EncodeItem], watch: _Watch, sync: bool = False) -> BatchOutcome:
         watch.thread = threading.get_ident()
-        return self._executor.run(units)
+        outcome = self._executor.run(units)
+        if sync and outcome.done is not None:
+            watch.started = began = time.monotonic()  # the forward deadline watches this wait too
+            outcome.done.synchronize()
+            outcome.forward_seconds.append(time.monotonic() - began)
+        return outcome
 
     async def _in_time(self, work: concurrent.futures.Future[Any], started: Callable[[], float | None]) -> bool:
         """Wait for ``work``; False once it has run past the forward deadline, counted from ``started()``.
