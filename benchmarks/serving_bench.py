@@ -41,7 +41,8 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -702,8 +703,9 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     out: dict[str, Any] = {"ttft_2x_at_load": {}}
     for mode in modes:
-        base = by[(mode, loads[0])]["ttft_p50_ms"]
-        over = [load for load in loads if by[(mode, load)]["ttft_p50_ms"] > 2 * base]
+        measured = [load for load in loads if (mode, load) in by]
+        base = by[(mode, measured[0])]["ttft_p50_ms"]
+        over = [load for load in measured if by[(mode, load)]["ttft_p50_ms"] > 2 * base]
         out["ttft_2x_at_load"][mode] = min(over) if over else None
     inline_cap = out["ttft_2x_at_load"].get("inline")
     for mode in modes:
@@ -756,6 +758,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="plugin-tuned: coalescer max_inflight_batches (default: the config's)")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager decode steps (SGLang graphs them)")
     p.add_argument("--cudnn-sdpa", action="store_true", help="keep cuDNN SDPA (builds a graph per new shape)")
+    p.add_argument("--time-budget-s", type=float, default=480.0,
+                   help="skip runs that would end later than this after start (the device allows 600 s a command)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     smoke = args.smoke
@@ -856,29 +860,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "image_tokens": sorted({g[0].tokens for g in mix.images}),
                      "video_tokens": mix.videos[0].tokens},
     }
+    llm_shape = shape.describe() + ("" if shape.layers == QWEN2_5_VL_7B_LM.layers or args.smoke
+                                    else f" (scaled: {shape.layers} of 28 layers)")
+    out = Path(args.out)
+    stem = "serving_bench_smoke" if args.smoke else "serving_bench"
+
+    def save(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Written after every run, so a run cut short by the device's time limit still leaves its rows."""
+        report = {"device": device_name(device), "llm_shape": llm_shape, "rows": rows}
+        meta["targets"] = targets(rows)
+        meta["total_seconds"] = time.perf_counter() - started
+        if cuda:
+            meta["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        write_json(out / f"{stem}.json", report)
+        write_json(out / f"{stem}_meta.json", meta)
+        return report
+
     try:
-        rows = run_all(args, loop, setups, work, meta)
+        rows = run_all(args, loop, setups, work, meta, save, deadline=started + args.time_budget_s)
     finally:
         for setup in setups.values():
             if setup.service is not None:
                 setup.service.close()
-    llm_shape = shape.describe() + ("" if shape.layers == QWEN2_5_VL_7B_LM.layers or args.smoke
-                                    else f" (scaled: {shape.layers} of 28 layers)")
-    report = {"device": device_name(device), "llm_shape": llm_shape, "rows": rows}
-    meta["targets"] = targets(rows)
-    meta["total_seconds"] = time.perf_counter() - started
-    if cuda:
-        meta["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    out = Path(args.out)
-    stem = "serving_bench_smoke" if args.smoke else "serving_bench"
-    write_json(out / f"{stem}.json", report)
-    write_json(out / f"{stem}_meta.json", meta)
+    report = save(rows)
     print(f"\n{report['device']}; {llm_shape}; tower {args.tower}; inline capacity "
           f"{meta['inline_capacity_req_s']:.2f} req/s; decode CUDA graphs {graph_note['enabled']}")
     print(format_table(rows, TABLE))
     print("\ntargets (ratios vs inline; TTFT-2x load):")
     for key, value in meta["targets"].items():
         print(f"  {key}: {value}")
+    for problem in meta.get("errors", []) + meta.get("skipped", []):
+        print(f"  NOT MEASURED: {problem}")
     print(f"total {meta['total_seconds']:.0f} s wall")
     (out / f"{stem}_table.md").write_text(markdown_table(rows, TABLE) + "\n")
     try:
@@ -889,12 +901,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         log(f"no plot ({exc}); run python -m benchmarks.plot_serving {out / f'{stem}.json'} where matplotlib is")
     log(f"wrote {out / f'{stem}.json'}; total {meta['total_seconds']:.0f} s wall")
-    return 0
+    return 0 if not meta.get("errors") else 1
 
 
 def run_all(args: argparse.Namespace, loop: ServingLoop, setups: dict[str, ModeSetup], work: Workload,
-            meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """Warm every mode, measure inline's capacity, then every load x mode on the same traces."""
+            meta: dict[str, Any], save: Callable[[list[dict[str, Any]]], Any],
+            deadline: float) -> list[dict[str, Any]]:
+    """Warm every mode, measure inline's capacity, then every load x mode on the same traces.
+
+    A run that raises is logged and left out (the others still run); runs that would end past
+    ``deadline`` are skipped, so the whole command stays inside the device's per-command limit.
+    """
     warm = [(0.0, RequestSpec(tuple(media), 8, 3)) for media in work.mix.warm_set()]
     warm += poisson_trace(work.request, 200.0, 0.05, seed=99)
     t = time.perf_counter()
@@ -906,6 +923,9 @@ def run_all(args: argparse.Namespace, loop: ServingLoop, setups: dict[str, ModeS
     burst = [(0.0, work.request(rng)) for _ in range(args.burst)]
     cap_run = loop.serve(setups["inline"], burst, stop_after=args.capacity_seconds)
     capacity = capacity_of(cap_run)
+    if capacity <= 0:
+        raise RuntimeError(f"inline completed no request of a {len(burst)}-request burst in "
+                           f"{args.capacity_seconds} s: raise --capacity-seconds")
     meta["inline_capacity_req_s"] = capacity
     meta["capacity_run"] = {"requests": len(burst), "completed": sum(r.finished is not None for r in cap_run.reqs),
                             "seconds": cap_run.end - cap_run.t0}
@@ -921,15 +941,25 @@ def run_all(args: argparse.Namespace, loop: ServingLoop, setups: dict[str, ModeS
     bar = progress(plan, len(plan), "serving runs")
     for load, mode in bar:
         duration, trace = traces[load]
+        if time.perf_counter() + duration + 3.0 > deadline:
+            meta.setdefault("skipped", []).append(f"{mode} at {load:.0%}: --time-budget-s reached")
+            log(f"skipping {mode} at {load:.0%}: time budget reached")
+            continue
         setup = setups[mode]
         before = setup.service.stats() if setup.service else {}
-        run = loop.serve(setup, trace, stop_after=duration + args.drain_seconds)
+        try:
+            run = loop.serve(setup, trace, stop_after=duration + args.drain_seconds)
+        except Exception as exc:  # keep the other modes' measurements of this (single) device run
+            log(f"{mode} at {load:.0%} failed:\n{traceback.format_exc()}")
+            meta.setdefault("errors", []).append(f"{mode} at {load:.0%}: {exc!r}")
+            continue
         row = {"mode": mode, "load": load, "offered_req_s": load * capacity, "duration_s": duration,
                "trace_requests": len(trace),
                **summarize(run, duration, loop.tower.take_forwards())}
         if setup.service:
             row.update(service_delta(before, setup.service.stats()))
         rows.append(row)
+        save(rows)
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{mode} {load:.0%}: TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
                                 f"ITL p99 {row['itl_p99_ms']:.1f} ms")
