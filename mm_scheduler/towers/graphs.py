@@ -90,7 +90,7 @@ class GraphedTower:
             self.sizes = (*self.sizes, max_batch)
         self.budget_bytes = budget_bytes
         self.capture_after = capture_after
-        self.device: torch.device = getattr(tower, "device", torch.device("cpu"))
+        self.device = torch.device(getattr(tower, "device", "cpu"))
         self.stats = GraphStats()
         self._graphs: dict[tuple[Any, ...], _Graph | None] = {}  # None: capture refused or failed
         self._uses: dict[tuple[Any, ...], int] = {}
@@ -224,7 +224,7 @@ class GraphedTower:
 
 def graphed(tower: Tower, enable: bool = True, **kw: Any) -> Tower:
     """``GraphedTower(tower, **kw)`` when ``enable`` and the tower is uniform and on CUDA; else ``tower``."""
-    if not enable or getattr(tower, "ragged", True) or getattr(tower, "device", torch.device("cpu")).type != "cuda":
+    if not enable or getattr(tower, "ragged", True) or torch.device(getattr(tower, "device", "cpu")).type != "cuda":
         return tower
     return GraphedTower(tower, **kw)
 
