@@ -433,6 +433,7 @@ class Workload:
 
 
 _HASHES = itertools.count(1)
+_RIDS = itertools.count(1)  # unique across runs: the plugin's services live through every run
 
 
 class Req:
@@ -451,6 +452,7 @@ class Req:
             pos += media.tokens
         self.prompt_len = pos + spec.text_tokens - prefix
         self.seen = arrival  # when the scheduler ingested it
+        self.held = False  # the tuned mode's admission guard kept it waiting at least once
         self.slot = -1
         self.length = 0
         self.last_token = 0
@@ -481,7 +483,8 @@ class RunLog:
     prefill_sizes: list[int]
     decode_sizes: list[int]
     decode_ms: list[float]
-    held: int
+    prefill_ms: list[float] = dataclasses.field(default_factory=list)
+    encode_ms: list[float] = dataclasses.field(default_factory=list)  # host time inside encoder calls, per prefill
 
 
 class ServingLoop:
@@ -500,7 +503,7 @@ class ServingLoop:
         waiting: list[Req] = []
         running: list[Req] = []
         all_reqs: list[Req] = []
-        log_ = RunLog(all_reqs, 0.0, 0.0, [], [], [], 0)
+        log_ = RunLog(all_reqs, 0.0, 0.0, [], [], [])
         self.tower.take_forwards()
         with stream_ctx(mode.stream), torch.inference_mode():
             t0 = time.perf_counter() + 0.02
@@ -510,7 +513,7 @@ class ServingLoop:
                 now = time.perf_counter()
                 while next_arrival < len(pending) and t0 + pending[next_arrival][0] <= now:  # ingest
                     at, spec = pending[next_arrival]
-                    req = Req(f"r{next_arrival}", spec, t0 + at)
+                    req = Req(f"r{next(_RIDS)}", spec, t0 + at)
                     req.seen = now
                     next_arrival += 1
                     waiting.append(req)
@@ -519,9 +522,11 @@ class ServingLoop:
                         service.on_arrival(req.rid, req.items)
                 if (next_arrival == len(pending) and not waiting and not running) or now > deadline:
                     break
-                batch = self._admit(mode, waiting, running, now, log_)
+                batch = self._admit(mode, waiting, running, now)
                 if batch:
-                    self._prefill(mode, batch, running)
+                    t = time.perf_counter()
+                    log_.encode_ms.append(self._prefill(mode, batch, running))
+                    log_.prefill_ms.append((time.perf_counter() - t) * 1e3)
                     log_.prefill_sizes.append(len(batch))
                 elif running:
                     log_.decode_sizes.append(len(running))
@@ -539,8 +544,7 @@ class ServingLoop:
             self.tower.forget(req.items)
         return log_
 
-    def _admit(self, mode: ModeSetup, waiting: list[Req], running: list[Req], now: float,
-               log_: RunLog) -> list[Req]:
+    def _admit(self, mode: ModeSetup, waiting: list[Req], running: list[Req], now: float) -> list[Req]:
         """FIFO under the prefill token budget and the running-request cap (SGLang's PrefillAdder, simplified)."""
         room = self.max_running - len(running)
         if room <= 0 or not waiting:
@@ -556,7 +560,7 @@ class ServingLoop:
             if (mode.guard_hold_s is not None and running and now - req.seen < mode.guard_hold_s
                     and not all(self.tower.ready(item) is not False for item in req.items)):
                 keep.append(req)  # its encode is still running: decode meanwhile instead of blocking on it
-                log_.held += 1
+                req.held = True
                 continue
             batch.append(req)
             tokens += req.prompt_len
@@ -590,13 +594,16 @@ class ServingLoop:
                 raise RuntimeError(f"encoder returned {out.shape[0]} rows for items of other token counts")
         return rows, positions
 
-    def _prefill(self, mode: ModeSetup, batch: list[Req], running: list[Req]) -> None:
+    def _prefill(self, mode: ModeSetup, batch: list[Req], running: list[Req]) -> float:
+        """Prefill ``batch`` and add it to ``running``; returns the host milliseconds spent in encoder calls."""
         llm = self.llm
         lens = [r.prompt_len for r in batch]
         starts = list(itertools.accumulate(lens, initial=0))[:-1]
         ids = torch.randint(0, llm.shape.vocab, (sum(lens),), device=llm.device)
         x = llm.embed[ids]
+        t = time.perf_counter()
         rows, positions = self._media_embeddings(mode, batch, starts)
+        encode_ms = (time.perf_counter() - t) * 1e3
         if rows:
             index = torch.tensor(positions, dtype=torch.long)
             x[index.to(llm.device)] = torch.cat(rows).to(x.dtype)
@@ -612,6 +619,7 @@ class ServingLoop:
                 mode.service.consumed(req.rid, req.items, req.prompt_len)
         running.extend(batch)
         self._retire(mode, running, now)
+        return encode_ms
 
     def _decode(self, mode: ModeSetup, running: list[Req]) -> None:
         step = self.graphs.decode if self.graphs is not None else self.llm.decode
@@ -673,7 +681,10 @@ def summarize(run: RunLog, duration: float, forwards: list[tuple[int, int]]) -> 
         "decode_steps": len(run.decode_sizes),
         "decode_batch_mean": statistics.fmean(run.decode_sizes) if run.decode_sizes else 0.0,
         "decode_step_p50_ms": pct(run.decode_ms, 50), "decode_step_p99_ms": pct(run.decode_ms, 99),
-        "guard_holds": run.held, "wall_s": run.end - t0,
+        "prefill_p50_ms": pct(run.prefill_ms, 50), "prefill_p99_ms": pct(run.prefill_ms, 99),
+        "prefill_encode_p50_ms": pct(run.encode_ms, 50), "prefill_encode_p99_ms": pct(run.encode_ms, 99),
+        "prefill_encode_share": sum(run.encode_ms) / sum(run.prefill_ms) if run.prefill_ms else 0.0,
+        "guard_held_requests": sum(r.held for r in reqs), "wall_s": run.end - t0,
     }
     return out
 
@@ -730,7 +741,7 @@ TABLE = (("mode", "mode", ""), ("load", "load", ".0%"), ("offered_req_s", "req/s
          ("ttft_p90_ms", "p90", ".0f"), ("ttft_p99_ms", "p99", ".0f"), ("itl_p50_ms", "ITL p50", ".1f"),
          ("itl_p99_ms", "p99", ".1f"), ("tok_s", "tok/s", ".0f"), ("encoder_calls", "enc calls", "d"),
          ("encoder_units_per_call_mean", "units/call", ".2f"), ("decode_batch_mean", "decode B", ".1f"),
-         ("guard_holds", "holds", "d"))
+         ("guard_held_requests", "held", "d"))
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -760,6 +771,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cudnn-sdpa", action="store_true", help="keep cuDNN SDPA (builds a graph per new shape)")
     p.add_argument("--time-budget-s", type=float, default=480.0,
                    help="skip runs that would end later than this after start (the device allows 600 s a command)")
+    p.add_argument("--trace", default=None, metavar="MODE@LOAD",
+                   help="after the sweep, profile that run's first --trace-seconds (torch.profiler, chrome trace)")
+    p.add_argument("--trace-seconds", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     smoke = args.smoke
@@ -878,6 +892,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         rows = run_all(args, loop, setups, work, meta, save, deadline=started + args.time_budget_s)
+        if args.trace:
+            meta["trace"] = profile_run(args, loop, setups, work, meta, out)
     finally:
         for setup in setups.values():
             if setup.service is not None:
@@ -966,6 +982,31 @@ def run_all(args: argparse.Namespace, loop: ServingLoop, setups: dict[str, ModeS
         else:
             log(f"{mode} {load:.0%}: TTFT p50 {row['ttft_p50_ms']:.0f} ms, ITL p99 {row['itl_p99_ms']:.1f} ms")
     return rows
+
+
+def profile_run(args: argparse.Namespace, loop: ServingLoop, setups: dict[str, ModeSetup], work: Workload,
+                meta: dict[str, Any], out: Path) -> str:
+    """Stream timeline of one mode and load (the load's trace, first ``--trace-seconds``) as a chrome trace."""
+    import gzip
+    import shutil
+
+    from torch.profiler import ProfilerActivity, profile
+
+    mode, _, load_text = args.trace.partition("@")
+    load = float(load_text)
+    rate = load * meta["inline_capacity_req_s"]
+    seed = 1000 + args.loads.index(load) if load in args.loads else 2000  # the sweep's trace for that load
+    trace = poisson_trace(work.request, rate, args.trace_seconds, seed=seed)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        loop.serve(setups[mode], trace, stop_after=args.trace_seconds + args.drain_seconds)
+    raw = out / f"serving_trace_{mode}_{load:g}.json"
+    prof.export_chrome_trace(str(raw))
+    with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    log(f"wrote {raw}.gz")
+    return f"{raw.name}.gz"
 
 
 if __name__ == "__main__":
