@@ -80,3 +80,40 @@ def test_decode_graph_replay_matches_the_eager_step_on_cuda():
                         max_slots=8, max_len=256, seed=1)
     graphs = DecodeGraphs(llm, span_step=128)
     assert graphs.check() < 0.02
+
+
+def test_plugin_path_returns_the_direct_encoding_and_readiness_follows_the_early_encode():
+    """Through the real EncoderService: the benchmark's adapter gives the same rows as the direct call, and
+    the tuned mode's readiness signal (None / True) tracks early submission, completion and release."""
+    import time
+
+    from benchmarks.harness import MediaMix
+    from benchmarks.serving_bench import Req, RequestSpec, ServedTower
+    from integration.service import EncoderService
+    from mm_scheduler import CoalescerConfig
+    from mm_scheduler.towers import build_tower
+
+    raw = build_tower("qwen2_5_vl", "cpu", tiny=True)
+    tower = ServedTower(raw, TINY_LM.hidden)
+    mix = MediaMix("qwen2_5_vl", raw, tiny=True)
+    req = Req("r-test", RequestSpec((mix.images[0][0], mix.videos[0]), 8, 2), arrival=0.0)
+    service = EncoderService(tower, CoalescerConfig(budget_bytes=1 << 26, name="serving-test"), lockstep=False)
+    service.start()
+    try:
+        assert [tower.ready(item) for item in req.items] == [None, None]
+        service.on_arrival(req.rid, req.items)
+        deadline = time.monotonic() + 60
+        while not all(tower.ready(item) for item in req.items):
+            assert time.monotonic() < deadline, "early encodes never completed"
+            time.sleep(0.01)
+        with torch.inference_mode():
+            early = service.encode(req.items, tower.encode_direct)
+            direct = tower.encode_direct(req.items)
+        assert early.shape == (req.prompt_len - 8, TINY_LM.hidden)
+        torch.testing.assert_close(early, direct)
+        assert service.stats()["taken_early"] == 2
+        service.release(req.rid, aborted=False)
+        tower.forget(req.items)
+        assert [tower.ready(item) for item in req.items] == [None, None]
+    finally:
+        service.close()
