@@ -45,7 +45,8 @@ CHECK_HOOKS = textwrap.dedent("""
         "add_cli_args": hooked(ServerArgs, "add_cli_args", plugin._after_add_cli_args),
         "from_cli_args": hooked(ServerArgs, "from_cli_args", plugin._around_from_cli_args),
         "resolve_once": hooked(ServerArgs, "resolve_once", plugin._after_resolve_once),
-        "scheduler_init": hooked(Scheduler, "__init__", plugin._after_scheduler_init),
+        "scheduler_init": hooked(Scheduler, "__init__", plugin._around_scheduler_init),
+        "next_batch_sweep": hooked(Scheduler, "get_next_batch_to_run", plugin._after_get_next_batch),
         "add_request": hooked(Scheduler, "_add_request_to_queue", plugin._around_add_request_to_queue),
         "clear_mm_inputs": hooked(Scheduler, "_maybe_clear_mm_inputs", plugin._before_clear_mm_inputs),
         "run_batch": hooked(Scheduler, "run_batch", plugin._after_run_batch),
@@ -157,7 +158,7 @@ def test_no_flag_no_environment_means_plugin_off(parse):
 def test_enable_flag_alone_uses_default_settings(parse):
     chosen = settings.settings_of(parse("--enable-mm-coalescer"))
     assert chosen == {"config_path": None, "values": {}, "mode": "auto",
-                      "max_held_bytes": int(settings.DEFAULT_MAX_HELD_MB * 2**20)}
+                      "max_held_bytes": int(settings.DEFAULT_MAX_HELD_MB * 2**20), "plugin": settings.PLUGIN_DEFAULTS}
 
 
 def test_max_held_flag_overrides_environment(parse, monkeypatch):
