@@ -11,7 +11,8 @@ A real SGLang server cannot run on the GPU machine, so this is the next most fai
 * **LLM**: real decoder layers with random bf16 weights of Qwen2.5-VL-7B's language model (hidden 3584,
   28 layers, 28 heads / 4 KV heads, intermediate 18944, vocab 152064): fused QKV with bias, RoPE, GQA
   attention (SDPA; prefill causal per request, decode over a slot-per-request KV cache), SwiGLU MLP,
-  LM head and greedy sampling, so prefill and decode steps cost what they cost. Eager, no CUDA graphs.
+  LM head and greedy sampling, so prefill and decode steps cost what they cost. Prefill is eager; decode
+  replays CUDA graphs per (batch, KV span) bucket, as SGLang's ``CudaGraphRunner`` does (``--no-cuda-graph``).
 * **Vision**: the project's real towers (``mm_scheduler.towers``: Qwen2.5-VL vision by default,
   ``--tower siglip-mixed`` with a linear projector), random weights, behind an ``SGLangTower`` subclass.
 * **Plugin**: driven through ``integration/service.py``'s ``EncoderService`` exactly where SGLang calls
@@ -28,6 +29,10 @@ first in the same run by a saturated burst.
 
     python -m benchmarks.serving_bench --out benchmarks/results     # CUDA (H100/H200), about 5 minutes
     python -m benchmarks.serving_bench --smoke --out /tmp/serving    # CPU, tiny models, seconds
+
+Writes ``serving_bench.json`` (``{"device", "llm_shape", "rows"}``, one row per mode and load),
+``serving_bench_meta.json`` (settings, inline capacity, the issue's target ratios), ``serving_bench.png``
+(with matplotlib) and ``serving_bench_table.md``.
 """
 
 from __future__ import annotations
@@ -605,8 +610,7 @@ class ServingLoop:
         rows, positions = self._media_embeddings(mode, batch, starts)
         encode_ms = (time.perf_counter() - t) * 1e3
         if rows:
-            index = torch.tensor(positions, dtype=torch.long)
-            x[index.to(llm.device)] = torch.cat(rows).to(x.dtype)
+            x[llm.h2d(positions)] = torch.cat(rows).to(x.dtype)
         for i, req in enumerate(batch):
             req.slot = len(running) + i
         hidden = llm.prefill([r.slot for r in batch], x, lens)
