@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: bench test lint clean gpu-bench serving-bench
+.PHONY: bench test lint clean gpu-bench serving-bench soak
 
 # torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
 $(VENV)/.core-installed: pyproject.toml
@@ -36,6 +36,11 @@ gpu-bench: $(VENV)/.test-installed
 # On a CUDA machine: TTFT/ITL of an SGLang-shaped serving loop (Qwen2.5-VL-7B LM shape, real tower), about 5 minutes.
 serving-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.serving_bench --out benchmarks/results
+
+# A longer soak for people: 10,000 requests from 400 clients with cancels, poison, malformed outputs, OOM,
+# slow forwards and one unbounded hang, on asyncio then uvloop; prints the figures, writes the JSON.
+soak: $(VENV)/.core-installed
+	$(PY) -m mm_scheduler.soak --requests 10000 --clients 400 --json benchmarks/results/soak.json
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

@@ -9,6 +9,7 @@ daemon threads, so an abandoned, still-hung thread never blocks interpreter exit
 
 from __future__ import annotations
 
+import itertools
 import math
 import queue
 import threading
@@ -18,6 +19,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, Literal
 
 DeadlineSetting = float | Literal["auto"] | None
+_thread_serial = itertools.count()  # unique thread names: an abandoned thread and its successor stay apart in logs
 
 
 class ForwardDeadline:
@@ -78,8 +80,8 @@ class DaemonWorkers(Executor):
         self._shutdown = False
         self._lock = threading.Lock()
         self._pending: set[Future[Any]] = set()
-        self._threads = [threading.Thread(target=self._serve, name=f"{name}_{i}", daemon=True)
-                         for i in range(threads)]
+        self._threads = [threading.Thread(target=self._serve, name=f"{name}_{next(_thread_serial)}", daemon=True)
+                         for _ in range(threads)]
         for thread in self._threads:
             thread.start()
 

@@ -67,6 +67,8 @@ class FakeTower:
       ``torch.OutOfMemoryError`` (a transient OOM: the unit alone fits).
     - ``malformed_keys``: the tower returns garbage for these units: a ``list`` instead of a tensor
       for an image, rows of width 3 instead of 2 for video frames after the first.
+    - ``on_forward``: called on the forward thread with each forward's record as it starts (a soak
+      uses it to cancel requests while their batch runs).
     Every call, successful or not, is appended to ``log``.
     """
 
@@ -76,6 +78,7 @@ class FakeTower:
                  gate_timeout_s: float = 5.0, hang_keys: Collection[Hashable] = (),
                  slow_keys: Mapping[Hashable, float] | None = None, oom_keys: Collection[Hashable] = (),
                  malformed_keys: Collection[Hashable] = (),
+                 on_forward: Callable[[ForwardRecord], None] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.ragged = ragged
         self.bytes_per_patch = bytes_per_patch
@@ -90,6 +93,7 @@ class FakeTower:
         self.slow_keys = dict(slow_keys or {})
         self.oom_keys = set(oom_keys)
         self.malformed_keys = set(malformed_keys)
+        self.on_forward = on_forward
         self.sleep = sleep
         self.hanging = threading.Event()
         self.hung_forwards = 0
@@ -108,6 +112,8 @@ class FakeTower:
             self.concurrent_forwards += 1
             self.max_concurrent_forwards = max(self.max_concurrent_forwards, self.concurrent_forwards)
         try:
+            if self.on_forward is not None:
+                self.on_forward(record)
             if self.gate is not None:
                 self._wait_for_gate()
             base_keys = [self._base_key(k) for k in record.keys if k is not None]
