@@ -746,6 +746,23 @@ TABLE = (("mode", "mode", ""), ("load", "load", ".0%"), ("offered_req_s", "req/s
          ("itl_p99_ms", "p99", ".1f"), ("tok_s", "tok/s", ".0f"), ("encoder_calls", "enc calls", "d"),
          ("encoder_units_per_call_mean", "units/call", ".2f"), ("decode_batch_mean", "decode B", ".1f"),
          ("guard_held_requests", "held", "d"))
+README_TABLE = (("load", "load", ".0%"), ("mode", "mode", ""), ("ttft_p50_ms", "TTFT p50 ms", ".0f"),
+                ("ttft_p90_ms", "p90", ".0f"), ("ttft_p99_ms", "p99", ".0f"), ("itl_p50_ms", "ITL p50 ms", ".1f"),
+                ("itl_p99_ms", "p99", ".1f"), ("tok_s", "tok/s", ".0f"),
+                ("ttft_p50_vs_inline", "TTFT p50 / inline", ".2f"),
+                ("itl_p99_vs_inline", "ITL p99 / inline", ".2f"), ("tok_s_vs_inline", "tok/s / inline", ".2f"),
+                ("encoder_units_per_call_mean", "units / encoder call", ".1f"))
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's TTFT p50, ITL p99 and tokens/s over inline's at the same load (the issue's target ratios)."""
+    inline = {r["load"]: r for r in rows if r["mode"] == "inline"}
+    for row in rows:
+        base = inline.get(row["load"])
+        for key, name in (("ttft_p50_ms", "ttft_p50_vs_inline"), ("itl_p99_ms", "itl_p99_vs_inline"),
+                          ("tok_s", "tok_s_vs_inline")):
+            if base is not None and base[key]:
+                row[name] = row[key] / base[key]
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -902,6 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for setup in setups.values():
             if setup.service is not None:
                 setup.service.close()
+    add_ratios(rows)
     report = save(rows)
     print(f"\n{report['device']}; {llm_shape}; tower {args.tower}; inline capacity "
           f"{meta['inline_capacity_req_s']:.2f} req/s; decode CUDA graphs {graph_note['enabled']}")
@@ -912,7 +930,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in meta.get("errors", []) + meta.get("skipped", []):
         print(f"  NOT MEASURED: {problem}")
     print(f"total {meta['total_seconds']:.0f} s wall")
-    (out / f"{stem}_table.md").write_text(markdown_table(rows, TABLE) + "\n")
+    ordered = sorted(rows, key=lambda r: (r["load"], MODES.index(r["mode"])))
+    (out / f"{stem}_table.md").write_text(markdown_table(ordered, README_TABLE) + "\n")
     try:
         from benchmarks.plot_serving import plot
 
