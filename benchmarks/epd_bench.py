@@ -136,9 +136,9 @@ class BenchEncoder:
 
     ``batch_encode`` is ``MMEncoder.batch_encode`` (server.py:2229-2266) without caches or transfers:
     one processor call for the whole batch (``_prepare_encode_context`` -> ``process_batch_mm_items``,
-    server.py:1139-1143, preprocessor.py:676-682, run on ``preproc_executor`` and awaited,
-    preprocessor.py:716-718), then the forward ON THE EVENT LOOP with a blocking ``.cpu()``
-    (``_compute_direct_embedding``, server.py:1761-1765), then a per-request split
+    server.py:1139-1143, preprocessor.py:676-682; transformers' processor on ``preproc_executor``,
+    awaited, preprocessor.py:735-738 images, 763-769 video), then the forward ON THE EVENT LOOP with a
+    blocking ``.cpu()`` (``_compute_direct_embedding``, server.py:1761-1765), then a per-request split
     (``_stage_embeddings``, server.py:2132-2203). Works for the reproduction and SGLang's real class.
     """
 
@@ -382,7 +382,7 @@ async def run_trace(server: Any, encoder: BenchEncoder | None, trace: list[tuple
         request = {"req_id": f"r{index}", "modality": modality, "mm_items": items, "num_parts": 1, "part_idx": 0}
         try:
             _, tokens, _, err, _ = await server.submit(request)
-        except Exception:  # noqa: BLE001 - counted, the run goes on
+        except Exception:  # counted; the run goes on
             result.errors += 1
             return
         if err is not None:
@@ -442,7 +442,7 @@ def crosscheck(tower: Any, preprocess: Preprocessor, workload: Workload, n: int 
     the batches each forms (modality, request ids, in order) must be identical."""
     try:
         from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import failure means: no cross-check here
+    except Exception as exc:  # any import failure means: no cross-check here
         log(f"cross-check skipped: sglang not importable ({type(exc).__name__})")
         return None
     rng = random.Random(7)
@@ -512,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default {OUT}; plot next to it)")
     p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per load (default 10)")
+    p.add_argument("--min-requests", type=int, default=None, help="per load: arrivals last until this many "
+                   "are expected (default 15; 3 with --smoke)")
     p.add_argument("--burst", type=int, default=None, help="requests of the saturation burst (default 120)")
     p.add_argument("--budget-mib", type=int, default=8192)
     p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -549,7 +551,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = []
     for load in LOADS:
         rate = load * capacity
-        trace = poisson_trace(workload.draw, rate, duration, seed=args.seed + 100 + int(load * 100))
+        wanted, seconds = args.min_requests or (3 if args.smoke else 15), duration
+        while len(trace := poisson_trace(workload.draw, rate, seconds, seed=args.seed + 100 + int(load * 100))) \
+                < wanted:  # the same seeded stream, longer: at least ``wanted`` arrivals at every load
+            seconds *= 1.5
         for mode in MODES:
             run = run_mode(mode, tower, preprocess, args, budget, trace, f"{load:.0%} {mode}")
             rows.append(summarize(mode, run, len(trace), load=load, rate_rps=rate))
