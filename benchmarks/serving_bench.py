@@ -249,7 +249,7 @@ class DecodeGraphs:
     graphs, so its decode costs GPU time. Padding rows (beyond the live batch) write into free slots.
     """
 
-    def __init__(self, llm: DecoderLM, span_step: int = 512) -> None:
+    def __init__(self, llm: DecoderLM, span_step: int = 256) -> None:
         self.llm = llm
         top = llm.max_slots
         self.batches = sorted({b for b in (1, 2, 4, 8, *range(16, top + 1, 8)) if b <= top} | {top})
