@@ -254,9 +254,46 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
     if (service is None or retracted or mm_inputs is None or req.finished()
             or scheduler.disaggregation_mode.name == "DECODE"):
         return result
-    service.on_arrival(req.rid, mm_inputs.mm_items)
+    service.on_arrival(req.rid, items_to_encode_early(scheduler, req))
     setattr(mm_inputs, _RID_ATTR, req.rid)
     return result
+
+
+def items_to_encode_early(scheduler: Any, req: Any) -> list[Any]:
+    """The request's items that its prefill will really encode: not those SGLang serves from its caches.
+
+    An item whose tokens all lie in the cached prompt prefix (radix cache) is never embedded
+    again, and one in SGLang's multimodal embedding cache is taken from there; encoding either at
+    arrival would be wasted. Both caches can change before the prefill runs: an item skipped here
+    that turns out to be needed is encoded on demand, as SGLang would.
+    """
+    cached_upto = cached_prefix_len(scheduler, req)
+    embedding_cache = _embedding_cache()
+    return [item for item in req.multimodal_inputs.mm_items
+            if item is not None and not (item.offsets and item.offsets[-1][1] < cached_upto)
+            and not (embedding_cache is not None and item.hash is not None and embedding_cache.has(item.hash))]
+
+
+def cached_prefix_len(scheduler: Any, req: Any) -> int:
+    """Tokens of ``req``'s prompt already in the radix cache, matched as SGLang's prefill matches them."""
+    tree_cache = getattr(scheduler, "tree_cache", None)
+    if tree_cache is None or getattr(scheduler, "disable_radix_cache", False):
+        return 0
+    try:
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+        from sglang.srt.mem_cache.common import _req_radix_key
+
+        key = _req_radix_key(tree_cache, req, req.origin_input_ids)
+        return int(tree_cache.match_prefix(MatchPrefixParams(key=key)).device_prefix_len)
+    except Exception:  # a cache this plugin does not understand: assume nothing is cached
+        logger.debug("mm-coalescer: could not match the prefix of %s", req.rid, exc_info=True)
+        return 0
+
+
+def _embedding_cache() -> Any:
+    from sglang.srt.managers import mm_schedule
+
+    return getattr(mm_schedule, "embedding_cache", None)
 
 
 def _after_run_batch(_result: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> None:

@@ -71,8 +71,6 @@ def test_engine_items_go_through_the_coalescer_not_the_fallback(engine_runs: dic
     assert scenario.counter(on, "mm_coalescer_requests_total{outcome=error}") == 0, on
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8 item 13: an item whose prompt prefix is already cached is still "
-                   "encoded at arrival and never taken (seen: 8 units encoded, 6 taken by prefill)")
 def test_engine_every_item_encoded_at_arrival_is_taken_by_a_prefill(engine_runs: dict[str, Any]) -> None:
     on = engine_runs["on"]["metrics"]
     # Qwen2.5-VL: one unit per image and per video, so units submitted == items some prefill took.
