@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import log, pct, poisson_trace, stream_ctx
+from benchmarks.harness import build_bench_tower, log, pct, poisson_trace, stream_ctx
 from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler.calibrate import calibrate, calibrate_tower
 from mm_scheduler.towers import build_tower
@@ -390,9 +390,7 @@ def make_trace(work: Workload, rate: float, duration: float, seed: int) -> list[
 def bench_tower(name: str, args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    t_build = time.perf_counter()
-    tower = build_tower(name, device, tiny=args.tiny)
-    log(f"{name}: built in {time.perf_counter() - t_build:.1f}s")
+    tower = build_bench_tower(name, device, tiny=args.tiny)
     work = Workload(name, tower, args.tiny)
     result: dict[str, Any] = {"tower": name, "formula_bytes_per_patch": tower.bytes_per_patch}
     if name == "qwen2_5_vl":
