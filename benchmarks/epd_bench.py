@@ -98,18 +98,38 @@ class Preprocessor:
 
     def __init__(self, dtype: torch.dtype) -> None:
         import transformers
-        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+        from transformers import Qwen2VLImageProcessor
 
         transformers.logging.set_verbosity_error()
         self.dtype = dtype
-        self.image = Qwen2VLImageProcessor()
-        self.video = Qwen2VLVideoProcessor()
+        try:
+            self.image = Qwen2VLImageProcessor()
+        except (ImportError, ValueError):  # no torchvision backend: the PIL/numpy one (same output)
+            from transformers import Qwen2VLImageProcessorPil
+
+            self.image = Qwen2VLImageProcessorPil()
+        self.video: Any = None
+        try:
+            from transformers import Qwen2VLVideoProcessor
+
+            self.video = Qwen2VLVideoProcessor()
+        except (ImportError, ValueError) as exc:
+            log(f"Qwen2VLVideoProcessor unavailable ({exc!r}): videos go through the image processor per frame")
 
     def __call__(self, modality: str, items: Sequence[np.ndarray]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         """One processor call over ``items``: packed ``[rows, 1176]`` pixels (tower dtype) and (t, h, w) grids."""
-        if modality == "video":
+        if modality == "video" and self.video is not None:
             out = self.video(videos=list(items), return_tensors="pt", do_sample_frames=False)
             pixels, grid = out["pixel_values_videos"], out["video_grid_thw"]
+        elif modality == "video":  # fallback: every frame processed, one of each temporal pair kept
+            parts, grids = [], []
+            for video in items:
+                out = self.image(images=list(video), return_tensors="pt")
+                _, h, w = (int(v) for v in out["image_grid_thw"][0])
+                parts.append(out["pixel_values"].view(len(video), h * w, -1)[::2].reshape(-1, out[
+                    "pixel_values"].shape[-1]))
+                grids.append((len(video) // 2, h, w))
+            return torch.cat(parts).to(self.dtype), grids
         else:
             out = self.image(images=list(items), return_tensors="pt")
             pixels, grid = out["pixel_values"], out["image_grid_thw"]
@@ -511,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny tower, short trace (seconds)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default {OUT}; plot next to it)")
-    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per load (default 10)")
+    p.add_argument("--duration", type=float, default=None, help="seconds of arrivals per load (default 8)")
     p.add_argument("--min-requests", type=int, default=None, help="per load: arrivals last until this many "
                    "are expected (default 15; 3 with --smoke)")
     p.add_argument("--burst", type=int, default=None, help="requests of the saturation burst (default 120)")
@@ -522,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     device = resolve(args.device or ("cpu" if args.smoke else "cuda"))
-    duration = args.duration or (1.0 if args.smoke else 10.0)
+    duration = args.duration or (1.0 if args.smoke else 8.0)
     burst = args.burst or (10 if args.smoke else 120)
     out = args.out or (Path("benchmarks/results/epd_bench_smoke.json") if args.smoke else OUT)
     logging.getLogger("mm_scheduler").setLevel(logging.ERROR)
