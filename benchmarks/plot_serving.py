@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt
 STYLE = {"inline": ("tab:red", "inline (one encode per request)"),
          "inline-batched": ("tab:orange", "inline-batched (SGLang today)"),
          "plugin": ("tab:blue", "plugin (early encoding)"),
-         "plugin-tuned": ("tab:green", "plugin-tuned")}
+         "plugin-tuned": ("tab:green", "plugin-tuned (+ admission guard)"),
+         "plugin-equal-priority": ("tab:purple", "plugin, LLM stream at priority 0")}
 
 
 def plot(report: dict[str, Any], meta: dict[str, Any] | None, out: Path) -> None:

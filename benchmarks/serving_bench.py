@@ -21,11 +21,14 @@ A real SGLang server cannot run on the GPU machine, so this is the next most fai
 
 Modes, same arrivals and seeds: ``inline`` (one encoder call per request inside its prefill),
 ``inline-batched`` (SGLang today: one call for all images of the prefill batch, one per video),
-``plugin`` (early encoding from arrival on the coalescer's stream), ``plugin-tuned`` (LLM forward
-stream at the highest CUDA priority, and an admission guard: while decode has work, a request whose
-early encode has not finished on the GPU waits in the queue, up to ``--tuned-hold-ms``, instead of
-blocking the scheduler inside its prefill). Loads are fractions of ``inline``'s capacity, measured
-first in the same run by a saturated burst.
+``plugin`` (the plugin as shipped with ``configs/qwen2_5_vl.yaml``: early encoding from arrival on the
+coalescer's stream, the LLM's streams at the device's highest CUDA priority per the config's
+``sglang.llm_stream_priority``, its ``prefill_wait_ms``), ``plugin-tuned`` (the same plus an admission
+guard: while decode has work, a request whose early encode has not finished on the GPU waits in the
+queue, up to ``--tuned-hold-ms``, instead of blocking the scheduler inside its prefill; this policy is
+benchmark-side, the plugin does not ship it). ``--modes ...,plugin-equal-priority`` adds the plugin with
+SGLang's priority-0 streams (ablation). Loads are fractions of ``inline``'s capacity, measured first in
+the same run by a saturated burst.
 
     python -m benchmarks.serving_bench --out benchmarks/results     # CUDA (H100/H200), about 5 minutes
     python -m benchmarks.serving_bench --smoke --out /tmp/serving    # CPU, tiny models, seconds
@@ -75,10 +78,13 @@ from benchmarks.harness import (
 )
 from integration.adapters import SGLangTower
 from integration.service import EncoderService
+from integration.settings import PLUGIN_DEFAULTS
+from integration.settings import resolve as resolve_plugin
 from mm_scheduler import CoalescerConfig, EncodeItem, config_from_dict, load_config
 from mm_scheduler.units import assemble, split_into_units
 
 MODES = ("inline", "inline-batched", "plugin", "plugin-tuned")
+EXTRA_MODES = ("plugin-equal-priority",)  # the plugin with SGLang's priority-0 streams (--modes, an ablation)
 LOADS = (0.2, 0.5, 0.8, 1.0, 1.2)
 REPO = Path(__file__).resolve().parents[1]
 
@@ -782,8 +788,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--burst", type=int, default=None, help="requests of the saturated run (default 400)")
     p.add_argument("--max-running", type=int, default=None, help="running-request cap (default 64; smoke 8)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="prompt tokens per prefill (default 8192)")
-    p.add_argument("--tuned-priority", type=int, default=-5,
-                   help="plugin-tuned: LLM forward stream priority (lower is higher; clamped to the device's range)")
     p.add_argument("--tuned-hold-ms", type=float, default=150.0,
                    help="plugin-tuned: longest a request waits for its early encode while decode runs")
     p.add_argument("--tuned-max-inflight", type=int, default=None,
@@ -806,19 +810,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, tiny if smoke else full)
     args.modes = [m for m in args.modes.split(",") if m]
-    unknown = set(args.modes) - set(MODES)
+    unknown = set(args.modes) - set(MODES) - set(EXTRA_MODES)
     if unknown or "inline" not in args.modes:
-        p.error(f"--modes must include inline and name only {MODES}; got {args.modes}")
+        p.error(f"--modes must include inline and name only {MODES + EXTRA_MODES}; got {args.modes}")
     args.loads = [float(x) for x in args.loads.split(",") if x]
     return args
 
 
-def coalescer_config(args: argparse.Namespace, bpp: int) -> CoalescerConfig:
-    """The shipped Qwen2.5-VL config (bytes/patch measured once here instead of at each start)."""
-    if args.tower == "qwen2_5_vl":
-        return load_config(REPO / "configs" / "qwen2_5_vl.yaml", bytes_per_patch=bpp, name="serving-plugin")
-    return config_from_dict({"max_batch_items": 64, "budget_bytes": 1 << 30, "bytes_per_patch": bpp,
-                             "name": "serving-plugin"})
+def plugin_settings(args: argparse.Namespace, bpp: int) -> tuple[CoalescerConfig, dict[str, Any]]:
+    """The shipped config as the plugin reads it: coalescer settings and its ``sglang:`` section (LLM stream
+    priority, prefill wait), through ``integration.settings``; bytes/patch measured once here."""
+    if args.tower != "qwen2_5_vl":
+        config = config_from_dict({"max_batch_items": 64, "budget_bytes": 1 << 30, "bytes_per_patch": bpp,
+                                   "name": "serving-plugin"})
+        return config, dict(PLUGIN_DEFAULTS)
+    path = REPO / "configs" / "qwen2_5_vl.yaml"
+    chosen = resolve_plugin(True, str(path))
+    return load_config(path, bytes_per_patch=bpp, name="serving-plugin"), chosen["plugin"]  # type: ignore[index]
 
 
 def capture_decode_graphs(llm: DecoderLM, enabled: bool) -> tuple[DecodeGraphs | None, dict[str, Any]]:
@@ -866,20 +874,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     graphs, graph_note = capture_decode_graphs(llm, enabled=cuda and not args.no_cuda_graph)
     bpp = bytes_per_patch(raw_tower)
     tower.bytes_per_patch = bpp
-    base_config = coalescer_config(args, bpp)
+    base_config, plugin = plugin_settings(args, bpp)
     tuned_config = base_config.replace(name="serving-plugin-tuned", **(
         {"max_inflight_batches": args.tuned_max_inflight} if args.tuned_max_inflight else {}))
+    equal_config = base_config.replace(name="serving-plugin-equal-priority")
 
+    # SGLang makes its streams at priority 0, CUDA's lowest (= the encoder stream's); the plugin's
+    # llm_stream_priority "high" makes them at the device's highest priority instead.
     normal = torch.cuda.Stream(device, priority=0) if cuda else None
-    high = torch.cuda.Stream(device, priority=args.tuned_priority) if cuda else None
+    high = torch.cuda.Stream(device, priority=torch.cuda.Stream.priority_range()[1]) if cuda else None
+    plugin_stream = high if plugin["llm_stream_priority"] == "high" else normal
+    wait_s = plugin["prefill_wait_ms"] / 1000.0
     setups: dict[str, ModeSetup] = {}
     for mode in args.modes:
         if mode == "plugin":
-            service = EncoderService(tower, base_config, lockstep=False).start()
-            setups[mode] = ModeSetup(mode, normal, service)
+            service = EncoderService(tower, base_config, lockstep=False, prefill_wait_s=wait_s).start()
+            setups[mode] = ModeSetup(mode, plugin_stream, service)
         elif mode == "plugin-tuned":
-            service = EncoderService(tower, tuned_config, lockstep=False).start()
-            setups[mode] = ModeSetup(mode, high, service, guard_hold_s=args.tuned_hold_ms / 1e3)
+            service = EncoderService(tower, tuned_config, lockstep=False, prefill_wait_s=wait_s).start()
+            setups[mode] = ModeSetup(mode, plugin_stream, service, guard_hold_s=args.tuned_hold_ms / 1e3)
+        elif mode == "plugin-equal-priority":
+            service = EncoderService(tower, equal_config, lockstep=False, prefill_wait_s=wait_s).start()
+            setups[mode] = ModeSetup(mode, normal, service)
         else:
             setups[mode] = ModeSetup(mode, normal)
     loop = ServingLoop(llm, tower, args.max_running, args.chunk_tokens, graphs)
@@ -889,6 +905,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "llm_weight_gib": llm.weight_bytes / 2**30, "decode_cuda_graphs": graph_note, "max_len": work.max_len,
         "bytes_per_patch": bpp,
         "coalescer_config": dataclasses.asdict(base_config), "tuned_config": dataclasses.asdict(tuned_config),
+        "plugin_settings": plugin,
         "stream_priority": {"normal": normal.priority if normal else None, "high": high.priority if high else None},
         "workload": {"text_tokens": work.text_tokens, "output_tokens": work.output_tokens,
                      "media": "50 % one image, 30 % 2-3 images, 20 % one video",
@@ -930,7 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for problem in meta.get("errors", []) + meta.get("skipped", []):
         print(f"  NOT MEASURED: {problem}")
     print(f"total {meta['total_seconds']:.0f} s wall")
-    ordered = sorted(rows, key=lambda r: (r["load"], MODES.index(r["mode"])))
+    ordered = sorted(rows, key=lambda r: (r["load"], (MODES + EXTRA_MODES).index(r["mode"])))
     (out / f"{stem}_table.md").write_text(markdown_table(ordered, README_TABLE) + "\n")
     try:
         from benchmarks.plot_serving import plot
