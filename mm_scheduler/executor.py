@@ -56,9 +56,14 @@ def wait_for_inputs(units: Sequence[EncodeItem], stream: torch.cuda.Stream) -> N
 
 
 def own_storage(output: object) -> object:
-    """A view into a larger batch buffer keeps the whole buffer alive: copy it out so holding one
-    result holds only its own bytes (and freeing it frees them)."""
-    if isinstance(output, torch.Tensor) and \
+    """A view into a larger CUDA batch buffer keeps the whole buffer alive: copy it out so holding
+    one result holds only its own device bytes (and freeing it frees them).
+
+    Only CUDA outputs: that clone is ordered on the encoder stream after the kernels that write the
+    buffer. A host view may still be the target of a non-blocking device-to-host copy that lands
+    only when the batch's event completes; cloning it now would read stale bytes.
+    """
+    if isinstance(output, torch.Tensor) and output.is_cuda and \
             output.untyped_storage().nbytes() > output.numel() * output.element_size():
         return output.clone()
     return output
