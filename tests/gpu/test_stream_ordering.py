@@ -204,3 +204,47 @@ def test_llm_streams_are_created_at_high_priority_while_the_scheduler_starts():
     after = torch.cuda.Stream(priority=0)
     assert inside.priority == greatest and inside_default.priority == greatest
     assert after.priority == 0
+
+
+class PinnedHostTower:
+    """Like EPD's tower: a batch's outputs are views of ONE pinned host buffer that a non-blocking
+    device-to-host copy fills; they are valid only once the batch's completion event fires."""
+
+    ragged = True
+    bytes_per_patch = 4096
+    device = "cuda"
+
+    def forward(self, units):
+        device = torch.device("cuda", torch.cuda.current_device())
+        rows = [u.pixel_values.to(device, non_blocking=True).sum(dim=-1, keepdim=True) * 2.0 for u in units]
+        busy = torch.randn(2048, 2048, device=device)
+        for _ in range(8):
+            busy = torch.tanh(busy @ busy)
+        packed = torch.cat(rows) + busy[0, 0] * 0  # lands after the busy chain
+        host = torch.zeros(packed.shape, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        return list(host.split([r.shape[0] for r in rows]))
+
+
+async def _encode_many(co, batches):
+    import asyncio
+
+    return await asyncio.gather(*(co.encode(items) for items in batches))
+
+
+def test_host_views_filled_by_a_pending_copy_are_delivered_only_after_it_lands():
+    import asyncio
+
+    from mm_scheduler import Coalescer
+
+    async def run():
+        async with Coalescer(PinnedHostTower(), CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64)) as co:
+            wrong = 0
+            for rep in range(REPS):
+                batches = [[EncodeItem(torch.full((8 + k, ROW), float(rep * 10 + k)), 8 + k)] for k in range(6)]
+                outs = await _encode_many(co, batches)
+                for k, (out,) in enumerate(outs):
+                    wrong += not torch.equal(out, torch.full((8 + k, 1), 2.0 * ROW * (rep * 10 + k)))
+            return wrong
+
+    assert asyncio.run(run()) == 0
