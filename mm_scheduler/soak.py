@@ -79,17 +79,54 @@ class SoakSettings:
 
 @dataclass
 class RequestSpec:
-    """One request of the workload and the faults it carries (what outcomes it may legitimately have)."""
+    """One request of the workload and the faults it carries (what outcomes it may legitimately have).
+
+    Its items are built on demand (:meth:`make_items`, deterministic): a harness that held all of them
+    for the whole run would make the garbage collector, not the system under test, block the loop.
+    """
 
     rid: int
-    items: list[EncodeItem]
     faults: frozenset[str]
     cancel_after: float | None
     cancel_when_running: bool = False
+    seed: int = 0
+    shared: Sequence[EncodeItem] = field(default=(), repr=False, compare=False)
 
     @property
     def cancelled_on_purpose(self) -> bool:
         return self.cancel_after is not None or self.cancel_when_running
+
+    def make_items(self) -> list[EncodeItem]:
+        """1-6 items: images of five sizes, 2-4 frame videos, shared keys (dedup); plus the fault item."""
+        rng = random.Random(self.seed * 1_000_003 + self.rid)
+        rid = self.rid
+        items: list[EncodeItem] = []
+        for j in range(rng.randint(1, 6)):
+            kind = rng.random()
+            if kind < 0.15 and self.shared:
+                items.append(rng.choice(self.shared))
+            elif kind < 0.30:
+                frames = rng.randint(2, 4)
+                pixels = torch.arange(frames * 6, dtype=torch.float32).reshape(frames, 2, 3) + rid * 100 + j
+                items.append(EncodeItem(pixels, rng.choice(PATCH_SIZES[:3]), "video", key=f"v{rid}-{j}"))
+            else:
+                key = None if kind > 0.9 else f"r{rid}-{j}"
+                items.append(EncodeItem(torch.full((2, 3), rid * 100.0 + j), rng.choice(PATCH_SIZES), key=key))
+        for fault in self.faults - {"hang"}:
+            if fault == "malformed" and rng.random() < 0.5:  # frames of the wrong width
+                frames = rng.randint(2, 3)
+                pixels = torch.arange(frames * 6, dtype=torch.float32).reshape(frames, 2, 3) - rid
+                items.append(EncodeItem(pixels, 16, "video", key=f"{fault}-{rid}"))
+            else:
+                items.append(EncodeItem(torch.full((2, 3), -rid - 0.5), rng.choice(PATCH_SIZES), key=f"{fault}-{rid}"))
+        if "hang" in self.faults:
+            items.append(EncodeItem(torch.full((2, 3), 0.25), 16, key=f"hang-{rid}"))
+        return items
+
+    def own_keys(self, items: Sequence[EncodeItem]) -> list[str]:
+        """Keys only this request's images carry (shared and fault keys excluded)."""
+        prefix = f"r{self.rid}-"
+        return [item.key for item in items if isinstance(item.key, str) and item.key.startswith(prefix)]
 
 
 @dataclass
@@ -99,6 +136,7 @@ class Ledger:
     total: int
     outcomes: dict[int, str] = field(default_factory=dict)
     duplicated: int = 0
+    items: int = 0
     wrong: list[str] = field(default_factory=list)
     on_half: Callable[[], None] | None = None
 
@@ -113,8 +151,10 @@ class Ledger:
         if len(self.outcomes) == self.total // 2 and self.on_half is not None:
             self.on_half()
 
-    def judge(self, spec: RequestSpec, result: list[torch.Tensor] | BaseException, cancelled_by_us: bool) -> None:
+    def judge(self, spec: RequestSpec, items: Sequence[EncodeItem], result: list[torch.Tensor] | BaseException,
+              cancelled_by_us: bool) -> None:
         """Classify one request's end against its faults, and record it."""
+        self.items += len(items)
         if isinstance(result, asyncio.CancelledError):
             self.record(spec, "cancelled" if cancelled_by_us else "wrong", "cancelled without being cancelled")
         elif isinstance(result, ForwardTimeoutError):
@@ -128,10 +168,10 @@ class Ledger:
             self.record(spec, "wrong", f"escaped as {type(result).__name__}: {result!r}")
         elif spec.faults & {"poison", "malformed", "hang"}:
             self.record(spec, "wrong", f"succeeded despite faults {sorted(spec.faults)}")
-        elif len(result) != len(spec.items):
-            self.record(spec, "wrong", f"{len(result)} results for {len(spec.items)} items")
+        elif len(result) != len(items):
+            self.record(spec, "wrong", f"{len(result)} results for {len(items)} items")
         elif not all(isinstance(out, torch.Tensor) and torch.equal(out, expected_encoding(item))
-                     for item, out in zip(spec.items, result, strict=True)):
+                     for item, out in zip(items, result, strict=True)):
             self.record(spec, "wrong", "a result differs from the tower's output for its item")
         else:
             self.record(spec, "ok")
@@ -211,7 +251,7 @@ def rss_mb() -> float:
 
 # --- workload --------------------------------------------------------------------------------------
 def make_workload(settings: SoakSettings) -> list[RequestSpec]:
-    """Deterministic requests (from ``seed``): 1-6 items each, images of five sizes, videos, shared keys."""
+    """Deterministic requests (from ``seed``): which carry which fault, which are cancelled and when."""
     rng = random.Random(settings.seed)
     shared = [EncodeItem(torch.full((2, 3), -float(k)), rng.choice(PATCH_SIZES), key=f"shared-{k}") for k in range(32)]
     hang_rid = None if settings.hang_at is None else int(settings.requests * settings.hang_at)
@@ -225,35 +265,11 @@ def make_workload(settings: SoakSettings) -> list[RequestSpec]:
                 faults.add(name)
                 break
             roll -= rate
-        if rid == hang_rid:
-            faults = {"hang"}
-        items: list[EncodeItem] = []
-        for j in range(rng.randint(1, 6)):
-            kind = rng.random()
-            if kind < 0.15:
-                items.append(rng.choice(shared))
-            elif kind < 0.30:
-                frames = rng.randint(2, 4)
-                pixels = torch.arange(frames * 6, dtype=torch.float32).reshape(frames, 2, 3) + rid * 100 + j
-                items.append(EncodeItem(pixels, rng.choice(PATCH_SIZES[:3]), "video", key=f"v{rid}-{j}"))
-            else:
-                key = None if kind > 0.9 else f"r{rid}-{j}"
-                items.append(EncodeItem(torch.full((2, 3), rid * 100.0 + j), rng.choice(PATCH_SIZES), key=key))
-        if faults - {"hang"}:
-            fault = next(iter(faults))
-            if fault == "malformed" and rng.random() < 0.5:  # frames of the wrong width
-                frames = rng.randint(2, 3)
-                pixels = torch.arange(frames * 6, dtype=torch.float32).reshape(frames, 2, 3) - rid
-                items.append(EncodeItem(pixels, 16, "video", key=f"{fault}-{rid}"))
-            else:
-                items.append(EncodeItem(torch.full((2, 3), -rid - 0.5), rng.choice(PATCH_SIZES), key=f"{fault}-{rid}"))
-        if "hang" in faults:
-            items.append(EncodeItem(torch.full((2, 3), 0.25), 16, key=f"hang-{rid}"))
         cancel_after = rng.uniform(0.0, 0.03) if rng.random() < settings.cancel_rate else None
         when_running = cancel_after is None and rng.random() < settings.cancel_running_rate
-        if "hang" in faults:
-            cancel_after, when_running = None, False  # the hang must reach the tower
-        specs.append(RequestSpec(rid, items, frozenset(faults), cancel_after, when_running))
+        if rid == hang_rid:
+            faults, cancel_after, when_running = {"hang"}, None, False  # the hang must reach the tower
+        specs.append(RequestSpec(rid, frozenset(faults), cancel_after, when_running, settings.seed, shared))
     return specs
 
 
@@ -284,7 +300,7 @@ class CoalescerDriver:
         rng = random.Random(settings.seed + 2)
         think_s = settings.clients / settings.target_rate
         queue = iter(specs)
-        cancelled: list[RequestSpec] = []
+        cancelled: list[list[str]] = []
         cancel_on_forward: dict[Any, asyncio.Task[Any]] = {}
 
         def on_forward(record: Any) -> None:  # the forward thread: hand the cancels to the loop
@@ -300,10 +316,10 @@ class CoalescerDriver:
                 me = asyncio.current_task()
                 for spec in queue:
                     await asyncio.sleep(rng.uniform(0, 2 * think_s))
-                    task = loop.create_task(co.encode(spec.items))
+                    items = spec.make_items()
+                    task = loop.create_task(co.encode(items))
                     handle = None if spec.cancel_after is None else loop.call_later(spec.cancel_after, task.cancel)
-                    own_keys = [item.key for item in spec.items if item.key is not None and
-                                str(item.key).startswith(f"r{spec.rid}-")] if spec.cancel_when_running else []
+                    own_keys = spec.own_keys(items) if spec.cancel_when_running else []
                     for key in own_keys:
                         cancel_on_forward[key] = task
                     try:
@@ -312,15 +328,17 @@ class CoalescerDriver:
                         if me.cancelling():  # this client is being stopped (the run's deadline)
                             raise
                         result = exc
-                        cancelled.append(spec)
+                        cancelled.append(spec.own_keys(items))
                     except Exception as exc:
                         result = exc
                     if handle is not None:
                         handle.cancel()
                     for key in own_keys:
                         del cancel_on_forward[key]
-                    ledger.judge(spec, result, cancelled_by_us=spec.cancelled_on_purpose)
-                    if isinstance(result, TowerUnhealthyError):
+                    ledger.judge(spec, items, result, cancelled_by_us=spec.cancelled_on_purpose)
+                    refused = isinstance(result, TowerUnhealthyError)
+                    del items, task, result  # nothing of this request stays alive while the client thinks
+                    if refused:
                         await asyncio.sleep(settings.fallback_s)
 
             clients = [loop.create_task(client()) for _ in range(settings.clients)]
@@ -345,12 +363,11 @@ class CoalescerDriver:
         }
 
 
-def _cancelled_while_running(cancelled: Sequence[RequestSpec], tower: FakeTower) -> int:
+def _cancelled_while_running(cancelled: Sequence[list[str]], tower: FakeTower) -> int:
     """Cancelled requests whose own units reached the tower: queued units are withdrawn on cancel, so
     these were cancelled while their batch ran."""
     seen = {key for record in tower.log for key in record.keys}
-    return sum(any(item.key in seen for item in spec.items if isinstance(item.key, str)
-                   and item.key.startswith(f"r{spec.rid}-")) for spec in cancelled)
+    return sum(any(key in seen for key in keys) for keys in cancelled)
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -391,7 +408,7 @@ async def run_soak(settings: SoakSettings, driver: Driver | None = None) -> dict
         "driver": driver.name, "loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "requests": len(specs), "clients": settings.clients, "seconds": round(seconds, 2),
         "requests_per_s": round(len(specs) / seconds, 1),
-        "items": sum(len(s.items) for s in specs),
+        "items": ledger.items,
         "ok": counts["ok"], "failed_poisoned": counts["failed"], "cancelled": counts["cancelled"],
         "cancelled_while_running": state.get("cancelled_while_running", 0),
         "timed_out": counts["timed_out"], "fallback_unhealthy": counts["fallback"],
