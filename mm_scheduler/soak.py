@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib
 import itertools
 import json
 import os
@@ -184,7 +185,9 @@ class Driver(Protocol):
 
     async def run(self, specs: Sequence[RequestSpec], tower: FakeTower, settings: SoakSettings,
                   ledger: Ledger) -> dict[str, Any]:
-        """Returns end-of-run state; every value under ``"leftovers"`` must be 0 (queues, held bytes...)."""
+        """Returns end-of-run state: every value under ``"leftovers"`` must be 0 (queues, held bytes...);
+        optional ``"stats"`` (the coalescer's), ``"figures"`` and ``"checks"`` (name -> passed) join the
+        report, e.g. a :class:`LoopLagProbe` the driver ran on its own loop thread."""
         ...
 
 
@@ -423,6 +426,7 @@ async def run_soak(settings: SoakSettings, driver: Driver | None = None) -> dict
         "max_loop_lag_ms": round(probe.max_lag_ms, 1), "max_loop_blocked_ms": round(probe.max_blocked_ms, 1),
         "max_gc_pause_ms": round(gc_pauses.max_ms, 1),
         "leftovers": state.get("leftovers", {}),
+        **state.get("figures", {}),
     }
     checks = {
         "0 lost": lost == 0,
@@ -433,6 +437,7 @@ async def run_soak(settings: SoakSettings, driver: Driver | None = None) -> dict
         f"RSS growth over 2nd half < {MAX_RSS_GROWTH_MB:g} MB": growth < MAX_RSS_GROWTH_MB,
         f"loop never blocked > {MAX_BLOCKED_MS:g} ms": probe.max_blocked_ms <= MAX_BLOCKED_MS,
     }
+    checks.update(state.get("checks", {}))
     if settings.hang_at is not None:
         checks["the hang was detected and recovered"] = (
             tower.hung_forwards >= 1 and figures["forward_timeouts"] >= 1 and stats.get("healthy") is True)
@@ -458,13 +463,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=defaults.target_rate, help="offered requests/s")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="both")
+    parser.add_argument("--driver", default="mm_scheduler.soak:CoalescerDriver",
+                        help="module:Class of the Driver that feeds the system under test")
     parser.add_argument("--json", type=Path, help="write the reports here")
     args = parser.parse_args(argv)
     loops = ("asyncio", "uvloop") if args.loop == "both" else (args.loop,)
     reports = []
     for seed, loop_name in zip(itertools.count(args.seed), loops):
         settings = SoakSettings(requests=args.requests, clients=args.clients, target_rate=args.rate, seed=seed)
-        report = _run_on(loop_name, settings)
+        report = _run_on(loop_name, settings, _load_driver(args.driver))
         print(f"\n## soak: {report['figures']['driver']} on {loop_name}\n\n{format_table(report)}", flush=True)
         reports.append(report)
     if args.json:
@@ -476,12 +483,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if all(all(r["checks"].values()) for r in reports) else 1
 
 
-def _run_on(loop_name: str, settings: SoakSettings) -> dict[str, Any]:
+def _load_driver(spec: str) -> Driver:
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)()
+
+
+def _run_on(loop_name: str, settings: SoakSettings, driver: Driver) -> dict[str, Any]:
     if loop_name == "uvloop":
         import uvloop
 
-        return uvloop.run(run_soak(settings))
-    return asyncio.run(run_soak(settings))
+        return uvloop.run(run_soak(settings, driver))
+    return asyncio.run(run_soak(settings, driver))
 
 
 if __name__ == "__main__":

@@ -136,17 +136,22 @@ async def test_without_a_known_good_unit_the_hung_forward_returning_restores_hea
         tower.release()
 
 
-async def test_a_completion_wait_that_never_ends_also_trips_the_deadline():
+@pytest.mark.parametrize("inline", [True, False], ids=["on-forward-thread", "on-event-waiter"])
+async def test_a_completion_wait_that_never_ends_also_trips_the_deadline(inline):
     """On CUDA the forward returns at once and the wait for its event is what hangs (a stuck kernel)."""
     never = threading.Event()
 
     class StuckEvent:
+        def query(self) -> bool:
+            return never.is_set()
+
         def synchronize(self) -> None:
             never.wait()
 
     tower = FakeTower()
     try:
         async with Coalescer(tower, config()) as co:
+            co._sync_lone_inline = inline  # who waits for a lone batch's event: its forward thread or a waiter
             await co.encode([image(16)])  # a known-good unit for the health probe
             real_run = co._executor.run
 
