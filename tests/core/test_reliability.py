@@ -170,6 +170,41 @@ async def test_a_completion_wait_that_never_ends_also_trips_the_deadline(inline)
         never.set()
 
 
+SPIN_CYCLES = 10_000_000_000  # torch.cuda._sleep: about 5-7 s of one GPU block spinning at 1.4-2 GHz
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("inline", [True, False], ids=["on-forward-thread", "on-event-waiter"])
+async def test_cuda_kernel_past_the_deadline_is_abandoned_and_a_fresh_stream_serves_meanwhile(inline):
+    """A real kernel that outlives the deadline cannot be killed: the coalescer moves to a new stream
+    and thread, a probe succeeds there while the old kernel still spins, and the abandoned waiter
+    returns only when that kernel ends."""
+
+    class SpinTower(FakeTower):
+        def forward(self, units):
+            outputs = [out.cuda() for out in super().forward(units)]
+            if any(u.key == "spin" for u in units):
+                torch.cuda._sleep(SPIN_CYCLES)  # queued on the coalescer's stream after the outputs
+            return outputs
+
+    tower = SpinTower()
+    tower.device = "cuda"
+    async with Coalescer(tower, config(forward_timeout_s=0.5)) as co:
+        co._sync_lone_inline = inline
+        warm = image(16)
+        assert torch.equal((await co.encode([warm]))[0].cpu(), expected_encoding(warm))
+        spinning_stream = co._executor.stream
+        with pytest.raises(ForwardTimeoutError, match="completion event"):
+            await co.encode([image(16, key="spin")])
+        await until(lambda: co.stats()["healthy"], timeout=10)
+        assert co._executor.stream is not spinning_stream
+        assert co.stats()["stuck_threads"] == 1, "healthy again while the old kernel still spins"
+        item = image(64)
+        assert torch.equal((await co.encode([item]))[0].cpu(), expected_encoding(item))
+        await until(lambda: co.stats()["stuck_threads"] == 0, timeout=60)
+
+
 async def test_a_failing_async_with_body_fails_queued_work_and_tears_down_fast():
     """Issue 13: a failed assertion with the fake tower's gate closed used to cost 30 s per gated forward."""
     gate = threading.Event()
