@@ -387,9 +387,11 @@ class Coalescer:
             self._fail_queued(CoalescerClosedError("coalescer dispatcher failed; see the log"))
 
     def _fail_queued(self, error: CoalescerError) -> None:
+        """Fail every queued request; each gets its own copy (one shared instance would collect every
+        raising task's traceback frames)."""
         for job in list(self._planner):
             for request, _ in job.waiters():
-                self._fail(request, error)
+                self._fail(request, type(error)(*error.args))
 
     async def _dispatch_until_drained(self) -> None:
         max_inflight = self.config.max_inflight_batches
