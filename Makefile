@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: bench test lint clean gpu-bench serving-bench soak
+.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test
 
 # torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
 $(VENV)/.core-installed: pyproject.toml
@@ -32,6 +32,11 @@ test: $(VENV)/.test-installed
 gpu-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.gpu_bench --all --no-cudnn-sdpa --out benchmarks/results
 	$(PY) -m benchmarks.plot benchmarks/results/gpu_bench.json
+
+# On a CUDA machine, with its system python3: every CUDA test (tests/gpu + tests marked gpu), CI skips them.
+# Log with date and commit: benchmarks/results/gpu_tests.log. Carry ./.whl (scripts/fetch-gpu-wheels.sh) there.
+gpu-test:
+	GPU_TEST_PYTHON=$(PYTHON) bash scripts/gpu-test.sh
 
 # On a CUDA machine: TTFT/ITL of an SGLang-shaped serving loop (Qwen2.5-VL-7B LM shape, real tower), about 5 minutes.
 serving-bench: $(VENV)/.test-installed
