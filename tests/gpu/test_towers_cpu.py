@@ -1,7 +1,7 @@
 """Tower adapters on CPU with tiny fp32 configs: they must compute exactly what transformers computes.
 
-Runs in CI wherever transformers is installed (skips otherwise); the CUDA counterparts, in bf16 at
-full size, are in test_towers_cuda.py.
+transformers is a pinned test dependency (requirements-sglang.txt), so these run in CI and never skip; the
+CUDA counterparts, in bf16 at full size, are in test_towers_cuda.py (``make gpu-test``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import random
 
 import pytest
 import torch
-
-pytest.importorskip("transformers")
 
 from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem, InvalidItemError
 from mm_scheduler.calibrate import calibrate_tower
