@@ -165,3 +165,9 @@ def test_server_metrics_show_items_went_through_the_coalescer(served: dict[str, 
     assert metrics.get("mm_coalescer_prefill_items_total{source=fallback}", 0.0) == 0, metrics
     assert scenario.taken_by_prefill(metrics) >= scenario.distinct_media(served["video_decoder"] is not None), metrics
     assert metrics.get("mm_coalescer_forwards_total", 0.0) >= 1, metrics
+
+
+def test_server_every_item_encoded_at_arrival_is_taken_by_a_prefill(served: dict[str, Any]) -> None:
+    """No wasted encodes over HTTP either: the repeat's cached prefix and the concurrent shared image."""
+    metrics = served["metrics"]
+    assert metrics.get("mm_coalescer_units_total", 0.0) == scenario.taken_by_prefill(metrics), metrics
