@@ -109,8 +109,10 @@ async def test_thousands_of_concurrent_requests_lose_and_misroute_nothing(ragged
 
     # Every request ended in exactly the outcome its content and the test's cancellations call for.
     poisoned = {i for i, (_, p) in enumerate(requests) if p}
-    assert len(outcomes) == 2000
     for i, result in enumerate(results):
+        if i not in outcomes:  # cancelled before its task first ran: its body never started
+            outcomes[i] = "cancelled"
+            cancelled_at[i] = (own_keys(requests[i][0]), None)
         if outcomes[i] == "cancelled":
             assert i in doomed and isinstance(result, asyncio.CancelledError), i
         else:
