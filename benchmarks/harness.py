@@ -114,7 +114,11 @@ class MediaMix:
     Pixels come from a small pool (pinned on CUDA) so building thousands of requests costs nothing.
     """
 
-    def __init__(self, tower_name: str, tower: Any, tiny: bool, seed: int = 0) -> None:
+    HEAVY_GRIDS = ((40, 40), (56, 56), (72, 72), (48, 80), (80, 48))
+    """``heavy``: 560-1120 px images (400-1440 LLM tokens), 448 px clips: typical Qwen2.5-VL inputs under its
+    default ``max_pixels`` (12.8 MP), where the vision tower is a large share of a request's prefill."""
+
+    def __init__(self, tower_name: str, tower: Any, tiny: bool, seed: int = 0, heavy: bool = False) -> None:
         self.name = tower_name
         self.tower = tower
         pin = tower.device.type == "cuda"
@@ -123,8 +127,10 @@ class MediaMix:
         self.videos: list[Media] = []
         if tower_name == "qwen2_5_vl":
             merge2 = tower.merge ** 2
-            grids = [(8, 8), (8, 12)] if tiny else [(16, 16), (24, 24), (32, 32), (20, 36), (36, 20)]
-            (vh, vw), slices = ((4, 4), 3) if tiny else ((16, 16), 8)  # 16 frames at 224 px: 8 temporal slices
+            grids = [(8, 8), (8, 12)] if tiny else \
+                list(self.HEAVY_GRIDS) if heavy else [(16, 16), (24, 24), (32, 32), (20, 36), (36, 20)]
+            # 16 frames: 8 temporal slices, at 224 px (448 px heavy)
+            (vh, vw), slices = ((4, 4), 3) if tiny else ((32, 32), 8) if heavy else ((16, 16), 8)
             for h, w in grids:
                 self.images.append([Media("image", tower.make_pixels(h, w, pin=pin, generator=gen), h * w, 1,
                                           h * w // merge2, (("grid_hw", (h, w)),)) for _ in range(4)])

@@ -778,6 +778,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tower", default="qwen2_5_vl", choices=["qwen2_5_vl", "siglip-mixed"])
+    p.add_argument("--media", default="standard", choices=["standard", "heavy"],
+                   help="standard: 224-504 px images, 224 px clips; heavy: 560-1120 px images, 448 px clips "
+                        "(Qwen2.5-VL tower only)")
     p.add_argument("--layers", type=int, default=None, help="LM layers (default: the shape's 28)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--loads", default=",".join(f"{x:g}" for x in LOADS), help="fractions of inline's capacity")
@@ -864,7 +867,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     raw_tower = build_bench_tower(args.tower, device, tiny=args.smoke)
     tower = ServedTower(raw_tower, shape.hidden)
-    mix = MediaMix(args.tower, raw_tower, tiny=args.smoke, seed=args.seed)
+    mix = MediaMix(args.tower, raw_tower, tiny=args.smoke, seed=args.seed, heavy=args.media == "heavy")
     work = Workload(mix, (4, 24) if args.smoke else (64, 512), (2, 6) if args.smoke else (32, 192))
     t = time.perf_counter()
     llm = DecoderLM(shape, device, dtype, args.max_running, work.max_len, seed=args.seed)
@@ -908,14 +911,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugin_settings": plugin,
         "stream_priority": {"normal": normal.priority if normal else None, "high": high.priority if high else None},
         "workload": {"text_tokens": work.text_tokens, "output_tokens": work.output_tokens,
-                     "media": "50 % one image, 30 % 2-3 images, 20 % one video",
+                     "media": f"{args.media}: 50 % one image, 30 % 2-3 images, 20 % one video",
                      "image_tokens": sorted({g[0].tokens for g in mix.images}),
                      "video_tokens": mix.videos[0].tokens},
     }
     llm_shape = shape.describe() + ("" if shape.layers == QWEN2_5_VL_7B_LM.layers or args.smoke
                                     else f" (scaled: {shape.layers} of 28 layers)")
     out = Path(args.out)
-    stem = "serving_bench_smoke" if args.smoke else "serving_bench"
+    stem = "serving_bench_smoke" if args.smoke else "serving_bench" + ("_heavy" if args.media == "heavy" else "")
 
     def save(rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Written after every run, so a run cut short by the device's time limit still leaves its rows."""

@@ -27,6 +27,10 @@ if [ "$SMOKE" = 0 ] && compgen -G ".whl/*.whl" > /dev/null; then  # cp312 wheels
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the checkout itself, not installed there
+if [ "$SMOKE" = 0 ] && ! "$PY" -c "import sgl_kernel" 2> /dev/null; then  # see tests/gpu/shims/sgl_kernel
+  export PYTHONPATH=$PWD/tests/gpu/shims:$PYTHONPATH
+  echo "# sgl_kernel: not installed; using the raising stand-in in tests/gpu/shims"
+fi
 
 commit=$(git rev-parse HEAD 2>/dev/null || echo "${GPU_TEST_COMMIT:-unknown (no .git and no GPU_TEST_COMMIT)}")
 dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | head -c1)
