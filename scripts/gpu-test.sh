@@ -32,8 +32,9 @@ if [ "$SMOKE" = 0 ] && ! "$PY" -c "import sgl_kernel" 2> /dev/null; then  # see 
   echo "# sgl_kernel: not installed; using the raising stand-in in tests/gpu/shims"
 fi
 
-commit=$(git rev-parse HEAD 2>/dev/null || echo "${GPU_TEST_COMMIT:-unknown (no .git and no GPU_TEST_COMMIT)}")
-dirty=$(git status --porcelain --untracked-files=no 2>/dev/null | head -c1)
+# A copied tree may carry a stale .git: GPU_TEST_COMMIT, when given, names the commit under test.
+commit=${GPU_TEST_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git and no GPU_TEST_COMMIT)")}
+dirty=$([ -z "${GPU_TEST_COMMIT:-}" ] && git status --porcelain --untracked-files=no 2>/dev/null | head -c1)
 {
   echo "# make gpu-test  $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   echo "# commit: $commit${dirty:+ (with uncommitted changes)}"
