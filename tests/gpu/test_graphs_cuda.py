@@ -67,6 +67,7 @@ def test_outputs_survive_the_next_replay_of_the_same_graph(siglip):
     first_units, second_units = images(siglip, 2, seed=10), images(siglip, 2, seed=11)
     run_on(stream, graphed, first_units)  # warm-up
     first = run_on(stream, graphed, first_units)
+    stream.synchronize()  # the replay ran on ``stream``: read its outputs only once it is done
     kept = [out.clone() for out in first]
     second = run_on(stream, graphed, second_units)
     stream.synchronize()

@@ -48,7 +48,7 @@ class RowSumTower(SGLangTower):
         self.model = torch.nn.Linear(1, 1).to(self.device)
         self.forwards = 0
 
-    def _raw_pixels(self, item) -> bool:
+    def _raw_pixels(self, item, shape=None) -> bool:
         return True
 
     def result_key(self, item):

@@ -31,7 +31,7 @@ class SlowCudaTower(SGLangTower):
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.model = torch.nn.Linear(1, 1).to(self.device)
 
-    def _raw_pixels(self, item) -> bool:
+    def _raw_pixels(self, item, shape=None) -> bool:
         return True
 
     def units(self, item) -> list[EncodeItem]:
