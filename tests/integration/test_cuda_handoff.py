@@ -34,6 +34,12 @@ class SlowCudaTower(SGLangTower):
     def _raw_pixels(self, item, shape=None) -> bool:
         return True
 
+    def output_tokens(self, item) -> int:
+        return item.feature.shape[0]
+
+    def output_bytes(self, item) -> int:
+        return item.feature.shape[0] * 4
+
     def units(self, item) -> list[EncodeItem]:
         return [EncodeItem(item.feature, item.feature.shape[0], "image", (item.hash, 0))]
 
