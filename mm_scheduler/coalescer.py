@@ -43,6 +43,7 @@ from .units import (
     not_a_tensor,
     record_ready_events,
     resolve_budget_bytes,
+    resolve_bytes_per_patch,
     resolve_device,
     split_into_units,
 )
@@ -134,7 +135,7 @@ class Coalescer:
         self.tower = tower
         self.config = config or CoalescerConfig()
         self.device = resolve_device(self.config, tower)
-        self.bytes_per_patch = self._resolve_bytes_per_patch()
+        self.bytes_per_patch = resolve_bytes_per_patch(self.config, tower, self.device)
         self.budget_bytes = resolve_budget_bytes(self.config, self.device)
         self._planner = Planner(ragged=tower.ragged, bytes_per_patch=self.bytes_per_patch,
                                 budget_bytes=self.budget_bytes, max_batch_items=self.config.max_batch_items,
@@ -688,16 +689,3 @@ class Coalescer:
         error = EncodeError(f"tower failed on {what}: {output!r}")
         error.__cause__ = output
         return error
-
-    # --- budget ------------------------------------------------------------------------------
-    def _resolve_bytes_per_patch(self) -> int:
-        choice = self.config.bytes_per_patch
-        if isinstance(choice, int):
-            return choice
-        if choice == "auto":
-            if self.device.type == "cuda":
-                from .calibrate import calibrate_tower
-
-                return calibrate_tower(self.tower, margin=self.config.calibration_margin)
-            logger.warning("bytes_per_patch: auto needs a CUDA tower; using the tower's declared value")
-        return int(self.tower.bytes_per_patch)

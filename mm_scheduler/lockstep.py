@@ -42,7 +42,15 @@ from .config import CoalescerConfig
 from .errors import EncodeError
 from .planner import Planner, PlanUnit
 from .types import EncodeItem, Tower
-from .units import Spans, assemble, check_items, resolve_budget_bytes, resolve_device, split_into_units
+from .units import (
+    Spans,
+    assemble,
+    check_items,
+    declared_bytes_per_patch,
+    resolve_budget_bytes,
+    resolve_device,
+    split_into_units,
+)
 
 
 @dataclass(eq=False)
@@ -110,8 +118,7 @@ class LockstepEncoder:
         self.device = resolve_device(self.config, tower)
         # "auto" would measure each rank's allocator separately and could differ between ranks:
         # only declared or configured sizes keep the batch cuts identical everywhere.
-        declared = self.config.bytes_per_patch
-        self.bytes_per_patch = declared if isinstance(declared, int) else int(tower.bytes_per_patch)
+        self.bytes_per_patch = declared_bytes_per_patch(self.config, tower)
         self.budget_bytes = resolve_budget_bytes(self.config, self.device)
         self._planner = Planner(ragged=tower.ragged, bytes_per_patch=self.bytes_per_patch,
                                 budget_bytes=self.budget_bytes, max_batch_items=self.config.max_batch_items)

@@ -1,21 +1,26 @@
 """Submit-side rules shared by the asyncio Coalescer and the LockstepEncoder.
 
 What makes an item valid, how a video becomes frame units, how per-unit outputs become per-item
-results, and how the byte budget is resolved: one definition, so both front ends behave alike.
+results, and how the byte budget and bytes per patch are resolved: one definition, so both front
+ends behave alike.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
+from .calibrate import calibrate_tower
 from .config import CoalescerConfig
 from .errors import EncodeError, InvalidItemError
 from .planner import Planner
 from .types import MODALITIES, EncodeItem, Tower
+
+logger = logging.getLogger(__name__)
 
 Spans = list[tuple[int, int]] | None
 """Each item's range of units when a video was split; None when every item is one unit."""
@@ -144,3 +149,20 @@ def resolve_budget_bytes(config: CoalescerConfig, device: torch.device) -> int:
     else:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(total * config.budget_fraction)
+
+
+def declared_bytes_per_patch(config: CoalescerConfig, tower: Tower) -> int:
+    """The configured ``bytes_per_patch``, else the tower's declared one: never measured, so identical on
+    every rank (what the LockstepEncoder needs for TP: a measured size could differ between ranks)."""
+    choice = config.bytes_per_patch
+    return choice if isinstance(choice, int) else int(tower.bytes_per_patch)
+
+
+def resolve_bytes_per_patch(config: CoalescerConfig, tower: Tower, device: torch.device) -> int:
+    """As :func:`declared_bytes_per_patch`, but "auto" on a CUDA tower measures it (see ``calibrate``):
+    formulas miss real buffers, and the budget divides by this number."""
+    if config.bytes_per_patch == "auto":
+        if device.type == "cuda":
+            return calibrate_tower(tower, margin=config.calibration_margin)
+        logger.warning("bytes_per_patch: auto needs a CUDA tower; using the tower's declared value")
+    return declared_bytes_per_patch(config, tower)
