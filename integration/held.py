@@ -60,6 +60,13 @@ class HeldResults(Generic[H, P]):
     def holds(self, rid: str, key: Hashable) -> bool:
         return key in self._keys_of.get(rid, ())
 
+    def handles_of(self, rid: str) -> list[H] | None:
+        """Handles of ``rid``'s held entries; None while one of its items is still deferred."""
+        keys = self._keys_of.get(rid, ())
+        if any(key in self._deferred for key in keys):
+            return None
+        return [self._entries[key].handle for key in keys if key in self._entries]
+
     def holders(self) -> set[str]:
         return set(self._keys_of)
 

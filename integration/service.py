@@ -345,6 +345,18 @@ class EncoderService:
                     "deferred_items": self._held.deferred_count}
         return {**self.counts, **backend, **held, "mode": self.mode}
 
+    def ready(self, rid: str) -> bool:
+        """Whether every result ``rid`` holds is encoded (a prefill would not block on it).
+
+        Lockstep mode always answers True: its results are computed inside the prefill, and a
+        rank-local answer must never change which requests a rank schedules.
+        """
+        if self._lockstep is not None:
+            return True
+        with self._lock:
+            handles = self._held.handles_of(rid)
+        return handles is not None and all(handle.done() for handle in handles)
+
     def held_keys(self) -> set[Hashable]:
         with self._lock:
             return self._held.keys()

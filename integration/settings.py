@@ -32,6 +32,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # Longest a prefill waits for a result encoded since arrival (its units jump the queue first);
     # past it the whole call falls back to the model's own method.
     "prefill_wait_ms": 2000.0,
+    # Off (0) by default. > 0: while decode has work, a waiting request whose early encode is not done
+    # is left out of the next prefill batch (decode runs meanwhile), for at most this many ms.
+    "defer_prefill_ms": 0.0,
 }
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -100,7 +103,10 @@ def _plugin_section(config_path: str) -> dict[str, Any]:
     wait = section.get("prefill_wait_ms", PLUGIN_DEFAULTS["prefill_wait_ms"])
     if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait <= 0:
         raise ValueError(f"{config_path}: sglang.prefill_wait_ms must be a number > 0, got {wait!r}")
-    return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait)}
+    defer = section.get("defer_prefill_ms", PLUGIN_DEFAULTS["defer_prefill_ms"])
+    if isinstance(defer, bool) or not isinstance(defer, (int, float)) or defer < 0:
+        raise ValueError(f"{config_path}: sglang.defer_prefill_ms must be a number >= 0, got {defer!r}")
+    return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer)}
 
 
 def settings_of(server_args: object) -> dict[str, Any] | None:

@@ -62,6 +62,8 @@ _RID_ATTR = "_mm_coalescer_rid"
 _service: EncoderService | None = None
 _hooked_targets: set[str] = set()
 _last_sweep = 0.0
+_defer_prefill_s = 0.0
+_deferred_since: dict[str, float] = {}
 
 
 def register() -> None:
@@ -72,6 +74,7 @@ def register() -> None:
         (f"{SERVER_ARGS}.resolve_once", _after_resolve_once, HookType.AFTER),
         (f"{SCHEDULER}.__init__", _around_scheduler_init, HookType.AROUND),
         (f"{SCHEDULER}.get_next_batch_to_run", _after_get_next_batch, HookType.AFTER),
+        (f"{SCHEDULER}.get_new_batch_prefill", _around_get_new_batch_prefill, HookType.AROUND),
         (f"{WEIGHT_UPDATER}.release_memory_occupation", _before_release_memory, HookType.BEFORE),
         (f"{SCHEDULER}._add_request_to_queue", _around_add_request_to_queue, HookType.AROUND),
         (f"{SCHEDULER}.run_batch", _after_run_batch, HookType.AFTER),
@@ -211,6 +214,8 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     agree = tp_agreement(scheduler) if mode == "lockstep" and tp_size > 1 and scheduler is not None else None
     max_held = chosen.get("max_held_bytes", int(settings.DEFAULT_MAX_HELD_MB * 2**20))
     plugin = chosen.get("plugin", settings.PLUGIN_DEFAULTS)
+    global _defer_prefill_s
+    _defer_prefill_s = plugin.get("defer_prefill_ms", 0.0) / 1000.0
     _service = EncoderService(tower, config, lockstep=mode == "lockstep", max_held_bytes=max_held,
                               prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree).start()
     try:
@@ -314,7 +319,48 @@ def _after_get_next_batch(_result: Any, scheduler: Any, *args: Any, **kwargs: An
     if service is None or now - _last_sweep < SWEEP_INTERVAL_S:
         return
     _last_sweep = now
-    service.sweep(live_rids(scheduler))
+    live = live_rids(scheduler)
+    service.sweep(live)
+    for rid in set(_deferred_since) - live:
+        del _deferred_since[rid]
+
+
+def _around_get_new_batch_prefill(original: Callable[..., Any], scheduler: Any, running_batch: Any,
+                                  *args: Any, **kwargs: Any) -> Any:
+    """``defer_prefill_ms``: keep requests whose early encode is unfinished out of this prefill batch.
+
+    Only while decode has work (otherwise waiting costs the GPU nothing and helps nobody) and for at
+    most ``defer_prefill_ms`` per request, so decode steps run while their encodes finish instead of
+    the scheduler blocking inside the prefill. The waiting queue is restored in its own order.
+    """
+    service = _service
+    if service is None or _defer_prefill_s <= 0 or running_batch is None or running_batch.is_empty():
+        return original(scheduler, running_batch, *args, **kwargs)
+    now = time.monotonic()
+    queue = scheduler.waiting_queue
+    held_back = {id(req) for req in queue if _defer(service, req, now)}
+    if not held_back:
+        return original(scheduler, running_batch, *args, **kwargs)
+    scheduler.waiting_queue = [req for req in queue if id(req) not in held_back]
+    try:
+        return original(scheduler, running_batch, *args, **kwargs)
+    finally:
+        remaining = {id(req) for req in scheduler.waiting_queue}
+        known = {id(req) for req in queue}
+        scheduler.waiting_queue = ([req for req in queue if id(req) in held_back or id(req) in remaining]
+                                   + [req for req in scheduler.waiting_queue if id(req) not in known])
+
+
+def _defer(service: EncoderService, req: Any, now: float) -> bool:
+    """Whether ``req`` should sit out this prefill: its encode runs and it has not waited too long."""
+    if service.ready(req.rid):
+        _deferred_since.pop(req.rid, None)
+        return False
+    since = _deferred_since.setdefault(req.rid, now)
+    if now - since < _defer_prefill_s:
+        return True
+    del _deferred_since[req.rid]
+    return False
 
 
 def live_rids(scheduler: Any) -> set[str]:

@@ -1,0 +1,106 @@
+"""``defer_prefill_ms``: requests whose early encode is unfinished sit out prefill batches while decode runs."""
+
+from __future__ import annotations
+
+import time
+from array import array
+from types import SimpleNamespace
+
+import pytest
+from test_service import SumTower, item
+
+from integration import sglang_plugin
+from integration.service import EncoderService
+from mm_scheduler import CoalescerConfig
+
+
+def _req(rid: str):
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    return Req(rid, "", array("i", [1, 2, 3]), SamplingParams(max_new_tokens=4))
+
+
+def _running(n: int):
+    from sglang.srt.managers.schedule_batch import ScheduleBatch
+
+    return ScheduleBatch(reqs=[_req(f"running{i}") for i in range(n)])
+
+
+@pytest.fixture
+def service(monkeypatch):
+    tower = SumTower()
+    svc = EncoderService(tower, CoalescerConfig(budget_bytes=1 << 20, bytes_per_patch=64), lockstep=False).start()
+    monkeypatch.setattr(sglang_plugin, "_service", svc)
+    monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.5)
+    monkeypatch.setattr(sglang_plugin, "_deferred_since", {})
+    yield svc
+    tower.gate.set()
+    svc.close()
+
+
+def _prefill_admitting_everything(seen: list):
+    """Stands in for SGLang's get_new_batch_prefill: admits every waiting request, as it would with room."""
+    def original(scheduler, running_batch):
+        seen.append([req.rid for req in scheduler.waiting_queue])
+        admitted = list(scheduler.waiting_queue)
+        scheduler.waiting_queue = []
+        return admitted
+    return original
+
+
+def test_unfinished_encode_sits_out_while_decode_runs_and_the_queue_keeps_its_order(service):
+    service.tower.gate.clear()  # the encodes cannot finish
+    service.on_arrival("slow", [item(1)])
+    queue = [_req("text-only"), _req("slow"), _req("other")]
+    scheduler = SimpleNamespace(waiting_queue=queue)
+    seen: list = []
+    admitted = sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
+                                                            _running(2))
+    assert seen == [["text-only", "other"]]
+    assert [r.rid for r in admitted] == ["text-only", "other"]
+    assert [r.rid for r in scheduler.waiting_queue] == ["slow"]
+
+
+def test_a_ready_request_goes_at_once(service):
+    service.on_arrival("fast", [item(2)])
+    deadline = time.monotonic() + 20
+    while not service.ready("fast"):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    scheduler = SimpleNamespace(waiting_queue=[_req("fast")])
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, _running(1))
+    assert seen == [["fast"]]
+
+
+def test_without_decode_work_nothing_is_deferred(service):
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(3)])
+    scheduler = SimpleNamespace(waiting_queue=[_req("slow")])
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, _running(0))
+    assert seen == [["slow"]]
+
+
+def test_deferral_is_bounded(service, monkeypatch):
+    monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.05)
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(4)])
+    scheduler = SimpleNamespace(waiting_queue=[_req("slow")])
+    seen: list = []
+    original = _prefill_admitting_everything(seen)
+    sglang_plugin._around_get_new_batch_prefill(original, scheduler, _running(1))
+    time.sleep(0.06)
+    sglang_plugin._around_get_new_batch_prefill(original, scheduler, _running(1))
+    assert seen == [[], ["slow"]]
+
+
+def test_off_by_default_and_in_lockstep_every_request_is_ready(service, monkeypatch):
+    from integration import settings
+
+    assert settings.PLUGIN_DEFAULTS["defer_prefill_ms"] == 0.0
+    lockstep = EncoderService(SumTower(), CoalescerConfig(budget_bytes=1 << 20, bytes_per_patch=64),
+                              lockstep=True).start()
+    lockstep.on_arrival("r", [item(5)])
+    assert lockstep.ready("r")  # a rank-local answer must never change what a TP rank schedules
