@@ -30,7 +30,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import build_bench_tower, bytes_per_patch, device_name, format_table, log, resolve, write_json
+from benchmarks.harness import (
+    TowerWrapper,
+    build_bench_tower,
+    bytes_per_patch,
+    device_name,
+    format_table,
+    log,
+    resolve,
+    write_json,
+)
 from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler.towers.graphs import GraphedTower
 
@@ -47,15 +56,11 @@ def median_ci(values: Sequence[float], z: float = 1.96) -> tuple[float, float, f
     return statistics.median(s), s[lo], s[hi]
 
 
-class Stamped:
+class Stamped(TowerWrapper):
     """Forwards to ``tower`` and stamps host time at forward entry and exit (the forward thread's view)."""
 
     def __init__(self, tower: Any) -> None:
-        self.inner = tower
-        self.ragged = tower.ragged
-        self.bytes_per_patch = tower.bytes_per_patch
-        self.device = tower.device
-        self.validate = tower.validate
+        super().__init__(tower)
         self.enter = self.exit = 0.0
 
     def forward(self, units: Sequence[EncodeItem]) -> Sequence[torch.Tensor]:

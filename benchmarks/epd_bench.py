@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from benchmarks.harness import (
+    TowerWrapper,
     build_bench_tower,
     bytes_per_patch,
     device_name,
@@ -289,20 +290,15 @@ class SGLangEncoderPolicy:
 
 
 # --- the coalescing path ------------------------------------------------------------------------
-class HostCopyTower:
+class HostCopyTower(TowerWrapper):
     """The tower plus epd.py's device-to-host copy: per-unit pinned buffers filled with ``non_blocking=True``
     on the executor's stream, so nothing blocks; the coalescer waits for the batch's CUDA event off the loop.
 
-    One pinned buffer per unit (not views of one batch buffer): the executor clones views on the
-    forward thread (``own_storage``), which would read pinned memory the copy has not filled yet.
+    One pinned buffer per unit, so each result pins only its own host memory.
     """
 
     def __init__(self, tower: Any) -> None:
-        self.inner = tower
-        self.ragged = tower.ragged
-        self.bytes_per_patch = tower.bytes_per_patch
-        self.device = tower.device
-        self.validate = tower.validate
+        super().__init__(tower)
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         outs = list(self.inner.forward(units))

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.harness import build_bench_tower, log, pct, poisson_trace, stream_ctx
+from benchmarks.harness import TowerWrapper, build_bench_tower, log, pct, poisson_trace, stream_ctx
 from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler.calibrate import calibrate, calibrate_tower
 from mm_scheduler.towers import build_tower
@@ -129,17 +129,13 @@ class Workload:
 
 
 # --- measurement helpers -----------------------------------------------------------------------
-class MeteredTower:
+class MeteredTower(TowerWrapper):
     """Wraps a tower to record, per forward, its patch count and allocator peak above the baseline.
 
     The allocator's counters are host-side bookkeeping, so reading them needs no sync."""
 
     def __init__(self, tower: Any) -> None:
-        self.inner = tower
-        self.ragged = tower.ragged
-        self.bytes_per_patch = tower.bytes_per_patch
-        self.device = tower.device
-        self.validate = tower.validate
+        super().__init__(tower)
         self.cuda = tower.device.type == "cuda"
         self.forwards: list[tuple[int, int]] = []
         self.lock = threading.Lock()

@@ -95,6 +95,17 @@ def bytes_per_patch(tower: Any, margin: float = 0.2) -> int:
 
 
 # --- media --------------------------------------------------------------------------------------
+class TowerWrapper:
+    """A tower seen through a benchmark's wrapper: the coalescer's attributes, from the wrapped tower."""
+
+    def __init__(self, tower: Any) -> None:
+        self.inner = tower
+        self.ragged = tower.ragged
+        self.bytes_per_patch = tower.bytes_per_patch
+        self.device = tower.device
+        self.validate = tower.validate
+
+
 @dataclass(frozen=True)
 class Media:
     """One image or video of a request, as pixels in the tower's input layout."""
