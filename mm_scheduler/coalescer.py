@@ -12,13 +12,9 @@ request from its units; a queued unit nobody waits for any more is withdrawn bef
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import dataclasses
 import itertools
 import logging
-import threading
-import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
@@ -34,37 +30,21 @@ from .errors import (
     TowerUnhealthyError,
 )
 from .executor import BatchOutcome, Executor
-from .health import DaemonWorkers, ForwardDeadline
+from .health import ForwardSupervisor
 from .planner import Planner, PlanUnit
 from .types import EncodeItem, Tower
 from .units import (
     assemble,
     check_items,
-    not_a_tensor,
     record_ready_events,
     resolve_budget_bytes,
     resolve_bytes_per_patch,
     resolve_device,
     split_into_units,
+    unit_error,
 )
 
 logger = logging.getLogger(__name__)
-
-_MAX_STUCK_THREADS = 2
-"""Health probes start only while fewer abandoned threads than this are still stuck: a wedged device
-then strands at most this many probe/forward threads, not one per probe interval."""
-_MAX_PROBE_INTERVAL_S = 5.0
-
-
-class _Watch:
-    """Which thread runs one batch, and since when (set by that thread), so the deadline can be checked."""
-
-    __slots__ = ("started", "thread")
-
-    def __init__(self) -> None:
-        self.thread: int | None = None
-        self.started: float | None = None
-
 
 class _Request:
     """One ``encode()`` call: where its units' outputs go, and the future its caller awaits."""
@@ -129,7 +109,7 @@ class Coalescer:
     """
 
     _sync_lone_inline = True
-    """A lone batch's forward thread waits for its completion event itself (see ``_run_on_tower``)."""
+    """A lone batch's forward thread waits for its completion event itself (see ``ForwardSupervisor._run``)."""
 
     def __init__(self, tower: Tower, config: CoalescerConfig | None = None) -> None:
         self.tower = tower
@@ -150,22 +130,16 @@ class Coalescer:
         self._space_freed: asyncio.Condition | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
-        self._forward_thread: DaemonWorkers | None = None
-        self._event_waiters: DaemonWorkers | None = None
-        self._launching = False
+        self._launching = False  # a batch was handed to the forward thread, which has not returned it yet
         self._closing = False
         self._closed = False
-        self._deadline = ForwardDeadline(self.config.forward_timeout_s)
-        self._healthy = True
-        self._unhealthy_since = 0.0
-        self._prober: asyncio.Task[None] | None = None
-        self._thread_back: asyncio.Event | None = None
-        self._stuck: set[concurrent.futures.Future[Any]] = set()
-        self._probe_unit: EncodeItem | None = None
+        self._supervisor = ForwardSupervisor(
+            self._executor, self.config.name, self.config.forward_timeout_s, self.config.max_inflight_batches,
+            on_thread_free=self._thread_free, on_unhealthy=self._tower_hung, on_healthy=self._wake,
+            closing=lambda: self._closing)
         self._counts = dict.fromkeys(
             ("requests", "units", "forwards", "forward_patches", "max_forward_patches", "dedup_hits",
-             "failed_units", "oom_backoffs", "cancelled_requests", "rejected_requests", "forward_timeouts",
-             "health_probes"), 0)
+             "failed_units", "oom_backoffs", "cancelled_requests", "rejected_requests"), 0)
         self._labels = {"coalescer": self.config.name}
         self._m_units = metrics.UNITS.labels(**self._labels)
         self._m_queue = metrics.QUEUE_PATCHES.labels(**self._labels)
@@ -179,11 +153,7 @@ class Coalescer:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._space_freed = asyncio.Condition()
-        self._thread_back = asyncio.Event()
-        self._forward_thread = self._new_forward_thread()
-        self._event_waiters = self._new_event_waiters()
-        metrics.TOWER_HEALTHY.labels(**self._labels).set(1)
-        metrics.FORWARD_DEADLINE.labels(**self._labels).set(self._deadline.seconds or 0)
+        self._supervisor.start(self._loop)
         self._dispatcher = self._loop.create_task(self._dispatch_loop(), name=f"mm-dispatch-{self.config.name}")
         return self
 
@@ -209,14 +179,9 @@ class Coalescer:
             await self._dispatcher
             if self._batches:
                 await asyncio.gather(*self._batches)  # each ends within the forward deadline, if one is set
-            if self._prober is not None:
-                self._prober.cancel()
-                await asyncio.gather(self._prober, return_exceptions=True)
+            await self._supervisor.aclose()
             async with self._space_freed:
                 self._space_freed.notify_all()
-            if self._forward_thread is not None:
-                self._forward_thread.shutdown(wait=True)
-            self._event_waiters.shutdown(wait=True)  # abandoned (stuck) threads are not waited for
         self._closed = True
 
     # --- the public call ---------------------------------------------------------------------
@@ -231,37 +196,15 @@ class Coalescer:
         """
         if self._closing or self._loop is None:
             raise CoalescerClosedError("coalescer is closed" if self._closing else "coalescer not started")
-        if not self._healthy:
+        if not self._supervisor.healthy:
             raise self._refuse_unhealthy()
         check_items(items, self._planner, self._validate_item, self._count_invalid)
         record_ready_events(items)
         units, spans = split_into_units(items)
         if not units:
             return []
-        patches = sum(u.num_patches for u in units)
-        if self._planner.pending_patches + patches > self.config.max_queue_patches:
-            await self._admit(patches)
-            if not self._healthy:
-                raise self._refuse_unhealthy()
-        request = _Request(next(self._seq), self._loop.create_future(), len(units))
-        self._attach(request, units, self._loop.time())
-        if urgent:
-            self._planner.expedite([job for job in request.jobs if not job.running])
-        self._counts["requests"] += 1
-        self._counts["units"] += len(units)
-        self._m_units.inc(len(units))
-        self._m_queue.set(self._planner.pending_patches)
-        self._wakeup.set()
-        try:
-            await request.future
-        except asyncio.CancelledError:
-            self._counts["cancelled_requests"] += 1
-            metrics.REQUESTS.labels(outcome="cancelled", **self._labels).inc()
-            self._detach(request)
-            raise
-        except BaseException:
-            metrics.REQUESTS.labels(outcome="failed", **self._labels).inc()
-            raise
+        request = await self._enqueue(units, urgent)
+        await self._outputs_of(request)
         try:
             results = assemble(request.outputs, spans)  # type: ignore[arg-type]
         except EncodeError:
@@ -286,7 +229,7 @@ class Coalescer:
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of counters and queue state (cheap; safe to call from any thread)."""
-        counts = dict(self._counts)
+        counts = {**self._counts, **self._supervisor.counts}
         forwards = counts["forwards"]
         return {
             **counts,
@@ -299,22 +242,59 @@ class Coalescer:
             "budget_patches": self._planner.budget_patches,
             "device": str(self.device),
             "closed": self._closing,
-            "healthy": self._healthy,
-            "forward_deadline_s": self._deadline.seconds,
-            "stuck_threads": len(self._stuck),
+            "healthy": self._supervisor.healthy,
+            "forward_deadline_s": self._supervisor.deadline.seconds,
+            "stuck_threads": self._supervisor.stuck_threads,
         }
 
     # --- submit side -------------------------------------------------------------------------
     def _count_invalid(self) -> None:
+        self._count_rejected("invalid_item")
+
+    def _count_rejected(self, kind: str) -> None:
         self._counts["rejected_requests"] += 1
-        metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc()
+        metrics.ERRORS.labels(kind=kind, **self._labels).inc()
+
+    def _refuse_unhealthy(self) -> TowerUnhealthyError:
+        self._count_rejected("unhealthy")
+        return self._supervisor.error()
+
+    async def _enqueue(self, units: list[EncodeItem], urgent: bool) -> _Request:
+        """Admit ``units`` (backpressure), queue them or join identical work, and wake the dispatcher."""
+        patches = sum(u.num_patches for u in units)
+        if self._planner.pending_patches + patches > self.config.max_queue_patches:
+            await self._admit(patches)
+            if not self._supervisor.healthy:
+                raise self._refuse_unhealthy()
+        request = _Request(next(self._seq), self._loop.create_future(), len(units))
+        self._attach(request, units, self._loop.time())
+        if urgent:
+            self._planner.expedite([job for job in request.jobs if not job.running])
+        self._counts["requests"] += 1
+        self._counts["units"] += len(units)
+        self._m_units.inc(len(units))
+        self._m_queue.set(self._planner.pending_patches)
+        self._wakeup.set()
+        return request
+
+    async def _outputs_of(self, request: _Request) -> None:
+        """Wait until every unit of ``request`` was delivered; a cancelled caller withdraws its units."""
+        try:
+            await request.future
+        except asyncio.CancelledError:
+            self._counts["cancelled_requests"] += 1
+            metrics.REQUESTS.labels(outcome="cancelled", **self._labels).inc()
+            self._detach(request)
+            raise
+        except BaseException:
+            metrics.REQUESTS.labels(outcome="failed", **self._labels).inc()
+            raise
 
     async def _admit(self, patches: int) -> None:
         """Backpressure (the queue would exceed ``max_queue_patches``): reject, or wait for space."""
         limit = self.config.max_queue_patches
         if self.config.queue_full == "reject" or patches > limit:
-            self._counts["rejected_requests"] += 1
-            metrics.ERRORS.labels(kind="queue_full", **self._labels).inc()
+            self._count_rejected("queue_full")
             raise QueueFullError(f"queue holds {self._planner.pending_patches} patches; this request adds "
                                  f"{patches} and max_queue_patches is {limit}")
         async with self._space_freed:
@@ -400,7 +380,7 @@ class Coalescer:
         while True:
             if self._closing and not self._planner.pending_units:
                 return
-            if not self._healthy and self._planner.pending_units:
+            if not self._supervisor.healthy and self._planner.pending_units:
                 self._fail_queued(TowerUnhealthyError("the tower is unhealthy (a forward hung); not encoding"))
                 continue
             timeout = None
@@ -429,207 +409,36 @@ class Coalescer:
     async def _run_batch(self, jobs: list[_Job], oldest_arrival: float) -> None:
         started = self._loop.time()
         metrics.QUEUE_WAIT.labels(**self._labels).observe(started - oldest_arrival)
+        # Lone batch (nothing queued, nothing else in flight): the forward thread also waits for the GPU;
+        # with work queued it returns at once, to pipeline.
+        lone = self._sync_lone_inline and not self._planner.pending_units and len(self._batches) <= 1
         try:
-            outcome = await self._run_on_tower([job.unit for job in jobs])
+            outcome = await self._supervisor.run([job.unit for job in jobs], lone)
         except BaseException as exc:  # the executor itself broke: fail this batch's units, keep serving
             logger.exception("coalescer %s: batch of %d units failed outside the tower", self.config.name, len(jobs))
             outcome = BatchOutcome(outputs=[exc] * len(jobs))
         self._launching = False
         self._record(jobs, outcome, self._loop.time() - started)
         self._deliver(jobs, outcome)
-        if isinstance(outcome.outputs[0], torch.Tensor) and (
-                self._probe_unit is None or jobs[0].unit.num_patches < self._probe_unit.num_patches):
-            self._probe_unit = jobs[0].unit  # the smallest unit that encoded fine: what health probes run
         # Free the slot before waking the dispatcher (a done-callback would run only after it looked).
         self._batches.discard(asyncio.current_task())  # type: ignore[arg-type]
         self._wakeup.set()
 
-    async def _run_on_tower(self, units: list[EncodeItem]) -> BatchOutcome:
-        """The batch on the forward thread, then its CUDA completion event: each within the forward deadline."""
-        worker = self._forward_thread
-        if worker is None or not self._healthy:
-            return BatchOutcome(outputs=[self._unhealthy_error()] * len(units))
-        watch = _Watch()
-        # Lone batch (nothing queued, nothing else in flight): the forward thread also waits for the GPU,
-        # saving the loop -> event-waiter -> loop hops; with work queued it returns at once to pipeline.
-        lone = self._sync_lone_inline and not self._planner.pending_units and len(self._batches) <= 1
-        forward = worker.submit(self._watched_run, units, watch, lone)
-        if not await self._in_time(forward, lambda: self._executor.forward_started(watch.thread) or watch.started):
-            what = "forward" if watch.started is None else "wait for the CUDA completion event"
-            return self._timed_out(forward, what, units)
-        if forward.cancelled():  # it was queued behind a forward that hung, on the abandoned thread
-            return BatchOutcome(outputs=[self._unhealthy_error()] * len(units))
-        outcome: BatchOutcome = forward.result()
+    # --- what the supervisor tells ------------------------------------------------------------
+    def _thread_free(self) -> None:
+        """The forward thread returned its batch: the dispatcher may form the next one."""
         self._launching = False
         self._wakeup.set()
-        if outcome.done is not None and not outcome.done.query():
-            began = time.monotonic()
-            done = self._event_waiters.submit(outcome.done.synchronize)
-            if not await self._in_time(done, lambda: began):
-                return self._timed_out(done, "wait for the CUDA completion event", units)
-            if done.cancelled():
-                return BatchOutcome(outputs=[self._unhealthy_error()] * len(units))
-            done.result()
-            outcome.forward_seconds.append(time.monotonic() - began)
-        return outcome
 
-    def _watched_run(self, units: list[EncodeItem], watch: _Watch, sync: bool = False) -> BatchOutcome:
-        watch.thread = threading.get_ident()
-        outcome = self._executor.run(units)
-        if sync and outcome.done is not None:
-            watch.started = began = time.monotonic()  # the forward deadline watches this wait too
-            outcome.done.synchronize()
-            outcome.forward_seconds.append(time.monotonic() - began)
-        return outcome
-
-    async def _in_time(self, work: concurrent.futures.Future[Any], started: Callable[[], float | None]) -> bool:
-        """Wait for ``work``; False once it has run past the forward deadline, counted from ``started()``.
-
-        ``started()`` is None while the work has not begun (queued, or between two bisection forwards):
-        then a full deadline is waited before looking again.
-        """
-        waiter = asyncio.wrap_future(work, loop=self._loop)
-        while True:
-            limit = self._deadline.seconds
-            if limit is None:
-                await asyncio.wait((waiter,))
-                return True
-            begun = started()
-            remaining = limit if begun is None else begun + limit - time.monotonic()
-            if remaining <= 0:
-                waiter.cancel()  # detach: the thread keeps running; its late result is dropped
-                return False
-            done, _ = await asyncio.wait((waiter,), timeout=remaining)
-            if done:
-                return True
-
-    # --- health ------------------------------------------------------------------------------
-    def _timed_out(self, hung: concurrent.futures.Future[Any], what: str, units: list[EncodeItem]) -> BatchOutcome:
-        self._launching = False
-        error = ForwardTimeoutError(f"the tower's {what} ran past the {self._deadline.seconds:g} s forward deadline "
-                                    f"(forward_timeout_s); it was abandoned: a running forward cannot be killed")
-        self._abandon(hung, what, len(units))
-        return BatchOutcome(outputs=[error] * len(units))
-
-    def _abandon(self, hung: concurrent.futures.Future[Any], what: str, units: int) -> None:
-        """A forward hung: leave its thread behind and refuse work until a health probe succeeds."""
-        self._counts["forward_timeouts"] += 1
-        metrics.FORWARD_TIMEOUTS.labels(**self._labels).inc()
-        self._stuck.add(hung)
-        hung.add_done_callback(self._thread_returned)
-        if not self._healthy:
-            return
-        self._healthy = False
-        self._unhealthy_since = time.monotonic()
-        metrics.TOWER_HEALTHY.labels(**self._labels).set(0)
-        logger.error("coalescer %s: a %s ran past its %.3g s deadline; tower marked UNHEALTHY: its %d units failed "
-                     "(ForwardTimeoutError), queued and new requests are refused (TowerUnhealthyError) until a "
-                     "health probe succeeds; the hung thread is abandoned (it cannot be killed)",
-                     self.config.name, what, self._deadline.seconds, units)
-        for pool in (self._forward_thread, self._event_waiters):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
-        self._forward_thread = None
-        self._event_waiters = self._new_event_waiters()
-        self._executor.renew_stream()
-        self._fail_queued(self._unhealthy_error())
+    def _tower_hung(self) -> None:
+        """A forward hung and the tower turned unhealthy: queued work would wait behind it; fail it now."""
+        self._fail_queued(self._supervisor.error())
         self._queue_changed()
-        self._prober = self._loop.create_task(self._probe_until_healthy(), name=f"mm-probe-{self.config.name}")
 
-    def _thread_returned(self, work: concurrent.futures.Future[Any]) -> None:
-        """Runs on the abandoned thread when its call finally returns (or at once if it already had)."""
-        try:
-            self._loop.call_soon_threadsafe(self._on_thread_returned, work)
-        except RuntimeError:  # the loop is closed: nobody left to tell
-            pass
-
-    def _on_thread_returned(self, work: concurrent.futures.Future[Any]) -> None:
-        self._stuck.discard(work)
-        self._thread_back.set()
-
-    async def _probe_until_healthy(self) -> None:
-        """While unhealthy: one small forward on a fresh thread and CUDA stream, every interval and as soon
-        as an abandoned thread returns. The thread of the first probe that succeeds becomes the forward thread.
-
-        With no unit to probe with (nothing ever encoded fine), the hung forward's return is the signal.
-        """
-        probes = 0
-        while not self._closing:
-            interval = min(self._deadline.seconds or _MAX_PROBE_INTERVAL_S, _MAX_PROBE_INTERVAL_S)
-            try:
-                await asyncio.wait_for(self._thread_back.wait(), interval)
-            except TimeoutError:
-                pass
-            self._thread_back.clear()
-            if len(self._stuck) >= _MAX_STUCK_THREADS:
-                continue
-            if self._probe_unit is None:
-                if not self._stuck:
-                    self._forward_thread = self._new_forward_thread()
-                    self._recovered(probes, "the hung forward returned")
-                    return
-                continue
-            probes += 1
-            worker = self._new_forward_thread()
-            if await self._probe(worker, dataclasses.replace(self._probe_unit, key=None)):
-                self._forward_thread = worker
-                self._recovered(probes, "a probe forward succeeded")
-                return
-
-    async def _probe(self, worker: DaemonWorkers, unit: EncodeItem) -> bool:
-        self._counts["health_probes"] += 1
-        watch = _Watch()
-        probe = worker.submit(self._probe_run, unit, watch)
-        try:
-            in_time = await self._in_time(probe, lambda: watch.started)
-        except BaseException:
-            worker.shutdown(wait=False)
-            raise
-        if not in_time:
-            outcome = "hung"
-            self._stuck.add(probe)
-            probe.add_done_callback(self._thread_returned)
-        else:
-            try:
-                outcome = "ok" if probe.result() else "failed"
-            except Exception:
-                outcome = "failed"
-        metrics.HEALTH_PROBES.labels(outcome=outcome, **self._labels).inc()
-        if outcome != "ok":
-            logger.debug("coalescer %s: health probe %s", self.config.name, outcome)
-            worker.shutdown(wait=False)
-        return outcome == "ok"
-
-    def _probe_run(self, unit: EncodeItem, watch: _Watch) -> bool:
-        watch.started = time.monotonic()
-        outcome = self._executor.run([unit])
-        if outcome.done is not None:
-            outcome.done.synchronize()
-        return isinstance(outcome.outputs[0], torch.Tensor)
-
-    def _recovered(self, probes: int, how: str) -> None:
-        self._healthy = True
-        metrics.TOWER_HEALTHY.labels(**self._labels).set(1)
-        logger.warning("coalescer %s: tower HEALTHY again after %.1f s (%s; %d probe(s)); serving on a fresh forward "
-                       "thread and stream; %d abandoned thread(s) still stuck", self.config.name,
-                       time.monotonic() - self._unhealthy_since, how, probes, len(self._stuck))
+    def _wake(self) -> None:
         self._wakeup.set()
 
-    def _unhealthy_error(self) -> TowerUnhealthyError:
-        return TowerUnhealthyError(f"coalescer {self.config.name}: the tower is unhealthy (a forward ran past its "
-                                   f"deadline); use another path until a health probe succeeds")
-
-    def _refuse_unhealthy(self) -> TowerUnhealthyError:
-        self._counts["rejected_requests"] += 1
-        metrics.ERRORS.labels(kind="unhealthy", **self._labels).inc()
-        return self._unhealthy_error()
-
-    def _new_forward_thread(self) -> DaemonWorkers:
-        return DaemonWorkers(1, f"mm-forward-{self.config.name}")
-
-    def _new_event_waiters(self) -> DaemonWorkers:
-        return DaemonWorkers(self.config.max_inflight_batches, f"mm-event-{self.config.name}")
-
+    # --- results -----------------------------------------------------------------------------
     def _record(self, jobs: list[_Job], outcome: BatchOutcome, seconds: float) -> None:
         bucket = self._planner.bucket_of(jobs[0].unit.num_patches)
         budget = self._planner.bucket_budget_patches(bucket)
@@ -642,9 +451,6 @@ class Coalescer:
         metrics.UNITS_PER_FORWARD.labels(**self._labels).observe(len(jobs))
         metrics.BUDGET_FILL.labels(**self._labels).observe(sum(j.unit.num_patches for j in jobs) / budget)
         metrics.BATCH_SECONDS.labels(**self._labels).observe(seconds)
-        for forward_seconds in outcome.forward_seconds:
-            if self._deadline.observe(forward_seconds):
-                metrics.FORWARD_DEADLINE.labels(**self._labels).set(self._deadline.seconds or 0)
         for failed in outcome.oom_patches:
             new_budget = self._planner.shrink_budget(bucket, failed)
             self._counts["oom_backoffs"] += 1
@@ -666,7 +472,7 @@ class Coalescer:
                     type(output), "encode")
                 metrics.ERRORS.labels(kind=kind, **self._labels).inc()
                 for request, _ in waiters:
-                    self._fail(request, self._unit_error(job.unit, output))
+                    self._fail(request, unit_error(job.unit, output))
                 continue
             for request, slot in waiters:
                 request.outputs[slot] = output
@@ -677,15 +483,3 @@ class Coalescer:
         for request in finished:
             if not request.future.done():
                 request.future.set_result(None)
-
-    @staticmethod
-    def _unit_error(unit: EncodeItem, output: object) -> CoalescerError:
-        """The error one waiter of a failed unit gets (a fresh instance each: waiters raise it separately)."""
-        if isinstance(output, CoalescerError):  # ours already: a forward timeout, an unhealthy tower
-            return type(output)(str(output))
-        what = f"a {unit.modality} unit of {unit.num_patches} patches (key={unit.key!r})"
-        if not isinstance(output, BaseException):
-            return EncodeError(f"{not_a_tensor(output)} ({what})")
-        error = EncodeError(f"tower failed on {what}: {output!r}")
-        error.__cause__ = output
-        return error

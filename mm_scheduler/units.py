@@ -16,7 +16,7 @@ import torch
 
 from .calibrate import calibrate_tower
 from .config import CoalescerConfig
-from .errors import EncodeError, InvalidItemError
+from .errors import CoalescerError, EncodeError, InvalidItemError
 from .planner import Planner
 from .types import MODALITIES, EncodeItem, Tower
 
@@ -104,6 +104,18 @@ def not_a_tensor(output: object) -> EncodeError | None:
     if isinstance(output, torch.Tensor):
         return None
     return EncodeError(f"tower returned a {type(output).__name__} for a unit, expected a torch.Tensor")
+
+
+def unit_error(unit: EncodeItem, output: object) -> CoalescerError:
+    """The error one waiter of a failed unit gets (a fresh instance each: waiters raise it separately)."""
+    if isinstance(output, CoalescerError):  # ours already: a forward timeout, an unhealthy tower
+        return type(output)(str(output))
+    what = f"a {unit.modality} unit of {unit.num_patches} patches (key={unit.key!r})"
+    if not isinstance(output, BaseException):
+        return EncodeError(f"{not_a_tensor(output)} ({what})")
+    error = EncodeError(f"tower failed on {what}: {output!r}")
+    error.__cause__ = output
+    return error
 
 
 def assemble(outputs: list[torch.Tensor], spans: Spans) -> list[torch.Tensor]:
