@@ -124,6 +124,8 @@ class Coalescer:
         self._validate_item = getattr(tower, "validate", None)
         self._max_wait_s = self.config.max_wait_ms / 1000.0
         self._jobs_by_key: dict[Hashable, _Job] = {}
+        # Keys expedited before their units were queued (another thread's submit still in flight).
+        self._wanted: dict[Hashable, None] = {}
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
@@ -139,7 +141,7 @@ class Coalescer:
             closing=lambda: self._closing)
         self._counts = dict.fromkeys(
             ("requests", "units", "forwards", "forward_patches", "max_forward_patches", "dedup_hits",
-             "failed_units", "oom_backoffs", "cancelled_requests", "rejected_requests"), 0)
+             "failed_units", "oom_backoffs", "cancelled_requests", "rejected_requests", "expedited_units"), 0)
         self._labels = {"coalescer": self.config.name}
         self._m_units = metrics.UNITS.labels(**self._labels)
         self._m_queue = metrics.QUEUE_PATCHES.labels(**self._labels)
@@ -220,12 +222,26 @@ class Coalescer:
 
         Returns how many were still queued (running or finished ones need nothing). Keys are the
         dedup keys of :class:`EncodeItem` (video frames: ``(key, frame)``), so this needs ``dedup``.
+        A key not queued yet is remembered (the 4096 latest): a submit from another thread may reach
+        the loop after this call, and its units are then expedited as they are queued.
         """
-        jobs = [job for key in keys if (job := self._jobs_by_key.get(key)) is not None and not job.running]
+        jobs = []
+        for key in keys:
+            job = self._jobs_by_key.get(key)
+            if job is None:
+                self._wanted[key] = None
+                if len(self._wanted) > 4096:
+                    del self._wanted[next(iter(self._wanted))]
+            elif not job.running:
+                jobs.append(job)
         if jobs:
-            self._planner.expedite(jobs)
+            self._expedite(jobs)
             self._wakeup.set()
         return len(jobs)
+
+    def _expedite(self, jobs: list[_Job]) -> None:
+        self._planner.expedite(jobs)
+        self._counts["expedited_units"] += len(jobs)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of counters and queue state (cheap; safe to call from any thread)."""
@@ -269,7 +285,7 @@ class Coalescer:
         request = _Request(next(self._seq), self._loop.create_future(), len(units))
         self._attach(request, units, self._loop.time())
         if urgent:
-            self._planner.expedite([job for job in request.jobs if not job.running])
+            self._expedite([job for job in request.jobs if not job.running])
         self._counts["requests"] += 1
         self._counts["units"] += len(units)
         self._m_units.inc(len(units))
@@ -320,6 +336,12 @@ class Coalescer:
                 job.add_waiter(request, slot)
             request_jobs.append(job)
         self._planner.add(new_jobs)
+        if self._wanted:
+            urgent = [job for job in new_jobs if job.key in self._wanted]
+            for job in urgent:
+                del self._wanted[job.key]
+            if urgent:
+                self._expedite(urgent)
         hits = len(units) - len(new_jobs)
         if hits:
             self._counts["dedup_hits"] += hits

@@ -97,3 +97,23 @@ async def test_coalescer_expedite_runs_a_blocked_request_before_older_queued_wor
         await asyncio.gather(busy, *older)
     assert [r.keys for r in tower.log][1] == ("needed",)
     assert out.equal(expected_encoding(needed))
+
+
+async def test_a_key_expedited_before_its_submit_arrives_is_dispatched_first_once_queued():
+    """Another thread's submit and its expedite can reach the loop in either order (the SGLang plugin
+    submits at arrival and expedites at prefill of the same scheduler iteration)."""
+    gate = threading.Event()
+    tower = FakeTower(gate=gate, ragged=True)
+    config = CoalescerConfig(max_wait_ms=10_000.0, max_batch_items=1, budget_bytes=1 << 30)
+    async with Coalescer(tower, config) as co:
+        busy = asyncio.create_task(co.encode([image(16)]))
+        await until(lambda: len(tower.log) == 1)
+        older = [asyncio.create_task(co.encode([image(16, key=f"old{i}")])) for i in range(3)]
+        await until(lambda: co.stats()["pending_units"] == 3)
+        assert co.expedite(["early"]) == 0  # not queued yet: remembered
+        needed = image(16, key="early")
+        blocked = asyncio.create_task(co.encode([needed]))
+        await until(lambda: co.stats()["expedited_units"] == 1)
+        gate.set()
+        await asyncio.gather(blocked, busy, *older)
+    assert [r.keys for r in tower.log][1] == ("early",)

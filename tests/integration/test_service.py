@@ -103,7 +103,7 @@ def _eventually(condition, what: str, timeout: float = 20.0) -> None:
 @pytest.mark.parametrize("lockstep", [False, True])
 def test_eight_threads_arriving_encoding_and_releasing_leave_nothing_held(make_service, lockstep):
     """Issue 11: concurrent callers must not leak held bytes (submitted ahead of released)."""
-    service = make_service(lockstep=lockstep, max_held_bytes=ROWS * 4 * 6)  # room for 6: deferrals happen
+    service = make_service(lockstep=lockstep, max_held_bytes=ROWS * 4 * 2)  # room for 2: 3-item requests defer
     errors: list[BaseException] = []
     lockstep_turn = threading.Lock()  # lockstep runs forwards on the caller's thread: one at a time
 
@@ -236,14 +236,18 @@ def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
     service.tower.gate.clear()
     service.on_arrival("busy", [item(100)])
     _eventually(service.tower.in_forward.is_set, "the tower to be busy")
-    service.config = service.config  # (no-op: config is fixed at start)
     for n in range(30):
         service.on_arrival(f"q{n}", [item(200 + n)])
     service.on_arrival("needed", [item(7)])
-    threading.Timer(0.1, service.tower.gate.set).start()
-    service.encode([item(7)], original=never)
-    order = service.tower.forwarded
-    assert order.index((7, 0)) < order.index((229, 0)), order
+    prefill = threading.Thread(target=service.encode, args=([item(7)], never))
+    prefill.start()
+    try:
+        _eventually(lambda: service.stats()["expedited_units"] == 1, "the prefill to expedite its unit")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; service {service.stats()}; forwarded {service.tower.forwarded}") from None
+    service.tower.gate.set()
+    prefill.join(30)
+    assert service.tower.forwarded[:2] == [(100, 0), (7, 0)], service.tower.forwarded  # next after the busy one
 
 
 def test_sglangs_own_method_never_runs_during_a_coalescer_forward(make_service):
