@@ -43,9 +43,12 @@ serving-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.serving_bench --out benchmarks/results
 
 # A longer soak for people: 10,000 requests from 400 clients with cancels, poison, malformed outputs, OOM,
-# slow forwards and one unbounded hang, on asyncio then uvloop; prints the figures, writes the JSON.
-soak: $(VENV)/.core-installed
+# slow forwards and one unbounded hang, on asyncio then uvloop; prints the figures, writes the JSON. Then the same
+# through EncoderService from SGLang's scheduler-thread model (integration/soak_driver.py; needs sglang).
+soak: $(VENV)/.test-installed
 	$(PY) -m mm_scheduler.soak --requests 10000 --clients 400 --json benchmarks/results/soak.json
+	$(PY) -m mm_scheduler.soak --requests 10000 --clients 400 --loop uvloop \
+		--driver integration.soak_driver:ServiceDriver --json benchmarks/results/soak_service.json
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
