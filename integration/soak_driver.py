@@ -418,7 +418,7 @@ class ServiceDriver:
         deadline = time.monotonic() + settings.deadline_s
         wedged = False
         for thread in threads:
-            while thread.is_alive() and time.monotonic() < deadline:
+            while thread.is_alive() and scheduler.thread.is_alive() and time.monotonic() < deadline:
                 thread.join(0.1)
                 since = scheduler.in_encode_since
                 if since is not None and time.perf_counter() - since > WEDGED_S and not wedged:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from integration.service import EncoderService
-from integration.soak_driver import ServiceDriver
+from integration.soak_driver import LockstepServiceDriver, ServiceDriver
 from mm_scheduler import CoalescerConfig
 from mm_scheduler.soak import SoakSettings, format_table, run_soak
 
@@ -24,6 +24,9 @@ HUNG_FALLBACK = ("service.py: ExclusiveTower's lock stays held by a forward hung
                  "run_exclusive (every fallback) blocks the scheduler thread until the hang ends")
 DUPLICATE_EXPEDITE = ("planner.py: Planner.expedite removes a unit from its bucket once per listed copy; a prefill "
                       "asking for the same queued item twice raises ValueError and kills the dispatcher")
+
+MALFORMED_LOCKSTEP = ("lockstep.py: LockstepEncoder.result returns a tower's non-tensor output unchecked; "
+                      "EncoderService._for_consumer then raises AttributeError out of encode() (the scheduler thread)")
 
 
 @pytest.mark.stress
@@ -39,6 +42,16 @@ def test_service_soak_from_the_scheduler_thread_loses_nothing_and_never_blocks_i
     assert figures["shared_items"] > 0 and figures["deferred_items"] > 0 and figures["withdrawn"] > 0
     assert figures["vanished"] > 0 and figures["swept"] >= figures["vanished"]
     assert figures["hung_forwards"] == 1 and figures["forward_timeouts"] == 1 and figures["oom_backoffs"] > 0
+
+
+@pytest.mark.stress
+@pytest.mark.xfail(strict=True, reason=MALFORMED_LOCKSTEP)
+def test_service_soak_in_lockstep_mode_loses_nothing_and_never_lets_an_error_escape_encode():
+    settings = SoakSettings(requests=1000, clients=100, seed=12, hang_at=None)  # lockstep forwards have no deadline
+    report = asyncio.run(run_soak(settings, LockstepServiceDriver()))
+    failed = [name for name, ok in report["checks"].items() if not ok]
+    assert failed == [], f"{failed}\n{format_table(report)}"
+    assert report["figures"]["ok"] > settings.requests // 2
 
 
 @pytest.mark.xfail(strict=True, reason=DUPLICATE_EXPEDITE)
