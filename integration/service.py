@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -104,14 +105,36 @@ class ExclusiveTower:
 
     SGLang's fallback ``get_*_feature`` (scheduler thread) and a coalescer forward (forward thread)
     would otherwise run the same vision module at once: shared workspaces, graph buffers, caches.
+    The exclusion yields to a hang: whoever waits longer than ``wait_s`` for the lock runs anyway
+    (one warning each time), so a forward abandoned by the coalescer's deadline can neither wedge
+    the scheduler's fallback nor the health probe that restores the coalescer.
     """
 
-    def __init__(self, tower: SGLangTower) -> None:
+    def __init__(self, tower: SGLangTower, wait_s: float) -> None:
         self._tower = tower
+        self.wait_s = wait_s
         self.lock = threading.Lock()
+        self.overrides = 0
+        self._held_since = 0.0
+
+    @contextlib.contextmanager
+    def held(self, who: str) -> Iterator[None]:
+        """Hold the tower; wait at most until the current holder has held it ``wait_s`` in all."""
+        remaining = self.wait_s - (time.monotonic() - self._held_since)
+        if not self.lock.acquire(timeout=max(0.0, remaining)):
+            self.overrides += 1
+            logger.warning("mm-coalescer: the vision tower has been busy for over %.0f ms (a hung forward?); %s runs "
+                           "beside it", self.wait_s * 1000, who)
+            yield
+            return
+        self._held_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
-        with self.lock:
+        with self.held("a coalescer forward"):
             return self._tower.forward(units)
 
     def __getattr__(self, name: str) -> Any:
@@ -129,7 +152,7 @@ class EncoderService:
         self.lockstep = lockstep
         self.prefill_wait_s = prefill_wait_s
         self._agree = agree
-        self._exclusive = ExclusiveTower(tower)
+        self._exclusive = ExclusiveTower(tower, wait_s=prefill_wait_s)
         # Results encoded ahead of their prefill wait on the GPU; beyond the cap arrivals wait
         # (deferred) until frees make room, and are encoded at prefill if their turn never comes.
         self._held: HeldResults[Any, Any] = HeldResults(max_held_bytes)
@@ -188,8 +211,9 @@ class EncoderService:
         return model is self.tower.model
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
-        """Run SGLang's own encoder method, never at the same time as a coalescer forward."""
-        with self._exclusive.lock:
+        """Run SGLang's own encoder method, never at the same time as a coalescer forward (unless that
+        forward hangs: see :class:`ExclusiveTower`)."""
+        with self._exclusive.held("the model's own method"):
             return fn()
 
     # --- arrival --------------------------------------------------------------------------------
@@ -249,19 +273,19 @@ class EncoderService:
                     outputs[i] = self._wait(handle, deadline)
                 self.counts["encoded_on_demand"] += len(missing)
                 PREFILL_ITEMS.labels(self.config.name, "on_demand").inc(len(missing))
+            consumer = [self.tower.assemble(item, self._for_consumer(out))  # type: ignore[arg-type]
+                        for item, out in zip(items, outputs, strict=True)]
+            return consumer[0] if len(consumer) == 1 else torch.cat(consumer, dim=0)
         except TimeoutError:
             self.counts["wait_timeouts"] += 1
             logger.warning("mm-coalescer: encoder results not ready within %.0f ms; using the model's own method",
                            self.prefill_wait_s * 1000)
             return self._fallback(items, original)
-        except (CoalescerError, concurrent.futures.CancelledError):
+        except Exception:  # CoalescerError, a withdrawn handle, or outputs that cannot be assembled
             logger.warning("mm-coalescer: encoding failed; using the model's own method", exc_info=True)
             return self._fallback(items, original)
         finally:
             PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
-        consumer = [self.tower.assemble(item, self._for_consumer(out))  # type: ignore[arg-type]
-                    for item, out in zip(items, outputs, strict=True)]
-        return consumer[0] if len(consumer) == 1 else torch.cat(consumer, dim=0)
 
     def _fallback(self, items: Sequence[Any], original: Callable[[list[Any]], Any]) -> Any:
         self.counts["fallbacks"] += 1
@@ -343,7 +367,7 @@ class EncoderService:
         with self._lock:
             held = {"held_items": len(self._held), "held_bytes": self._held.held_bytes,
                     "deferred_items": self._held.deferred_count}
-        return {**self.counts, **backend, **held, "mode": self.mode}
+        return {**self.counts, **backend, **held, "exclusive_overrides": self._exclusive.overrides, "mode": self.mode}
 
     def ready(self, rid: str) -> bool:
         """Whether every result ``rid`` holds is encoded (a prefill would not block on it).

@@ -120,7 +120,7 @@ class Planner:
         """Someone is blocked on ``units``: move them to the front of their buckets (keeping their
         order) and dispatch those buckets before any other, whatever their age or fill."""
         by_bucket: dict[int, list[PlanUnit]] = {}
-        for unit in units:
+        for unit in {id(u): u for u in units}.values():  # a unit named twice moves once
             if not unit.cancelled:
                 by_bucket.setdefault(self.bucket_of(unit.num_patches), []).append(unit)
         for key, moved in by_bucket.items():
