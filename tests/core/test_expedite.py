@@ -80,21 +80,32 @@ def test_expediting_never_loses_duplicates_or_breaks_the_budget(sizes, picks, ra
     assert sorted(map(id, seen)) == sorted(map(id, units))
 
 
-async def test_coalescer_expedite_runs_a_blocked_request_before_older_queued_work():
+async def _tower_busy_with_three_older_requests(co: Coalescer, tower: FakeTower) -> list[asyncio.Task]:
+    """One forward held at the gate, three older one-unit requests queued behind it (one unit per batch)."""
+    tasks = [asyncio.create_task(co.encode([image(16)]))]
+    await until(lambda: len(tower.log) == 1)
+    tasks += [asyncio.create_task(co.encode([image(16, key=f"old{i}")])) for i in range(3)]
+    await until(lambda: co.stats()["pending_units"] == 3)
+    return tasks
+
+
+def _gated_setup() -> tuple[threading.Event, FakeTower, CoalescerConfig]:
     gate = threading.Event()
-    tower = FakeTower(gate=gate, ragged=True)
     config = CoalescerConfig(max_wait_ms=10_000.0, max_batch_items=1, budget_bytes=1 << 30)
+    return gate, FakeTower(gate=gate, ragged=True), config
+
+
+async def test_coalescer_expedite_runs_a_blocked_request_before_older_queued_work():
+    gate, tower, config = _gated_setup()
     async with Coalescer(tower, config) as co:
-        busy = asyncio.create_task(co.encode([image(16)]))
-        await until(lambda: len(tower.log) == 1)
-        older = [asyncio.create_task(co.encode([image(16, key=f"old{i}")])) for i in range(3)]
+        earlier = await _tower_busy_with_three_older_requests(co, tower)
         needed = image(16, key="needed")
         blocked = asyncio.create_task(co.encode([needed]))
         await until(lambda: co.stats()["pending_units"] == 4)
         assert co.expedite(["needed", "absent"]) == 1
         gate.set()
         (out,) = await blocked
-        await asyncio.gather(busy, *older)
+        await asyncio.gather(*earlier)
     assert [r.keys for r in tower.log][1] == ("needed",)
     assert out.equal(expected_encoding(needed))
 
@@ -102,18 +113,12 @@ async def test_coalescer_expedite_runs_a_blocked_request_before_older_queued_wor
 async def test_a_key_expedited_before_its_submit_arrives_is_dispatched_first_once_queued():
     """Another thread's submit and its expedite can reach the loop in either order (the SGLang plugin
     submits at arrival and expedites at prefill of the same scheduler iteration)."""
-    gate = threading.Event()
-    tower = FakeTower(gate=gate, ragged=True)
-    config = CoalescerConfig(max_wait_ms=10_000.0, max_batch_items=1, budget_bytes=1 << 30)
+    gate, tower, config = _gated_setup()
     async with Coalescer(tower, config) as co:
-        busy = asyncio.create_task(co.encode([image(16)]))
-        await until(lambda: len(tower.log) == 1)
-        older = [asyncio.create_task(co.encode([image(16, key=f"old{i}")])) for i in range(3)]
-        await until(lambda: co.stats()["pending_units"] == 3)
+        earlier = await _tower_busy_with_three_older_requests(co, tower)
         assert co.expedite(["early"]) == 0  # not queued yet: remembered
-        needed = image(16, key="early")
-        blocked = asyncio.create_task(co.encode([needed]))
+        blocked = asyncio.create_task(co.encode([image(16, key="early")]))
         await until(lambda: co.stats()["expedited_units"] == 1)
         gate.set()
-        await asyncio.gather(blocked, busy, *older)
+        await asyncio.gather(blocked, *earlier)
     assert [r.keys for r in tower.log][1] == ("early",)
