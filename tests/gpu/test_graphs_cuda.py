@@ -19,12 +19,9 @@ from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler.towers import build_tower
 from mm_scheduler.towers.graphs import GraphedTower
 
+from .cuda_helpers import BF16_TOL, rel_err
+
 pytestmark = pytest.mark.gpu
-BF16_TOL = 5e-2
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.fixture(scope="module")
