@@ -48,7 +48,7 @@ serving-bench: $(VENV)/.test-installed
 soak: $(VENV)/.test-installed
 	$(PY) -m mm_scheduler.soak --requests 10000 --clients 400 --json benchmarks/results/soak.json
 	$(PY) -m mm_scheduler.soak --requests 10000 --clients 400 --loop uvloop \
-		--driver integration.soak_driver:ServiceDriver --json benchmarks/results/soak_service.json
+		--driver mm_scheduler_sglang.soak_driver:ServiceDriver --json benchmarks/results/soak_service.json
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

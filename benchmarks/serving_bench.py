@@ -58,6 +58,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mm_scheduler_sglang.adapters import SGLangTower
+from mm_scheduler_sglang.service import EncoderService
+from mm_scheduler_sglang.settings import PLUGIN_DEFAULTS
+from mm_scheduler_sglang.settings import resolve as resolve_plugin
 
 from benchmarks.harness import (
     Media,
@@ -76,10 +80,6 @@ from benchmarks.harness import (
     stream_ctx,
     write_json,
 )
-from integration.adapters import SGLangTower
-from integration.service import EncoderService
-from integration.settings import PLUGIN_DEFAULTS
-from integration.settings import resolve as resolve_plugin
 from mm_scheduler import CoalescerConfig, EncodeItem, config_from_dict, load_config
 from mm_scheduler.units import assemble, split_into_units
 
@@ -822,7 +822,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def plugin_settings(args: argparse.Namespace, bpp: int) -> tuple[CoalescerConfig, dict[str, Any]]:
     """The shipped config as the plugin reads it: coalescer settings and its ``sglang:`` section (LLM stream
-    priority, prefill wait), through ``integration.settings``; bytes/patch measured once here."""
+    priority, prefill wait), through ``mm_scheduler_sglang.settings``; bytes/patch measured once here."""
     if args.tower != "qwen2_5_vl":
         config = config_from_dict({"max_batch_items": 64, "budget_bytes": 1 << 30, "bytes_per_patch": bpp,
                                    "name": "serving-plugin"})

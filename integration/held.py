@@ -1,7 +1,7 @@
 """Who holds which early-encoded result, the bytes they pin, and what to free or admit when.
 
 Pure bookkeeping, like vLLM's ``encoder_cache_manager``: no torch, no threads, no clock. The
-:class:`~integration.service.EncoderService` calls it under its one lock and acts on what it returns
+:class:`~mm_scheduler_sglang.service.EncoderService` calls it under its one lock and acts on what it returns
 (cancel a handle whose last holder left, submit work that now fits).
 
 * An *entry* is one encoded (or encoding) result, under the key that decides it, with the requests

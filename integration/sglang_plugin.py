@@ -1,4 +1,4 @@
-"""SGLang plugin: entry point ``integration.sglang_plugin:register`` in group ``sglang.srt.plugins``.
+"""SGLang plugin: entry point ``mm_scheduler_sglang.sglang_plugin:register`` in group ``sglang.srt.plugins``.
 
 SGLang's ``load_plugins()`` calls :func:`register` in every process it starts (launcher, scheduler,
 detokenizer), honouring ``SGLANG_PLUGINS``, then applies the hooks through its ``HookRegistry``.
@@ -84,7 +84,7 @@ def register() -> None:
     ]
     for target, hook, kind in hooks:
         HookRegistry.register(target, hook, kind)
-    __import__("integration.epd", fromlist=["register_epd"]).register_epd()  # EPD encoder servers (issue 10)
+    __import__("mm_scheduler_sglang.epd", fromlist=["register_epd"]).register_epd()  # EPD encoder servers (issue 10)
 
 
 def active_service() -> EncoderService | None:

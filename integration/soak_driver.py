@@ -1,8 +1,8 @@
-"""The soak through :class:`~integration.service.EncoderService`, driven as SGLang 0.5.23 drives it.
+"""The soak through :class:`~mm_scheduler_sglang.service.EncoderService`, driven as SGLang 0.5.23 drives it.
 
-``python -m mm_scheduler.soak --driver integration.soak_driver:ServiceDriver`` (``make soak``).
+``python -m mm_scheduler.soak --driver mm_scheduler_sglang.soak_driver:ServiceDriver`` (``make soak``).
 
-Threads, as in a scheduler process (see :mod:`integration.sglang_plugin` for which hook calls what):
+Threads, as in a scheduler process (see :mod:`mm_scheduler_sglang.sglang_plugin` for which hook calls what):
 
 * ONE scheduler thread owns every request and calls the service as the hooks do, per iteration:
   drain the input queue (new request -> ``on_arrival``; abort -> ``release(aborted=True)`` while the
@@ -36,10 +36,10 @@ from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
+from mm_scheduler_sglang.adapters import SGLangTower
+from mm_scheduler_sglang.service import EncoderService
 from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
 
-from integration.adapters import SGLangTower
-from integration.service import EncoderService
 from mm_scheduler import CoalescerConfig, EncodeItem
 from mm_scheduler.soak import (
     BYTES_PER_PATCH,

@@ -28,8 +28,7 @@ pytest.importorskip("sglang")
 pytest.importorskip("cuda.bindings")
 
 import torch.multiprocessing as mp
-
-from integration.adapters import feature_shape, is_transport_proxy, materialize_feature
+from mm_scheduler_sglang.adapters import feature_shape, is_transport_proxy, materialize_feature
 
 pytestmark = pytest.mark.gpu
 PATCH_DIM = 3 * 2 * 16 * 16  # tests/integration/sglang_models.qwen3_vl: in_channels * temporal * patch**2
@@ -106,7 +105,7 @@ def test_ipc_proxy_is_rebuilt_on_the_current_stream_and_its_pool_slice_released(
 def test_every_proxied_item_is_taken_by_a_cuda_qwen3_tower(ipc_items):
     """The count the issue asks for: with ``cuda_ipc`` (Qwen3-VL's single-node default) every item is
     accepted and split into units, none left to SGLang's fallback."""
-    from integration.adapters import tower_for
+    from mm_scheduler_sglang.adapters import tower_for
 
     model = _tiny("qwen3_vl").to("cuda")
     tower = tower_for(model)
@@ -135,7 +134,7 @@ def _tiny(name: str):
 def test_qwen2_5_vl_built_with_vit_cuda_graph_is_refused(monkeypatch):
     """On CUDA, ``Qwen2_5_VisionTransformer.__init__`` turns the graph runner on from the env var; its
     outputs are views of a static buffer, so the plugin leaves the model to SGLang."""
-    from integration.adapters import tower_for, why_unsupported
+    from mm_scheduler_sglang.adapters import tower_for, why_unsupported
 
     monkeypatch.setenv("SGLANG_VIT_ENABLE_CUDA_GRAPH", "1")
     model = _tiny("qwen2_5_vl")

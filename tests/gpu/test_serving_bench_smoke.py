@@ -87,9 +87,10 @@ def test_plugin_path_returns_the_direct_encoding_and_readiness_follows_the_early
     the tuned mode's readiness signal (None / True) tracks early submission, completion and release."""
     import time
 
+    from mm_scheduler_sglang.service import EncoderService
+
     from benchmarks.harness import MediaMix
     from benchmarks.serving_bench import Req, RequestSpec, ServedTower
-    from integration.service import EncoderService
     from mm_scheduler import CoalescerConfig
     from mm_scheduler.towers import build_tower
 

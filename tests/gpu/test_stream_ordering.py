@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from mm_scheduler_sglang.adapters import SGLangTower
+from mm_scheduler_sglang.service import EncoderService
 
-from integration.adapters import SGLangTower
-from integration.service import EncoderService
 from mm_scheduler import CoalescerConfig, EncodeItem
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -195,7 +195,7 @@ def test_control_without_ordering_reads_stale_pixels():
 
 
 def test_llm_streams_are_created_at_high_priority_while_the_scheduler_starts():
-    from integration.sglang_plugin import llm_streams_at_high_priority
+    from mm_scheduler_sglang.sglang_plugin import llm_streams_at_high_priority
 
     _least, greatest = torch.cuda.Stream.priority_range()
     with llm_streams_at_high_priority(enabled=True):

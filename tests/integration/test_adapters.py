@@ -12,10 +12,15 @@ from __future__ import annotations
 import pytest
 import sglang_models as sm
 import torch
+from mm_scheduler_sglang import adapters
+from mm_scheduler_sglang.adapters import (
+    SUPPORTED_MODELS,
+    feature_shape,
+    materialize_feature,
+    tower_for,
+    why_unsupported,
+)
 from torch import nn
-
-from integration import adapters
-from integration.adapters import SUPPORTED_MODELS, feature_shape, materialize_feature, tower_for, why_unsupported
 
 
 @pytest.fixture(scope="module", params=list(sm.BUILDERS))

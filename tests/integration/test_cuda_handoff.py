@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from mm_scheduler_sglang.adapters import SGLangTower
+from mm_scheduler_sglang.service import EncoderService
 
-from integration.adapters import SGLangTower
-from integration.service import EncoderService
 from mm_scheduler import CoalescerConfig, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder
 

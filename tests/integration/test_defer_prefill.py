@@ -7,10 +7,10 @@ from array import array
 from types import SimpleNamespace
 
 import pytest
+from mm_scheduler_sglang import sglang_plugin
+from mm_scheduler_sglang.service import EncoderService
 from test_service import SumTower, item
 
-from integration import sglang_plugin
-from integration.service import EncoderService
 from mm_scheduler import CoalescerConfig
 
 
@@ -97,7 +97,7 @@ def test_deferral_is_bounded(service, monkeypatch):
 
 
 def test_off_by_default_and_in_lockstep_every_request_is_ready(service, monkeypatch):
-    from integration import settings
+    from mm_scheduler_sglang import settings
 
     assert settings.PLUGIN_DEFAULTS["defer_prefill_ms"] == 0.0
     lockstep = EncoderService(SumTower(), CoalescerConfig(budget_bytes=1 << 20, bytes_per_patch=64),

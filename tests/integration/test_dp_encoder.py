@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import sglang_models as sm
 import torch
-
-from integration.adapters import tower_for
-from integration.modes import choose_mode
+from mm_scheduler_sglang.adapters import tower_for
+from mm_scheduler_sglang.modes import choose_mode
 
 
 def test_replicated_qwen2_5_tower_is_called_directly_and_matches_sglangs_own_method():

@@ -16,9 +16,8 @@ from types import SimpleNamespace
 import pytest
 import sglang_models as sm
 import torch
+from mm_scheduler_sglang import sglang_plugin
 from test_equivalence import ATOL, RTOL, _embed, _request_lengths
-
-from integration import sglang_plugin
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +188,7 @@ def test_lockstep_service_encodes_everything_queued_at_the_first_prefill(model, 
 
 
 def test_unsupported_model_is_left_untouched_with_a_log_line(caplog):
-    caplog.set_level("INFO", logger="integration.sglang_plugin")
+    caplog.set_level("INFO", logger="mm_scheduler_sglang.sglang_plugin")
     assert sglang_plugin.start(torch.nn.Linear(2, 2), {"config_path": None, "mode": "auto", "values": {}},
                                tp_size=1) is None
     assert sglang_plugin.active_service() is None

@@ -194,11 +194,11 @@ def _tp1_main(out) -> None:
 
 async def _tp1_scenarios() -> dict:
     _init_dist(0, 1, _free_port())
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
     from sglang.srt.disaggregation.encoder import runtime as rt
     from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
     from sglang.srt.managers.schedule_batch import Modality
 
-    from integration.epd import CoalescedEncoderScheduler
     from mm_scheduler import CoalescerConfig
 
     enc = _build_encoder(0)
@@ -334,7 +334,8 @@ async def _tp2_scenarios() -> dict:
 
 async def _tp2_with_worker(port, worker, push, EncoderScheduler) -> dict:
     _init_dist(0, 2, port)
-    from integration.epd import CoalescedEncoderScheduler
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+
     from mm_scheduler import CoalescerConfig
 
     enc = _build_encoder(0)

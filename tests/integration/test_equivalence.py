@@ -13,9 +13,8 @@ from collections import Counter
 import pytest
 import sglang_models as sm
 import torch
+from mm_scheduler_sglang import sglang_plugin
 from torch import nn
-
-from integration import sglang_plugin
 
 # fp32 on CPU: a different batch composition changes reduction order, nothing else.
 ATOL, RTOL = 1e-4, 1e-3
@@ -91,7 +90,7 @@ def test_hooked_feature_methods_equal_sglang_originals(family_model, service):
 
 def test_plugin_hooks_exactly_the_feature_methods_of_each_supported_model(family_model):
     """The plugin's allow-list names, for each model class, one method per modality it serves."""
-    from integration.adapters import SUPPORTED_MODELS, qualified_name
+    from mm_scheduler_sglang.adapters import SUPPORTED_MODELS, qualified_name
 
     family, model = family_model
     declared = SUPPORTED_MODELS.get(qualified_name(type(model)))
@@ -159,7 +158,7 @@ def test_embed_mm_inputs_batch_of_requests_equals_sglang_path(family_model):
 
 def test_declared_output_bytes_bound_each_items_embedding(family_model):
     """The cap on held early results counts these bytes: exact for fixed layouts, an upper bound for Gemma4."""
-    from integration.adapters import tower_for
+    from mm_scheduler_sglang.adapters import tower_for
 
     family, model = family_model
     tower = tower_for(model)

@@ -6,8 +6,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-
-from integration.held import HeldResults
+from mm_scheduler_sglang.held import HeldResults
 
 
 def test_entry_is_freed_when_its_last_holder_releases():

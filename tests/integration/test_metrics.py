@@ -19,7 +19,7 @@ import sglang_models as sm
 
 def scheduler_process() -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    from integration import sglang_plugin
+    from mm_scheduler_sglang import sglang_plugin
 
     model = sm.qwen2_5_vl()
     sglang_plugin.start(model, {"config_path": None, "mode": "async", "values": {"name": "qwen-test"}}, tp_size=1)

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from integration.modes import choose_mode
+from mm_scheduler_sglang.modes import choose_mode
 
 
 @pytest.mark.parametrize("requested", ["auto", "async", "lockstep"])

@@ -17,17 +17,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from integration import settings, sglang_plugin
+from mm_scheduler_sglang import settings, sglang_plugin
 
 REPO = Path(__file__).resolve().parents[2]
-ENTRY_POINT = "integration.sglang_plugin:register"
+ENTRY_POINT = "mm_scheduler_sglang.sglang_plugin:register"
 
 CHECK_HOOKS = textwrap.dedent("""
     import inspect, json, sys
     from sglang.srt.plugins import load_plugins
     load_plugins()
-    from integration import sglang_plugin as plugin
+    from mm_scheduler_sglang import sglang_plugin as plugin
     from sglang.srt.managers.schedule_batch import MultimodalInputs, Req
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.server_args import ServerArgs, prepare_server_args

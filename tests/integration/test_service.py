@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from mm_scheduler_sglang.adapters import SGLangTower
+from mm_scheduler_sglang.service import EncoderService
 
-from integration.adapters import SGLangTower
-from integration.service import EncoderService
 from mm_scheduler import CoalescerConfig, EncodeItem
 
 ROWS = 4
@@ -269,10 +269,9 @@ def test_sglangs_own_method_never_runs_during_a_coalescer_forward(make_service):
 
 
 def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
+    from mm_scheduler_sglang.sglang_plugin import live_rids
     from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
     from sglang.srt.sampling.sampling_params import SamplingParams
-
-    from integration.sglang_plugin import live_rids
 
     def req(rid):
         return Req(rid, "", array("i", [1, 2]), SamplingParams(max_new_tokens=1))

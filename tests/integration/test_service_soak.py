@@ -1,7 +1,7 @@
 """The soak through EncoderService from SGLang's thread model, short (``make soak`` runs 10,000 requests).
 
 One scheduler thread calls the service's hooks in SGLang's order, client threads feed it, every fault of
-:mod:`mm_scheduler.soak` is on (see :mod:`integration.soak_driver`). The defects it found are pinned here
+:mod:`mm_scheduler.soak` is on (see :mod:`mm_scheduler_sglang.soak_driver`). The defects it found are pinned here
 by small tests of their own: a duplicate expedite, a fallback or a health probe waiting on a hung forward's
 tower lock, a malformed lockstep output escaping encode().
 """
@@ -13,9 +13,9 @@ import threading
 
 import pytest
 import torch
+from mm_scheduler_sglang.service import EncoderService
+from mm_scheduler_sglang.soak_driver import LockstepServiceDriver, ServiceDriver
 
-from integration.service import EncoderService
-from integration.soak_driver import LockstepServiceDriver, ServiceDriver
 from mm_scheduler import CoalescerConfig
 from mm_scheduler.soak import SoakSettings, format_table, run_soak
 

@@ -7,8 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import sglang_models as sm
-
-from integration import adapters, settings, sglang_plugin
+from mm_scheduler_sglang import adapters, settings, sglang_plugin
 
 
 @pytest.fixture
@@ -41,7 +40,7 @@ def test_an_adapter_that_raises_logs_one_error_and_leaves_sglangs_encoder(schedu
 
     monkeypatch.setattr(adapters.QwenVLTower, "__init__", broken)
     scheduler, server_args, original, built = scheduler_of(CHOSEN)
-    with caplog.at_level(logging.ERROR, logger="integration.sglang_plugin"):
+    with caplog.at_level(logging.ERROR, logger="mm_scheduler_sglang.sglang_plugin"):
         sglang_plugin._around_scheduler_init(original, scheduler, server_args=server_args)
     assert built == [scheduler]  # SGLang's scheduler was built and the call returned normally
     assert sglang_plugin.active_service() is None
@@ -53,7 +52,7 @@ def test_an_adapter_that_raises_logs_one_error_and_leaves_sglangs_encoder(schedu
 def test_a_bad_config_reaching_the_scheduler_is_also_contained(scheduler_of, caplog):
     chosen = {**CHOSEN, "values": {"budget_bytes": -5}}  # invalid: the config check raises
     scheduler, server_args, original, built = scheduler_of(chosen)
-    with caplog.at_level(logging.ERROR, logger="integration.sglang_plugin"):
+    with caplog.at_level(logging.ERROR, logger="mm_scheduler_sglang.sglang_plugin"):
         sglang_plugin._around_scheduler_init(original, scheduler, server_args=server_args)
     assert built == [scheduler] and sglang_plugin.active_service() is None
     assert "failed to start" in caplog.text
