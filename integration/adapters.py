@@ -38,6 +38,8 @@ from torch import nn
 
 from mm_scheduler import EncodeItem
 
+from . import sglang_compat
+
 logger = logging.getLogger(__name__)
 
 # The vision module each supported model must hold, by attribute, as that exact class.
@@ -90,18 +92,9 @@ def _structure_problem(model: nn.Module, expected: dict[str, str]) -> str | None
 
 
 # --- CUDA-IPC / CUDA-VMM feature transport ------------------------------------------------------
-def _ipc_proxy_class() -> type | None:
-    try:
-        from sglang.srt.multimodal.transport.cuda_ipc import CudaIpcTensorTransportProxy
-    except ImportError:
-        return None
-    return CudaIpcTensorTransportProxy
-
-
 def is_transport_proxy(value: Any) -> bool:
     """A CUDA-IPC feature proxy (``CudaVmmTensorTransportProxy`` is a subclass, so VMM counts)."""
-    proxy_cls = _ipc_proxy_class()
-    return proxy_cls is not None and isinstance(value, proxy_cls)
+    return not isinstance(value, torch.Tensor) and isinstance(value, sglang_compat.cuda_ipc_proxy_class())
 
 
 def feature_shape(item: Any) -> torch.Size | None:
@@ -128,10 +121,9 @@ def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
     left in place for SGLang's own path). SGLang's zero-copy "borrow" is not used: it keeps the
     pool slice leased until the encode runs, and an early encode may wait behind a queue.
     """
-    from sglang.srt.multimodal.transport.cuda_ipc import CUDA_IPC_FEATURE_COPY_EVENT_KEY
-
-    if device.type == "cuda":
-        pending = item.model_specific_data.get(CUDA_IPC_FEATURE_COPY_EVENT_KEY)
+    event_key = sglang_compat.cuda_ipc_copy_event_key()  # None: this SGLang records no such event
+    if device.type == "cuda" and event_key is not None:
+        pending = item.model_specific_data.get(event_key)
         if pending is not None:
             torch.cuda.current_stream(device).wait_event(pending)
     if is_transport_proxy(item.feature):

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pkgutil
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,6 +270,21 @@ class Compat:
                 if row.degraded is not None and (keys is None or row.key in keys) and not self.has(row.key)]
 
 
+NOTED_ENV = "MM_COALESCER_NOTED"
+"""Checksums of the lines :func:`note` has logged; SGLang's children inherit it, so a line shows once per server."""
+
+
+def note(line: str) -> bool:
+    """Log ``line`` (a WARNING) unless this process or the one that spawned it already did; True if logged."""
+    mark = f"{zlib.crc32(line.encode()):08x}"
+    seen = os.environ.get(NOTED_ENV, "").split(",")
+    if mark in seen:
+        return False
+    os.environ[NOTED_ENV] = ",".join([*filter(None, seen), mark])
+    logger.warning("%s", line)
+    return True
+
+
 _current: Compat | None = None
 
 
@@ -324,7 +341,8 @@ def cached_prefix_len(tree_cache: Any, req: Any) -> int:
     if current().form("prefix_match").names[0].endswith("_req_radix_key"):
         from sglang.srt.mem_cache.common import _req_radix_key
 
-        return int(tree_cache.match_prefix(MatchPrefixParams(key=_req_radix_key(tree_cache, req, ids))).device_prefix_len)
+        key = _req_radix_key(tree_cache, req, ids)
+        return int(tree_cache.match_prefix(MatchPrefixParams(key=key)).device_prefix_len)
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
     tail = tree_cache.swa_reprefill_tail_tokens()  # SWA layouts re-prefill the window: cap as Req does

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import functools
 import importlib.util
 import subprocess
 import sys
@@ -59,14 +58,14 @@ class Tree:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._modules: dict[str, ast.Module | None] = {}
 
-    @functools.cache
     def module(self, dotted: str) -> ast.Module | None:
-        base = self.root.joinpath(*dotted.split("."))
-        for path in (base.with_suffix(".py"), base / "__init__.py"):
-            if path.is_file():
-                return ast.parse(path.read_text(encoding="utf-8"))
-        return None
+        if dotted not in self._modules:
+            base = self.root.joinpath(*dotted.split("."))
+            paths = [p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()]
+            self._modules[dotted] = ast.parse(paths[0].read_text(encoding="utf-8")) if paths else None
+        return self._modules[dotted]
 
     def is_package(self, dotted: str) -> bool:
         return (self.root.joinpath(*dotted.split(".")) / "__init__.py").is_file()
