@@ -382,7 +382,7 @@ class Gemma3Tower(SGLangTower):
         self.num_patches = (self.image_size // int(vcfg.patch_size)) ** 2
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 2 * inter) * _dtype_bytes(model.language_model.dtype())
-        self.batched_siglip = _siglip_takes_batches(model.vision_tower)
+        self.batched_siglip = _takes_batches(model.vision_tower)
         self._tokens_per_crop = int(model.config.mm_tokens_per_image)
         self._bytes_per_crop = self._tokens_per_crop * int(model.config.text_config.hidden_size) * \
             _dtype_bytes(model.language_model.dtype())
@@ -424,8 +424,11 @@ class Gemma3Tower(SGLangTower):
         return list(projected.split(1, dim=0))
 
 
-def _siglip_takes_batches(vision_tower: nn.Module) -> bool:
-    """SGLang's SDPA vision attention with ``flatten_batch`` refuses batch > 1; varlen backends take it."""
+def _takes_batches(vision_tower: nn.Module) -> bool:
+    """SGLang's SDPA vision attention with ``flatten_batch`` refuses batch > 1; varlen backends take it.
+
+    SigLIP (Gemma3) builds it so on CPU; Gemma4's tower does on SDPA up to 0.5.21 (its own ``flatten_batch=True``;
+    later releases turn it off for SDPA), so the adapter asks the modules rather than the version."""
     from sglang.srt.layers.attention.vision import VisionSdpaAttention
 
     return not any(isinstance(m, VisionSdpaAttention) and m.flatten_batch for m in vision_tower.modules())
@@ -447,6 +450,7 @@ class Gemma4Tower(SGLangTower):
         self.text_hidden = int(model.config.text_config.hidden_size)
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 3 * inter) * _dtype_bytes(model.language_model.dtype())
+        self.batched = _takes_batches(model.vision_tower)
         self._kernel = int(vcfg.pooling_kernel_size)
         self._pool = self._kernel ** 2
         self._bytes_per_token = self.text_hidden * _dtype_bytes(model.language_model.dtype())
@@ -507,7 +511,12 @@ class Gemma4Tower(SGLangTower):
         vt = model.vision_tower
         pixels = torch.stack([u.pixel_values for u in units]).to(device=vt.device, dtype=model.language_model.dtype())
         positions = torch.stack([u.meta["positions"] for u in units]).to(vt.device)
-        pooled, pooler_mask = vt(pixels, positions)
+        if self.batched:
+            pooled, pooler_mask = vt(pixels, positions)
+        else:  # SDPA with flatten_batch asserts batch size 1: run the images one by one.
+            runs = [vt(pixels[i:i + 1], positions[i:i + 1]) for i in range(len(units))]
+            pooled = [hs for p, _ in runs for hs in p]
+            pooler_mask = [m for _, masks in runs for m in masks]
         return [model.embed_vision(inputs_embeds=hs[mask].unsqueeze(0)).squeeze(0)
                 for hs, mask in zip(pooled, pooler_mask, strict=True)]
 

@@ -195,8 +195,17 @@ def make_item(modality: str, feature: torch.Tensor, hash_value: int, **model_spe
 
     item = MultimodalDataItem(modality=Modality.IMAGE if modality == "image" else Modality.VIDEO,
                               feature=feature, model_specific_data=dict(model_specific))
-    item.set_hash(hash_value)
+    set_hash(item, hash_value)
     return item
+
+
+def set_hash(item, hash_value: int) -> None:
+    """``item.set_hash`` (0.5.17+); on 0.5.16 the hash field and ``set_pad_value``, as its processors do."""
+    if hasattr(type(item), "set_hash"):
+        item.set_hash(hash_value)
+    else:
+        item.hash = hash_value
+        item.set_pad_value()
 
 
 def qwen_image(model: nn.Module, h: int, w: int, seed: int):
@@ -238,6 +247,14 @@ def gemma4_image(model: nn.Module, gh: int, gw: int, total: int, seed: int):
 def gemma4_video(model: nn.Module, frames: int, gh: int, gw: int, total: int, seed: int):
     pixels, positions = _gemma4_patches(model, frames, gh, gw, total, seed)
     return make_item("video", pixels, 5000 + seed, video_position_ids=positions)
+
+
+def gemma4_video_frames(model: nn.Module) -> int:
+    """Frames of the test video: 3, or 1 where SGLang's own Gemma4 tower takes one image per forward (its SDPA
+    ``flatten_batch`` up to 0.5.21 asserts batch size 1, so SGLang's method, the reference, fails on more)."""
+    from mm_scheduler_sglang.adapters import _takes_batches
+
+    return 3 if _takes_batches(model.vision_tower) else 1
 
 
 def tokens_of(model: nn.Module, item) -> int:
