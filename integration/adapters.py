@@ -427,7 +427,7 @@ class Gemma3Tower(SGLangTower):
 def _takes_batches(vision_tower: nn.Module) -> bool:
     """SGLang's SDPA vision attention with ``flatten_batch`` refuses batch > 1; varlen backends take it.
 
-    SigLIP (Gemma3) builds it so on CPU; Gemma4's tower does on SDPA up to 0.5.21 (its own ``flatten_batch=True``;
+    SigLIP (Gemma3) builds it so on CPU; Gemma4's tower does on SDPA in 0.5.16 and 0.5.17 (``flatten_batch=True``;
     later releases turn it off for SDPA), so the adapter asks the modules rather than the version."""
     from sglang.srt.layers.attention.vision import VisionSdpaAttention
 

@@ -230,6 +230,7 @@ def check(layer, version: str, tree: Tree) -> tuple[dict[str, str], list[str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("versions", nargs="*", default=DEFAULT_VERSIONS)
+    parser.add_argument("--wide", action="store_true", help="one column per version")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mm-scheduler-sglang-wheels")
     args = parser.parse_args()
     layer = load_layer()
@@ -253,12 +254,26 @@ def main() -> int:
         bad = {v: p for v, p in by_version.items() if p is None or p[:len(lead)] != lead}
         if bad:
             problems.append(f"hook target {target}: parameters do not start with {lead} in {bad}")
-    print("| read by the plugin | " + " | ".join(versions) + " |")
-    print("|---|" + "---|" * len(versions))
-    for row in layer.ROWS:
-        print(f"| {row.what} | " + " | ".join(results[v][row.key] for v in versions) + " |")
-    print("| hook targets and names the same on all (present) | " + " | ".join(results[v]["same"] for v in versions)
-          + " |")
+    if args.wide:
+        print("| read by the plugin | " + " | ".join(versions) + " |")
+        print("|---|" + "---|" * len(versions))
+        for row in layer.ROWS:
+            print(f"| {row.what} | " + " | ".join(results[v][row.key] for v in versions) + " |")
+        print("| hook targets and names the same on all (present) | "
+              + " | ".join(results[v]["same"] for v in versions) + " |")
+    else:  # one line per row: each form with the checked versions that use it
+        print("| read by the plugin | where, by version (checked) |")
+        print("|---|---|")
+        for row in (*layer.ROWS, "same"):
+            cells = [results[v]["same" if row == "same" else row.key] for v in versions]
+            spans = []
+            for version, cell in zip(versions, cells, strict=True):
+                if spans and spans[-1][2] == cell:
+                    spans[-1][1] = version
+                else:
+                    spans.append([version, version, cell])
+            what = "hook targets and names the same on all (present)" if row == "same" else row.what
+            print(f"| {what} | " + "; ".join(f"{a}{'-' + b if b != a else ''}: {c}" for a, b, c in spans) + " |")
     if not any("parameters do not" in p for p in problems):
         print(f"Hook targets ({len(signatures)}): {hooks_same} checked versions.")
     for problem in problems:

@@ -251,7 +251,7 @@ def gemma4_video(model: nn.Module, frames: int, gh: int, gw: int, total: int, se
 
 def gemma4_video_frames(model: nn.Module) -> int:
     """Frames of the test video: 3, or 1 where SGLang's own Gemma4 tower takes one image per forward (its SDPA
-    ``flatten_batch`` up to 0.5.21 asserts batch size 1, so SGLang's method, the reference, fails on more)."""
+    ``flatten_batch`` in 0.5.16 and 0.5.17 asserts batch size 1, so SGLang's method, the reference, fails on more)."""
     from mm_scheduler_sglang.adapters import _takes_batches
 
     return 3 if _takes_batches(model.vision_tower) else 1

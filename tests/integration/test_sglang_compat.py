@@ -59,10 +59,12 @@ def instances() -> dict[str, object]:
     """Real objects whose instance attributes the layer reads (set in ``__init__``, not on the class)."""
     sm.init_sglang_cpu()
     from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.runtime_context import get_parallel
     from sglang.srt.sampling.sampling_params import SamplingParams
 
     return {"sglang.srt.managers.schedule_batch.Req": Req("r", "", array("i", [1, 2, 3]),
-                                                          SamplingParams(max_new_tokens=4))}
+                                                          SamplingParams(max_new_tokens=4)),
+            "sglang.srt.runtime_context.ParallelContext": get_parallel()}  # 0.5.19+: sizes via __getattr__
 
 
 @pytest.fixture
