@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "mm_coalescer"
 # Where a scheduler keeps requests (lists, batches with .reqs, queues with .queue); the sweep's live set.
-LIVE_REQUEST_HOLDERS = ("waiting_queue", "running_batch", "cur_batch", "last_batch", "chunked_req",
+# (No "cur_batch": no supported release has one; scripts/check-sglang-versions.py checks the other names.)
+LIVE_REQUEST_HOLDERS = ("waiting_queue", "running_batch", "last_batch", "chunked_req",
                         "disagg_prefill_bootstrap_queue", "disagg_prefill_inflight_queue")
 SWEEP_INTERVAL_S = 1.0
 _RID_ATTR = "_mm_coalescer_rid"
