@@ -217,7 +217,7 @@ def _resolves(target: str) -> bool:
     obj_path, _, attr = target.rpartition(".")
     try:
         return hasattr(pkgutil.resolve_name(obj_path), attr)
-    except (ImportError, AttributeError, ValueError):
+    except Exception:  # not importable here at all (absent, or failing on import): missing as well
         return False
 
 
