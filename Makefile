@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test
+.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test gpu-serve gpu-serve-prepare
 
 # torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
 $(VENV)/.core-installed: pyproject.toml

@@ -1,0 +1,431 @@
+"""The project's serving benchmark: a real ``sglang.launch_server`` with the plugin off and on, driven by
+SGLang's own load generator (``sglang.benchmark.serving``), on one GPU.
+
+Runs on the GPU machine (no network) after ``scripts/gpu_serve/prepare.sh`` built ``.gpu-serve/`` (the
+wheel closure of sglang 0.5.16 and the stripped sglang-kernel) on a networked one; ``make gpu-serve`` calls it.
+
+Both servers run at once on the one GPU with identical flags (same ``--max-total-tokens``, so the same KV
+pool), apart from ``--mem-fraction-static``, which only sizes the static pool around the other server
+(SGLang sizes it from the memory free when it starts: off takes 0.40, on starts after it with 0.78, so both
+get the same room), and the plugin's flags. Only one server has load at a time; runs alternate
+off/on, on/off, ... with a fresh ``--seed`` per pair, so neither the radix cache nor the embedding cache
+sees an image twice. Everything a run produced lands in ``--out``: ``bench-*.jsonl`` (SGLang's own result
+lines), ``metrics-*.txt`` (``/metrics`` before/after), ``requests-*`` (SGLang's per-request export), server
+logs, and ``results.json`` (the numbers ``summarize.py`` turns into ``real_server_summary.json``).
+
+usage: python3 scripts/gpu_serve/serve.py --family qwen2_5_vl_7b --out DIR [--workloads seed,poisson,lone,correct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SITE = Path(os.environ.get("GPU_SERVE_SITE", "/tmp/gpu-serve-site"))        # sglang 0.5.16 + closure
+PLUGIN_SITE = Path(os.environ.get("GPU_SERVE_PLUGIN_SITE", "/tmp/gpu-serve-plugin"))  # the built wheel
+T0 = time.monotonic()
+
+# Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
+FAMILIES = {
+    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 300_000},
+    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 200_000},
+    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 60_000},
+}
+COMMON_FLAGS = [
+    "--load-format", "dummy", "--host", "127.0.0.1", "--dtype", "bfloat16",
+    "--attention-backend", "triton", "--mm-attention-backend", "triton_attn", "--sampling-backend", "pytorch",
+    "--grammar-backend", "none", "--disable-cuda-graph", "--disable-piecewise-cuda-graph", "--random-seed", "0",
+    "--context-length", "8192", "--chunked-prefill-size", "8192", "--max-running-requests", "128",
+    "--skip-server-warmup", "--enable-metrics", "--log-level", "info",
+]
+MEM_FRACTION = {"off": "0.40", "on": "0.78"}  # off starts first; see the module docstring
+SEED_WORKLOAD = ["--dataset-name", "image", "--image-count", "6", "--image-resolution", "480x480",
+                 "--random-input-len", "50", "--random-output-len", "10", "--random-range-ratio", "1.0"]
+POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-image-count",
+                    "--image-resolution", "random:256x256-1024x1024", "--random-input-len", "128",
+                    "--random-output-len", "128", "--random-range-ratio", "1.0"]
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-serve +{time.monotonic() - T0:5.0f}s] {msg}", flush=True)
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        return 0, str(exc)
+
+
+# --- installation (idempotent on a warm machine) ---------------------------------------------------------
+def install(prepared: Path) -> None:
+    wheels = sorted((prepared / "whl").glob("*.whl"))
+    if not wheels:
+        sys.exit(f"no wheels in {prepared}/whl: run scripts/gpu_serve/prepare.sh on a networked machine first")
+    key = hashlib.md5("".join(w.name for w in wheels).encode()).hexdigest()
+    stamp = SITE / ".gpu-serve-wheels"
+    if not (stamp.exists() and stamp.read_text() == key):
+        shutil.rmtree(SITE, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--target", str(SITE), *map(str, wheels)], check=True)
+        stamp.write_text(key)
+        log(f"installed {len(wheels)} wheels into {SITE}")
+    # The plugin as an operator installs it: a wheel built from this checkout, in its own site dir, so the
+    # plugin-off server does not even have it on its path.
+    shutil.rmtree(PLUGIN_SITE, ignore_errors=True)
+    build = Path("/tmp/gpu-serve-wheel")
+    shutil.rmtree(build, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(build), str(REPO)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                    str(PLUGIN_SITE), *map(str, build.glob("*.whl"))], check=True)
+    log(f"built and installed {next(build.glob('*.whl')).name} into {PLUGIN_SITE}")
+
+
+def environment(prepared: Path, variant: str) -> dict[str, str]:
+    env = dict(os.environ)
+    path = [str(SITE), str(prepared / "sk")]
+    if variant == "on":
+        path.insert(0, str(PLUGIN_SITE))
+    extra = os.environ.get("GPU_SERVE_EXTRA_PATH")  # e.g. a probe-only shim, never in the headline runs
+    if extra:
+        path.insert(0, extra)
+    env["PYTHONPATH"] = ":".join(path)
+    env.update({
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1", "SGLANG_IS_FLASHINFER_AVAILABLE": "false",
+        "TVM_FFI_CACHE_DIR": "/tmp/jitcache", "TRITON_CACHE_DIR": "/tmp/triton-cache",
+        # plugin off: SGLang's loader skips every plugin not named here (and the wheel is not on the path)
+        "SGLANG_PLUGINS": os.environ.get("GPU_SERVE_PLUGINS", "mm_coalescer") if variant == "on" else "none",
+    })
+    for key in ("MM_COALESCER", "MM_COALESCER_CONFIG"):
+        env.pop(key, None)
+    nvcc = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
+    if nvcc:  # sglang's JIT kernels (rope, activation, KV store) compile with nvcc on first use
+        env["PATH"] = f"{Path(nvcc).parent}:{env['PATH']}"
+        env.setdefault("CUDA_HOME", str(Path(nvcc).parents[1]))
+    return env
+
+
+# --- servers -------------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    variant: str
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, model: Path, family: str, prepared: Path, export_dir: Path) -> None:
+        spec = FAMILIES[family]
+        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(self.port),
+                *COMMON_FLAGS, "--max-total-tokens", str(spec["max_total_tokens"]),
+                "--mem-fraction-static", MEM_FRACTION[self.variant],
+                "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
+        if self.variant == "on":
+            config = os.environ.get("GPU_SERVE_CONFIG", spec["config"])
+            if not config.endswith(".yaml"):  # by name; a checkout path until configs ship in the wheel
+                packaged = list(PLUGIN_SITE.glob(f"mm_scheduler*/configs/{config}.yaml"))
+                config = str(packaged[0]) if packaged else str(REPO / "configs" / f"{config}.yaml")
+            args += ["--enable-mm-coalescer", "--mm-coalescer-config", config]
+        export_dir.mkdir(parents=True, exist_ok=True)
+        log(f"[{self.variant}] {' '.join(args[1:])}")
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+                                     env=environment(prepared, self.variant), start_new_session=True)
+
+    def wait_for_log(self, needle: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log_path.read_text(errors="replace"):
+                return
+            self.check_alive()
+            time.sleep(1)
+        raise TimeoutError(f"{self.variant}: no '{needle}' in {timeout:.0f} s")
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            code, _ = http("GET", f"{self.url}/health", timeout=5)
+            if code == 200:
+                log(f"[{self.variant}] healthy")
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{self.variant}: not healthy after {timeout:.0f} s")
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.variant} server exited with {self.proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=25)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def metrics(self) -> str:
+        return http("GET", f"{self.url}/metrics", timeout=10)[1]
+
+
+class MetricsScraper(threading.Thread):
+    """Scrapes a server's /metrics every second while a run lasts; keeps the first and last text."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(daemon=True)
+        self.server, self.stop_event, self.samples = server, threading.Event(), []
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.samples.append((time.time(), self.server.metrics()))
+            self.stop_event.wait(1.0)
+
+    def finish(self) -> tuple[str, str]:
+        self.stop_event.set()
+        self.join()
+        self.samples.append((time.time(), self.server.metrics()))
+        return self.samples[0][1], self.samples[-1][1]
+
+
+# --- load -----------------------------------------------------------------------------------------------
+def bench(server: Server, model: Path, workload: list[str], extra: list[str], out: Path, tag: str,
+          timeout: float) -> dict:
+    """One run of SGLang's load generator against one server; returns its result line (plus our scrape)."""
+    result_file = out / f"bench-{tag}.jsonl"
+    scraper = MetricsScraper(server)
+    scraper.start()
+    args = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang-oai-chat",
+            "--base-url", server.url, "--model", str(model), "--tokenizer", str(model), *workload, *extra,
+            "--output-file", str(result_file), "--disable-tqdm"]
+    env = environment(PREPARED, "off")
+    env["PYTHONPATH"] = f"{HERE / 'stubs'}:{env['PYTHONPATH']}"  # HF datasets stand-in (synthetic sets only)
+    t = time.monotonic()
+    with (out / f"bench-{tag}.log").open("w") as log_file:
+        rc = subprocess.run(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    before, after = scraper.finish()
+    (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
+    if rc != 0 or not result_file.exists():
+        raise RuntimeError(f"{tag}: load generator exit {rc}; see bench-{tag}.log")
+    line = json.loads(result_file.read_text().strip().splitlines()[-1])
+    keep = {k: line.get(k) for k in (
+        "duration", "completed", "request_throughput", "total_throughput", "output_throughput",
+        "median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms", "median_itl_ms", "mean_itl_ms", "p99_itl_ms",
+        "median_e2e_latency_ms", "request_rate", "max_concurrency")}
+    keep["errors"] = sum(1 for e in line.get("errors", []) if e)
+    keep["coalescer"] = coalescer_delta(before, after)
+    keep["sglang"] = sglang_delta(before, after)
+    log(f"  {tag}: {keep['completed']} done in {keep['duration']:.1f}s, TTFT p50 {keep['median_ttft_ms']:.0f} "
+        f"ms p99 {keep['p99_ttft_ms']:.0f}, ITL p99 {keep['p99_itl_ms']:.1f} ms, {keep['total_throughput']:.0f} tok/s"
+        f" ({time.monotonic() - t:.0f}s wall)")
+    return keep
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name] = values.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return values
+
+
+def _delta(before: str, after: str, prefixes: tuple[str, ...]) -> dict[str, float]:
+    a, b = parse_metrics(before), parse_metrics(after)
+    out: dict[str, float] = {}
+    for name, value in b.items():
+        base = name.split("{")[0]
+        if base.startswith(prefixes) and (base.endswith(("_total", "_sum", "_count"))):
+            out[base] = out.get(base, 0.0) + value - a.get(name, 0.0)
+    return out
+
+
+def coalescer_delta(before: str, after: str) -> dict[str, float]:
+    """mm_coalescer_* counters over one run: units per forward, early vs on-demand items, prefill waits."""
+    d = _delta(before, after, ("mm_coalescer_",))
+    if not d:
+        return {}
+    forwards = d.get("mm_coalescer_forwards_total", 0.0)
+    d["units_per_forward"] = d.get("mm_coalescer_units_total", 0.0) / forwards if forwards else 0.0
+    return d
+
+
+def sglang_delta(before: str, after: str) -> dict[str, float]:
+    """SGLang's own histograms over one run (sums and counts): queueing, TTFT, e2e, per-stage times."""
+    return _delta(before, after, ("sglang:",))
+
+
+# --- correctness ----------------------------------------------------------------------------------------
+def png_b64(size: tuple[int, int], seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
+    body = {"model": str(model), "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": 24}
+    code, text = http("POST", f"{server.url}/v1/chat/completions", body, timeout=120)
+    if code != 200:
+        return f"HTTP {code}: {text[:200]}"
+    return json.loads(text)["choices"][0]["message"]["content"]
+
+
+def correctness(servers: dict[str, Server], model: Path, n: int) -> dict:
+    """Greedy replies to the same image requests (1-3 images of mixed sizes) from both servers."""
+    sizes = [(480, 480), (640, 360), (256, 256), (1024, 768), (333, 517)]
+    results = []
+    for i in range(n):
+        content = [{"type": "image_url", "image_url": {"url": png_b64(sizes[(i + k) % len(sizes)], 1000 * i + k)}}
+                   for k in range(1 + i % 3)]
+        content.append({"type": "text", "text": f"Describe picture set {i}."})
+        replies = {v: greedy_reply(s, model, content) for v, s in servers.items()}
+        results.append({"images": len(content) - 1, **replies, "identical": replies["off"] == replies["on"]})
+    identical = sum(r["identical"] for r in results)
+    log(f"  correctness: {identical}/{n} greedy replies identical off/on")
+    return {"requests": n, "identical": identical, "all_identical": identical == n, "replies": results}
+
+
+# --- workloads ------------------------------------------------------------------------------------------
+def alternated(i: int) -> tuple[str, str]:
+    return ("off", "on") if i % 2 == 0 else ("on", "off")
+
+
+def run_family(family: str, model: Path, workloads: list[str], runs: int, out: Path, deadline: float) -> dict:
+    servers = {v: Server(v, port, out / f"server-{v}.log") for v, port in (("off", 30000), ("on", 30001))}
+    result: dict = {"family": family, "runs": {}}
+    try:
+        servers["off"].start(model, family, PREPARED, out / "requests-off")
+        servers["off"].wait_for_log("KV Cache is allocated", 300)  # its memory is taken: the other may start
+        servers["on"].start(model, family, PREPARED, out / "requests-on")
+        servers["off"].wait_healthy(300)
+        servers["on"].wait_healthy(300)
+        warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf"]
+        for v in ("off", "on"):  # JIT kernels build here (nvcc), not in a measured run
+            bench(servers[v], model, warm, ["--seed", "1"], out, f"warm-{v}", 300)
+
+        def remaining() -> float:
+            return deadline - time.monotonic()
+
+        if "correct" in workloads:
+            result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")))
+        if "lone" in workloads and remaining() > 60:
+            lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf"]
+            for v in ("off", "on"):
+                result["runs"][f"lone-{v}"] = bench(servers[v], model, lone, ["--seed", "7"], out, f"lone-{v}", 120)
+        if "seed" in workloads:
+            for i in range(runs):
+                if remaining() < 60:
+                    log("seed: deadline near, stopping early")
+                    break
+                for v in alternated(i):
+                    w = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf"]
+                    bench(servers[v], model, w, ["--seed", str(500 + i)], out, f"seedwarm{i}-{v}", 120)
+                    run = [*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf"]
+                    result["runs"][f"seed{i}-{v}"] = bench(servers[v], model, run, ["--seed", str(100 + i)], out,
+                                                           f"seed{i}-{v}", 180)
+        if "poisson" in workloads and remaining() > 90:
+            cap_run = [*POISSON_WORKLOAD, "--num-prompts", "160", "--request-rate", "inf"]
+            cap = bench(servers["off"], model, cap_run, ["--seed", "300"], out, "capacity-off", 180)
+            result["capacity_req_s"] = cap["request_throughput"]
+            for j, load in enumerate((0.5, 0.8, 0.25, 1.0)):  # the issue's must-haves first
+                rate = load * cap["request_throughput"]
+                n = int(min(200, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
+                for v in alternated(j):
+                    if remaining() < 45:
+                        break
+                    w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}"]
+                    result["runs"][f"poisson{load}-{v}"] = bench(servers[v], model, w, ["--seed", str(400 + j)], out,
+                                                                 f"poisson{load}-{v}", 120)
+    finally:
+        for s in servers.values():
+            s.stop()
+    return result
+
+
+def main() -> None:
+    global PREPARED
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", default="qwen2_5_vl_7b", choices=sorted(FAMILIES))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serve-out")),
+                   help="gets results-<family>.json and gpu-serve-<family>.tgz (every raw file)")
+    p.add_argument("--prepared", type=Path, default=REPO / ".gpu-serve")
+    p.add_argument("--workloads", default="correct,lone,seed,poisson")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--budget-s", type=float, default=560.0, help="stop starting new runs after this many seconds")
+    args = p.parse_args()
+    PREPARED = args.prepared.resolve()
+    deadline = T0 + args.budget_s
+    out = Path("/tmp/gpu-serve-out") / args.family
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    install(PREPARED)
+    jit = PREPARED / "jitcache.tgz"
+    if jit.exists():
+        Path("/tmp/jitcache").mkdir(exist_ok=True)
+        subprocess.run(["tar", "-xzf", str(jit), "-C", "/tmp/jitcache"], check=False)
+    model = Path(f"/tmp/gpu-serve-model-{args.family}")
+    if not (model / "config.json").exists():
+        builder = os.environ.get("GPU_SERVE_BUILDER", str(HERE / "build_model.py"))
+        subprocess.run([sys.executable, builder, str(model), "--family", args.family],
+                       check=True, env=environment(PREPARED, "off"))
+    log(f"model {model} ready; GPU: " + subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+        capture_output=True, text=True).stdout.strip())
+    result = run_family(args.family, model, args.workloads.split(","), args.runs, out, deadline)
+    result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                   capture_output=True, text=True).stdout.strip()
+    result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
+    result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
+                                      capture_output=True, text=True, env=environment(PREPARED, "off")).stdout.strip()
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")
+    subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent), out.name],
+                   check=True)
+    if Path("/tmp/jitcache").exists() and not jit.exists():  # carry it next time: no nvcc builds in the runs
+        subprocess.run(f"cd /tmp/jitcache && find . -name '*.so' | tar -czf {args.out}/jitcache.tgz -T -",
+                       shell=True, check=False)
+    log(f"done: {args.out}/results-{args.family}.json")
+
+
+PREPARED = REPO / ".gpu-serve"
+
+if __name__ == "__main__":
+    main()
