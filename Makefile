@@ -55,3 +55,14 @@ lint: $(VENV)/.test-installed
 
 clean:
 	rm -rf $(VENV) bench-results .pytest_cache
+
+# The serving benchmark: a real sglang.launch_server (0.5.16, dummy full-size weights) with the plugin off and
+# on, driven by SGLang's own sglang.benchmark.serving. First, on a networked machine: make gpu-serve-prepare
+# (the wheel closure and stripped sglang-kernel, ~56 MB in .gpu-serve/). Then on the GPU machine, with its
+# system python3: make gpu-serve FAMILY=qwen2_5_vl_7b (about 9 minutes a family).
+FAMILY ?= qwen2_5_vl_7b
+gpu-serve-prepare:
+	bash scripts/gpu_serve/prepare.sh .gpu-serve
+
+gpu-serve:
+	$(PYTHON) scripts/gpu_serve/serve.py --family $(FAMILY) --out gpu-serve-out
