@@ -4,16 +4,17 @@ SGLang's own load generator (``sglang.benchmark.serving``), on one GPU.
 Runs on the GPU machine (no network) after ``scripts/gpu_serve/prepare.sh`` built ``.gpu-serve/`` (the
 wheel closure of sglang 0.5.16 and the stripped sglang-kernel) on a networked one; ``make gpu-serve`` calls it.
 
-Both servers run at once on the one GPU with identical flags (same ``--max-total-tokens``, so the same KV
-pool), apart from ``--mem-fraction-static``, which only sizes the static pool around the other server
-(SGLang sizes it from the memory free when it starts: off takes 0.40, on starts after it with 0.78, so both
-get the same room), and the plugin's flags. Only one server has load at a time; runs alternate
-off/on, on/off, ... with a fresh ``--seed`` per pair, so neither the radix cache nor the embedding cache
-sees an image twice. Everything a run produced lands in ``--out``: ``bench-*.jsonl`` (SGLang's own result
-lines), ``metrics-*.txt`` (``/metrics`` before/after), ``requests-*`` (SGLang's per-request export), server
-logs, and ``results.json`` (the numbers ``summarize.py`` turns into ``real_server_summary.json``).
+All compared servers (``--variants``, default plugin off and on) run at once on the one GPU with identical
+flags apart from their variant's (same ``--max-total-tokens``, so the same KV pool). Only one server has
+load at a time; the order alternates between repetitions, and each repetition has its own ``--seed``
+(the same requests for every server), so neither the radix cache nor the embedding cache sees an image
+twice. SGLang's load generator stays in one process (``loadgen.py``). Everything a run produced is packed
+into ``--out``/gpu-serve-<family>.tgz: ``bench-*.jsonl`` (SGLang's own result lines), ``metrics-*.txt``
+(``/metrics`` before/after), ``requests-*`` (SGLang's per-request export), server logs, and
+``results.json`` (also copied beside it: what ``summarize.py`` turns into ``real_server_summary.json``).
 
-usage: python3 scripts/gpu_serve/serve.py --family qwen2_5_vl_7b --out DIR [--workloads seed,poisson,lone,correct]
+usage: python3 scripts/gpu_serve/serve.py --family qwen2_5_vl_7b --out DIR [--variants off,on]
+       [--workloads correct,lone,seed,poisson] [--runs 3] [--budget-s 560]
 """
 
 from __future__ import annotations
@@ -42,19 +43,34 @@ PLUGIN_SITE = Path(os.environ.get("GPU_SERVE_PLUGIN_SITE", "/tmp/gpu-serve-plugi
 T0 = time.monotonic()
 
 # Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
+# KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each).
 FAMILIES = {
-    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 300_000},
-    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 200_000},
-    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 60_000},
+    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": []},
+    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": []},
+    # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
+    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"]},
 }
 COMMON_FLAGS = [
     "--load-format", "dummy", "--host", "127.0.0.1", "--dtype", "bfloat16",
     "--attention-backend", "triton", "--mm-attention-backend", "triton_attn", "--sampling-backend", "pytorch",
     "--grammar-backend", "none", "--disable-cuda-graph", "--disable-piecewise-cuda-graph", "--random-seed", "0",
     "--context-length", "8192", "--chunked-prefill-size", "8192", "--max-running-requests", "128",
-    "--skip-server-warmup", "--enable-metrics", "--log-level", "info",
+    "--skip-server-warmup", "--enable-metrics", "--enable-request-time-stats-logging", "--log-level", "info",
 ]
-MEM_FRACTION = {"off": "0.40", "on": "0.78"}  # off starts first; see the module docstring
+# Every server gets the same flags apart from its variant's; all start at once. --mem-fraction-static only
+# bounds what a server may take (SGLang sizes the static pool from the memory free when it profiles, which
+# depends on when the others allocate); --max-total-tokens fixes the KV pool, so every server gets the same
+# one whichever profiles first (4 x (weights + KV) fits an H200 with room for activations).
+MEM_FRACTION = "0.85"
+# name -> (plugin on?, extra SGLang flags). "off"/"on" are the issue's comparison (SGLang defaults); the
+# "+tok4ipc" pair adds SGLang's own answers to its preprocessing bottleneck (4 tokenizer workers, features
+# handed over through CUDA IPC) to both, to show what the plugin adds once that bottleneck is gone.
+VARIANTS = {
+    "off": (False, []),
+    "on": (True, []),
+    "off+tok4ipc": (False, ["--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc"]),
+    "on+tok4ipc": (True, ["--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc"]),
+}
 SEED_WORKLOAD = ["--dataset-name", "image", "--image-count", "6", "--image-resolution", "480x480",
                  "--random-input-len", "50", "--random-output-len", "10", "--random-range-ratio", "1.0"]
 POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-image-count",
@@ -103,10 +119,10 @@ def install(prepared: Path) -> None:
     log(f"built and installed {next(build.glob('*.whl')).name} into {PLUGIN_SITE}")
 
 
-def environment(prepared: Path, variant: str) -> dict[str, str]:
+def environment(prepared: Path, plugin: bool) -> dict[str, str]:
     env = dict(os.environ)
     path = [str(SITE), str(prepared / "sk")]
-    if variant == "on":
+    if plugin:
         path.insert(0, str(PLUGIN_SITE))
     extra = os.environ.get("GPU_SERVE_EXTRA_PATH")  # e.g. a probe-only shim, never in the headline runs
     if extra:
@@ -117,7 +133,7 @@ def environment(prepared: Path, variant: str) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1", "SGLANG_IS_FLASHINFER_AVAILABLE": "false",
         "TVM_FFI_CACHE_DIR": "/tmp/jitcache", "TRITON_CACHE_DIR": "/tmp/triton-cache",
         # plugin off: SGLang's loader skips every plugin not named here (and the wheel is not on the path)
-        "SGLANG_PLUGINS": os.environ.get("GPU_SERVE_PLUGINS", "mm_coalescer") if variant == "on" else "none",
+        "SGLANG_PLUGINS": os.environ.get("GPU_SERVE_PLUGINS", "mm_coalescer") if plugin else "none",
     })
     for key in ("MM_COALESCER", "MM_COALESCER_CONFIG"):
         env.pop(key, None)
@@ -140,13 +156,17 @@ class Server:
     def __post_init__(self) -> None:
         self.url = f"http://127.0.0.1:{self.port}"
 
+    @property
+    def plugin(self) -> bool:
+        return VARIANTS[self.variant][0]
+
     def start(self, model: Path, family: str, prepared: Path, export_dir: Path) -> None:
         spec = FAMILIES[family]
         args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(self.port),
-                *COMMON_FLAGS, "--max-total-tokens", str(spec["max_total_tokens"]),
-                "--mem-fraction-static", MEM_FRACTION[self.variant],
+                *COMMON_FLAGS, *spec["flags"], "--max-total-tokens", str(spec["max_total_tokens"]),
+                "--mem-fraction-static", MEM_FRACTION, *VARIANTS[self.variant][1],
                 "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
-        if self.variant == "on":
+        if self.plugin:
             config = os.environ.get("GPU_SERVE_CONFIG", spec["config"])
             if not config.endswith(".yaml"):  # by name; a checkout path until configs ship in the wheel
                 packaged = list(PLUGIN_SITE.glob(f"mm_scheduler*/configs/{config}.yaml"))
@@ -155,16 +175,7 @@ class Server:
         export_dir.mkdir(parents=True, exist_ok=True)
         log(f"[{self.variant}] {' '.join(args[1:])}")
         self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-                                     env=environment(prepared, self.variant), start_new_session=True)
-
-    def wait_for_log(self, needle: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if needle in self.log_path.read_text(errors="replace"):
-                return
-            self.check_alive()
-            time.sleep(1)
-        raise TimeoutError(f"{self.variant}: no '{needle}' in {timeout:.0f} s")
+                                     env=environment(prepared, self.plugin), start_new_session=True)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -216,20 +227,48 @@ class MetricsScraper(threading.Thread):
 
 
 # --- load -----------------------------------------------------------------------------------------------
-def bench(server: Server, model: Path, workload: list[str], extra: list[str], out: Path, tag: str,
-          timeout: float) -> dict:
+class LoadGenerator:
+    """SGLang's ``sglang.benchmark.serving`` in one long-lived process (``loadgen.py``): no per-run start-up."""
+
+    def __init__(self) -> None:
+        env = environment(PREPARED, False)
+        env["PYTHONPATH"] = f"{HERE / 'stubs'}:{env['PYTHONPATH']}"  # HF datasets stand-in (synthetic sets only)
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "loadgen.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self._expect("LOADGEN-READY")
+
+    def _expect(self, prefix: str) -> str:
+        line = self.proc.stdout.readline()
+        if not line.startswith(prefix):
+            raise RuntimeError(f"load generator said {line!r} (exit {self.proc.poll()})")
+        return line
+
+    def run(self, argv: list[str], log_path: Path) -> int:
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log_path)}) + "\n")
+        self.proc.stdin.flush()
+        return int(self._expect("LOADGEN-DONE").split()[1])
+
+    def prime(self, model: Path, workload: list[str], out: Path) -> None:
+        """Build and memoize a dataset while the servers start (its requests go nowhere and fail)."""
+        argv = ["--backend", "sglang-oai-chat", "--base-url", "http://127.0.0.1:9", "--ready-check-timeout-sec", "0",
+                "--model", str(model), "--tokenizer", str(model), *workload, "--disable-tqdm",
+                "--output-file", "/dev/null"]
+        self.run(argv, out / "prime.log")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def bench(server: Server, model: Path, workload: list[str], extra: list[str], out: Path, tag: str) -> dict:
     """One run of SGLang's load generator against one server; returns its result line (plus our scrape)."""
     result_file = out / f"bench-{tag}.jsonl"
     scraper = MetricsScraper(server)
     scraper.start()
-    args = [sys.executable, "-m", "sglang.benchmark.serving", "--backend", "sglang-oai-chat",
-            "--base-url", server.url, "--model", str(model), "--tokenizer", str(model), *workload, *extra,
-            "--output-file", str(result_file), "--disable-tqdm"]
-    env = environment(PREPARED, "off")
-    env["PYTHONPATH"] = f"{HERE / 'stubs'}:{env['PYTHONPATH']}"  # HF datasets stand-in (synthetic sets only)
+    argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
+            "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
     t = time.monotonic()
-    with (out / f"bench-{tag}.log").open("w") as log_file:
-        rc = subprocess.run(args, stdout=log_file, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+    rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
     if rc != 0 or not result_file.exists():
@@ -308,7 +347,7 @@ def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
 
 
 def correctness(servers: dict[str, Server], model: Path, n: int) -> dict:
-    """Greedy replies to the same image requests (1-3 images of mixed sizes) from both servers."""
+    """Greedy replies to the same image requests (1-3 images of mixed sizes) from every server vs plugin-off."""
     sizes = [(480, 480), (640, 360), (256, 256), (1024, 768), (333, 517)]
     results = []
     for i in range(n):
@@ -316,63 +355,79 @@ def correctness(servers: dict[str, Server], model: Path, n: int) -> dict:
                    for k in range(1 + i % 3)]
         content.append({"type": "text", "text": f"Describe picture set {i}."})
         replies = {v: greedy_reply(s, model, content) for v, s in servers.items()}
-        results.append({"images": len(content) - 1, **replies, "identical": replies["off"] == replies["on"]})
+        results.append({"images": len(content) - 1, "replies": replies,
+                         "identical": all(r == replies["off"] for r in replies.values())})
     identical = sum(r["identical"] for r in results)
-    log(f"  correctness: {identical}/{n} greedy replies identical off/on")
-    return {"requests": n, "identical": identical, "all_identical": identical == n, "replies": results}
+    log(f"  correctness: {identical}/{n} requests got the same greedy reply from {', '.join(servers)}")
+    return {"requests": n, "identical": identical, "all_identical": identical == n, "servers": list(servers),
+            "replies": results}
 
 
 # --- workloads ------------------------------------------------------------------------------------------
-def alternated(i: int) -> tuple[str, str]:
-    return ("off", "on") if i % 2 == 0 else ("on", "off")
+def pairs(names: list[str], i: int) -> list[str]:
+    """Run order for repetition ``i``: alternate the order so neither side always goes first."""
+    return names if i % 2 == 0 else names[::-1]
 
 
-def run_family(family: str, model: Path, workloads: list[str], runs: int, out: Path, deadline: float) -> dict:
-    servers = {v: Server(v, port, out / f"server-{v}.log") for v, port in (("off", 30000), ("on", 30001))}
-    result: dict = {"family": family, "runs": {}}
+def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: int, out: Path,
+               deadline: float) -> dict:
+    servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
+    result: dict = {"family": family, "variants": {v: VARIANTS[v][1] for v in variants}, "runs": {},
+                    "failed_to_start": {}}
+
+    def remaining() -> float:
+        return deadline - time.monotonic()
+
     try:
-        servers["off"].start(model, family, PREPARED, out / "requests-off")
-        servers["off"].wait_for_log("KV Cache is allocated", 300)  # its memory is taken: the other may start
-        servers["on"].start(model, family, PREPARED, out / "requests-on")
-        servers["off"].wait_healthy(300)
-        servers["on"].wait_healthy(300)
-        warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf"]
-        for v in ("off", "on"):  # JIT kernels build here (nvcc), not in a measured run
-            bench(servers[v], model, warm, ["--seed", "1"], out, f"warm-{v}", 300)
-
-        def remaining() -> float:
-            return deadline - time.monotonic()
-
+        for v, server in servers.items():
+            server.start(model, family, PREPARED, out / f"requests-{v}")
+        warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "1"]
+        seed_warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "500"]
+        lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf", "--seed", "7"]
+        seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
+                 for i in range(runs)]
+        for workload in (warm, lone, seed_warm, *seeds):  # while the servers start
+            LOADGEN.prime(model, workload, out)
+        log("datasets ready")
+        for v, server in list(servers.items()):
+            try:
+                server.wait_healthy(360)
+            except (RuntimeError, TimeoutError) as exc:
+                if v in ("off", "on"):
+                    raise
+                result["failed_to_start"][v] = str(exc)[-2000:]
+                log(f"[{v}] did not start; continuing without it")
+                server.stop()
+                del servers[v]
+        for v, server in servers.items():  # JIT kernels build here (nvcc), not in a measured run
+            bench(server, model, warm, [], out, f"warm-{v}")
         if "correct" in workloads:
             result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")))
-        if "lone" in workloads and remaining() > 60:
-            lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf"]
-            for v in ("off", "on"):
-                result["runs"][f"lone-{v}"] = bench(servers[v], model, lone, ["--seed", "7"], out, f"lone-{v}", 120)
+        if "lone" in workloads:
+            for v, server in servers.items():
+                result["runs"][f"lone-{v}"] = bench(server, model, lone, [], out, f"lone-{v}")
         if "seed" in workloads:
             for i in range(runs):
-                if remaining() < 60:
-                    log("seed: deadline near, stopping early")
+                if remaining() < 40 * len(servers):
+                    log(f"seed: deadline near, stopping after {i} repetitions")
                     break
-                for v in alternated(i):
-                    w = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf"]
-                    bench(servers[v], model, w, ["--seed", str(500 + i)], out, f"seedwarm{i}-{v}", 120)
-                    run = [*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf"]
-                    result["runs"][f"seed{i}-{v}"] = bench(servers[v], model, run, ["--seed", str(100 + i)], out,
-                                                           f"seed{i}-{v}", 180)
-        if "poisson" in workloads and remaining() > 90:
+                for v in pairs(list(servers), i):
+                    bench(servers[v], model, seed_warm, [], out, f"seedwarm{i}-{v}")
+                    result["runs"][f"seed{i}-{v}"] = bench(servers[v], model, seeds[i], [], out, f"seed{i}-{v}")
+        if "poisson" in workloads and remaining() > 60:
             cap_run = [*POISSON_WORKLOAD, "--num-prompts", "160", "--request-rate", "inf"]
-            cap = bench(servers["off"], model, cap_run, ["--seed", "300"], out, "capacity-off", 180)
+            cap = bench(servers["off"], model, cap_run, ["--seed", "300"], out, "capacity-off")
             result["capacity_req_s"] = cap["request_throughput"]
             for j, load in enumerate((0.5, 0.8, 0.25, 1.0)):  # the issue's must-haves first
                 rate = load * cap["request_throughput"]
                 n = int(min(200, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
-                for v in alternated(j):
-                    if remaining() < 45:
-                        break
+                if remaining() < 2 * (n / rate + 8):
+                    log(f"poisson: deadline near, skipping load {load}")
+                    continue
+                for v in pairs(["off", "on"], j):
                     w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}"]
-                    result["runs"][f"poisson{load}-{v}"] = bench(servers[v], model, w, ["--seed", str(400 + j)], out,
-                                                                 f"poisson{load}-{v}", 120)
+                    result["runs"][f"poisson{load}-{v}"] = bench(servers[v], model, w, ["--seed", str(400 + j)],
+                                                                 out, f"poisson{load}-{v}")
     finally:
         for s in servers.values():
             s.stop()
@@ -380,7 +435,7 @@ def run_family(family: str, model: Path, workloads: list[str], runs: int, out: P
 
 
 def main() -> None:
-    global PREPARED
+    global PREPARED, LOADGEN
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="qwen2_5_vl_7b", choices=sorted(FAMILIES))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serve-out")),
@@ -388,6 +443,7 @@ def main() -> None:
     p.add_argument("--prepared", type=Path, default=REPO / ".gpu-serve")
     p.add_argument("--workloads", default="correct,lone,seed,poisson")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--variants", default="off,on", help=f"servers to compare, from {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting new runs after this many seconds")
     args = p.parse_args()
     PREPARED = args.prepared.resolve()
@@ -405,16 +461,21 @@ def main() -> None:
     if not (model / "config.json").exists():
         builder = os.environ.get("GPU_SERVE_BUILDER", str(HERE / "build_model.py"))
         subprocess.run([sys.executable, builder, str(model), "--family", args.family],
-                       check=True, env=environment(PREPARED, "off"))
+                       check=True, env=environment(PREPARED, False))
     log(f"model {model} ready; GPU: " + subprocess.run(
         ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
         capture_output=True, text=True).stdout.strip())
-    result = run_family(args.family, model, args.workloads.split(","), args.runs, out, deadline)
+    LOADGEN = LoadGenerator()
+    try:
+        result = run_family(args.family, model, args.workloads.split(","), args.variants.split(","), args.runs,
+                            out, deadline)
+    finally:
+        LOADGEN.close()
     result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                    capture_output=True, text=True).stdout.strip()
     result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
     result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
-                                      capture_output=True, text=True, env=environment(PREPARED, "off")).stdout.strip()
+                                      capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))
     shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")
     subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent), out.name],
@@ -426,6 +487,7 @@ def main() -> None:
 
 
 PREPARED = REPO / ".gpu-serve"
+LOADGEN: LoadGenerator
 
 if __name__ == "__main__":
     main()
