@@ -25,7 +25,19 @@ bench: $(VENV)/.core-installed
 	mkdir -p bench-results
 	$(VENV)/bin/mm-scheduler bench --json bench-results/cpu.json
 
-test: $(VENV)/.test-installed
+# The plugin's tests also run against sglang 0.5.16, the oldest supported release, in a second venv: its own
+# site-packages hold only what 0.5.16 pins differently (requirements-sglang0516.txt, --no-deps) and a .pth reads
+# everything else from $(VENV) after them (torch 2.14.1 is reused, nothing is downloaded twice).
+VENV_0516 ?= .venv-sglang0516
+$(VENV_0516)/.installed: $(VENV)/.test-installed requirements-sglang0516.txt
+	rm -rf $(VENV_0516)
+	$(PYTHON) -m venv --without-pip $(VENV_0516)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+		> "$$($(VENV_0516)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/zz-mm-scheduler-venv.pth"
+	$(VENV_0516)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-sglang0516.txt
+	touch $@
+
+test: $(VENV)/.test-installed $(VENV_0516)/.installed
 	bash scripts/run-tests.sh
 
 # On a CUDA machine: real towers (SigLIP, SigLIP mixed-res, Qwen2.5-VL vision), about 5 minutes.
@@ -54,7 +66,7 @@ lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache
+	rm -rf $(VENV) $(VENV_0516) bench-results .pytest_cache
 
 # The serving benchmark: a real sglang.launch_server (0.5.16, dummy full-size weights) with the plugin off and
 # on, driven by SGLang's own sglang.benchmark.serving. First, on a networked machine: make gpu-serve-prepare

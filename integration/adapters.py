@@ -38,6 +38,8 @@ from torch import nn
 
 from mm_scheduler import EncodeItem
 
+from . import sglang_compat
+
 logger = logging.getLogger(__name__)
 
 # The vision module each supported model must hold, by attribute, as that exact class.
@@ -90,18 +92,9 @@ def _structure_problem(model: nn.Module, expected: dict[str, str]) -> str | None
 
 
 # --- CUDA-IPC / CUDA-VMM feature transport ------------------------------------------------------
-def _ipc_proxy_class() -> type | None:
-    try:
-        from sglang.srt.multimodal.transport.cuda_ipc import CudaIpcTensorTransportProxy
-    except ImportError:
-        return None
-    return CudaIpcTensorTransportProxy
-
-
 def is_transport_proxy(value: Any) -> bool:
     """A CUDA-IPC feature proxy (``CudaVmmTensorTransportProxy`` is a subclass, so VMM counts)."""
-    proxy_cls = _ipc_proxy_class()
-    return proxy_cls is not None and isinstance(value, proxy_cls)
+    return not isinstance(value, torch.Tensor) and isinstance(value, sglang_compat.cuda_ipc_proxy_class())
 
 
 def feature_shape(item: Any) -> torch.Size | None:
@@ -128,10 +121,9 @@ def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
     left in place for SGLang's own path). SGLang's zero-copy "borrow" is not used: it keeps the
     pool slice leased until the encode runs, and an early encode may wait behind a queue.
     """
-    from sglang.srt.multimodal.transport.cuda_ipc import CUDA_IPC_FEATURE_COPY_EVENT_KEY
-
-    if device.type == "cuda":
-        pending = item.model_specific_data.get(CUDA_IPC_FEATURE_COPY_EVENT_KEY)
+    event_key = sglang_compat.cuda_ipc_copy_event_key()  # None: this SGLang records no such event
+    if device.type == "cuda" and event_key is not None:
+        pending = item.model_specific_data.get(event_key)
         if pending is not None:
             torch.cuda.current_stream(device).wait_event(pending)
     if is_transport_proxy(item.feature):
@@ -390,7 +382,7 @@ class Gemma3Tower(SGLangTower):
         self.num_patches = (self.image_size // int(vcfg.patch_size)) ** 2
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 2 * inter) * _dtype_bytes(model.language_model.dtype())
-        self.batched_siglip = _siglip_takes_batches(model.vision_tower)
+        self.batched_siglip = _takes_batches(model.vision_tower)
         self._tokens_per_crop = int(model.config.mm_tokens_per_image)
         self._bytes_per_crop = self._tokens_per_crop * int(model.config.text_config.hidden_size) * \
             _dtype_bytes(model.language_model.dtype())
@@ -432,8 +424,11 @@ class Gemma3Tower(SGLangTower):
         return list(projected.split(1, dim=0))
 
 
-def _siglip_takes_batches(vision_tower: nn.Module) -> bool:
-    """SGLang's SDPA vision attention with ``flatten_batch`` refuses batch > 1; varlen backends take it."""
+def _takes_batches(vision_tower: nn.Module) -> bool:
+    """SGLang's SDPA vision attention with ``flatten_batch`` refuses batch > 1; varlen backends take it.
+
+    SigLIP (Gemma3) builds it so on CPU; Gemma4's tower does on SDPA in 0.5.16 and 0.5.17 (``flatten_batch=True``;
+    later releases turn it off for SDPA), so the adapter asks the modules rather than the version."""
     from sglang.srt.layers.attention.vision import VisionSdpaAttention
 
     return not any(isinstance(m, VisionSdpaAttention) and m.flatten_batch for m in vision_tower.modules())
@@ -455,6 +450,7 @@ class Gemma4Tower(SGLangTower):
         self.text_hidden = int(model.config.text_config.hidden_size)
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 3 * inter) * _dtype_bytes(model.language_model.dtype())
+        self.batched = _takes_batches(model.vision_tower)
         self._kernel = int(vcfg.pooling_kernel_size)
         self._pool = self._kernel ** 2
         self._bytes_per_token = self.text_hidden * _dtype_bytes(model.language_model.dtype())
@@ -515,7 +511,12 @@ class Gemma4Tower(SGLangTower):
         vt = model.vision_tower
         pixels = torch.stack([u.pixel_values for u in units]).to(device=vt.device, dtype=model.language_model.dtype())
         positions = torch.stack([u.meta["positions"] for u in units]).to(vt.device)
-        pooled, pooler_mask = vt(pixels, positions)
+        if self.batched:
+            pooled, pooler_mask = vt(pixels, positions)
+        else:  # SDPA with flatten_batch asserts batch size 1: run the images one by one.
+            runs = [vt(pixels[i:i + 1], positions[i:i + 1]) for i in range(len(units))]
+            pooled = [hs for p, _ in runs for hs in p]
+            pooler_mask = [m for _, masks in runs for m in masks]
         return [model.embed_vision(inputs_embeds=hs[mask].unsqueeze(0)).squeeze(0)
                 for hs, mask in zip(pooled, pooler_mask, strict=True)]
 

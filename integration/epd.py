@@ -48,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 ENV_EPD = "MM_COALESCER_EPD"
 ENV_CONFIG = "MM_COALESCER_CONFIG"
-RUNTIME = "sglang.srt.disaggregation.encoder.runtime"
-SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 _TRUE = {"1", "true", "yes", "on"}
 _SEND_TIMEOUT_MS = 10_000  # a PUSH to a worker that stopped reading must not block the forward thread forever
 # Models whose image and video encoders are the same packed tower call, so video units may share a forward
@@ -73,6 +71,15 @@ class _EnableAction(argparse.Action):
                  option_string: str | None = None) -> None:
         setattr(namespace, self.dest, True)
         os.environ[ENV_EPD] = "1"
+        _note_if_unavailable()
+
+
+def _note_if_unavailable() -> None:
+    """EPD asked for on a release without SGLang's ``disaggregation.encoder``: say so once."""
+    from .sglang_compat import current, note
+
+    for line in current().degraded(("epd",)):
+        note(line)
 
 
 def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
@@ -81,12 +88,22 @@ def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
                              f"coalescer instead of EncoderScheduler. Also enabled by {ENV_EPD}=1.")
 
 
-def register_epd() -> None:
-    """Register the EPD hooks through SGLang's HookRegistry (inert unless enabled)."""
+def register_epd(compat: Any) -> None:
+    """Register the EPD hooks through SGLang's HookRegistry (inert unless enabled).
+
+    The flag exists on every supported release; where SGLang has no ``disaggregation.encoder`` (before
+    0.5.20) using it logs one line and encoder-only servers keep SGLang's own batching.
+    """
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register(f"{SERVER_ARGS}.add_cli_args", _after_add_cli_args, HookType.AFTER)
-    HookRegistry.register(f"{RUNTIME}.launch_local_runtime", _around_launch_local_runtime, HookType.AROUND)
+    from .sglang_compat import HOOKS
+
+    HookRegistry.register(HOOKS["add_cli_args"], _after_add_cli_args, HookType.AFTER)
+    target = compat.hook_target("epd")
+    if target is not None:
+        HookRegistry.register(target, _around_launch_local_runtime, HookType.AROUND)
+    elif enabled():
+        _note_if_unavailable()
 
 
 def _around_launch_local_runtime(original: Callable[..., Any], server_args: Any) -> Any:

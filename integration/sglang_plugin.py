@@ -10,10 +10,11 @@ Hooks, and why each sits where it does:
 
 * ``ServerArgs.add_cli_args`` (AFTER): our flags join SGLang's own parser (and ``--config`` files).
 * ``ServerArgs.from_cli_args`` (AROUND) and ``ServerArgs.resolve_once`` (AFTER, for ``Engine``
-  users, whose keyword arguments cannot carry our settings): store the validated settings as an
-  underscore attribute that pickles into children. ``resolve_once`` runs in the launcher on both
-  paths before any child is spawned. (``__post_init__`` is no hook point: msgspec binds it when the
-  struct type is built, so replacing the class attribute later never runs.)
+  users, whose keyword arguments cannot carry our settings; ``check_server_args`` before 0.5.19, see
+  :mod:`.sglang_compat`): store the validated settings as an underscore attribute that pickles into
+  children. Both run in the launcher on both paths before any child is spawned. (``__post_init__`` is
+  no hook point: msgspec binds it when the struct type is built, so replacing the class attribute
+  later never runs.)
 * ``Scheduler.__init__`` (AFTER): the model is loaded; pick its tower adapter, start the service
   (lockstep when TP>1) and only then hook that model class's ``get_*_feature`` (registered and
   applied through the same HookRegistry, in the scheduler only: other processes never import
@@ -26,6 +27,11 @@ Hooks, and why each sits where it does:
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
   ``Scheduler._maybe_clear_mm_inputs`` (BEFORE): where SGLang drops a request's media on abort or
   finish; the request's hold on its results is dropped too (queued units are withdrawn on abort).
+  Before 0.5.22 there is no abort hook: the sweep releases an aborted request's results.
+
+Where a target lives, and which exist, depends on the SGLang release: :mod:`.sglang_compat` decides
+(one log line for each feature a release lacks; on an unsupported release, or one missing a hook
+target, one log line and no hook at all).
 
 Only this module's light imports run in the launcher; ``mm_scheduler`` (which imports torch and
 prometheus_client) is imported in the scheduler once the service starts.
@@ -41,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
 
-from . import settings
+from . import settings, sglang_compat
 
 if TYPE_CHECKING:
     from .service import EncoderService
@@ -49,15 +55,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "mm_coalescer"
-SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
-SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
-SCHEDULE_BATCH = "sglang.srt.managers.schedule_batch"
-WEIGHT_UPDATER = "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager"
 # Where a scheduler keeps requests (lists, batches with .reqs, queues with .queue); the sweep's live set.
-LIVE_REQUEST_HOLDERS = ("waiting_queue", "running_batch", "cur_batch", "last_batch", "chunked_req",
+# (No "cur_batch": no supported release has one; scripts/check-sglang-versions.py checks the other names.)
+LIVE_REQUEST_HOLDERS = ("waiting_queue", "running_batch", "last_batch", "chunked_req",
                         "disagg_prefill_bootstrap_queue", "disagg_prefill_inflight_queue")
 SWEEP_INTERVAL_S = 1.0
 _RID_ATTR = "_mm_coalescer_rid"
+SCHEDULER_FEATURES = ("abort_release",)
+"""Features of :mod:`.sglang_compat` the scheduler-side plugin uses (a missing one is logged at start)."""
 
 _service: EncoderService | None = None
 _hooked_targets: set[str] = set()
@@ -67,24 +72,34 @@ _deferred_since: dict[str, float] = {}
 
 
 def register() -> None:
-    """Entry point: register the always-present hooks (inert until the plugin is enabled)."""
-    hooks: list[tuple[str, Callable[..., Any], HookType]] = [
-        (f"{SERVER_ARGS}.add_cli_args", _after_add_cli_args, HookType.AFTER),
-        (f"{SERVER_ARGS}.from_cli_args", _around_from_cli_args, HookType.AROUND),
-        (f"{SERVER_ARGS}.resolve_once", _after_resolve_once, HookType.AFTER),
-        (f"{SCHEDULER}.__init__", _around_scheduler_init, HookType.AROUND),
-        (f"{SCHEDULER}.get_next_batch_to_run", _after_get_next_batch, HookType.AFTER),
-        (f"{SCHEDULER}.get_new_batch_prefill", _around_get_new_batch_prefill, HookType.AROUND),
-        (f"{WEIGHT_UPDATER}.release_memory_occupation", _before_release_memory, HookType.BEFORE),
-        (f"{SCHEDULER}._add_request_to_queue", _around_add_request_to_queue, HookType.AROUND),
-        (f"{SCHEDULER}.run_batch", _after_run_batch, HookType.AFTER),
-        (f"{SCHEDULER}._maybe_clear_mm_inputs", _before_clear_mm_inputs, HookType.BEFORE),
-        (f"{SCHEDULE_BATCH}.Req.release_mm_inputs_on_abort", _before_release_on_abort, HookType.BEFORE),
-        (f"{SCHEDULE_BATCH}.MultimodalInputs.release_features", _before_release_features, HookType.BEFORE),
+    """Entry point: register the hooks (inert until the plugin is enabled).
+
+    On an SGLang release outside the supported range, or one missing a hook target, one log line and no
+    hook: SGLang runs unchanged (and does not know the plugin's flags).
+    """
+    compat = sglang_compat.current()
+    problem = compat.problem()
+    if problem is not None:
+        sglang_compat.note(problem)
+        return
+    hooks: list[tuple[str | None, Callable[..., Any], HookType]] = [
+        (sglang_compat.HOOKS["add_cli_args"], _after_add_cli_args, HookType.AFTER),
+        (sglang_compat.HOOKS["from_cli_args"], _around_from_cli_args, HookType.AROUND),
+        (compat.hook_target("engine_settings"), _after_resolve_once, HookType.AFTER),
+        (sglang_compat.HOOKS["scheduler_init"], _around_scheduler_init, HookType.AROUND),
+        (sglang_compat.HOOKS["get_next_batch_to_run"], _after_get_next_batch, HookType.AFTER),
+        (sglang_compat.HOOKS["get_new_batch_prefill"], _around_get_new_batch_prefill, HookType.AROUND),
+        (sglang_compat.HOOKS["release_memory_occupation"], _before_release_memory, HookType.BEFORE),
+        (sglang_compat.HOOKS["add_request_to_queue"], _around_add_request_to_queue, HookType.AROUND),
+        (sglang_compat.HOOKS["run_batch"], _after_run_batch, HookType.AFTER),
+        (sglang_compat.HOOKS["maybe_clear_mm_inputs"], _before_clear_mm_inputs, HookType.BEFORE),
+        (compat.hook_target("abort_release"), _before_release_on_abort, HookType.BEFORE),  # None before 0.5.22
+        (sglang_compat.HOOKS["release_features"], _before_release_features, HookType.BEFORE),
     ]
     for target, hook, kind in hooks:
-        HookRegistry.register(target, hook, kind)
-    __import__("mm_scheduler_sglang.epd", fromlist=["register_epd"]).register_epd()  # EPD encoder servers (issue 10)
+        if target is not None:
+            HookRegistry.register(target, hook, kind)
+    __import__("mm_scheduler_sglang.epd", fromlist=["register_epd"]).register_epd(compat)  # EPD encoder servers
 
 
 def active_service() -> EncoderService | None:
@@ -110,7 +125,10 @@ def _around_from_cli_args(original: Callable[..., Any], cls: type, args: Any) ->
 
 
 def _after_resolve_once(_result: None, server_args: Any) -> None:
-    """``Engine(**kwargs)`` takes no unknown kwargs: read the environment when no flag set it."""
+    """``Engine(**kwargs)`` takes no unknown kwargs: read the environment when no flag set it.
+
+    After ``ServerArgs.resolve_once`` (0.5.19+) or ``check_server_args`` (before): both run in the
+    launcher before any child is spawned."""
     if settings.ATTR not in server_args.__dict__:
         try:
             chosen = settings.resolve(False, None)
@@ -141,15 +159,13 @@ def _around_scheduler_init(original: Callable[..., Any], scheduler: Any, *args: 
 
 
 def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
-    from sglang.srt.runtime_context import get_parallel
-
-    if get_parallel().pp_rank != 0:  # the vision tower lives on the first pipeline stage only
+    if sglang_compat.pp_rank() != 0:  # the vision tower lives on the first pipeline stage only
         return
     model = getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "model", None)
     if model is None:
         logger.warning("mm-coalescer: this scheduler's worker exposes no model_runner.model; plugin off")
         return
-    start(model, chosen, tp_size=scheduler.tp_size, scheduler=scheduler)
+    start(model, chosen, tp_size=sglang_compat.tp_size(), scheduler=scheduler)
 
 
 @contextlib.contextmanager
@@ -225,6 +241,8 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
         raise
     logger.info("mm-coalescer: %s mode for %s (budget %d bytes, %d bytes/patch)", _service.mode,
                 type(model).__name__, _service.budget_bytes, _service.bytes_per_patch)
+    for line in sglang_compat.current().degraded(SCHEDULER_FEATURES):
+        sglang_compat.note(line)
     return _service
 
 
@@ -285,20 +303,14 @@ def cached_prefix_len(scheduler: Any, req: Any) -> int:
     if tree_cache is None or getattr(scheduler, "disable_radix_cache", False):
         return 0
     try:
-        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
-        from sglang.srt.mem_cache.common import _req_radix_key
-
-        key = _req_radix_key(tree_cache, req, req.origin_input_ids)
-        return int(tree_cache.match_prefix(MatchPrefixParams(key=key)).device_prefix_len)
+        return sglang_compat.cached_prefix_len(tree_cache, req)
     except Exception:  # a cache this plugin does not understand: assume nothing is cached
         logger.debug("mm-coalescer: could not match the prefix of %s", req.rid, exc_info=True)
         return 0
 
 
 def _embedding_cache() -> Any:
-    from sglang.srt.managers import mm_schedule
-
-    return getattr(mm_schedule, "embedding_cache", None)
+    return sglang_compat.embedding_cache()
 
 
 def _after_run_batch(_result: Any, scheduler: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
@@ -307,8 +319,9 @@ def _after_run_batch(_result: Any, scheduler: Any, batch: Any, *args: Any, **kwa
     if service is None or not batch.forward_mode.is_extend():
         return
     for req in batch.reqs:
-        if req.multimodal_inputs is not None and req.extend_end is not None:
-            service.consumed(req.rid, req.multimodal_inputs.mm_items, req.extend_end)
+        end = sglang_compat.extend_end(req)
+        if req.multimodal_inputs is not None and end is not None:
+            service.consumed(req.rid, req.multimodal_inputs.mm_items, end)
 
 
 def _after_get_next_batch(_result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:

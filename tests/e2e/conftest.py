@@ -46,7 +46,7 @@ def _run_engine(label: str, model: Path, media: Path, work: Path) -> dict[str, A
             pytest.fail(f"Engine (plugin {label}) did not finish in {ENGINE_TIMEOUT_S} s:\n{log_tail(log)}")
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"Engine (plugin {label}) failed with exit code {proc.returncode}:\n{log_tail(log)}")
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "log": log.read_text(errors="replace")}
 
 
 @pytest.fixture(scope="session")

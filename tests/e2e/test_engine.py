@@ -75,3 +75,14 @@ def test_engine_every_item_encoded_at_arrival_is_taken_by_a_prefill(engine_runs:
     on = engine_runs["on"]["metrics"]
     # Qwen2.5-VL: one unit per image and per video, so units submitted == items some prefill took.
     assert scenario.counter(on, "mm_coalescer_units_total") == scenario.taken_by_prefill(on), on
+
+
+def test_engine_logs_each_feature_this_sglang_lacks_once(engine_runs: dict[str, Any]) -> None:
+    """0.5.16: one line (no abort hook: the sweep releases aborted requests); 0.5.23: none. Plugin off: none."""
+    from mm_scheduler_sglang import sglang_compat, sglang_plugin
+
+    expected = sglang_compat.current().degraded(sglang_plugin.SCHEDULER_FEATURES)
+    for label, lines in (("off", []), ("on", expected)):
+        logged = [line[line.index("mm-coalescer: sglang"):] for line in engine_runs[label]["log"].splitlines()
+                  if "mm-coalescer: sglang" in line]
+        assert logged == lines, (label, logged)

@@ -58,21 +58,27 @@ def init_sglang_cpu() -> None:
     if _initialised:
         return
     _provide_vllm_rotary_name()
+    from mm_scheduler_sglang import sglang_compat
+    from sglang.srt import runtime_context
     from sglang.srt.distributed import parallel_state
     from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
-    from sglang.srt.managers.mm_schedule import init_mm_embedding_cache
-    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish, reset_context
     from sglang.srt.server_args import ServerArgs
 
     init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                  distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
-    reset_context()
-    publish(ServerArgs(model_path="dummy", tp_size=1, ep_size=1, pp_size=1, device="cpu"), role="test",
-            ranks=SpawnRanks(world_rank=0))
-    if parallel_state._WORLD is not None:
-        get_parallel().override_permanently(world_group=parallel_state._WORLD)
+    runtime_context.reset_context()
+    server_args = ServerArgs(model_path="dummy", tp_size=1, ep_size=1, pp_size=1, device="cpu")
+    if hasattr(runtime_context, "publish"):  # 0.5.17+: the runtime context is published from ServerArgs
+        runtime_context.publish(server_args, role="test", ranks=runtime_context.SpawnRanks(world_rank=0))
+        if parallel_state._WORLD is not None:
+            runtime_context.get_parallel().override_permanently(world_group=parallel_state._WORLD)
+    else:  # 0.5.16: the process-global ServerArgs
+        from sglang.srt.server_args import set_global_server_args_for_scheduler
+
+        set_global_server_args_for_scheduler(server_args)
     initialize_model_parallel(backend="gloo")
-    init_mm_embedding_cache(0)  # SGLANG_VLM_CACHE_SIZE_MB=0, as SGLang sets for Qwen3-VL on big GPUs
+    # SGLANG_VLM_CACHE_SIZE_MB=0, as SGLang sets for Qwen3-VL on big GPUs
+    sglang_compat.embedding_cache_module().init_mm_embedding_cache(0)
     _initialised = True
 
 
@@ -189,8 +195,17 @@ def make_item(modality: str, feature: torch.Tensor, hash_value: int, **model_spe
 
     item = MultimodalDataItem(modality=Modality.IMAGE if modality == "image" else Modality.VIDEO,
                               feature=feature, model_specific_data=dict(model_specific))
-    item.set_hash(hash_value)
+    set_hash(item, hash_value)
     return item
+
+
+def set_hash(item, hash_value: int) -> None:
+    """``item.set_hash`` (0.5.17+); on 0.5.16 the hash field and ``set_pad_value``, as its processors do."""
+    if hasattr(type(item), "set_hash"):
+        item.set_hash(hash_value)
+    else:
+        item.hash = hash_value
+        item.set_pad_value()
 
 
 def qwen_image(model: nn.Module, h: int, w: int, seed: int):
@@ -232,6 +247,14 @@ def gemma4_image(model: nn.Module, gh: int, gw: int, total: int, seed: int):
 def gemma4_video(model: nn.Module, frames: int, gh: int, gw: int, total: int, seed: int):
     pixels, positions = _gemma4_patches(model, frames, gh, gw, total, seed)
     return make_item("video", pixels, 5000 + seed, video_position_ids=positions)
+
+
+def gemma4_video_frames(model: nn.Module) -> int:
+    """Frames of the test video: 3, or 1 where SGLang's own Gemma4 tower takes one image per forward (its SDPA
+    ``flatten_batch`` in 0.5.16 and 0.5.17 asserts batch size 1, so SGLang's method, the reference, fails on more)."""
+    from mm_scheduler_sglang.adapters import _takes_batches
+
+    return 3 if _takes_batches(model.vision_tower) else 1
 
 
 def tokens_of(model: nn.Module, item) -> int:

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import sglang_models as sm
 import torch
-from mm_scheduler_sglang import sglang_plugin
+from mm_scheduler_sglang import sglang_compat, sglang_plugin
 from test_equivalence import ATOL, RTOL, _embed, _request_lengths
 
 
@@ -90,7 +90,7 @@ def _arrive(req) -> None:
 def _clone(item):
     """Another request's copy of the same image: a distinct item object with the same content hash."""
     twin = sm.make_item("image", item.feature.clone(), 0, image_grid_thw=item.image_grid_thw.clone())
-    twin.set_hash(item.hash)
+    sm.set_hash(twin, item.hash)
     return twin
 
 
@@ -111,6 +111,13 @@ def test_request_encoded_at_arrival_is_taken_at_prefill_and_freed_at_finish(mode
     assert service.held_keys() == set()
 
 
+needs_abort_hook = pytest.mark.skipif(
+    not sglang_compat.current().has("abort_release"),
+    reason="this SGLang has no Req.release_mm_inputs_on_abort (the sweep releases aborted requests: "
+           "test_an_aborted_request_is_released_by_the_sweep)")
+
+
+@needs_abort_hook
 def test_abort_withdraws_queued_units_before_they_run(model, stop_service):
     service, log = _start(model)
     log.gate.clear()
@@ -216,8 +223,11 @@ def test_arrival_hook_skips_retracted_decode_side_and_rejected_requests(model, s
                                                is_retracted=True)
     sglang_plugin._around_add_request_to_queue(queue, decode, _request("decode", [sm.qwen_image(model, 4, 4, 72)]))
     rejected = _request("rejected", [sm.qwen_image(model, 4, 4, 73)])
-    # What SGLang's queue insertion does to a request it rejects (priority / queue limit):
-    sglang_plugin._around_add_request_to_queue(lambda *a, **k: rejected.release_mm_inputs_on_abort(), normal, rejected)
+    # What SGLang's queue insertion does to a request it rejects (priority / queue limit): 0.5.22+ release
+    # its media, earlier releases mark it finished with an abort.
+    reject = (rejected.release_mm_inputs_on_abort if sglang_compat.current().has("abort_release")
+              else lambda: rejected.set_finish_with_abort("rejected"))
+    sglang_plugin._around_add_request_to_queue(lambda *a, **k: reject(), normal, rejected)
     assert service.counts["submitted"] == 0 and service.held_keys() == set()
     sglang_plugin._around_add_request_to_queue(queue, normal, _request("ok", [sm.qwen_image(model, 4, 4, 74)]))
     assert service.counts["submitted"] == 1
@@ -245,7 +255,12 @@ def _launched(req, extend_end: int) -> None:
     """What the hooked ``Scheduler.run_batch`` sees after launching a prefill chunk of ``req``."""
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
-    req.extend_end = extend_end
+    if sglang_compat.current().form("extend_end").how == "Req.extend_end":
+        req.extend_end = extend_end
+    else:  # before 0.5.22: this round's [start, end) of the fill ids
+        from sglang.srt.utils.common import Range
+
+        req.extend_range = Range(0, extend_end)
     sglang_plugin._after_run_batch(None, None, SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[req]))
 
 
@@ -266,3 +281,22 @@ def test_results_are_freed_once_prefill_has_passed_their_tokens(model, stop_serv
     assert len(log.keys) == 2 and service.counts["taken_early"] == 3 and not req.finished()
     req.multimodal_inputs.release_features()  # the later finish finds nothing left to free
     assert service.counts["released"] == 2
+
+
+def test_an_aborted_request_is_released_by_the_sweep(model, stop_service):
+    """Every release: an aborted request SGLang no longer holds anywhere is released by the sweep (the only
+    abort release before 0.5.22, which lacks ``Req.release_mm_inputs_on_abort``)."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    service, log = _start(model)
+    req = _request("aborted", [sm.qwen_image(model, 4, 4, 101)])
+    _arrive(req)
+    log.wait_for(1)
+    assert len(service.held_keys()) == 1
+    req.set_finish_with_abort("client went away")  # what SGLang does on abort (0.5.22+ also calls the hook)
+    scheduler = SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL, waiting_queue=[])
+    sglang_plugin._last_sweep = 0.0
+    sglang_plugin._after_get_next_batch(None, scheduler)  # first sweep: absent once
+    sglang_plugin._last_sweep = 0.0
+    sglang_plugin._after_get_next_batch(None, scheduler)  # second sweep running: released
+    assert service.held_keys() == set() and service.held_bytes == 0

@@ -33,7 +33,7 @@ def _items(family: str, model: nn.Module) -> dict[str, list]:
         return {"image": [sm.gemma3_image(model, 1, 1), sm.gemma3_image(model, 2, 2), sm.gemma3_image(model, 1, 3)]}
     images = [sm.gemma4_image(model, 8, 8, 64, 1), sm.gemma4_image(model, 4, 8, 64, 2),
               sm.gemma4_image(model, 4, 4, 16, 3)]
-    videos = [sm.gemma4_video(model, 3, 4, 4, 16, 4)]
+    videos = [sm.gemma4_video(model, sm.gemma4_video_frames(model), 4, 4, 16, 4)]
     return {"image": images, "video": videos}
 
 

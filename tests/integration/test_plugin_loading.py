@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from mm_scheduler_sglang import settings, sglang_plugin
+from mm_scheduler_sglang import settings, sglang_compat, sglang_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRY_POINT = "mm_scheduler_sglang.sglang_plugin:register"
@@ -26,7 +26,7 @@ CHECK_HOOKS = textwrap.dedent("""
     import inspect, json, sys
     from sglang.srt.plugins import load_plugins
     load_plugins()
-    from mm_scheduler_sglang import sglang_plugin as plugin
+    from mm_scheduler_sglang import sglang_compat, sglang_plugin as plugin
     from sglang.srt.managers.schedule_batch import MultimodalInputs, Req
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.server_args import ServerArgs, prepare_server_args
@@ -43,13 +43,17 @@ CHECK_HOOKS = textwrap.dedent("""
     report = {
         "add_cli_args": hooked(ServerArgs, "add_cli_args", plugin._after_add_cli_args),
         "from_cli_args": hooked(ServerArgs, "from_cli_args", plugin._around_from_cli_args),
-        "resolve_once": hooked(ServerArgs, "resolve_once", plugin._after_resolve_once),
+        # resolve_once from 0.5.19, check_server_args before
+        "engine_settings": hooked(ServerArgs, sglang_compat.current().hook_target("engine_settings").rpartition(".")[2],
+                                  plugin._after_resolve_once),
         "scheduler_init": hooked(Scheduler, "__init__", plugin._around_scheduler_init),
         "next_batch_sweep": hooked(Scheduler, "get_next_batch_to_run", plugin._after_get_next_batch),
         "add_request": hooked(Scheduler, "_add_request_to_queue", plugin._around_add_request_to_queue),
         "clear_mm_inputs": hooked(Scheduler, "_maybe_clear_mm_inputs", plugin._before_clear_mm_inputs),
         "run_batch": hooked(Scheduler, "run_batch", plugin._after_run_batch),
-        "abort": hooked(Req, "release_mm_inputs_on_abort", plugin._before_release_on_abort),
+        "abort": (hooked(Req, "release_mm_inputs_on_abort", plugin._before_release_on_abort)
+                  if sglang_compat.current().has("abort_release")
+                  else not hasattr(Req, "release_mm_inputs_on_abort")),  # 0.5.21 and older: nothing to hook
         "release": hooked(MultimodalInputs, "release_features", plugin._before_release_features),
     }
     args = prepare_server_args(["--model-path", "dummy", "--mm-coalescer-config", sys.argv[1]])
@@ -170,9 +174,12 @@ def test_max_held_flag_overrides_environment(parse, monkeypatch):
 def test_engine_users_enable_through_environment(hooks_applied, monkeypatch, config_file):
     from sglang.srt.server_args import ServerArgs
 
+    hook = sglang_compat.current().hook_target("engine_settings").rpartition(".")[2]
+
     def resolved_as_engine_does() -> ServerArgs:
-        args = ServerArgs(model_path="dummy")  # what Engine(**kwargs) builds
-        args.resolve_once()  # what Engine's launch does before spawning the scheduler
+        # what Engine(**kwargs) builds (0.5.16's check_server_args needs the fields a GPU launch defaults)
+        args = ServerArgs(model_path="dummy", served_model_name="dummy", chunked_prefill_size=-1)
+        getattr(args, hook)()  # what Engine's launch does before spawning the scheduler
         return pickle.loads(pickle.dumps(args))
 
     monkeypatch.setenv(settings.ENV_CONFIG, str(config_file))

@@ -277,7 +277,7 @@ def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
         return Req(rid, "", array("i", [1, 2]), SamplingParams(max_new_tokens=1))
 
     scheduler = SimpleNamespace(
-        waiting_queue=[req("w")], running_batch=ScheduleBatch(reqs=[req("run")]), cur_batch=None,
+        waiting_queue=[req("w")], running_batch=ScheduleBatch(reqs=[req("run")]),
         last_batch=ScheduleBatch(reqs=[req("last")]), chunked_req=req("chunk"),
         disagg_prefill_bootstrap_queue=SimpleNamespace(queue=[req("boot")]),
         disagg_prefill_inflight_queue=[req("inflight")])

@@ -26,7 +26,7 @@ def e2e_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for every process of a CPU SGLang run: CPU engine, offline, harness shims first on the path."""
     env = dict(os.environ if base is None else base)
     for key in ("MM_COALESCER", "MM_COALESCER_CONFIG", "MM_COALESCER_MODE", "MM_COALESCER_MAX_HELD_MB",
-                "PROMETHEUS_MULTIPROC_DIR", "SGLANG_PLUGINS"):
+                "PROMETHEUS_MULTIPROC_DIR", "SGLANG_PLUGINS", "MM_COALESCER_NOTED"):
         env.pop(key, None)
     path = [str(SHIMS), str(REPO)]
     if env.get("PYTHONPATH"):
