@@ -370,13 +370,17 @@ def pairs(names: list[str], i: int) -> list[str]:
 
 
 def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: int, out: Path,
-               deadline: float) -> dict:
+               deadline: float, publish: Path) -> dict:
     servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
     result: dict = {"family": family, "variants": {v: VARIANTS[v][1] for v in variants}, "runs": {},
                     "failed_to_start": {}}
 
     def remaining() -> float:
         return deadline - time.monotonic()
+
+    def measured(tag: str, *args: object) -> None:  # one run; results are written after each (a cut-off run keeps them)
+        result["runs"][tag] = bench(*args, out, tag)  # type: ignore[arg-type]
+        (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
 
     try:
         for v, server in servers.items():
@@ -405,7 +409,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
             result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")))
         if "lone" in workloads:
             for v, server in servers.items():
-                result["runs"][f"lone-{v}"] = bench(server, model, lone, [], out, f"lone-{v}")
+                measured(f"lone-{v}", server, model, lone, [])
         if "seed" in workloads:
             for i in range(runs):
                 if remaining() < 40 * len(servers):
@@ -413,12 +417,13 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     break
                 for v in pairs(list(servers), i):
                     bench(servers[v], model, seed_warm, [], out, f"seedwarm{i}-{v}")
-                    result["runs"][f"seed{i}-{v}"] = bench(servers[v], model, seeds[i], [], out, f"seed{i}-{v}")
+                    measured(f"seed{i}-{v}", servers[v], model, seeds[i], [])
         if "poisson" in workloads and remaining() > 60:
             cap_run = [*POISSON_WORKLOAD, "--num-prompts", "160", "--request-rate", "inf"]
             cap = bench(servers["off"], model, cap_run, ["--seed", "300"], out, "capacity-off")
             result["capacity_req_s"] = cap["request_throughput"]
-            for j, load in enumerate((0.5, 0.8, 0.25, 1.0)):  # the must-haves first
+            loads = [float(x) for x in os.environ.get("GPU_SERVE_LOADS", "0.5,0.8,0.25,1.0").split(",")]
+            for j, load in enumerate(loads):  # the must-haves (50 %, 80 %) first
                 rate = load * cap["request_throughput"]
                 n = int(min(200, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
                 if remaining() < 2 * (n / rate + 8):
@@ -426,8 +431,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     continue
                 for v in pairs(["off", "on"], j):
                     w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}"]
-                    result["runs"][f"poisson{load}-{v}"] = bench(servers[v], model, w, ["--seed", str(400 + j)],
-                                                                 out, f"poisson{load}-{v}")
+                    measured(f"poisson{load}-{v}", servers[v], model, w, ["--seed", str(400 + j)])
     finally:
         for s in servers.values():
             s.stop()
@@ -468,7 +472,7 @@ def main() -> None:
     LOADGEN = LoadGenerator()
     try:
         result = run_family(args.family, model, args.workloads.split(","), args.variants.split(","), args.runs,
-                            out, deadline)
+                            out, deadline, args.out)
     finally:
         LOADGEN.close()
     result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
@@ -477,7 +481,7 @@ def main() -> None:
     result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
                                       capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")
+    shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")  # final, with gpu/commit/sglang
     subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent), out.name],
                    check=True)
     if Path("/tmp/jitcache").exists() and not jit.exists():  # carry it next time: no nvcc builds in the runs
