@@ -1,9 +1,13 @@
 # Two commands a new user needs: `make bench` (the main job) and `make test` (the full suite).
-# Each creates ./.venv on first use and installs what it needs; later runs reuse it.
+# `make bench` creates a light ./.venv-bench (CPU torch, no sglang); `make test` creates the full ./.venv
+# (CUDA torch 2.14.1, sglang). Each is made on first use; later runs reuse it.
 PYTHON ?= python3
 VENV ?= .venv
+BENCH_VENV ?= .venv-bench
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+BENCH_PIP := $(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check
+MATPLOTLIB := matplotlib==3.11.2
 
 .PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test gpu-serve gpu-serve-prepare
 
@@ -15,15 +19,30 @@ $(VENV)/.core-installed: pyproject.toml
 	$(PIP) -e .
 	touch $@
 
-# The real sglang package without its CUDA-only dependencies, plus a pinned list of light ones.
+# The real sglang package without its CUDA-only dependencies, plus a pinned list of light ones. sglang and
+# xgrammar go LAST with --no-deps: pip then never checks their pins (CUDA-only packages, and releases such as
+# tokenizers==0.23.2 where requirements-sglang.txt pins the newer one that works), so it prints no resolver
+# ERROR lines. On a re-run they are taken out first, so installing the requirements never sees them either.
 $(VENV)/.test-installed: $(VENV)/.core-installed requirements-test.txt requirements-sglang.txt requirements-e2e.txt
-	$(PIP) --no-deps sglang==0.5.23 xgrammar==0.2.7
+	$(PY) -m pip uninstall --quiet --yes sglang xgrammar 2>/dev/null || true
 	$(PIP) -r requirements-test.txt
+	$(PIP) --no-deps sglang==0.5.23 xgrammar==0.2.7
 	touch $@
 
-bench: $(VENV)/.core-installed
+# The main job's own light venv: CPU torch 2.13.0 and the core's dependencies (requirements-bench.txt),
+# matplotlib for the plot when the index has it, the project itself.
+$(BENCH_VENV)/.installed: pyproject.toml requirements-bench.txt
+	@echo "== $(BENCH_VENV): CPU torch 2.13.0 + the core's dependencies (no sglang, no CUDA)"
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PIP) --upgrade pip
+	$(BENCH_PIP) -r requirements-bench.txt
+	$(BENCH_PIP) $(MATPLOTLIB) || echo "matplotlib unavailable: the bench runs without its plot"
+	$(BENCH_PIP) -e .
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
 	mkdir -p bench-results
-	$(VENV)/bin/mm-scheduler bench --json bench-results/cpu.json
+	$(BENCH_VENV)/bin/mm-scheduler bench --json bench-results/cpu.json
 
 test: $(VENV)/.test-installed
 	bash scripts/run-tests.sh
@@ -54,7 +73,7 @@ lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) bench-results .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) bench-results .pytest_cache
 
 # The serving benchmark: a real sglang.launch_server (0.5.16, dummy full-size weights) with the plugin off and
 # on, driven by SGLang's own sglang.benchmark.serving. First, on a networked machine: make gpu-serve-prepare
