@@ -47,7 +47,7 @@ bench: $(BENCH_VENV)/.installed
 test: $(VENV)/.test-installed
 	bash scripts/run-tests.sh
 
-# On a CUDA machine: real towers (SigLIP, SigLIP mixed-res, Qwen2.5-VL vision), about 5 minutes.
+# On a CUDA machine: real towers (SigLIP, SigLIP mixed-res, Qwen2.5-VL vision), about 4 minutes (gpu_bench*.log).
 gpu-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.gpu_bench --all --no-cudnn-sdpa --out benchmarks/results
 	$(PY) -m benchmarks.plot benchmarks/results/gpu_bench.json
@@ -57,7 +57,8 @@ gpu-bench: $(VENV)/.test-installed
 gpu-test:
 	GPU_TEST_PYTHON=$(PYTHON) bash scripts/gpu-test.sh
 
-# On a CUDA machine: TTFT/ITL of an SGLang-shaped serving loop (Qwen2.5-VL-7B LM shape, real tower), about 5 minutes.
+# On a CUDA machine: TTFT/ITL of an SGLang-shaped serving loop (Qwen2.5-VL-7B LM shape, real tower), about 4 minutes
+# (234 s; serving_bench_meta.json).
 serving-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.serving_bench --out benchmarks/results
 

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import json
 import math
+import os
 import platform
 import sys
 from collections.abc import Coroutine, Sequence
@@ -25,12 +26,20 @@ from . import bench
 from .config import CoalescerConfig, config_from_dict, load_config
 
 
+def _loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run on uvloop when it is installed (it is the loop a server would use), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
+    if _loop_name() == "asyncio":
         return asyncio.run(coro)
+    import uvloop
+
     return uvloop.run(coro)
 
 
@@ -156,7 +165,8 @@ def _bench(args: argparse.Namespace) -> int:
         "config": {k: getattr(config, k) for k in CoalescerConfig.__dataclass_fields__},
         "results": [asdict(r) for r in results],
         "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(), "date": datetime.now(UTC).isoformat()},
+                        "machine": platform.machine(), "cpus": os.cpu_count(), "loop": _loop_name(),
+                        "date": datetime.now(UTC).isoformat()},
     }
     dead = [r for r in results if r.failed and r.failed == r.requests]
     if not args.skip_overhead and not dead:
