@@ -127,3 +127,17 @@ def test_the_core_bench_does_not_import_matplotlib():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parent)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_check_config_needs_no_sglang_and_the_core_does_not_import_the_plugin():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['sglang'] = None  # as in an environment without sglang\n"
+            "import mm_scheduler, mm_scheduler.cli\n"
+            "assert 'mm_scheduler_sglang' not in sys.modules, 'the core imported the plugin'\n"
+            "sys.exit(mm_scheduler.cli.main(['check-config', 'qwen2_5_vl']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "  sglang.prefill_wait_ms: 2000.0" in proc.stdout.splitlines()

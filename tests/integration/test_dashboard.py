@@ -100,3 +100,11 @@ def test_follows_sglangs_dashboard_conventions(dashboard):
             assert 'coalescer=~"$coalescer"' in target["expr"] and 'instance=~"$instance"' in target["expr"]
             assert "[$__rate_interval]" in target["expr"] or not re.search(r"\b(rate|increase)\(", target["expr"])
     assert dashboard["uid"] and dashboard["schemaVersion"] >= 36
+
+
+def test_every_series_the_readme_names_is_exported(exported):
+    """The operator guide's metric list and "how to read it" name only series that exist."""
+    readme = (DASHBOARD.parents[1] / "README.md").read_text()
+    families = {family for family, _, _ in exported.values()}
+    named = set(SERIES.findall(readme)) - {"mm_coalescer_"}
+    assert named and sorted(named - set(exported) - families) == []
