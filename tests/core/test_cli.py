@@ -141,3 +141,12 @@ def test_check_config_needs_no_sglang_and_the_core_does_not_import_the_plugin():
                           cwd=Path(__file__).parent)
     assert proc.returncode == 0, proc.stderr
     assert "  sglang.prefill_wait_ms: 2000.0" in proc.stdout.splitlines()
+
+
+def test_bench_takes_a_shipped_config_by_name(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(plot, "have_matplotlib", lambda: False)
+    out_json = tmp_path / "named.json"
+    assert cli.main(["bench", *QUICK, "--config", "gemma3", "--json", str(out_json)]) == 0
+    capsys.readouterr()
+    config = json.loads(out_json.read_text())["config"]
+    assert (config["name"], config["max_batch_items"], config["max_wait_ms"]) == ("gemma3", 16, 5.0)
