@@ -167,10 +167,8 @@ class Server:
                 "--mem-fraction-static", MEM_FRACTION, *VARIANTS[self.variant][1],
                 "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
         if self.plugin:
+            # by name, as an operator does: the YAML shipped in the installed wheel
             config = os.environ.get("GPU_SERVE_CONFIG", spec["config"])
-            if not config.endswith(".yaml"):  # by name; a checkout path until configs ship in the wheel
-                packaged = list(PLUGIN_SITE.glob(f"mm_scheduler*/configs/{config}.yaml"))
-                config = str(packaged[0]) if packaged else str(REPO / "configs" / f"{config}.yaml")
             args += ["--enable-mm-coalescer", "--mm-coalescer-config", config]
         export_dir.mkdir(parents=True, exist_ok=True)
         log(f"[{self.variant}] {' '.join(args[1:])}")
