@@ -1,11 +1,15 @@
 # Two commands a new user needs: `make bench` (the main job) and `make test` (the full suite).
-# Each creates ./.venv on first use and installs what it needs; later runs reuse it.
+# `make bench` creates a light ./.venv-bench (CPU torch, no sglang); `make test` creates the full ./.venv
+# (CUDA torch 2.14.1, sglang). Each is made on first use; later runs reuse it.
 PYTHON ?= python3
 VENV ?= .venv
+BENCH_VENV ?= .venv-bench
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+BENCH_PIP := $(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check
+MATPLOTLIB := matplotlib==3.11.2
 
-.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test
+.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test gpu-serve gpu-serve-prepare
 
 # torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
 $(VENV)/.core-installed: pyproject.toml
@@ -15,15 +19,30 @@ $(VENV)/.core-installed: pyproject.toml
 	$(PIP) -e .
 	touch $@
 
-# The real sglang package without its CUDA-only dependencies, plus a pinned list of light ones.
+# The real sglang package without its CUDA-only dependencies, plus a pinned list of light ones. sglang and
+# xgrammar go LAST with --no-deps: pip then never checks their pins (CUDA-only packages, and releases such as
+# tokenizers==0.23.2 where requirements-sglang.txt pins the newer one that works), so it prints no resolver
+# ERROR lines. On a re-run they are taken out first, so installing the requirements never sees them either.
 $(VENV)/.test-installed: $(VENV)/.core-installed requirements-test.txt requirements-sglang.txt requirements-e2e.txt
-	$(PIP) --no-deps sglang==0.5.23 xgrammar==0.2.7
+	$(PY) -m pip uninstall --quiet --yes sglang xgrammar 2>/dev/null || true
 	$(PIP) -r requirements-test.txt
+	$(PIP) --no-deps sglang==0.5.23 xgrammar==0.2.7
 	touch $@
 
-bench: $(VENV)/.core-installed
+# The main job's own light venv: CPU torch 2.13.0 and the core's dependencies (requirements-bench.txt),
+# matplotlib for the plot when the index has it, the project itself.
+$(BENCH_VENV)/.installed: pyproject.toml requirements-bench.txt
+	@echo "== $(BENCH_VENV): CPU torch 2.13.0 + the core's dependencies (no sglang, no CUDA)"
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PIP) --upgrade pip
+	$(BENCH_PIP) -r requirements-bench.txt
+	$(BENCH_PIP) $(MATPLOTLIB) || echo "matplotlib unavailable: the bench runs without its plot"
+	$(BENCH_PIP) -e .
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
 	mkdir -p bench-results
-	$(VENV)/bin/mm-scheduler bench --json bench-results/cpu.json
+	$(BENCH_VENV)/bin/mm-scheduler bench --json bench-results/cpu.json
 
 # The plugin's tests also run against sglang 0.5.16, the oldest supported release, in a second venv: its own
 # site-packages hold only what 0.5.16 pins differently (requirements-sglang0516.txt, --no-deps) and a .pth reads
@@ -40,7 +59,7 @@ $(VENV_0516)/.installed: $(VENV)/.test-installed requirements-sglang0516.txt
 test: $(VENV)/.test-installed $(VENV_0516)/.installed
 	bash scripts/run-tests.sh
 
-# On a CUDA machine: real towers (SigLIP, SigLIP mixed-res, Qwen2.5-VL vision), about 5 minutes.
+# On a CUDA machine: real towers (SigLIP, SigLIP mixed-res, Qwen2.5-VL vision), about 4 minutes (gpu_bench*.log).
 gpu-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.gpu_bench --all --no-cudnn-sdpa --out benchmarks/results
 	$(PY) -m benchmarks.plot benchmarks/results/gpu_bench.json
@@ -50,7 +69,8 @@ gpu-bench: $(VENV)/.test-installed
 gpu-test:
 	GPU_TEST_PYTHON=$(PYTHON) bash scripts/gpu-test.sh
 
-# On a CUDA machine: TTFT/ITL of an SGLang-shaped serving loop (Qwen2.5-VL-7B LM shape, real tower), about 5 minutes.
+# On a CUDA machine: TTFT/ITL of an SGLang-shaped serving loop (Qwen2.5-VL-7B LM shape, real tower), about 4 minutes
+# (234 s; serving_bench_meta.json).
 serving-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.serving_bench --out benchmarks/results
 
@@ -66,4 +86,15 @@ lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VENV_0516) bench-results .pytest_cache
+	rm -rf $(VENV) $(VENV_0516) $(BENCH_VENV) bench-results .pytest_cache
+
+# The serving benchmark: a real sglang.launch_server (0.5.16, dummy full-size weights) with the plugin off and
+# on, driven by SGLang's own sglang.benchmark.serving. First, on a networked machine: make gpu-serve-prepare
+# (the wheel closure and stripped sglang-kernel, ~56 MB in .gpu-serve/). Then on the GPU machine, with its
+# system python3: make gpu-serve FAMILY=qwen2_5_vl_7b (about 9 minutes a family).
+FAMILY ?= qwen2_5_vl_7b
+gpu-serve-prepare:
+	bash scripts/gpu_serve/prepare.sh .gpu-serve
+
+gpu-serve:
+	$(PYTHON) scripts/gpu_serve/serve.py --family $(FAMILY) --out gpu-serve-out

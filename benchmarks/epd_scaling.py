@@ -27,6 +27,7 @@ import os
 import pickle
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -136,11 +137,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     rows = []
     t0 = time.perf_counter()
+    stages = len(args.tokens) * len(args.senders)
     for tokens in args.tokens:
         total = max(args.senders) * max(1, int(args.total_mb * 1e6 / (tokens * HIDDEN * BYTES_PER_ELEMENT)
                                                / max(args.senders)))
         for n in args.senders:
+            print(f"[{len(rows) + 1}/{stages}] {n} sender(s), {tokens} tokens/message, {total} messages ...",
+                  file=sys.stderr, flush=True)
             rows.append(run(n, tokens, total, args.window))
+            print(f"      {rows[-1]['recv_gb_per_s']:.2f} GB/s received", file=sys.stderr, flush=True)
     print(f"# {platform.node()} {os.cpu_count()} CPUs, pyzmq {zmq.__version__} / libzmq {zmq.zmq_version()}, "
           f"{time.perf_counter() - t0:.0f} s")
     print("| N senders | tokens/msg | MB/msg | recv GB/s | recv msgs/s | per-sender GB/s | per-sender msgs/s "

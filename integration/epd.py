@@ -118,11 +118,15 @@ def install(runtime: Any, config: Any = None) -> CoalescedEncoderScheduler:
     from sglang.srt.disaggregation.encoder import runtime as runtime_module
     from sglang.srt.managers.schedule_batch import Modality
 
-    from mm_scheduler import config_from_dict, load_config
+    from mm_scheduler import config_from_dict
 
-    if config is None:
+    from .settings import check_config_file
+
+    if config is None:  # validated as the launcher and `mm-scheduler check-config` validate it
         path = os.environ.get(ENV_CONFIG)
-        config = load_config(path) if path else config_from_dict({"name": "epd"})
+        checked = check_config_file(path) if path else None
+        config = config_from_dict(checked["values"], source=checked["config_path"]) if checked else \
+            config_from_dict({"name": "epd"})
     scheduler = CoalescedEncoderScheduler(runtime.encoder, runtime.send_sockets, config,
                                           worker_processes=list(runtime.tp_processes))
     runtime.scheduler = scheduler

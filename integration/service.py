@@ -86,6 +86,7 @@ class LoopThread:
     def __init__(self, name: str) -> None:
         self.loop = _new_event_loop()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._held_back = threading.local()
         self.thread.start()
 
     def _run(self) -> None:
@@ -93,11 +94,54 @@ class LoopThread:
         self.loop.run_forever()
 
     def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        held_back = getattr(self._held_back, "coros", None)
+        if held_back is None:
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        held_back.append((coro, future))
+        return future
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Coroutines this thread submits inside the block start in one loop callback when it ends.
+
+        A request's images are submitted one by one; started separately, the first reaches an idle
+        eager coalescer alone and the rest wait for the next forward (a lone 6-image request took two
+        forwards, 1 + 5). Started in one callback, every one is queued before the dispatcher runs.
+        """
+        self._held_back.coros = []
+        try:
+            yield
+        finally:
+            coros, self._held_back.coros = self._held_back.coros, None
+            if coros:
+                self.loop.call_soon_threadsafe(_start_all, coros)
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+
+
+def _start_all(coros: list[tuple[Any, concurrent.futures.Future[Any]]]) -> None:
+    """On the loop: start each coroutine as a task whose outcome (or cancellation) its future mirrors."""
+    for coro, future in coros:
+        if future.cancelled():  # withdrawn before it started
+            coro.close()
+            continue
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda done, future=future: _settle(future, done))
+        future.add_done_callback(
+            lambda f, task=task: f.cancelled() and task.get_loop().call_soon_threadsafe(task.cancel))
+
+
+def _settle(future: concurrent.futures.Future[Any], task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        future.cancel()
+    elif future.set_running_or_notify_cancel():
+        if task.exception() is not None:
+            future.set_exception(task.exception())
+        else:
+            future.set_result(task.result())
 
 
 class ExclusiveTower:
@@ -219,7 +263,7 @@ class EncoderService:
     # --- arrival --------------------------------------------------------------------------------
     def on_arrival(self, rid: str, items: Sequence[Any]) -> None:
         """Submit a new request's items now; identical items already held are shared, not re-encoded."""
-        with self._lock:
+        with self._lock, self._together():
             for item in items:
                 if item is None or item.hash is None or not self.tower.accepts(item):
                     continue
@@ -268,7 +312,8 @@ class EncoderService:
                                    "again", items[i].hash, exc_info=True)
                     missing.append(i)
             if missing:
-                fresh = [self._submit(items[i], urgent=True) for i in missing]
+                with self._together():
+                    fresh = [self._submit(items[i], urgent=True) for i in missing]
                 for i, handle in zip(missing, fresh, strict=True):
                     outputs[i] = self._wait(handle, deadline)
                 self.counts["encoded_on_demand"] += len(missing)
@@ -396,6 +441,10 @@ class EncoderService:
             for unit in cuda:
                 unit.ready = ready
         return units
+
+    def _together(self) -> contextlib.AbstractContextManager[None]:
+        """Submissions inside reach the coalescer together (async mode; lockstep queues in order anyway)."""
+        return self._loop.together() if self._loop is not None else contextlib.nullcontext()
 
     def _submit(self, item: Any, *, urgent: bool = False) -> Any:
         """Queue ``item``'s units; raises CoalescerError (invalid, queue full, closed)."""

@@ -14,6 +14,7 @@ and prometheus_client fixes its storage mode when first imported.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from typing import Any
 
@@ -38,6 +39,18 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
 }
 _TRUE = {"1", "true", "yes", "on"}
 
+# The smallest unit a model of each supported family sends to its tower, in patches, and the tower's
+# activation bytes per patch as its adapter declares them (integration/adapters.py, bf16). A config
+# whose ``name`` is a family (as the shipped ones are) must have a budget that holds one such unit,
+# or every forward would be refused. Qwen: one 2x2 merge window (smart_resize's floor); Gemma 3:
+# one 896 px crop of 14 px patches; Gemma 4: the smallest soft-token budget (70) times 3x3 pooling.
+FAMILY_SMALLEST_UNIT: dict[str, tuple[str, int, int]] = {
+    "qwen2_5_vl": ("2x2-patch image", 4, (5 * 1280 + 3 * 3420) * 2),
+    "qwen3_vl": ("2x2-patch image", 4, (5 * 1152 + 2 * 4304) * 2),
+    "gemma3": ("896 px crop", 64 * 64, (5 * 1152 + 2 * 4304) * 2),
+    "gemma4": ("70-token image", 70 * 9, (5 * 768 + 3 * 3072) * 2),
+}
+
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     """Add the plugin's flags to SGLang's own parser (so ``--help`` and ``--config`` files know them)."""
@@ -45,9 +58,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable-mm-coalescer", action="store_true", default=False,
                        help="Batch vision-encoder work of concurrent requests under a memory budget and "
                             f"start encoding when a request arrives. Also enabled by {ENV_ENABLE}=1.")
-    group.add_argument("--mm-coalescer-config", type=str, default=None, metavar="PATH",
-                       help="YAML file of coalescer settings (see configs/ of mm-scheduler); implies "
-                            f"--enable-mm-coalescer. Also read from {ENV_CONFIG}.")
+    group.add_argument("--mm-coalescer-config", type=str, default=None, metavar="NAME|PATH",
+                       help="Coalescer settings: a shipped config by name (default, qwen2_5_vl, qwen3_vl, gemma3, "
+                            "gemma4) or a YAML file; implies --enable-mm-coalescer. Also read from "
+                            f"{ENV_CONFIG}. Check one with: mm-scheduler check-config NAME|PATH.")
     group.add_argument("--mm-coalescer-max-held-mb", type=float, default=None, metavar="MB",
                        help="Most memory that results encoded ahead of their prefill may hold; requests "
                             "arriving beyond it are encoded when their prefill runs. Default "
@@ -57,7 +71,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def resolve(enable: bool, config_path: str | None, max_held_mb: float | None = None) -> dict[str, Any] | None:
     """The settings to store on ServerArgs, or None when disabled; environment fills what flags omit.
 
-    Raises ValueError naming the file and key when the config cannot be used.
+    ``config_path`` is a YAML file or a shipped config's name. Raises ValueError naming the file and
+    key when the config cannot be used. ``mm-scheduler check-config`` calls exactly this.
     """
     config_path = config_path or os.environ.get(ENV_CONFIG) or None
     enabled = enable or config_path is not None or os.environ.get(ENV_ENABLE, "").strip().lower() in _TRUE
@@ -72,41 +87,68 @@ def resolve(enable: bool, config_path: str | None, max_held_mb: float | None = N
             max_held_mb = DEFAULT_MAX_HELD_MB if raw is None else float(raw)
         except ValueError:
             raise ValueError(f"{ENV_MAX_HELD_MB}={raw!r}: expected a number of megabytes") from None
-    if max_held_mb < 0:
-        raise ValueError(f"max held results must be >= 0 MB, got {max_held_mb!r}")
+    if not math.isfinite(max_held_mb) or max_held_mb < 0:
+        raise ValueError(f"max held results must be a finite number >= 0 MB, got {max_held_mb!r}")
     values: dict[str, Any] = {}
     plugin = dict(PLUGIN_DEFAULTS)
     if config_path is not None:
-        from mm_scheduler.config import CoalescerConfig, load_config
-
-        loaded = load_config(config_path)
-        values = {key: getattr(loaded, key) for key in CoalescerConfig.__dataclass_fields__}
-        plugin.update(_plugin_section(config_path))
+        checked = check_config_file(config_path)
+        config_path, values, plugin = checked["config_path"], checked["values"], checked["plugin"]
     return {"config_path": config_path, "values": values, "mode": mode, "max_held_bytes": int(max_held_mb * 2**20),
             "plugin": plugin}
 
 
-def _plugin_section(config_path: str) -> dict[str, Any]:
-    """The YAML file's ``sglang:`` section (settings of this plugin, not of the core), validated."""
-    import yaml
+def check_config_file(name_or_path: str) -> dict[str, Any]:
+    """Validate one config file (or shipped name) as the server does: the core keys, the ``sglang:`` section
+    and the budget against the model family's smallest unit. Returns the resolved file and effective values."""
+    from mm_scheduler.config import CoalescerConfig, config_from_dict, read_config_file
 
-    with open(config_path) as f:
-        section = (yaml.safe_load(f) or {}).get("sglang") or {}
+    path, raw = read_config_file(name_or_path)
+    core = {key: value for key, value in raw.items() if key != "sglang"}
+    loaded = config_from_dict(core, source=str(path))
+    _check_budget_holds_smallest_unit(loaded, str(path))
+    values = {key: getattr(loaded, key) for key in CoalescerConfig.__dataclass_fields__}
+    return {"config_path": str(path), "values": values, "plugin": _plugin_section(raw.get("sglang"), str(path))}
+
+
+def _check_budget_holds_smallest_unit(config: Any, source: str) -> None:
+    family = FAMILY_SMALLEST_UNIT.get(config.name)
+    if family is None or config.budget_bytes is None:  # a fraction's bytes depend on the GPU: checked at start
+        return
+    what, patches, declared = family
+    per_patch = config.bytes_per_patch if isinstance(config.bytes_per_patch, int) else declared
+    if config.budget_bytes < patches * per_patch:
+        raise ValueError(f"{source}: 'budget_bytes' {config.budget_bytes} cannot hold the smallest {config.name} "
+                         f"unit (one {what}: {patches} patches x {per_patch} bytes/patch = {patches * per_patch} "
+                         f"bytes); raise budget_bytes")
+
+
+def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
+    """The YAML file's ``sglang:`` section (settings of this plugin, not of the core), validated."""
+    section = section or {}
     if not isinstance(section, dict):
         raise ValueError(f"{config_path}: 'sglang' must be a mapping, got {type(section).__name__}")
     unknown = sorted(set(section) - set(PLUGIN_DEFAULTS))
     if unknown:
-        raise ValueError(f"{config_path}: unknown key(s) {unknown} under 'sglang'; known: {sorted(PLUGIN_DEFAULTS)}")
+        from mm_scheduler.config import did_you_mean
+
+        hint = did_you_mean(unknown, PLUGIN_DEFAULTS)
+        raise ValueError(f"{config_path}: unknown key(s) {unknown} under 'sglang'{hint}; "
+                         f"known: {sorted(PLUGIN_DEFAULTS)}")
     priority = section.get("llm_stream_priority", PLUGIN_DEFAULTS["llm_stream_priority"])
     if priority not in ("high", "default"):
         raise ValueError(f"{config_path}: sglang.llm_stream_priority must be 'high' or 'default', got {priority!r}")
     wait = section.get("prefill_wait_ms", PLUGIN_DEFAULTS["prefill_wait_ms"])
-    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or wait <= 0:
-        raise ValueError(f"{config_path}: sglang.prefill_wait_ms must be a number > 0, got {wait!r}")
+    if not _is_finite_number(wait) or wait <= 0:
+        raise ValueError(f"{config_path}: sglang.prefill_wait_ms must be a finite number > 0, got {wait!r}")
     defer = section.get("defer_prefill_ms", PLUGIN_DEFAULTS["defer_prefill_ms"])
-    if isinstance(defer, bool) or not isinstance(defer, (int, float)) or defer < 0:
-        raise ValueError(f"{config_path}: sglang.defer_prefill_ms must be a number >= 0, got {defer!r}")
+    if not _is_finite_number(defer) or defer < 0:
+        raise ValueError(f"{config_path}: sglang.defer_prefill_ms must be a finite number >= 0, got {defer!r}")
     return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer)}
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def settings_of(server_args: object) -> dict[str, Any] | None:

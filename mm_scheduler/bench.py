@@ -44,6 +44,8 @@ class RunResult:
     mean_patches_per_forward: float
     mean_units_per_forward: float
     failed: int
+    first_error: str | None = None
+    """The first failure's type and message (None when every request succeeded)."""
 
 
 class CountingTower:
@@ -106,18 +108,24 @@ class PerRequestEncoder:
 
 
 async def open_loop(encode: Callable, requests: list[list[EncodeItem]], rate: float,
-                    rng: random.Random) -> tuple[list[float], float, int]:
-    """Submit ``requests`` at Poisson arrivals of ``rate``/s; returns latencies (s), makespan, failures."""
+                    rng: random.Random) -> tuple[list[float], float, int, str | None]:
+    """Submit ``requests`` at Poisson arrivals of ``rate``/s.
+
+    Returns latencies (s), makespan, the number of failed requests and the first failure (type: message).
+    """
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     failed = 0
+    first_error: str | None = None
 
     async def one(items: list[EncodeItem], arrival: float) -> None:
-        nonlocal failed
+        nonlocal failed, first_error
         try:
             await encode(items)
-        except Exception:
+        except Exception as exc:
             failed += 1
+            if first_error is None:
+                first_error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             return
         latencies.append(loop.time() - arrival)
 
@@ -131,11 +139,11 @@ async def open_loop(encode: Callable, requests: list[list[EncodeItem]], rate: fl
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(one(items, arrival)))
     await asyncio.gather(*tasks)
-    return latencies, loop.time() - start, failed
+    return latencies, loop.time() - start, failed, first_error
 
 
 def summarize(mode: str, rate: float, requests: list[list[EncodeItem]], latencies: list[float], seconds: float,
-              failed: int, tower: CountingTower) -> RunResult:
+              failed: int, tower: CountingTower, first_error: str | None = None) -> RunResult:
     units = sum(len(i.pixel_values) if i.modality == "video" else 1 for r in requests for i in r)
     ordered = sorted(latencies) or [float("nan")]
     p99_index = min(len(ordered) - 1, int(0.99 * len(ordered)))
@@ -145,30 +153,45 @@ def summarize(mode: str, rate: float, requests: list[list[EncodeItem]], latencie
         p50_ms=1000 * ordered[len(ordered) // 2], p99_ms=1000 * ordered[p99_index],
         mean_ms=1000 * statistics.fmean(ordered), forwards=tower.forwards,
         mean_patches_per_forward=tower.patches / max(tower.forwards, 1),
-        mean_units_per_forward=tower.units / max(tower.forwards, 1), failed=failed)
+        mean_units_per_forward=tower.units / max(tower.forwards, 1), failed=failed, first_error=first_error)
+
+
+MODES = ("per-request", "coalescer")
 
 
 async def compare(tower: Tower, sample: RequestSampler, rates: Sequence[float], seconds: float,
-                  config: CoalescerConfig, seed: int = 0) -> list[RunResult]:
-    """For each rate, run the same arrival sequence through per-request forwards and the coalescer."""
+                  config: CoalescerConfig, seed: int = 0,
+                  progress: Callable[[str], None] | None = None) -> list[RunResult]:
+    """For each rate, run the same arrival sequence through per-request forwards and the coalescer.
+
+    ``progress`` (e.g. ``print``) gets one line when each stage starts and one when it ends.
+    """
     device = resolve_device(config, tower)
     results = []
+    stages = len(rates) * len(MODES)
     for rate in rates:
         rng = random.Random(seed)
         requests = [sample(rng) for _ in range(max(1, int(rate * seconds)))]
-        for mode in ("per-request", "coalescer"):
+        for mode in MODES:
+            if progress is not None:
+                progress(f"[{len(results) + 1}/{stages}] {mode} at {rate:g} req/s: {len(requests)} requests "
+                         f"over ~{len(requests) / rate:.1f} s")
             counting = CountingTower(tower)
             arrivals = random.Random(seed + 1)
             if mode == "per-request":
                 encoder = PerRequestEncoder(counting, device)
                 try:
-                    latencies, makespan, failed = await open_loop(encoder.encode, requests, rate, arrivals)
+                    latencies, makespan, failed, error = await open_loop(encoder.encode, requests, rate, arrivals)
                 finally:
                     encoder.close()
             else:
                 async with Coalescer(counting, config.replace(name=f"bench-{rate}")) as co:
-                    latencies, makespan, failed = await open_loop(co.encode, requests, rate, arrivals)
-            results.append(summarize(mode, rate, requests, latencies, makespan, failed, counting))
+                    latencies, makespan, failed, error = await open_loop(co.encode, requests, rate, arrivals)
+            result = summarize(mode, rate, requests, latencies, makespan, failed, counting, error)
+            results.append(result)
+            if progress is not None:
+                progress(f"      done in {makespan:.1f} s: {result.throughput_rps:.1f} req/s, "
+                         f"p50 {result.p50_ms:.1f} ms, {failed} failed")
     return results
 
 

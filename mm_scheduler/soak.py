@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import gc
 import importlib
 import itertools
@@ -374,8 +375,20 @@ def _cancelled_while_running(cancelled: Sequence[list[str]], tower: FakeTower) -
 
 
 # --- the run ---------------------------------------------------------------------------------------
-async def run_soak(settings: SoakSettings, driver: Driver | None = None) -> dict[str, Any]:
-    """Run one soak on the running loop; returns figures and a ``checks`` dict of name -> passed."""
+async def _report_progress(ledger: Ledger, progress: Callable[[str], None], every_s: float) -> None:
+    started = time.perf_counter()
+    while True:
+        await asyncio.sleep(every_s)
+        progress(f"      {len(ledger.outcomes):,} / {ledger.total:,} requests ended "
+                 f"({time.perf_counter() - started:.0f} s)")
+
+
+async def run_soak(settings: SoakSettings, driver: Driver | None = None,
+                   progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0) -> dict[str, Any]:
+    """Run one soak on the running loop; returns figures and a ``checks`` dict of name -> passed.
+
+    ``progress`` (e.g. ``print``) gets a line every ``progress_every_s`` seconds while it runs.
+    """
     driver = driver or CoalescerDriver()
     specs = make_workload(settings)
     tower = make_tower(specs, settings)
@@ -390,10 +403,14 @@ async def run_soak(settings: SoakSettings, driver: Driver | None = None) -> dict
     gc.freeze()
     gc.callbacks.append(gc_pauses)
     probe_task = asyncio.get_running_loop().create_task(probe.run())
+    reporter = None if progress is None else \
+        asyncio.get_running_loop().create_task(_report_progress(ledger, progress, progress_every_s))
     started = time.perf_counter()
     try:
         state = await driver.run(specs, tower, settings, ledger)
     finally:
+        if reporter is not None:
+            reporter.cancel()
         tower.release()
         gc.callbacks.remove(gc_pauses)
         gc.unfreeze()
@@ -469,9 +486,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loops = ("asyncio", "uvloop") if args.loop == "both" else (args.loop,)
     reports = []
-    for seed, loop_name in zip(itertools.count(args.seed), loops):
+    for stage, (seed, loop_name) in enumerate(zip(itertools.count(args.seed), loops), start=1):
         settings = SoakSettings(requests=args.requests, clients=args.clients, target_rate=args.rate, seed=seed)
-        report = _run_on(loop_name, settings, _load_driver(args.driver))
+        print(f"[{stage}/{len(loops)}] soak on {loop_name} ({args.driver}): {args.requests:,} requests from "
+              f"{args.clients} clients, every fault on", flush=True)
+        report = _run_on(loop_name, settings, _load_driver(args.driver), functools.partial(print, flush=True))
         print(f"\n## soak: {report['figures']['driver']} on {loop_name}\n\n{format_table(report)}", flush=True)
         reports.append(report)
     if args.json:
@@ -488,12 +507,13 @@ def _load_driver(spec: str) -> Driver:
     return getattr(importlib.import_module(module), name)()
 
 
-def _run_on(loop_name: str, settings: SoakSettings, driver: Driver) -> dict[str, Any]:
+def _run_on(loop_name: str, settings: SoakSettings, driver: Driver,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     if loop_name == "uvloop":
         import uvloop
 
-        return uvloop.run(run_soak(settings, driver))
-    return asyncio.run(run_soak(settings, driver))
+        return uvloop.run(run_soak(settings, driver, progress))
+    return asyncio.run(run_soak(settings, driver, progress))
 
 
 if __name__ == "__main__":

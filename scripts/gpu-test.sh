@@ -9,6 +9,7 @@
 # the run fails instead of letting the tests skip.
 #
 #   bash scripts/gpu-test.sh            # on the CUDA machine
+#   GPU_TEST_SITE=/tmp/gpu-serve-site:.gpu-serve/sk bash scripts/gpu-test.sh   # against make gpu-serve's sglang
 #   bash scripts/gpu-test.sh --smoke    # anywhere: checks the script and collects the tests, runs none
 # The commit comes from git, else from $GPU_TEST_COMMIT (a copied tree without .git).
 set -uo pipefail
@@ -21,12 +22,17 @@ LOG=${GPU_TEST_LOG:-benchmarks/results/gpu_tests.log}
 mkdir -p "$(dirname "$LOG")"
 export PYTHONUNBUFFERED=1 TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
 
-if [ "$SMOKE" = 0 ] && compgen -G ".whl/*.whl" > /dev/null; then  # cp312 wheels: the CUDA machine only
+if [ -n "${GPU_TEST_SITE:-}" ]; then  # an sglang already installed there (e.g. make gpu-serve's 0.5.16 + sgl_kernel)
+  export PYTHONPATH=$GPU_TEST_SITE${PYTHONPATH:+:$PYTHONPATH}
+elif [ "$SMOKE" = 0 ] && compgen -G ".whl/*.whl" > /dev/null; then  # cp312 wheels: the CUDA machine only
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "gpu-test: installing the carried wheels failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the checkout itself, not installed there
+# The checkout itself, not installed there; the plugin folder under its installed name (mm_scheduler_sglang).
+alias_dir=$(mktemp -d)
+ln -s "$PWD/integration" "$alias_dir/mm_scheduler_sglang"
+export PYTHONPATH=$PWD:$alias_dir${PYTHONPATH:+:$PYTHONPATH}
 if [ "$SMOKE" = 0 ] && ! "$PY" -c "import sgl_kernel" 2> /dev/null; then  # see tests/gpu/shims/sgl_kernel
   export PYTHONPATH=$PWD/tests/gpu/shims:$PYTHONPATH
   echo "# sgl_kernel: not installed; using the raising stand-in in tests/gpu/shims"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mm_scheduler import Coalescer, CoalescerConfig, ConfigError, config_from_dict, load_config
-from mm_scheduler.config import HOST_SECTIONS
+from mm_scheduler.config import HOST_SECTIONS, SHIPPED_CONFIGS, resolve_config_path, shipped_configs
 from mm_scheduler.testing import FakeTower
 
 CONFIGS = Path(__file__).parents[2] / "configs"
@@ -104,3 +104,84 @@ def test_overrides_apply_on_top_of_the_file():
 def test_replace_revalidates():
     with pytest.raises(ConfigError, match="'max_wait_ms'"):
         CoalescerConfig().replace(max_wait_ms=-1)
+
+
+# --- shipped configs by name, one copy, and the checks check-config and the server share ----------------
+def test_top_level_configs_is_a_link_to_the_one_copy_inside_the_package():
+    repo = CONFIGS.parent
+    assert CONFIGS.is_symlink() and CONFIGS.resolve() == (repo / "mm_scheduler" / "configs").resolve()
+    assert set(shipped_configs()) == {p.stem for p in CONFIGS.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", ["default", "qwen2_5_vl", "qwen3_vl", "gemma3", "gemma4"])
+def test_a_shipped_config_resolves_by_name_to_the_packaged_file(name):
+    assert resolve_config_path(name) == SHIPPED_CONFIGS / f"{name}.yaml"
+    assert load_config(name) == load_config(CONFIGS / f"{name}.yaml")
+
+
+def test_an_existing_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gemma3").write_text("max_batch_items: 3\n")
+    assert load_config("gemma3").max_batch_items == 3
+
+
+def test_an_unknown_name_lists_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"qwen25: config file not found \(shipped configs by name: default, "):
+        load_config("qwen25")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("qwen2_5_vl.yaml")  # with a suffix it is a path, never a name
+
+
+def test_a_directory_is_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory") as info:
+        load_config(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("body, key", [
+    ("max_wait_ms: .nan\n", "max_wait_ms"),
+    ("max_wait_ms: .inf\n", "max_wait_ms"),
+    ("calibration_margin: .nan\n", "calibration_margin"),
+    ("oom_backoff: .nan\n", "oom_backoff"),
+    ("budget_fraction: .nan\nbudget_bytes: null\n", "budget_fraction"),
+    ("forward_timeout_s: .nan\n", "forward_timeout_s"),
+    ("forward_timeout_s: .inf\n", "forward_timeout_s"),
+    ("max_queue_patches: .inf\n", "max_queue_patches"),
+    ("budget_bytes: .inf\n", "budget_bytes"),
+])
+def test_nan_and_inf_are_refused_for_every_numeric_key(tmp_path, body, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=f"'{key}' must be"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "gpu", "cuda:0:1", 3])
+def test_an_unknown_device_is_refused(device):
+    with pytest.raises(ConfigError, match="'device' must be 'cpu', 'cuda' or 'cuda:N'"):
+        config_from_dict({"device": device})
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:1", None])
+def test_cpu_and_cuda_devices_are_accepted(device):
+    assert config_from_dict({"device": device}).device == device
+
+
+def test_budget_bytes_and_budget_fraction_together_are_refused(tmp_path):
+    path = tmp_path / "both.yaml"
+    path.write_text("budget_bytes: 1048576\nbudget_fraction: 0.1\n")
+    with pytest.raises(ConfigError, match=r"set only one of 'budget_bytes'.*or 'budget_fraction'"):
+        load_config(path)
+
+
+def test_budget_fraction_alone_in_a_file_replaces_the_default_bytes(tmp_path):
+    path = tmp_path / "fraction.yaml"
+    path.write_text("budget_fraction: 0.1\n")
+    cfg = load_config(path)
+    assert (cfg.budget_bytes, cfg.budget_fraction) == (None, 0.1)
+
+
+def test_a_typo_gets_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match=r"\['max_wait_msx'\] \(did you mean 'max_wait_ms'\?\)"):
+        config_from_dict({"max_wait_msx": 1})

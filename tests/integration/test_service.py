@@ -282,3 +282,50 @@ def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
         disagg_prefill_bootstrap_queue=SimpleNamespace(queue=[req("boot")]),
         disagg_prefill_inflight_queue=[req("inflight")])
     assert live_rids(scheduler) == {"w", "run", "last", "chunk", "boot", "inflight"}
+
+
+class SlowUnitsTower(SumTower):
+    """Preparing an item's units takes a few ms, as moving a real feature to the GPU does; records batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list] = []
+
+    def units(self, item) -> list[EncodeItem]:
+        time.sleep(0.005)
+        return super().units(item)
+
+    def forward(self, units):
+        self.batches.append([u.key for u in units])
+        return super().forward(units)
+
+
+def test_a_lone_requests_images_reach_an_idle_coalescer_in_one_forward(make_service):
+    """Submitted one by one, the first image of a lone request was dispatched alone (1 + 5 forwards)."""
+    tower = SlowUnitsTower()
+    service = make_service(tower=tower)
+    items = [item(h) for h in range(1, 7)]
+    service.on_arrival("lone", items)
+    assert torch.equal(service.encode(items, original=never), expected(*range(1, 7)))
+    assert [sorted(batch) for batch in tower.batches] == [[(h, 0) for h in range(1, 7)]]
+
+
+def test_items_encoded_on_demand_reach_an_idle_coalescer_in_one_forward(make_service):
+    tower = SlowUnitsTower()
+    service = make_service(tower=tower)
+    items = [item(h) for h in range(1, 5)]
+    assert torch.equal(service.encode(items, original=never), expected(*range(1, 5)))
+    assert [sorted(batch) for batch in tower.batches] == [[(h, 0) for h in range(1, 5)]]
+    assert service.counts["encoded_on_demand"] == 4
+
+
+def test_an_early_encode_withdrawn_before_the_loop_started_it_never_reaches_the_tower(make_service):
+    """A handle cancelled while its submission is still held back is dropped, not run."""
+    tower = SlowUnitsTower()
+    service = make_service(tower=tower)
+    with service._loop.together():
+        handle = service._submit(item(9))
+        assert handle.cancel()
+    service.on_arrival("after", [item(10)])
+    assert torch.equal(service.encode([item(10)], original=never), expected(10))
+    assert tower.batches == [[(10, 0)]]

@@ -1,0 +1,495 @@
+"""The project's serving benchmark: a real ``sglang.launch_server`` with the plugin off and on, driven by
+SGLang's own load generator (``sglang.benchmark.serving``), on one GPU.
+
+Runs on the GPU machine (no network) after ``scripts/gpu_serve/prepare.sh`` built ``.gpu-serve/`` (the
+wheel closure of sglang 0.5.16 and the stripped sglang-kernel) on a networked one; ``make gpu-serve`` calls it.
+
+All compared servers (``--variants``, default plugin off and on) run at once on the one GPU with identical
+flags apart from their variant's (same ``--max-total-tokens``, so the same KV pool). Only one server has
+load at a time; the order alternates between repetitions, and each repetition has its own ``--seed``
+(the same requests for every server), so neither the radix cache nor the embedding cache sees an image
+twice. SGLang's load generator stays in one process (``loadgen.py``). Everything a run produced is packed
+into ``--out``/gpu-serve-<family>.tgz: ``bench-*.jsonl`` (SGLang's own result lines), ``metrics-*.txt``
+(``/metrics`` before/after), ``requests-*`` (SGLang's per-request export), server logs, and
+``results.json`` (also copied beside it: what ``summarize.py`` turns into ``real_server_summary.json``).
+
+usage: python3 scripts/gpu_serve/serve.py --family qwen2_5_vl_7b --out DIR [--variants off,on]
+       [--workloads correct,lone,seed,poisson] [--runs 3] [--budget-s 560]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SITE = Path(os.environ.get("GPU_SERVE_SITE", "/tmp/gpu-serve-site"))        # sglang 0.5.16 + closure
+PLUGIN_SITE = Path(os.environ.get("GPU_SERVE_PLUGIN_SITE", "/tmp/gpu-serve-plugin"))  # the built wheel
+T0 = time.monotonic()
+
+# Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
+# KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each).
+FAMILIES = {
+    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": []},
+    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": []},
+    # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
+    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"]},
+}
+COMMON_FLAGS = [
+    "--load-format", "dummy", "--host", "127.0.0.1", "--dtype", "bfloat16",
+    "--attention-backend", "triton", "--mm-attention-backend", "triton_attn", "--sampling-backend", "pytorch",
+    "--grammar-backend", "none", "--disable-cuda-graph", "--disable-piecewise-cuda-graph", "--random-seed", "0",
+    "--context-length", "8192", "--chunked-prefill-size", "8192", "--max-running-requests", "128",
+    "--skip-server-warmup", "--enable-metrics", "--enable-request-time-stats-logging", "--log-level", "info",
+]
+# Every server gets the same flags apart from its variant's; all start at once. --mem-fraction-static only
+# bounds what a server may take (SGLang sizes the static pool from the memory free when it profiles, which
+# depends on when the others allocate); --max-total-tokens fixes the KV pool, so every server gets the same
+# one whichever profiles first (4 x (weights + KV) fits an H200 with room for activations).
+MEM_FRACTION = "0.85"
+# name -> (plugin on?, extra SGLang flags). "off"/"on" are the issue's comparison (SGLang defaults); the
+# "+tok4ipc" pair adds SGLang's own answers to its preprocessing bottleneck (4 tokenizer workers, features
+# handed over through CUDA IPC) to both, to show what the plugin adds once that bottleneck is gone.
+VARIANTS = {
+    "off": (False, []),
+    "on": (True, []),
+    "off+tok4ipc": (False, ["--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc"]),
+    "on+tok4ipc": (True, ["--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc"]),
+}
+SEED_WORKLOAD = ["--dataset-name", "image", "--image-count", "6", "--image-resolution", "480x480",
+                 "--random-input-len", "50", "--random-output-len", "10", "--random-range-ratio", "1.0"]
+POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-image-count",
+                    "--image-resolution", "random:256x256-1024x1024", "--random-input-len", "128",
+                    "--random-output-len", "128", "--random-range-ratio", "1.0"]
+
+
+def log(msg: str) -> None:
+    print(f"[gpu-serve +{time.monotonic() - T0:5.0f}s] {msg}", flush=True)
+
+
+def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+        return 0, str(exc)
+
+
+# --- installation (idempotent on a warm machine) ---------------------------------------------------------
+def install(prepared: Path) -> None:
+    wheels = sorted((prepared / "whl").glob("*.whl"))
+    if not wheels:
+        sys.exit(f"no wheels in {prepared}/whl: run scripts/gpu_serve/prepare.sh on a networked machine first")
+    key = hashlib.md5("".join(w.name for w in wheels).encode()).hexdigest()
+    stamp = SITE / ".gpu-serve-wheels"
+    if not (stamp.exists() and stamp.read_text() == key):
+        shutil.rmtree(SITE, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--target", str(SITE), *map(str, wheels)], check=True)
+        stamp.write_text(key)
+        log(f"installed {len(wheels)} wheels into {SITE}")
+    # The plugin as an operator installs it: a wheel built from this checkout, in its own site dir, so the
+    # plugin-off server does not even have it on its path.
+    shutil.rmtree(PLUGIN_SITE, ignore_errors=True)
+    build = Path("/tmp/gpu-serve-wheel")
+    shutil.rmtree(build, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(build), str(REPO)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
+                    str(PLUGIN_SITE), *map(str, build.glob("*.whl"))], check=True)
+    log(f"built and installed {next(build.glob('*.whl')).name} into {PLUGIN_SITE}")
+
+
+def environment(prepared: Path, plugin: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    path = [str(SITE), str(prepared / "sk")]
+    if plugin:
+        path.insert(0, str(PLUGIN_SITE))
+    extra = os.environ.get("GPU_SERVE_EXTRA_PATH")  # e.g. a probe-only shim, never in the headline runs
+    if extra:
+        path.insert(0, extra)
+    env["PYTHONPATH"] = ":".join(path)
+    env.update({
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1", "SGLANG_IS_FLASHINFER_AVAILABLE": "false",
+        "TVM_FFI_CACHE_DIR": "/tmp/jitcache", "TRITON_CACHE_DIR": "/tmp/triton-cache",
+        # plugin off: SGLang's loader skips every plugin not named here (and the wheel is not on the path)
+        "SGLANG_PLUGINS": os.environ.get("GPU_SERVE_PLUGINS", "mm_coalescer") if plugin else "none",
+    })
+    for key in ("MM_COALESCER", "MM_COALESCER_CONFIG"):
+        env.pop(key, None)
+    nvcc = shutil.which("nvcc") or next((str(p) for p in Path("/usr/local").glob("cuda*/bin/nvcc")), None)
+    if nvcc:  # sglang's JIT kernels (rope, activation, KV store) compile with nvcc on first use
+        env["PATH"] = f"{Path(nvcc).parent}:{env['PATH']}"
+        env.setdefault("CUDA_HOME", str(Path(nvcc).parents[1]))
+    return env
+
+
+# --- servers -------------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    variant: str
+    port: int
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def plugin(self) -> bool:
+        return VARIANTS[self.variant][0]
+
+    def start(self, model: Path, family: str, prepared: Path, export_dir: Path) -> None:
+        spec = FAMILIES[family]
+        args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(self.port),
+                *COMMON_FLAGS, *spec["flags"], "--max-total-tokens", str(spec["max_total_tokens"]),
+                "--mem-fraction-static", MEM_FRACTION, *VARIANTS[self.variant][1],
+                "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
+        if self.plugin:
+            # by name, as an operator does: the YAML shipped in the installed wheel
+            config = os.environ.get("GPU_SERVE_CONFIG", spec["config"])
+            args += ["--enable-mm-coalescer", "--mm-coalescer-config", config]
+        export_dir.mkdir(parents=True, exist_ok=True)
+        log(f"[{self.variant}] {' '.join(args[1:])}")
+        self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+                                     env=environment(prepared, self.plugin), start_new_session=True)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            code, _ = http("GET", f"{self.url}/health", timeout=5)
+            if code == 200:
+                log(f"[{self.variant}] healthy")
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{self.variant}: not healthy after {timeout:.0f} s")
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{self.variant} server exited with {self.proc.returncode}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=25)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def metrics(self) -> str:
+        return http("GET", f"{self.url}/metrics", timeout=10)[1]
+
+
+class MetricsScraper(threading.Thread):
+    """Scrapes a server's /metrics every second while a run lasts; keeps the first and last text."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__(daemon=True)
+        self.server, self.stop_event, self.samples = server, threading.Event(), []
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.samples.append((time.time(), self.server.metrics()))
+            self.stop_event.wait(1.0)
+
+    def finish(self) -> tuple[str, str]:
+        self.stop_event.set()
+        self.join()
+        self.samples.append((time.time(), self.server.metrics()))
+        return self.samples[0][1], self.samples[-1][1]
+
+
+# --- load -----------------------------------------------------------------------------------------------
+class LoadGenerator:
+    """SGLang's ``sglang.benchmark.serving`` in one long-lived process (``loadgen.py``): no per-run start-up."""
+
+    def __init__(self) -> None:
+        env = environment(PREPARED, False)
+        env["PYTHONPATH"] = f"{HERE / 'stubs'}:{env['PYTHONPATH']}"  # HF datasets stand-in (synthetic sets only)
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "loadgen.py")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        self._expect("LOADGEN-READY")
+
+    def _expect(self, prefix: str) -> str:
+        line = self.proc.stdout.readline()
+        if not line.startswith(prefix):
+            raise RuntimeError(f"load generator said {line!r} (exit {self.proc.poll()})")
+        return line
+
+    def run(self, argv: list[str], log_path: Path) -> int:
+        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log_path)}) + "\n")
+        self.proc.stdin.flush()
+        return int(self._expect("LOADGEN-DONE").split()[1])
+
+    def prime(self, model: Path, workload: list[str], out: Path) -> None:
+        """Build and memoize a dataset while the servers start (its requests go nowhere and fail)."""
+        argv = ["--backend", "sglang-oai-chat", "--base-url", "http://127.0.0.1:9", "--ready-check-timeout-sec", "0",
+                "--model", str(model), "--tokenizer", str(model), *workload, "--disable-tqdm",
+                "--output-file", "/dev/null"]
+        self.run(argv, out / "prime.log")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def bench(server: Server, model: Path, workload: list[str], extra: list[str], out: Path, tag: str) -> dict:
+    """One run of SGLang's load generator against one server; returns its result line (plus our scrape)."""
+    result_file = out / f"bench-{tag}.jsonl"
+    scraper = MetricsScraper(server)
+    scraper.start()
+    argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
+            "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
+    t = time.monotonic()
+    rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
+    before, after = scraper.finish()
+    (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
+    if rc != 0 or not result_file.exists():
+        raise RuntimeError(f"{tag}: load generator exit {rc}; see bench-{tag}.log")
+    line = json.loads(result_file.read_text().strip().splitlines()[-1])
+    keep = {k: line.get(k) for k in (
+        "duration", "completed", "request_throughput", "total_throughput", "output_throughput",
+        "median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms", "median_itl_ms", "mean_itl_ms", "p99_itl_ms",
+        "median_e2e_latency_ms", "request_rate", "max_concurrency")}
+    keep["errors"] = sum(1 for e in line.get("errors", []) if e)
+    keep["coalescer"] = coalescer_delta(before, after)
+    keep["sglang"] = sglang_delta(before, after)
+    log(f"  {tag}: {keep['completed']} done in {keep['duration']:.1f}s, TTFT p50 {keep['median_ttft_ms']:.0f} "
+        f"ms p99 {keep['p99_ttft_ms']:.0f}, ITL p99 {keep['p99_itl_ms']:.1f} ms, {keep['total_throughput']:.0f} tok/s"
+        f" ({time.monotonic() - t:.0f}s wall)")
+    return keep
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            values[name] = values.get(name, 0.0) + float(value)
+        except ValueError:
+            continue
+    return values
+
+
+def _delta(before: str, after: str, prefixes: tuple[str, ...]) -> dict[str, float]:
+    a, b = parse_metrics(before), parse_metrics(after)
+    out: dict[str, float] = {}
+    for name, value in b.items():
+        base = name.split("{")[0]
+        if base.startswith(prefixes) and (base.endswith(("_total", "_sum", "_count"))):
+            out[base] = out.get(base, 0.0) + value - a.get(name, 0.0)
+    return out
+
+
+def coalescer_delta(before: str, after: str) -> dict[str, float]:
+    """mm_coalescer_* counters over one run: units per forward, early vs on-demand items, prefill waits."""
+    d = _delta(before, after, ("mm_coalescer_",))
+    if not d:
+        return {}
+    forwards = d.get("mm_coalescer_forwards_total", 0.0)
+    d["units_per_forward"] = d.get("mm_coalescer_units_total", 0.0) / forwards if forwards else 0.0
+    return d
+
+
+def sglang_delta(before: str, after: str) -> dict[str, float]:
+    """SGLang's own histograms over one run (sums and counts): queueing, TTFT, e2e, per-stage times."""
+    return _delta(before, after, ("sglang:",))
+
+
+# --- correctness ----------------------------------------------------------------------------------------
+def png_b64(size: tuple[int, int], seed: int) -> str:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
+    body = {"model": str(model), "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": 24}
+    code, text = http("POST", f"{server.url}/v1/chat/completions", body, timeout=120)
+    if code != 200:
+        return f"HTTP {code}: {text[:200]}"
+    return json.loads(text)["choices"][0]["message"]["content"]
+
+
+def correctness(servers: dict[str, Server], model: Path, n: int) -> dict:
+    """Greedy replies to the same image requests (1-3 images of mixed sizes) from every server vs plugin-off."""
+    sizes = [(480, 480), (640, 360), (256, 256), (1024, 768), (333, 517)]
+    results = []
+    for i in range(n):
+        content = [{"type": "image_url", "image_url": {"url": png_b64(sizes[(i + k) % len(sizes)], 1000 * i + k)}}
+                   for k in range(1 + i % 3)]
+        content.append({"type": "text", "text": f"Describe picture set {i}."})
+        replies = {v: greedy_reply(s, model, content) for v, s in servers.items()}
+        results.append({"images": len(content) - 1, "replies": replies,
+                         "identical": all(r == replies["off"] for r in replies.values())})
+    identical = sum(r["identical"] for r in results)
+    log(f"  correctness: {identical}/{n} requests got the same greedy reply from {', '.join(servers)}")
+    return {"requests": n, "identical": identical, "all_identical": identical == n, "servers": list(servers),
+            "replies": results}
+
+
+# --- workloads ------------------------------------------------------------------------------------------
+def pairs(names: list[str], i: int) -> list[str]:
+    """Run order for repetition ``i``: alternate the order so neither side always goes first."""
+    return names if i % 2 == 0 else names[::-1]
+
+
+def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: int, out: Path,
+               deadline: float, publish: Path) -> dict:
+    servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
+    result: dict = {"family": family, "variants": {v: VARIANTS[v][1] for v in variants}, "runs": {},
+                    "failed_to_start": {}}
+
+    def remaining() -> float:
+        return deadline - time.monotonic()
+
+    def measured(tag: str, *args: object) -> None:  # one run; results are written after each (a cut-off run keeps them)
+        result["runs"][tag] = bench(*args, out, tag)  # type: ignore[arg-type]
+        (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
+
+    try:
+        for v, server in servers.items():
+            server.start(model, family, PREPARED, out / f"requests-{v}")
+        warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "1"]
+        seed_warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "500"]
+        lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf", "--seed", "7"]
+        seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
+                 for i in range(runs)]
+        for workload in (warm, lone, seed_warm, *seeds):  # while the servers start
+            LOADGEN.prime(model, workload, out)
+        log("datasets ready")
+        for v, server in list(servers.items()):
+            try:
+                server.wait_healthy(360)
+            except (RuntimeError, TimeoutError) as exc:
+                if v in ("off", "on"):
+                    raise
+                result["failed_to_start"][v] = str(exc)[-2000:]
+                log(f"[{v}] did not start; continuing without it")
+                server.stop()
+                del servers[v]
+        for v, server in servers.items():  # JIT kernels build here (nvcc), not in a measured run
+            bench(server, model, warm, [], out, f"warm-{v}")
+        if "correct" in workloads:
+            result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")))
+        if "lone" in workloads:
+            for v, server in servers.items():
+                measured(f"lone-{v}", server, model, lone, [])
+        if "seed" in workloads:
+            for i in range(runs):
+                if remaining() < 40 * len(servers):
+                    log(f"seed: deadline near, stopping after {i} repetitions")
+                    break
+                for v in pairs(list(servers), i):
+                    bench(servers[v], model, seed_warm, [], out, f"seedwarm{i}-{v}")
+                    measured(f"seed{i}-{v}", servers[v], model, seeds[i], [])
+        if "poisson" in workloads and remaining() > 60:
+            cap_run = [*POISSON_WORKLOAD, "--num-prompts", "160", "--request-rate", "inf"]
+            cap = bench(servers["off"], model, cap_run, ["--seed", "300"], out, "capacity-off")
+            result["capacity_req_s"] = cap["request_throughput"]
+            loads = [float(x) for x in os.environ.get("GPU_SERVE_LOADS", "0.5,0.8,0.25,1.0").split(",")]
+            for j, load in enumerate(loads):  # the issue's must-haves (50 %, 80 %) first
+                rate = load * cap["request_throughput"]
+                n = int(min(200, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
+                if remaining() < 2 * (n / rate + 8):
+                    log(f"poisson: deadline near, skipping load {load}")
+                    continue
+                for v in pairs(["off", "on"], j):
+                    w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}"]
+                    measured(f"poisson{load}-{v}", servers[v], model, w, ["--seed", str(400 + j)])
+    finally:
+        for s in servers.values():
+            s.stop()
+    return result
+
+
+def main() -> None:
+    global PREPARED, LOADGEN
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", default="qwen2_5_vl_7b", choices=sorted(FAMILIES))
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serve-out")),
+                   help="gets results-<family>.json and gpu-serve-<family>.tgz (every raw file)")
+    p.add_argument("--prepared", type=Path, default=REPO / ".gpu-serve")
+    p.add_argument("--workloads", default="correct,lone,seed,poisson")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--variants", default="off,on", help=f"servers to compare, from {', '.join(VARIANTS)}")
+    p.add_argument("--budget-s", type=float, default=560.0, help="stop starting new runs after this many seconds")
+    args = p.parse_args()
+    PREPARED = args.prepared.resolve()
+    deadline = T0 + args.budget_s
+    out = Path("/tmp/gpu-serve-out") / args.family
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    install(PREPARED)
+    jit = PREPARED / "jitcache.tgz"
+    if jit.exists():
+        Path("/tmp/jitcache").mkdir(exist_ok=True)
+        subprocess.run(["tar", "-xzf", str(jit), "-C", "/tmp/jitcache"], check=False)
+    model = Path(f"/tmp/gpu-serve-model-{args.family}")
+    if not (model / "config.json").exists():
+        builder = os.environ.get("GPU_SERVE_BUILDER", str(HERE / "build_model.py"))
+        subprocess.run([sys.executable, builder, str(model), "--family", args.family],
+                       check=True, env=environment(PREPARED, False))
+    log(f"model {model} ready; GPU: " + subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+        capture_output=True, text=True).stdout.strip())
+    LOADGEN = LoadGenerator()
+    try:
+        result = run_family(args.family, model, args.workloads.split(","), args.variants.split(","), args.runs,
+                            out, deadline, args.out)
+    finally:
+        LOADGEN.close()
+    result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                   capture_output=True, text=True).stdout.strip()
+    result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
+    result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
+                                      capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")  # final, with gpu/commit/sglang
+    subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent), out.name],
+                   check=True)
+    if Path("/tmp/jitcache").exists() and not jit.exists():  # carry it next time: no nvcc builds in the runs
+        subprocess.run(f"cd /tmp/jitcache && find . -name '*.so' | tar -czf {args.out}/jitcache.tgz -T -",
+                       shell=True, check=False)
+    log(f"done: {args.out}/results-{args.family}.json")
+
+
+PREPARED = REPO / ".gpu-serve"
+LOADGEN: LoadGenerator
+
+if __name__ == "__main__":
+    main()

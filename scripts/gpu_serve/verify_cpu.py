@@ -1,0 +1,270 @@
+"""CPU check of a model directory written by build_model.py, with the sglang/transformers that will serve it.
+
+For the directory: AutoConfig / AutoTokenizer / AutoProcessor load it; a chat with two images (480x480 and
+800x600; for Qwen also a video given as 8 frames of 320x240) is rendered with the chat template the way
+SGLang's OpenAI server does it (image_url parts -> {"type": "image"}), the HF processor expands it, and the
+image/video token counts are compared with the counts each model's resize rule gives. Then SGLang's own path:
+ModelConfig (architecture, multimodal on/off, context length), the processor SGLang loads, the conversation
+template SGLang would pick from the path, and the SGLang multimodal processor for the architecture
+(`process_mm_data_async`) on the same prompt and images.
+
+usage: python verify_cpu.py MODEL_DIR [--family NAME] [--no-sglang]      (prints a JSON summary at the end)
+Needs no GPU (SGLang's processors only run Python/PIL/torch CPU code); video through SGLang needs CUDA
+(pin_memory) and a decodable video file, so it is only checked through HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SIZES = [(480, 480), (800, 600)]  # (width, height)
+
+
+def make_image(w: int, h: int, seed: int = 0):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (w, h), (30 + seed * 40, 90, 160))
+    d = ImageDraw.Draw(img)
+    for i in range(0, min(w, h) // 2 - 10, 40):
+        d.rectangle([i, i, w - i - 1, h - i - 1], outline=((i * 5) % 256, 200, (255 - i) % 256), width=6)
+    return img
+
+
+def data_url(img) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def qwen_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """transformers' qwen2_vl smart_resize."""
+    h_bar, w_bar = round(h / factor) * factor, round(w / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((h * w) / max_pixels)
+        h_bar = max(factor, math.floor(h / beta / factor) * factor)
+        w_bar = max(factor, math.floor(w / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (h * w))
+        h_bar, w_bar = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def expected_image_tokens(kind: str, cfg, proc) -> list[int]:
+    if kind == "gemma3":
+        return [cfg.mm_tokens_per_image] * len(SIZES)
+    ip = proc.image_processor
+    patch, merge = ip.patch_size, ip.merge_size
+    size = ip.size
+    mn = size["shortest_edge"] if "shortest_edge" in size else ip.min_pixels
+    mx = size["longest_edge"] if "longest_edge" in size else ip.max_pixels
+    out = []
+    for w, h in SIZES:
+        rh, rw = qwen_resize(h, w, patch * merge, mn, mx)
+        out.append((rh // patch) * (rw // patch) // merge**2)
+    return out
+
+
+def kind_of(cfg) -> str:
+    arch = cfg.architectures[0]
+    return {"Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl", "Qwen3VLForConditionalGeneration": "qwen3_vl",
+            "Gemma3ForConditionalGeneration": "gemma3"}[arch]
+
+
+def openai_messages(n_images: int, video: bool) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": f"img{i}"}} for i in range(n_images)]
+    if video:
+        parts.append({"type": "video_url", "video_url": {"url": "vid0"}})
+    parts.append({"type": "text", "text": "Describe these."})
+    return [{"role": "user", "content": parts}]
+
+
+def sglang_template_messages(msgs: list[dict]) -> list[dict]:
+    """What sglang's process_content_for_template_format gives the template for 'openai' content format."""
+    from sglang.srt.parser.jinja_template_utils import process_content_for_template_format
+
+    out = []
+    for m in msgs:
+        out.append(process_content_for_template_format(m, "openai", [], [], [], []))
+    return out
+
+
+def hf_check(model: Path, report: dict) -> tuple:
+    import numpy as np
+    import transformers
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(model)
+    tok = AutoTokenizer.from_pretrained(model)
+    proc = AutoProcessor.from_pretrained(model)
+    kind = kind_of(cfg)
+    report.update(transformers=transformers.__version__, architecture=cfg.architectures[0], model_type=cfg.model_type,
+                  processor=type(proc).__name__, image_processor=type(proc.image_processor).__name__,
+                  tokenizer=type(tok).__name__, len_tokenizer=len(tok))
+    tc = cfg.get_text_config()
+    report["text_config"] = {k: getattr(tc, k, None) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "intermediate_size", "vocab_size", "sliding_window", "rope_parameters")}
+    if kind == "gemma3":
+        report["text_config"]["layer_types[:6]"] = tc.layer_types[:6]
+    vc = cfg.vision_config
+    report["vision_config"] = {k: getattr(vc, k) for k in (
+        "depth", "num_hidden_layers", "hidden_size", "intermediate_size", "num_heads", "num_attention_heads",
+        "patch_size", "image_size", "spatial_merge_size", "temporal_patch_size", "out_hidden_size",
+        "deepstack_visual_indexes", "num_position_embeddings", "fullatt_block_indexes") if hasattr(vc, k)}
+
+    # special ids
+    names = {"qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>",
+                            "<|im_end|>", "<|endoftext|>"],
+             "qwen3_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>",
+                          "<|im_end|>", "<|endoftext|>", "<think>", "</think>"],
+             "gemma3": ["<bos>", "<eos>", "<pad>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                        "<end_of_image>", "<image_soft_token>"]}[kind]
+    report["special_ids"] = {n: tok.convert_tokens_to_ids(n) for n in names}
+    if kind == "gemma3":
+        report["config_ids"] = {"boi_token_index": cfg.boi_token_index, "eoi_token_index": cfg.eoi_token_index,
+                                "image_token_index": cfg.image_token_index, "eos_token_id": cfg.eos_token_id}
+        image_id = cfg.image_token_index
+    else:
+        report["config_ids"] = {k: getattr(cfg, k) for k in ("image_token_id", "video_token_id",
+                                                             "vision_start_token_id", "vision_end_token_id")}
+        image_id = cfg.image_token_id
+
+    images = [make_image(w, h, i) for i, (w, h) in enumerate(SIZES)]
+    video = kind != "gemma3"
+    msgs = sglang_template_messages(openai_messages(len(images), video))
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    report["prompt_rendered"] = prompt
+    kw = {}
+    frames = None
+    if video:
+        frames = np.stack([np.asarray(make_image(320, 240, k % 4)) for k in range(8)])  # T,H,W,C
+        kw["videos"] = [frames]
+        if kind == "qwen3_vl":
+            from transformers.video_utils import VideoMetadata
+
+            kw["video_metadata"] = [VideoMetadata(total_num_frames=8, fps=4.0, frames_indices=list(range(8)))]
+            kw["do_sample_frames"] = False
+    out = proc(text=[prompt], images=images, return_tensors="pt", **kw)
+    ids = out["input_ids"][0].tolist()
+    n_img = sum(1 for t in ids if t == image_id)
+    exp = expected_image_tokens(kind, cfg, proc)
+    report["hf"] = {"input_len": len(ids), "image_tokens": n_img, "expected_image_tokens": exp,
+                    "image_ok": n_img == sum(exp), "pixel_values": list(out["pixel_values"].shape)}
+    if "image_grid_thw" in out:
+        grid = out["image_grid_thw"].tolist()
+        report["hf"]["image_grid_thw"] = grid
+        report["hf"]["image_tokens_per_image"] = [t * h * w // 4 for t, h, w in grid]
+    if kind == "gemma3":
+        report["hf"]["boi_count"] = ids.count(cfg.boi_token_index)
+        report["hf"]["eoi_count"] = ids.count(cfg.eoi_token_index)
+        report["hf"]["bos_at_start"] = ids[:3]
+    if video:
+        vgrid = out["video_grid_thw"].tolist()
+        n_vid = sum(1 for t in ids if t == cfg.video_token_id)
+        t, h, w = vgrid[0]
+        report["hf"].update(video_grid_thw=vgrid, video_tokens=n_vid, expected_video_tokens=t * h * w // 4,
+                            video_ok=n_vid == t * h * w // 4,
+                            vision_start_count=ids.count(cfg.vision_start_token_id))
+    print(json.dumps({k: v for k, v in report.items() if k != "prompt_rendered"}, indent=1, default=str))
+    print("rendered prompt:", repr(prompt))
+    return cfg, tok, proc, kind, images, exp, prompt
+
+
+def sglang_check(model: Path, report: dict, kind: str, images, exp: list[int]) -> None:
+    import sglang
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
+    from sglang.srt.managers.tokenizer_manager import _determine_tensor_transport_mode, _get_processor_wrapper
+    from sglang.srt.parser.conversation import get_conv_template_by_model_path
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_tokenizer
+
+    sg = report.setdefault("sglang", {"version": sglang.__version__})
+    args = ServerArgs(model_path=str(model), load_format="dummy", device="cpu", enable_multimodal=True,
+                      skip_server_warmup=True, attention_backend="torch_native", mm_attention_backend="sdpa")
+    sg["conv_template_from_path"] = get_conv_template_by_model_path(str(model))
+    mc = ModelConfig.from_server_args(args)
+    sg["model_config"] = {"is_multimodal": mc.is_multimodal, "context_len": mc.context_len,
+                          "num_hidden_layers": mc.num_hidden_layers, "hidden_size": mc.hidden_size,
+                          "head_dim": mc.head_dim, "num_kv_heads": mc.get_total_num_kv_heads(),
+                          "vocab_size": mc.vocab_size, "is_hybrid_swa": getattr(mc, "is_hybrid_swa", None),
+                          "attention_arch": str(mc.attention_arch)}
+    # without --enable-multimodal (what the server decides by default)
+    args_default = ServerArgs(model_path=str(model), load_format="dummy", device="cpu", skip_server_warmup=True)
+    sg["is_multimodal_without_flag"] = ModelConfig.from_server_args(args_default).is_multimodal
+
+    set_global_server_args_for_tokenizer(args)  # as TokenizerManager.__init__ does
+    # On a GPU server SGLang runs the (fast) HF image processor on cuda:{base_gpu_id} in the tokenizer-manager
+    # process; here there is no GPU, so take the branch SGLang takes on a CPU engine.
+    import sglang.srt.multimodal.processors.base_processor as bp
+
+    bp._is_cpu = True
+    import_processors("sglang.srt.multimodal.processors")
+    processor = _get_processor_wrapper(args)
+    sg["processor"] = type(processor).__name__
+    mm = get_mm_processor(mc.hf_config, args, processor, _determine_tensor_transport_mode(args), model_config=mc)
+    sg["mm_processor"] = type(mm).__name__
+
+    # the OpenAI server path: render -> encode -> decode -> mm processor
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.utils.hf_transformers_utils import get_tokenizer_from_processor
+
+    tok = get_tokenizer_from_processor(processor)
+    msgs = sglang_template_messages(openai_messages(len(images), False))
+    rendered = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, return_dict=False)
+    auto_adds = len(tok.encode("")) > 0
+    ids = tok.encode(rendered, **({"add_special_tokens": False} if auto_adds else {}))
+    prompt = tok.decode(ids)
+    urls = [data_url(im) for im in images]
+    req = GenerateReqInput(text=prompt, image_data=urls, rid="verify-0")
+    res = asyncio.run(mm.process_mm_data_async(image_data=urls, input_text=prompt, request_obj=req))
+    out_ids = list(res.input_ids)
+    image_id = mc.hf_config.image_token_index if kind == "gemma3" else mc.hf_config.image_token_id
+    items = [it for it in res.mm_items]
+    offsets = [list(map(list, getattr(it, "offsets", []) or [])) for it in items]
+    per_image = [e - s + 1 for it in offsets for s, e in it]
+    sg["mm"] = {"input_len": len(out_ids), "image_tokens": out_ids.count(image_id), "expected": exp,
+                "ok": out_ids.count(image_id) == sum(exp), "mm_items": len(items),
+                "modalities": [str(it.modality) for it in items], "offsets": offsets,
+                "tokens_per_image_from_offsets": per_image,
+                "feature_shapes": [list(getattr(it, "feature", None).shape) if getattr(it, "feature", None) is not None
+                                   else None for it in items],
+                "tokenizer_auto_adds_specials": auto_adds, "first_ids": out_ids[:4]}
+    if getattr(res, "mrope_positions", None) is not None:
+        sg["mm"]["mrope_positions"] = list(res.mrope_positions.shape)
+        sg["mm"]["mrope_position_delta"] = res.mrope_position_delta.flatten().tolist()
+    print(json.dumps(sg, indent=1, default=str))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--no-sglang", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the summary here")
+    a = ap.parse_args()
+    report: dict = {"model": str(a.model)}
+    _cfg, _tok, _proc, kind, images, exp, _ = hf_check(a.model, report)
+    ok = report["hf"]["image_ok"] and report["hf"].get("video_ok", True)
+    if not a.no_sglang:
+        sglang_check(a.model, report, kind, images, exp)
+        ok = ok and report["sglang"]["mm"]["ok"]
+    report["ok"] = bool(ok)
+    if a.json:
+        a.json.write_text(json.dumps(report, indent=1, default=str))
+    print("RESULT", "OK" if ok else "MISMATCH", a.model)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
