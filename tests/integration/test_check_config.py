@@ -1,8 +1,8 @@
 """``mm-scheduler check-config`` refuses exactly what the server refuses, with the same message.
 
 Both run :func:`mm_scheduler_sglang.settings.resolve`: the server through its ``ServerArgs`` hooks
-(SGLang's own ``prepare_server_args`` and ``Engine``'s ``resolve_once``), the CLI directly. Each bad
-file below is given to all three; the messages must be identical.
+(SGLang's own ``prepare_server_args`` and ``Engine``'s ``resolve_once``, ``check_server_args`` before
+0.5.19), the CLI directly. Each bad file below is given to all three; the messages must be identical.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import logging
 import os
 
 import pytest
-from mm_scheduler_sglang import settings, sglang_plugin
+from mm_scheduler_sglang import settings, sglang_compat, sglang_plugin
 
 from mm_scheduler import cli
 
@@ -72,10 +72,12 @@ def _engine_refusal(hooks_applied, config: str, monkeypatch) -> str:
     """What ``sglang.Engine`` users get with ``MM_COALESCER_CONFIG``."""
     from sglang.srt.server_args import ServerArgs
 
+    # resolve_once (0.5.19+) or check_server_args (before): the hook the layer picks for this SGLang
+    hook = sglang_compat.current().hook_target("engine_settings").rpartition(".")[2]
     monkeypatch.setenv(settings.ENV_CONFIG, config)
     try:
-        with pytest.raises(SystemExit) as info:
-            ServerArgs(model_path="dummy").resolve_once()
+        with pytest.raises(SystemExit) as info:  # (0.5.16's check_server_args needs the two fields a launch sets)
+            getattr(ServerArgs(model_path="dummy", served_model_name="dummy", chunked_prefill_size=-1), hook)()
     finally:
         monkeypatch.delenv(settings.ENV_CONFIG)
     return str(info.value)[len("mm-coalescer: "):]
