@@ -21,6 +21,8 @@ from mm_scheduler.testing import FakeTower, expected_encoding
 
 from .helpers import image, pending_tasks, until, video
 
+pytestmark = pytest.mark.timeout(60)  # tests wait on gates and threads: a hang fails fast
+
 
 def config(**overrides) -> CoalescerConfig:
     base = dict(max_wait_ms=2.0, max_batch_items=64, budget_bytes=1024 * 4096, max_queue_patches=1_000_000)

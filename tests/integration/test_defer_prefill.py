@@ -13,6 +13,8 @@ from test_service import SumTower, item
 
 from mm_scheduler import CoalescerConfig
 
+pytestmark = pytest.mark.timeout(60)  # tests wait on gates and threads: a hang fails fast
+
 
 def _req(rid: str):
     from sglang.srt.managers.schedule_batch import Req

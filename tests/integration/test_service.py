@@ -22,6 +22,8 @@ from mm_scheduler_sglang.service import EncoderService
 
 from mm_scheduler import CoalescerConfig, EncodeItem
 
+pytestmark = pytest.mark.timeout(60)  # tests wait on gates and threads: a hang fails fast
+
 ROWS = 4
 
 
