@@ -14,6 +14,8 @@ there) and a summary per module in ``build/mutate/summary.json``.
     .venv/bin/python scripts/mutate.py                          # every mapped module (hours on 2 cores)
     .venv/bin/python scripts/mutate.py service held             # some modules (file stem or path)
     .venv/bin/python scripts/mutate.py --max-children 1 modes   # fewer parallel workers
+    .venv/bin/python scripts/mutate.py --recheck service        # after adding tests: rerun only the
+                                                                # survivors of the last run, with today's tests
     MUTATE_ARGS="service" make mutate
 """
 
@@ -39,7 +41,7 @@ CORE = "tests/core/"
 TESTS_OF: dict[str, list[str]] = {
     # the SGLang plugin (integration/, imported as mm_scheduler_sglang)
     "integration/held.py": [SI + "test_held.py", SI + "test_service.py"],
-    "integration/service.py": [SI + "test_service.py", SI + "test_service_bugs.py", SI + "test_service_soak.py",
+    "integration/service.py": [SI + "test_service.py", SI + "test_service_soak.py",
                                SI + "test_early_encoding.py", SI + "test_defer_prefill.py"],
     "integration/sglang_plugin.py": [SI + "test_plugin_hooks.py", SI + "test_early_encoding.py",
                                      SI + "test_defer_prefill.py", SI + "test_startup_guard.py",
@@ -73,6 +75,15 @@ def module_names(selected: list[str]) -> list[str]:
             raise SystemExit(f"mutate: {name!r} names no mapped module; known: {', '.join(TESTS_OF)}")
         chosen += [m for m in hits if m not in chosen]
     return chosen
+
+
+def refresh_tests(work: Path, module: str) -> None:
+    """Today's tests in an existing scratch copy (mutmut copies them into mutants/ when it runs)."""
+    shutil.rmtree(work / "tests")
+    shutil.copytree(ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if module.startswith("integration/"):
+        with open(work / "tests" / "integration" / "conftest.py", "a") as conftest:
+            conftest.write(PRELOAD)
 
 
 def scratch_copy(module: str, timeout_s: int) -> Path:
@@ -147,16 +158,29 @@ def main() -> int:
     parser.add_argument("modules", nargs="*", help="module paths or stems (default: every mapped module)")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers (default 2)")
     parser.add_argument("--timeout", type=int, default=DEFAULT_TIMEOUT_S, help="per-test timeout, s")
+    parser.add_argument("--recheck", action="store_true",
+                        help="rerun only the last run's surviving mutants, with the current tests")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     summary_path = OUT / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     for module in module_names(args.modules):
-        work = scratch_copy(module, args.timeout)
         started = time.monotonic()
-        print(f"== mutate {module}: tests {' '.join(TESTS_OF[module])}", flush=True)
-        rc = subprocess.run([MUTMUT, "run", "--max-children", str(args.max_children)],
+        names: list[str] = []
+        if args.recheck:
+            work = OUT / Path(module).stem
+            if not (work / "mutants").is_dir():
+                raise SystemExit(f"mutate: no earlier run of {module} in {work} to recheck")
+            names = summarize(work, module)["survivors"]
+            refresh_tests(work, module)
+            print(f"== recheck {module}: {len(names)} survivors", flush=True)
+            if not names:
+                continue
+        else:
+            work = scratch_copy(module, args.timeout)
+            print(f"== mutate {module}: tests {' '.join(TESTS_OF[module])}", flush=True)
+        rc = subprocess.run([MUTMUT, "run", "--max-children", str(args.max_children), *names],
                             cwd=work, env=env, check=False).returncode
         result = summarize(work, module)
         result["seconds"] = round(time.monotonic() - started)
