@@ -318,7 +318,7 @@ def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
 
 def test_sglangs_own_method_never_runs_during_a_coalescer_forward(make_service):
     """Issue 8 item 11: one tower, one user at a time."""
-    service = make_service()
+    service = make_service(prefill_wait_s=30.0)  # the lock wait yields to a hang only after 30 s: not in this test
     service.tower.gate.clear()
     service.on_arrival("r", [item(5)])
     _eventually(service.tower.in_forward.is_set, "the tower to be busy")
