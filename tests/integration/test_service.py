@@ -131,13 +131,19 @@ def _blocked_in(thread: threading.Thread, function: str, filename: str) -> bool:
         return False
     innermost = frame
     while frame is not None:
-        if frame.f_code.co_name == function and frame.f_code.co_filename.endswith(filename):
+        if _named(frame.f_code.co_name, function) and frame.f_code.co_filename.endswith(filename):
             if innermost.f_code.co_filename.endswith("threading.py"):
                 return True
             line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
             return frame is innermost and (".acquire(" in line or ".wait(" in line)
         frame = frame.f_back
     return False
+
+
+def _named(code_name: str, function: str) -> bool:
+    """``function`` itself, or its copy under mutation testing (mutmut renames ``f`` to ``x_f__mutmut_orig``,
+    a method to ``xǁClassǁf__mutmut_orig``, and so on)."""
+    return code_name == function or f"ǁ{function}__mutmut" in code_name or code_name.startswith(f"x_{function}__mutmut")
 
 
 def _wait_until_blocked(thread: threading.Thread, function: str, filename: str, what: str) -> None:
