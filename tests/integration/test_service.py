@@ -284,7 +284,7 @@ def test_release_all_frees_everything_when_the_server_releases_memory(make_servi
     assert service.stats()["held_bytes"] == 0 and service.held_keys() == set()
 
 
-def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make_service):
+def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make_service, caplog):
     """Issue 8 item 10 / issue 11: a hung or slow tower never holds the scheduler thread unbounded."""
     service = make_service(prefill_wait_s=0.2)
     service.tower.gate.clear()
@@ -300,6 +300,7 @@ def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make
     # been held 0.2 s in all. Generous margin for a loaded machine; an unbounded wait would take the 30 s gate.
     assert 0.2 <= elapsed < 2.0, f"the prefill blocked {elapsed:.2f} s (bound 0.2 s + margin)"
     assert service.stats()["exclusive_overrides"] == 1
+    assert "the model's own method runs beside it" in caplog.text
 
 
 def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
@@ -452,3 +453,96 @@ def test_an_on_demand_encode_jumps_the_queue(make_service):
     prefill.join(30)
     assert torch.equal(result["value"], expected(7)) and service.counts["encoded_on_demand"] == 1
     assert service.tower.forwarded[:2] == [(100, 0), (7, 0)], service.tower.forwarded
+
+
+# --- contracts that mutation testing showed unchecked ------------------------------------------------
+def test_queue_keys_name_each_keyed_unit_and_every_frame_of_a_video():
+    from mm_scheduler_sglang.service import _queue_keys
+
+    units = [EncodeItem(torch.zeros(2, 3), 2, "image", None), EncodeItem(torch.zeros(2, 3), 2, "image", "a"),
+             EncodeItem(torch.zeros(3, 5, 2), 5, "video", "v")]  # 3 frames of 5 rows
+    assert _queue_keys(units) == ["a", ("v", 0), ("v", 1), ("v", 2)]
+
+
+def test_close_fails_queued_work_and_stops_the_loop_thread():
+    from mm_scheduler import CoalescerClosedError
+
+    config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(SumTower(), config, lockstep=False).start()  # closed here, not by the fixture
+    service.tower.gate.clear()
+    service.on_arrival("busy", [item(1)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    service.on_arrival("queued", [item(2)])
+    queued = service._held_handle(item(2))
+    closing, _ = _start_thread(service.close)
+    _eventually(queued.done, "close to fail the queued work while the forward still runs")
+    with pytest.raises(CoalescerClosedError):
+        queued.result()
+    service.tower.gate.set()  # the running batch finishes, then close returns
+    closing.join(30)
+    assert not closing.is_alive() and not service._loop.thread.is_alive()
+    assert service.held_keys() == set()
+
+
+def test_fallbacks_and_sources_are_counted_in_the_service_and_in_prometheus(make_service, caplog):
+    from prometheus_client import REGISTRY
+
+    tower = SumTower()
+    config = CoalescerConfig(name="counted-sources", budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(tower, config, lockstep=False).start()
+    try:
+        def sample(source: str) -> float:
+            labels = {"coalescer": "counted-sources", "source": source}
+            return REGISTRY.get_sample_value("mm_coalescer_prefill_items_total", labels) or 0.0
+
+        before = {source: sample(source) for source in ("early", "on_demand", "fallback")}
+        precomputed = SimpleNamespace(**{**vars(item(6)), "precomputed_embeddings": torch.zeros(1)})
+        own = lambda items: "sglang's own"  # noqa: E731
+        assert service.encode([precomputed, precomputed], original=own) == "sglang's own"
+        assert service.encode([precomputed], original=own) == "sglang's own"
+        service.on_arrival("r", [item(1)])
+        service.encode([item(1), item(2)], original=never)  # one early, one on demand
+        assert service.counts["fallbacks"] == 2
+        assert {s: sample(s) - before[s] for s in before} == {"early": 1.0, "on_demand": 1.0, "fallback": 3.0}
+        assert service.stats()["mode"] == "async"
+    finally:
+        service.close()
+
+
+def test_consumed_skips_items_without_a_hash_or_offsets_and_frees_the_rest(make_service):
+    service = make_service()
+    hashless = SimpleNamespace(**{**vars(item(1)), "hash": None})
+    no_offsets = SimpleNamespace(**{**vars(item(2)), "offsets": []})
+    passed = item(3, end=4)
+    service.on_arrival("r", [no_offsets, passed])
+    service.consumed("r", [hashless, no_offsets, passed], prefilled_upto=100)
+    assert service.held_keys() == {("image", 2)}  # kept until release: it cannot tell where its tokens are
+
+
+def test_sweeps_and_admissions_are_counted_across_calls(make_service):
+    service = make_service(max_held_bytes=ROWS * 4)
+    service.on_arrival("a", [item(1)])
+    service.on_arrival("b", [item(2)])  # deferred
+    service.on_arrival("c", [item(3)])  # deferred
+    service.release("a")  # b admitted
+    service.release("b")  # c admitted
+    assert service.counts["admitted"] == 2
+    service.on_arrival("d", [item(4)])
+    service.sweep(set())
+    assert service.sweep(set()) == 2  # c and d, absent from two sweeps running
+    service.on_arrival("e", [item(20)])
+    service.sweep(set())
+    assert service.sweep(set()) == 1
+    assert service.counts["swept"] == 3
+
+
+def test_lockstep_withdrawal_counts_only_work_that_was_still_pending(make_service):
+    service = make_service(lockstep=True)
+    service.on_arrival("queued", [item(1)])
+    service.release("queued", aborted=True)  # its ticket never ran
+    assert service.counts["cancelled"] == 1
+    service.on_arrival("done", [item(2)])
+    service.encode([item(2)], original=never)  # runs the ticket
+    service.release("done")
+    assert service.counts["cancelled"] == 1 and service.counts["released"] == 2
+    assert service.stats()["mode"] == "lockstep"
