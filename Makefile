@@ -9,7 +9,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 BENCH_PIP := $(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check
 MATPLOTLIB := matplotlib==3.11.2
 
-.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test gpu-serve gpu-serve-prepare
+.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test gpu-serve gpu-serve-prepare mutate
 
 # torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
 $(VENV)/.core-installed: pyproject.toml
@@ -81,6 +81,14 @@ soak: $(VENV)/.test-installed
 	$(PY) -m mm_scheduler.soak --requests 10000 --clients 400 --json benchmarks/results/soak.json
 	$(PY) -m mm_scheduler.soak --requests 10000 --clients 400 --loop uvloop \
 		--driver mm_scheduler_sglang.soak_driver:ServiceDriver --json benchmarks/results/soak_service.json
+
+# Mutation testing (not part of `make test` or CI): mutmut applies one-line bugs to one module at a time and runs
+# that module's test files (scripts/mutate.py maps them); a surviving mutant is a bug no test catches. Hours for
+# everything on 2 cores: MUTATE_ARGS picks modules, e.g. `make mutate MUTATE_ARGS="service held --max-children 2"`.
+# Results: build/mutate/summary.json, and `mutmut browse` in build/mutate/<module>.
+MUTATE_ARGS ?=
+mutate: $(VENV)/.test-installed
+	$(PY) scripts/mutate.py $(MUTATE_ARGS)
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/ruff check .

@@ -21,6 +21,8 @@ from mm_scheduler.testing import FakeTower, expected_encoding
 
 from .helpers import image, pending_tasks, until, video
 
+pytestmark = pytest.mark.timeout(60)  # tests wait on gates and threads: a hang fails fast
+
 
 def config(**overrides) -> CoalescerConfig:
     base = dict(max_wait_ms=2.0, max_batch_items=64, budget_bytes=1024 * 4096, max_queue_patches=1_000_000)
@@ -511,7 +513,8 @@ async def test_close_finishes_queued_work_by_default():
     task = asyncio.create_task(co.encode(items))
     await until(lambda: co.stats()["pending_units"] == 5)
     closing = asyncio.create_task(co.aclose())
-    await asyncio.sleep(0.01)
+    await until(lambda: co.stats()["closed"])  # closing began while the work was still queued
+    assert co.stats()["pending_units"] == 5
     gate.set()
     await closing
     assert_outputs(items, await task)
@@ -529,7 +532,8 @@ async def test_close_with_cancel_pending_fails_queued_work_and_finishes_running_
     queued = asyncio.create_task(co.encode([image(16), image(64)]))
     await until(lambda: co.stats()["pending_units"] == 2)
     closing = asyncio.create_task(co.aclose(cancel_pending=True))
-    await asyncio.sleep(0.01)
+    await until(queued.done)  # failed by the close while the tower still held the first batch
+    assert not running.done()
     gate.set()
     await closing
     await running  # it was already on the tower: it completes
@@ -547,7 +551,7 @@ async def test_close_wakes_requests_waiting_for_queue_space():
     queued = asyncio.create_task(co.encode([image(64)]))
     await until(lambda: co.stats()["pending_patches"] == 64)
     waiting = asyncio.create_task(co.encode([image(64)]))
-    await asyncio.sleep(0.01)
+    await until(lambda: len(co._space_freed._waiters) == 1)  # it waits for queue space
     closing = asyncio.create_task(co.aclose(cancel_pending=True))
     gate.set()
     await closing
@@ -636,7 +640,7 @@ async def test_back_to_back_requests_complete_with_any_inflight_limit(max_inflig
     tower = FakeTower(fixed_s=0.05)
     async with Coalescer(tower, config(max_inflight_batches=max_inflight)) as co:
         first = asyncio.create_task(co.encode([image(16)]))
-        await asyncio.sleep(0.01)
+        await until(lambda: len(tower.log) == 1)  # the second arrives while the first's forward runs
         second_item = image(16)
         second = asyncio.create_task(co.encode([second_item]))
         async with asyncio.timeout(5):

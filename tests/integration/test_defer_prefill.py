@@ -13,6 +13,8 @@ from test_service import SumTower, item
 
 from mm_scheduler import CoalescerConfig
 
+pytestmark = pytest.mark.timeout(60)  # tests wait on gates and threads: a hang fails fast
+
 
 def _req(rid: str):
     from sglang.srt.managers.schedule_batch import Req
@@ -84,16 +86,22 @@ def test_without_decode_work_nothing_is_deferred(service):
 
 
 def test_deferral_is_bounded(service, monkeypatch):
-    monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.05)
+    """A request sits out prefill batches for at most ``defer_prefill_ms`` from the first time it did (clock faked)."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(sglang_plugin.time, "monotonic", lambda: clock.now)
+    monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.5)
     service.tower.gate.clear()
     service.on_arrival("slow", [item(4)])
     scheduler = SimpleNamespace(waiting_queue=[_req("slow")])
     seen: list = []
     original = _prefill_admitting_everything(seen)
     sglang_plugin._around_get_new_batch_prefill(original, scheduler, _running(1))
-    time.sleep(0.06)
+    clock.now += 0.25  # binary-exact steps: the bound is reached exactly
     sglang_plugin._around_get_new_batch_prefill(original, scheduler, _running(1))
-    assert seen == [[], ["slow"]]
+    clock.now += 0.25
+    sglang_plugin._around_get_new_batch_prefill(original, scheduler, _running(1))
+    assert seen == [[], [], ["slow"]]
+    assert "slow" not in sglang_plugin._deferred_since  # a later deferral starts a new bound
 
 
 def test_off_by_default_and_in_lockstep_every_request_is_ready(service, monkeypatch):

@@ -11,9 +11,11 @@ SGLang's own ``zmq_to_tokenizer`` transfer (pickled ``EmbeddingData`` + raw tens
 
 The TP=2 group is two processes on gloo with the vision tower TP-sharded by SGLang itself (published
 ``tp_size=2``; one harness patch: groups skip PyNccl on CPU). Rank 0 starts its worker as
-``launch_local_runtime`` does. Videos are not exercised: SGLang's own video preprocessing cannot run
-on this CPU-only setup (``preprocess_video`` pins memory; raw frame tensors fail transformers 5.19's
-``video_metadata`` validation), on its path and ours alike.
+``launch_local_runtime`` does. Videos: SGLang's own video *decoding* cannot run on this CPU-only setup
+(decord files; ``preprocess_video`` pins memory), on its path and ours alike, so the video scenario
+replaces only ``EncoderPreprocessor._flatten_and_load_videos`` (decode + frame sampling) with synthetic
+uint8 frames; SGLang's HF video processor, its qwen2_5_vl ``second_per_grid_ts``, ``MMEncoder`` and the
+transport stay real, and SGLang's own (unbatched) video path is the reference.
 Every scenario runs in spawned processes with a queue timeout, so a hang fails instead of blocking.
 """
 
@@ -295,6 +297,83 @@ async def _tp1_scenarios() -> dict:
     return _plain(res)
 
 
+def _synthetic_videos(preprocessor) -> None:
+    """Harness patch: a video leaf ``"synthetic:<seed>:<frames>:<height>:<width>"`` decodes to random uint8
+    frames ``[frames, 3, height, width]``, already sampled (what decord + ``preprocess_video`` hand over)."""
+    import torch
+
+    async def load(mm_items):
+        videos = []
+        for leaf in preprocessor._flatten_nested_items(mm_items):
+            _, seed, frames, height, width = leaf.split(":")
+            generator = torch.Generator().manual_seed(int(seed))
+            videos.append(torch.randint(0, 256, (int(frames), 3, int(height), int(width)), dtype=torch.uint8,
+                                        generator=generator))
+        return videos, {"do_sample_frames": False}
+
+    preprocessor._flatten_and_load_videos = load
+
+
+def _video_workload(prefill: Prefill, tag: str) -> list[dict]:
+    """Videos of several lengths and sizes (one request with two), next to images of other requests."""
+    videos = [["synthetic:1:4:56:84"], ["synthetic:2:2:84:56"], ["synthetic:3:6:56:56", "synthetic:4:2:56:112"]]
+    reqs = [_request(f"{tag}v{r}", "video", leaves, prefill) for r, leaves in enumerate(videos)]
+    reqs += [_request(f"{tag}i{r}", "image", [_png(56 + 28 * r, 84, seed=50 + r)], prefill) for r in range(3)]
+    return reqs
+
+
+def _tp1_video_main(out) -> None:
+    try:
+        out.put(("ok", asyncio.run(_tp1_video_scenarios())))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
+async def _tp1_video_scenarios() -> dict:
+    _init_dist(0, 1, _free_port())
+    from mm_scheduler_sglang.epd import install
+    from sglang.srt.disaggregation.encoder import runtime as rt
+    from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    from mm_scheduler import CoalescerConfig
+
+    enc = _build_encoder(0)
+    _synthetic_videos(enc.preprocessor)
+    prefill = Prefill()
+    res: dict = {"batchable_before": sorted(m.name for m in rt._BATCHABLE_MODALITIES)}
+    # SGLang's own path: images through EncoderScheduler, each video encoded alone (not batchable).
+    sglang_sched = EncoderScheduler(enc, [], max_batch_size=8)
+    sglang_sched.start()
+    res["sglang_outcomes"] = await _run_pipeline(enc, sglang_sched, _video_workload(prefill, "S"))
+    await sglang_sched.stop()
+    res["sglang"] = _embeddings(prefill, "S")
+
+    # Ours, installed as the plugin installs it (which routes videos to the scheduler too).
+    runtime = SimpleNamespace(encoder=enc, send_sockets=[], tp_processes=[], scheduler=sglang_sched)
+    config = CoalescerConfig(name="epd-video", budget_bytes=64 * 1024 * 1024, bytes_per_patch=8192,
+                             max_batch_items=16)
+    ours = install(runtime, config)
+    res["batchable_after"] = sorted(m.name for m in rt._BATCHABLE_MODALITIES)
+    res["installed"] = runtime.scheduler is ours
+    await ours.astart()
+    forwards: list[tuple[str, ...]] = []
+    original_forward = ours.tower.forward
+
+    def recording_forward(units):
+        forwards.append(tuple(u.meta["unit"].modality.name for u in units))
+        return original_forward(units)
+
+    ours.tower.forward = recording_forward
+    res["ours_outcomes"] = await _run_pipeline(enc, ours, _video_workload(prefill, "C"))
+    res["ours"] = _embeddings(prefill, "C")
+    res["forwards"] = forwards
+    res["stats"] = dict(ours.stats)
+    await ours.stop()
+    rt._BATCHABLE_MODALITIES.discard(Modality.VIDEO)
+    return _plain(res)
+
+
 def _worker_main(port: int, schedule_path: str) -> None:
     """TP rank 1 as SGLang runs it (server.run_encoder): PULL socket -> _handle_encoder_worker_request."""
     _init_dist(1, 2, port)
@@ -467,6 +546,32 @@ def test_disconnected_client_is_withdrawn_and_others_finish(tp1):
     assert d["cancelled"] and d["pending_after_cancel"] == 1, d
     assert list(d["first"].values()) == ["ok"] and d["stayer"] == {"Lstay": "ok"}, d
     assert d["states_left"] == [], d  # nothing staged or leaked for anyone
+
+
+@pytest.fixture(scope="module")
+def tp1_video() -> dict:
+    (status, payload), = _spawn([(_tp1_video_main,)], TIMEOUT_S)
+    assert status == "ok", payload
+    return payload
+
+
+def test_videos_are_coalesced_with_images_and_reach_prefill_as_sglangs_own_video_path_encodes_them(tp1_video):
+    res = tp1_video
+    assert "VIDEO" not in res["batchable_before"] and "VIDEO" in res["batchable_after"] and res["installed"]
+    assert set(res["sglang_outcomes"].values()) == {"ok"}, res["sglang_outcomes"]
+    assert set(res["ours_outcomes"].values()) == {"ok"}, res["ours_outcomes"]
+    assert sorted(res["sglang"]) == sorted(res["ours"]) == ["i0", "i1", "i2", "v0", "v1", "v2"]
+    import torch
+
+    for key, theirs in res["sglang"].items():
+        a, b = torch.tensor(theirs[1]), torch.tensor(res["ours"][key][1])
+        assert a.shape == b.shape, key
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=key)
+    units = [m for forward in res["forwards"] for m in forward]
+    assert units.count("VIDEO") == 4 and units.count("IMAGE") == 3  # one unit per video, per image
+    assert len(res["forwards"]) < 6  # requests shared forwards
+    assert any({"VIDEO", "IMAGE"} <= set(f) for f in res["forwards"]), res["forwards"]  # Qwen2.5-VL mixes them
+    assert res["stats"]["ok"] == 6 and res["stats"]["failed"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -176,3 +176,36 @@ class HeldMachine(RuleBasedStateMachine):
 
 TestHeldMachine = HeldMachine.TestCase
 TestHeldMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+
+
+def test_handles_of_a_request_are_its_entries_none_while_one_is_deferred_and_empty_for_a_stranger():
+    held: HeldResults[str, str] = HeldResults(max_bytes=10)
+    held.add("a", "x", "hx", 6)
+    held.add("b", "y", "hy", 4)
+    held.defer("b", "z", 5, "Z")
+    assert held.handles_of("a") == ["hx"]
+    assert held.handles_of("b") is None  # z is not even submitted: not ready
+    assert held.handles_of("nobody") == []  # a request holding nothing waits for nothing
+
+
+def test_admission_counts_what_is_held_and_what_it_admitted_before():
+    held: HeldResults[str, str] = HeldResults(max_bytes=100)
+    held.add("a", "x", "hx", 40)
+    held.add("b", "w", "hw", 50)
+    held.defer("c", "y", 30, "Y")
+    held.defer("d", "z", 40, "Z")
+    held.release("b")  # 40 held: y fits (70), then z would make 110
+    assert [d.payload for d in held.admit()] == ["Y"]
+    assert held.is_deferred("z")
+
+
+def test_adding_or_deferring_a_key_twice_names_the_key():
+    held: HeldResults[str, str] = HeldResults(max_bytes=100)
+    held.add("a", "x", "hx", 10)
+    held.defer("a", "big", 500, "B")
+    with pytest.raises(KeyError, match="'x' is already held or deferred"):
+        held.defer("b", "x", 10, "X")
+    with pytest.raises(KeyError, match="'big' is already held or deferred"):
+        held.add("b", "big", "hb", 10)
+    with pytest.raises(ValueError, match="max_bytes must be >= 0, got -1"):
+        HeldResults(max_bytes=-1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mm_scheduler_sglang import settings
@@ -33,7 +35,12 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
     ("sglang:\n  llm_stream_priority: low\n", "llm_stream_priority"),
     ("sglang:\n  prefill_wait_ms: 0\n", "prefill_wait_ms"),
     ("sglang:\n  defer_prefill_ms: -1\n", "defer_prefill_ms"),
-    ("sglang: [1]\n", "'sglang' must be a mapping"),
+    ("sglang: [1]\n", "'sglang' must be a mapping, got list"),
+    ("sglang:\n  prefill_wait_ms: true\n", "prefill_wait_ms"),
+    ("sglang:\n  prefill_wait_ms: soon\n", "prefill_wait_ms"),
+    ("sglang:\n  prefill_wait_ms: -5\n", "prefill_wait_ms"),
+    ("sglang:\n  defer_prefill_ms: true\n", "defer_prefill_ms"),
+    ("sglang:\n  defer_prefill_ms: later\n", "defer_prefill_ms"),
 ])
 def test_a_bad_plugin_setting_names_the_file_and_the_key(tmp_path, body, named):
     path = tmp_path / "bad.yaml"
@@ -41,3 +48,79 @@ def test_a_bad_plugin_setting_names_the_file_and_the_key(tmp_path, body, named):
     with pytest.raises(ValueError) as info:
         settings.resolve(False, str(path))
     assert str(path) in str(info.value) and named in str(info.value)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in (settings.ENV_ENABLE, settings.ENV_CONFIG, settings.ENV_MODE, settings.ENV_MAX_HELD_MB):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path, clean_env):
+    path = tmp_path / "c.yaml"
+    path.write_text("sglang:\n  prefill_wait_ms: 0.5\n")
+    assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
+                                                            "defer_prefill_ms": 0.0}
+
+
+def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):
+    assert settings.resolve(False, None) is None
+    clean_env.setenv(settings.ENV_ENABLE, "0")
+    assert settings.resolve(False, None) is None
+    for value in ("1", " Yes ", "TRUE", "on"):
+        clean_env.setenv(settings.ENV_ENABLE, value)
+        assert settings.resolve(False, None) is not None, value
+    clean_env.delenv(settings.ENV_ENABLE)
+    assert settings.resolve(True, None) == {"config_path": None, "values": {}, "mode": "auto",
+                                            "max_held_bytes": 1024 * 2**20, "plugin": settings.PLUGIN_DEFAULTS}
+
+
+def test_the_config_file_comes_from_the_flag_else_the_environment(tmp_path, clean_env):
+    flagged, env = tmp_path / "flag.yaml", tmp_path / "env.yaml"
+    flagged.write_text("name: from-flag\n")
+    env.write_text("name: from-env\n")
+    clean_env.setenv(settings.ENV_CONFIG, str(env))
+    chosen = settings.resolve(False, None)
+    assert chosen["config_path"] == str(env) and chosen["values"]["name"] == "from-env"
+    assert settings.resolve(False, str(flagged))["values"]["name"] == "from-flag"
+    clean_env.setenv(settings.ENV_CONFIG, "")  # empty: no file, and not enabled by it
+    assert settings.resolve(False, None) is None
+
+
+def test_the_mode_comes_from_the_environment_case_insensitively_and_is_checked(clean_env):
+    clean_env.setenv(settings.ENV_MODE, " LockStep ")
+    assert settings.resolve(True, None)["mode"] == "lockstep"
+    clean_env.setenv(settings.ENV_MODE, "sync")
+    with pytest.raises(ValueError, match=r"MM_COALESCER_MODE='sync': expected one of \['auto', 'async', 'lockstep'\]"):
+        settings.resolve(True, None)
+
+
+def test_the_held_results_cap_comes_from_the_flag_else_the_environment_in_megabytes(clean_env):
+    assert settings.resolve(True, None, 1.5)["max_held_bytes"] == int(1.5 * 2**20)
+    clean_env.setenv(settings.ENV_MAX_HELD_MB, "512")
+    assert settings.resolve(True, None)["max_held_bytes"] == 512 * 2**20
+    assert settings.resolve(True, None, 0.0)["max_held_bytes"] == 0  # the flag wins, and 0 is allowed
+    clean_env.setenv(settings.ENV_MAX_HELD_MB, "lots")
+    with pytest.raises(ValueError, match="MM_COALESCER_MAX_HELD_MB='lots': expected a number of megabytes"):
+        settings.resolve(True, None)
+    with pytest.raises(ValueError, match=">= 0 MB"):
+        settings.resolve(True, None, -1.0)
+
+
+def test_the_flags_join_sglangs_parser_with_their_defaults():
+    parser = argparse.ArgumentParser()
+    settings.add_cli_args(parser)
+    assert vars(parser.parse_args([])) == {"enable_mm_coalescer": False, "mm_coalescer_config": None,
+                                           "mm_coalescer_max_held_mb": None}
+    args = parser.parse_args(["--enable-mm-coalescer", "--mm-coalescer-config", "c.yaml",
+                              "--mm-coalescer-max-held-mb", "12.5"])
+    assert (args.enable_mm_coalescer, args.mm_coalescer_config, args.mm_coalescer_max_held_mb) == (True, "c.yaml", 12.5)
+    text = parser.format_help()
+    assert settings.ENV_ENABLE in text and settings.ENV_CONFIG in text and settings.ENV_MAX_HELD_MB in text
+    assert "mm-scheduler" in text and "1024" in text
+
+
+def test_settings_travel_as_one_attribute_of_server_args():
+    assert settings.settings_of(SimpleNamespace(**{settings.ATTR: {"mode": "auto"}})) == {"mode": "auto"}
+    assert settings.settings_of(SimpleNamespace()) is None

@@ -7,7 +7,9 @@ covered in test_adapters.py, test_equivalence.py and test_early_encoding.py).
 
 from __future__ import annotations
 
+import linecache
 import random
+import sys
 import threading
 import time
 from array import array
@@ -19,6 +21,8 @@ from mm_scheduler_sglang.adapters import SGLangTower
 from mm_scheduler_sglang.service import EncoderService
 
 from mm_scheduler import CoalescerConfig, EncodeItem
+
+pytestmark = pytest.mark.timeout(60)  # tests wait on gates and threads: a hang fails fast
 
 ROWS = 4
 
@@ -62,10 +66,28 @@ class SumTower(SGLangTower):
             self.in_forward.clear()
 
 
-def item(hash_value: int, end: int = 10):
+class VideoSumTower(SumTower):
+    """Also takes videos: one video unit of ``frames`` frames, which the coalescer splits into frame units."""
+
+    def units(self, item) -> list[EncodeItem]:
+        if item.modality.name == "VIDEO":
+            return [EncodeItem(item.feature, ROWS, "video", (item.hash, 0))]
+        return super().units(item)
+
+    def output_bytes(self, item) -> int:
+        return item.feature.shape[0] * ROWS * 4 if item.modality.name == "VIDEO" else ROWS * 4
+
+
+def item(hash_value: int, end: int = 10, start: int = 0):
     return SimpleNamespace(modality=SimpleNamespace(name="IMAGE"), hash=hash_value,
                            feature=torch.full((ROWS, 3), float(hash_value)), precomputed_embeddings=None,
-                           offsets=[(0, end)], model_specific_data={})
+                           offsets=[(start, end)], model_specific_data={})
+
+
+def video(hash_value: int, frames: int):
+    return SimpleNamespace(modality=SimpleNamespace(name="VIDEO"), hash=hash_value,
+                           feature=torch.full((frames, ROWS, 3), float(hash_value)), precomputed_embeddings=None,
+                           offsets=[(0, 10)], model_specific_data={})
 
 
 def expected(*hashes: int) -> torch.Tensor:
@@ -98,6 +120,49 @@ def _eventually(condition, what: str, timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
+
+
+def _blocked_in(thread: threading.Thread, function: str, filename: str) -> bool:
+    """Whether ``thread`` is waiting inside ``function`` (of a file ending with ``filename``): its innermost
+    Python frame is a ``threading`` wait called from there, or that function itself on a line that
+    acquires a lock or waits (a C call, which has no frame of its own)."""
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None:
+        return False
+    innermost = frame
+    while frame is not None:
+        if _named(frame.f_code.co_name, function) and frame.f_code.co_filename.endswith(filename):
+            if innermost.f_code.co_filename.endswith("threading.py"):
+                return True
+            line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            return frame is innermost and (".acquire(" in line or ".wait(" in line)
+        frame = frame.f_back
+    return False
+
+
+def _named(code_name: str, function: str) -> bool:
+    """``function`` itself, or its copy under mutation testing (mutmut renames ``f`` to ``x_f__mutmut_orig``,
+    a method to ``xǁClassǁf__mutmut_orig``, and so on)."""
+    return code_name == function or f"ǁ{function}__mutmut" in code_name or code_name.startswith(f"x_{function}__mutmut")
+
+
+def _wait_until_blocked(thread: threading.Thread, function: str, filename: str, what: str) -> None:
+    _eventually(lambda: _blocked_in(thread, function, filename), what)
+
+
+def _start_thread(fn, *args) -> tuple[threading.Thread, dict]:
+    """Run ``fn(*args)`` on a new thread; the dict gets its ``value`` or ``error``."""
+    result: dict = {}
+
+    def body() -> None:
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, result
 
 
 @pytest.mark.parametrize("lockstep", [False, True])
@@ -164,7 +229,7 @@ def test_a_prefill_waiting_on_a_shared_result_survives_the_other_holders_abort(m
 
     waiter = threading.Thread(target=prefill_of_another_request)
     waiter.start()
-    time.sleep(0.05)  # let it block on the holder's handle
+    _wait_until_blocked(waiter, "_wait", "service.py", "the prefill to block on the holder's handle")
     service.release("holder", aborted=True)  # cancels the queued encode the waiter was using
     service.tower.gate.set()
     waiter.join(30)
@@ -219,15 +284,23 @@ def test_release_all_frees_everything_when_the_server_releases_memory(make_servi
     assert service.stats()["held_bytes"] == 0 and service.held_keys() == set()
 
 
-def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make_service):
+def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make_service, caplog):
     """Issue 8 item 10 / issue 11: a hung or slow tower never holds the scheduler thread unbounded."""
     service = make_service(prefill_wait_s=0.2)
     service.tower.gate.clear()
     service.on_arrival("r", [item(4)])
+    _eventually(service.tower.in_forward.is_set, "the tower to hang")
     calls = []
+    started = time.monotonic()
     got = service.encode([item(4)], original=lambda items: calls.append(items) or "sglang's own")
+    elapsed = time.monotonic() - started
     assert got == "sglang's own" and len(calls) == 1
     assert service.counts["wait_timeouts"] == 1
+    # The bound: the 0.2 s wait, then the tower lock that the hung forward holds is overridden once it has
+    # been held 0.2 s in all. Generous margin for a loaded machine; an unbounded wait would take the 30 s gate.
+    assert 0.2 <= elapsed < 2.0, f"the prefill blocked {elapsed:.2f} s (bound 0.2 s + margin)"
+    assert service.stats()["exclusive_overrides"] == 1
+    assert "the model's own method runs beside it" in caplog.text
 
 
 def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
@@ -252,7 +325,7 @@ def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
 
 def test_sglangs_own_method_never_runs_during_a_coalescer_forward(make_service):
     """Issue 8 item 11: one tower, one user at a time."""
-    service = make_service()
+    service = make_service(prefill_wait_s=30.0)  # the lock wait yields to a hang only after 30 s: not in this test
     service.tower.gate.clear()
     service.on_arrival("r", [item(5)])
     _eventually(service.tower.in_forward.is_set, "the tower to be busy")
@@ -263,9 +336,13 @@ def test_sglangs_own_method_never_runs_during_a_coalescer_forward(make_service):
         overlapped.append(service.tower.in_forward.is_set())
         return "sglang's own"
 
-    threading.Timer(0.1, service.tower.gate.set).start()
-    assert service.encode([precomputed], original=original) == "sglang's own"
-    assert overlapped == [False]
+    fallback, result = _start_thread(service.encode, [precomputed], original)
+    _wait_until_blocked(fallback, "held", "service.py", "SGLang's method to wait for the tower lock")
+    assert overlapped == []  # it has not run beside the forward
+    service.tower.gate.set()
+    fallback.join(30)
+    assert result == {"value": "sglang's own"} and overlapped == [False]
+    assert service.stats()["exclusive_overrides"] == 0
 
 
 def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
@@ -282,6 +359,193 @@ def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
         disagg_prefill_bootstrap_queue=SimpleNamespace(queue=[req("boot")]),
         disagg_prefill_inflight_queue=[req("inflight")])
     assert live_rids(scheduler) == {"w", "run", "last", "chunk", "boot", "inflight"}
+
+
+# --- behaviours a one-line bug broke with every test passing (issue 18) ----------------------------
+def test_a_request_with_an_item_deferred_by_the_cap_is_not_ready(make_service):
+    """``ready`` (what ``defer_prefill_ms`` asks) must count a deferred item as unfinished: it is not even queued."""
+    service = make_service(max_held_bytes=ROWS * 4 * 2)  # room for two results
+    service.on_arrival("a", [item(1)])
+    service.on_arrival("b", [item(2), item(3)])  # item 3 does not fit: deferred
+    assert service.stats()["deferred_items"] == 1
+    _eventually(lambda: service.ready("a"), "a's result to be encoded")
+    _eventually(lambda: service._held_handle(item(2)).done(), "b's first result to be encoded")
+    assert not service.ready("b"), "b has an item deferred by the cap, yet ready() says True"
+    service.release("a")  # room: item 3 is admitted and encoded
+    _eventually(lambda: service.ready("b"), "b to be ready once its deferred item was admitted and encoded")
+    assert service.counts["admitted"] == 1
+
+
+def test_a_prefill_chunk_ending_at_an_items_last_token_keeps_its_result_for_the_next_chunk(make_service):
+    """Offsets are inclusive and ``prefilled_upto`` (SGLang's ``extend_end``) is exclusive: a chunk ending at
+    the item's last offset has not embedded that token yet, so the next chunk needs the result again."""
+    service = make_service()
+    image = item(5, start=6, end=10)  # tokens 6..10
+    service.on_arrival("r", [image])
+    assert torch.equal(service.encode([image], original=never), expected(5))  # first chunk: tokens < 10
+    service.consumed("r", [image], prefilled_upto=10)
+    assert service.held_keys() == {("image", 5)}, "freed one token early"
+    assert torch.equal(service.encode([image], original=never), expected(5))  # the chunk with token 10
+    assert service.counts["taken_early"] == 2 and service.counts["encoded_on_demand"] == 0
+    assert service.tower.forwarded == [(5, 0)]  # encoded once
+    service.consumed("r", [image], prefilled_upto=11)
+    assert service.held_keys() == set() and service.held_bytes == 0
+
+
+def test_a_queued_video_a_prefill_needs_jumps_the_queue_frame_by_frame(make_service):
+    """The coalescer queues a video as ``(key, frame)`` units: expedite keys must carry the frame index."""
+    service = make_service(tower=VideoSumTower())
+    service.tower.gate.clear()
+    service.on_arrival("busy", [item(100)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    for n in range(30):
+        service.on_arrival(f"q{n}", [item(200 + n)])
+    clip = video(7, frames=3)
+    service.on_arrival("needed", [clip])
+    prefill, result = _start_thread(service.encode, [clip], never)
+    _eventually(lambda: service.stats()["expedited_units"] == 3, "the prefill to expedite the video's 3 frames",
+                timeout=10)
+    service.tower.gate.set()
+    prefill.join(30)
+    assert torch.equal(result["value"], torch.full((3 * ROWS, 1), 3.0 * 7))
+    frames = [((7, 0), f) for f in range(3)]
+    assert service.tower.forwarded[1:4] == frames, service.tower.forwarded  # right after the busy forward
+
+
+def test_an_on_demand_encode_after_a_failed_early_encode_keeps_the_first_deadline(make_service):
+    """The prefill's wait is bounded once, by ``prefill_wait_s`` from its start: an early result withdrawn
+    half-way must not restart the clock for the on-demand encode (up to twice the bound otherwise)."""
+    wait_s = 2.0
+    service = make_service(prefill_wait_s=wait_s)
+    service.tower.gate.clear()  # forwards hang: the on-demand encode can only time out
+    service.on_arrival("busy", [item(99)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    service.on_arrival("holder", [item(7)])  # queued behind the hung forward
+    fell_back: list[float] = []
+    service._fallback = lambda items, original: fell_back.append(time.monotonic()) or "sglang's own"
+    started = time.monotonic()
+    prefill, result = _start_thread(service.encode, [item(7)], never)
+    _wait_until_blocked(prefill, "_wait", "service.py", "the prefill to wait for the early result")
+    time.sleep(wait_s / 2)  # half the bound spent waiting: the scenario, not a synchronisation
+    assert not fell_back, "the wait bound passed before the early result was withdrawn: inconclusive"
+    service.release("holder", aborted=True)  # withdraws the early encode: the prefill encodes on demand
+    prefill.join(4 * wait_s)
+    assert result == {"value": "sglang's own"} and service.counts["wait_timeouts"] == 1
+    assert service.stats()["requests"] == 3  # busy, holder, and the on-demand encode
+    took = fell_back[0] - started
+    # Right: about wait_s. The bug: at least wait_s / 2 + wait_s. Margin for a loaded machine in between.
+    assert took < wait_s * 1.25, f"the prefill blocked {took:.2f} s: its deadline restarted (bound {wait_s} s)"
+
+
+def test_an_on_demand_encode_jumps_the_queue(make_service):
+    """``encode(..., urgent=True)``: an item a prefill encodes on demand goes before everything queued."""
+    service = make_service()
+    service.tower.gate.clear()
+    service.on_arrival("busy", [item(100)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    for n in range(30):
+        service.on_arrival(f"q{n}", [item(200 + n)])
+    prefill, result = _start_thread(service.encode, [item(7)], never)  # never arrived: encoded on demand
+    _eventually(lambda: service.stats()["pending_units"] == 31, "the on-demand unit to be queued")
+    _eventually(lambda: service.stats()["expedited_units"] == 1, "the on-demand unit to be queued as urgent",
+                timeout=5)
+    service.tower.gate.set()
+    prefill.join(30)
+    assert torch.equal(result["value"], expected(7)) and service.counts["encoded_on_demand"] == 1
+    assert service.tower.forwarded[:2] == [(100, 0), (7, 0)], service.tower.forwarded
+
+
+# --- contracts that mutation testing showed unchecked ------------------------------------------------
+def test_queue_keys_name_each_keyed_unit_and_every_frame_of_a_video():
+    from mm_scheduler_sglang.service import _queue_keys
+
+    units = [EncodeItem(torch.zeros(2, 3), 2, "image", None), EncodeItem(torch.zeros(2, 3), 2, "image", "a"),
+             EncodeItem(torch.zeros(3, 5, 2), 5, "video", "v")]  # 3 frames of 5 rows
+    assert _queue_keys(units) == ["a", ("v", 0), ("v", 1), ("v", 2)]
+
+
+def test_close_fails_queued_work_and_stops_the_loop_thread():
+    from mm_scheduler import CoalescerClosedError
+
+    config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(SumTower(), config, lockstep=False).start()  # closed here, not by the fixture
+    service.tower.gate.clear()
+    service.on_arrival("busy", [item(1)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    service.on_arrival("queued", [item(2)])
+    queued = service._held_handle(item(2))
+    closing, _ = _start_thread(service.close)
+    _eventually(queued.done, "close to fail the queued work while the forward still runs")
+    with pytest.raises(CoalescerClosedError):
+        queued.result()
+    service.tower.gate.set()  # the running batch finishes, then close returns
+    closing.join(30)
+    assert not closing.is_alive() and not service._loop.thread.is_alive()
+    assert service.held_keys() == set()
+
+
+def test_fallbacks_and_sources_are_counted_in_the_service_and_in_prometheus(make_service, caplog):
+    from prometheus_client import REGISTRY
+
+    tower = SumTower()
+    config = CoalescerConfig(name="counted-sources", budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(tower, config, lockstep=False).start()
+    try:
+        def sample(source: str) -> float:
+            labels = {"coalescer": "counted-sources", "source": source}
+            return REGISTRY.get_sample_value("mm_coalescer_prefill_items_total", labels) or 0.0
+
+        before = {source: sample(source) for source in ("early", "on_demand", "fallback")}
+        precomputed = SimpleNamespace(**{**vars(item(6)), "precomputed_embeddings": torch.zeros(1)})
+        own = lambda items: "sglang's own"  # noqa: E731
+        assert service.encode([precomputed, precomputed], original=own) == "sglang's own"
+        assert service.encode([precomputed], original=own) == "sglang's own"
+        service.on_arrival("r", [item(1)])
+        service.encode([item(1), item(2)], original=never)  # one early, one on demand
+        assert service.counts["fallbacks"] == 2
+        assert {s: sample(s) - before[s] for s in before} == {"early": 1.0, "on_demand": 1.0, "fallback": 3.0}
+        assert service.stats()["mode"] == "async"
+    finally:
+        service.close()
+
+
+def test_consumed_skips_items_without_a_hash_or_offsets_and_frees_the_rest(make_service):
+    service = make_service()
+    hashless = SimpleNamespace(**{**vars(item(1)), "hash": None})
+    no_offsets = SimpleNamespace(**{**vars(item(2)), "offsets": []})
+    passed = item(3, end=4)
+    service.on_arrival("r", [no_offsets, passed])
+    service.consumed("r", [hashless, no_offsets, passed], prefilled_upto=100)
+    assert service.held_keys() == {("image", 2)}  # kept until release: it cannot tell where its tokens are
+
+
+def test_sweeps_and_admissions_are_counted_across_calls(make_service):
+    service = make_service(max_held_bytes=ROWS * 4)
+    service.on_arrival("a", [item(1)])
+    service.on_arrival("b", [item(2)])  # deferred
+    service.on_arrival("c", [item(3)])  # deferred
+    service.release("a")  # b admitted
+    service.release("b")  # c admitted
+    assert service.counts["admitted"] == 2
+    service.on_arrival("d", [item(4)])
+    service.sweep(set())
+    assert service.sweep(set()) == 2  # c and d, absent from two sweeps running
+    service.on_arrival("e", [item(20)])
+    service.sweep(set())
+    assert service.sweep(set()) == 1
+    assert service.counts["swept"] == 3
+
+
+def test_lockstep_withdrawal_counts_only_work_that_was_still_pending(make_service):
+    service = make_service(lockstep=True)
+    service.on_arrival("queued", [item(1)])
+    service.release("queued", aborted=True)  # its ticket never ran
+    assert service.counts["cancelled"] == 1
+    service.on_arrival("done", [item(2)])
+    service.encode([item(2)], original=never)  # runs the ticket
+    service.release("done")
+    assert service.counts["cancelled"] == 1 and service.counts["released"] == 2
+    assert service.stats()["mode"] == "lockstep"
 
 
 class SlowUnitsTower(SumTower):

@@ -19,7 +19,15 @@ from mm_scheduler_sglang.soak_driver import LockstepServiceDriver, ServiceDriver
 from mm_scheduler import CoalescerConfig
 from mm_scheduler.soak import SoakSettings, format_table, run_soak
 
-from .test_service import SumTower, _eventually, expected, item, make_service, never  # noqa: F401 (fixture)
+from .test_service import (  # noqa: F401 (fixture)
+    SumTower,
+    _eventually,
+    _start_thread,
+    expected,
+    item,
+    make_service,
+    never,
+)
 
 
 @pytest.mark.stress
@@ -66,10 +74,16 @@ def test_a_prefill_needing_one_queued_item_twice_keeps_the_coalescer_serving(mak
     _eventually(service.tower.in_forward.is_set, "the tower to be busy")
     service.on_arrival("a", [item(7)])
     service.on_arrival("b", [item(7)])  # shared: one queued unit, one handle
-    threading.Timer(0.1, service.tower.gate.set).start()
-    got = service.encode([item(7), item(7)], original=never)
-    assert torch.equal(got, expected(7, 7))
+    prefill, result = _start_thread(service.encode, [item(7), item(7)], never)
+    # The duplicate expedite must really happen while the unit is queued (the gate holds the tower).
+    _eventually(lambda: service.stats()["expedited_units"] >= 1, "the prefill to expedite the queued unit")
+    assert service.stats()["pending_units"] == 1
+    service.tower.gate.set()
+    prefill.join(30)
+    assert "error" not in result, result.get("error")
+    assert torch.equal(result["value"], expected(7, 7))
     assert service.stats()["closed"] is False
+    assert torch.equal(service.encode([item(8)], original=never), expected(8))  # the dispatcher still serves
 
 
 def test_a_fallback_while_a_forward_hangs_past_its_deadline_does_not_wait_for_the_hang(make_service):  # noqa: F811
