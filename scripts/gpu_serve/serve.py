@@ -265,7 +265,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     scraper.start()
     argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
             "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
-    t = time.monotonic()
+    t, started_at = time.monotonic(), time.time()
     rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
@@ -277,6 +277,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
         "median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms", "median_itl_ms", "mean_itl_ms", "p99_itl_ms",
         "median_e2e_latency_ms", "request_rate", "max_concurrency")}
     keep["errors"] = sum(1 for e in line.get("errors", []) if e)
+    keep["window"] = [started_at, time.time()]  # wall clock: selects this run's records in SGLang's export
     keep["coalescer"] = coalescer_delta(before, after)
     keep["sglang"] = sglang_delta(before, after)
     log(f"  {tag}: {keep['completed']} done in {keep['duration']:.1f}s, TTFT p50 {keep['median_ttft_ms']:.0f} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -25,19 +26,22 @@ def _ratio(on: float, off: float) -> float:
     return round(on / off, 4) if off else float("nan")
 
 
-def seed_summary(runs: dict) -> dict | None:
-    pairs = sorted({k.split("-")[0] for k in runs if k.startswith("seed") and not k.startswith("seedwarm")})
-    pairs = [p for p in pairs if f"{p}-off" in runs and f"{p}-on" in runs]
-    if not pairs:
+def seed_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
+    """Seed-workload ratios ``on`` / ``off`` over the repetitions both servers ran (median and spread)."""
+    reps = sorted({k.split("-", 1)[0] for k in runs if k.startswith("seed") and not k.startswith("seedwarm")})
+    reps = [p for p in reps if f"{p}-{off}" in runs and f"{p}-{on}" in runs]
+    if not reps:
         return None
-    out: dict = {"runs": len(pairs)}
+    out: dict = {"runs": len(reps)}
     for name, key in SEED_METRICS.items():
-        ratios = [_ratio(runs[f"{p}-on"][key], runs[f"{p}-off"][key]) for p in pairs]
+        ratios = [_ratio(runs[f"{p}-{on}"][key], runs[f"{p}-{off}"][key]) for p in reps]
         out[name] = round(statistics.median(ratios), 4)
         out[f"{name}_spread"] = [min(ratios), max(ratios)]
-    for mode in ("off", "on"):
-        out[mode] = {key: [round(runs[f"{p}-{mode}"][key], 2) for p in pairs] for key in SEED_METRICS.values()}
-        out[mode]["coalescer"] = [runs[f"{p}-{mode}"].get("coalescer") for p in pairs] if mode == "on" else None
+    for label, mode in (("off", off), ("on", on)):
+        out[label] = {key: [round(runs[f"{p}-{mode}"][key], 2) for p in reps] for key in SEED_METRICS.values()}
+        coalescer = [runs[f"{p}-{mode}"].get("coalescer") for p in reps]
+        if any(coalescer):
+            out[label]["coalescer"] = coalescer
     return out
 
 
@@ -60,7 +64,14 @@ def poisson_summary(runs: dict, capacity: float | None) -> dict:
     return dict(sorted(out.items()))
 
 
-def family_summary(result: dict) -> dict:
+def lone_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
+    if f"lone-{off}" not in runs or f"lone-{on}" not in runs:
+        return None
+    a, b = runs[f"lone-{off}"]["median_ttft_ms"], runs[f"lone-{on}"]["median_ttft_ms"]
+    return {"ttft_ratio": _ratio(b, a), "off_ms": a, "on_ms": b}
+
+
+def family_summary(result: dict, raw: Path | None = None) -> dict:
     runs = result["runs"]
     fam: dict = {}
     seed = seed_summary(runs)
@@ -69,15 +80,125 @@ def family_summary(result: dict) -> dict:
     poisson = poisson_summary(runs, result.get("capacity_req_s"))
     if poisson:
         fam["poisson"] = poisson
-    if "lone-off" in runs and "lone-on" in runs:
-        fam["lone"] = {"ttft_ratio": _ratio(runs["lone-on"]["median_ttft_ms"], runs["lone-off"]["median_ttft_ms"]),
-                       "off_ms": runs["lone-off"]["median_ttft_ms"], "on_ms": runs["lone-on"]["median_ttft_ms"]}
+    lone = lone_summary(runs)
+    if lone:
+        fam["lone"] = lone
     correct = result.get("correctness")
     if correct:
         fam["outputs_identical"] = bool(correct["all_identical"])
         fam["outputs_compared"] = {"image_requests": correct["requests"], "identical": correct["identical"],
+                                   "servers": correct.get("servers", ["off", "on"]),
                                    "video_requests": correct.get("video_requests", 0)}
+    # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), and the flags alone ("off+X" vs "off").
+    for variant, flags in result.get("variants", {}).items():
+        if not variant.startswith("off+") or f"on+{variant[4:]}" not in result["variants"]:
+            continue
+        on = f"on+{variant[4:]}"
+        pair = {"flags": flags, "seed": seed_summary(runs, variant, on), "lone": lone_summary(runs, variant, on),
+                "sglang_flags_alone": {"seed": seed_summary(runs, "off", variant),
+                                       "lone": lone_summary(runs, "off", variant)}}
+        fam.setdefault("with_sglang_flags", {})[variant[4:]] = pair
+    if raw is not None:
+        fam["time_breakdown_seed_s"] = stage_breakdown(raw, result)
     return fam
+
+
+# --- where the time goes (seed workload) ---------------------------------------------------------------
+_PROM = re.compile(r'^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$')
+
+
+def _prom(text: str) -> dict[str, float]:
+    """Series name (plus its ``stage`` label) -> value, summed over the other labels."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _PROM.match(line)
+        if not m or line.startswith("#"):
+            continue
+        name, labels, value = m.groups()
+        stage = re.search(r'stage="([^"]+)"', labels or "")
+        key = f"{name}[{stage.group(1)}]" if stage else name
+        try:
+            out[key] = out.get(key, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _run_delta(metrics_file: Path) -> dict[str, float]:
+    before, after = metrics_file.read_text().split("# after\n")
+    a, b = _prom(before.removeprefix("# before\n")), _prom(after)
+    return {k: v - a.get(k, 0.0) for k, v in b.items()}
+
+
+def _seed_records(export_dir: Path, window: list[float] | None) -> list[dict]:
+    """SGLang's per-request export for the seed run: by the run's wall-clock window when the harness
+    recorded one, else the one burst of 100 requests with the seed workload's prompt length (the load
+    generator's warm-up request comes a second before it)."""
+    records = []
+    for f in sorted(export_dir.glob("*.log")):
+        for line in f.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # several tokenizer workers may interleave a line
+    records.sort(key=lambda r: r["request_received_ts"])
+    if window:
+        return [r for r in records if window[0] <= r["request_received_ts"] <= window[1]]
+    bursts, current = [], []
+    for r in records:
+        if current and r["request_received_ts"] - current[-1]["request_received_ts"] > 1.0:
+            bursts.append(current)
+            current = []
+        current.append(r)
+    bursts.append(current)
+    seed = [b for b in bursts if len(b) == 100 and all(1900 <= r["prompt_tokens"] <= 1930 for r in b)]
+    return seed[-1] if seed else []
+
+
+def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
+    """Mean seconds per request of the seed run, per server, from SGLang's own timing.
+
+    preprocess: HTTP receipt to dispatch to the scheduler (tokenizer manager: image decode, HF processor,
+    feature transfer), from ``--export-metrics-to-file``. queue, scheduler request processing and prefill
+    forward (the encoder runs in it when the plugin is off): ``sglang:queue_time_seconds`` and
+    ``sglang:per_stage_req_latency_seconds``. intake is what TTFT leaves over: the handover to the scheduler
+    and the time its loop is busy before it takes the request in. decode: e2e minus TTFT. The plugin's own
+    counters give its encoder time (forwards, busy seconds) and the prefill's blocked time.
+    """
+    out: dict = {}
+    for variant in result.get("variants", {"off": [], "on": []}):
+        metrics = raw / f"metrics-{tag}-{variant}.txt"
+        if not metrics.exists():
+            continue
+        d = _run_delta(metrics)
+        n = d.get("sglang:time_to_first_token_seconds_count") or 1.0
+        run = result["runs"].get(f"{tag}-{variant}", {})
+        records = _seed_records(raw / f"requests-{variant}", run.get("window"))
+        pre = statistics.mean(r["api_server_dispatch_finish_ts"] - r["request_received_ts"] for r in records) \
+            if records else float("nan")
+        ttft = d.get("sglang:time_to_first_token_seconds_sum", 0.0) / n
+        row = {
+            "requests": int(n),
+            "ttft": ttft,
+            "preprocess": pre,
+            "queue": d.get("sglang:queue_time_seconds_sum", 0.0) / n,
+            "scheduler_request_process": d.get("sglang:per_stage_req_latency_seconds_sum[request_process]", 0.0) / n,
+            "prefill_forward": (d.get("sglang:per_stage_req_latency_seconds_sum[prefill_forward]", 0.0)
+                                + d.get("sglang:per_stage_req_latency_seconds_sum[chunked_prefill]", 0.0)) / n,
+            "decode": (d.get("sglang:e2e_request_latency_seconds_sum", 0.0) / n) - ttft,
+        }
+        row["intake"] = ttft - row["preprocess"] - row["queue"] - row["scheduler_request_process"] \
+            - row["prefill_forward"]
+        if "mm_coalescer_forwards_total" in d:
+            forwards = d["mm_coalescer_forwards_total"]
+            row["coalescer"] = {
+                "forwards": forwards,
+                "units_per_forward": d.get("mm_coalescer_units_total", 0.0) / max(1.0, forwards),
+                "encoder_busy_s": d.get("mm_coalescer_batch_seconds_sum", 0.0),
+                "prefill_blocked_s": d.get("mm_coalescer_prefill_wait_seconds_sum", 0.0),
+            }
+        out[variant] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+    return out
 
 
 def plot(summary: dict, path: Path) -> bool:
@@ -90,7 +211,7 @@ def plot(summary: dict, path: Path) -> bool:
         print("no matplotlib: pip install matplotlib for the plot")
         return False
     families = summary["families"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     names = list(families)
     for i, key in enumerate(("median_ttft_ratio", "throughput_ratio")):
         vals = [families[f].get("seed", {}).get(key, float("nan")) for f in names]
@@ -112,6 +233,17 @@ def plot(summary: dict, path: Path) -> bool:
     axes[1].set_xlabel("load (fraction of plugin-off capacity)")
     axes[1].set_title("Poisson: on / off")
     axes[1].legend(fontsize=7)
+    stages = ("preprocess", "intake", "queue", "prefill_forward", "decode")
+    bars = [(f"{f}\n{v}", row) for f in names for v, row in families[f].get("time_breakdown_seed_s", {}).items()]
+    bottoms = [0.0] * len(bars)
+    for stage in stages:
+        heights = [max(0.0, row.get(stage, 0.0)) for _, row in bars]
+        axes[2].bar(range(len(bars)), heights, bottom=bottoms, label=stage)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    axes[2].set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    axes[2].set_ylabel("mean seconds per request")
+    axes[2].set_title("seed workload: where the time goes")
+    axes[2].legend(fontsize=7)
     fig.suptitle(f"mm-scheduler in a real SGLang {summary['sglang']} server, {summary['gpu']} ({summary['commit']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -122,12 +254,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/real_server_summary.json"))
+    p.add_argument("--raw", action="append", default=[], metavar="FAMILY=DIR",
+                   help="a family's unpacked gpu-serve-<family>.tgz, for the time breakdown")
     args = p.parse_args()
+    raw = dict(item.split("=", 1) for item in args.raw)
     loaded = [json.loads(r.read_text()) for r in args.results]
     summary = {"sglang": loaded[0].get("sglang", ""), "gpu": loaded[0].get("gpu", ""),
                "commit": loaded[0].get("commit", ""), "families": {}}
     for result in loaded:
-        summary["families"][result["family"]] = family_summary(result)
+        family = result["family"]
+        summary["families"][family] = family_summary(result, Path(raw[family]) if family in raw else None)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")
     for fam, s in summary["families"].items():

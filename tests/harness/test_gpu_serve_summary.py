@@ -1,0 +1,81 @@
+"""The real-server harness's pure parts (scripts/gpu_serve): what summarize.py reports from a run's files.
+
+The harness itself needs a GPU; what it writes is checked here with files shaped like a real run's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
+import summarize
+
+
+def bench(ttft_ms: float, tok_s: float, window=None) -> dict:
+    return {"median_ttft_ms": ttft_ms, "mean_ttft_ms": ttft_ms * 1.1, "p99_ttft_ms": ttft_ms * 1.3,
+            "total_throughput": tok_s, "duration": 15.0, "median_itl_ms": 20.0, "p99_itl_ms": 40.0,
+            "request_rate": 5.0, "window": window}
+
+
+def result() -> dict:
+    runs = {"seed0-off": bench(10_000, 1000), "seed0-on": bench(8_000, 1250),
+            "seed1-on": bench(9_000, 1100), "seed1-off": bench(10_000, 1000),
+            "seedwarm0-on": bench(1, 1),  # a warm-up is never a measured repetition
+            "seed0-off+x": bench(6_000, 1500), "seed0-on+x": bench(6_600, 1400),
+            "lone-off": bench(250, 10), "lone-on": bench(200, 10),
+            "poisson0.5-off": bench(300, 500), "poisson0.5-on": bench(240, 510)}
+    return {"family": "fam", "variants": {"off": [], "on": [], "off+x": ["--flag"], "on+x": ["--flag"]},
+            "runs": runs, "capacity_req_s": 10.0,
+            "correctness": {"requests": 20, "identical": 20, "all_identical": True, "servers": ["off", "on"]}}
+
+
+def test_seed_ratios_are_medians_over_repetitions_with_their_spread():
+    seed = summarize.family_summary(result())["seed"]
+    assert seed["runs"] == 2
+    assert seed["median_ttft_ratio"] == pytest.approx(0.85)  # median of 0.8 and 0.9
+    assert seed["median_ttft_ratio_spread"] == [0.8, 0.9]
+    assert seed["throughput_ratio"] == pytest.approx(1.175)
+    assert seed["off"]["median_ttft_ms"] == [10_000, 10_000]
+
+
+def test_servers_with_the_same_extra_flags_are_compared_with_each_other_and_the_flags_alone_with_off():
+    fam = summarize.family_summary(result())
+    pair = fam["with_sglang_flags"]["x"]
+    assert pair["flags"] == ["--flag"]
+    assert pair["seed"]["median_ttft_ratio"] == pytest.approx(1.1)
+    assert pair["sglang_flags_alone"]["seed"]["median_ttft_ratio"] == pytest.approx(0.6)
+    assert fam["lone"]["ttft_ratio"] == pytest.approx(0.8)
+    assert fam["poisson"]["0.5"]["ttft_p50_ratio"] == pytest.approx(0.8)
+    assert fam["outputs_identical"] is True
+
+
+def _metrics(path: Path, before: dict[str, float], after: dict[str, float]) -> None:
+    def text(values):
+        return "\n".join(f"{k} {v}" for k, v in values.items())
+    path.write_text(f"# before\n{text(before)}\n# after\n{text(after)}\n")
+
+
+def test_the_time_breakdown_adds_up_to_ttft_from_sglangs_own_timing(tmp_path):
+    res = {"family": "fam", "variants": {"off": []}, "runs": {"seed0-off": bench(1, 1, window=[100.0, 200.0])}}
+    stage = 'sglang:per_stage_req_latency_seconds_sum{stage="%s",tp_rank="0"}'
+    _metrics(tmp_path / "metrics-seed0-off.txt",
+             {"sglang:time_to_first_token_seconds_sum": 5.0, "sglang:time_to_first_token_seconds_count": 1},
+             {"sglang:time_to_first_token_seconds_sum": 25.0, "sglang:time_to_first_token_seconds_count": 3,
+              "sglang:queue_time_seconds_sum": 2.0, stage % "request_process": 0.2, stage % "prefill_forward": 3.0,
+              stage % "chunked_prefill": 1.0, "sglang:e2e_request_latency_seconds_sum": 30.0})
+    exports = tmp_path / "requests-off"
+    exports.mkdir()
+    records = [{"request_received_ts": t, "api_server_dispatch_finish_ts": t + 4.0, "prompt_tokens": 1914}
+               for t in (50.0, 150.0, 151.0)]  # the first lies outside the run's window
+    (exports / "sglang-request-metrics.log").write_text("\n".join(map(json.dumps, records)) + "\nnot json\n")
+    row = summarize.stage_breakdown(tmp_path, res)["off"]
+    assert row["requests"] == 2 and row["ttft"] == pytest.approx(10.0)
+    assert row["preprocess"] == pytest.approx(4.0)
+    assert row["queue"] == pytest.approx(1.0) and row["prefill_forward"] == pytest.approx(2.0)
+    parts = ("preprocess", "intake", "queue", "scheduler_request_process", "prefill_forward")
+    assert sum(row[p] for p in parts) == pytest.approx(row["ttft"])
+    assert row["decode"] == pytest.approx(5.0)
