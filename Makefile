@@ -69,8 +69,8 @@ gpu-bench: $(VENV)/.test-installed
 gpu-test:
 	GPU_TEST_PYTHON=$(PYTHON) bash scripts/gpu-test.sh
 
-# On a CUDA machine: TTFT/ITL of an SGLang-shaped serving loop (Qwen2.5-VL-7B LM shape, real tower), about 4 minutes
-# (234 s; serving_bench_meta.json).
+# Not the serving benchmark (that is make gpu-serve, a real SGLang server): an SGLang-shaped loop kept for stream
+# traces and the admission study. On a CUDA machine, about 4 minutes (234 s; serving_bench_meta.json).
 serving-bench: $(VENV)/.test-installed
 	$(PY) -m benchmarks.serving_bench --out benchmarks/results
 
@@ -99,7 +99,8 @@ clean:
 # The serving benchmark: a real sglang.launch_server (0.5.16, dummy full-size weights) with the plugin off and
 # on, driven by SGLang's own sglang.benchmark.serving. First, on a networked machine: make gpu-serve-prepare
 # (the wheel closure and stripped sglang-kernel, ~56 MB in .gpu-serve/). Then on the GPU machine, with its
-# system python3: make gpu-serve FAMILY=qwen2_5_vl_7b (about 9 minutes a family).
+# system python3: make gpu-serve FAMILY=qwen2_5_vl_7b (about 9 minutes a family; README, "Serving in a real
+# SGLang server"). scripts/gpu_serve/summarize.py turns its output into benchmarks/results/real_server_summary.json.
 FAMILY ?= qwen2_5_vl_7b
 gpu-serve-prepare:
 	bash scripts/gpu_serve/prepare.sh .gpu-serve
