@@ -301,6 +301,19 @@ def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make
     assert 0.2 <= elapsed < 2.0, f"the prefill blocked {elapsed:.2f} s (bound 0.2 s + margin)"
     assert service.stats()["exclusive_overrides"] == 1
     assert "the model's own method runs beside it" in caplog.text
+    service.encode([item(4)], original=lambda items: "sglang's own")  # a second time: counted again
+    assert service.counts["wait_timeouts"] == 2
+
+
+def test_a_wait_whose_deadline_has_passed_gives_up_at_once(make_service):
+    import concurrent.futures
+
+    service = make_service()
+    never_done: concurrent.futures.Future = concurrent.futures.Future()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        service._wait(never_done, deadline=time.perf_counter() - 1.0)
+    assert time.monotonic() - started < 0.5
 
 
 def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
@@ -501,9 +514,16 @@ def test_fallbacks_and_sources_are_counted_in_the_service_and_in_prometheus(make
         assert service.encode([precomputed, precomputed], original=own) == "sglang's own"
         assert service.encode([precomputed], original=own) == "sglang's own"
         service.on_arrival("r", [item(1)])
+        labels = {"coalescer": "counted-sources"}
+        waited_before = REGISTRY.get_sample_value("mm_coalescer_prefill_wait_seconds_sum", labels) or 0.0
+        started = time.perf_counter()
         service.encode([item(1), item(2)], original=never)  # one early, one on demand
-        assert service.counts["fallbacks"] == 2
-        assert {s: sample(s) - before[s] for s in before} == {"early": 1.0, "on_demand": 1.0, "fallback": 3.0}
+        took = time.perf_counter() - started
+        waited = REGISTRY.get_sample_value("mm_coalescer_prefill_wait_seconds_sum", labels) - waited_before
+        assert 0.0 < waited <= took  # the time this call blocked, observed once
+        service.encode([item(3)], original=never)  # on demand again
+        assert service.counts["fallbacks"] == 2 and service.counts["encoded_on_demand"] == 2
+        assert {s: sample(s) - before[s] for s in before} == {"early": 1.0, "on_demand": 2.0, "fallback": 3.0}
         assert service.stats()["mode"] == "async"
     finally:
         service.close()
