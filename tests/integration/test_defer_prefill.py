@@ -112,3 +112,60 @@ def test_off_by_default_and_in_lockstep_every_request_is_ready(service, monkeypa
                               lockstep=True).start()
     lockstep.on_arrival("r", [item(5)])
     assert lockstep.ready("r")  # a rank-local answer must never change what a TP rank schedules
+
+
+def _prefill_admitting_first(seen: list, calls: list, extra: list | None = None):
+    """SGLang's get_new_batch_prefill with room for one request; it may also requeue others (``extra``)."""
+    def original(scheduler, running_batch, *args, **kwargs):
+        calls.append((running_batch, args, kwargs))
+        seen.append([req.rid for req in scheduler.waiting_queue])
+        admitted, scheduler.waiting_queue = scheduler.waiting_queue[:1], scheduler.waiting_queue[1:] + (extra or [])
+        return admitted
+    return original
+
+
+def test_requests_the_prefill_did_not_admit_and_ones_it_requeued_stay_in_order(service):
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(6)])
+    queue = [_req("a"), _req("slow"), _req("b"), _req("c")]
+    requeued = _req("retracted")
+    scheduler = SimpleNamespace(waiting_queue=queue)
+    seen, calls = [], []
+    running = _running(1)
+    admitted = sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_first(seen, calls, [requeued]),
+                                                            scheduler, running, "arg", key="value")
+    assert [r.rid for r in admitted] == ["a"] and seen == [["a", "b", "c"]]
+    assert calls == [(running, ("arg",), {"key": "value"})]  # SGLang's own arguments, passed through
+    assert [r.rid for r in scheduler.waiting_queue] == ["slow", "b", "c", "retracted"]
+
+
+@pytest.mark.parametrize("case", ["no service", "off", "no running batch", "empty running batch", "nobody held back"])
+def test_sglangs_prefill_runs_untouched_when_nothing_is_deferred(service, monkeypatch, case):
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(7)])
+    running = {"no running batch": None, "empty running batch": _running(0)}.get(case, _running(1))
+    if case == "no service":
+        monkeypatch.setattr(sglang_plugin, "_service", None)
+    if case == "off":
+        monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.0)
+    queue = [_req("fast")] if case == "nobody held back" else [_req("slow"), _req("fast")]
+    scheduler = SimpleNamespace(waiting_queue=list(queue))
+    seen, calls = [], []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_first(seen, calls), scheduler, running,
+                                                "arg", key="value")
+    assert seen == [[r.rid for r in queue]] and calls == [(running, ("arg",), {"key": "value"})]
+
+
+def test_a_request_ready_again_starts_a_fresh_deferral_bound_next_time(service, monkeypatch):
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(sglang_plugin.time, "monotonic", lambda: clock.now)
+    ready = {"r": False}
+    monkeypatch.setattr(service, "ready", lambda rid: ready[rid])
+    req = _req("r")
+    assert sglang_plugin._defer(service, req, clock.now)  # held back from 1000.0
+    ready["r"] = True
+    assert not sglang_plugin._defer(service, req, clock.now)
+    assert "r" not in sglang_plugin._deferred_since
+    clock.now += 1.0  # past the 0.5 s bound of the first deferral
+    ready["r"] = False
+    assert sglang_plugin._defer(service, req, clock.now)  # a new deferral, with a new bound

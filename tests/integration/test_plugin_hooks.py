@@ -119,22 +119,25 @@ def test_release_hooks_drop_the_requests_holds(service):
     assert service.held_keys() == set()
 
 
-def test_the_sweep_runs_about_once_a_second_over_every_live_request(service, monkeypatch):
+def test_the_sweep_runs_once_a_second_over_every_live_request(service, monkeypatch):
     clock = SimpleNamespace(now=100.0)
     monkeypatch.setattr(sglang_plugin.time, "monotonic", lambda: clock.now)
     monkeypatch.setattr(sglang_plugin, "_last_sweep", 0.0)
+    monkeypatch.setattr(sglang_plugin, "_deferred_since", {"gone": 1.0, "live": 1.0})
     scheduler = _scheduler_with_cached_prefix(0)
     live, gone = _req("live", [_item(1, 0, 3)]), _req("gone", [_item(2, 0, 3)])
     _arrive(scheduler, live)
     _arrive(scheduler, gone)
     scheduler.waiting_queue = [live]
-    for _ in range(2):  # two sweeps running
+    swept_at: list[float] = []
+    real_sweep = service.sweep
+    monkeypatch.setattr(service, "sweep", lambda rids: swept_at.append(clock.now) or real_sweep(rids))
+    for step in (0.0, 0.5, 0.5, 0.75, 0.25):  # binary-exact: 100, 100.5, 101, 101.75, 102
+        clock.now += step
         sglang_plugin._after_get_next_batch(None, scheduler)
-        assert service.held_keys() == {("image", 1), ("image", 2)} or _ == 1
-        clock.now += sglang_plugin.SWEEP_INTERVAL_S * 0.99
-        sglang_plugin._after_get_next_batch(None, scheduler)  # within the interval: no sweep
-        clock.now += sglang_plugin.SWEEP_INTERVAL_S * 0.02
+    assert swept_at == [100.0, 101.0, 102.0]  # at most once per SWEEP_INTERVAL_S, and at exactly that interval
     assert service.held_keys() == {("image", 1)} and service.counts["swept"] == 1
+    assert sglang_plugin._deferred_since == {"live": 1.0}  # the deferral clocks of gone requests go too
 
 
 def test_memory_release_drops_every_held_result(service):
@@ -160,12 +163,171 @@ def test_prefill_chunks_consume_only_items_they_passed(service):
 def test_hooks_are_inert_without_a_service(monkeypatch):
     monkeypatch.setattr(sglang_plugin, "_service", None)
     req = _req("r", [_item(1, 0, 3)])
+    setattr(req.multimodal_inputs, sglang_plugin._RID_ATTR, "r")
     scheduler = _scheduler_with_cached_prefix(0)
     assert sglang_plugin._around_add_request_to_queue(lambda *a, **k: "queued", scheduler, req) == "queued"
     sglang_plugin._before_clear_mm_inputs(scheduler, SimpleNamespace(reqs=[req]))
     sglang_plugin._before_release_on_abort(req)
+    sglang_plugin._before_release_features(req.multimodal_inputs)
     sglang_plugin._before_release_memory(object())
+    sglang_plugin._after_run_batch(None, scheduler, SimpleNamespace(forward_mode=None, reqs=[req]))
+    sglang_plugin._after_get_next_batch(None, scheduler)
     assert sglang_plugin._around_get_feature(lambda model, items: ("own", items), object(), [1]) == ("own", [1])
+
+
+def test_the_arrival_hook_passes_sglangs_own_call_through_unchanged(service):
+    calls = []
+    scheduler = _scheduler_with_cached_prefix(0)
+    req = _req("r", [_item(1, 0, 3)])
+    result = sglang_plugin._around_add_request_to_queue(
+        lambda *args, **kwargs: calls.append((args, kwargs)) or "queued", scheduler, req, is_retracted=False)
+    assert result == "queued" and calls == [((scheduler, req), {"is_retracted": False})]
+    assert getattr(req.multimodal_inputs, sglang_plugin._RID_ATTR) == "r"  # for release_features' hook
+    sglang_plugin._around_add_request_to_queue(lambda *args, **kwargs: None, scheduler, _req("again", [_item(2, 0, 3)]),
+                                               True)  # is_retracted passed positionally
+    assert service.held_keys() == {("image", 1)}
+
+
+def test_a_text_only_request_in_a_prefill_batch_consumes_nothing(service):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    scheduler = _scheduler_with_cached_prefix(0)
+    text = _req("text", [])
+    text.multimodal_inputs, text.extend_end = None, 3
+    mm = _req("mm", [_item(1, 0, 3)])
+    _arrive(scheduler, mm)
+    mm.extend_end = None  # not scheduled in this batch
+    sglang_plugin._after_run_batch(None, scheduler, SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[text, mm]))
+    assert service.held_keys() == {("image", 1)}
+
+
+def test_the_embedding_cache_is_sglangs_module_level_cache(monkeypatch):
+    from sglang.srt.managers import mm_schedule
+
+    cache = object()
+    monkeypatch.setattr(mm_schedule, "embedding_cache", cache, raising=False)
+    assert sglang_plugin._embedding_cache() is cache
+    monkeypatch.delattr(mm_schedule, "embedding_cache")
+    assert sglang_plugin._embedding_cache() is None
+
+
+def test_live_rids_skips_entries_without_a_request_id():
+    scheduler = SimpleNamespace(waiting_queue=[SimpleNamespace(rid="w"), SimpleNamespace()])
+    assert sglang_plugin.live_rids(scheduler) == {"w"}
+
+
+# --- start-up hooks ---------------------------------------------------------------------------------
+class _RecordingStreams:
+    def __init__(self) -> None:
+        self.enabled: list[bool] = []
+
+    def __call__(self, enabled: bool):
+        import contextlib
+
+        self.enabled.append(enabled)
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(("chosen", "high"), [
+    (None, False),
+    ({"plugin": {"llm_stream_priority": "high"}}, True),
+    ({"plugin": {"llm_stream_priority": "default"}}, False),
+    ({}, True),  # settings without a plugin section: the default, high
+])
+def test_sglangs_streams_are_created_at_high_priority_only_when_enabled_and_configured(monkeypatch, chosen, high):
+    streams = _RecordingStreams()
+    monkeypatch.setattr(sglang_plugin, "llm_streams_at_high_priority", streams)
+    started = []
+    monkeypatch.setattr(sglang_plugin, "_start_for_scheduler", lambda scheduler, c: started.append((scheduler, c)))
+    built = []
+    server_args = SimpleNamespace(**({} if chosen is None else {settings.ATTR: chosen}))
+    scheduler = object()
+    sglang_plugin._around_scheduler_init(lambda *args, **kwargs: built.append((args, kwargs)), scheduler,
+                                         server_args, 7, flag=True)  # server_args positional, as SGLang passes it
+    assert streams.enabled == [high]
+    assert built == [((scheduler, server_args, 7), {"flag": True})]
+    assert started == ([] if chosen is None else [(scheduler, chosen)])
+
+
+def test_a_scheduler_without_a_model_runner_leaves_the_plugin_off_with_a_warning(monkeypatch, caplog):
+    import logging
+
+    from sglang.srt import runtime_context
+
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=0))
+    started = []
+    monkeypatch.setattr(sglang_plugin, "start", lambda *args, **kwargs: started.append((args, kwargs)))
+    with caplog.at_level(logging.WARNING, logger="mm_scheduler_sglang.sglang_plugin"):
+        sglang_plugin._start_for_scheduler(SimpleNamespace(), {})
+        sglang_plugin._start_for_scheduler(SimpleNamespace(tp_worker=SimpleNamespace()), {})
+    assert started == [] and caplog.text.count("exposes no model_runner.model; plugin off") == 2
+    model = object()
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)), tp_size=2)
+    sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})
+    assert started == [((model, {"mode": "auto"}), {"tp_size": 2, "scheduler": scheduler})]
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=1))
+    sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})  # later pipeline stages hold no tower
+    assert len(started) == 1
+
+
+def test_engine_settings_come_from_the_environment_once_and_are_never_overwritten(monkeypatch, tmp_path):
+    for name in (settings.ENV_ENABLE, settings.ENV_CONFIG, settings.ENV_MODE, settings.ENV_MAX_HELD_MB):
+        monkeypatch.delenv(name, raising=False)
+    plain = SimpleNamespace()
+    sglang_plugin._after_resolve_once(None, plain)
+    assert getattr(plain, settings.ATTR) is None  # not enabled: resolved, to nothing
+    monkeypatch.setenv(settings.ENV_ENABLE, "1")
+    enabled = SimpleNamespace()
+    sglang_plugin._after_resolve_once(None, enabled)
+    assert getattr(enabled, settings.ATTR)["mode"] == "auto"
+    from_cli = SimpleNamespace(**{settings.ATTR: {"from": "cli"}})
+    sglang_plugin._after_resolve_once(None, from_cli)
+    assert getattr(from_cli, settings.ATTR) == {"from": "cli"}
+    monkeypatch.setenv(settings.ENV_MODE, "bogus")
+    with pytest.raises(SystemExit, match=r"^mm-coalescer: MM_COALESCER_MODE='bogus'"):
+        sglang_plugin._after_resolve_once(None, SimpleNamespace())
+
+
+def test_cli_settings_are_stored_on_server_args_and_a_bad_config_exits_naming_it(monkeypatch, tmp_path):
+    for name in (settings.ENV_ENABLE, settings.ENV_CONFIG, settings.ENV_MODE, settings.ENV_MAX_HELD_MB):
+        monkeypatch.delenv(name, raising=False)
+    built = SimpleNamespace()
+    args = SimpleNamespace(enable_mm_coalescer=True, mm_coalescer_config=None, mm_coalescer_max_held_mb=2.0)
+    assert sglang_plugin._around_from_cli_args(lambda cls, a: built, object, args) is built
+    assert getattr(built, settings.ATTR)["max_held_bytes"] == 2 * 2**20
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_key: 1\n")
+    args = SimpleNamespace(enable_mm_coalescer=False, mm_coalescer_config=str(bad), mm_coalescer_max_held_mb=None)
+    with pytest.raises(SystemExit, match=f"^mm-coalescer: .*{bad.name}.*no_such_key"):
+        sglang_plugin._around_from_cli_args(lambda cls, a: SimpleNamespace(), object, args)
+    off = SimpleNamespace()
+    sglang_plugin._around_from_cli_args(lambda cls, a: off, object, SimpleNamespace())  # SGLang's own args only
+    assert getattr(off, settings.ATTR) is None
+
+
+def test_the_flags_join_sglangs_parser_through_the_hook():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sglang_plugin._after_add_cli_args(None, parser)
+    assert parser.parse_args(["--enable-mm-coalescer"]).enable_mm_coalescer is True
+
+
+def test_each_encoder_method_of_the_exact_model_class_is_hooked_once(monkeypatch):
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    registered, applied = [], []
+    monkeypatch.setattr(HookRegistry, "register", lambda *args, **kwargs: registered.append((args, kwargs)))
+    monkeypatch.setattr(HookRegistry, "apply_hooks", lambda: applied.append(True))
+    monkeypatch.setattr(sglang_plugin, "_hooked_targets", set())
+    model_cls = type("Gemma3ForConditionalGeneration", (), {"__module__": "sglang.srt.models.gemma3_mm"})
+    for _ in range(2):  # a restarted service must not wrap the method twice
+        sglang_plugin._hook_model_class(model_cls)
+    target = "sglang.srt.models.gemma3_mm.Gemma3ForConditionalGeneration.get_image_feature"
+    assert [args for args, _ in registered] == [(target, sglang_plugin._around_get_feature, HookType.AROUND)]
+    source = registered[0][1]["source"]
+    assert source.plugin_name == sglang_plugin.PLUGIN_NAME and source.dist_name is None
+    assert len(applied) == 2
 
 
 def test_the_settings_default_to_a_two_second_prefill_wait_and_high_llm_stream_priority():

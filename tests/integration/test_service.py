@@ -301,6 +301,19 @@ def test_a_prefill_blocked_past_the_wait_bound_falls_back_to_sglangs_method(make
     assert 0.2 <= elapsed < 2.0, f"the prefill blocked {elapsed:.2f} s (bound 0.2 s + margin)"
     assert service.stats()["exclusive_overrides"] == 1
     assert "the model's own method runs beside it" in caplog.text
+    service.encode([item(4)], original=lambda items: "sglang's own")  # a second time: counted again
+    assert service.counts["wait_timeouts"] == 2
+
+
+def test_a_wait_whose_deadline_has_passed_gives_up_at_once(make_service):
+    import concurrent.futures
+
+    service = make_service()
+    never_done: concurrent.futures.Future = concurrent.futures.Future()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        service._wait(never_done, deadline=time.perf_counter() - 1.0)
+    assert time.monotonic() - started < 0.5
 
 
 def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
@@ -501,9 +514,16 @@ def test_fallbacks_and_sources_are_counted_in_the_service_and_in_prometheus(make
         assert service.encode([precomputed, precomputed], original=own) == "sglang's own"
         assert service.encode([precomputed], original=own) == "sglang's own"
         service.on_arrival("r", [item(1)])
+        labels = {"coalescer": "counted-sources"}
+        waited_before = REGISTRY.get_sample_value("mm_coalescer_prefill_wait_seconds_sum", labels) or 0.0
+        started = time.perf_counter()
         service.encode([item(1), item(2)], original=never)  # one early, one on demand
-        assert service.counts["fallbacks"] == 2
-        assert {s: sample(s) - before[s] for s in before} == {"early": 1.0, "on_demand": 1.0, "fallback": 3.0}
+        took = time.perf_counter() - started
+        waited = REGISTRY.get_sample_value("mm_coalescer_prefill_wait_seconds_sum", labels) - waited_before
+        assert 0.0 < waited <= took  # the time this call blocked, observed once
+        service.encode([item(3)], original=never)  # on demand again
+        assert service.counts["fallbacks"] == 2 and service.counts["encoded_on_demand"] == 2
+        assert {s: sample(s) - before[s] for s in before} == {"early": 1.0, "on_demand": 2.0, "fallback": 3.0}
         assert service.stats()["mode"] == "async"
     finally:
         service.close()
@@ -546,6 +566,48 @@ def test_lockstep_withdrawal_counts_only_work_that_was_still_pending(make_servic
     service.release("done")
     assert service.counts["cancelled"] == 1 and service.counts["released"] == 2
     assert service.stats()["mode"] == "lockstep"
+
+
+def test_a_lockstep_service_runs_with_its_config_and_agrees_every_batch_with_the_other_ranks():
+    agreed: list[bool] = []
+    config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(SumTower(), config, lockstep=True,
+                             agree=lambda failed: agreed.append(failed) or failed).start()
+    try:
+        assert service.budget_bytes == 1 << 20 and service.bytes_per_patch == 64
+        service.on_arrival("r", [item(1)])
+        assert torch.equal(service.encode([item(1)], original=never), expected(1))
+        assert agreed and not any(agreed)  # asked once per batch, and nobody failed
+    finally:
+        service.close()
+
+
+def test_the_async_backend_runs_on_a_named_daemon_thread_and_waits_two_seconds_by_default():
+    config = CoalescerConfig(name="named", budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(SumTower(), config, lockstep=False).start()
+    try:
+        assert service._loop.thread.name == "mm-coalescer-named" and service._loop.thread.daemon
+        assert service.prefill_wait_s == 2.0 and service.max_held_bytes == 1 << 30
+    finally:
+        service.close()
+
+
+def test_arrival_skips_missing_hashless_and_foreign_items_and_counts_each_outcome(make_service):
+    service = make_service(max_held_bytes=ROWS * 4 * 2)
+    hashless = SimpleNamespace(**{**vars(item(1)), "hash": None})
+    embedded = SimpleNamespace(**{**vars(item(2)), "precomputed_embeddings": torch.zeros(1)})
+    service.on_arrival("a", [None, hashless, embedded, item(3), item(4)])
+    assert service.held_keys() == {("image", 3), ("image", 4)} and service.counts["submitted"] == 2
+    service.on_arrival("b", [item(3), item(4), item(5), item(6)])  # two shared, then the cap: two deferred
+    assert service.counts["shared"] == 2 and service.counts["deferred"] == 2
+    assert service.stats()["deferred_items"] == 2
+
+
+def test_a_tower_without_its_own_result_key_shares_results_by_modality_and_hash():
+    from mm_scheduler_sglang.service import result_key
+
+    assert result_key(SimpleNamespace(), item(5)) == ("image", 5)
+    assert result_key(SumTower(), item(5)) == ("image", 5)
 
 
 class SlowUnitsTower(SumTower):
