@@ -312,8 +312,8 @@ def embedding_cache_module() -> Any:
 
 
 def embedding_cache() -> Any:
-    """SGLang's multimodal embedding cache of this process, or None when it has none."""
-    return embedding_cache_module().embedding_cache
+    """SGLang's multimodal embedding cache of this process, or None when it has none (not set up)."""
+    return getattr(embedding_cache_module(), "embedding_cache", None)
 
 
 def cuda_ipc_proxy_class() -> type:

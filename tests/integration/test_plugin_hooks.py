@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from mm_scheduler_sglang import settings, sglang_plugin
+from mm_scheduler_sglang import settings, sglang_compat, sglang_plugin
 from mm_scheduler_sglang.service import EncoderService
 from test_service import ROWS, SumTower
 
@@ -147,13 +147,21 @@ def test_memory_release_drops_every_held_result(service):
     assert service.held_keys() == set() and service.held_bytes == 0
 
 
+def _extend_to(req, end: int) -> None:
+    """Set where this round's extend ends, where the installed SGLang keeps it (the version layer reads it)."""
+    if sglang_compat.current().form("extend_end").how == "Req.extend_end":
+        req.extend_end = end
+    else:
+        req.extend_range = SimpleNamespace(end=end)
+
+
 def test_prefill_chunks_consume_only_items_they_passed(service):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
     scheduler = _scheduler_with_cached_prefix(0)
     req = _req("r", [_item(1, 0, 3), _item(2, 4, 7)])
     _arrive(scheduler, req)
-    req.extend_end = 4  # tokens 0..3 prefilled
+    _extend_to(req, 4)  # tokens 0..3 prefilled
     sglang_plugin._after_run_batch(None, scheduler, SimpleNamespace(forward_mode=ForwardMode.DECODE, reqs=[req]))
     assert service.held_keys() == {("image", 1), ("image", 2)}  # a decode batch consumes nothing
     sglang_plugin._after_run_batch(None, scheduler, SimpleNamespace(forward_mode=ForwardMode.EXTEND, reqs=[req]))
@@ -202,12 +210,11 @@ def test_a_text_only_request_in_a_prefill_batch_consumes_nothing(service):
 
 
 def test_the_embedding_cache_is_sglangs_module_level_cache(monkeypatch):
-    from sglang.srt.managers import mm_schedule
-
+    module = sglang_compat.embedding_cache_module()  # managers.mm_schedule, or mm_utils before 0.5.18
     cache = object()
-    monkeypatch.setattr(mm_schedule, "embedding_cache", cache, raising=False)
+    monkeypatch.setattr(module, "embedding_cache", cache, raising=False)
     assert sglang_plugin._embedding_cache() is cache
-    monkeypatch.delattr(mm_schedule, "embedding_cache")
+    monkeypatch.delattr(module, "embedding_cache")
     assert sglang_plugin._embedding_cache() is None
 
 
@@ -254,7 +261,7 @@ def test_a_scheduler_without_a_model_runner_leaves_the_plugin_off_with_a_warning
 
     from sglang.srt import runtime_context
 
-    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=0))
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=0, tp_size=2))
     started = []
     monkeypatch.setattr(sglang_plugin, "start", lambda *args, **kwargs: started.append((args, kwargs)))
     with caplog.at_level(logging.WARNING, logger="mm_scheduler_sglang.sglang_plugin"):
@@ -262,10 +269,10 @@ def test_a_scheduler_without_a_model_runner_leaves_the_plugin_off_with_a_warning
         sglang_plugin._start_for_scheduler(SimpleNamespace(tp_worker=SimpleNamespace()), {})
     assert started == [] and caplog.text.count("exposes no model_runner.model; plugin off") == 2
     model = object()
-    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)), tp_size=2)
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
     sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})
     assert started == [((model, {"mode": "auto"}), {"tp_size": 2, "scheduler": scheduler})]
-    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=1))
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=1, tp_size=2))
     sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})  # later pipeline stages hold no tower
     assert len(started) == 1
 
