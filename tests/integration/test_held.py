@@ -209,3 +209,10 @@ def test_adding_or_deferring_a_key_twice_names_the_key():
         held.add("b", "big", "hb", 10)
     with pytest.raises(ValueError, match="max_bytes must be >= 0, got -1"):
         HeldResults(max_bytes=-1)
+
+
+def test_a_zero_cap_is_allowed_and_defers_every_item():
+    held: HeldResults[str, str] = HeldResults(max_bytes=0)  # --mm-coalescer-max-held-mb 0: no early results
+    assert not held.fits(1)
+    held.defer("a", "x", 1, "X")
+    assert held.admit() == [] and held.deferred_count == 0  # larger than the cap: dropped, encoded at prefill

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from array import array
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -340,3 +341,119 @@ def test_each_encoder_method_of_the_exact_model_class_is_hooked_once(monkeypatch
 def test_the_settings_default_to_a_two_second_prefill_wait_and_high_llm_stream_priority():
     assert settings.PLUGIN_DEFAULTS == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0,
                                         "defer_prefill_ms": 0.0}
+
+
+class _RecordedService:
+    """Stands in for EncoderService in ``start``: records how it was built."""
+
+    built: ClassVar[list[dict]] = []
+
+    def __init__(self, tower, config, **kwargs) -> None:
+        self.tower, self.config, self.kwargs = tower, config, kwargs
+        self.mode = "lockstep" if kwargs["lockstep"] else "async"
+        self.budget_bytes, self.bytes_per_patch = config.budget_bytes, 64
+        _RecordedService.built.append({"tower": tower, "config": config, **kwargs})
+
+    def start(self):
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def start_recorded(monkeypatch):
+    from mm_scheduler_sglang import adapters, modes, service
+
+    _RecordedService.built = []
+    towers = {"sharded": SimpleNamespace(collective_free=False), "replicated": SimpleNamespace(collective_free=True),
+              "plain": SimpleNamespace()}
+    monkeypatch.setattr(adapters, "why_unsupported", lambda model: None if model in towers else "not a VLM")
+    monkeypatch.setattr(adapters, "tower_for", lambda model: towers[model])
+    monkeypatch.setattr(service, "EncoderService", _RecordedService)
+    monkeypatch.setattr(modes, "tp_agreement", lambda scheduler: ("agree over", scheduler))
+    hooked = []
+    monkeypatch.setattr(sglang_plugin, "_hook_model_class", lambda cls: hooked.append(cls))
+    monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.0)
+
+    def start(model, chosen, **kwargs):
+        chosen = {"config_path": None, "values": {}, "mode": "auto", **chosen}
+        return sglang_plugin.start(model, chosen, **kwargs)
+
+    yield start, hooked
+    monkeypatch.setattr(sglang_plugin, "_service", None)
+
+
+def test_start_builds_the_service_from_the_settings(start_recorded, caplog):
+    import logging
+
+    start, hooked = start_recorded
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang.sglang_plugin")
+    plugin = {"llm_stream_priority": "high", "prefill_wait_ms": 250.0, "defer_prefill_ms": 150.0}
+    svc = start("plain", {"values": {"budget_bytes": 4096, "name": "q"}, "max_held_bytes": 1234, "plugin": plugin},
+                tp_size=1)
+    (built,) = _RecordedService.built
+    assert sglang_plugin.active_service() is svc and hooked == [str]
+    assert built["tower"] is not None and built["config"].budget_bytes == 4096 and built["config"].name == "q"
+    assert built["lockstep"] is False and built["agree"] is None
+    assert built["max_held_bytes"] == 1234 and built["prefill_wait_s"] == 0.25
+    assert sglang_plugin._defer_prefill_s == 0.15
+    assert "mm-coalescer: async mode for str (budget 4096 bytes, 64 bytes/patch)" in caplog.text
+
+
+def test_start_defaults_when_the_settings_omit_the_plugin_section_and_the_cap(start_recorded):
+    start, _ = start_recorded
+    start("plain", {}, tp_size=1)
+    (built,) = _RecordedService.built
+    assert built["max_held_bytes"] == 1024 * 2**20 and built["prefill_wait_s"] == 2.0
+    assert sglang_plugin._defer_prefill_s == 0.0
+
+
+def test_a_bad_value_in_settings_without_a_file_is_reported_against_the_defaults(start_recorded):
+    from mm_scheduler import ConfigError
+
+    start, _ = start_recorded
+    with pytest.raises(ConfigError, match=r"^defaults: "):
+        start("plain", {"values": {"budget_bytes": -5}}, tp_size=1)
+    with pytest.raises(ConfigError, match=r"^/etc/mm\.yaml: "):
+        start("plain", {"values": {"budget_bytes": -5}, "config_path": "/etc/mm.yaml"}, tp_size=1)
+
+
+def test_tp_with_a_sharded_tower_forces_lockstep_and_agrees_failures_over_the_scheduler(start_recorded, caplog):
+    start, _ = start_recorded
+    scheduler = object()
+    start("sharded", {"mode": "async"}, tp_size=2, scheduler=scheduler)
+    built = _RecordedService.built[-1]
+    assert built["lockstep"] is True and built["agree"] == ("agree over", scheduler)
+    assert "MM_COALESCER_MODE=async ignored with TP=2 and a sharded vision tower; using lockstep" in caplog.text
+    caplog.clear()
+    start("sharded", {"mode": "auto"}, tp_size=2, scheduler=scheduler)
+    assert _RecordedService.built[-1]["lockstep"] is True and "ignored" not in caplog.text  # nothing was asked
+    start("sharded", {"mode": "lockstep"}, tp_size=1, scheduler=scheduler)  # one rank: nobody to agree with
+    assert _RecordedService.built[-1]["agree"] is None
+    start("sharded", {"mode": "lockstep"}, tp_size=2)  # no scheduler to agree over
+    assert _RecordedService.built[-1]["agree"] is None
+
+
+def test_tp_with_a_replicated_collective_free_tower_stays_async(start_recorded, caplog):
+    start, _ = start_recorded
+    start("replicated", {"mode": "auto"}, tp_size=2, scheduler=object())
+    assert _RecordedService.built[-1]["lockstep"] is False and _RecordedService.built[-1]["agree"] is None
+    start("plain", {"mode": "auto"}, tp_size=2, scheduler=object())  # a tower that does not say: sharded
+    assert _RecordedService.built[-1]["lockstep"] is True
+
+
+def test_start_leaves_an_unsupported_model_alone_saying_why(start_recorded, caplog):
+    import logging
+
+    start, hooked = start_recorded
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang.sglang_plugin")
+    assert start("a text model", {}, tp_size=1) is None
+    assert _RecordedService.built == [] and hooked == []
+    assert "plugin off for this model (not a VLM); SGLang encodes its media as usual" in caplog.text
+
+
+def test_the_prefix_match_needs_no_disable_flag_on_the_scheduler():
+    scheduler = _scheduler_with_cached_prefix(9)
+    del scheduler.disable_radix_cache
+    assert sglang_plugin.cached_prefix_len(scheduler, _req("r", [])) == 9
