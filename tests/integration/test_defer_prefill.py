@@ -139,16 +139,16 @@ def test_requests_the_prefill_did_not_admit_and_ones_it_requeued_stay_in_order(s
     assert [r.rid for r in scheduler.waiting_queue] == ["slow", "b", "c", "retracted"]
 
 
-@pytest.mark.parametrize("case", ["no service", "off", "no running batch", "empty running batch", "nobody held back"])
+@pytest.mark.parametrize("case", ["no-service", "off", "no-running-batch", "empty-running-batch", "nobody-held-back"])
 def test_sglangs_prefill_runs_untouched_when_nothing_is_deferred(service, monkeypatch, case):
     service.tower.gate.clear()
     service.on_arrival("slow", [item(7)])
-    running = {"no running batch": None, "empty running batch": _running(0)}.get(case, _running(1))
-    if case == "no service":
+    running = {"no-running-batch": None, "empty-running-batch": _running(0)}.get(case, _running(1))
+    if case == "no-service":
         monkeypatch.setattr(sglang_plugin, "_service", None)
     if case == "off":
         monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.0)
-    queue = [_req("fast")] if case == "nobody held back" else [_req("slow"), _req("fast")]
+    queue = [_req("fast")] if case == "nobody-held-back" else [_req("slow"), _req("fast")]
     scheduler = SimpleNamespace(waiting_queue=list(queue))
     seen, calls = [], []
     sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_first(seen, calls), scheduler, running,

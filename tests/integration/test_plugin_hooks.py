@@ -192,8 +192,10 @@ def test_the_arrival_hook_passes_sglangs_own_call_through_unchanged(service):
         lambda *args, **kwargs: calls.append((args, kwargs)) or "queued", scheduler, req, is_retracted=False)
     assert result == "queued" and calls == [((scheduler, req), {"is_retracted": False})]
     assert getattr(req.multimodal_inputs, sglang_plugin._RID_ATTR) == "r"  # for release_features' hook
-    sglang_plugin._around_add_request_to_queue(lambda *args, **kwargs: None, scheduler, _req("again", [_item(2, 0, 3)]),
+    again = _req("again", [_item(2, 0, 3)])
+    sglang_plugin._around_add_request_to_queue(lambda *args, **kwargs: calls.append((args, kwargs)), scheduler, again,
                                                True)  # is_retracted passed positionally
+    assert calls[-1] == ((scheduler, again, True), {})
     assert service.held_keys() == {("image", 1)}
 
 
@@ -301,7 +303,11 @@ def test_cli_settings_are_stored_on_server_args_and_a_bad_config_exits_naming_it
         monkeypatch.delenv(name, raising=False)
     built = SimpleNamespace()
     args = SimpleNamespace(enable_mm_coalescer=True, mm_coalescer_config=None, mm_coalescer_max_held_mb=2.0)
-    assert sglang_plugin._around_from_cli_args(lambda cls, a: built, object, args) is built
+    calls = []
+    server_args_cls = type("ServerArgs", (), {})
+    assert sglang_plugin._around_from_cli_args(lambda cls, a: calls.append((cls, a)) or built, server_args_cls,
+                                               args) is built
+    assert calls == [(server_args_cls, args)]
     assert getattr(built, settings.ATTR)["max_held_bytes"] == 2 * 2**20
     bad = tmp_path / "bad.yaml"
     bad.write_text("no_such_key: 1\n")
