@@ -316,14 +316,19 @@ def test_a_wait_whose_deadline_has_passed_gives_up_at_once(make_service):
     assert time.monotonic() - started < 0.5
 
 
-def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
-    """Issue 8 item 10: units behind a long queue are dispatched first when prefill needs them."""
-    service = make_service()
+def _hold_the_tower_with_a_queue_behind(service) -> None:
+    """One forward held in the tower, 30 single-item requests queued behind it."""
     service.tower.gate.clear()
     service.on_arrival("busy", [item(100)])
     _eventually(service.tower.in_forward.is_set, "the tower to be busy")
     for n in range(30):
         service.on_arrival(f"q{n}", [item(200 + n)])
+
+
+def test_a_queued_item_a_prefill_needs_jumps_the_queue(make_service):
+    """Issue 8 item 10: units behind a long queue are dispatched first when prefill needs them."""
+    service = make_service()
+    _hold_the_tower_with_a_queue_behind(service)
     service.on_arrival("needed", [item(7)])
     prefill = threading.Thread(target=service.encode, args=([item(7)], never))
     prefill.start()
@@ -408,11 +413,7 @@ def test_a_prefill_chunk_ending_at_an_items_last_token_keeps_its_result_for_the_
 def test_a_queued_video_a_prefill_needs_jumps_the_queue_frame_by_frame(make_service):
     """The coalescer queues a video as ``(key, frame)`` units: expedite keys must carry the frame index."""
     service = make_service(tower=VideoSumTower())
-    service.tower.gate.clear()
-    service.on_arrival("busy", [item(100)])
-    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
-    for n in range(30):
-        service.on_arrival(f"q{n}", [item(200 + n)])
+    _hold_the_tower_with_a_queue_behind(service)
     clip = video(7, frames=3)
     service.on_arrival("needed", [clip])
     prefill, result = _start_thread(service.encode, [clip], never)
@@ -453,11 +454,7 @@ def test_an_on_demand_encode_after_a_failed_early_encode_keeps_the_first_deadlin
 def test_an_on_demand_encode_jumps_the_queue(make_service):
     """``encode(..., urgent=True)``: an item a prefill encodes on demand goes before everything queued."""
     service = make_service()
-    service.tower.gate.clear()
-    service.on_arrival("busy", [item(100)])
-    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
-    for n in range(30):
-        service.on_arrival(f"q{n}", [item(200 + n)])
+    _hold_the_tower_with_a_queue_behind(service)
     prefill, result = _start_thread(service.encode, [item(7)], never)  # never arrived: encoded on demand
     _eventually(lambda: service.stats()["pending_units"] == 31, "the on-demand unit to be queued")
     _eventually(lambda: service.stats()["expedited_units"] == 1, "the on-demand unit to be queued as urgent",
