@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -45,8 +46,8 @@ T0 = time.monotonic()
 # Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
 # KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each).
 FAMILIES = {
-    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": []},
-    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": []},
+    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
+    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True},
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
     "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"]},
 }
@@ -62,15 +63,33 @@ COMMON_FLAGS = [
 # depends on when the others allocate); --max-total-tokens fixes the KV pool, so every server gets the same
 # one whichever profiles first (4 x (weights + KV) fits an H200 with room for activations).
 MEM_FRACTION = "0.85"
-# name -> (plugin on?, extra SGLang flags). "off"/"on" are the issue's comparison (SGLang defaults); the
-# "+tok4ipc" pair adds SGLang's own answers to its preprocessing bottleneck (4 tokenizer workers, features
-# handed over through CUDA IPC) to both, to show what the plugin adds once that bottleneck is gone.
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compared server: plugin on or off, plus what it changes beyond that (same for every family)."""
+
+    plugin: bool
+    flags: tuple[str, ...] = ()
+    config: dict = field(default_factory=dict)  # merged over the family's shipped YAML (plugin on only)
+    env: dict = field(default_factory=dict)
+
+
+TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
+# "off"/"on" are the issue's comparison (SGLang defaults). The "+tok4ipc" pair adds SGLang's own answers to
+# its preprocessing bottleneck (4 tokenizer workers, features handed over through CUDA IPC) to both, to show
+# what the plugin adds once that bottleneck is gone. "off+vitgraph" is SGLang's own ViT CUDA graph
+# (Qwen towers; the plugin declines to run beside it), "on+defer20" the plugin's prefill deferral.
 VARIANTS = {
-    "off": (False, []),
-    "on": (True, []),
-    "off+tok4ipc": (False, ["--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc"]),
-    "on+tok4ipc": (True, ["--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc"]),
+    "off": Variant(False),
+    "on": Variant(True),
+    "off+tok4ipc": Variant(False, TOK4IPC),
+    "on+tok4ipc": Variant(True, TOK4IPC),
+    "off+vitgraph": Variant(False, env={"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}),
+    "on+defer20": Variant(True, config={"sglang": {"defer_prefill_ms": 20}}),
 }
+# Variants other than off/on run the lone and seed workloads and the first Poisson load only.
+POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
 SEED_WORKLOAD = ["--dataset-name", "image", "--image-count", "6", "--image-resolution", "480x480",
                  "--random-input-len", "50", "--random-output-len", "10", "--random-range-ratio", "1.0"]
 POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-image-count",
@@ -127,6 +146,8 @@ def environment(prepared: Path, plugin: bool) -> dict[str, str]:
     extra = os.environ.get("GPU_SERVE_EXTRA_PATH")  # e.g. a probe-only shim, never in the headline runs
     if extra:
         path.insert(0, extra)
+    if not any(importlib.util.find_spec(m) for m in ("torchcodec", "decord")):
+        path.append(str(HERE / "video_shim"))  # the video request's decoder (video_shim/decord/__init__.py)
     env["PYTHONPATH"] = ":".join(path)
     env.update({
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -144,6 +165,18 @@ def environment(prepared: Path, plugin: bool) -> dict[str, str]:
     return env
 
 
+def merged_config(name: str, changes: dict, dest: Path) -> Path:
+    """The shipped config ``name`` (mm_scheduler/configs) with ``changes`` merged in, written to ``dest``."""
+    import yaml
+
+    def merge(base: dict, extra: dict) -> dict:
+        return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in extra.items()}}
+
+    shipped = yaml.safe_load((REPO / "mm_scheduler" / "configs" / f"{name}.yaml").read_text())
+    dest.write_text(yaml.safe_dump(merge(shipped, changes), sort_keys=False))
+    return dest
+
+
 # --- servers -------------------------------------------------------------------------------------------
 @dataclass
 class Server:
@@ -158,22 +191,26 @@ class Server:
 
     @property
     def plugin(self) -> bool:
-        return VARIANTS[self.variant][0]
+        return VARIANTS[self.variant].plugin
 
     def start(self, model: Path, family: str, prepared: Path, export_dir: Path) -> None:
         spec = FAMILIES[family]
         args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(self.port),
                 *COMMON_FLAGS, *spec["flags"], "--max-total-tokens", str(spec["max_total_tokens"]),
-                "--mem-fraction-static", MEM_FRACTION, *VARIANTS[self.variant][1],
+                "--mem-fraction-static", MEM_FRACTION, *VARIANTS[self.variant].flags,
                 "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
+        variant = VARIANTS[self.variant]
         if self.plugin:
             # by name, as an operator does: the YAML shipped in the installed wheel
             config = os.environ.get("GPU_SERVE_CONFIG", spec["config"])
+            if variant.config:  # the shipped YAML with this variant's changes, as an operator would edit it
+                config = str(merged_config(config, variant.config, export_dir.parent / f"config-{self.variant}.yaml"))
             args += ["--enable-mm-coalescer", "--mm-coalescer-config", config]
         export_dir.mkdir(parents=True, exist_ok=True)
-        log(f"[{self.variant}] {' '.join(args[1:])}")
+        log(f"[{self.variant}] {' '.join(args[1:])} {' '.join(f'{k}={v}' for k, v in variant.env.items())}")
+        env = {**environment(prepared, self.plugin), **variant.env}
         self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-                                     env=environment(prepared, self.plugin), start_new_session=True)
+                                     env=env, start_new_session=True)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -242,20 +279,50 @@ class LoadGenerator:
         return line
 
     def run(self, argv: list[str], log_path: Path) -> int:
-        self.proc.stdin.write(json.dumps({"argv": argv, "log": str(log_path)}) + "\n")
+        return self.request(argv=argv, log=str(log_path))
+
+    def request(self, **request: object) -> int:
+        self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         return int(self._expect("LOADGEN-DONE").split()[1])
-
-    def prime(self, model: Path, workload: list[str], out: Path) -> None:
-        """Build and memoize a dataset while the servers start (its requests go nowhere and fail)."""
-        argv = ["--backend", "sglang-oai-chat", "--base-url", "http://127.0.0.1:9", "--ready-check-timeout-sec", "0",
-                "--model", str(model), "--tokenizer", str(model), *workload, "--disable-tqdm",
-                "--output-file", "/dev/null"]
-        self.run(argv, out / "prime.log")
 
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+    def prime(self, model: Path, workload: list[str], log_path: Path) -> None:
+        """Build and memoize a dataset (its requests go to a closed port and fail at once)."""
+        argv = ["--backend", "sglang-oai-chat", "--base-url", "http://127.0.0.1:9", "--ready-check-timeout-sec", "0",
+                "--model", str(model), "--tokenizer", str(model), *workload, "--disable-tqdm",
+                "--output-file", "/dev/null"]
+        self.run(argv, log_path)
+
+
+def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 6) -> None:
+    """Build every dataset of the run in ``workers`` loadgen processes at once, while the servers start, and
+    load them into ``LOADGEN``: 10 image datasets took 150 s one after the other (JPEG encoding and a
+    processor pass per request), which is longer than the servers take to start."""
+    shards = [workloads[i::workers] for i in range(min(workers, len(workloads)))]
+
+    def build(index: int, shard: list[list[str]]) -> None:
+        gen = LoadGenerator()
+        try:
+            for k, workload in enumerate(shard):
+                gen.prime(model, workload, out / f"prime-{index}-{k}.log")
+            gen.request(dump=str(out / f"datasets-{index}.pkl"))
+        finally:
+            gen.close()
+
+    threads = [threading.Thread(target=build, args=(i, shard)) for i, shard in enumerate(shards)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(len(shards)):
+        dump = out / f"datasets-{i}.pkl"
+        if dump.exists():  # a worker that failed leaves its datasets to be built on first use
+            LOADGEN.request(load=str(dump))
+            dump.unlink()
 
 
 def bench(server: Server, model: Path, workload: list[str], extra: list[str], out: Path, tag: str) -> dict:
@@ -336,6 +403,28 @@ def png_b64(size: tuple[int, int], seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def mp4_b64(size: tuple[int, int], frames: int, fps: float, seed: int) -> str:
+    """A small MPEG-4 clip of smooth moving gradients (noise would not survive the codec the same way twice)."""
+    import tempfile
+
+    import cv2
+    import numpy as np
+
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/clip.mp4"
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+        for i in range(frames):
+            phase = seed + i
+            frame = np.stack([(xs * 3 + phase * 7) % 256, (ys * 2 + phase * 11) % 256,
+                              ((xs + ys) + phase * 5) % 256], axis=-1).astype(np.uint8)
+            writer.write(frame)
+        writer.release()
+        data = Path(path).read_bytes()
+    return "data:video/mp4;base64," + base64.b64encode(data).decode()
+
+
 def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
     body = {"model": str(model), "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": 24}
@@ -345,21 +434,33 @@ def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
     return json.loads(text)["choices"][0]["message"]["content"]
 
 
-def correctness(servers: dict[str, Server], model: Path, n: int) -> dict:
-    """Greedy replies to the same image requests (1-3 images of mixed sizes) from every server vs plugin-off."""
+def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) -> dict:
+    """Greedy replies to the same requests from every server vs plugin-off: ``n`` image requests (1-3 images
+    of mixed sizes) and, for families that take video, one request with a 4 s clip plus an image."""
     sizes = [(480, 480), (640, 360), (256, 256), (1024, 768), (333, 517)]
-    results = []
+    requests = []
     for i in range(n):
         content = [{"type": "image_url", "image_url": {"url": png_b64(sizes[(i + k) % len(sizes)], 1000 * i + k)}}
                    for k in range(1 + i % 3)]
-        content.append({"type": "text", "text": f"Describe picture set {i}."})
+        requests.append(("image", [*content, {"type": "text", "text": f"Describe picture set {i}."}]))
+    if video:
+        clip = {"type": "video_url", "video_url": {"url": mp4_b64((320, 240), 16, 4.0, 3)}}
+        picture = {"type": "image_url", "image_url": {"url": png_b64((480, 480), 77)}}
+        requests.append(("video", [clip, picture, {"type": "text", "text": "What happens in the clip?"}]))
+    results = []
+    for kind, content in requests:
         replies = {v: greedy_reply(s, model, content) for v, s in servers.items()}
-        results.append({"images": len(content) - 1, "replies": replies,
-                         "identical": all(r == replies["off"] for r in replies.values())})
-    identical = sum(r["identical"] for r in results)
-    log(f"  correctness: {identical}/{n} requests got the same greedy reply from {', '.join(servers)}")
-    return {"requests": n, "identical": identical, "all_identical": identical == n, "servers": list(servers),
-            "replies": results}
+        ok = all(r == replies["off"] for r in replies.values()) and not replies["off"].startswith("HTTP ")
+        results.append({"kind": kind, "parts": len(content) - 1, "replies": replies, "identical": ok})
+    images = [r for r in results if r["kind"] == "image"]
+    videos = [r for r in results if r["kind"] == "video"]
+    identical = sum(r["identical"] for r in images)
+    log(f"  correctness: {identical}/{len(images)} image requests"
+        + (f" and {sum(r['identical'] for r in videos)}/{len(videos)} video requests" if videos else "")
+        + f" got the same greedy reply from {', '.join(servers)}")
+    return {"requests": len(images), "identical": identical, "video_requests": len(videos),
+            "video_identical": sum(r["identical"] for r in videos),
+            "all_identical": all(r["identical"] for r in results), "servers": list(servers), "replies": results}
 
 
 # --- workloads ------------------------------------------------------------------------------------------
@@ -371,8 +472,9 @@ def pairs(names: list[str], i: int) -> list[str]:
 def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: int, out: Path,
                deadline: float, publish: Path) -> dict:
     servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
-    result: dict = {"family": family, "variants": {v: VARIANTS[v][1] for v in variants}, "runs": {},
-                    "failed_to_start": {}}
+    result: dict = {"family": family, "variants": {v: list(VARIANTS[v].flags) for v in variants},
+                    "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env} for v in variants},
+                    "runs": {}, "failed_to_start": {}}
 
     def remaining() -> float:
         return deadline - time.monotonic()
@@ -381,17 +483,23 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         result["runs"][tag] = bench(*args, out, tag)  # type: ignore[arg-type]
         (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
 
+    loads = [float(x) for x in os.environ.get("GPU_SERVE_LOADS", "0.5,0.8,0.25,1.0").split(",")]
+    warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "1"]
+    seed_warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "500"]
+    lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf", "--seed", "7"]
+    seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
+             for i in range(runs)]
+    capacity = [*POISSON_WORKLOAD, "--num-prompts", "160", "--request-rate", "inf", "--seed", "300"]
+    # Poisson pools: a run takes the first n (n follows the measured capacity), one seed per load
+    pools = [[*POISSON_WORKLOAD, "--num-prompts", str(POISSON_MAX), "--seed", str(400 + j)] for j in range(len(loads))]
     try:
         for v, server in servers.items():
             server.start(model, family, PREPARED, out / f"requests-{v}")
-        warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "1"]
-        seed_warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "500"]
-        lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf", "--seed", "7"]
-        seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
-                 for i in range(runs)]
-        for workload in (warm, lone, seed_warm, *seeds):  # while the servers start
-            LOADGEN.prime(model, workload, out)
-        log("datasets ready")
+        datasets = [warm, lone, seed_warm, *seeds] if {"lone", "seed"} & set(workloads) else [warm]
+        if "poisson" in workloads:
+            datasets += [capacity, *pools]
+        prime_all(model, datasets, out)
+        log(f"{len(datasets)} datasets ready")
         for v, server in list(servers.items()):
             try:
                 server.wait_healthy(360)
@@ -405,32 +513,33 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         for v, server in servers.items():  # JIT kernels build here (nvcc), not in a measured run
             bench(server, model, warm, [], out, f"warm-{v}")
         if "correct" in workloads:
-            result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")))
+            result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")),
+                                                video=FAMILIES[family].get("video", False))
+            (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
         if "lone" in workloads:
             for v, server in servers.items():
                 measured(f"lone-{v}", server, model, lone, [])
         if "seed" in workloads:
             for i in range(runs):
-                if remaining() < 40 * len(servers):
+                if remaining() < 25 * len(servers):
                     log(f"seed: deadline near, stopping after {i} repetitions")
                     break
                 for v in pairs(list(servers), i):
                     bench(servers[v], model, seed_warm, [], out, f"seedwarm{i}-{v}")
                     measured(f"seed{i}-{v}", servers[v], model, seeds[i], [])
-        if "poisson" in workloads and remaining() > 60:
-            cap_run = [*POISSON_WORKLOAD, "--num-prompts", "160", "--request-rate", "inf"]
-            cap = bench(servers["off"], model, cap_run, ["--seed", "300"], out, "capacity-off")
+        if "poisson" in workloads and remaining() > 40:
+            cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
             result["capacity_req_s"] = cap["request_throughput"]
-            loads = [float(x) for x in os.environ.get("GPU_SERVE_LOADS", "0.5,0.8,0.25,1.0").split(",")]
             for j, load in enumerate(loads):  # the issue's must-haves (50 %, 80 %) first
                 rate = load * cap["request_throughput"]
-                n = int(min(200, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
-                if remaining() < 2 * (n / rate + 8):
+                n = int(min(POISSON_MAX, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
+                if remaining() < 2 * (n / rate + 5):
                     log(f"poisson: deadline near, skipping load {load}")
                     continue
-                for v in pairs(["off", "on"], j):
-                    w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}"]
-                    measured(f"poisson{load}-{v}", servers[v], model, w, ["--seed", str(400 + j)])
+                for v in pairs(list(servers) if j == 0 else ["off", "on"], j):  # extra variants: first load only
+                    w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}",
+                         "--seed", str(400 + j)]
+                    measured(f"poisson{load}-{v}", servers[v], model, w, [])
     finally:
         for s in servers.values():
             s.stop()

@@ -45,15 +45,15 @@ def seed_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
     return out
 
 
-def poisson_summary(runs: dict, capacity: float | None) -> dict:
+def poisson_summary(runs: dict, capacity: float | None, off_name: str = "off", on_name: str = "on") -> dict:
     out: dict = {}
     for key in runs:
-        if not key.startswith("poisson") or not key.endswith("-off"):
+        if not key.startswith("poisson") or not key.endswith(f"-{off_name}"):
             continue
-        load = key[len("poisson"):-len("-off")]
-        if f"poisson{load}-on" not in runs:
+        load = key[len("poisson"):-len(f"-{off_name}")]
+        if f"poisson{load}-{on_name}" not in runs:
             continue
-        off, on = runs[key], runs[f"poisson{load}-on"]
+        off, on = runs[key], runs[f"poisson{load}-{on_name}"]
         out[load] = {name: _ratio(on[m], off[m]) for name, m in POISSON_METRICS.items()}
         out[load]["rate_req_s"] = off.get("request_rate")
         out[load]["off"] = {m: off[m] for m in POISSON_METRICS.values()}
@@ -88,7 +88,21 @@ def family_summary(result: dict, raw: Path | None = None) -> dict:
         fam["outputs_identical"] = bool(correct["all_identical"])
         fam["outputs_compared"] = {"image_requests": correct["requests"], "identical": correct["identical"],
                                    "servers": correct.get("servers", ["off", "on"]),
-                                   "video_requests": correct.get("video_requests", 0)}
+                                   "video_requests": correct.get("video_requests", 0),
+                                   "video_identical": correct.get("video_identical", 0)}
+    # A lever ("off+X" without "on+X": SGLang's own; "on+X": a plugin setting) against plain off, and for a
+    # plugin setting against plain on, from the same harness run.
+    for variant, changes in result.get("variant_changes", {}).items():
+        if variant in ("off", "on") or ("+" in variant and f"on+{variant.split('+', 1)[1]}" in result["variants"]
+                                         and f"off+{variant.split('+', 1)[1]}" in result["variants"]):
+            continue
+        lever = {"changes": {**changes, "flags": result["variants"].get(variant, [])},
+                 "vs_off": {"seed": seed_summary(runs, "off", variant), "lone": lone_summary(runs, "off", variant),
+                            "poisson": poisson_summary(runs, None, "off", variant) or None}}
+        if variant.startswith("on+"):
+            lever["vs_on"] = {"seed": seed_summary(runs, "on", variant), "lone": lone_summary(runs, "on", variant),
+                              "poisson": poisson_summary(runs, None, "on", variant) or None}
+        fam.setdefault("levers", {})[variant] = lever
     # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), and the flags alone ("off+X" vs "off").
     for variant, flags in result.get("variants", {}).items():
         if not variant.startswith("off+") or f"on+{variant[4:]}" not in result["variants"]:
