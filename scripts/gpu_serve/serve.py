@@ -298,7 +298,7 @@ class LoadGenerator:
         self.run(argv, log_path)
 
 
-def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 6) -> None:
+def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 8) -> None:
     """Build every dataset of the run in ``workers`` loadgen processes at once, while the servers start, and
     load them into ``LOADGEN``: 10 image datasets took 150 s one after the other (JPEG encoding and a
     processor pass per request), which is longer than the servers take to start."""
@@ -474,13 +474,21 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
     servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
     result: dict = {"family": family, "variants": {v: list(VARIANTS[v].flags) for v in variants},
                     "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env} for v in variants},
-                    "runs": {}, "failed_to_start": {}}
+                    "runs": {}, "failed_to_start": {}, "failed_runs": {}}
 
     def remaining() -> float:
         return deadline - time.monotonic()
 
     def measured(tag: str, *args: object) -> None:  # one run; results are written after each (a cut-off run keeps them)
-        result["runs"][tag] = bench(*args, out, tag)  # type: ignore[arg-type]
+        variant = tag.rsplit("-", 1)[-1] if tag.startswith("lone") else tag.split("-", 1)[1]
+        try:
+            result["runs"][tag] = bench(*args, out, tag)  # type: ignore[arg-type]
+        except RuntimeError as exc:  # an extra variant that fails is dropped; off and on must work
+            if variant in ("off", "on") or variant not in servers:
+                raise
+            result["failed_runs"][tag] = str(exc)
+            log(f"[{variant}] {exc}; dropping this variant")
+            servers.pop(variant).stop()
         (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
 
     loads = [float(x) for x in os.environ.get("GPU_SERVE_LOADS", "0.5,0.8,0.25,1.0").split(",")]
@@ -489,9 +497,11 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
     lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf", "--seed", "7"]
     seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
              for i in range(runs)]
-    capacity = [*POISSON_WORKLOAD, "--num-prompts", "160", "--request-rate", "inf", "--seed", "300"]
+    capacity = [*POISSON_WORKLOAD, "--num-prompts", "120", "--request-rate", "inf", "--seed", "300"]
     # Poisson pools: a run takes the first n (n follows the measured capacity), one seed per load
-    pools = [[*POISSON_WORKLOAD, "--num-prompts", str(POISSON_MAX), "--seed", str(400 + j)] for j in range(len(loads))]
+    # sized for about 10 req/s of capacity (Qwen2.5-VL-7B measured 8.8); a run needing more rebuilds its pool
+    pools = [[*POISSON_WORKLOAD, "--num-prompts", str(int(min(POISSON_MAX, max(30, 130 * load)))),
+              "--seed", str(400 + j)] for j, load in enumerate(loads)]
     try:
         for v, server in servers.items():
             server.start(model, family, PREPARED, out / f"requests-{v}")
@@ -525,8 +535,10 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     log(f"seed: deadline near, stopping after {i} repetitions")
                     break
                 for v in pairs(list(servers), i):
-                    bench(servers[v], model, seed_warm, [], out, f"seedwarm{i}-{v}")
-                    measured(f"seed{i}-{v}", servers[v], model, seeds[i], [])
+                    if v in servers:
+                        measured(f"seedwarm{i}-{v}", servers[v], model, seed_warm, [])
+                    if v in servers:
+                        measured(f"seed{i}-{v}", servers[v], model, seeds[i], [])
         if "poisson" in workloads and remaining() > 40:
             cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
             result["capacity_req_s"] = cap["request_throughput"]
@@ -537,6 +549,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     log(f"poisson: deadline near, skipping load {load}")
                     continue
                 for v in pairs(list(servers) if j == 0 else ["off", "on"], j):  # extra variants: first load only
+                    if v not in servers:
+                        continue
                     w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}",
                          "--seed", str(400 + j)]
                     measured(f"poisson{load}-{v}", servers[v], model, w, [])
@@ -583,6 +597,8 @@ def main() -> None:
                             out, deadline, args.out)
     finally:
         LOADGEN.close()
+        subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent),
+                        out.name], check=False)  # the raw files, also of a run that failed
     result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                    capture_output=True, text=True).stdout.strip()
     result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
