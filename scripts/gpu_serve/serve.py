@@ -527,7 +527,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                                                 video=FAMILIES[family].get("video", False))
             (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
         if "lone" in workloads:
-            for v, server in servers.items():
+            for v, server in list(servers.items()):
                 measured(f"lone-{v}", server, model, lone, [])
         if "seed" in workloads:
             for i in range(runs):
