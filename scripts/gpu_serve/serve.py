@@ -265,9 +265,11 @@ class MetricsScraper(threading.Thread):
 class LoadGenerator:
     """SGLang's ``sglang.benchmark.serving`` in one long-lived process (``loadgen.py``): no per-run start-up."""
 
-    def __init__(self) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         env = environment(PREPARED, False)
         env["PYTHONPATH"] = f"{HERE / 'stubs'}:{env['PYTHONPATH']}"  # HF datasets stand-in (synthetic sets only)
+        if threads:  # dataset builders: a few cores each, leaving the rest to the servers starting meanwhile
+            env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
         self.proc = subprocess.Popen([sys.executable, str(HERE / "loadgen.py")], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         self._expect("LOADGEN-READY")
@@ -298,17 +300,19 @@ class LoadGenerator:
         self.run(argv, log_path)
 
 
-def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 8) -> None:
+def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 6) -> None:
     """Build every dataset of the run in ``workers`` loadgen processes at once, while the servers start, and
     load them into ``LOADGEN``: 10 image datasets took 150 s one after the other (JPEG encoding and a
     processor pass per request), which is longer than the servers take to start."""
     shards = [workloads[i::workers] for i in range(min(workers, len(workloads)))]
 
     def build(index: int, shard: list[list[str]]) -> None:
-        gen = LoadGenerator()
+        gen = LoadGenerator(threads=2)
         try:
             for k, workload in enumerate(shard):
+                t = time.monotonic()
                 gen.prime(model, workload, out / f"prime-{index}-{k}.log")
+                log(f"  dataset {index}.{k} built in {time.monotonic() - t:.0f} s")
             gen.request(dump=str(out / f"datasets-{index}.pkl"))
         finally:
             gen.close()
