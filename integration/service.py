@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from prometheus_client import Counter, Histogram
 
-from mm_scheduler import Coalescer, CoalescerConfig, CoalescerError, EncodeItem
+from mm_scheduler import Coalescer, CoalescerClosedError, CoalescerConfig, CoalescerError, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
 
 from .adapters import SGLangTower
@@ -205,6 +205,7 @@ class EncoderService:
         self._loop: LoopThread | None = None
         self._coalescer: Coalescer | None = None
         self._lockstep: LockstepEncoder | None = None
+        self._closed = False
         self.counts = dict.fromkeys(("submitted", "shared", "deferred", "admitted", "taken_early",
                                      "encoded_on_demand", "released", "cancelled", "swept", "wait_timeouts",
                                      "fallbacks"), 0)
@@ -244,7 +245,12 @@ class EncoderService:
         return self
 
     def close(self) -> None:
-        """Fail what is still queued and stop the loop thread (tests and orderly shutdown)."""
+        """Fail what is still queued and stop the loop thread (tests and orderly shutdown). Idempotent:
+        a second call returns at once (the stopped loop would never run another close); later
+        submissions raise CoalescerClosedError."""
+        if self._closed:
+            return
+        self._closed = True
         if self._coalescer is not None and self._loop is not None:
             self._loop.submit(self._coalescer.aclose(cancel_pending=True)).result(timeout=60)
             self._loop.stop()
@@ -448,6 +454,8 @@ class EncoderService:
 
     def _submit(self, item: Any, *, urgent: bool = False) -> Any:
         """Queue ``item``'s units; raises CoalescerError (invalid, queue full, closed)."""
+        if self._closed:
+            raise CoalescerClosedError("the encoder service is closed")
         units = self._units(item)
         if self._lockstep is not None:
             return self._lockstep.submit(units)

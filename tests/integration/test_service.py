@@ -494,6 +494,21 @@ def test_close_fails_queued_work_and_stops_the_loop_thread():
     assert service.held_keys() == set()
 
 
+def test_a_second_close_returns_at_once_and_later_submissions_are_refused():
+    from mm_scheduler import CoalescerClosedError
+
+    config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(SumTower(), config, lockstep=False).start()
+    service.close()
+    closing, _ = _start_thread(service.close)
+    closing.join(5)  # the stopped loop never answers: a second close used to block for 60 s
+    assert not closing.is_alive()
+    with pytest.raises(CoalescerClosedError, match="closed"):
+        service._submit(item(1))
+    service.on_arrival("late", [item(3)])  # early encoding declines quietly; the prefill encodes on demand
+    assert service.held_keys() == set()
+
+
 def test_fallbacks_and_sources_are_counted_in_the_service_and_in_prometheus(make_service, caplog):
     from prometheus_client import REGISTRY
 
