@@ -79,3 +79,25 @@ def test_the_time_breakdown_adds_up_to_ttft_from_sglangs_own_timing(tmp_path):
     parts = ("preprocess", "intake", "queue", "scheduler_request_process", "prefill_forward")
     assert sum(row[p] for p in parts) == pytest.approx(row["ttft"])
     assert row["decode"] == pytest.approx(5.0)
+
+
+def test_a_lever_variant_is_compared_with_off_and_a_plugin_setting_also_with_on():
+    res = result()
+    res["runs"].update({"seed0-on+defer": bench(4_000, 1000), "seed1-on+defer": bench(5_000, 1000),
+                        "seed0-off+graph": bench(9_000, 1000), "lone-on+defer": bench(100, 10),
+                        "poisson0.5-on+defer": bench(360, 500)})
+    res["variants"].update({"on+defer": [], "off+graph": []})
+    res["variant_changes"] = {"off": {}, "on": {}, "off+x": {}, "on+x": {},
+                              "on+defer": {"config": {"sglang": {"defer_prefill_ms": 20}}, "env": {}},
+                              "off+graph": {"config": {}, "env": {"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}}}
+    levers = summarize.family_summary(res)["levers"]
+    assert set(levers) == {"on+defer", "off+graph"}  # the off+x/on+x pair is reported as SGLang flags instead
+    defer = levers["on+defer"]
+    assert defer["changes"]["config"] == {"sglang": {"defer_prefill_ms": 20}}
+    assert defer["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.45)  # 0.4 and 0.5 over 10,000
+    assert defer["vs_on"]["seed"]["median_ttft_ratio"] == pytest.approx((0.5 + 5 / 9) / 2, abs=1e-4)  # 4 places
+    assert defer["vs_on"]["lone"]["ttft_ratio"] == pytest.approx(0.5)
+    assert defer["vs_on"]["poisson"]["0.5"]["ttft_p50_ratio"] == pytest.approx(1.5)
+    graph = levers["off+graph"]
+    assert graph["vs_off"]["seed"]["runs"] == 1 and "vs_on" not in graph
+    assert graph["changes"]["env"] == {"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}
