@@ -300,7 +300,7 @@ class LoadGenerator:
         self.run(argv, log_path)
 
 
-def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 6) -> None:
+def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 4) -> None:
     """Build every dataset of the run in ``workers`` loadgen processes at once, while the servers start, and
     load them into ``LOADGEN``: 10 image datasets took 150 s one after the other (JPEG encoding and a
     processor pass per request), which is longer than the servers take to start."""
