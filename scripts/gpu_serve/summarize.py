@@ -73,7 +73,7 @@ def lone_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
 
 def family_summary(result: dict, raw: Path | None = None) -> dict:
     runs = result["runs"]
-    fam: dict = {}
+    fam: dict = {"commit": result.get("commit", "")}
     seed = seed_summary(runs)
     if seed:
         fam["seed"] = seed
@@ -102,7 +102,8 @@ def family_summary(result: dict, raw: Path | None = None) -> dict:
         if variant.startswith("on+"):
             lever["vs_on"] = {"seed": seed_summary(runs, "on", variant), "lone": lone_summary(runs, "on", variant),
                               "poisson": poisson_summary(runs, None, "on", variant) or None}
-        fam.setdefault("levers", {})[variant] = lever
+        if any(v for side in ("vs_off", "vs_on") for v in lever.get(side, {}).values()):  # measured at all
+            fam.setdefault("levers", {})[variant] = lever
     # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), and the flags alone ("off+X" vs "off").
     for variant, flags in result.get("variants", {}).items():
         if not variant.startswith("off+") or f"on+{variant[4:]}" not in result["variants"]:
@@ -112,8 +113,9 @@ def family_summary(result: dict, raw: Path | None = None) -> dict:
                 "sglang_flags_alone": {"seed": seed_summary(runs, "off", variant),
                                        "lone": lone_summary(runs, "off", variant)}}
         fam.setdefault("with_sglang_flags", {})[variant[4:]] = pair
-    if raw is not None:
-        fam["time_breakdown_seed_s"] = stage_breakdown(raw, result)
+    breakdown = stage_breakdown(raw, result) if raw is not None else None
+    if breakdown:
+        fam["time_breakdown_seed_s"] = breakdown
     return fam
 
 
@@ -227,16 +229,19 @@ def plot(summary: dict, path: Path) -> bool:
     families = summary["families"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     names = list(families)
-    for i, key in enumerate(("median_ttft_ratio", "throughput_ratio")):
-        vals = [families[f].get("seed", {}).get(key, float("nan")) for f in names]
-        spreads = [families[f].get("seed", {}).get(f"{key}_spread", [v, v]) for f, v in zip(names, vals, strict=True)]
+    bars = [("seed median TTFT", lambda f: families[f].get("seed", {}), "median_ttft_ratio"),
+            ("seed throughput", lambda f: families[f].get("seed", {}), "throughput_ratio"),
+            ("lone TTFT", lambda f: families[f].get("lone", {}), "ttft_ratio")]
+    for i, (label, part, key) in enumerate(bars):
+        vals = [part(f).get(key, float("nan")) for f in names]
+        spreads = [part(f).get(f"{key}_spread", [v, v]) for f, v in zip(names, vals, strict=True)]
         pairs = list(zip(vals, spreads, strict=True))
         err = [[v - s[0] for v, s in pairs], [s[1] - v for v, s in pairs]]
-        axes[0].bar([x + 0.4 * i for x in range(len(names))], vals, 0.4, yerr=err, label=key)
+        axes[0].bar([x + 0.27 * i for x in range(len(names))], vals, 0.27, yerr=err, label=label)
     axes[0].axhline(1.0, color="k", lw=0.8)
-    axes[0].set_xticks([x + 0.2 for x in range(len(names))], names)
-    axes[0].set_title("seed workload (100 x 6 images): on / off")
-    axes[0].legend()
+    axes[0].set_xticks([x + 0.27 for x in range(len(names))], names)
+    axes[0].set_title("seed workload (100 x 6 images) and a lone request: on / off")
+    axes[0].legend(fontsize=8)
     for f in names:
         poisson = {k: v for k, v in families[f].get("poisson", {}).items() if k != "capacity_req_s"}
         loads = sorted(poisson, key=float)
@@ -258,7 +263,8 @@ def plot(summary: dict, path: Path) -> bool:
     axes[2].set_ylabel("mean seconds per request")
     axes[2].set_title("seed workload: where the time goes")
     axes[2].legend(fontsize=7)
-    fig.suptitle(f"mm-scheduler in a real SGLang {summary['sglang']} server, {summary['gpu']} ({summary['commit']})")
+    commits = ", ".join(f"{f} {families[f].get('commit', '')}" for f in names)
+    fig.suptitle(f"mm-scheduler in a real SGLang {summary['sglang']} server, {summary['gpu']} ({commits})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
