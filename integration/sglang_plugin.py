@@ -135,6 +135,9 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
         except ValueError as exc:
             raise SystemExit(f"mm-coalescer: {exc}") from None
         setattr(server_args, settings.ATTR, chosen)
+    advice = settings.preprocessing_advice(server_args) if getattr(server_args, settings.ATTR) else None
+    if advice:
+        logger.info(advice)
 
 
 # --- scheduler lifecycle ------------------------------------------------------------------------

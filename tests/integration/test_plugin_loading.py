@@ -193,6 +193,27 @@ def test_engine_users_enable_through_environment(hooks_applied, monkeypatch, con
     assert settings.settings_of(resolved_as_engine_does()) is None
 
 
+def test_the_launcher_suggests_sglangs_preprocessing_flags_only_when_they_are_off(hooks_applied, monkeypatch,
+                                                                                  caplog):
+    from sglang.srt.server_args import ServerArgs
+
+    hook = sglang_compat.current().hook_target("engine_settings").rpartition(".")[2]
+    monkeypatch.setenv(settings.ENV_ENABLE, "1")
+
+    def launch(**flags) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mm_scheduler_sglang.sglang_plugin"):
+            getattr(ServerArgs(model_path="dummy", served_model_name="dummy", chunked_prefill_size=-1, **flags),
+                    hook)()
+        return caplog.text
+
+    assert "SGLang runs 1 tokenizer worker(s) with cpu feature transport" in launch()
+    assert "consider those flags" in launch(tokenizer_worker_num=4)  # the transport is still cpu
+    assert "consider those flags" not in launch(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc")
+    monkeypatch.delenv(settings.ENV_ENABLE)
+    assert "consider those flags" not in launch()  # plugin off: not its business
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     (None, "config file not found"),
     ("max_wait_ms: [1, 2\n", "not valid YAML"),
