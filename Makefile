@@ -101,9 +101,11 @@ clean:
 # (the wheel closure and stripped sglang-kernel, ~56 MB in .gpu-serve/). Then on the GPU machine, with its
 # system python3: make gpu-serve FAMILY=qwen2_5_vl_7b (about 9 minutes a family; README, "Serving in a real
 # SGLang server"). scripts/gpu_serve/summarize.py turns its output into benchmarks/results/real_server_summary.json.
+# GPU_SERVE_ARGS passes serve.py options, e.g. GPU_SERVE_ARGS="--workloads seed,poisson --variants off,on,on+defer20".
 FAMILY ?= qwen2_5_vl_7b
 gpu-serve-prepare:
 	bash scripts/gpu_serve/prepare.sh .gpu-serve
 
+GPU_SERVE_ARGS ?=
 gpu-serve:
-	$(PYTHON) scripts/gpu_serve/serve.py --family $(FAMILY) --out gpu-serve-out
+	$(PYTHON) scripts/gpu_serve/serve.py --family $(FAMILY) --out gpu-serve-out $(GPU_SERVE_ARGS)
