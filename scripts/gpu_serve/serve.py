@@ -502,8 +502,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
     seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
              for i in range(runs)]
     capacity = [*POISSON_WORKLOAD, "--num-prompts", "120", "--request-rate", "inf", "--seed", "300"]
-    # Poisson pools: a run takes the first n (n follows the measured capacity), one seed per load
-    # sized for about 10 req/s of capacity (Qwen2.5-VL-7B measured 8.8); a run needing more rebuilds its pool
+    # Poisson pools, one seed per load: a run takes the first n (n follows the measured capacity). Sized for about
+    # 10 req/s of capacity (Qwen2.5-VL-7B measured 8.8); a run needing more rebuilds its pool.
     pools = [[*POISSON_WORKLOAD, "--num-prompts", str(int(min(POISSON_MAX, max(30, 130 * load)))),
               "--seed", str(400 + j)] for j, load in enumerate(loads)]
     try:
@@ -524,8 +524,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                 log(f"[{v}] did not start; continuing without it")
                 server.stop()
                 del servers[v]
-        for v, server in servers.items():  # JIT kernels build here (nvcc), not in a measured run
-            bench(server, model, warm, [], out, f"warm-{v}")
+        for v, server in list(servers.items()):  # JIT kernels build here (nvcc), not in a measured run
+            measured(f"warm-{v}", server, model, warm, [])
         if "correct" in workloads:
             result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")),
                                                 video=FAMILIES[family].get("video", False))
