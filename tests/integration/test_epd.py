@@ -43,6 +43,10 @@ pytestmark = pytest.mark.skipif(not sglang_compat.current().has("epd"),
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TIMEOUT_S = 150
+IN_PROCESS = os.environ.get("MM_EPD_IN_PROCESS") == "1"
+"""The TP=1 scenarios run in the test process instead, each checked by one test (scripts/mutate.py sets it:
+mutmut records, and reruns per mutant, only the test during which the test process called the mutated code; a
+module fixture's calls would count for its first test only). TP=2 always spawns its two ranks."""
 
 
 # --- harness (runs in the child processes) ---------------------------------------------------------
@@ -199,8 +203,17 @@ def _tp1_main(out) -> None:
         out.put(("error", traceback.format_exc()))
 
 
+def _init_tp1() -> None:
+    if IN_PROCESS:
+        import sglang_models as sm
+
+        sm.init_sglang_cpu()  # the world-size-1 group of this process, once
+    else:
+        _init_dist(0, 1, _free_port())
+
+
 async def _tp1_scenarios() -> dict:
-    _init_dist(0, 1, _free_port())
+    _init_tp1()
     from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
     from sglang.srt.disaggregation.encoder import runtime as rt
     from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
@@ -293,7 +306,21 @@ async def _tp1_scenarios() -> dict:
                          "stayer": await stayer, "cancelled": leaver.cancelled(),
                          "states_left": sorted(enc.req_states), "stats": dict(small.stats)}
     await small.stop()
+    # A TP worker process that exits (here at once, code 3): the scheduler started as SGLang starts it (start(),
+    # not awaited) notices, and requests fail with 503 instead of waiting for a forward.
+    dying = mp.get_context("fork").Process(target=os._exit, args=(3,), daemon=True)
+    dying.start()
+    doomed = CoalescedEncoderScheduler(enc, [], config, worker_processes=[dying])
+    doomed.start()
+    for _ in range(500):
+        if doomed.tower.dead is not None:
+            break
+        await asyncio.sleep(0.01)
+    res["worker_exit"] = {"pid": dying.pid, "dead": doomed.tower.dead,
+                          "outcomes": await _run_pipeline(enc, doomed, _workload(prefill, "W")[:1])}
+    await doomed.stop()
     await ours.stop()
+    rt._BATCHABLE_MODALITIES.discard(Modality.VIDEO)
     return _plain(res)
 
 
@@ -330,7 +357,7 @@ def _tp1_video_main(out) -> None:
 
 
 async def _tp1_video_scenarios() -> dict:
-    _init_dist(0, 1, _free_port())
+    _init_tp1()
     from mm_scheduler_sglang.epd import install
     from sglang.srt.disaggregation.encoder import runtime as rt
     from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
@@ -499,11 +526,64 @@ def _spawn(targets: list[tuple], timeout: float) -> list:
 
 
 # --- tests -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tp1() -> dict:
-    (status, payload), = _spawn([(_tp1_main,)], TIMEOUT_S)
+def test_the_launch_hook_installs_the_coalescer_only_when_enabled(monkeypatch):
+    from mm_scheduler_sglang import epd
+
+    installed = []
+    monkeypatch.setattr(epd, "install", installed.append)
+    runtime = SimpleNamespace()
+
+    def launch(server_args):
+        return runtime if server_args == "server-args" else None
+
+    monkeypatch.setenv(epd.ENV_EPD, "0")
+    assert epd._around_launch_local_runtime(launch, "server-args") is runtime and installed == []
+    monkeypatch.setenv(epd.ENV_EPD, "1")
+    assert epd._around_launch_local_runtime(launch, "server-args") is runtime and installed == [runtime]
+
+
+def test_bytes_per_patch_is_declared_from_the_vision_config_unless_configured():
+    from mm_scheduler_sglang.epd import EPDTower
+
+    def tower(encoder, **kwargs):
+        return EPDTower(SimpleNamespace(model_type="qwen2_5_vl", **encoder), [], **kwargs).bytes_per_patch
+
+    vision = SimpleNamespace(hidden_size=64, depth=3)
+    served = {"model_config": SimpleNamespace(hf_config=SimpleNamespace(vision_config=vision)), "_element_size": 4}
+    assert tower(served) == 64 * 2 * 3 * 4  # hidden * 2 * depth * element size
+    assert tower(served, bytes_per_patch=1000) == 1000  # the YAML's value wins
+    # No model_config (the model's own config), num_hidden_layers for depth, 2-byte elements by default
+    layers = SimpleNamespace(hidden_size=48, num_hidden_layers=5)
+    assert tower({"model": SimpleNamespace(config=SimpleNamespace(vision_config=layers))}) == 48 * 2 * 5 * 2
+    assert tower({"model": SimpleNamespace()}) == 1280 * 2 * 32 * 2  # nothing declared: a Qwen2.5-VL-7B tower
+
+
+def test_per_item_extras_are_concatenated_and_shared_ones_passed_whole():
+    import torch
+    from mm_scheduler_sglang.epd import UnitMeta, _merge_extras
+
+    def meta(t: float, name: str):
+        return UnitMeta("IMAGE", name, torch.zeros(1, 3), 4, extras={"ts": torch.tensor([t]), "names": [name]},
+                        shared={"fps": 2})
+
+    merged = _merge_extras([meta(1.0, "a"), meta(2.0, "b"), meta(3.0, "c")])
+    assert sorted(merged) == ["fps", "names", "ts"] and merged["fps"] == 2 and merged["names"] == ["a", "b", "c"]
+    assert torch.equal(merged["ts"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def _scenario(main, scenarios) -> dict:
+    if IN_PROCESS:
+        return _plain(asyncio.run(scenarios()))
+    (status, payload), = _spawn([(main,)], TIMEOUT_S)
     assert status == "ok", payload
     return payload
+
+
+@pytest.fixture(scope="module")
+def tp1() -> dict:
+    if IN_PROCESS:
+        pytest.skip("in-process: test_tp1_checks_in_one_test runs these checks")
+    return _scenario(_tp1_main, _tp1_scenarios)
 
 
 def test_embeddings_at_prefill_identical_to_sglang_encoder_scheduler(tp1):
@@ -548,11 +628,31 @@ def test_disconnected_client_is_withdrawn_and_others_finish(tp1):
     assert d["states_left"] == [], d  # nothing staged or leaked for anyone
 
 
+def test_a_tp_worker_that_exits_fails_requests_with_503_at_once(tp1):
+    w = tp1["worker_exit"]
+    assert w["dead"] == f"encoder TP worker rank 1 (pid {w['pid']}) exited with code 3", w
+    outcome, = w["outcomes"].values()
+    assert "503" in outcome and w["dead"] in outcome, outcome
+
+
+TP1_CHECKS = (test_embeddings_at_prefill_identical_to_sglang_encoder_scheduler,
+              test_images_of_different_requests_share_forwards,
+              test_malformed_undecodable_and_oversized_requests_fail_alone_with_400,
+              test_poisoned_image_fails_only_its_request_and_prefill_is_told,
+              test_disconnected_client_is_withdrawn_and_others_finish,
+              test_a_tp_worker_that_exits_fails_requests_with_503_at_once)
+
+
+@pytest.mark.skipif(not IN_PROCESS, reason="spawned: the TP=1 checks run one test each")
+def test_tp1_checks_in_one_test():
+    res = _scenario(_tp1_main, _tp1_scenarios)
+    for check in TP1_CHECKS:
+        check(res)
+
+
 @pytest.fixture(scope="module")
 def tp1_video() -> dict:
-    (status, payload), = _spawn([(_tp1_video_main,)], TIMEOUT_S)
-    assert status == "ok", payload
-    return payload
+    return _scenario(_tp1_video_main, _tp1_video_scenarios)
 
 
 def test_videos_are_coalesced_with_images_and_reach_prefill_as_sglangs_own_video_path_encodes_them(tp1_video):

@@ -7,6 +7,7 @@ by giving the layer another version string, or by removing a hook target from th
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import logging
@@ -277,3 +278,20 @@ def test_before_0_5_22_the_prefix_is_matched_with_the_key_and_tail_cap_sglang_bu
     req = SimpleNamespace(origin_input_ids=array("i", [1, 2, 3, 4, 5]), extra_key="lora-a")
     assert sglang_compat.cached_prefix_len(_OldRadixCache([1, 2, 3, 4, 5], "lora-a", tail), req) == matched
     assert sglang_compat.cached_prefix_len(_OldRadixCache([1, 2, 3, 4, 5], "lora-b", tail), req) == 0
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False),
+                                           ("", False), ("no", False), ("enabled", False)])
+def test_epd_is_enabled_by_a_true_environment_value(monkeypatch, value, on):
+    monkeypatch.setenv(epd.ENV_EPD, value)
+    assert epd.enabled() is on
+
+
+def test_the_epd_flag_is_added_to_sglangs_parser_and_sets_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(epd.ENV_EPD, "0")
+    monkeypatch.setenv(sglang_compat.NOTED_ENV, "")
+    parser = argparse.ArgumentParser()
+    epd._after_add_cli_args(None, parser)
+    assert parser.parse_args([]).mm_coalescer_epd is False and not epd.enabled()
+    assert "MM_COALESCER_EPD=1" in parser.format_help()
+    assert parser.parse_args(["--mm-coalescer-epd"]).mm_coalescer_epd is True and epd.enabled()
