@@ -285,6 +285,24 @@ def test_before_0_5_22_the_prefix_is_matched_with_the_key_and_tail_cap_sglang_bu
 def test_epd_is_enabled_by_a_true_environment_value(monkeypatch, value, on):
     monkeypatch.setenv(epd.ENV_EPD, value)
     assert epd.enabled() is on
+    monkeypatch.delenv(epd.ENV_EPD)
+    assert epd.enabled() is False
+
+
+def test_epd_hooks_sglangs_parser_and_where_it_has_one_its_encoder_runtime(fresh, monkeypatch):
+    import sglang
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    compat = fresh(sglang.__version__)
+    monkeypatch.setenv(epd.ENV_EPD, "0")
+    before = {target: len(hooks) for target, hooks in HookRegistry._hooks.items()}
+    epd.register_epd(compat)
+    added = {target: [(kind, hook) for kind, hook, _ in hooks[before.get(target, 0):]]
+             for target, hooks in HookRegistry._hooks.items() if len(hooks) > before.get(target, 0)}
+    expected = {sglang_compat.HOOKS["add_cli_args"]: [(HookType.AFTER, epd._after_add_cli_args)]}
+    if compat.has("epd"):
+        expected[compat.hook_target("epd")] = [(HookType.AROUND, epd._around_launch_local_runtime)]
+    assert added == expected
 
 
 def test_the_epd_flag_is_added_to_sglangs_parser_and_sets_the_environment_variable(monkeypatch):
