@@ -16,7 +16,8 @@ The TP=2 group is two processes on gloo with the vision tower TP-sharded by SGLa
 replaces only ``EncoderPreprocessor._flatten_and_load_videos`` (decode + frame sampling) with synthetic
 uint8 frames; SGLang's HF video processor, its qwen2_5_vl ``second_per_grid_ts``, ``MMEncoder`` and the
 transport stay real, and SGLang's own (unbatched) video path is the reference.
-Every scenario runs in spawned processes with a queue timeout, so a hang fails instead of blocking.
+Every scenario runs in spawned processes with a queue timeout, so a hang fails instead of blocking (except the
+TP=1 ones under mutation testing, see IN_PROCESS).
 """
 
 from __future__ import annotations
