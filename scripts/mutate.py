@@ -37,7 +37,8 @@ SI = "tests/integration/"
 CORE = "tests/core/"
 
 # Module -> the test files that exercise it. Slow multi-process files are left out where a faster file
-# covers the same code (test_epd.py spawns processes: epd.py is not mapped, see PLUGIN_UNMAPPED).
+# covers the same code. test_epd.py runs its TP=1 scenarios in the test process here (MM_EPD_IN_PROCESS, set
+# in main()): mutmut only sees, and so only reruns, tests whose test process calls the mutated function.
 TESTS_OF: dict[str, list[str]] = {
     # the SGLang plugin (integration/, imported as mm_scheduler_sglang)
     "integration/held.py": [SI + "test_held.py", SI + "test_service.py"],
@@ -49,6 +50,11 @@ TESTS_OF: dict[str, list[str]] = {
     "integration/adapters.py": [SI + "test_adapters.py", SI + "test_equivalence.py", SI + "test_dp_encoder.py"],
     "integration/modes.py": [SI + "test_modes.py", SI + "test_dp_encoder.py"],
     "integration/settings.py": [SI + "test_plugin_settings.py", SI + "test_plugin_hooks.py"],
+    # test_check_versions.py loads integration/sglang_compat.py by path (not the mutated copy);
+    # test_plugin_loading.py's checks of the layer run in subprocesses (mutmut sees none of them)
+    "integration/sglang_compat.py": [SI + "test_sglang_compat.py", SI + "test_plugin_hooks.py"],
+    # TP=2 (rank 0 and its worker spawned) is run once but never per mutant: nothing it calls is in-process
+    "integration/epd.py": [SI + "test_epd.py", SI + "test_sglang_compat.py"],
     # the core
     "mm_scheduler/planner.py": [CORE + "test_planner.py"],
     "mm_scheduler/units.py": [CORE + "test_coalescer.py"],
@@ -58,7 +64,6 @@ TESTS_OF: dict[str, list[str]] = {
     "mm_scheduler/lockstep.py": [CORE + "test_lockstep.py"],
 }
 PLUGIN_UNMAPPED = {
-    "integration/epd.py": "tests/integration/test_epd.py runs it in spawned processes (minutes per mutant)",
     "integration/soak_driver.py": "a test driver, exercised by the soak",
 }
 MUTMUT = str(Path(sys.executable).parent / "mutmut")
@@ -164,7 +169,7 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     summary_path = OUT / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1", "MM_EPD_IN_PROCESS": "1"}
     for module in module_names(args.modules):
         started = time.monotonic()
         names: list[str] = []

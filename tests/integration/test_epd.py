@@ -16,7 +16,8 @@ The TP=2 group is two processes on gloo with the vision tower TP-sharded by SGLa
 replaces only ``EncoderPreprocessor._flatten_and_load_videos`` (decode + frame sampling) with synthetic
 uint8 frames; SGLang's HF video processor, its qwen2_5_vl ``second_per_grid_ts``, ``MMEncoder`` and the
 transport stay real, and SGLang's own (unbatched) video path is the reference.
-Every scenario runs in spawned processes with a queue timeout, so a hang fails instead of blocking.
+Every scenario runs in spawned processes with a queue timeout, so a hang fails instead of blocking (except the
+TP=1 ones under mutation testing, see IN_PROCESS).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import sys
 import tempfile
+import time
 import traceback
 from types import SimpleNamespace
 
@@ -43,6 +46,10 @@ pytestmark = pytest.mark.skipif(not sglang_compat.current().has("epd"),
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 TIMEOUT_S = 150
+IN_PROCESS = os.environ.get("MM_EPD_IN_PROCESS") == "1"
+"""The TP=1 scenarios run in the test process instead, each checked by one test (scripts/mutate.py sets it:
+mutmut records, and reruns per mutant, only the test during which the test process called the mutated code; a
+module fixture's calls would count for its first test only). TP=2 always spawns its two ranks."""
 
 
 # --- harness (runs in the child processes) ---------------------------------------------------------
@@ -199,8 +206,17 @@ def _tp1_main(out) -> None:
         out.put(("error", traceback.format_exc()))
 
 
+def _init_tp1() -> None:
+    if IN_PROCESS:
+        import sglang_models as sm
+
+        sm.init_sglang_cpu()  # the world-size-1 group of this process, once
+    else:
+        _init_dist(0, 1, _free_port())
+
+
 async def _tp1_scenarios() -> dict:
-    _init_dist(0, 1, _free_port())
+    _init_tp1()
     from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
     from sglang.srt.disaggregation.encoder import runtime as rt
     from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
@@ -293,8 +309,46 @@ async def _tp1_scenarios() -> dict:
                          "stayer": await stayer, "cancelled": leaver.cancelled(),
                          "states_left": sorted(enc.req_states), "stats": dict(small.stats)}
     await small.stop()
+    # A TP worker process that exits while a request's forward is held: the scheduler, started as SGLang starts
+    # it (start(), not awaited), fails the in-flight request with 503 at once, and later ones too.
+    worker = mp.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+    worker.start()
+    doomed = CoalescedEncoderScheduler(enc, [], config, worker_processes=[worker])
+    doomed.start()
+    hold = asyncio.Event()
+    held_forward = doomed.tower._forward_group
+
+    def held(metas, pixels, mixed):
+        asyncio.run_coroutine_threadsafe(hold.wait(), release).result(timeout=30)
+        return held_forward(metas, pixels, mixed)
+
+    doomed.tower._forward_group = held
+    inflight = asyncio.ensure_future(_run_pipeline(enc, doomed, _workload(prefill, "W")[:1]))
+    while doomed.coalescer.stats()["inflight_batches"] == 0:
+        await asyncio.sleep(0.01)
+    logged = _Records()
+    logging.getLogger("mm_scheduler_sglang.epd").addHandler(logged)
+    worker.kill()
+    done, _ = await asyncio.wait({inflight}, timeout=10)  # the forward is still held
+    hold.set()
+    res["worker_exit"] = {"pid": worker.pid, "dead": doomed.tower.dead, "failed_at_once": inflight in done,
+                          "inflight": await inflight,
+                          "later": await _run_pipeline(enc, doomed, _workload(prefill, "V")[:1]),
+                          "log": logged.lines}
+    logging.getLogger("mm_scheduler_sglang.epd").removeHandler(logged)
+    await doomed.stop()
     await ours.stop()
+    rt._BATCHABLE_MODALITIES.discard(Modality.VIDEO)
     return _plain(res)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def _synthetic_videos(preprocessor) -> None:
@@ -330,8 +384,9 @@ def _tp1_video_main(out) -> None:
 
 
 async def _tp1_video_scenarios() -> dict:
-    _init_dist(0, 1, _free_port())
-    from mm_scheduler_sglang.epd import install
+    _init_tp1()
+    import torch
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler, _split_units, install
     from sglang.srt.disaggregation.encoder import runtime as rt
     from sglang.srt.disaggregation.encoder.runtime import EncoderScheduler
     from sglang.srt.managers.schedule_batch import Modality
@@ -365,10 +420,56 @@ async def _tp1_video_scenarios() -> dict:
         return original_forward(units)
 
     ours.tower.forward = recording_forward
+    groups: list[tuple[bool, tuple[str, ...]]] = []
+    original_group = ours.tower._forward_group
+
+    def recording_group(metas, pixels, mixed):
+        groups.append((mixed, tuple(m.modality.name for m in metas)))
+        return original_group(metas, pixels, mixed)
+
+    ours.tower._forward_group = recording_group
     res["ours_outcomes"] = await _run_pipeline(enc, ours, _video_workload(prefill, "C"))
     res["ours"] = _embeddings(prefill, "C")
     res["forwards"] = forwards
+    res["groups"] = groups
     res["stats"] = dict(ours.stats)
+    # One request of two videos as the coalescer splits it: one unit per video, real preprocessing.
+    two = _video_workload(prefill, "U")[2]
+    pre = await asyncio.get_running_loop().run_in_executor(None, ours._preprocess, two, Modality.VIDEO)
+    metas, pixels = _split_units(enc, pre, two, Modality.VIDEO)
+    res["split"] = {"leaves": [m.leaf for m in metas], "grids": [m.grid.tolist() for m in metas],
+                    "tokens": [m.tokens for m in metas], "extras": [m.extras for m in metas],
+                    "shared": [m.shared for m in metas], "rows": [p.shape[0] for p in pixels],
+                    "pre_grid": pre.grid_thw.tolist(), "pre_tokens": [int(t) for t in pre.token_counts],
+                    "pre_keys": sorted(pre.mm_inputs),
+                    "pixels_whole": bool(torch.equal(torch.cat(pixels), pre.mm_inputs["pixel_values_videos"]))}
+
+    # Rank 0 of a TP group: the same workload through a scheduler with a PUSH socket to its worker (read back
+    # here): never started explicitly (its first request starts it), one modality per forward, each announced
+    # with SGLang's batch_encode message (one single-item request per unit); the embeddings are unchanged.
+    import zmq
+    from sglang.srt.managers.io_struct import sock_recv, unwrap_from_pickle
+    from sglang.srt.utils.network import get_zmq_socket
+
+    path = f"ipc://{tempfile.mkdtemp()}/bcast"
+    context = zmq.Context()
+    pull = get_zmq_socket(context, zmq.PULL, path, True)
+    push = get_zmq_socket(context, zmq.PUSH, path, False)
+    bcast = CoalescedEncoderScheduler(enc, [push], config)
+    started = time.time()
+    res["bcast_outcomes"] = await _run_pipeline(enc, bcast, _video_workload(prefill, "B"))
+    res["bcast"] = _embeddings(prefill, "B")
+    messages = []
+    while pull.poll(200):
+        message = unwrap_from_pickle(sock_recv(pull))
+        sent_at = message.pop("enter_time", None)
+        messages.append({**message, "sent_in_run": isinstance(sent_at, float) and started <= sent_at <= time.time()})
+    res["bcast_messages"] = messages
+    res["bcast_forwards"] = bcast.coalescer.stats()["forwards"]
+    res["bcast_inflight"] = bcast.coalescer.config.max_inflight_batches
+    res["bcast_sndtimeo"] = push.getsockopt(zmq.SNDTIMEO)
+    await bcast.stop()
+    context.destroy(linger=0)
     await ours.stop()
     rt._BATCHABLE_MODALITIES.discard(Modality.VIDEO)
     return _plain(res)
@@ -499,11 +600,137 @@ def _spawn(targets: list[tuple], timeout: float) -> list:
 
 
 # --- tests -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tp1() -> dict:
-    (status, payload), = _spawn([(_tp1_main,)], TIMEOUT_S)
+def test_the_launch_hook_installs_the_coalescer_only_when_enabled(monkeypatch):
+    from mm_scheduler_sglang import epd
+
+    installed = []
+    monkeypatch.setattr(epd, "install", installed.append)
+    runtime = SimpleNamespace()
+
+    def launch(server_args):
+        return runtime if server_args == "server-args" else None
+
+    monkeypatch.setenv(epd.ENV_EPD, "0")
+    assert epd._around_launch_local_runtime(launch, "server-args") is runtime and installed == []
+    monkeypatch.setenv(epd.ENV_EPD, "1")
+    assert epd._around_launch_local_runtime(launch, "server-args") is runtime and installed == [runtime]
+
+
+def test_bytes_per_patch_is_declared_from_the_vision_config_unless_configured():
+    from mm_scheduler_sglang.epd import EPDTower
+
+    def tower(encoder, **kwargs):
+        return EPDTower(SimpleNamespace(model_type="qwen2_5_vl", **encoder), [], **kwargs).bytes_per_patch
+
+    vision = SimpleNamespace(hidden_size=64, depth=3)
+    served = {"model_config": SimpleNamespace(hf_config=SimpleNamespace(vision_config=vision)), "_element_size": 4}
+    assert tower(served) == 64 * 2 * 3 * 4  # hidden * 2 * depth * element size
+    assert tower(served, bytes_per_patch=1000) == 1000  # the YAML's value wins
+    # No model_config (the model's own config), num_hidden_layers for depth, 2-byte elements by default
+    layers = SimpleNamespace(hidden_size=48, num_hidden_layers=5)
+    assert tower({"model": SimpleNamespace(config=SimpleNamespace(vision_config=layers))}) == 48 * 2 * 5 * 2
+    assert tower({"model": SimpleNamespace()}) == 1280 * 2 * 32 * 2  # nothing declared: a Qwen2.5-VL-7B tower
+    no_vision = {"model_config": SimpleNamespace(hf_config=SimpleNamespace()), "_element_size": 4}
+    assert tower(no_vision) == 1280 * 2 * 32 * 4
+
+
+def test_per_item_extras_are_concatenated_and_shared_ones_passed_whole():
+    import torch
+    from mm_scheduler_sglang.epd import UnitMeta, _merge_extras
+
+    def meta(t: float, name: str, fps: int):
+        return UnitMeta("IMAGE", name, torch.zeros(1, 3), 4, extras={"ts": torch.tensor([t]), "names": [name]},
+                        shared={"fps": fps})
+
+    merged = _merge_extras([meta(1.0, "a", 2), meta(2.0, "b", 3), meta(3.0, "c", 3)])
+    # a batch passes one request's shared outputs: the first unit's
+    assert sorted(merged) == ["fps", "names", "ts"] and merged["fps"] == 2 and merged["names"] == ["a", "b", "c"]
+    assert torch.equal(merged["ts"], torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_install_builds_the_scheduler_from_the_yaml_named_by_the_environment(monkeypatch, tmp_path, caplog):
+    import logging
+
+    from mm_scheduler_sglang import epd
+    from sglang.srt.disaggregation.encoder import runtime as rt
+    from sglang.srt.disaggregation.encoder import server
+    from sglang.srt.managers.schedule_batch import Modality
+
+    monkeypatch.setattr(rt, "_BATCHABLE_MODALITIES", {Modality.IMAGE})
+    encoder = SimpleNamespace(model_type="qwen2_5_vl", model_config=SimpleNamespace(hf_config=SimpleNamespace()))
+    worker = SimpleNamespace(sentinel=-1)
+
+    def installed():
+        runtime = SimpleNamespace(encoder=encoder, send_sockets=[], tp_processes=(worker,), scheduler=None)
+        with caplog.at_level(logging.INFO, logger="mm_scheduler_sglang.epd"):
+            scheduler = epd.install(runtime)
+        assert runtime.scheduler is scheduler and scheduler.worker_processes == [worker]
+        assert caplog.records[-1].getMessage() == \
+            f"mm-coalescer EPD: encoder batching by the coalescer (budget {scheduler.budget_bytes} bytes)"
+        return scheduler
+
+    monkeypatch.delenv(epd.ENV_CONFIG, raising=False)
+    default = installed()
+    assert default.coalescer.config.name == "epd" and rt._BATCHABLE_MODALITIES == {Modality.IMAGE, Modality.VIDEO}
+    assert default.request_timeout == float(server.ENCODER_REQ_TIMEOUT)
+    yaml = tmp_path / "epd.yaml"
+    yaml.write_text("name: epd-yaml\nbudget_bytes: 123456789\nbytes_per_patch: 1000\n")
+    monkeypatch.setenv(epd.ENV_CONFIG, str(yaml))
+    configured = installed()
+    assert configured.coalescer.config.name == "epd-yaml" and configured.budget_bytes == 123456789
+    assert configured.tower.bytes_per_patch == 1000
+    assert epd.CoalescedEncoderScheduler(encoder, []).coalescer.config.name == "epd"  # no config at all
+
+
+def test_errors_reach_sglang_as_mmerror_with_the_status_a_client_should_see():
+    from http import HTTPStatus
+
+    from mm_scheduler_sglang.epd import WorkerDiedError, _as_mm_error
+    from sglang.srt.disaggregation.encoder.server import MMError
+
+    from mm_scheduler import CoalescerClosedError, EncodeError, InvalidItemError, QueueFullError
+
+    own = MMError("as is", code=HTTPStatus.BAD_GATEWAY)
+    assert _as_mm_error(own) is own
+
+    def seen(exc):
+        err = _as_mm_error(exc)
+        return type(err), err.code, err.message
+
+    for exc in (InvalidItemError("too big"), ValueError("bad grid"), TypeError("not a list")):
+        assert seen(exc) == (MMError, HTTPStatus.BAD_REQUEST, f"bad request: {exc}")
+    for exc in (QueueFullError("full"), CoalescerClosedError("closed"), WorkerDiedError("rank 1 exited")):
+        assert seen(exc) == (MMError, HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
+    try:
+        raise EncodeError("forward failed") from RuntimeError("cuda")
+    except EncodeError as exc:
+        assert seen(exc) == (MMError, HTTPStatus.INTERNAL_SERVER_ERROR,
+                             "forward failed (cause: RuntimeError('cuda'))")
+    assert seen(KeyError("k")) == (MMError, HTTPStatus.INTERNAL_SERVER_ERROR, "KeyError: 'k'")
+
+
+def test_per_item_outputs_are_those_with_one_entry_per_grid_entry():
+    import torch
+    from mm_scheduler_sglang.epd import _is_per_item
+
+    assert _is_per_item(torch.zeros(3), 3) and _is_per_item(torch.zeros(3, 2), 3) and _is_per_item([1, 2, 3], 3)
+    assert not _is_per_item(torch.zeros(2, 3), 3) and not _is_per_item(torch.tensor(3.0), 3)
+    assert not _is_per_item([1, 2], 3) and not _is_per_item((1, 2, 3), 3) and not _is_per_item(3, 3)
+
+
+def _scenario(main, scenarios) -> dict:
+    if IN_PROCESS:
+        return _plain(asyncio.run(scenarios()))
+    (status, payload), = _spawn([(main,)], TIMEOUT_S)
     assert status == "ok", payload
     return payload
+
+
+@pytest.fixture(scope="module")
+def tp1() -> dict:
+    if IN_PROCESS:
+        pytest.skip("in-process: test_tp1_checks_in_one_test runs these checks")
+    return _scenario(_tp1_main, _tp1_scenarios)
 
 
 def test_embeddings_at_prefill_identical_to_sglang_encoder_scheduler(tp1):
@@ -528,7 +755,10 @@ def test_malformed_undecodable_and_oversized_requests_fail_alone_with_400(tp1):
     outcomes = tp1["failure_outcomes"]
     for rid in ("Bmalformed", "Bundecodable", "Boversized"):
         assert "400" in outcomes[rid] or "BadRequest" in outcomes[rid], (rid, outcomes[rid])
-    assert "can never be encoded" in outcomes["Boversized"]
+    # as SGLang's own validation reports it; then SGLang's loader's error and ours, both 400
+    assert outcomes["Bmalformed"].startswith("BadRequestError: 400 ") and "mm_items" in outcomes["Bmalformed"]
+    assert outcomes["Bundecodable"].startswith("MMError: 400 Error while loading data"), outcomes
+    assert outcomes["Boversized"].startswith("MMError: 400 bad request: item 0: can never be encoded"), outcomes
     assert [o for r, o in outcomes.items() if r.startswith("G")] == ["ok"] * 3
 
 
@@ -548,11 +778,35 @@ def test_disconnected_client_is_withdrawn_and_others_finish(tp1):
     assert d["states_left"] == [], d  # nothing staged or leaked for anyone
 
 
+def test_a_tp_worker_that_exits_fails_requests_with_503_at_once(tp1):
+    w = tp1["worker_exit"]
+    assert w["dead"] == f"encoder TP worker rank 1 (pid {w['pid']}) exited with code -9", w
+    assert w["failed_at_once"], w  # not after its held forward
+    for outcome in (*w["inflight"].values(), *w["later"].values()):
+        assert "503" in outcome and w["dead"] in outcome, w
+    assert w["log"] == [f"mm-coalescer EPD: {w['dead']}; failing its requests"], w
+
+
+TP1_CHECKS = (test_embeddings_at_prefill_identical_to_sglang_encoder_scheduler,
+              test_images_of_different_requests_share_forwards,
+              test_malformed_undecodable_and_oversized_requests_fail_alone_with_400,
+              test_poisoned_image_fails_only_its_request_and_prefill_is_told,
+              test_disconnected_client_is_withdrawn_and_others_finish,
+              test_a_tp_worker_that_exits_fails_requests_with_503_at_once)
+
+
+@pytest.mark.skipif(not IN_PROCESS, reason="spawned: the TP=1 checks run one test each")
+def test_tp1_checks_in_one_test():
+    res = _scenario(_tp1_main, _tp1_scenarios)
+    for check in TP1_CHECKS:
+        check(res)
+
+
 @pytest.fixture(scope="module")
 def tp1_video() -> dict:
-    (status, payload), = _spawn([(_tp1_video_main,)], TIMEOUT_S)
-    assert status == "ok", payload
-    return payload
+    if IN_PROCESS:
+        pytest.skip("in-process: test_video_checks_in_one_test runs these checks")
+    return _scenario(_tp1_video_main, _tp1_video_scenarios)
 
 
 def test_videos_are_coalesced_with_images_and_reach_prefill_as_sglangs_own_video_path_encodes_them(tp1_video):
@@ -571,7 +825,60 @@ def test_videos_are_coalesced_with_images_and_reach_prefill_as_sglangs_own_video
     assert units.count("VIDEO") == 4 and units.count("IMAGE") == 3  # one unit per video, per image
     assert len(res["forwards"]) < 6  # requests shared forwards
     assert any({"VIDEO", "IMAGE"} <= set(f) for f in res["forwards"]), res["forwards"]  # Qwen2.5-VL mixes them
-    assert res["stats"]["ok"] == 6 and res["stats"]["failed"] == 0
+    assert res["stats"] == {"submitted": 6, "ok": 6, "failed": 0, "cancelled": 0}
+    # TP=1: each forward is one mixed group (the tower's own call for both)
+    assert len(res["groups"]) == len(res["forwards"]) and all(mixed for mixed, _ in res["groups"]), res["groups"]
+    assert any({"VIDEO", "IMAGE"} <= set(kinds) for _, kinds in res["groups"]), res["groups"]
+
+
+def test_a_request_of_two_videos_is_split_into_one_unit_per_video(tp1_video):
+    split = tp1_video["split"]
+    assert split["leaves"] == ["synthetic:3:6:56:56", "synthetic:4:2:56:112"]
+    assert split["grids"] == [[row] for row in split["pre_grid"]] and split["tokens"] == split["pre_tokens"]
+    assert split["rows"] == [t * h * w for t, h, w in split["pre_grid"]] and split["pixels_whole"]
+    per_item = [k for k in split["pre_keys"] if k not in ("pixel_values_videos", "video_grid_thw")]
+    assert per_item and [sorted(e) for e in split["extras"]] == [per_item, per_item], split
+    assert all(len(value[1]) == 1 for e in split["extras"] for value in e.values()), split  # its own entry
+    assert split["shared"] == [{}, {}], split
+
+
+def test_rank0_of_a_tp_group_announces_each_forward_with_sglangs_batch_encode_message(tp1_video):
+    res = tp1_video
+    assert set(res["bcast_outcomes"].values()) == {"ok"}, res["bcast_outcomes"]
+    import torch
+
+    assert sorted(res["bcast"]) == sorted(res["sglang"])
+    for key, theirs in res["sglang"].items():
+        torch.testing.assert_close(torch.tensor(res["bcast"][key][1]), torch.tensor(theirs[1]), rtol=1e-5,
+                                   atol=1e-5, msg=key)
+    assert res["bcast_inflight"] == 1 and res["bcast_sndtimeo"] == 10_000  # as workers run them; never block
+    messages = res["bcast_messages"]
+    # one message per modality group of a forward (TP>1 never mixes them)
+    assert len(messages) >= res["bcast_forwards"] and {m["modality"] for m in messages} == {"IMAGE", "VIDEO"}
+    leaves = []
+    for batch, message in enumerate(messages):
+        kind = message["modality"]
+        assert kind in ("IMAGE", "VIDEO") and message["type"] == "batch_encode" and message["sent_in_run"], message
+        assert sorted(message) == ["modality", "requests", "sent_in_run", "type"], message
+        for i, req in enumerate(message["requests"]):
+            leaf, = req["mm_items"]
+            assert req == {"req_id": f"mmc{batch}/{i}", "modality": kind, "mm_items": [leaf], "num_parts": 1,
+                           "part_idx": 0}, req
+            assert leaf.startswith("synthetic:" if kind == "VIDEO" else "data:image/png"), (kind, leaf[:20])
+            leaves.append(leaf)
+    assert len(leaves) == 7 and len(set(leaves)) == 7  # every unit once: 4 videos, 3 images
+
+
+VIDEO_CHECKS = (test_videos_are_coalesced_with_images_and_reach_prefill_as_sglangs_own_video_path_encodes_them,
+                test_a_request_of_two_videos_is_split_into_one_unit_per_video,
+                test_rank0_of_a_tp_group_announces_each_forward_with_sglangs_batch_encode_message)
+
+
+@pytest.mark.skipif(not IN_PROCESS, reason="spawned: the video checks run one test each")
+def test_video_checks_in_one_test():
+    res = _scenario(_tp1_video_main, _tp1_video_scenarios)
+    for check in VIDEO_CHECKS:
+        check(res)
 
 
 @pytest.fixture(scope="module")

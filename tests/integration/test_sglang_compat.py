@@ -7,10 +7,14 @@ by giving the layer another version string, or by removing a hook target from th
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import logging
+import os
+import zlib
 from array import array
+from types import SimpleNamespace
 
 import pytest
 import sglang_models as sm
@@ -122,7 +126,12 @@ def test_accessors_read_the_installed_release(instances):
     assert sglang_compat.embedding_cache_module().init_mm_embedding_cache is not None
     assert sglang_compat.cuda_ipc_proxy_class().__name__ == "CudaIpcTensorTransportProxy"
     key = sglang_compat.cuda_ipc_copy_event_key()
-    assert key is None or isinstance(key, str)
+    if sglang_compat.current().form("cuda_ipc_copy_event").how is None:
+        assert key is None
+    else:
+        from sglang.srt.multimodal.transport.cuda_ipc import CUDA_IPC_FEATURE_COPY_EVENT_KEY
+
+        assert key == CUDA_IPC_FEATURE_COPY_EVENT_KEY and isinstance(key, str)
     req = instances["sglang.srt.managers.schedule_batch.Req"]
     assert isinstance(req, Req) and sglang_compat.extend_end(req) is None
     if sglang_compat.current().form("extend_end").how == "Req.extend_end":
@@ -144,6 +153,7 @@ def test_an_unsupported_release_gets_no_hook_and_one_log_line(fresh, caplog, ver
     assert _registered() == before
     lines = [r.getMessage() for r in caplog.records if r.name == "mm_scheduler_sglang.sglang_compat"]
     assert len(lines) == 1 and "not supported" in lines[0] and version in lines[0], lines
+    assert "(supported: 0.5.16 to 0.5.23)" in lines[0], lines
 
 
 def test_a_missing_hook_target_gets_no_hook_and_one_log_line(fresh, caplog, monkeypatch):
@@ -151,13 +161,37 @@ def test_a_missing_hook_target_gets_no_hook_and_one_log_line(fresh, caplog, monk
     from sglang.srt.managers.scheduler import Scheduler
 
     fresh(sglang.__version__)
-    monkeypatch.delattr(Scheduler, "run_batch")  # as if this release had renamed it
+    monkeypatch.delattr(Scheduler, "run_batch")  # as if this release had renamed them
+    monkeypatch.delattr(Scheduler, "get_next_batch_to_run")
     before = _registered()
     with caplog.at_level(logging.WARNING, logger="mm_scheduler_sglang.sglang_compat"):
         sglang_plugin.register()
     assert _registered() == before
     lines = [r.getMessage() for r in caplog.records if r.name == "mm_scheduler_sglang.sglang_compat"]
-    assert len(lines) == 1 and "Scheduler.run_batch" in lines[0] and "registers no hooks" in lines[0], lines
+    assert lines == [f"mm-coalescer: sglang {sglang.__version__} lacks hook target(s) "
+                     "sglang.srt.managers.scheduler.Scheduler.get_next_batch_to_run, "
+                     "sglang.srt.managers.scheduler.Scheduler.run_batch; the plugin registers no hooks and SGLang "
+                     "runs unchanged"], lines
+
+
+def test_a_hook_target_whose_module_does_not_import_is_missing(fresh, monkeypatch):
+    import sglang
+
+    moved = "sglang.srt.managers.scheduler_renamed.Scheduler.run_batch"  # as if this release had moved the class
+    monkeypatch.setitem(sglang_compat.HOOKS, "run_batch", moved)
+    compat = fresh(sglang.__version__)
+    assert compat.missing_targets() == [moved]
+    assert moved in compat.problem()
+
+
+def test_note_logs_a_line_once_and_keeps_only_its_checksum_for_the_children(monkeypatch, caplog):
+    monkeypatch.delenv(sglang_compat.NOTED_ENV, raising=False)
+    lines = ["mm-coalescer: one thing", "mm-coalescer: another"]
+    with caplog.at_level(logging.WARNING, logger="mm_scheduler_sglang.sglang_compat"):
+        assert [sglang_compat.note(line) for line in lines] == [True, True]
+        assert [sglang_compat.note(line) for line in lines] == [False, False]  # either line, after both
+    assert [r.getMessage() for r in caplog.records if r.name == "mm_scheduler_sglang.sglang_compat"] == lines
+    assert os.environ[sglang_compat.NOTED_ENV] == ",".join(f"{zlib.crc32(line.encode()):08x}" for line in lines)
 
 
 @pytest.mark.parametrize(("version", "degraded"), [
@@ -206,3 +240,76 @@ def test_a_supported_release_registers_its_own_hook_targets(fresh):
     assert added == set(compat.hook_targets())
     assert ("sglang.srt.managers.schedule_batch.Req.release_mm_inputs_on_abort" in added) == \
         compat.has("abort_release")
+
+
+def test_releases_before_0_5_22_read_the_older_forms(fresh):
+    """Simulated on any release: the older forms' code (0.5.16's real objects run it in CI's .venv-sglang0516)."""
+    fresh("0.5.19")
+    assert sglang_compat.cuda_ipc_copy_event_key() is None  # no such key before 0.5.20: nothing imported
+    fresh("0.5.21")  # Req.extend_range, not Req.extend_end
+    assert sglang_compat.extend_end(SimpleNamespace(extend_range=SimpleNamespace(end=7), extend_end=3)) == 7
+    assert sglang_compat.extend_end(SimpleNamespace(extend_range=None, extend_end=3)) is None
+
+
+class _OldRadixCache:
+    """The radix cache interface before 0.5.22 (``MatchResult.device_indices``, a tail SWA layouts re-prefill),
+    holding ``cached`` under ``extra_key``; matches a key as RadixCache does (its ``limit`` caps the tokens)."""
+
+    def __init__(self, cached: list[int], extra_key: str, tail: int) -> None:
+        self.cached, self.extra_key, self.tail = cached, extra_key, tail
+
+    def swa_reprefill_tail_tokens(self) -> int:
+        return self.tail
+
+    def match_prefix(self, params):
+        import torch
+
+        key = params.key
+        ids = list(key.token_ids) if key.limit is None else list(key.token_ids)[:key.limit]
+        n = 0
+        while key.extra_key == self.extra_key and n < min(len(ids), len(self.cached)) and ids[n] == self.cached[n]:
+            n += 1
+        return SimpleNamespace(device_indices=torch.arange(n))
+
+
+@pytest.mark.parametrize(("tail", "matched"), [(0, 5), (2, 3), (9, 0)])
+def test_before_0_5_22_the_prefix_is_matched_with_the_key_and_tail_cap_sglang_builds(fresh, tail, matched):
+    fresh("0.5.21")
+    req = SimpleNamespace(origin_input_ids=array("i", [1, 2, 3, 4, 5]), extra_key="lora-a")
+    assert sglang_compat.cached_prefix_len(_OldRadixCache([1, 2, 3, 4, 5], "lora-a", tail), req) == matched
+    assert sglang_compat.cached_prefix_len(_OldRadixCache([1, 2, 3, 4, 5], "lora-b", tail), req) == 0
+
+
+@pytest.mark.parametrize(("value", "on"), [("1", True), ("TRUE", True), (" yes ", True), ("On", True), ("0", False),
+                                           ("", False), ("no", False), ("enabled", False)])
+def test_epd_is_enabled_by_a_true_environment_value(monkeypatch, value, on):
+    monkeypatch.setenv(epd.ENV_EPD, value)
+    assert epd.enabled() is on
+    monkeypatch.delenv(epd.ENV_EPD)
+    assert epd.enabled() is False
+
+
+def test_epd_hooks_sglangs_parser_and_where_it_has_one_its_encoder_runtime(fresh, monkeypatch):
+    import sglang
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    compat = fresh(sglang.__version__)
+    monkeypatch.setenv(epd.ENV_EPD, "0")
+    before = {target: len(hooks) for target, hooks in HookRegistry._hooks.items()}
+    epd.register_epd(compat)
+    added = {target: [(kind, hook) for kind, hook, _ in hooks[before.get(target, 0):]]
+             for target, hooks in HookRegistry._hooks.items() if len(hooks) > before.get(target, 0)}
+    expected = {sglang_compat.HOOKS["add_cli_args"]: [(HookType.AFTER, epd._after_add_cli_args)]}
+    if compat.has("epd"):
+        expected[compat.hook_target("epd")] = [(HookType.AROUND, epd._around_launch_local_runtime)]
+    assert added == expected
+
+
+def test_the_epd_flag_is_added_to_sglangs_parser_and_sets_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(epd.ENV_EPD, "0")
+    monkeypatch.setenv(sglang_compat.NOTED_ENV, "")
+    parser = argparse.ArgumentParser()
+    epd._after_add_cli_args(None, parser)
+    assert parser.parse_args([]).mm_coalescer_epd is False and not epd.enabled()
+    assert "MM_COALESCER_EPD=1" in parser.format_help()
+    assert parser.parse_args(["--mm-coalescer-epd"]).mm_coalescer_epd is True and epd.enabled()
