@@ -80,8 +80,11 @@ def test_hooked_feature_methods_equal_sglang_originals(family_model, service):
         with torch.no_grad():
             expected = _original(model, modality)(items)
             on_demand, units = service.counts["encoded_on_demand"], dict(forwarded.counts)
+            fallbacks = service.counts["fallbacks"]
             got = getattr(model, f"get_{modality}_feature")(items)
         assert service.counts["encoded_on_demand"] - on_demand == len(items), (family, modality, "not routed")
+        # the coalesced result itself, not SGLang's method run again because assembling it failed
+        assert service.counts["fallbacks"] == fallbacks, (family, modality, "fell back to SGLang's method")
         ran = {m: forwarded.counts[m] - units.get(m, 0) for m in forwarded.counts}
         assert ran.get(modality, 0) >= len(items) and sum(ran.values()) == ran[modality], (family, modality, ran)
         assert got.shape == expected.shape, (family, modality)
