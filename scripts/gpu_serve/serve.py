@@ -483,16 +483,16 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
     def remaining() -> float:
         return deadline - time.monotonic()
 
-    def measured(tag: str, *args: object) -> None:  # one run; results are written after each (a cut-off run keeps them)
-        variant = tag.rsplit("-", 1)[-1] if tag.startswith("lone") else tag.split("-", 1)[1]
+    def measured(tag: str, server: Server, workload: list[str]) -> None:
+        """One run; results are written after each (a cut-off run keeps them)."""
         try:
-            result["runs"][tag] = bench(*args, out, tag)  # type: ignore[arg-type]
+            result["runs"][tag] = bench(server, model, workload, [], out, tag)
         except RuntimeError as exc:  # an extra variant that fails is dropped; off and on must work
-            if variant in ("off", "on") or variant not in servers:
+            if server.variant in ("off", "on"):
                 raise
             result["failed_runs"][tag] = str(exc)
-            log(f"[{variant}] {exc}; dropping this variant")
-            servers.pop(variant).stop()
+            log(f"[{server.variant}] {exc}; dropping this variant")
+            servers.pop(server.variant).stop()
         (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
 
     loads = [float(x) for x in os.environ.get("GPU_SERVE_LOADS", "0.5,0.8,0.25,1.0").split(",")]
@@ -525,14 +525,14 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                 server.stop()
                 del servers[v]
         for v, server in list(servers.items()):  # JIT kernels build here (nvcc), not in a measured run
-            measured(f"warm-{v}", server, model, warm, [])
+            measured(f"warm-{v}", server, warm)
         if "correct" in workloads:
             result["correctness"] = correctness(servers, model, int(os.environ.get("GPU_SERVE_CORRECT_N", "20")),
                                                 video=FAMILIES[family].get("video", False))
             (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
         if "lone" in workloads:
             for v, server in list(servers.items()):
-                measured(f"lone-{v}", server, model, lone, [])
+                measured(f"lone-{v}", server, lone)
         if "seed" in workloads:
             for i in range(runs):
                 if remaining() < 25 * len(servers):
@@ -540,9 +540,9 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     break
                 for v in pairs(list(servers), i):
                     if v in servers:
-                        measured(f"seedwarm{i}-{v}", servers[v], model, seed_warm, [])
+                        measured(f"seedwarm{i}-{v}", servers[v], seed_warm)
                     if v in servers:
-                        measured(f"seed{i}-{v}", servers[v], model, seeds[i], [])
+                        measured(f"seed{i}-{v}", servers[v], seeds[i])
         if "poisson" in workloads and remaining() > 40:
             cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
             result["capacity_req_s"] = cap["request_throughput"]
@@ -557,7 +557,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                         continue
                     w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}",
                          "--seed", str(400 + j)]
-                    measured(f"poisson{load}-{v}", servers[v], model, w, [])
+                    measured(f"poisson{load}-{v}", servers[v], w)
     finally:
         for s in servers.values():
             s.stop()
