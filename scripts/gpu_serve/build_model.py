@@ -300,6 +300,13 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def _write_qwen_generation_config(out: Path, ids: dict[str, int]) -> None:
+    """Greedy, with the family's own end-of-text ids (the same for Qwen2.5-VL and Qwen3-VL)."""
+    _write_json(out / "generation_config.json",
+                {"do_sample": False, "bos_token_id": ids["<|endoftext|>"],
+                 "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]})
+
+
 def build_qwen2_5_vl(out: Path, spec: dict) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
@@ -326,9 +333,7 @@ def build_qwen2_5_vl(out: Path, spec: dict) -> None:
     )
     processor.save_pretrained(out)
     tok.save_pretrained(out)
-    _write_json(out / "generation_config.json",
-                {"do_sample": False, "bos_token_id": ids["<|endoftext|>"],
-                 "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]})
+    _write_qwen_generation_config(out, ids)
 
 
 def build_qwen3_vl(out: Path, spec: dict) -> None:
@@ -365,9 +370,7 @@ def build_qwen3_vl(out: Path, spec: dict) -> None:
     processor.save_pretrained(out)
     tok.save_pretrained(out)
     # greedy (the real generation_config samples with T=0.7, top_p 0.8, top_k 20): benchmarks want determinism
-    _write_json(out / "generation_config.json",
-                {"do_sample": False, "bos_token_id": ids["<|endoftext|>"],
-                 "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "pad_token_id": ids["<|endoftext|>"]})
+    _write_qwen_generation_config(out, ids)
 
 
 def build_gemma3(out: Path, spec: dict) -> None:
