@@ -59,7 +59,7 @@ def poisson_summary(runs: dict, capacity: float | None, off_name: str = "off", o
         out[load]["off"] = {m: off[m] for m in POISSON_METRICS.values()}
         out[load]["on"] = {m: on[m] for m in POISSON_METRICS.values()}
         out[load]["on"]["coalescer"] = on.get("coalescer")
-    if out:
+    if out and capacity is not None:  # lever comparisons pass None: the capacity is plain off's
         out["capacity_req_s"] = capacity
     return dict(sorted(out.items()))
 
