@@ -534,15 +534,18 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
             for v, server in list(servers.items()):
                 measured(f"lone-{v}", server, lone)
         if "seed" in workloads:
+            rep_s = 25.0 * len(servers)  # a first guess; then what the last repetition took (Gemma3: ~2 min)
             for i in range(runs):
-                if remaining() < 25 * len(servers):
+                if remaining() < rep_s:
                     log(f"seed: deadline near, stopping after {i} repetitions")
                     break
+                started = time.monotonic()
                 for v in pairs(list(servers), i):
                     if v in servers:
                         measured(f"seedwarm{i}-{v}", servers[v], seed_warm)
                     if v in servers:
                         measured(f"seed{i}-{v}", servers[v], seeds[i])
+                rep_s = time.monotonic() - started
         if "poisson" in workloads and remaining() > 40:
             cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
             result["capacity_req_s"] = cap["request_throughput"]
@@ -612,7 +615,9 @@ def main() -> None:
     shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")  # final, with gpu/commit/sglang
     subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent), out.name],
                    check=True)
-    if Path("/tmp/jitcache").exists() and not jit.exists():  # carry it next time: no nvcc builds in the runs
+    built = sorted(str(f.relative_to("/tmp/jitcache")) for f in Path("/tmp/jitcache").rglob("*.so"))
+    carried = subprocess.run(["tar", "-tzf", str(jit)], capture_output=True, text=True).stdout if jit.exists() else ""
+    if set(built) - {line.removeprefix("./") for line in carried.split()}:  # carry it next time: no nvcc in runs
         subprocess.run(f"cd /tmp/jitcache && find . -name '*.so' | tar -czf {args.out}/jitcache.tgz -T -",
                        shell=True, check=False)
     log(f"done: {args.out}/results-{args.family}.json")
