@@ -473,7 +473,7 @@ def pairs(names: list[str], i: int) -> list[str]:
     return names if i % 2 == 0 else names[::-1]
 
 
-def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: int, out: Path,
+def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: range, out: Path,
                deadline: float, publish: Path) -> dict:
     servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
     result: dict = {"family": family, "variants": {v: list(VARIANTS[v].flags) for v in variants},
@@ -500,7 +500,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
     seed_warm = [*SEED_WORKLOAD, "--num-prompts", "16", "--request-rate", "inf", "--seed", "500"]
     lone = [*SEED_WORKLOAD, "--num-prompts", "8", "--max-concurrency", "1", "--request-rate", "inf", "--seed", "7"]
     seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
-             for i in range(runs)]
+             for i in runs]
     capacity = [*POISSON_WORKLOAD, "--num-prompts", "120", "--request-rate", "inf", "--seed", "300"]
     # Poisson pools, one seed per load: a run takes the first n (n follows the measured capacity). Sized for about
     # 10 req/s of capacity (Qwen2.5-VL-7B measured 8.8); a run needing more rebuilds its pool.
@@ -535,16 +535,16 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                 measured(f"lone-{v}", server, lone)
         if "seed" in workloads:
             rep_s = 25.0 * len(servers)  # a first guess; then what the last repetition took (Gemma3: ~2 min)
-            for i in range(runs):
+            for n, i in enumerate(runs):
                 if remaining() < rep_s:
-                    log(f"seed: deadline near, stopping after {i} repetitions")
+                    log(f"seed: deadline near, stopping after {n} repetitions")
                     break
                 started = time.monotonic()
                 for v in pairs(list(servers), i):
                     if v in servers:
                         measured(f"seedwarm{i}-{v}", servers[v], seed_warm)
                     if v in servers:
-                        measured(f"seed{i}-{v}", servers[v], seeds[i])
+                        measured(f"seed{i}-{v}", servers[v], seeds[n])
                 rep_s = time.monotonic() - started
         if "poisson" in workloads and remaining() > 40:
             cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
@@ -575,7 +575,9 @@ def main() -> None:
                    help="gets results-<family>.json and gpu-serve-<family>.tgz (every raw file)")
     p.add_argument("--prepared", type=Path, default=REPO / ".gpu-serve")
     p.add_argument("--workloads", default="correct,lone,seed,poisson")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="seed-workload repetitions")
+    p.add_argument("--first-run", type=int, default=0,
+                   help="index of the first repetition (its --seed and tag): a later command adds new requests")
     p.add_argument("--variants", default="off,on", help=f"servers to compare, from {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting new runs after this many seconds")
     args = p.parse_args()
@@ -600,7 +602,8 @@ def main() -> None:
         capture_output=True, text=True).stdout.strip())
     LOADGEN = LoadGenerator()
     try:
-        result = run_family(args.family, model, args.workloads.split(","), args.variants.split(","), args.runs,
+        result = run_family(args.family, model, args.workloads.split(","), args.variants.split(","),
+                            range(args.first_run, args.first_run + args.runs),
                             out, deadline, args.out)
     finally:
         LOADGEN.close()
