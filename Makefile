@@ -9,7 +9,8 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 BENCH_PIP := $(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check
 MATPLOTLIB := matplotlib==3.11.2
 
-.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test gpu-serve gpu-serve-prepare mutate
+.PHONY: bench test lint clean gpu-bench serving-bench soak gpu-test gpu-serve gpu-serve-prepare mutate \
+	real-server-summary
 
 # torch 2.14.1 + torchvision 0.29.1 are what sglang 0.5.23 pins; on these machines pip takes them from local disk.
 $(VENV)/.core-installed: pyproject.toml
@@ -100,7 +101,7 @@ clean:
 # on, driven by SGLang's own sglang.benchmark.serving. First, on a networked machine: make gpu-serve-prepare
 # (the wheel closure and stripped sglang-kernel, ~56 MB in .gpu-serve/). Then on the GPU machine, with its
 # system python3: make gpu-serve FAMILY=qwen2_5_vl_7b (about 9 minutes a family; README, "Serving in a real
-# SGLang server"). scripts/gpu_serve/summarize.py turns its output into benchmarks/results/real_server_summary.json.
+# SGLang server"). make real-server-summary turns the stored runs into benchmarks/results/real_server_summary.json.
 # GPU_SERVE_ARGS passes serve.py options, e.g. GPU_SERVE_ARGS="--workloads seed,poisson --variants off,on,on+defer20".
 FAMILY ?= qwen2_5_vl_7b
 gpu-serve-prepare:
@@ -109,3 +110,18 @@ gpu-serve-prepare:
 GPU_SERVE_ARGS ?=
 gpu-serve:
 	$(PYTHON) scripts/gpu_serve/serve.py --family $(FAMILY) --out gpu-serve-out $(GPU_SERVE_ARGS)
+
+# Every stored harness run, oldest first per family (a family's runs accumulate: summarize.merge_runs); add a
+# new run's directory here. The time breakdown reads the raw files of the run holding each family's seed0.
+RS := benchmarks/results/real_server
+REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582/results-qwen2_5_vl_7b.json \
+	$(RS)/attempt-82dd68a/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-299e268/results-qwen3_vl_8b.json \
+	$(RS)/results-gemma3_12b.json $(RS)/gemma3_12b-299e268/results-gemma3_12b.json \
+	$(RS)/gemma3_12b-772e582/results-gemma3_12b.json
+REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tgz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tgz \
+	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tgz
+real-server-summary: $(VENV)/.test-installed
+	rm -rf build/real_server_raw && mkdir -p build/real_server_raw
+	for pair in $(REAL_SERVER_RAW); do tar -xzf $${pair#*=} -C build/real_server_raw; done
+	$(PY) scripts/gpu_serve/summarize.py $(REAL_SERVER_RUNS) --out benchmarks/results/real_server_summary.json \
+		$(foreach pair,$(REAL_SERVER_RAW),--raw $(firstword $(subst =, ,$(pair)))=build/real_server_raw/$(firstword $(subst =, ,$(pair))))

@@ -4,6 +4,8 @@ Every ratio is plugin-on over plugin-off from runs made side by side in one harn
 same seeds). Seed-workload ratios are medians over the alternated pairs; each comes with its spread
 (min and max of the per-pair ratios) and the raw per-run values.
 
+A family may come from several harness runs (oldest first on the command line): see ``merge_runs``.
+
 usage: python scripts/gpu_serve/summarize.py RESULTS.json [...] --out benchmarks/results/real_server_summary.json
 """
 
@@ -71,9 +73,38 @@ def lone_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
     return {"ttft_ratio": _ratio(b, a), "off_ms": a, "on_ms": b}
 
 
+MEASURED_TAG = re.compile(r"^(seed\d+|lone|poisson[\d.]+)-")  # warm-ups and the capacity probe are not
+
+
+def merge_runs(results: list[dict]) -> dict:
+    """One family's harness runs (oldest first) as one result, so measurements accumulate across device
+    sessions. Every on/off pair still comes from one run, side by side; a later run adds repetitions
+    (``serve.py --first-run``), workloads or variants, and its correctness check and capacity replace an
+    earlier one's. A measured run that two harness runs both claim is refused rather than silently picked."""
+    merged: dict = {"family": results[0]["family"], "variants": {}, "variant_changes": {}, "runs": {},
+                    "sources": []}
+    for result in results:
+        clash = sorted(t for t in result["runs"] if MEASURED_TAG.match(t) and t in merged["runs"])
+        if clash:
+            raise SystemExit(f"summarize: {result['family']}: runs {clash} appear in two harness runs "
+                             "(give the later one new repetitions with serve.py --first-run)")
+        commit = result.get("commit", "")
+        merged["runs"].update({t: {**run, "commit": commit} for t, run in result["runs"].items()})
+        merged["variants"].update(result.get("variants", {}))
+        merged["variant_changes"].update(result.get("variant_changes", {}))
+        for key in ("correctness", "capacity_req_s", "gpu", "sglang"):
+            if result.get(key) is not None:
+                merged[key] = result[key]
+        merged["sources"].append({"commit": commit, "runs": sorted(t for t in result["runs"] if MEASURED_TAG.match(t))})
+    merged["commit"] = ",".join(dict.fromkeys(src["commit"] for src in merged["sources"]))
+    return merged
+
+
 def family_summary(result: dict, raw: Path | None = None) -> dict:
     runs = result["runs"]
     fam: dict = {"commit": result.get("commit", "")}
+    if len(result.get("sources", [])) > 1:
+        fam["sources"] = result["sources"]
     seed = seed_summary(runs)
     if seed:
         fam["seed"] = seed
@@ -278,11 +309,15 @@ def main() -> None:
                    help="a family's unpacked gpu-serve-<family>.tgz, for the time breakdown")
     args = p.parse_args()
     raw = dict(item.split("=", 1) for item in args.raw)
-    loaded = [json.loads(r.read_text()) for r in args.results]
-    summary = {"sglang": loaded[0].get("sglang", ""), "gpu": loaded[0].get("gpu", ""),
-               "commit": loaded[0].get("commit", ""), "families": {}}
-    for result in loaded:
-        family = result["family"]
+    by_family: dict[str, list[dict]] = {}
+    for path in args.results:
+        result = json.loads(path.read_text())
+        by_family.setdefault(result["family"], []).append(result)
+    merged = {family: merge_runs(results) for family, results in by_family.items()}
+    newest = json.loads(args.results[-1].read_text())
+    summary = {"sglang": newest.get("sglang", ""), "gpu": newest.get("gpu", ""), "commit": newest.get("commit", ""),
+               "families": {}}
+    for family, result in merged.items():
         summary["families"][family] = family_summary(result, Path(raw[family]) if family in raw else None)
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")

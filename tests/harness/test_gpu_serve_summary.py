@@ -101,3 +101,25 @@ def test_a_lever_variant_is_compared_with_off_and_a_plugin_setting_also_with_on(
     graph = levers["off+graph"]
     assert graph["vs_off"]["seed"]["runs"] == 1 and "vs_on" not in graph
     assert graph["changes"]["env"] == {"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}
+
+
+def test_harness_runs_of_one_family_accumulate_repetitions_and_keep_their_commits():
+    first = {**result(), "commit": "aaa"}
+    later = {"family": "fam", "variants": {"off": [], "on": []}, "commit": "bbb",
+             "runs": {"seed2-off": bench(10_000, 1000), "seed2-on": bench(7_000, 1300),
+                      "seedwarm0-on": bench(2, 2)},  # a warm-up tag may repeat across runs
+             "correctness": {"requests": 20, "identical": 19, "all_identical": False}}
+    merged = summarize.merge_runs([first, later])
+    fam = summarize.family_summary(merged)
+    assert fam["seed"]["runs"] == 3
+    assert fam["seed"]["median_ttft_ratio"] == pytest.approx(0.8)  # median of 0.8, 0.9, 0.7
+    assert fam["lone"]["ttft_ratio"] == pytest.approx(0.8)  # measured only by the first run
+    assert fam["outputs_identical"] is False  # the later check replaces the earlier one
+    assert fam["commit"] == "aaa,bbb"
+    assert [s["commit"] for s in fam["sources"]] == ["aaa", "bbb"]
+    assert fam["sources"][1]["runs"] == ["seed2-off", "seed2-on"]
+
+
+def test_a_measured_run_claimed_by_two_harness_runs_is_refused():
+    with pytest.raises(SystemExit, match="seed0-off"):
+        summarize.merge_runs([result(), {"family": "fam", "runs": {"seed0-off": bench(1, 1)}}])
