@@ -78,15 +78,17 @@ MEASURED_TAG = re.compile(r"^(seed\d+|lone|poisson[\d.]+)-")  # warm-ups and the
 
 def merge_runs(results: list[dict]) -> dict:
     """One family's harness runs (oldest first) as one result, so measurements accumulate across device
-    sessions. Every on/off pair still comes from one run, side by side; a later run adds repetitions
-    (``serve.py --first-run``), workloads or variants, and its correctness check and capacity replace an
-    earlier one's. A measured run that two harness runs both claim is refused rather than silently picked."""
+    sessions. Every on/off pair still comes from one run, side by side. A later run adds seed repetitions
+    (``serve.py --first-run``: new requests), workloads or variants; a lone or Poisson run it measures again
+    replaces the earlier one (listed under ``replaced``), as do its correctness check and capacity. A seed
+    repetition that two harness runs both claim is refused: it would be the same requests counted twice."""
     merged: dict = {"family": results[0]["family"], "variants": {}, "variant_changes": {}, "runs": {},
                     "sources": []}
     for result in results:
-        clash = sorted(t for t in result["runs"] if MEASURED_TAG.match(t) and t in merged["runs"])
-        if clash:
-            raise SystemExit(f"summarize: {result['family']}: runs {clash} appear in two harness runs "
+        measured = sorted(t for t in result["runs"] if MEASURED_TAG.match(t))
+        again = [t for t in measured if t in merged["runs"]]
+        if any(t.startswith("seed") for t in again):
+            raise SystemExit(f"summarize: {result['family']}: seed runs {again} appear in two harness runs "
                              "(give the later one new repetitions with serve.py --first-run)")
         commit = result.get("commit", "")
         merged["runs"].update({t: {**run, "commit": commit} for t, run in result["runs"].items()})
@@ -95,7 +97,10 @@ def merge_runs(results: list[dict]) -> dict:
         for key in ("correctness", "capacity_req_s", "gpu", "sglang"):
             if result.get(key) is not None:
                 merged[key] = result[key]
-        merged["sources"].append({"commit": commit, "runs": sorted(t for t in result["runs"] if MEASURED_TAG.match(t))})
+        source = {"commit": commit, "runs": measured}
+        if again:
+            source["replaced"] = again
+        merged["sources"].append(source)
     merged["commit"] = ",".join(dict.fromkeys(src["commit"] for src in merged["sources"]))
     return merged
 

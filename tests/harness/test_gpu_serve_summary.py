@@ -120,6 +120,17 @@ def test_harness_runs_of_one_family_accumulate_repetitions_and_keep_their_commit
     assert fam["sources"][1]["runs"] == ["seed2-off", "seed2-on"]
 
 
-def test_a_measured_run_claimed_by_two_harness_runs_is_refused():
+def test_a_seed_repetition_claimed_by_two_harness_runs_is_refused():
     with pytest.raises(SystemExit, match="seed0-off"):
         summarize.merge_runs([result(), {"family": "fam", "runs": {"seed0-off": bench(1, 1)}}])
+
+
+def test_a_poisson_load_measured_again_replaces_the_earlier_pair_and_says_so():
+    later = {"family": "fam", "commit": "new", "capacity_req_s": 12.0,
+             "runs": {"poisson0.5-off": bench(300, 500), "poisson0.5-on": bench(150, 520)}}
+    merged = summarize.merge_runs([{**result(), "commit": "old"}, later])
+    fam = summarize.family_summary(merged)
+    assert fam["poisson"]["0.5"]["ttft_p50_ratio"] == pytest.approx(0.5)
+    assert fam["poisson"]["capacity_req_s"] == 12.0
+    assert fam["sources"][1]["replaced"] == ["poisson0.5-off", "poisson0.5-on"]
+    assert fam["seed"]["runs"] == 2  # the earlier run's repetitions stay
