@@ -277,7 +277,7 @@ def plot(summary: dict, path: Path) -> bool:
     axes[0].axhline(1.0, color="k", lw=0.8)
     axes[0].set_xticks([x + 0.27 for x in range(len(names))], names)
     axes[0].set_title("seed workload (100 x 6 images) and a lone request: on / off")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="lower center")
     for f in names:
         poisson = {k: v for k, v in families[f].get("poisson", {}).items() if k != "capacity_req_s"}
         loads = sorted(poisson, key=float)
@@ -289,13 +289,13 @@ def plot(summary: dict, path: Path) -> bool:
     axes[1].set_title("Poisson: on / off")
     axes[1].legend(fontsize=7)
     stages = ("preprocess", "intake", "queue", "prefill_forward", "decode")
-    bars = [(f"{f}\n{v}", row) for f in names for v, row in families[f].get("time_breakdown_seed_s", {}).items()]
+    bars = [(f"{f} {v}", row) for f in names for v, row in families[f].get("time_breakdown_seed_s", {}).items()]
     bottoms = [0.0] * len(bars)
     for stage in stages:
         heights = [max(0.0, row.get(stage, 0.0)) for _, row in bars]
         axes[2].bar(range(len(bars)), heights, bottom=bottoms, label=stage)
         bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
-    axes[2].set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    axes[2].set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7, rotation=60, ha="right")
     axes[2].set_ylabel("mean seconds per request")
     axes[2].set_title("seed workload: where the time goes")
     axes[2].legend(fontsize=7)
