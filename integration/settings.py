@@ -36,6 +36,11 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # Off (0) by default. > 0: while decode has work, a waiting request whose early encode is not done
     # is left out of the next prefill batch (decode runs meanwhile), for at most this many ms.
     "defer_prefill_ms": 0.0,
+    # 0 (default): every request's media is encoded when it arrives. N > 0: only when at least N requests
+    # already wait for a prefill ahead of it. With fewer, its prefill comes in the same scheduler iteration:
+    # an encode at arrival has no head start to give, and its forward would run beside the scheduler's own
+    # kernel launches; such a request is encoded by its prefill instead (coalesced, while the scheduler waits).
+    "early_encode_min_waiting": 0,
 }
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -144,7 +149,12 @@ def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
     defer = section.get("defer_prefill_ms", PLUGIN_DEFAULTS["defer_prefill_ms"])
     if not _is_finite_number(defer) or defer < 0:
         raise ValueError(f"{config_path}: sglang.defer_prefill_ms must be a finite number >= 0, got {defer!r}")
-    return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer)}
+    min_waiting = section.get("early_encode_min_waiting", PLUGIN_DEFAULTS["early_encode_min_waiting"])
+    if not isinstance(min_waiting, int) or isinstance(min_waiting, bool) or min_waiting < 0:
+        raise ValueError(f"{config_path}: sglang.early_encode_min_waiting must be a whole number >= 0, "
+                         f"got {min_waiting!r}")
+    return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer),
+            "early_encode_min_waiting": min_waiting}
 
 
 def _is_finite_number(value: Any) -> bool:

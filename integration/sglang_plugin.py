@@ -68,6 +68,7 @@ _service: EncoderService | None = None
 _hooked_targets: set[str] = set()
 _last_sweep = 0.0
 _defer_prefill_s = 0.0
+_early_encode_min_waiting = 0
 _deferred_since: dict[str, float] = {}
 
 
@@ -233,8 +234,9 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     agree = tp_agreement(scheduler) if mode == "lockstep" and tp_size > 1 and scheduler is not None else None
     max_held = chosen.get("max_held_bytes", int(settings.DEFAULT_MAX_HELD_MB * 2**20))
     plugin = chosen.get("plugin", settings.PLUGIN_DEFAULTS)
-    global _defer_prefill_s
+    global _defer_prefill_s, _early_encode_min_waiting
     _defer_prefill_s = plugin.get("defer_prefill_ms", 0.0) / 1000.0
+    _early_encode_min_waiting = plugin.get("early_encode_min_waiting", 0)
     _service = EncoderService(tower, config, lockstep=mode == "lockstep", max_held_bytes=max_held,
                               prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree).start()
     try:
@@ -280,9 +282,17 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
     if (service is None or retracted or mm_inputs is None or req.finished()
             or scheduler.disaggregation_mode.name == "DECODE"):
         return result
-    service.on_arrival(req.rid, items_to_encode_early(scheduler, req))
+    if _early_encode_min_waiting == 0 or waiting_ahead(scheduler, req) >= _early_encode_min_waiting:
+        service.on_arrival(req.rid, items_to_encode_early(scheduler, req))
     setattr(mm_inputs, _RID_ATTR, req.rid)
     return result
+
+
+def waiting_ahead(scheduler: Any, req: Any) -> int:
+    """Requests in the scheduler's waiting queue besides ``req``, which SGLang's queue insertion has just
+    appended (or refused); O(1), since it runs for every arrival."""
+    queue = getattr(scheduler, "waiting_queue", ())
+    return len(queue) - 1 if queue and queue[-1] is req else len(queue)
 
 
 def items_to_encode_early(scheduler: Any, req: Any) -> list[Any]:

@@ -79,7 +79,8 @@ TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
 # "off"/"on" are the comparison (SGLang defaults). The "+tok4ipc" pair adds SGLang's own answers to
 # its preprocessing bottleneck (4 tokenizer workers, features handed over through CUDA IPC) to both, to show
 # what the plugin adds once that bottleneck is gone. "off+vitgraph" is SGLang's own ViT CUDA graph
-# (Qwen towers; the plugin declines to run beside it), "on+defer20" the plugin's prefill deferral.
+# (Qwen towers; the plugin declines to run beside it), "on+defer20" the plugin's prefill deferral, "on+lazy1"
+# encoding at arrival only behind a waiting request (no head start otherwise: Poisson arrivals).
 VARIANTS = {
     "off": Variant(False),
     "on": Variant(True),
@@ -87,6 +88,7 @@ VARIANTS = {
     "on+tok4ipc": Variant(True, TOK4IPC),
     "off+vitgraph": Variant(False, env={"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}),
     "on+defer20": Variant(True, config={"sglang": {"defer_prefill_ms": 20}}),
+    "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
 }
 # Variants other than off/on run the lone and seed workloads and the first Poisson load only.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import sglang_models as sm
 import torch
-from mm_scheduler_sglang import sglang_compat, sglang_plugin
+from mm_scheduler_sglang import settings, sglang_compat, sglang_plugin
 from test_equivalence import ATOL, RTOL, _embed, _request_lengths
 
 
@@ -58,9 +58,9 @@ def _eventually(condition, what: str, timeout: float = 30.0) -> None:
         time.sleep(0.01)
 
 
-def _start(model, mode="async", **values):
-    service = sglang_plugin.start(model, {"config_path": None, "mode": mode,
-                                          "values": values}, tp_size=1)
+def _start(model, mode="async", plugin=None, **values):
+    service = sglang_plugin.start(model, {"config_path": None, "mode": mode, "values": values,
+                                          "plugin": {**settings.PLUGIN_DEFAULTS, **(plugin or {})}}, tp_size=1)
     return service, ForwardLog(service.tower)
 
 
@@ -231,6 +231,27 @@ def test_arrival_hook_skips_retracted_decode_side_and_rejected_requests(model, s
     assert service.counts["submitted"] == 0 and service.held_keys() == set()
     sglang_plugin._around_add_request_to_queue(queue, normal, _request("ok", [sm.qwen_image(model, 4, 4, 74)]))
     assert service.counts["submitted"] == 1
+
+
+def test_with_early_encode_min_waiting_only_requests_behind_a_queue_are_encoded_at_arrival(model, stop_service):
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    alone, queued = [sm.qwen_image(model, 4, 4, 83)], [sm.qwen_image(model, 8, 4, 84)]
+    requests = [(alone, 3), (queued, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model, plugin={"early_encode_min_waiting": 1})
+    scheduler = SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL, waiting_queue=[])
+    enqueue = lambda scheduler, req, *a, **k: scheduler.waiting_queue.append(req)  # noqa: E731 - SGLang's insertion
+    sglang_plugin._around_add_request_to_queue(enqueue, scheduler, _request("alone", alone))
+    assert service.counts["submitted"] == 0  # nothing waits ahead: its prefill comes at once
+    sglang_plugin._around_add_request_to_queue(enqueue, scheduler, _request("queued", queued))
+    assert service.counts["submitted"] == 1  # one request waits ahead of it
+    log.wait_for(1)
+    got = _embed(model, requests, full)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    assert service.counts["taken_early"] == 1 and service.counts["encoded_on_demand"] == 1
+    assert service.counts["fallbacks"] == 0
 
 
 def test_arrivals_beyond_the_held_results_cap_are_encoded_at_prefill(model, stop_service):

@@ -18,16 +18,17 @@ CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*
 def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(path, monkeypatch):
     monkeypatch.delenv(settings.ENV_MAX_HELD_MB, raising=False)
     chosen = settings.resolve(False, str(path))
-    assert chosen["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0, "defer_prefill_ms": 0.0}
+    assert chosen["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0, "defer_prefill_ms": 0.0,
+                                "early_encode_min_waiting": 0}
     assert load_config(path).name == chosen["values"]["name"]
 
 
 def test_plugin_section_values_reach_the_settings(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("budget_bytes: 1048576\nsglang:\n  llm_stream_priority: default\n  prefill_wait_ms: 50\n"
-                    "  defer_prefill_ms: 150\n")
+                    "  defer_prefill_ms: 150\n  early_encode_min_waiting: 2\n")
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "default", "prefill_wait_ms": 50.0,
-                                                            "defer_prefill_ms": 150.0}
+                                                            "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2}
 
 
 @pytest.mark.parametrize("body, named", [
@@ -41,6 +42,9 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
     ("sglang:\n  prefill_wait_ms: -5\n", "prefill_wait_ms"),
     ("sglang:\n  defer_prefill_ms: true\n", "defer_prefill_ms"),
     ("sglang:\n  defer_prefill_ms: later\n", "defer_prefill_ms"),
+    ("sglang:\n  early_encode_min_waiting: -1\n", "early_encode_min_waiting"),
+    ("sglang:\n  early_encode_min_waiting: 1.5\n", "early_encode_min_waiting"),
+    ("sglang:\n  early_encode_min_waiting: true\n", "early_encode_min_waiting"),
 ])
 def test_a_bad_plugin_setting_names_the_file_and_the_key(tmp_path, body, named):
     path = tmp_path / "bad.yaml"
@@ -61,7 +65,7 @@ def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path
     path = tmp_path / "c.yaml"
     path.write_text("sglang:\n  prefill_wait_ms: 0.5\n")
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
-                                                            "defer_prefill_ms": 0.0}
+                                                            "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0}
 
 
 def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):
