@@ -176,6 +176,31 @@ def preprocessing_advice(server_args: object) -> str | None:
             "(--tokenizer-worker-num 4 --mm-feature-transport cuda_ipc: TTFT 0.66x); consider those flags")
 
 
+def tune_rules(values: dict[str, Any], seen: Any) -> list[Any]:
+    """The ``sglang:`` keys a scrape justifies changing (``mm-scheduler tune``; ``seen``: ``tune.Observed``).
+
+    Prefills that block for nearly whole forwards mean the encodes started at arrival had no head start:
+    the real server's Poisson runs (README, "Serving in a real SGLang server"), where the encoder's forward
+    then only competed with the scheduler's own launches. Encoding at arrival only behind a queue is the
+    setting for that traffic."""
+    from mm_scheduler.tune import Change
+
+    plugin = _plugin_section(values.get("sglang"), "config")
+    waits, forwards = seen.histograms.get("prefill_wait_seconds"), seen.histograms.get("batch_seconds")
+    if plugin["early_encode_min_waiting"] or not waits or not waits.count or not forwards or not forwards.count:
+        return []
+    blocked = waits.share_above(0.005)
+    if blocked < 0.5 or waits.mean() < 0.8 * forwards.mean():  # a head start shows as waits well under a forward
+        return []
+    queued = seen.histograms.get("queue_wait_seconds")
+    if queued is not None and queued.mean() >= forwards.mean():  # a backlogged encoder lacks capacity, not timing
+        return []
+    return [Change("sglang.early_encode_min_waiting", 1,
+                   f"{blocked:.0%} of {waits.count:g} prefills blocked more than 5 ms on the encoder, "
+                   f"{waits.mean() * 1000:.0f} ms on average against {forwards.mean() * 1000:.0f} ms a forward: "
+                   "encodes at arrival had no head start; encode at arrival only behind a waiting request")]
+
+
 def settings_of(server_args: object) -> dict[str, Any] | None:
     """The settings a ServerArgs carries (set by the CLI hook or, for Engine users, the env hook)."""
     return getattr(server_args, ATTR, None)

@@ -228,6 +228,57 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_metrics(source: str) -> str:
+    """A saved scrape, or a live ``/metrics`` URL."""
+    if source.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(source, timeout=10) as response:
+                return response.read().decode()
+        except OSError as exc:
+            raise CLIError(f"{source}: cannot read the metrics: {exc}") from None
+    try:
+        return Path(source).read_text()
+    except OSError as exc:
+        raise CLIError(f"{source}: cannot read the metrics file: {exc.strerror or exc}") from None
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import yaml
+
+    from . import tune
+    from .config import read_config_file
+
+    load_checked(args.config)
+    path, values = read_config_file(args.config)
+    rules: list[tune.Rule] = []
+    try:
+        from mm_scheduler_sglang import settings
+
+        rules.append(settings.tune_rules)
+    except ImportError:
+        pass
+    seen, changes = tune.tune(_read_metrics(args.metrics), values, args.coalescer, rules)
+    proposed = yaml.safe_dump(tune.apply(values, changes), sort_keys=False)
+    with tempfile.TemporaryDirectory() as tmp:  # checked exactly as the server would check it
+        (Path(tmp) / "proposed.yaml").write_text(proposed)
+        load_checked(str(Path(tmp) / "proposed.yaml"))
+    lines = [f"# mm-scheduler tune: {args.metrics} against {path}", *(f"# {line}" for line in tune.summary(seen))]
+    lines += [f"# {c.key}: {c.value!r} ({c.why})" for c in changes] or [
+        "# no setting bound these forwards: the config is unchanged"]
+    text = "\n".join(lines) + "\n" + proposed
+    if args.out:
+        _check_writable(args.out, "--out")
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out} ({len(changes)} change(s))")
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _Parser(prog="mm-scheduler", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -253,6 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("plot", help="draw the PNG of a bench JSON beside it (needs matplotlib)")
     p.add_argument("json", help="a JSON file written by mm-scheduler bench --json")
     p.set_defaults(func=_plot)
+    t = sub.add_parser("tune", help="propose a config from a running coalescer's /metrics (a scrape or a URL)")
+    t.add_argument("metrics", help="a saved /metrics scrape, a file with '# before'/'# after' scrapes, or a URL")
+    t.add_argument("--config", default="default", metavar="NAME|PATH", help="the config the server ran with")
+    t.add_argument("--coalescer", help="the coalescer label to read when the scrape has several")
+    t.add_argument("--out", help="write the proposed YAML here instead of printing it")
+    t.set_defaults(func=_tune)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

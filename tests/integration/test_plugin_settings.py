@@ -128,3 +128,33 @@ def test_the_flags_join_sglangs_parser_with_their_defaults():
 def test_settings_travel_as_one_attribute_of_server_args():
     assert settings.settings_of(SimpleNamespace(**{settings.ATTR: {"mode": "auto"}})) == {"mode": "auto"}
     assert settings.settings_of(SimpleNamespace()) is None
+
+
+def _prefills(name: str, n: int, wait_s: float, forward_s: float, queued_s: float = 0.005) -> str:
+    from mm_scheduler_sglang.service import PREFILL_WAIT
+    from prometheus_client import generate_latest
+
+    from mm_scheduler import metrics
+
+    for _ in range(n):
+        metrics.UNITS_PER_FORWARD.labels(name).observe(1)
+        metrics.BATCH_SECONDS.labels(name).observe(forward_s)
+        metrics.QUEUE_WAIT.labels(name).observe(queued_s)
+        PREFILL_WAIT.labels(name).observe(wait_s)
+    return generate_latest().decode()
+
+
+@pytest.mark.parametrize("wait_s, queued_s, plugin, proposed", [
+    (0.045, 0.005, {}, [("sglang.early_encode_min_waiting", 1)]),  # the prefill waited out the whole forward
+    (0.010, 0.005, {}, []),  # a head start: the encode was mostly done when the prefill came
+    (0.045, 0.200, {}, []),  # the encoder had a backlog: too little capacity, not a missing head start
+    (0.045, 0.005, {"early_encode_min_waiting": 2}, []),  # already encoding only behind a queue
+])
+def test_tune_proposes_encoding_behind_a_queue_only_when_prefills_waited_out_whole_forwards(wait_s, queued_s, plugin,
+                                                                                           proposed):
+    from mm_scheduler import tune
+
+    name = f"tune-plugin-{wait_s}-{queued_s}-{sorted(plugin)}"
+    text = _prefills(name, 10, wait_s, forward_s=0.05, queued_s=queued_s)
+    _, changes = tune.tune(text, {"sglang": plugin}, name, [settings.tune_rules])
+    assert [(c.key, c.value) for c in changes] == proposed

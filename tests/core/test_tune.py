@@ -1,0 +1,120 @@
+"""``mm-scheduler tune``: what a scrape of the coalescer's own Prometheus series makes it propose.
+
+Scrapes are produced by the real series (``mm_scheduler.metrics``, prometheus_client's exposition
+format); each test uses its own ``coalescer`` label, so the process-wide registry does not mix them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from mm_scheduler import metrics, tune
+from mm_scheduler.cli import main
+
+_labels = (f"tune-test-{i}" for i in itertools.count())
+
+
+def scrape() -> str:
+    return generate_latest().decode()
+
+
+def forwards(name: str, n: int, units: int, fill: float, wait_s: float = 0.001, forward_s: float = 0.05) -> None:
+    for _ in range(n):
+        metrics.UNITS_PER_FORWARD.labels(name).observe(units)
+        metrics.BUDGET_FILL.labels(name).observe(fill)
+        metrics.QUEUE_WAIT.labels(name).observe(wait_s)
+        metrics.BATCH_SECONDS.labels(name).observe(forward_s)
+
+
+def test_a_scrape_is_read_back_into_histograms_and_counters():
+    name = next(_labels)
+    forwards(name, 3, units=5, fill=0.3)
+    metrics.OOM_BACKOFFS.labels(name).inc(2)
+    seen = tune.parse(scrape())[name]
+    assert seen.forwards == 3
+    units = seen.histograms["units_per_forward"]
+    assert units.mean() == pytest.approx(5) and units.share_above(4) == 1.0 and units.share_above(8) == 0.0
+    assert seen.counter("oom_backoffs") == 2
+
+
+def test_a_before_after_file_gives_the_runs_difference():
+    name = next(_labels)
+    forwards(name, 4, units=1, fill=0.1)
+    before = scrape()
+    forwards(name, 2, units=16, fill=0.95)
+    seen = tune.parse(f"# before\n{before}\n# after\n{scrape()}")[name]
+    assert seen.forwards == 2 and seen.histograms["units_per_forward"].mean() == pytest.approx(16)
+
+
+def test_a_budget_that_cut_most_forwards_short_is_doubled():
+    name = next(_labels)
+    forwards(name, 10, units=4, fill=0.95)
+    _, changes = tune.tune(scrape(), {"budget_bytes": 1 << 30}, name)
+    assert [(c.key, c.value) for c in changes] == [("budget_bytes", 2 << 30)]
+    assert "100% of 10 forwards" in changes[0].why
+
+
+def test_out_of_memory_backoffs_shrink_the_budget_instead():
+    name = next(_labels)
+    forwards(name, 10, units=4, fill=0.95)
+    metrics.OOM_BACKOFFS.labels(name).inc()
+    _, changes = tune.tune(scrape(), {"budget_bytes": None, "budget_fraction": 0.2, "oom_backoff": 0.5}, name)
+    assert [(c.key, c.value) for c in changes] == [("budget_fraction", 0.1)]
+
+
+def test_a_unit_cap_that_binds_while_the_budget_has_room_is_raised():
+    name = next(_labels)
+    forwards(name, 6, units=32, fill=0.4)
+    forwards(name, 4, units=2, fill=0.1)
+    _, changes = tune.tune(scrape(), {"max_batch_items": 32}, name)
+    assert [(c.key, c.value) for c in changes] == [("max_batch_items", 64)]
+
+
+def test_a_window_that_never_formed_batches_is_replaced_by_eager_dispatch():
+    name = next(_labels)
+    forwards(name, 10, units=1, fill=0.05, wait_s=0.004)
+    _, changes = tune.tune(scrape(), {"dispatch": "window", "max_wait_ms": 5.0}, name)
+    assert [(c.key, c.value) for c in changes] == [("dispatch", "eager")]
+    _, eager = tune.tune(scrape(), {"dispatch": "eager", "max_wait_ms": 5.0}, name)
+    assert eager == []
+
+
+def test_traffic_that_touched_no_limit_changes_nothing():
+    name = next(_labels)
+    forwards(name, 20, units=6, fill=0.3, wait_s=0.03)
+    assert tune.tune(scrape(), {}, name)[1] == []
+
+
+def test_a_scrape_with_several_coalescers_needs_one_named():
+    first, second = next(_labels), next(_labels)
+    forwards(first, 1, units=1, fill=0.1)
+    forwards(second, 1, units=1, fill=0.1)
+    with pytest.raises(ValueError, match="--coalescer"):
+        tune.tune(scrape(), {})
+    with pytest.raises(ValueError, match="no mm_coalescer series labelled"):
+        tune.tune(scrape(), {}, "absent")
+    assert tune.tune(scrape(), {"name": first})[0].coalescer == first  # the config's name picks it
+
+
+def test_the_cli_prints_a_config_the_server_accepts(tmp_path, capsys):
+    name = next(_labels)
+    forwards(name, 10, units=4, fill=0.95)
+    scraped = tmp_path / "metrics.txt"
+    scraped.write_text(scrape())
+    assert main(["tune", str(scraped), "--config", "default", "--coalescer", name,
+                 "--out", str(tmp_path / "tuned.yaml")]) == 0
+    assert "1 change(s)" in capsys.readouterr().out
+    text = (tmp_path / "tuned.yaml").read_text()
+    assert "# budget_bytes: 4294967296 (" in text
+    assert yaml.safe_load(text)["budget_bytes"] == 4 << 30
+    assert main(["check-config", str(tmp_path / "tuned.yaml")]) == 0
+
+
+def test_the_cli_names_an_unreadable_metrics_file(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["tune", str(tmp_path / "missing.txt")])
+    assert info.value.code == 2 and "missing.txt: cannot read the metrics file" in capsys.readouterr().err
