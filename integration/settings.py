@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mm_scheduler.tune import Change, Observed
 
 ATTR = "_mm_coalescer"
 ENV_ENABLE = "MM_COALESCER"
@@ -176,8 +179,8 @@ def preprocessing_advice(server_args: object) -> str | None:
             "(--tokenizer-worker-num 4 --mm-feature-transport cuda_ipc: TTFT 0.66x); consider those flags")
 
 
-def tune_rules(values: dict[str, Any], seen: Any) -> list[Any]:
-    """The ``sglang:`` keys a scrape justifies changing (``mm-scheduler tune``; ``seen``: ``tune.Observed``).
+def tune_rules(values: dict[str, Any], seen: Observed) -> list[Change]:
+    """The ``sglang:`` keys a scrape justifies changing (``mm-scheduler tune``).
 
     Prefills that block for nearly whole forwards mean the encodes started at arrival had no head start:
     the real server's Poisson runs (README, "Serving in a real SGLang server"), where the encoder's forward
