@@ -420,6 +420,8 @@ class ServiceDriver:
         checks[f"one encode() blocked the scheduler {what}<= {scheduler.bound_s * 1000:.0f} ms"] = (
             scheduler.max_block_ms <= scheduler.bound_s * 1000)
         if not self.lockstep:  # lockstep has no coalescer loop
+            loop_thread = service._loop.thread.name if service._loop is not None else None
+            checks["no forward ran on the coalescer loop's thread"] = all(r.thread != loop_thread for r in tower.log)
             checks[f"coalescer loop never blocked > {MAX_BLOCKED_MS:g} ms"] = probe.max_blocked_ms <= MAX_BLOCKED_MS
         return {
             "stats": stats,
