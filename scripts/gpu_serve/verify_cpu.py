@@ -12,8 +12,10 @@ template SGLang would pick from the path, and the SGLang multimodal processor fo
 (`process_mm_data_async`) on the same prompt and images.
 
 usage: python verify_cpu.py MODEL_DIR [--family NAME] [--no-sglang]      (prints a JSON summary at the end)
-Needs no GPU (SGLang's processors only run Python/PIL/torch CPU code); video through SGLang needs CUDA
-(pin_memory) and a decodable video file, so it is only checked through HF.
+Needs no GPU (SGLang's processors only run Python/PIL/torch CPU code). Video through SGLang: Qwen's path pins
+memory (CUDA), so Qwen video is only checked through HF; Gemma 4's processor reads frames without pinning, so with
+decord or torchcodec importable a 16-frame MJPEG AVI (written here with PIL; serve.py sends an MPEG-4 clip of the same
+frames) plus one image goes through SGLang's processor as serve.py's video request does.
 """
 
 from __future__ import annotations
@@ -296,7 +298,84 @@ def sglang_check(model: Path, report: dict, kind: str, images, exp: list[int]) -
     if getattr(res, "mrope_positions", None) is not None:
         sg["mm"]["mrope_positions"] = list(res.mrope_positions.shape)
         sg["mm"]["mrope_position_delta"] = res.mrope_position_delta.flatten().tolist()
+    if kind == "gemma4":
+        sg["video_ok"] = sglang_video_check(mm, mc, tok, sg)
     print(json.dumps(sg, indent=1, default=str))
+
+
+def mjpeg_avi(frames: list, fps: float) -> bytes:
+    """A minimal MJPEG AVI (RIFF, one video stream, idx1) from HxWx3 uint8 frames: what ffmpeg/decord can read,
+    without cv2/av here."""
+    import struct
+
+    from PIL import Image
+
+    def chunk(fcc: bytes, data: bytes) -> bytes:
+        return fcc + struct.pack("<I", len(data)) + data + (b"\0" if len(data) % 2 else b"")
+
+    def lst(kind: bytes, body: bytes) -> bytes:
+        return b"LIST" + struct.pack("<I", len(body) + 4) + kind + body
+
+    h, w = frames[0].shape[:2]
+    jpgs = []
+    for f in frames:
+        buf = io.BytesIO()
+        Image.fromarray(f).save(buf, format="JPEG", quality=90)
+        jpgs.append(buf.getvalue())
+    n, big = len(jpgs), max(map(len, jpgs))
+    avih = struct.pack("<14I", int(1e6 / fps), big * int(fps), 0, 0x10, n, 0, 1, big, w, h, 0, 0, 0, 0)
+    strh = b"vidsMJPG" + struct.pack("<IHHIIIIIIIIhhhh", 0, 0, 0, 0, 1, int(fps), 0, n, big, 0xFFFFFFFF, 0,
+                                     0, 0, w, h)
+    strf = struct.pack("<IiiHH4sIiiII", 40, w, h, 1, 24, b"MJPG", w * h * 3, 0, 0, 0, 0)
+    movi, idx, off = b"", b"", 4
+    for j in jpgs:
+        c = chunk(b"00dc", j)
+        idx += b"00dc" + struct.pack("<III", 0x10, off, len(j))
+        movi, off = movi + c, off + len(c)
+    body = (b"AVI " + lst(b"hdrl", chunk(b"avih", avih) + lst(b"strl", chunk(b"strh", strh) + chunk(b"strf", strf)))
+            + lst(b"movi", movi) + chunk(b"idx1", idx))
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def gradient_frames(size: tuple[int, int], n: int, seed: int) -> list:
+    """serve.py's mp4_b64 frames: smooth moving gradients."""
+    import numpy as np
+
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    return [np.stack([(xs * 3 + (seed + i) * 7) % 256, (ys * 2 + (seed + i) * 11) % 256,
+                      ((xs + ys) + (seed + i) * 5) % 256], axis=-1).astype(np.uint8) for i in range(n)]
+
+
+def sglang_video_check(mm, mc, tok, sg: dict) -> bool:
+    """Gemma 4 only: serve.py's video request (16 frames 320x240 at 4 fps + one 480x480 image) through SGLang."""
+    import importlib.util
+
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    if not any(importlib.util.find_spec(m) for m in ("torchcodec", "decord")):
+        sg["video"] = "skipped: neither torchcodec nor decord importable"
+        return True
+    vurl = "data:video/avi;base64," + base64.b64encode(mjpeg_avi(gradient_frames((320, 240), 16, 3), 4.0)).decode()
+    iurl = data_url(make_image(480, 480, 0))
+    msg = {"role": "user", "content": [{"type": "video_url", "video_url": {"url": vurl}},
+                                       {"type": "image_url", "image_url": {"url": iurl}},
+                                       {"type": "text", "text": "What happens in the clip?"}]}
+    rendered = tok.apply_chat_template(sglang_template_messages([msg]), tokenize=False, add_generation_prompt=True,
+                                       return_dict=False)
+    prompt = tok.decode(tok.encode(rendered))
+    req = GenerateReqInput(text=prompt, image_data=[iurl], video_data=[vurl], rid="verify-video")
+    res = asyncio.run(mm.process_mm_data_async(image_data=[iurl], input_text=prompt, request_obj=req))
+    ids, cfg = list(res.input_ids), mc.hf_config
+    per_frame = gemma4_tokens(320, 240, mm._processor.video_processor)
+    videos = [it for it in res.mm_items if it.is_video()]
+    sg["video"] = {"input_len": len(ids), "video_tokens": ids.count(cfg.video_token_id),
+                   "expected_video_tokens": 16 * per_frame, "image_tokens": ids.count(cfg.image_token_id),
+                   "frames_from_offsets": sum(len(it.offsets) for it in videos),
+                   "feature_shapes": [list(it.feature.shape) for it in res.mm_items],
+                   "keys": [sorted(it.model_specific_data) for it in res.mm_items]}
+    return ids.count(cfg.video_token_id) == 16 * per_frame and ids.count(cfg.image_token_id) == gemma4_tokens(
+        480, 480, mm._processor.image_processor)
 
 
 def main() -> int:
@@ -310,7 +389,7 @@ def main() -> int:
     ok = report["hf"]["image_ok"] and report["hf"].get("video_ok", True)
     if not a.no_sglang:
         sglang_check(a.model, report, kind, images, exp)
-        ok = ok and report["sglang"]["mm"]["ok"]
+        ok = ok and report["sglang"]["mm"]["ok"] and report["sglang"].get("video_ok", True)
     report["ok"] = bool(ok)
     if a.json:
         a.json.write_text(json.dumps(report, indent=1, default=str))
