@@ -6,7 +6,10 @@ Families (public shapes; SGLang's dummy loader fills random weights on the GPU):
   qwen2_5_vl_3b   Qwen2.5-VL-3B-Instruct
   qwen3_vl_8b     Qwen3-VL-8B-Instruct     (deepstack [8,16,24], patch 16, interleaved mrope [24,20,20])
   gemma3_12b      gemma-3-12b-it           (SigLIP so400m 896/14, 256 tokens per image, SWA 1024 pattern 6)
-  <family>_tiny   qwen2_5_vl_tiny, qwen3_vl_tiny, gemma3_tiny: tiny text/vision towers, same vocabulary,
+  gemma4_e4b      gemma-4-E4B-it           (Gemma4ForConditionalGeneration: 768-wide 16-block ViT, patch 16,
+                                            3x3 pooling, <= 280 tokens per image; PLE, 18 KV-shared layers)
+  gemma4_e2b      gemma-4-E2B-it           (same tower; 35 layers, 20 KV-shared, double-wide MLP)
+  <family>_tiny   qwen2_5_vl_tiny, qwen3_vl_tiny, gemma3_tiny, gemma4_tiny: tiny text/vision towers, same vocabulary,
                   special ids and processors (for CPU rehearsals).
 
 Tokenizers are synthetic but keep each model's real special-token ids, so prompts look like the real model's:
@@ -145,6 +148,67 @@ GEMMA3_VISION = {  # siglip so400m/14 @ 896 (gemma-3 4b/12b/27b)
     "hidden_act": "gelu_pytorch_tanh", "num_channels": 3,
 }
 
+# ----------------------------------------------------------------------------------------------------------
+# Gemma 4 (262144-entry vocabulary; the multimodal tokens sit inside it, at Gemma4Config's default ids)
+# ----------------------------------------------------------------------------------------------------------
+# Ids: Gemma4Config (transformers 5.12.1) defaults for boi/eoi/image/audio/video and boa/eoa; <turn|> = 106 from
+# the conversion script's eos_token_id [1, 106]; the tool/channel/think/turn-open ids are the ones third-party
+# tests of the real vocabulary use (scripts/gpu_serve/NOTES.md); only <|turn>/<turn|> appear in our prompts.
+GEMMA4_SPECIAL = {  # 0..4 as in Gemma 3 (pad/eos/bos are Gemma4TextConfig's defaults)
+    0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 4: "<mask>",
+    46: "<|tool>", 47: "<tool|>", 48: "<|tool_call>", 49: "<tool_call|>", 50: "<|tool_response>",
+    51: "<tool_response|>", 52: '<|"|>', 98: "<|think|>", 100: "<|channel>", 101: "<channel|>",
+    105: "<|turn>", 106: "<turn|>",
+    255999: "<|image>", 256000: "<|audio>",
+    258880: "<|image|>", 258881: "<|audio|>", 258882: "<image|>", 258883: "<audio|>", 258884: "<|video|>",
+}
+GEMMA4_TOKENIZER_LEN = 262144
+GEMMA4_EXTRA_SPECIAL = {  # as transformers' convert_gemma4_weights.py builds the tokenizer
+    "image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+    "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+    "sot_token": "<|turn>", "eot_token": "<turn|>", "soc_token": "<|channel>", "eoc_token": "<channel|>",
+    "think_token": "<|think|>", "escape_token": '<|"|>', "str_token": "<|tool_response>",
+    "etr_token": "<tool_response|>", "stc_token": "<|tool_call>", "etc_token": "<tool_call|>",
+    "std_token": "<|tool>", "etd_token": "<tool|>",
+}
+
+# Gemma 4 chat template, reduced to what a benchmark sends (no tools, no thinking): bos, an optional system turn,
+# <|turn>{user|model}\n ... <turn|>\n, an image part -> <|image|> (which Gemma4Processor expands to
+# <|image> + n x <|image|> + <image|>), a video part -> <|video|>, the generation prompt <|turn>model\n.
+GEMMA4_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content | trim -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'text' -%}{{- item['text'] | trim -}}"
+    "{%- elif item['type'] == 'image' or 'image' in item or 'image_url' in item -%}{{- '<|image|>' -}}"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}{{- '<|video|>' -}}"
+    "{%- elif item['type'] == 'audio' -%}{{- '<|audio|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{{- '<|turn>system\n' -}}{{- render(messages[0]['content']) -}}{{- '<turn|>\n' -}}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<|turn>' + role + '\n' -}}{{- render(message['content']) -}}{{- '<turn|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\n' -}}{%- endif -%}"
+)
+
+# transformers' convert_gemma4_weights.py: _ON_DEVICE_VISION_CONFIG (E2B, E4B) and _ROPE_PARAMS
+GEMMA4_ON_DEVICE_VISION = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 16, "num_attention_heads": 12,
+    "num_key_value_heads": 12, "head_dim": 64, "pooling_kernel_size": 3, "patch_size": 16,
+    "use_clipped_linears": True, "position_embedding_size": 10240,
+}
+GEMMA4_ROPE = {
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+}
+GEMMA4_SOFT_TOKENS = 280  # vision_soft_tokens_per_image / image processor max_soft_tokens (default_output_length)
+
 FAMILIES = {
     "qwen2_5_vl_7b": {
         "kind": "qwen2_5_vl",
@@ -209,6 +273,35 @@ FAMILIES = {
         "vision": {**GEMMA3_VISION, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
                    "num_hidden_layers": 2},
         "mm_tokens_per_image": 256,
+    },
+    "gemma4_e4b": {  # convert_gemma4_weights.py _VARIANTS["gemma-4-e4b"]
+        "kind": "gemma4",
+        "text": {"hidden_size": 2560, "hidden_size_per_layer_input": 256, "intermediate_size": 4 * 2560,
+                 "num_hidden_layers": 42, "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 7,
+                 "num_attention_heads": 8, "num_key_value_heads": 2, "global_head_dim": 512,
+                 "num_kv_shared_layers": 18, "final_logit_softcapping": 30.0},
+        "vision": GEMMA4_ON_DEVICE_VISION,
+        "audio": True,
+    },
+    "gemma4_e2b": {  # convert_gemma4_weights.py _VARIANTS["gemma-4-e2b"]
+        "kind": "gemma4",
+        "text": {"hidden_size": 1536, "hidden_size_per_layer_input": 256, "intermediate_size": 4 * 1536,
+                 "num_hidden_layers": 35, "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 7,
+                 "num_attention_heads": 8, "num_key_value_heads": 1, "num_kv_shared_layers": 20,
+                 "use_double_wide_mlp": True, "final_logit_softcapping": 30.0},
+        "vision": GEMMA4_ON_DEVICE_VISION,
+        "audio": True,
+    },
+    "gemma4_tiny": {  # tiny towers, same vocabulary, ids, processor (280 soft tokens, 3x3 pooling, patch 16);
+        # SGLang wants each KV-shared layer's type among the unshared layers (gemma4_causal.Gemma4Attention)
+        "kind": "gemma4",
+        "text": {"hidden_size": 128, "hidden_size_per_layer_input": 16, "intermediate_size": 256,
+                 "num_hidden_layers": 6, "layer_types": ["sliding_attention", "full_attention"] * 3,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "global_head_dim": 64,
+                 "num_kv_shared_layers": 2, "sliding_window": 64, "final_logit_softcapping": 30.0},
+        "vision": {**GEMMA4_ON_DEVICE_VISION, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                   "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32},
+        "audio": False,
     },
 }
 LEGACY_PRESETS = {"7b": "qwen2_5_vl_7b", "3b": "qwen2_5_vl_3b", "tiny": "qwen2_5_vl_tiny"}
@@ -290,6 +383,25 @@ def build_gemma3_tokenizer():
     for i, t in GEMMA3_SPECIAL.items():
         assert tok.convert_tokens_to_ids(t) == i, (t, tok.convert_tokens_to_ids(t), i)
     assert len(tok) == GEMMA3_TOKENIZER_LEN, len(tok)
+    return tok
+
+
+def build_gemma4_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    reserved = dict(GEMMA4_SPECIAL)
+    for i in range(5, 238):  # the other low ids: placeholders, never produced from text (bytes are 238..493)
+        reserved.setdefault(i, f"<unused{i}>")
+    raw = _raw_byte_level(_byte_level_vocab(GEMMA4_TOKENIZER_LEN, GEMMA3_BYTE_FIRST_ID, reserved))
+    raw.add_special_tokens(list(GEMMA4_SPECIAL.values()))  # already in the vocabulary: keep their ids
+    # no post-processor: the real tokenizer has add_bos_token=False and the chat template writes <bos>
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", padding_side="left", extra_special_tokens=dict(GEMMA4_EXTRA_SPECIAL))
+    tok.chat_template = GEMMA4_CHAT_TEMPLATE
+    for i, t in GEMMA4_SPECIAL.items():
+        assert tok.convert_tokens_to_ids(t) == i, (t, tok.convert_tokens_to_ids(t), i)
+    assert len(tok) == GEMMA4_TOKENIZER_LEN, len(tok)
     return tok
 
 
@@ -411,7 +523,54 @@ def build_gemma3(out: Path, spec: dict) -> None:
                  "cache_implementation": "hybrid"})
 
 
-BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl, "gemma3": build_gemma3}
+def build_gemma4(out: Path, spec: dict) -> None:
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4AudioFeatureExtractor,
+        Gemma4Config,
+        Gemma4ImageProcessor,
+        Gemma4Processor,
+        Gemma4VideoProcessor,
+    )
+
+    tok = build_gemma4_tokenizer()
+    text = {
+        "vocab_size": GEMMA4_TOKENIZER_LEN, "vocab_size_per_layer_input": GEMMA4_TOKENIZER_LEN,
+        "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "attention_bias": False,
+        "attention_dropout": 0.0, "max_position_embeddings": 131072, "sliding_window": 512, "head_dim": 256,
+        "use_bidirectional_attention": None, "attention_k_eq_v": False, "num_global_key_value_heads": None,
+        "rope_parameters": GEMMA4_ROPE, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+        "tie_word_embeddings": True, "initializer_range": 0.02, "use_cache": True, "dtype": "bfloat16",
+        **spec["text"],
+    }
+    assert text["layer_types"][-1] == "full_attention" and len(text["layer_types"]) == text["num_hidden_layers"]
+    config = Gemma4Config(
+        text_config=text, vision_config={**spec["vision"], "dtype": "bfloat16"},
+        audio_config=Gemma4AudioConfig(dtype="bfloat16") if spec["audio"] else None,
+        vision_soft_tokens_per_image=GEMMA4_SOFT_TOKENS, eos_token_id=[1, 106], initializer_range=0.02,
+        architectures=["Gemma4ForConditionalGeneration"], dtype="bfloat16", tie_word_embeddings=True,
+    )
+    ids = {"image_token_id": "<|image|>", "boi_token_id": "<|image>", "eoi_token_id": "<image|>",
+           "audio_token_id": "<|audio|>", "boa_token_id": "<|audio>", "video_token_id": "<|video|>"}
+    for attr, t in ids.items():  # the config's defaults are the tokenizer's ids (the converter copies them over)
+        assert getattr(config, attr) == tok.convert_tokens_to_ids(t), (attr, getattr(config, attr))
+    config.save_pretrained(out)
+    # the converter's processor: 280 soft tokens per image (max 2520 patches), 3x3 pooling, no normalization
+    image_processor = Gemma4ImageProcessor(max_soft_tokens=GEMMA4_SOFT_TOKENS, pooling_kernel_size=3,
+                                           patch_size=16, do_normalize=False)
+    processor = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=image_processor,
+                                video_processor=Gemma4VideoProcessor(), tokenizer=tok,
+                                image_seq_length=GEMMA4_SOFT_TOKENS, chat_template=GEMMA4_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    tok.save_pretrained(out)
+    # greedy (the real generation_config samples at T 1.0, top_k 64, top_p 0.95); eos = <eos>, <turn|>,
+    # <|tool_response> as the converter writes it for instruction-tuned checkpoints
+    _write_json(out / "generation_config.json",
+                {"do_sample": False, "bos_token_id": 2, "eos_token_id": [1, 106, 50], "pad_token_id": 0})
+
+
+BUILDERS = {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl, "gemma3": build_gemma3,
+            "gemma4": build_gemma4}
 
 
 def build(out: Path, family: str) -> Path:

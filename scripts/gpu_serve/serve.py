@@ -50,6 +50,12 @@ FAMILIES = {
     "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True},
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
     "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"]},
+    # Gemma 4 (Gemma4ForConditionalGeneration): multimodal on by default; COMMON_FLAGS' --attention-backend triton
+    # is required (0.5.16 asserts triton/trtllm_mha, and only triton gets the bidirectional image mask), and
+    # --mm-attention-backend triton_attn keeps the tower off fa3 (not in the stripped sglang-kernel). Hybrid SWA
+    # pools: full = max_total_tokens, SWA = 0.8 x that (E4B: 84 KiB a token -> 12.0 GiB + 14.9 GiB weights).
+    "gemma4_e4b": {"config": "gemma4", "max_total_tokens": 150_000, "flags": [], "video": True},
+    "gemma4_e2b": {"config": "gemma4", "max_total_tokens": 200_000, "flags": [], "video": True},  # 6.9 + 9.5 GiB
 }
 COMMON_FLAGS = [
     "--load-format", "dummy", "--host", "127.0.0.1", "--dtype", "bfloat16",

@@ -1,0 +1,62 @@
+"""The real-server harness's model families (scripts/gpu_serve/serve.py FAMILIES, build_model.py FAMILIES).
+
+What the harness serves must be buildable offline and name a plugin config the wheel ships; the Gemma 4 dirs must
+satisfy what SGLang 0.5.16's Gemma4 classes check when they are built (KV-shared layers need an unshared layer of
+their type) and render image/video parts as the placeholders Gemma4Processor and SGLang's processor expand.
+No transformers or sglang needed: the builders' checks against those run in verify_cpu.py / instantiate_cpu.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
+import build_model
+import serve
+
+GEMMA4 = [name for name, spec in build_model.FAMILIES.items() if spec["kind"] == "gemma4"]
+
+
+@pytest.mark.parametrize("family", sorted(serve.FAMILIES))
+def test_each_served_family_is_built_here_and_names_a_shipped_plugin_config(family):
+    from mm_scheduler.config import load_config, resolve_config_path, shipped_configs
+
+    assert family in build_model.FAMILIES
+    name = serve.FAMILIES[family]["config"]
+    assert name in shipped_configs()  # serve.py passes it by name, as an operator does
+    load_config(resolve_config_path(name))
+    assert serve.FAMILIES[family]["max_total_tokens"] > 8192  # holds a whole --context-length request
+
+
+def test_gemma4_families_are_served_with_their_tiny_rehearsal():
+    assert {"gemma4_e4b", "gemma4_e2b", "gemma4_tiny"} <= set(GEMMA4)
+    assert {"gemma4_e4b", "gemma4_e2b"} <= set(serve.FAMILIES)
+    assert serve.FAMILIES["gemma4_e4b"]["config"] == "gemma4"
+
+
+@pytest.mark.parametrize("family", GEMMA4)
+def test_gemma4_layer_types_fit_sglangs_kv_sharing(family):
+    text = build_model.FAMILIES[family]["text"]
+    types, n, shared = text["layer_types"], text["num_hidden_layers"], text["num_kv_shared_layers"]
+    assert len(types) == n and types[-1] == "full_attention"  # transformers forces the last layer to full
+    unshared = set(types[:n - shared])
+    assert set(types[n - shared:]) <= unshared  # gemma4_causal.Gemma4Attention raises otherwise
+
+
+def test_gemma4_template_renders_sglangs_openai_parts_as_the_processors_placeholders():
+    jinja2 = pytest.importorskip("jinja2")
+    template = jinja2.Environment().from_string(build_model.GEMMA4_CHAT_TEMPLATE)
+    # what SGLang's process_content_for_template_format hands the template for content format "openai"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "video"},
+                                             {"type": "text", "text": " Describe these. "}]}]
+    prompt = template.render(messages=messages, bos_token="<bos>", add_generation_prompt=True)
+    assert prompt == "<bos><|turn>user\n<|image|><|image|><|video|>Describe these.<turn|>\n<|turn>model\n"
+    special = {token: i for i, token in build_model.GEMMA4_SPECIAL.items()}
+    for token in ("<|image|>", "<|video|>", "<|turn>", "<turn|>", "<bos>"):
+        assert token in special
+    # Gemma4Config's default ids, which the builder's config keeps (and asserts against the tokenizer)
+    assert (special["<|image|>"], special["<|image>"], special["<image|>"], special["<|video|>"]) == (
+        258880, 255999, 258882, 258884)
