@@ -198,6 +198,12 @@ def tune_rules(values: dict[str, Any], seen: Observed) -> list[Change]:
     queued = seen.histograms.get("queue_wait_seconds")
     if queued is not None and queued.mean() >= forwards.mean():  # a backlogged encoder lacks capacity, not timing
         return []
+    early = seen.counter("prefill_items", source="early")
+    if early < 0.5 * seen.counter("prefill_items"):  # the waits were mostly on-demand encodes or fallbacks
+        return []
+    waited = seen.host.get("sglang:queue_time_seconds")  # requests that sat in SGLang's queue had a head start
+    if waited is not None and waited.count and waited.mean() >= forwards.mean():
+        return []
     return [Change("sglang.early_encode_min_waiting", 1,
                    f"{blocked:.0%} of {waits.count:g} prefills blocked more than 5 ms on the encoder, "
                    f"{waits.mean() * 1000:.0f} ms on average against {forwards.mean() * 1000:.0f} ms a forward: "

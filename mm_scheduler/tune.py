@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import CoalescerConfig
+from .config import CoalescerConfig, config_from_dict
 
 BOUND_SHARE = 0.25  # a limit "binds" when it shaped at least this share of the forwards
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})?\s+(?P<value>\S+)")
@@ -52,6 +52,7 @@ class Observed:
     coalescer: str
     histograms: dict[str, Histogram] = field(default_factory=dict)
     counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = field(default_factory=dict)
+    host: dict[str, Histogram] = field(default_factory=dict)  # the host's histograms (all labels summed)
 
     def counter(self, name: str, **labels: str) -> float:
         """A counter's value summed over the series matching ``labels``."""
@@ -92,53 +93,81 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+_AFTER = re.compile(r"^# after[ \t]*$", re.MULTILINE)
+_MONOTONIC = ("_bucket", "_count", "_sum", "_total")
+
+
+def _run_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A scrape's samples, or for a ``# before``/``# after`` file the difference: one run."""
+    parts = _AFTER.split(text, maxsplit=1)
+    if len(parts) == 1:
+        return _samples(text)
+    before, after = _samples(parts[0]), _samples(parts[1])
+    out = {}
+    for key, value in after.items():
+        delta = value - before.get(key, 0.0)
+        if delta < 0 and key[0].endswith(_MONOTONIC):
+            raise ValueError(f"{key[0]} went down between the '# before' and '# after' scrapes: the server "
+                             "restarted in between; scrape one run of one server")
+        out[key] = delta
+    return out
+
+
 def parse(text: str) -> dict[str, Observed]:
-    """Every coalescer's histograms and counters in a scrape; a ``# before``/``# after`` file gives the
-    difference (one run). Only ``mm_coalescer_*`` series count; ``_created`` samples are ignored."""
-    if "# after" in text:
-        before_text, after_text = text.split("# after", 1)
-        before, after = _samples(before_text), _samples(after_text)
-        samples = {key: value - before.get(key, 0.0) for key, value in after.items()}
-    else:
-        samples = _samples(text)
-    buckets: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    """Every coalescer's histograms and counters in a scrape (``# before``/``# after``: one run's), each
+    summed over labels other than ``coalescer`` (ranks, processes). Histograms of the host (e.g. SGLang's
+    ``sglang:queue_time_seconds``) go to every coalescer's ``host``; ``_created`` samples are ignored."""
+    buckets: dict[tuple[str, str], dict[float, float]] = {}
     sums: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], float] = {}
     counters: dict[str, dict[str, dict[tuple[tuple[str, str], ...], float]]] = {}
-    for (name, labels), value in samples.items():
-        if not name.startswith("mm_coalescer_") or name.endswith("_created"):
+    for (name, labels), value in _run_samples(text).items():
+        if name.endswith("_created"):
             continue
         label_map = dict(labels)
-        coalescer = label_map.pop("coalescer", "")
+        ours = name.startswith("mm_coalescer_")
+        group = label_map.pop("coalescer", "") if ours else None  # None: the host's series
         short = name.removeprefix("mm_coalescer_")
-        if short.endswith("_bucket"):
-            buckets.setdefault((coalescer, short[:-7]), []).append((float(label_map["le"]), value))
-        elif short.endswith("_sum"):
-            sums[(coalescer, short[:-4])] = value
-        elif short.endswith("_count"):
-            counts[(coalescer, short[:-6])] = value
-        elif short.endswith("_total"):
+        for suffix, table in (("_sum", sums), ("_count", counts)):
+            if short.endswith(suffix):
+                key = (group, short.removesuffix(suffix))
+                table[key] = table.get(key, 0.0) + value
+        if short.endswith("_bucket") and "le" in label_map:
+            per_le = buckets.setdefault((group, short.removesuffix("_bucket")), {})
+            le = float(label_map["le"])
+            per_le[le] = per_le.get(le, 0.0) + value
+        elif ours and short.endswith("_total"):
             rest = tuple(sorted(label_map.items()))
-            counters.setdefault(coalescer, {}).setdefault(short[:-6], {})[rest] = value
-    observed: dict[str, Observed] = {}
-    for coalescer in {c for c, _ in buckets} | set(counters):
-        hists = {name: Histogram(tuple(sorted(b)), counts.get((c, name), 0.0), sums.get((c, name), 0.0))
-                 for (c, name), b in buckets.items() if c == coalescer}
-        observed[coalescer] = Observed(coalescer, hists, counters.get(coalescer, {}))
-    return observed
+            series = counters.setdefault(group, {}).setdefault(short.removesuffix("_total"), {})
+            series[rest] = series.get(rest, 0.0) + value
+
+    def histograms(group: str | None) -> dict[str, Histogram]:
+        return {name: Histogram(tuple(sorted(per_le.items())), counts.get((g, name), 0.0), sums.get((g, name), 0.0))
+                for (g, name), per_le in buckets.items() if g == group}
+
+    host = histograms(None)
+    return {c: Observed(c, histograms(c), counters.get(c, {}), host)
+            for c in sorted({g for g, _ in buckets if g is not None} | set(counters))}
 
 
 def core_rules(values: dict[str, Any], seen: Observed) -> list[Change]:
     """Changes to the coalescer's own keys that ``seen`` justifies (``values``: the config file's keys)."""
-    config = CoalescerConfig(**{k: v for k, v in values.items() if k in CoalescerConfig.__dataclass_fields__})
+    config = config_from_dict({k: v for k, v in values.items() if k in CoalescerConfig.__dataclass_fields__})
     n = seen.forwards
     changes: list[Change] = []
     if not n:
         return changes
     ooms = seen.counter("oom_backoffs")
+    refused = seen.counter("errors", kind="queue_full")
+    units_in = seen.counter("units")
     fill = seen.histograms.get("budget_fill_ratio")
     full = fill.share_above(0.9) if fill else 0.0
-    if ooms:
+    if refused:  # the first limit work met: the others only shaped what got in
+        changes.append(Change("max_queue_patches", config.max_queue_patches * 2,
+                              f"{refused:g} submissions were refused (while {units_in:g} units got in) because the "
+                              f"queue already held max_queue_patches ({config.max_queue_patches}) patches; the host "
+                              "encoded them its own way (SGLang: on demand or its own method)"))
+    elif ooms:
         changes.append(_scaled_budget(config, config.oom_backoff,
                                       f"the tower ran out of memory {ooms:g} times at this budget and backed off; "
                                       "start from the smaller budget instead of relearning it"))
@@ -183,6 +212,11 @@ def summary(seen: Observed) -> list[str]:
         hist = seen.histograms.get(name)
         if hist and hist.count:
             lines.append(f"  {label}: mean {hist.mean() * scale:.3g}{unit} over {hist.count:g}")
+    for name in ("errors", "prefill_items"):
+        series = seen.counters.get(name, {})
+        if any(series.values()):
+            parts = [f"{'/'.join(v for _, v in labels) or 'all'} {value:g}" for labels, value in sorted(series.items())]
+            lines.append(f"  {name.replace('_', ' ')}: {', '.join(parts)}")
     return lines
 
 
@@ -191,12 +225,14 @@ def tune(text: str, values: dict[str, Any], coalescer: str | None = None,
     """The coalescer a scrape shows (``coalescer`` picks one when there are several) and the changes to
     ``values`` (a config file's keys, ``sglang:`` section included) that its metrics justify."""
     observed = parse(text)
+    if not observed:
+        raise ValueError("the scrape has no mm_coalescer series: the plugin is off on that server, or its "
+                         "metrics are not enabled (SGLang: --enable-metrics)")
     if coalescer is None:
         coalescer = values.get("name") if values.get("name") in observed else None
     if coalescer is None:
         if len(observed) != 1:
-            found = ", ".join(sorted(observed)) or "none"
-            raise ValueError(f"pick a coalescer with --coalescer: the scrape has mm_coalescer series for {found}")
+            raise ValueError(f"pick a coalescer with --coalescer: the scrape has series for {', '.join(observed)}")
         coalescer = next(iter(observed))
     if coalescer not in observed:
         raise ValueError(f"no mm_coalescer series labelled coalescer={coalescer!r} in the scrape "
@@ -213,6 +249,9 @@ def apply(values: dict[str, Any], changes: Sequence[Change]) -> dict[str, Any]:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     for change in changes:
         section, _, key = change.key.rpartition(".")
-        target = out.setdefault(section, {}) if section else out
+        if section:
+            out[section] = target = dict(out.get(section) or {})  # an empty "sglang:" section reads as None
+        else:
+            target = out
         target[key] = change.value
     return out

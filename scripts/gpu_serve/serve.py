@@ -542,7 +542,9 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
             for v, server in list(servers.items()):
                 measured(f"lone-{v}", server, lone)
         if "seed" in workloads:
-            rep_s = 25.0 * len(servers)  # a first guess; then what the last repetition took (Gemma3: ~2 min)
+            # First guess from the warm-up bursts (16 requests; a repetition is a 16-request warm-up plus 100
+            # requests per server); then what the last repetition took (Gemma3: ~2.5 minutes).
+            rep_s = sum(result["runs"].get(f"warm-{v}", {}).get("duration", 4.0) * (1 + 100 / 16) for v in servers)
             for n, i in enumerate(runs):
                 if remaining() < rep_s:
                     log(f"seed: deadline near, stopping after {n} repetitions")

@@ -78,18 +78,22 @@ MEASURED_TAG = re.compile(r"^(seed\d+|lone|poisson[\d.]+)-")  # warm-ups and the
 
 def merge_runs(results: list[dict]) -> dict:
     """One family's harness runs (oldest first) as one result, so measurements accumulate across device
-    sessions. Every on/off pair still comes from one run, side by side. A later run adds seed repetitions
-    (``serve.py --first-run``: new requests), workloads or variants; a lone or Poisson run it measures again
-    replaces the earlier one (listed under ``replaced``), as do its correctness check and capacity. A seed
-    repetition that two harness runs both claim is refused: it would be the same requests counted twice."""
+    sessions. Every compared pair still comes from one run, side by side: a later run adds seed repetitions
+    (``serve.py --first-run``: new requests), workloads or variants, and a workload it measures again (the
+    lone request, one Poisson load) replaces that workload's runs of every server of the earlier run, listed
+    under ``replaced``; its correctness check and capacity replace the earlier ones. A seed repetition that two
+    harness runs both claim is refused: it would be the same requests counted twice."""
     merged: dict = {"family": results[0]["family"], "variants": {}, "variant_changes": {}, "runs": {},
                     "sources": []}
     for result in results:
         measured = sorted(t for t in result["runs"] if MEASURED_TAG.match(t))
-        again = [t for t in measured if t in merged["runs"]]
+        workloads = {t.split("-", 1)[0] for t in measured}
+        again = sorted(t for t in merged["runs"] if MEASURED_TAG.match(t) and t.split("-", 1)[0] in workloads)
         if any(t.startswith("seed") for t in again):
             raise SystemExit(f"summarize: {result['family']}: seed runs {again} appear in two harness runs "
                              "(give the later one new repetitions with serve.py --first-run)")
+        for tag in again:
+            del merged["runs"][tag]
         commit = result.get("commit", "")
         merged["runs"].update({t: {**run, "commit": commit} for t, run in result["runs"].items()})
         merged["variants"].update(result.get("variants", {}))

@@ -118,3 +118,49 @@ def test_the_cli_names_an_unreadable_metrics_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["tune", str(tmp_path / "missing.txt")])
     assert info.value.code == 2 and "missing.txt: cannot read the metrics file" in capsys.readouterr().err
+
+
+def test_series_split_by_other_labels_are_summed_per_coalescer():
+    text = "\n".join([
+        *(f'mm_coalescer_units_per_forward_bucket{{coalescer="c",tp_rank="{r}",le="{le}"}} {n}'
+          for r, per_le in ((0, ((1, 10), (2, 10), ("+Inf", 10))), (1, ((1, 0), (2, 10), ("+Inf", 10))))
+          for le, n in per_le),
+        'mm_coalescer_units_per_forward_count{coalescer="c",tp_rank="0"} 10',
+        'mm_coalescer_units_per_forward_count{coalescer="c",tp_rank="1"} 10',
+        'mm_coalescer_units_per_forward_sum{coalescer="c",tp_rank="0"} 10',
+        'mm_coalescer_units_per_forward_sum{coalescer="c",tp_rank="1"} 20',
+    ])
+    units = tune.parse(text)["c"].histograms["units_per_forward"]
+    assert units.count == 20 and units.mean() == pytest.approx(1.5) and units.share_above(1) == pytest.approx(0.5)
+
+
+def test_a_restart_between_the_two_scrapes_is_refused():
+    name = next(_labels)
+    forwards(name, 5, units=1, fill=0.1)
+    after = scrape().replace(f'mm_coalescer_units_per_forward_count{{coalescer="{name}"}} 5.0',
+                             f'mm_coalescer_units_per_forward_count{{coalescer="{name}"}} 1.0')
+    with pytest.raises(ValueError, match="restarted"):
+        tune.parse(f"# before\n{scrape()}\n# after\n{after}")
+
+
+def test_refused_submissions_raise_the_queue_limit_before_anything_else():
+    name = next(_labels)
+    forwards(name, 10, units=4, fill=0.95)
+    metrics.ERRORS.labels(kind="queue_full", coalescer=name).inc(7)
+    seen, changes = tune.tune(scrape(), {"max_queue_patches": 1000}, name)
+    assert [(c.key, c.value) for c in changes] == [("max_queue_patches", 2000)]
+    assert "  errors: queue_full 7" in tune.summary(seen)
+
+
+def test_a_budget_fraction_config_and_an_empty_host_section_are_tuned_like_any_other():
+    name = next(_labels)
+    forwards(name, 10, units=4, fill=0.95)
+    values = {"budget_bytes": None, "budget_fraction": 0.1, "sglang": None}
+    _, changes = tune.tune(scrape(), values, name)
+    assert tune.apply(values, [*changes, tune.Change("sglang.x", 1, "")]) == {
+        "budget_bytes": None, "budget_fraction": 0.2, "sglang": {"x": 1}}
+
+
+def test_a_scrape_without_the_plugin_says_so():
+    with pytest.raises(ValueError, match="no mm_coalescer series"):
+        tune.tune('sglang:num_requests_total{model="m"} 3\n', {})

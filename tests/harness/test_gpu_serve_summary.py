@@ -134,3 +134,14 @@ def test_a_poisson_load_measured_again_replaces_the_earlier_pair_and_says_so():
     assert fam["poisson"]["capacity_req_s"] == 12.0
     assert fam["sources"][1]["replaced"] == ["poisson0.5-off", "poisson0.5-on"]
     assert fam["seed"]["runs"] == 2  # the earlier run's repetitions stay
+
+
+def test_a_workload_measured_again_replaces_every_server_of_the_earlier_run_so_pairs_never_mix_runs():
+    later = {"family": "fam", "commit": "new", "variants": {"off": [], "on+lazy": []},
+             "runs": {"lone-off": bench(100, 10), "lone-on+lazy": bench(90, 10)}}
+    merged = summarize.merge_runs([{**result(), "commit": "old"}, later])
+    assert "lone-on" not in merged["runs"]  # measured beside the old lone-off, not beside the new one
+    fam = summarize.family_summary(merged)
+    assert "lone" not in fam
+    assert fam["sources"][1]["replaced"] == ["lone-off", "lone-on"]
+    assert fam["seed"]["runs"] == 2

@@ -130,8 +130,9 @@ def test_settings_travel_as_one_attribute_of_server_args():
     assert settings.settings_of(SimpleNamespace()) is None
 
 
-def _prefills(name: str, n: int, wait_s: float, forward_s: float, queued_s: float = 0.005) -> str:
-    from mm_scheduler_sglang.service import PREFILL_WAIT
+def _prefills(name: str, n: int, wait_s: float, forward_s: float, queued_s: float = 0.005,
+              source: str = "early") -> str:
+    from mm_scheduler_sglang.service import PREFILL_ITEMS, PREFILL_WAIT
     from prometheus_client import generate_latest
 
     from mm_scheduler import metrics
@@ -141,20 +142,30 @@ def _prefills(name: str, n: int, wait_s: float, forward_s: float, queued_s: floa
         metrics.BATCH_SECONDS.labels(name).observe(forward_s)
         metrics.QUEUE_WAIT.labels(name).observe(queued_s)
         PREFILL_WAIT.labels(name).observe(wait_s)
+        PREFILL_ITEMS.labels(name, source).inc()
     return generate_latest().decode()
 
 
-@pytest.mark.parametrize("wait_s, queued_s, plugin, proposed", [
-    (0.045, 0.005, {}, [("sglang.early_encode_min_waiting", 1)]),  # the prefill waited out the whole forward
-    (0.010, 0.005, {}, []),  # a head start: the encode was mostly done when the prefill came
-    (0.045, 0.200, {}, []),  # the encoder had a backlog: too little capacity, not a missing head start
-    (0.045, 0.005, {"early_encode_min_waiting": 2}, []),  # already encoding only behind a queue
+def _sglang_queue_time(seconds: float, n: int = 10) -> str:
+    """SGLang's own ``sglang:queue_time_seconds`` histogram, as its /metrics writes it beside ours."""
+    return (f'sglang:queue_time_seconds_bucket{{model_name="m",le="+Inf"}} {n}\n'
+            f'sglang:queue_time_seconds_count{{model_name="m"}} {n}\n'
+            f'sglang:queue_time_seconds_sum{{model_name="m"}} {seconds * n}\n')
+
+
+@pytest.mark.parametrize("wait_s, queued_s, source, sglang_queue_s, plugin, proposed", [
+    (0.045, 0.005, "early", 0.002, {}, [("sglang.early_encode_min_waiting", 1)]),  # waited out a whole forward
+    (0.010, 0.005, "early", 0.002, {}, []),  # a head start: the encode was mostly done when the prefill came
+    (0.045, 0.200, "early", 0.002, {}, []),  # the encoder had a backlog: too little capacity, not timing
+    (0.045, 0.005, "on_demand", 0.002, {}, []),  # the waits were on encodes the prefill itself asked for
+    (0.045, 0.005, "early", 1.500, {}, []),  # requests sat in SGLang's queue: a burst, where the head start wins
+    (0.045, 0.005, "early", 0.002, {"early_encode_min_waiting": 2}, []),  # already encoding behind a queue only
 ])
-def test_tune_proposes_encoding_behind_a_queue_only_when_prefills_waited_out_whole_forwards(wait_s, queued_s, plugin,
-                                                                                           proposed):
+def test_tune_proposes_encoding_behind_a_queue_only_when_prefills_waited_out_whole_forwards(
+        wait_s, queued_s, source, sglang_queue_s, plugin, proposed):
     from mm_scheduler import tune
 
-    name = f"tune-plugin-{wait_s}-{queued_s}-{sorted(plugin)}"
-    text = _prefills(name, 10, wait_s, forward_s=0.05, queued_s=queued_s)
-    _, changes = tune.tune(text, {"sglang": plugin}, name, [settings.tune_rules])
+    name = f"tune-plugin-{wait_s}-{queued_s}-{source}-{sglang_queue_s}-{sorted(plugin)}"
+    text = _prefills(name, 10, wait_s, forward_s=0.05, queued_s=queued_s, source=source)
+    _, changes = tune.tune(text + _sglang_queue_time(sglang_queue_s), {"sglang": plugin}, name, [settings.tune_rules])
     assert [(c.key, c.value) for c in changes] == proposed
