@@ -69,6 +69,7 @@ _hooked_targets: set[str] = set()
 _last_sweep = 0.0
 _defer_prefill_s = 0.0
 _early_encode_min_waiting = 0
+_left_to_prefill: set[str] = set()  # arrivals not encoded early (early_encode_min_waiting), until a prefill
 _deferred_since: dict[str, float] = {}
 
 
@@ -254,6 +255,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
 def stop() -> None:
     """Close the service (queued work fails, model methods fall through to SGLang's own)."""
     global _service
+    _left_to_prefill.clear()
     if _service is not None:
         _service.close()
         _service = None
@@ -279,20 +281,38 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
     service = _service
     retracted = kwargs.get("is_retracted", args[0] if args else False)
     mm_inputs = req.multimodal_inputs
-    if (service is None or retracted or mm_inputs is None or req.finished()
-            or scheduler.disaggregation_mode.name == "DECODE"):
+    mode = scheduler.disaggregation_mode.name
+    if service is None or retracted or mm_inputs is None or req.finished() or mode == "DECODE":
         return result
-    if _early_encode_min_waiting == 0 or waiting_ahead(scheduler, req) >= _early_encode_min_waiting:
-        service.on_arrival(req.rid, items_to_encode_early(scheduler, req))
+    queue = getattr(scheduler, "waiting_queue", None)
+    if mode == "NULL" and queue is not None and (not queue or queue[-1] is not req):
+        return result  # refused (queue limit, priority): SGLang appends every request it admits
     setattr(mm_inputs, _RID_ATTR, req.rid)
+    # The gate is for a unified server; a PD prefill server's bootstrap wait is a head start of its own.
+    if _early_encode_min_waiting and mode == "NULL" and waiting_ahead(scheduler) < _early_encode_min_waiting:
+        _left_to_prefill.add(req.rid)  # encoded by its prefill, or when a prefill batch passes it over
+        return result
+    service.on_arrival(req.rid, items_to_encode_early(scheduler, req))
     return result
 
 
-def waiting_ahead(scheduler: Any, req: Any) -> int:
-    """Requests in the scheduler's waiting queue besides ``req``, which SGLang's queue insertion has just
-    appended (or refused); O(1), since it runs for every arrival."""
-    queue = getattr(scheduler, "waiting_queue", ())
-    return len(queue) - 1 if queue and queue[-1] is req else len(queue)
+def waiting_ahead(scheduler: Any) -> int:
+    """Requests ahead of the one SGLang has just appended to its waiting queue, counting a chunked
+    prefill in progress (it goes first); O(1), since it runs for every arrival."""
+    return len(scheduler.waiting_queue) - 1 + (getattr(scheduler, "chunked_req", None) is not None)
+
+
+def _encode_passed_over(scheduler: Any) -> None:
+    """Requests left to their prefill at arrival that the prefill batch just formed did not take (full
+    batch, KV or token limits): they wait after all, so they get their head start now."""
+    service = _service
+    if not _left_to_prefill or service is None:
+        return
+    pending = set(_left_to_prefill)
+    _left_to_prefill.clear()  # the rest were prefilled, or have left
+    for req in scheduler.waiting_queue:
+        if req.rid in pending and not req.finished() and req.multimodal_inputs is not None:
+            service.on_arrival(req.rid, items_to_encode_early(scheduler, req))
 
 
 def items_to_encode_early(scheduler: Any, req: Any) -> list[Any]:
@@ -359,6 +379,14 @@ def _around_get_new_batch_prefill(original: Callable[..., Any], scheduler: Any, 
     most ``defer_prefill_ms`` per request, so decode steps run while their encodes finish instead of
     the scheduler blocking inside the prefill. The waiting queue is restored in its own order.
     """
+    try:
+        return _prefill_batch(original, scheduler, running_batch, *args, **kwargs)
+    finally:
+        _encode_passed_over(scheduler)
+
+
+def _prefill_batch(original: Callable[..., Any], scheduler: Any, running_batch: Any, *args: Any,
+                   **kwargs: Any) -> Any:
     service = _service
     if service is None or _defer_prefill_s <= 0 or running_batch is None or running_batch.is_empty():
         return original(scheduler, running_batch, *args, **kwargs)

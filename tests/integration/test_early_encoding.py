@@ -234,24 +234,78 @@ def test_arrival_hook_skips_retracted_decode_side_and_rejected_requests(model, s
 
 
 def test_with_early_encode_min_waiting_only_requests_behind_a_queue_are_encoded_at_arrival(model, stop_service):
-    from sglang.srt.disaggregation.utils import DisaggregationMode
-
     alone, queued = [sm.qwen_image(model, 4, 4, 83)], [sm.qwen_image(model, 8, 4, 84)]
     requests = [(alone, 3), (queued, 3)]
     full = [(0, n) for n in _request_lengths(model, requests)]
     expected = _embed(model, requests, full)
     service, log = _start(model, plugin={"early_encode_min_waiting": 1})
-    scheduler = SimpleNamespace(disaggregation_mode=DisaggregationMode.NULL, waiting_queue=[])
-    enqueue = lambda scheduler, req, *a, **k: scheduler.waiting_queue.append(req)  # noqa: E731 - SGLang's insertion
-    sglang_plugin._around_add_request_to_queue(enqueue, scheduler, _request("alone", alone))
-    assert service.counts["submitted"] == 0  # nothing waits ahead: its prefill comes at once
-    sglang_plugin._around_add_request_to_queue(enqueue, scheduler, _request("queued", queued))
+    scheduler = _scheduler()
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, _request("alone", alone))
+    assert service.counts["submitted"] == 0  # nothing waits ahead: its prefill comes next
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, _request("queued", queued))
     assert service.counts["submitted"] == 1  # one request waits ahead of it
     log.wait_for(1)
     got = _embed(model, requests, full)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
     assert service.counts["taken_early"] == 1 and service.counts["encoded_on_demand"] == 1
     assert service.counts["fallbacks"] == 0
+
+
+def _scheduler(mode: str = "NULL", chunked=None) -> SimpleNamespace:
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    return SimpleNamespace(disaggregation_mode=DisaggregationMode[mode], waiting_queue=[], chunked_req=chunked)
+
+
+def _enqueue(scheduler, req, *args, **kwargs):
+    """SGLang's insertion of an admitted request (unified server)."""
+    scheduler.waiting_queue.append(req)
+
+
+def test_a_request_left_to_its_prefill_is_encoded_once_a_prefill_batch_passes_it_over(model, stop_service):
+    service, log = _start(model, plugin={"early_encode_min_waiting": 1})
+    scheduler = _scheduler()
+    taken = _request("taken", [sm.qwen_image(model, 4, 4, 85)])
+    passed_over = _request("over", [sm.qwen_image(model, 4, 4, 86)])
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, taken)
+    assert service.counts["submitted"] == 0
+
+    def prefill_takes_all(scheduler, running_batch):
+        scheduler.waiting_queue.clear()
+
+    sglang_plugin._around_get_new_batch_prefill(prefill_takes_all, scheduler, None)
+    assert service.counts["submitted"] == 0  # prefilled at once: its prefill encodes it
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, passed_over)
+    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running_batch: None, scheduler, None)  # batch full
+    assert service.counts["submitted"] == 1  # it waits after all: encoded now, ahead of its prefill
+    log.wait_for(1)
+    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running_batch: None, scheduler, None)
+    assert service.counts["submitted"] == 1  # once
+
+
+def test_a_chunked_prefill_in_progress_counts_as_a_request_ahead(model, stop_service):
+    service, _ = _start(model, plugin={"early_encode_min_waiting": 1})
+    scheduler = _scheduler(chunked=object())
+    behind = _request("behind", [sm.qwen_image(model, 4, 4, 87)])
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, behind)
+    assert service.counts["submitted"] == 1
+
+
+def test_a_pd_prefill_server_encodes_every_arrival_whatever_the_gate(model, stop_service):
+    service, _ = _start(model, plugin={"early_encode_min_waiting": 3})
+    scheduler = _scheduler("PREFILL")
+    sglang_plugin._around_add_request_to_queue(lambda *a, **k: None, scheduler,  # into the bootstrap queue
+                                               _request("pd", [sm.qwen_image(model, 4, 4, 88)]))
+    assert service.counts["submitted"] == 1
+
+
+def test_a_request_sglang_refuses_at_its_queue_limit_is_not_encoded(model, stop_service):
+    service, _ = _start(model)
+    scheduler = _scheduler()
+    scheduler.waiting_queue.append(_request("already-waiting", []))
+    sglang_plugin._around_add_request_to_queue(lambda *a, **k: None, scheduler,  # refused: not appended
+                                               _request("refused", [sm.qwen_image(model, 4, 4, 89)]))
+    assert service.counts["submitted"] == 0 and service.held_keys() == set()
 
 
 def test_arrivals_beyond_the_held_results_cap_are_encoded_at_prefill(model, stop_service):
