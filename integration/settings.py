@@ -40,9 +40,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # is left out of the next prefill batch (decode runs meanwhile), for at most this many ms.
     "defer_prefill_ms": 0.0,
     # 0 (default): every request's media is encoded when it arrives. N > 0: only when at least N requests
-    # already wait for a prefill ahead of it. With fewer, its prefill comes in the same scheduler iteration:
-    # an encode at arrival has no head start to give, and its forward would run beside the scheduler's own
-    # kernel launches; such a request is encoded by its prefill instead (coalesced, while the scheduler waits).
+    # already wait for a prefill ahead of it. With fewer, its prefill usually comes next: an encode at arrival
+    # has little head start to give, and its forward would run beside the scheduler's own kernel launches;
+    # such a request is encoded by its prefill, or as soon as a prefill batch passes it over.
     "early_encode_min_waiting": 0,
 }
 _TRUE = {"1", "true", "yes", "on"}
