@@ -86,7 +86,8 @@ TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
 # its preprocessing bottleneck (4 tokenizer workers, features handed over through CUDA IPC) to both, to show
 # what the plugin adds once that bottleneck is gone. "off+vitgraph" is SGLang's own ViT CUDA graph
 # (Qwen towers; the plugin declines to run beside it), "on+defer20" the plugin's prefill deferral, "on+lazy1"
-# encoding at arrival only behind a waiting request (no head start otherwise: Poisson arrivals).
+# encoding at arrival only behind a waiting request (no head start otherwise: Poisson arrivals), "on+queue4m" a
+# queue limit that holds a whole seed burst.
 VARIANTS = {
     "off": Variant(False),
     "on": Variant(True),
@@ -95,6 +96,8 @@ VARIANTS = {
     "off+vitgraph": Variant(False, env={"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}),
     "on+defer20": Variant(True, config={"sglang": {"defer_prefill_ms": 20}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
+    # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
+    "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),
 }
 # Variants other than off/on run the lone and seed workloads and the first Poisson load only.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
