@@ -25,6 +25,8 @@ from mm_scheduler_sglang.adapters import (
 )
 from torch import nn
 
+from mm_scheduler import EncodeItem
+
 
 @pytest.fixture(scope="module", params=list(sm.BUILDERS))
 def family_model(request):
@@ -146,6 +148,8 @@ def test_vit_cuda_graph_refuses_qwen2_5_vl_only_when_its_tower_uses_it(qwen2_5, 
     assert why_unsupported(qwen2_5) is None
     monkeypatch.setattr(qwen2_5.visual, "enable_cg", True)
     assert "SGLANG_VIT_ENABLE_CUDA_GRAPH" in why_unsupported(qwen2_5)
+    monkeypatch.delattr(qwen2_5.visual, "enable_cg")  # a tower that has no graph runner at all
+    assert why_unsupported(qwen2_5) is None
 
 
 # --- the key of a shared result ----------------------------------------------------------------------
@@ -197,6 +201,19 @@ def test_token_count_from_layout_equals_the_encoders_rows(family_model):
         assert tower.output_tokens(item) == rows == sm.tokens_of(model, item)
 
 
+def test_gemma4_tokens_and_bytes_follow_its_pooling_kernel():
+    """Real Gemma4 checkpoints pool 3x3 patches per soft token: rows and output bytes must divide by
+    ``kernel**2`` (9), rounding each image up, as SGLang's own method does."""
+    model = sm.gemma4(pooling_kernel_size=3)
+    tower = tower_for(model)
+    for gh, gw in [(6, 6), (4, 5)]:
+        item = sm.gemma4_image(model, gh, gw, 36, gh * gw)
+        with torch.no_grad():
+            out = inspect.unwrap(type(model).get_image_feature)(model, [item])
+        assert tower.output_tokens(item) == out.shape[0] == -(-gh * gw // 9)
+        assert out.nbytes <= tower.output_bytes(item) <= 2 * out.nbytes
+
+
 def test_gemma4_key_follows_position_ids():
     """Same pixel bytes and hash, another patch layout: Gemma4's output depends on the positions."""
     model = sm.gemma4()
@@ -219,6 +236,16 @@ def test_unit_keys_carry_the_result_key(family_model):
         assert [u.key for u in units] == [(tower.result_key(item), i) for i in range(len(units))]
         item.hash = None
         assert tower.result_key(item) is None and all(u.key is None for u in tower.units(item))
+
+
+def test_qwen3_videos_become_temporal_slices_and_qwen2_5_videos_one_clip(qwen3, qwen2_5):
+    """Qwen3-VL attends within each frame, so a video is ``t`` frame slices of ``h*w`` patches (they batch
+    with images); Qwen2.5-VL's full attention spans the clip, so its video is one unit of ``t*h*w``."""
+    t, h, w = 3, 4, 4
+    (sliced,) = tower_for(qwen3).units(sm.qwen_video(qwen3, t, h, w, 1))
+    assert sliced.pixel_values.shape[0] == t and sliced.num_patches == h * w and sliced.meta["grid"] == (1, h, w)
+    (clip,) = tower_for(qwen2_5).units(sm.qwen_video(qwen2_5, t, h, w, 1))
+    assert clip.pixel_values.shape[0] == 1 and clip.num_patches == t * h * w and clip.meta["grid"] == (t, h, w)
 
 
 def test_qwen_item_of_several_images_is_one_unit_per_grid_row(family_model):
@@ -312,7 +339,65 @@ def test_declared_bytes_per_patch_counts_one_blocks_live_activations(family_mode
     family, model = family_model
     vcfg = model.config.vision_config
     expected = (5 * vcfg.hidden_size + MLP_MATRICES[family] * vcfg.intermediate_size) * 4
-    assert tower_for(model).bytes_per_patch == expected
+    bytes_per_patch = tower_for(model).bytes_per_patch
+    assert isinstance(bytes_per_patch, int) and bytes_per_patch == expected
+
+
+def test_probe_sizes_are_growing_whole_numbers_of_typical_images(family_model):
+    """``calibrate`` fits a line through the probes' peaks: three growing sizes, each a whole number of
+    the tower's typical probe image (so every probe is the same shapes, more of them)."""
+    _, model = family_model
+    tower = tower_for(model)
+    one, *more = tower.probe_patch_counts
+    assert len(more) == 2 and one < more[0] < more[1]
+    assert all(isinstance(n, int) and n % one == 0 for n in more)
+
+
+def test_qwen_probes_are_typical_square_images_then_one_merge_high_strip(qwen3):
+    """Probe images are ``PROBE_SIDE`` patches square; a count that is not a whole number of them ends
+    with one ``merge``-high image of the rest (rounded down to whole merged tokens, at least one)."""
+    tower = tower_for(qwen3)
+    side, merge = tower.PROBE_SIDE, tower.merge
+    grids = lambda n: [u.meta["grid"] for u in tower.probe_units(n)]  # noqa: E731
+    assert grids(side * side) == [(1, side, side)]
+    assert grids(2 * side * side) == [(1, side, side)] * 2
+    assert grids(side * side + 3 * merge * merge) == [(1, side, side), (1, merge, 3 * merge)]
+    assert grids(3 * merge * merge + 1) == [(1, merge, 3 * merge)]
+    assert grids(1) == [(1, merge, merge)]
+    units = tower.probe_units(side * side + 3 * merge * merge)
+    assert [u.num_patches for u in units] == [side * side, 3 * merge * merge]
+    with torch.no_grad():
+        outputs = tower.forward(units)
+    assert [o.shape[0] for o in outputs] == [side * side // merge**2, 3]
+
+
+def test_qwen_units_must_have_whole_merged_tokens_on_both_sides(qwen3):
+    """A grid whose height or width is not a multiple of ``spatial_merge_size`` is refused before it runs."""
+    tower = tower_for(qwen3)
+    m = tower.merge
+    tower.validate(EncodeItem(torch.zeros(1), 4 * m * m, "image", None, {"grid": (1, 2 * m, 2 * m)}))
+    for grid in [(1, 2 * m + 1, 2 * m), (1, 2 * m, 2 * m + 1), (1, m + 1, m + 1)]:
+        with pytest.raises(ValueError):
+            tower.validate(EncodeItem(torch.zeros(1), grid[1] * grid[2], "image", None, {"grid": grid}))
+
+
+def test_qwen_accepts_patch_rows_that_match_their_grid(qwen3):
+    """Qwen takes ``[patches, patch_dim]`` rows whose count is the grid's ``t*h*w`` total, with the grid
+    under the modality's own name; no grid, another width or row count, or embeddings stay with SGLang."""
+    tower = tower_for(qwen3)
+    dim = tower.patch_dim
+    item = lambda modality, shape, **grids: sm.make_item(modality, torch.zeros(shape), 1, **grids)  # noqa: E731
+    grid = torch.tensor([[1, 4, 4]])
+    assert tower.accepts(item("image", (16, dim), image_grid_thw=grid))
+    assert tower.accepts(item("video", (32, dim), video_grid_thw=torch.tensor([[2, 4, 4]])))
+    assert not tower.accepts(item("image", (16, dim)))
+    assert not tower.accepts(item("video", (16, dim), image_grid_thw=grid))
+    assert not tower.accepts(item("image", (16, dim - 1), image_grid_thw=grid))
+    assert not tower.accepts(item("image", (15, dim), image_grid_thw=grid))
+    assert not tower.accepts(item("image", (1, 16, dim), image_grid_thw=grid))
+    embedded = item("image", (16, dim), image_grid_thw=grid)
+    embedded.precomputed_embeddings = torch.zeros(4, 64)
+    assert not tower.accepts(embedded)
 
 
 def _width(model: nn.Module) -> int:
