@@ -127,7 +127,44 @@ def test_gemma4_without_its_vision_encoder_is_refused():
 
     model = sm.gemma4()
     model.vision_tower = PPMissingLayer()
-    assert "vision_tower is" in why_unsupported(model)
+    assert f"vision_tower is {adapters.qualified_name(PPMissingLayer)}," in why_unsupported(model)
+
+
+def test_a_model_lacking_the_vision_attribute_altogether_is_refused(qwen2_5):
+    visual = qwen2_5.visual
+    del qwen2_5.visual
+    try:
+        assert "has no visual" in why_unsupported(qwen2_5)
+    finally:
+        qwen2_5.visual = visual
+    assert why_unsupported(qwen2_5) is None
+
+
+def test_a_supported_name_from_a_module_that_is_not_loaded_is_refused(qwen3, monkeypatch):
+    """The class is only trusted if SGLang's loaded module defines it under that name."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "sglang.srt.models.qwen3_vl")
+    assert "not the class SGLang defines" in why_unsupported(qwen3)
+
+
+class _ParametersOn(nn.Module):
+    """A model whose weights report ``device`` (no GPU here to put real ones on)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.on = device
+
+    def parameters(self, recurse: bool = True):
+        yield type("Weight", (), {"device": self.on})()
+
+
+def test_a_model_on_the_bare_cuda_device_is_pinned_to_the_current_gpu(monkeypatch):
+    """The coalescer's forward thread selects the GPU by index: a bare ``cuda`` becomes the current one."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert adapters._model_device(_ParametersOn(torch.device("cuda"))) == torch.device("cuda", 3)
+    assert adapters._model_device(_ParametersOn(torch.device("cuda", 1))) == torch.device("cuda", 1)
+    assert adapters._model_device(_ParametersOn(torch.device("cpu"))) == torch.device("cpu")
 
 
 def test_vit_cuda_graph_env_refuses_qwen3_vl(qwen3, monkeypatch):
