@@ -1,5 +1,6 @@
-"""Tower adapters on the real SGLang model classes (tiny, CPU): which models are taken, the key that
-decides result sharing, calibration probes, and CUDA-IPC / CUDA-VMM feature proxies.
+"""Tower adapters on the real SGLang model classes (tiny, CPU): which models are taken, which items each
+takes and how it splits them, the key that decides result sharing, the declared memory accounting and
+calibration probes, batching and dtype in forwards, and CUDA-IPC / CUDA-VMM feature proxies.
 
 Models come from ``sglang_models`` (real SGLang classes; see its docstring for the Gemma4 assembly).
 The transport proxies are SGLang's own classes, constructed on CPU; rebuilding one needs CUDA and a
@@ -285,12 +286,11 @@ def test_qwen3_videos_become_temporal_slices_and_qwen2_5_videos_one_clip(qwen3, 
     assert clip.pixel_values.shape[0] == 1 and clip.num_patches == t * h * w and clip.meta["grid"] == (t, h, w)
 
 
-def test_qwen_item_of_several_images_is_one_unit_per_grid_row(family_model):
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_item_of_several_images_is_one_unit_per_grid_row(family):
     """SGLang may bundle images in one item (one ``image_grid_thw`` row each, pixel rows concatenated):
     each row's patches become a unit, and the assembled result is what SGLang's method returns."""
-    family, model = family_model
-    if not family.startswith("qwen"):
-        pytest.skip("Gemma items have no grid rows")
+    model = sm.BUILDERS[family]()
     tower = tower_for(model)
     first, second, third = (sm.qwen_image(model, h, w, seed) for h, w, seed in [(4, 4, 1), (2, 6, 2), (4, 6, 3)])
     item = sm.make_item("image", torch.cat([first.feature, second.feature, third.feature]), 77,
@@ -588,15 +588,6 @@ def test_fixed_size_towers_batch_exactly_when_the_attention_takes_batches(family
         torch.testing.assert_close(one_by_one, batched, atol=1e-4, rtol=1e-3)
 
 
-def _image_of(model: nn.Module):
-    name = type(model).__name__
-    if name.startswith("Qwen"):
-        return sm.qwen_image(model, 4, 8, 3)
-    if name.startswith("Gemma3"):
-        return sm.gemma3_image(model, 2, 3)
-    return sm.gemma4_image(model, 4, 8, 64, 3)
-
-
 def test_bf16_model_gets_float32_pixels_cast_and_two_byte_accounting(family_model):
     """The processor hands float32 pixels; a bf16 model's tower must cast them as SGLang's own method
     does, return what that method returns, and count 2-byte activations and outputs."""
@@ -604,14 +595,14 @@ def test_bf16_model_gets_float32_pixels_cast_and_two_byte_accounting(family_mode
     model = sm.BUILDERS[family]().to(torch.bfloat16)
     tower, fp32_tower = tower_for(model), tower_for(fp32_model)
     assert tower.bytes_per_patch * 2 == fp32_tower.bytes_per_patch
-    item = _image_of(model)
+    item = _one_item(model)
     assert item.feature.dtype == torch.float32
     with torch.no_grad():
         expected = inspect.unwrap(type(model).get_image_feature)(model, [item])
         got = tower.assemble(item, tower.forward(tower.units(item)))
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected)
-    assert tower.output_bytes(item) * 2 == fp32_tower.output_bytes(_image_of(fp32_model))
+    assert tower.output_bytes(item) * 2 == fp32_tower.output_bytes(_one_item(fp32_model))
     if family == "gemma4":  # an upper bound (padding patches); exact for the others
         assert expected.nbytes <= tower.output_bytes(item) <= 2 * expected.nbytes
     else:
