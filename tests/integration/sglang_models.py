@@ -163,7 +163,7 @@ def gemma3() -> nn.Module:
     return _random_weights(Gemma3ForConditionalGeneration(config), seed=3)
 
 
-def gemma4() -> nn.Module:
+def gemma4(pooling_kernel_size: int = 2) -> nn.Module:
     from sglang.srt.models.gemma4_mm import Gemma4ForConditionalGeneration, Gemma4MultimodalEmbedder
     from sglang.srt.models.gemma4_vision import Gemma4VisionEncoder
     from transformers import Gemma4Config
@@ -173,7 +173,7 @@ def gemma4() -> nn.Module:
         text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=1000, head_dim=16),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=2,
+                           num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=pooling_kernel_size,
                            position_embedding_size=64),
         audio_config=None)
     model = Gemma4ForConditionalGeneration.__new__(Gemma4ForConditionalGeneration)

@@ -1,5 +1,6 @@
-"""Tower adapters on the real SGLang model classes (tiny, CPU): which models are taken, the key that
-decides result sharing, calibration probes, and CUDA-IPC / CUDA-VMM feature proxies.
+"""Tower adapters on the real SGLang model classes (tiny, CPU): which models are taken, which items each
+takes and how it splits them, the key that decides result sharing, the declared memory accounting and
+calibration probes, batching and dtype in forwards, and CUDA-IPC / CUDA-VMM feature proxies.
 
 Models come from ``sglang_models`` (real SGLang classes; see its docstring for the Gemma4 assembly).
 The transport proxies are SGLang's own classes, constructed on CPU; rebuilding one needs CUDA and a
@@ -24,6 +25,8 @@ from mm_scheduler_sglang.adapters import (
     why_unsupported,
 )
 from torch import nn
+
+from mm_scheduler import EncodeItem
 
 
 @pytest.fixture(scope="module", params=list(sm.BUILDERS))
@@ -125,7 +128,44 @@ def test_gemma4_without_its_vision_encoder_is_refused():
 
     model = sm.gemma4()
     model.vision_tower = PPMissingLayer()
-    assert "vision_tower is" in why_unsupported(model)
+    assert f"vision_tower is {adapters.qualified_name(PPMissingLayer)}," in why_unsupported(model)
+
+
+def test_a_model_lacking_the_vision_attribute_altogether_is_refused(qwen2_5):
+    visual = qwen2_5.visual
+    del qwen2_5.visual
+    try:
+        assert "has no visual" in why_unsupported(qwen2_5)
+    finally:
+        qwen2_5.visual = visual
+    assert why_unsupported(qwen2_5) is None
+
+
+def test_a_supported_name_from_a_module_that_is_not_loaded_is_refused(qwen3, monkeypatch):
+    """The class is only trusted if SGLang's loaded module defines it under that name."""
+    import sys
+
+    monkeypatch.delitem(sys.modules, "sglang.srt.models.qwen3_vl")
+    assert "not the class SGLang defines" in why_unsupported(qwen3)
+
+
+class _ParametersOn(nn.Module):
+    """A model whose weights report ``device`` (no GPU here to put real ones on)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.on = device
+
+    def parameters(self, recurse: bool = True):
+        yield type("Weight", (), {"device": self.on})()
+
+
+def test_a_model_on_the_bare_cuda_device_is_pinned_to_the_current_gpu(monkeypatch):
+    """The coalescer's forward thread selects the GPU by index: a bare ``cuda`` becomes the current one."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert adapters._model_device(_ParametersOn(torch.device("cuda"))) == torch.device("cuda", 3)
+    assert adapters._model_device(_ParametersOn(torch.device("cuda", 1))) == torch.device("cuda", 1)
+    assert adapters._model_device(_ParametersOn(torch.device("cpu"))) == torch.device("cpu")
 
 
 def test_vit_cuda_graph_env_refuses_qwen3_vl(qwen3, monkeypatch):
@@ -146,6 +186,8 @@ def test_vit_cuda_graph_refuses_qwen2_5_vl_only_when_its_tower_uses_it(qwen2_5, 
     assert why_unsupported(qwen2_5) is None
     monkeypatch.setattr(qwen2_5.visual, "enable_cg", True)
     assert "SGLANG_VIT_ENABLE_CUDA_GRAPH" in why_unsupported(qwen2_5)
+    monkeypatch.delattr(qwen2_5.visual, "enable_cg")  # a tower that has no graph runner at all
+    assert why_unsupported(qwen2_5) is None
 
 
 # --- the key of a shared result ----------------------------------------------------------------------
@@ -185,13 +227,29 @@ def test_token_count_from_layout_equals_the_encoders_rows(family_model):
     tower = tower_for(model)
     items = [_one_item(model)]
     if type(model).__name__.startswith("Gemma4"):
-        items.append(sm.gemma4_video(model, sm.gemma4_video_frames(model), 4, 4, 16, 4))
+        frames = sm.gemma4_video_frames(model)
+        items.append(sm.gemma4_video(model, frames, 4, 4, 16, 4))
+        # 3x3 real patches per frame, pooled 2x2: each frame rounds up on its own (3 tokens, not 9/4 of one)
+        items.append(sm.gemma4_video(model, frames, 3, 3, 12, 5))
     for item in items:
         method = inspect.unwrap(getattr(type(model), f"get_{item.modality.name.lower()}_feature"))
         with torch.no_grad():
             out = method(model, [item])
         rows = out.reshape(-1, out.shape[-1]).shape[0]  # Gemma3 returns [crops, tokens, hidden]
         assert tower.output_tokens(item) == rows == sm.tokens_of(model, item)
+
+
+def test_gemma4_tokens_and_bytes_follow_its_pooling_kernel():
+    """Real Gemma4 checkpoints pool 3x3 patches per soft token: rows and output bytes must divide by
+    ``kernel**2`` (9), rounding each image up, as SGLang's own method does."""
+    model = sm.gemma4(pooling_kernel_size=3)
+    tower = tower_for(model)
+    for gh, gw in [(6, 6), (4, 5)]:
+        item = sm.gemma4_image(model, gh, gw, 36, gh * gw)
+        with torch.no_grad():
+            out = inspect.unwrap(type(model).get_image_feature)(model, [item])
+        assert tower.output_tokens(item) == out.shape[0] == -(-gh * gw // 9)
+        assert out.nbytes <= tower.output_bytes(item) <= 2 * out.nbytes
 
 
 def test_gemma4_key_follows_position_ids():
@@ -208,10 +266,65 @@ def test_gemma4_key_follows_position_ids():
 def test_unit_keys_carry_the_result_key(family_model):
     _, model = family_model
     tower = tower_for(model)
-    item = _one_item(model)
-    assert [u.key for u in tower.units(item)] == [(tower.result_key(item), i) for i in range(len(tower.units(item)))]
-    item.hash = None
-    assert tower.result_key(item) is None and all(u.key is None for u in tower.units(item))
+    items = [_one_item(model)]
+    if type(model).__name__.startswith("Qwen"):  # a video: temporal slices (Qwen3-VL) or one clip (Qwen2.5-VL)
+        items.append(sm.qwen_video(model, 3, 4, 4, 4))
+    for item in items:
+        units = tower.units(item)
+        assert [u.key for u in units] == [(tower.result_key(item), i) for i in range(len(units))]
+        item.hash = None
+        assert tower.result_key(item) is None and all(u.key is None for u in tower.units(item))
+
+
+def test_qwen3_videos_become_temporal_slices_and_qwen2_5_videos_one_clip(qwen3, qwen2_5):
+    """Qwen3-VL attends within each frame, so a video is ``t`` frame slices of ``h*w`` patches (they batch
+    with images); Qwen2.5-VL's full attention spans the clip, so its video is one unit of ``t*h*w``."""
+    t, h, w = 3, 4, 4
+    (sliced,) = tower_for(qwen3).units(sm.qwen_video(qwen3, t, h, w, 1))
+    assert sliced.pixel_values.shape[0] == t and sliced.num_patches == h * w and sliced.meta["grid"] == (1, h, w)
+    (clip,) = tower_for(qwen2_5).units(sm.qwen_video(qwen2_5, t, h, w, 1))
+    assert clip.pixel_values.shape[0] == 1 and clip.num_patches == t * h * w and clip.meta["grid"] == (t, h, w)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_item_of_several_images_is_one_unit_per_grid_row(family):
+    """SGLang may bundle images in one item (one ``image_grid_thw`` row each, pixel rows concatenated):
+    each row's patches become a unit, and the assembled result is what SGLang's method returns."""
+    model = sm.BUILDERS[family]()
+    tower = tower_for(model)
+    first, second, third = (sm.qwen_image(model, h, w, seed) for h, w, seed in [(4, 4, 1), (2, 6, 2), (4, 6, 3)])
+    item = sm.make_item("image", torch.cat([first.feature, second.feature, third.feature]), 77,
+                        image_grid_thw=torch.tensor([[1, 4, 4], [1, 2, 6], [1, 4, 6]]))
+    assert tower.accepts(item)
+    units = tower.units(item)
+    for unit, single in zip(units, [first, second, third], strict=True):
+        assert torch.equal(unit.pixel_values, single.feature)
+    with torch.no_grad():
+        got = tower.assemble(item, tower.forward(units))
+        expected = inspect.unwrap(type(model).get_image_feature)(model, [item])
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_gemma4_key_follows_the_dtype_of_position_ids():
+    """The positions' digest covers their dtype: the same bytes read as another dtype are other positions."""
+    tower = tower_for(sm.gemma4())
+    item = sm.gemma4_image(tower.model, 4, 4, 16, 1)
+    other = sm.gemma4_image(tower.model, 4, 4, 16, 1)
+    positions = other.model_specific_data["image_position_ids"]
+    other.model_specific_data["image_position_ids"] = positions.view(torch.float64)
+    assert feature_shape(item) == feature_shape(other) and item.hash == other.hash
+    assert tower.result_key(item) != tower.result_key(other)
+
+
+def test_gemma3_units_count_the_patches_siglip_runs():
+    """A crop's budgeted ``num_patches`` is the sequence SigLIP runs on it, ``(image_size / patch_size)**2``."""
+    model = sm.gemma3()
+    tower = tower_for(model)
+    units = tower.units(sm.gemma3_image(model, 2, 1)) + tower.probe_units(tower.probe_patch_counts[0])
+    with torch.no_grad():
+        sequence = model.vision_tower(pixel_values=units[0].pixel_values[None]).shape[1]
+    assert sequence == (64 // 8) ** 2
+    assert all(u.num_patches == sequence for u in units)
 
 
 def _one_item(model: nn.Module):
@@ -250,6 +363,78 @@ def test_probes_follow_calibrate_protocol_and_encode(family_model):
         if family.startswith("qwen"):
             merge = tower.merge ** 2
             assert [o.shape[0] for o in outputs] == [u.num_patches // merge for u in units]
+
+
+# One block's MLP matrices (each as wide as ``intermediate_size``): gate+up+down, or fc1+fc2.
+MLP_MATRICES = {"qwen2_5_vl": 3, "qwen3_vl": 2, "gemma3": 2, "gemma4": 3}
+
+
+def test_declared_bytes_per_patch_counts_one_blocks_live_activations(family_model):
+    """Where it is not measured (CPU, TP lockstep) the budget divides by the declared ``bytes_per_patch``:
+    one block's live activations per patch, residual + q/k/v + attention output (5 x hidden) and the
+    MLP's widths, in the model's dtype (float32 here)."""
+    family, model = family_model
+    vcfg = model.config.vision_config
+    expected = (5 * vcfg.hidden_size + MLP_MATRICES[family] * vcfg.intermediate_size) * 4
+    bytes_per_patch = tower_for(model).bytes_per_patch
+    assert isinstance(bytes_per_patch, int) and bytes_per_patch == expected
+
+
+def test_probe_sizes_are_growing_whole_numbers_of_typical_images(family_model):
+    """``calibrate`` fits a line through the probes' peaks: three growing sizes, each a whole number of
+    the tower's typical probe image (so every probe is the same shapes, more of them)."""
+    _, model = family_model
+    tower = tower_for(model)
+    one, *more = tower.probe_patch_counts
+    assert len(more) == 2 and one < more[0] < more[1]
+    assert all(isinstance(n, int) and n % one == 0 for n in more)
+
+
+def test_qwen_probes_are_typical_square_images_then_one_merge_high_strip(qwen3):
+    """Probe images are ``PROBE_SIDE`` patches square; a count that is not a whole number of them ends
+    with one ``merge``-high image of the rest (rounded down to whole merged tokens, at least one)."""
+    tower = tower_for(qwen3)
+    side, merge = tower.PROBE_SIDE, tower.merge
+    grids = lambda n: [u.meta["grid"] for u in tower.probe_units(n)]  # noqa: E731
+    assert grids(side * side) == [(1, side, side)]
+    assert grids(2 * side * side) == [(1, side, side)] * 2
+    assert grids(side * side + 3 * merge * merge) == [(1, side, side), (1, merge, 3 * merge)]
+    assert grids(3 * merge * merge + 1) == [(1, merge, 3 * merge)]
+    assert grids(1) == [(1, merge, merge)]
+    units = tower.probe_units(side * side + 3 * merge * merge)
+    assert [u.num_patches for u in units] == [side * side, 3 * merge * merge]
+    with torch.no_grad():
+        outputs = tower.forward(units)
+    assert [o.shape[0] for o in outputs] == [side * side // merge**2, 3]
+
+
+def test_qwen_units_must_have_whole_merged_tokens_on_both_sides(qwen3):
+    """A grid whose height or width is not a multiple of ``spatial_merge_size`` is refused before it runs."""
+    tower = tower_for(qwen3)
+    m = tower.merge
+    tower.validate(EncodeItem(torch.zeros(1), 4 * m * m, "image", None, {"grid": (1, 2 * m, 2 * m)}))
+    for grid in [(1, 2 * m + 1, 2 * m), (1, 2 * m, 2 * m + 1), (1, m + 1, m + 1)]:
+        with pytest.raises(ValueError):
+            tower.validate(EncodeItem(torch.zeros(1), grid[1] * grid[2], "image", None, {"grid": grid}))
+
+
+def test_qwen_accepts_patch_rows_that_match_their_grid(qwen3):
+    """Qwen takes ``[patches, patch_dim]`` rows whose count is the grid's ``t*h*w`` total, with the grid
+    under the modality's own name; no grid, another width or row count, or embeddings stay with SGLang."""
+    tower = tower_for(qwen3)
+    dim = tower.patch_dim
+    item = lambda modality, shape, **grids: sm.make_item(modality, torch.zeros(shape), 1, **grids)  # noqa: E731
+    grid = torch.tensor([[1, 4, 4]])
+    assert tower.accepts(item("image", (16, dim), image_grid_thw=grid))
+    assert tower.accepts(item("video", (32, dim), video_grid_thw=torch.tensor([[2, 4, 4]])))
+    assert not tower.accepts(item("image", (16, dim)))
+    assert not tower.accepts(item("video", (16, dim), image_grid_thw=grid))
+    assert not tower.accepts(item("image", (16, dim - 1), image_grid_thw=grid))
+    assert not tower.accepts(item("image", (15, dim), image_grid_thw=grid))
+    assert not tower.accepts(item("image", (1, 16, dim), image_grid_thw=grid))
+    embedded = item("image", (16, dim), image_grid_thw=grid)
+    embedded.precomputed_embeddings = torch.zeros(4, 64)
+    assert not tower.accepts(embedded)
 
 
 def _width(model: nn.Module) -> int:
@@ -308,3 +493,193 @@ def test_materialize_leaves_plain_tensors_untouched(family_model):
     item = _one_item(model)
     feature = item.feature
     assert materialize_feature(item, torch.device("cpu")) is feature
+
+
+# --- what each tower accepts ----------------------------------------------------------------------------
+def _gemma3_accepts(tower, shape, modality="image", **extra) -> bool:
+    item = sm.make_item(modality, torch.zeros(shape), 1, **extra)
+    return tower.accepts(item)
+
+
+def test_gemma3_accepts_crops_of_its_resolution_only():
+    """Gemma3 takes ``[3, S, S]`` crops, batched on up to two leading axes, at its one resolution ``S``;
+    anything else (another size on either axis, no crop axes, videos, precomputed embeddings) stays
+    with SGLang."""
+    model = sm.gemma3()
+    tower = tower_for(model)
+    s = tower.image_size
+    for shape in [(3, s, s), (2, 3, s, s), (1, 2, 3, s, s)]:
+        assert _gemma3_accepts(tower, shape), shape
+    for shape in [(s, s), (1, 1, 2, 3, s, s), (2, 3, s // 2, s), (2, 3, s, s // 2), (3, s // 2, s)]:
+        assert not _gemma3_accepts(tower, shape), shape
+    assert not _gemma3_accepts(tower, (2, 3, s, s), modality="video")
+    embedded = sm.make_item("image", torch.zeros(2, 3, s, s), 1)
+    embedded.precomputed_embeddings = torch.zeros(2 * model.config.mm_tokens_per_image, 64)
+    assert not tower.accepts(embedded)
+
+
+def test_gemma4_accepts_patch_rows_with_matching_position_ids_only():
+    """Gemma4 takes ``[..., P, patch_pixels]`` (one image, or frames on up to two leading axes) with
+    position ids of the same leading shape under the modality's own name; other widths, missing or
+    misshapen positions, and deeper nesting stay with SGLang."""
+    tower = tower_for(sm.gemma4())
+    width, p = tower.patch_pixels, 16
+
+    def accepts(shape, modality="image", positions="same", name=None):
+        name = name or ("video_position_ids" if modality == "video" else "image_position_ids")
+        extra = {}
+        if positions is not None:
+            extra[name] = torch.zeros(*(shape[:-1] if positions == "same" else positions), 2, dtype=torch.long)
+        return tower.accepts(sm.make_item(modality, torch.zeros(shape), 1, **extra))
+
+    for shape in [(p, width), (1, p, width), (1, 3, p, width)]:
+        assert accepts(shape), shape
+        assert accepts(shape, modality="video"), shape
+    assert not accepts((1, 1, 1, p, width))
+    assert not accepts((width,))
+    assert not accepts((1, p, width - 1))
+    assert not accepts((1, p, width), positions=None)
+    assert not accepts((1, p, width), positions=(1, p - 1))
+    assert not accepts((1, p, width), modality="video", name="image_position_ids")
+    assert not accepts((1, p, width), name="video_position_ids")
+
+
+# --- batching, dtype, device ------------------------------------------------------------------------------
+def _set_flatten_batch(vision_tower: nn.Module, on: bool) -> None:
+    """What the attention backend decides: SGLang's SDPA with ``flatten_batch`` asserts batch size 1."""
+    from sglang.srt.layers.attention.vision import VisionSdpaAttention
+
+    for module in vision_tower.modules():
+        if isinstance(module, VisionSdpaAttention):
+            module.flatten_batch = on
+
+
+def _batch_sizes(vision_tower: nn.Module) -> tuple[list[int], object]:
+    sizes: list[int] = []
+
+    def record(module, args, kwargs):
+        sizes.append((kwargs.get("pixel_values") if "pixel_values" in kwargs else args[0]).shape[0])
+
+    return sizes, vision_tower.register_forward_pre_hook(record, with_kwargs=True)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_fixed_size_towers_batch_exactly_when_the_attention_takes_batches(family):
+    """One vision forward for all units where SGLang's attention takes a batch; one per unit where it
+    asserts batch size 1 (SDPA ``flatten_batch``: SigLIP on CPU, Gemma4 in 0.5.16/0.5.17). Same outputs."""
+    model = sm.BUILDERS[family]()
+    if family == "gemma3":
+        units = tower_for(model).units(sm.gemma3_image(model, 3, 1))
+    else:
+        units = [u for seed in (1, 2, 3) for u in tower_for(model).units(sm.gemma4_image(model, 4, 4, 16, seed))]
+    outputs = {}
+    for flatten in (True, False):
+        _set_flatten_batch(model.vision_tower, flatten)
+        tower = tower_for(model)
+        sizes, hook = _batch_sizes(model.vision_tower)
+        try:
+            with torch.no_grad():
+                outputs[flatten] = tower.forward(units)
+        finally:
+            hook.remove()
+        assert sizes == ([1] * len(units) if flatten else [len(units)]), (flatten, sizes)
+    assert len(outputs[True]) == len(outputs[False]) == len(units)
+    for one_by_one, batched in zip(outputs[True], outputs[False], strict=True):
+        torch.testing.assert_close(one_by_one, batched, atol=1e-4, rtol=1e-3)
+
+
+def test_bf16_model_gets_float32_pixels_cast_and_two_byte_accounting(family_model):
+    """The processor hands float32 pixels; a bf16 model's tower must cast them as SGLang's own method
+    does, return what that method returns, and count 2-byte activations and outputs."""
+    family, fp32_model = family_model
+    model = sm.BUILDERS[family]().to(torch.bfloat16)
+    tower, fp32_tower = tower_for(model), tower_for(fp32_model)
+    assert tower.bytes_per_patch * 2 == fp32_tower.bytes_per_patch
+    item = _one_item(model)
+    assert item.feature.dtype == torch.float32
+    with torch.no_grad():
+        expected = inspect.unwrap(type(model).get_image_feature)(model, [item])
+        got = tower.assemble(item, tower.forward(tower.units(item)))
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
+    assert tower.output_bytes(item) * 2 == fp32_tower.output_bytes(_one_item(fp32_model))
+    if family == "gemma4":  # an upper bound (padding patches); exact for the others
+        assert expected.nbytes <= tower.output_bytes(item) <= 2 * expected.nbytes
+    else:
+        assert tower.output_bytes(item) == expected.nbytes
+
+
+def test_probes_are_made_on_the_towers_device(family_model):
+    """Calibration probes live where the tower runs (as CUDA-IPC pixels would), not on the default device."""
+    _, model = family_model
+    tower = tower_for(model)
+    tower.device = torch.device("meta")  # any device other than the default one
+    units = tower.probe_units(tower.probe_patch_counts[0])
+    assert units and all(u.pixel_values.device.type == "meta" for u in units)
+
+
+class _StubStream:
+    """Stands in for ``torch.cuda.current_stream(device)`` on this CPU machine: records what it waits on."""
+
+    def __init__(self, calls: list, device) -> None:
+        self.calls, self.device = calls, device
+
+    def wait_event(self, event) -> None:
+        self.calls.append((self.device, event))
+
+
+def test_materialize_makes_the_cuda_stream_wait_for_the_items_pending_copy(qwen3, monkeypatch):
+    """On a CUDA tower, the current stream of the tower's device waits for the host/device copy event
+    SGLang recorded on the item (and only when there is one); on CPU the event is never looked at."""
+    key = sglang_compat.cuda_ipc_copy_event_key()
+    if key is None:
+        pytest.skip("this SGLang records no pending-copy event")
+    waits: list = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _StubStream(waits, device))
+    device = torch.device("cuda", 1)
+    pending, plain = sm.qwen_image(qwen3, 4, 4, 1), sm.qwen_image(qwen3, 4, 4, 2)
+    event = object()
+    pending.model_specific_data[key] = event
+    assert materialize_feature(pending, device) is pending.feature
+    assert waits == [(device, event)]
+    assert pending.model_specific_data[key] is event  # left for SGLang's own path
+    assert materialize_feature(plain, device) is plain.feature
+    assert materialize_feature(pending, torch.device("cpu")) is pending.feature
+    assert waits == [(device, event)]
+
+
+@pytest.mark.parametrize("wrap", [_ipc_proxy, _vmm_proxy], ids=["cuda_ipc", "cuda_vmm"])
+def test_materialize_rebuilds_a_proxy_on_the_towers_gpu_in_place(qwen3, wrap, monkeypatch):
+    """SGLang's own ``item.reconstruct(device_index)`` runs with the tower's GPU current, and the item
+    then holds the plain tensor (the rebuild itself, out of the shared pool, is stubbed: no CUDA here)."""
+    item = sm.qwen_image(qwen3, 4, 8, 5)
+    rebuilt = item.feature
+    item.feature = proxy = wrap(rebuilt)
+    targets, current = [], []
+    monkeypatch.setattr(type(proxy), "reconstruct_on_target_device",
+                        lambda self, target, **kw: targets.append(target) or rebuilt, raising=False)
+
+    class CurrentDevice:
+        def __init__(self, device) -> None:
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc) -> None:
+            current.append(None)
+
+    monkeypatch.setattr(torch.cuda, "device", CurrentDevice)
+    device = torch.device("cuda", 1)
+    assert materialize_feature(item, device) is rebuilt
+    assert item.feature is rebuilt and targets == [1] and current == [device, None]
+
+
+def test_features_that_are_neither_tensors_nor_proxies_are_left_to_sglang(family_model):
+    """A feature SGLang has not turned into one tensor (a list of tensors, say) has no layout to judge."""
+    _, model = family_model
+    item = _one_item(model)
+    item.feature = [item.feature]
+    assert not adapters.is_transport_proxy(item.feature)
+    assert feature_shape(item) is None
+    assert not tower_for(model).accepts(item)

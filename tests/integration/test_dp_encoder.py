@@ -27,3 +27,10 @@ def test_sharded_tower_is_not_collective_free_and_gets_lockstep_at_tp2():
     tower = tower_for(sm.qwen2_5_vl())
     assert not tower.collective_free
     assert choose_mode("async", tp_size=2, dp_encoder=tower.collective_free) == "lockstep"
+
+
+def test_a_model_without_the_dp_encoder_switch_is_not_collective_free():
+    """A build that never set ``use_data_parallel`` shards nothing: its own method is what runs."""
+    model = sm.qwen2_5_vl()
+    del model.use_data_parallel
+    assert not tower_for(model).collective_free
