@@ -188,7 +188,7 @@ def tune_rules(values: dict[str, Any], seen: Observed) -> list[Change]:
     setting for that traffic."""
     from mm_scheduler.tune import Change
 
-    plugin = _plugin_section(values.get("sglang"), "config")
+    plugin = {**PLUGIN_DEFAULTS, **(values.get("sglang") or {})}  # checked already: tune loads it as the server
     waits, forwards = seen.histograms.get("prefill_wait_seconds"), seen.histograms.get("batch_seconds")
     if plugin["early_encode_min_waiting"] or not waits or not waits.count or not forwards or not forwards.count:
         return []

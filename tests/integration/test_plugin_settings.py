@@ -130,19 +130,21 @@ def test_settings_travel_as_one_attribute_of_server_args():
     assert settings.settings_of(SimpleNamespace()) is None
 
 
-def _prefills(name: str, n: int, wait_s: float, forward_s: float, queued_s: float = 0.005,
-              source: str = "early") -> str:
+def _prefills(name: str, n: int, wait_s: float | list[float], forward_s: float, queued_s: float = 0.005,
+              source: str | list[str] = "early") -> str:
     from mm_scheduler_sglang.service import PREFILL_ITEMS, PREFILL_WAIT
     from prometheus_client import generate_latest
 
     from mm_scheduler import metrics
 
-    for _ in range(n):
+    waits = wait_s if isinstance(wait_s, list) else [wait_s] * n
+    sources = source if isinstance(source, list) else [source] * n
+    for i in range(n):
         metrics.UNITS_PER_FORWARD.labels(name).observe(1)
         metrics.BATCH_SECONDS.labels(name).observe(forward_s)
         metrics.QUEUE_WAIT.labels(name).observe(queued_s)
-        PREFILL_WAIT.labels(name).observe(wait_s)
-        PREFILL_ITEMS.labels(name, source).inc()
+        PREFILL_WAIT.labels(name).observe(waits[i])
+        PREFILL_ITEMS.labels(name, sources[i]).inc()
     return generate_latest().decode()
 
 
@@ -169,3 +171,36 @@ def test_tune_proposes_encoding_behind_a_queue_only_when_prefills_waited_out_who
     text = _prefills(name, 10, wait_s, forward_s=0.05, queued_s=queued_s, source=source)
     _, changes = tune.tune(text + _sglang_queue_time(sglang_queue_s), {"sglang": plugin}, name, [settings.tune_rules])
     assert [(c.key, c.value) for c in changes] == proposed
+
+
+HALF = [0.09] * 5 + [0.001] * 5  # half the prefills blocked, 45.5 ms on average
+
+
+@pytest.mark.parametrize("waits, sources, queued_s, proposed", [
+    (HALF, "early", 0.005, True),  # exactly half blocked is enough
+    (0.045, ["early"] * 5 + ["on_demand"] * 5, 0.005, True),  # exactly half the items encoded early is enough
+    (0.045, ["early"] * 3 + ["on_demand"] * 7, 0.005, False),
+    (0.045, "early", 0.05, False),  # the encoder's queue wait equals a forward: a backlog
+])
+def test_tunes_encoding_rule_at_its_thresholds(request, waits, sources, queued_s, proposed):
+    from mm_scheduler import tune
+
+    name = request.node.name  # one coalescer label per case: the registry is process-wide
+    text = _prefills(name, 10, waits, forward_s=0.05, queued_s=queued_s, source=sources)
+    _, changes = tune.tune(text, {}, name, [settings.tune_rules])
+    assert bool(changes) is proposed
+
+
+def test_tunes_encoding_rule_says_what_it_saw_and_needs_both_histograms():
+    from mm_scheduler import tune
+
+    text = _prefills("tune-why", 10, 0.045, forward_s=0.05)
+    _, changes = tune.tune(text, {"sglang": None}, "tune-why", [settings.tune_rules])
+    assert [c.why for c in changes] == [
+        "100% of 10 prefills blocked more than 5 ms on the encoder, 45 ms on average against 50 ms a forward: "
+        "encodes at arrival had no head start; encode at arrival only behind a waiting request"]
+    seen = tune.parse(text)["tune-why"]
+    for missing in ("batch_seconds", "prefill_wait_seconds"):
+        partial = tune.Observed(seen.coalescer, {k: v for k, v in seen.histograms.items() if k != missing},
+                                seen.counters, seen.host)
+        assert settings.tune_rules({}, partial) == []
