@@ -906,3 +906,327 @@ def test_tp_worker_dying_mid_batch_fails_requests_with_503_and_never_hangs(tp2):
     after, = tp2["after_death"].values()
     assert "503" in after and "exited" in after
     assert tp2["states_left"] == []
+
+
+# --- the scheduler's request contract, in the test process (a real MMEncoder and tower, one request at a time) ----
+@pytest.fixture(scope="module")
+def encoder():
+    """Rank 0's MMEncoder of the scenarios above, built once in the test process (videos synthetic, as there)."""
+    import sglang_models as sm
+
+    sm.init_sglang_cpu()
+    enc = _build_encoder(0)
+    _synthetic_videos(enc.preprocessor)
+    yield enc
+    assert enc.req_states == {}, "a test left encode state behind"
+
+
+class _Gate:
+    """Holds the tower's forwards on the coalescer's forward thread while closed."""
+
+    def __init__(self, tower) -> None:
+        import threading
+
+        self.opened, self.entered = threading.Event(), threading.Event()
+        self.opened.set()
+        real = tower._forward_group
+
+        def held(metas, pixels, mixed):
+            self.entered.set()
+            if not self.opened.wait(30):
+                raise RuntimeError("the test never opened the gate")
+            return real(metas, pixels, mixed)
+
+        tower._forward_group = held
+
+
+async def _in_thread(wait, timeout: float = 30) -> bool:
+    """``wait(timeout)`` of a threading.Event, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, wait, timeout)
+
+
+def _small_config(**changes):
+    from mm_scheduler import CoalescerConfig
+
+    # 200 patches of 8 KiB: a 56x56 image is 16 patches, a 224x224 one (256) can never be encoded
+    return CoalescerConfig(name="epd-unit", budget_bytes=8192 * 200, bytes_per_patch=8192, max_batch_items=16,
+                           **changes)
+
+
+def _unit_request(rid: str, modality: str, items: list, num_parts: int = 1, part_idx: int = 0) -> dict:
+    return {"req_id": rid, "modality": modality, "mm_items": items, "num_parts": num_parts, "part_idx": part_idx}
+
+
+def _staged_fields(enc, rid: str) -> dict:
+    """What rank 0 staged for ``rid`` (and /send delivers to prefill), but its req_id and transient fields."""
+    import torch
+
+    data = enc.req_states[rid].embedding_data
+    fields = {k: v for k, v in vars(data).items() if k not in ("req_id", "send_time", "_mr_ptr")}
+    return {k: v.tolist() if isinstance(v, torch.Tensor) and k != "embedding" else v for k, v in fields.items()}
+
+
+async def _release_all(enc) -> None:
+    for rid in list(enc.req_states):
+        await enc.release_request(rid)
+
+
+def test_staged_embedding_data_is_what_sglangs_batch_encode_stages_for_images_and_videos(encoder):
+    """Everything prefill receives besides the tensor: parts, grid, modality, video metadata, the result tuple."""
+    import torch
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    requests = [("image", [_png(56, 84, 1), _png(84, 56, 2)], 3, 2),
+                ("video", ["synthetic:3:6:56:56", "synthetic:4:2:56:112"], 2, 1)]
+
+    async def scenario():
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        compared = []
+        for n, (kind, items, num_parts, part_idx) in enumerate(requests):
+            modality = Modality.from_str(kind)
+            theirs, = await encoder.batch_encode([_unit_request(f"S{n}", kind, items, num_parts, part_idx)],
+                                                 modality)
+            ours = await sched.submit(_unit_request(f"C{n}", kind, items, num_parts, part_idx))
+            compared.append((ours, theirs, _staged_fields(encoder, f"C{n}"), _staged_fields(encoder, f"S{n}")))
+        await sched.stop()
+        await _release_all(encoder)
+        return compared
+
+    compared = asyncio.run(scenario())
+    for ours, theirs, staged, reference in compared:
+        assert ours == theirs and ours[3:] == (None, None), (ours, theirs)  # nbytes, tokens, dim, no error
+        torch.testing.assert_close(staged.pop("embedding"), reference.pop("embedding"), rtol=1e-5, atol=1e-5)
+        assert staged == reference
+    image, video = (staged for _, _, staged, _ in compared)
+    assert (image["num_parts"], image["part_idx"], image["modality"]) == (3, 2, Modality.IMAGE)
+    assert len(image["grid_dim"]) == 2 and image["second_per_grid_ts"] is None
+    assert (video["num_parts"], video["part_idx"], video["modality"]) == (2, 1, Modality.VIDEO)
+    assert len(video["grid_dim"]) == 2 and len(video["second_per_grid_ts"]) == 2  # qwen2_5_vl's video metadata
+
+
+def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_encode_ref(encoder):
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+
+    async def scenario():
+        import threading
+
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        gate = _Gate(sched.tower)
+        preprocessed = threading.Event()
+        real_preprocess = sched._preprocess
+
+        def signalling_preprocess(request, modality):
+            result = real_preprocess(request, modality)
+            preprocessed.set()
+            return result
+
+        sched._preprocess = signalling_preprocess
+        seen: list[tuple] = []
+
+        def record(rid, outcome):
+            refs = encoder.req_states[rid].active_encodes if rid in encoder.req_states else None
+            seen.append((rid, outcome, dict(sched.stats), refs))
+
+        async def cancelled(rid):  # the client leaves once the request is queued behind the held forward
+            gate.opened.clear()
+            preprocessed.clear()
+            task = asyncio.ensure_future(sched.submit(_unit_request(rid, "image", [_png(56, 56, 3)])))
+            assert await _in_thread(preprocessed.wait)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=30)
+            record(rid, "cancelled" if task in done and task.cancelled() else task)
+            gate.opened.set()
+
+        record("ok-image", await sched.submit(_unit_request("ok-image", "image", [_png(56, 56, 1)])))
+        record("ok-video", await sched.submit(_unit_request("ok-video", "video", ["synthetic:1:4:56:84"])))
+        record("undecodable", await sched.submit(
+            _unit_request("undecodable", "image", ["data:image/png;base64,AAAAnotapng"])))
+        # the forward outlives the request's timeout: TimeoutError to SGLang's pipeline, which publishes it
+        gate.opened.clear()
+        gate.entered.clear()
+        sched.request_timeout = 0.2
+        late = asyncio.ensure_future(sched.submit(_unit_request("late", "image", [_png(56, 56, 4)])))
+        done, _ = await asyncio.wait({late}, timeout=20)
+        record("late", type(late.exception()).__name__ if late in done else "still waiting")
+        sched.request_timeout = 60.0
+        assert await _in_thread(gate.entered.wait)  # it did reach the tower
+        gate.opened.set()
+        record("oversized", await sched.submit(_unit_request("oversized", "image", [_png(224, 224, 5)])))
+        await cancelled("gone-1")
+        await cancelled("gone-2")
+        errors = {rid: _staged_fields(encoder, rid) for rid in ("undecodable", "oversized")}
+        await sched.stop()
+        await _release_all(encoder)
+        return seen, errors
+
+    seen, errors = asyncio.run(scenario())
+    outcome = {rid: result for rid, result, _, _ in seen}
+    assert outcome["ok-image"][1:] == (16 // 4, 64, None, None)  # 16 patches merged 2x2: 4 tokens of 64
+    assert outcome["ok-video"][3:] == (None, None) and outcome["ok-video"][1] > 0
+    assert outcome["late"] == "TimeoutError"
+    assert outcome["gone-1"] == outcome["gone-2"] == "cancelled"
+    for rid in ("undecodable", "oversized"):  # failed requests: SGLang's error tuple, and the error staged for /send
+        assert outcome[rid][:3] == (0, 0, 0) and outcome[rid][4] == 400, outcome[rid]
+        assert (errors[rid]["error_msg"], errors[rid]["error_code"]) == outcome[rid][3:], errors[rid]
+        assert errors[rid]["embedding"] is None and errors[rid]["modality"].name == "IMAGE"
+    assert outcome["oversized"][3].startswith("bad request: item 0: can never be encoded"), outcome["oversized"]
+    counts = [(rid, stats) for rid, _, stats, _ in seen]
+    assert counts == [
+        ("ok-image", {"submitted": 1, "ok": 1, "failed": 0, "cancelled": 0}),
+        ("ok-video", {"submitted": 2, "ok": 2, "failed": 0, "cancelled": 0}),
+        ("undecodable", {"submitted": 3, "ok": 2, "failed": 1, "cancelled": 0}),
+        ("late", {"submitted": 4, "ok": 2, "failed": 2, "cancelled": 0}),
+        ("oversized", {"submitted": 5, "ok": 2, "failed": 3, "cancelled": 0}),
+        ("gone-1", {"submitted": 6, "ok": 2, "failed": 3, "cancelled": 1}),
+        ("gone-2", {"submitted": 7, "ok": 2, "failed": 3, "cancelled": 2}),
+    ]
+    assert all(refs == 0 for _, _, _, refs in seen), seen  # every outcome gave its encode ref back
+
+
+async def _until(condition, what: str, timeout: float = 20) -> None:
+    """Wait (polling the loop) until ``condition()`` holds: state changed by other tasks of this loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.005)
+
+
+def test_stop_fails_queued_requests_with_503_finishes_the_running_forward_and_does_not_wait_for_preprocessing(
+        encoder):
+    """SGLang's runtime stops the scheduler on shutdown: nothing may hang, and every request gets an answer."""
+    import threading
+
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+
+    async def scenario():
+        read_fd, write_fd = os.pipe()  # a worker process's sentinel: readable once it exits (never, here)
+        worker = SimpleNamespace(sentinel=read_fd, pid=0, exitcode=None)
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config(max_inflight_batches=1),
+                                          worker_processes=[worker], preprocess_workers=1)
+        gate = _Gate(sched.tower)
+        gate.opened.clear()
+        held_preprocess, preprocess_entered, preprocess_done = threading.Event(), threading.Event(), threading.Event()
+        preprocessed: list[str] = []
+        real_preprocess = sched._preprocess
+
+        def preprocess(request, modality):
+            preprocessed.append(request["req_id"])
+            if request["req_id"] == "preprocessing":
+                preprocess_entered.set()
+                held_preprocess.wait(30)
+            try:
+                return real_preprocess(request, modality)
+            finally:
+                if request["req_id"] == "preprocessing":
+                    preprocess_done.set()
+
+        sched._preprocess = preprocess
+        pool_submit = sched._pool.submit
+        pool_calls: list = []
+        sched._pool.submit = lambda *args, **kwargs: pool_calls.append(args) or pool_submit(*args, **kwargs)
+
+        def submit(rid, seed):
+            return asyncio.ensure_future(sched.submit(_unit_request(rid, "image", [_png(56, 56, seed)])))
+
+        running = submit("running", 1)
+        assert await _in_thread(gate.entered.wait)
+        queued = submit("queued", 2)
+        await _until(lambda: sched.coalescer.stats()["pending_units"] == 1, "a unit queued behind the forward")
+        preprocessing = submit("preprocessing", 3)
+        assert await _in_thread(preprocess_entered.wait)
+        waiting = submit("waiting", 4)
+        await _until(lambda: len(pool_calls) == 4, "a preprocessing job queued behind the held one")
+        # a stop that waited for the held preprocessing would block the loop: let it end by itself then
+        timer = threading.Timer(15, held_preprocess.set)
+        timer.start()
+        stopping = asyncio.ensure_future(sched.stop())
+        done, _ = await asyncio.wait({queued}, timeout=10)
+        outcome = {"queued_failed_while_forward_held": queued in done and not gate.opened.is_set()}
+        gate.opened.set()
+        done, _ = await asyncio.wait({stopping, running}, timeout=20)
+        outcome["stopped_while_preprocessing"] = stopping in done and not preprocess_done.is_set()
+        done, _ = await asyncio.wait({waiting}, timeout=10)
+        outcome["waiting_cancelled_at_stop"] = waiting in done and waiting.cancelled()
+        held_preprocess.set()
+        timer.cancel()
+        await asyncio.wait({preprocessing, waiting, stopping}, timeout=30)
+        for name, task in (("running", running), ("queued", queued), ("preprocessing", preprocessing)):
+            outcome[name] = task.result() if task.done() and not task.cancelled() else task
+        outcome["reader_left"] = asyncio.get_running_loop().remove_reader(read_fd)
+        outcome["preprocessed"] = sorted(preprocessed)
+        outcome["stats"] = dict(sched.stats)
+        os.close(read_fd)
+        os.close(write_fd)
+        await _release_all(encoder)
+        return outcome
+
+    outcome = asyncio.run(scenario())
+    assert outcome["queued_failed_while_forward_held"], outcome  # failed at once, not encoded after
+    assert outcome["queued"][:3] == (0, 0, 0) and outcome["queued"][4] == 503, outcome
+    assert outcome["running"] == (1024, 4, 64, None, None), outcome  # the running batch finishes and delivers
+    assert outcome["stopped_while_preprocessing"] and outcome["waiting_cancelled_at_stop"], outcome
+    assert outcome["preprocessing"][:3] == (0, 0, 0) and outcome["preprocessing"][4] == 503, outcome
+    assert outcome["preprocessed"] == ["preprocessing", "queued", "running"], outcome  # "waiting" never ran
+    assert outcome["reader_left"] is False, outcome  # the worker watchdog is gone
+    assert outcome["stats"] == {"submitted": 4, "ok": 1, "failed": 2, "cancelled": 1}, outcome
+
+
+def test_preprocessing_without_one_grid_entry_per_item_fails_the_request_with_400_and_says_why(encoder):
+    """The coalescer splits a request into one unit per grid entry: a processor output it cannot split that way
+    (another model's layout, a processor change) is refused with the counts, never encoded misaligned."""
+    import dataclasses
+
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler, _split_units
+    from sglang.srt.managers.schedule_batch import Modality
+
+    two = _unit_request("two", "image", [_png(56, 84, 1), _png(84, 56, 2)])
+    three = _unit_request("three", "image", [_png(56, 56, 3)] * 3)
+
+    async def scenario():
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        pre = await asyncio.get_running_loop().run_in_executor(None, sched._preprocess, two, Modality.IMAGE)
+        one = await asyncio.get_running_loop().run_in_executor(None, sched._preprocess, three, Modality.IMAGE)
+        # through submit: the client's answer (the processor is made to return one image's grid for two)
+        sched._preprocess = lambda request, modality: dataclasses.replace(pre, grid_thw=pre.grid_thw[:1])
+        answered = await sched.submit(dict(two))
+        await sched.stop()
+        await _release_all(encoder)
+        return pre, one, answered
+
+    pre, one, answered = asyncio.run(scenario())
+    rows = pre.mm_inputs["pixel_values"].shape[0]
+    assert rows == int(pre.grid_thw.prod(dim=1).sum())  # the real output splits: 6x4 + 4x6 patches
+    assert [m.tokens for m in _split_units(encoder, pre, two, Modality.IMAGE)[0]] == [6, 6]
+    assert answered == (0, 0, 0, "bad request: 2 media items gave torch.Size([1, 3]) grid entries; the coalescer "
+                                  "needs one grid entry per item", 400)
+
+    def refused(result, request):
+        with pytest.raises(ValueError) as refusal:
+            _split_units(encoder, result, request, Modality.IMAGE)
+        return str(refusal.value)
+
+    assert refused(dataclasses.replace(pre, grid_thw=None), two) == \
+        "2 media items gave ? grid entries; the coalescer needs one grid entry per item"
+    # one image's grid row, flat: three entries, but not one [t, h, w] row per item
+    assert one.grid_thw.shape == (3, 3)
+    assert refused(dataclasses.replace(one, grid_thw=one.grid_thw[0]), three) == \
+        "3 media items gave torch.Size([3]) grid entries; the coalescer needs one grid entry per item"
+    short = dataclasses.replace(pre, mm_inputs={**pre.mm_inputs, "pixel_values": pre.mm_inputs["pixel_values"][:-4]})
+    assert refused(short, two) == f"preprocessing gave {rows - 4} patch rows, the grid says {rows}"
+
+
+def test_a_preprocessing_thread_reuses_its_event_loop_across_requests(encoder):
+    """SGLang's preprocessor is async: each pool thread runs it on one loop of its own, not a new one per request
+    (an event loop holds a selector and a self-pipe until closed)."""
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+    first = sched._preprocess(_unit_request("a", "image", [_png(56, 56, 1)]), Modality.IMAGE)
+    loop = sched._thread_loops.loop
+    second = sched._preprocess(_unit_request("b", "image", [_png(84, 56, 2)]), Modality.IMAGE)
+    assert sched._thread_loops.loop is loop and not loop.is_closed() and not loop.is_running()
+    assert first.grid_thw.tolist() == [[1, 4, 4]] and second.grid_thw.tolist() == [[1, 4, 6]]
+    loop.close()
+    sched._pool.shutdown()
