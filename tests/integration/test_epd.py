@@ -1230,3 +1230,112 @@ def test_a_preprocessing_thread_reuses_its_event_loop_across_requests(encoder):
     assert first.grid_thw.tolist() == [[1, 4, 4]] and second.grid_thw.tolist() == [[1, 4, 6]]
     loop.close()
     sched._pool.shutdown()
+
+
+def test_two_tp_workers_exiting_together_fail_the_scheduler_once_and_forwards_say_why(encoder):
+    """Each exit is seen on its own sentinel; the second must not trip over the first (both ranks of a TP group
+    often die together), and a forward asked for afterwards names the exit instead of running."""
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler, WorkerDiedError
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        loop_errors: list[dict] = []
+        loop.set_exception_handler(lambda _, context: loop_errors.append(context))
+        pipes = [os.pipe(), os.pipe()]
+        workers = [SimpleNamespace(sentinel=read_fd, pid=100 + rank, exitcode=-9, join=lambda timeout=None: None)
+                   for rank, (read_fd, _) in enumerate(pipes, start=1)]
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config(), worker_processes=workers)
+        exits, both = [], asyncio.Event()
+        seen_exit = sched._on_worker_exit
+
+        def on_exit(rank, proc):
+            seen_exit(rank, proc)
+            exits.append(rank)
+            if len(exits) == 2:
+                both.set()
+
+        sched._on_worker_exit = on_exit
+        await sched.astart()
+        for _, write_fd in pipes:  # both sentinels become readable in the same loop iteration
+            os.write(write_fd, b"x")
+        await asyncio.wait_for(both.wait(), 10)
+        with pytest.raises(WorkerDiedError) as refused:
+            sched.tower.forward([])
+        later = await sched.submit(_unit_request("after", "image", [_png(56, 56, 1)]))
+        await sched.stop()
+        for fds in pipes:
+            for fd in fds:
+                os.close(fd)
+        await _release_all(encoder)
+        return exits, loop_errors, sched.tower.dead, str(refused.value), sched._dead.result(), later
+
+    exits, loop_errors, dead, refused, first, later = asyncio.run(scenario())
+    assert sorted(exits) == [1, 2] and loop_errors == [], loop_errors
+    reason = {rank: f"encoder TP worker rank {rank} (pid {100 + rank}) exited with code -9" for rank in exits}
+    assert first == reason[exits[0]]  # the first exit fails the requests
+    assert dead == reason[exits[1]] == refused  # the latest is what later requests and forwards are told
+    assert later[:3] == (0, 0, 0) and later[4] == 503 and dead in later[3], later
+
+
+def test_rank0_of_a_tp_group_encodes_a_lone_unit_as_sglangs_batch_encode_does(encoder):
+    """One image alone in a forward at TP>1 (one modality per forward there): announced to the workers, and the
+    embedding SGLang's own encoder gives."""
+    import tempfile
+
+    import torch
+    import zmq
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.io_struct import sock_recv, unwrap_from_pickle
+    from sglang.srt.managers.schedule_batch import Modality
+    from sglang.srt.utils.network import get_zmq_socket
+
+    image = [_png(56, 84, 7)]
+
+    async def scenario():
+        context = zmq.Context()
+        path = f"ipc://{tempfile.mkdtemp()}/bcast"
+        pull = get_zmq_socket(context, zmq.PULL, path, True)
+        sched = CoalescedEncoderScheduler(encoder, [get_zmq_socket(context, zmq.PUSH, path, False)], _small_config())
+        ours = await sched.submit(_unit_request("lone", "image", image))
+        theirs, = await encoder.batch_encode([_unit_request("reference", "image", image)], Modality.IMAGE)
+        messages = []
+        while pull.poll(200):
+            messages.append(unwrap_from_pickle(sock_recv(pull)))
+        await sched.stop()
+        context.destroy(linger=0)
+        embeddings = [encoder.req_states[rid].embedding_data.embedding for rid in ("lone", "reference")]
+        await _release_all(encoder)
+        return ours, theirs, messages, embeddings
+
+    ours, theirs, messages, (embedding, reference) = asyncio.run(scenario())
+    assert ours == theirs and ours[3] is None, (ours, theirs)
+    torch.testing.assert_close(embedding, reference, rtol=1e-5, atol=1e-5)
+    message, = messages
+    assert message["modality"] == "IMAGE" and [r["mm_items"] for r in message["requests"]] == [image]
+
+
+def test_a_model_with_a_thinker_is_encoded_through_it_as_sglang_does(encoder):
+    """Omni-style models keep their towers in ``model.thinker``; SGLang's encoder calls its get_*_feature there."""
+    import torch
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    image = [_png(84, 56, 8)]
+
+    async def scenario():
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        ours = await sched.submit(_unit_request("thinker", "image", image))
+        theirs, = await encoder.batch_encode([_unit_request("reference", "image", image)], Modality.IMAGE)
+        await sched.stop()
+        embeddings = [encoder.req_states[rid].embedding_data.embedding for rid in ("thinker", "reference")]
+        await _release_all(encoder)
+        return ours, theirs, embeddings
+
+    model = encoder.model
+    encoder.model = SimpleNamespace(thinker=model)  # the tower is no longer an attribute of encoder.model itself
+    try:
+        ours, theirs, (embedding, reference) = asyncio.run(scenario())
+    finally:
+        encoder.model = model
+    assert ours == theirs and ours[3] is None, (ours, theirs)
+    torch.testing.assert_close(embedding, reference, rtol=1e-5, atol=1e-5)

@@ -124,3 +124,19 @@ def test_the_flags_join_sglangs_parser_with_their_defaults():
 def test_settings_travel_as_one_attribute_of_server_args():
     assert settings.settings_of(SimpleNamespace(**{settings.ATTR: {"mode": "auto"}})) == {"mode": "auto"}
     assert settings.settings_of(SimpleNamespace()) is None
+
+
+def test_preprocessing_advice_only_when_sglangs_own_preprocessing_flags_are_off():
+    def advice(**server_args):
+        return settings.preprocessing_advice(SimpleNamespace(**server_args))
+
+    assert advice() is None  # a ServerArgs without the flags (an older SGLang): nothing to advise
+    assert advice(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc") is None  # both on
+    assert advice(tokenizer_worker_num=2, mm_feature_transport="cuda_ipc") is None  # more than one worker is enough
+    for workers, transport, said in [(1, "cuda_ipc", "1 tokenizer worker(s) with cuda_ipc feature transport"),
+                                     (4, "cpu", "4 tokenizer worker(s) with cpu feature transport"),
+                                     (4, None, "4 tokenizer worker(s) with cpu feature transport"),  # SGLang's default
+                                     (1, None, "1 tokenizer worker(s) with cpu feature transport")]:
+        line = advice(tokenizer_worker_num=workers, mm_feature_transport=transport)
+        assert line is not None and said in line, (workers, transport, line)
+        assert "--tokenizer-worker-num 4 --mm-feature-transport cuda_ipc" in line  # the flags to try
