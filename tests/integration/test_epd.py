@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import re
 import sys
 import tempfile
 import time
@@ -1007,6 +1008,7 @@ def test_staged_embedding_data_is_what_sglangs_batch_encode_stages_for_images_an
 
 def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_encode_ref(encoder):
     from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.disaggregation.encoder import server as server_module
 
     async def scenario():
         import threading
@@ -1038,6 +1040,10 @@ def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_enco
             record(rid, "cancelled" if task in done and task.cancelled() else task)
             gate.opened.set()
 
+        # malformed: refused before anything is counted or held, as SGLang's validation words it
+        with pytest.raises(server_module.BadRequestError) as malformed:
+            await sched.submit(_unit_request("malformed", "image", []))
+        record("malformed", (malformed.value.code, malformed.value.message))
         record("ok-image", await sched.submit(_unit_request("ok-image", "image", [_png(56, 56, 1)])))
         record("ok-video", await sched.submit(_unit_request("ok-video", "video", ["synthetic:1:4:56:84"])))
         record("undecodable", await sched.submit(
@@ -1065,6 +1071,7 @@ def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_enco
     assert outcome["ok-image"][1:] == (16 // 4, 64, None, None)  # 16 patches merged 2x2: 4 tokens of 64
     assert outcome["ok-video"][3:] == (None, None) and outcome["ok-video"][1] > 0
     assert outcome["late"] == "TimeoutError"
+    assert outcome["malformed"] == (400, "missing or empty mm_items")
     assert outcome["gone-1"] == outcome["gone-2"] == "cancelled"
     for rid in ("undecodable", "oversized"):  # failed requests: SGLang's error tuple, and the error staged for /send
         assert outcome[rid][:3] == (0, 0, 0) and outcome[rid][4] == 400, outcome[rid]
@@ -1073,6 +1080,7 @@ def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_enco
     assert outcome["oversized"][3].startswith("bad request: item 0: can never be encoded"), outcome["oversized"]
     counts = [(rid, stats) for rid, _, stats, _ in seen]
     assert counts == [
+        ("malformed", {"submitted": 0, "ok": 0, "failed": 0, "cancelled": 0}),
         ("ok-image", {"submitted": 1, "ok": 1, "failed": 0, "cancelled": 0}),
         ("ok-video", {"submitted": 2, "ok": 2, "failed": 0, "cancelled": 0}),
         ("undecodable", {"submitted": 3, "ok": 2, "failed": 1, "cancelled": 0}),
@@ -1081,7 +1089,9 @@ def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_enco
         ("gone-1", {"submitted": 6, "ok": 2, "failed": 3, "cancelled": 1}),
         ("gone-2", {"submitted": 7, "ok": 2, "failed": 3, "cancelled": 2}),
     ]
-    assert all(refs == 0 for _, _, _, refs in seen), seen  # every outcome gave its encode ref back
+    refs = {rid: refs for rid, _, _, refs in seen}
+    assert refs.pop("malformed") is None, seen  # refused before any encode state existed
+    assert set(refs.values()) == {0}, seen  # every other outcome gave its encode ref back
 
 
 async def _until(condition, what: str, timeout: float = 20) -> None:
@@ -1339,3 +1349,51 @@ def test_a_model_with_a_thinker_is_encoded_through_it_as_sglang_does(encoder):
         encoder.model = model
     assert ours == theirs and ours[3] is None, (ours, theirs)
     torch.testing.assert_close(embedding, reference, rtol=1e-5, atol=1e-5)
+
+
+class _TowerOutput:
+    """The served model with its image tower's output changed: ``[images, tokens, hidden]`` as towers that batch
+    per image return it (``batched``), or one token short (a tower and a processor that disagree)."""
+
+    def __init__(self, model, *, batched: bool = False, short: bool = False) -> None:
+        self.model, self.batched, self.short = model, batched, short
+
+    def get_image_feature(self, items):
+        embedding = self.model.get_image_feature(items)
+        embedding = embedding[:-1] if self.short else embedding
+        return embedding.unsqueeze(0) if self.batched else embedding
+
+
+def test_a_3d_tower_output_is_flattened_to_tokens_and_a_token_count_mismatch_fails_the_request(encoder):
+    import torch
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    images = [_png(56, 84, 9), _png(56, 56, 10)]
+
+    async def scenario(tag):
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        ours = await sched.submit(_unit_request(f"{tag}-ours", "image", images))
+        theirs, = await encoder.batch_encode([_unit_request(f"{tag}-theirs", "image", images)], Modality.IMAGE)
+        await sched.stop()
+        embeddings = [encoder.req_states[f"{tag}-{who}"].embedding_data.embedding for who in ("ours", "theirs")]
+        await _release_all(encoder)
+        return ours, theirs, embeddings
+
+    model = encoder.model
+    try:
+        encoder.model = _TowerOutput(model, batched=True)
+        batched = asyncio.run(scenario("batched"))
+        encoder.model = _TowerOutput(model, short=True)
+        short = asyncio.run(scenario("short"))
+    finally:
+        encoder.model = model
+    ours, theirs, (embedding, reference) = batched
+    assert ours == theirs == (embedding.nbytes, 6 + 4, 64, None, None), (ours, theirs)
+    torch.testing.assert_close(embedding, reference, rtol=1e-5, atol=1e-5)
+    ours, theirs, _ = short
+    assert theirs[3] is not None and theirs[4] == 500  # SGLang's own encoder refuses it too
+    assert ours[:3] == (0, 0, 0) and ours[4] == 500, ours
+    # the coalescer isolates a failing unit (one image): the request's error says which count disagreed
+    said = re.search(r"encoder produced (\d+) tokens, preprocessing expected (\d+)", ours[3])
+    assert said and (int(said[1]) + 1, int(said[2])) in {(6, 6), (4, 4)}, ours
