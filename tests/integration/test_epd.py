@@ -1208,6 +1208,11 @@ def test_preprocessing_without_one_grid_entry_per_item_fails_the_request_with_40
     rows = pre.mm_inputs["pixel_values"].shape[0]
     assert rows == int(pre.grid_thw.prod(dim=1).sum())  # the real output splits: 6x4 + 4x6 patches
     assert [m.tokens for m in _split_units(encoder, pre, two, Modality.IMAGE)[0]] == [6, 6]
+    # an output that is not one entry per item (here a one-element list for two images) goes whole to every unit
+    shared = dataclasses.replace(pre, mm_inputs={**pre.mm_inputs, "fps": [2.0]})
+    assert [{k: v.tolist() for k, v in m.shared.items()} for m in _split_units(encoder, shared, two,
+                                                                                Modality.IMAGE)[0]] == \
+        [{"fps": [2.0]}, {"fps": [2.0]}]
     assert answered == (0, 0, 0, "bad request: 2 media items gave torch.Size([1, 3]) grid entries; the coalescer "
                                   "needs one grid entry per item", 400)
 
