@@ -1402,3 +1402,35 @@ def test_a_3d_tower_output_is_flattened_to_tokens_and_a_token_count_mismatch_fai
     # the coalescer isolates a failing unit (one image): the request's error says which count disagreed
     said = re.search(r"encoder produced (\d+) tokens, preprocessing expected (\d+)", ours[3])
     assert said and (int(said[1]) + 1, int(said[2])) in {(6, 6), (4, 4)}, ours
+
+
+def test_scheduler_setup_keeps_tp1_pipelining_resolves_auto_bytes_per_patch_and_names_its_preprocessing_threads(
+        encoder):
+    import threading
+
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+
+    from mm_scheduler import CoalescerConfig
+
+    # TP=1: no workers to keep in step, so the configured batches in flight stand (TP>1 runs one at a time)
+    assert CoalescedEncoderScheduler(encoder, [], _small_config(max_inflight_batches=2)).coalescer.config \
+        .max_inflight_batches == 2
+    # "auto" measures on CUDA only; on this CPU encoder it is the vision config's declared value
+    auto = CoalescedEncoderScheduler(encoder, [], CoalescerConfig(name="epd-auto", budget_bytes=1 << 26,
+                                                                  bytes_per_patch="auto"))
+    assert auto.tower.bytes_per_patch == auto.coalescer.bytes_per_patch == 32 * 2 * 2 * 4  # hidden*2*depth*fp32
+    # preprocessing: four threads by default, named for thread dumps
+    names: list[str] = []
+    real = auto._preprocess
+    auto._preprocess = lambda request, modality: names.append(threading.current_thread().name) or real(request,
+                                                                                                         modality)
+
+    async def one():
+        result = await auto.submit(_unit_request("named", "image", [_png(56, 56, 11)]))
+        await auto.stop()
+        await _release_all(encoder)
+        return result
+
+    assert asyncio.run(one())[3] is None
+    assert len(names) == 1 and names[0].startswith("mm-epd-preproc"), names
+    assert auto._pool._max_workers == 4
