@@ -981,7 +981,7 @@ def test_staged_embedding_data_is_what_sglangs_batch_encode_stages_for_images_an
     requests = [("image", [_png(56, 84, 1), _png(84, 56, 2)], 3, 2),
                 ("video", ["synthetic:3:6:56:56", "synthetic:4:2:56:112"], 2, 1)]
 
-    async def scenario():
+    async def scenario_of(requests):
         sched = CoalescedEncoderScheduler(encoder, [], _small_config())
         compared = []
         for n, (kind, items, num_parts, part_idx) in enumerate(requests):
@@ -994,7 +994,7 @@ def test_staged_embedding_data_is_what_sglangs_batch_encode_stages_for_images_an
         await _release_all(encoder)
         return compared
 
-    compared = asyncio.run(scenario())
+    compared = asyncio.run(scenario_of(requests))
     for ours, theirs, staged, reference in compared:
         assert ours == theirs and ours[3:] == (None, None), (ours, theirs)  # nbytes, tokens, dim, no error
         torch.testing.assert_close(staged.pop("embedding"), reference.pop("embedding"), rtol=1e-5, atol=1e-5)
@@ -1004,6 +1004,15 @@ def test_staged_embedding_data_is_what_sglangs_batch_encode_stages_for_images_an
     assert len(image["grid_dim"]) == 2 and image["second_per_grid_ts"] is None
     assert (video["num_parts"], video["part_idx"], video["modality"]) == (2, 1, Modality.VIDEO)
     assert len(video["grid_dim"]) == 2 and len(video["second_per_grid_ts"]) == 2  # qwen2_5_vl's video metadata
+    # which metadata travels depends on the served model type (MiMo adds its audio-in-video fields), as in SGLang
+    encoder.model_type = "mimo_vl"
+    try:
+        (ours, theirs, staged, reference), = asyncio.run(scenario_of([requests[1]]))
+    finally:
+        encoder.model_type = "qwen2_5_vl"
+    assert ours == theirs and "video_audio_feature_lens" in reference
+    torch.testing.assert_close(staged.pop("embedding"), reference.pop("embedding"), rtol=1e-5, atol=1e-5)
+    assert staged == reference
 
 
 def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_encode_ref(encoder):
