@@ -140,3 +140,13 @@ def test_preprocessing_advice_only_when_sglangs_own_preprocessing_flags_are_off(
         line = advice(tokenizer_worker_num=workers, mm_feature_transport=transport)
         assert line is not None and said in line, (workers, transport, line)
         assert "--tokenizer-worker-num 4 --mm-feature-transport cuda_ipc" in line  # the flags to try
+
+
+def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("sglang:\n  prefill_wait: 5\n  defer_prefil_ms: 1\n")
+    with pytest.raises(ValueError) as info:
+        settings.resolve(False, str(path))
+    assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
+                               "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
+                               "'llm_stream_priority', 'prefill_wait_ms']")
