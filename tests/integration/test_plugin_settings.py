@@ -150,3 +150,14 @@ def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
     assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
                                "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
                                "'llm_stream_priority', 'prefill_wait_ms']")
+
+
+def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic(tmp_path):
+    path = tmp_path / "gemma4.yaml"
+    path.write_text("name: gemma4\nbudget_bytes: 1000000\nbytes_per_patch: 2000\n")
+    with pytest.raises(ValueError) as info:
+        settings.check_config_file(str(path))
+    assert str(info.value) == (f"{path}: 'budget_bytes' 1000000 cannot hold the smallest gemma4 unit (one 70-token "
+                               "image: 630 patches x 2000 bytes/patch = 1260000 bytes); raise budget_bytes")
+    path.write_text("name: gemma4\nbudget_bytes: 1260000\nbytes_per_patch: 2000\n")  # exactly one unit: enough
+    assert settings.check_config_file(str(path))["values"]["budget_bytes"] == 1260000
