@@ -49,7 +49,8 @@ TESTS_OF: dict[str, list[str]] = {
                                      SI + "test_service.py"],
     "integration/adapters.py": [SI + "test_adapters.py", SI + "test_equivalence.py", SI + "test_dp_encoder.py"],
     "integration/modes.py": [SI + "test_modes.py", SI + "test_dp_encoder.py"],
-    "integration/settings.py": [SI + "test_plugin_settings.py", SI + "test_plugin_hooks.py"],
+    "integration/settings.py": [SI + "test_plugin_settings.py", SI + "test_plugin_hooks.py",
+                                SI + "test_check_config.py"],  # the budget check, as server and CLI report it
     # test_check_versions.py loads integration/sglang_compat.py by path (not the mutated copy);
     # test_plugin_loading.py's checks of the layer run in subprocesses (mutmut sees none of them)
     "integration/sglang_compat.py": [SI + "test_sglang_compat.py", SI + "test_plugin_hooks.py"],

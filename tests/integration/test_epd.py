@@ -30,6 +30,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import re
 import sys
 import tempfile
 import time
@@ -906,3 +907,539 @@ def test_tp_worker_dying_mid_batch_fails_requests_with_503_and_never_hangs(tp2):
     after, = tp2["after_death"].values()
     assert "503" in after and "exited" in after
     assert tp2["states_left"] == []
+
+
+# --- the scheduler's request contract, in the test process (a real MMEncoder and tower, one request at a time) ----
+@pytest.fixture(scope="module")
+def encoder():
+    """Rank 0's MMEncoder of the scenarios above, built once in the test process (videos synthetic, as there)."""
+    import sglang_models as sm
+
+    sm.init_sglang_cpu()
+    enc = _build_encoder(0)
+    _synthetic_videos(enc.preprocessor)
+    yield enc
+    assert enc.req_states == {}, "a test left encode state behind"
+
+
+class _Gate:
+    """Holds the tower's forwards on the coalescer's forward thread while closed."""
+
+    def __init__(self, tower) -> None:
+        import threading
+
+        self.opened, self.entered = threading.Event(), threading.Event()
+        self.opened.set()
+        real = tower._forward_group
+
+        def held(metas, pixels, mixed):
+            self.entered.set()
+            if not self.opened.wait(30):
+                raise RuntimeError("the test never opened the gate")
+            return real(metas, pixels, mixed)
+
+        tower._forward_group = held
+
+
+async def _in_thread(wait, timeout: float = 30) -> bool:
+    """``wait(timeout)`` of a threading.Event, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, wait, timeout)
+
+
+def _small_config(**changes):
+    from mm_scheduler import CoalescerConfig
+
+    # 200 patches of 8 KiB: a 56x56 image is 16 patches, a 224x224 one (256) can never be encoded
+    return CoalescerConfig(name="epd-unit", budget_bytes=8192 * 200, bytes_per_patch=8192, max_batch_items=16,
+                           **changes)
+
+
+def _unit_request(rid: str, modality: str, items: list, num_parts: int = 1, part_idx: int = 0) -> dict:
+    return {"req_id": rid, "modality": modality, "mm_items": items, "num_parts": num_parts, "part_idx": part_idx}
+
+
+def _staged_fields(enc, rid: str) -> dict:
+    """What rank 0 staged for ``rid`` (and /send delivers to prefill), but its req_id and transient fields."""
+    import torch
+
+    data = enc.req_states[rid].embedding_data
+    fields = {k: v for k, v in vars(data).items() if k not in ("req_id", "send_time", "_mr_ptr")}
+    return {k: v.tolist() if isinstance(v, torch.Tensor) and k != "embedding" else v for k, v in fields.items()}
+
+
+async def _release_all(enc) -> None:
+    for rid in list(enc.req_states):
+        await enc.release_request(rid)
+
+
+def test_staged_embedding_data_is_what_sglangs_batch_encode_stages_for_images_and_videos(encoder):
+    """Everything prefill receives besides the tensor: parts, grid, modality, video metadata, the result tuple."""
+    import torch
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    requests = [("image", [_png(56, 84, 1), _png(84, 56, 2)], 3, 2),
+                ("video", ["synthetic:3:6:56:56", "synthetic:4:2:56:112"], 2, 1)]
+
+    async def scenario_of(requests):
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        compared = []
+        for n, (kind, items, num_parts, part_idx) in enumerate(requests):
+            modality = Modality.from_str(kind)
+            theirs, = await encoder.batch_encode([_unit_request(f"S{n}", kind, items, num_parts, part_idx)],
+                                                 modality)
+            ours = await sched.submit(_unit_request(f"C{n}", kind, items, num_parts, part_idx))
+            compared.append((ours, theirs, _staged_fields(encoder, f"C{n}"), _staged_fields(encoder, f"S{n}")))
+        await sched.stop()
+        await _release_all(encoder)
+        return compared
+
+    compared = asyncio.run(scenario_of(requests))
+    for ours, theirs, staged, reference in compared:
+        assert ours == theirs and ours[3:] == (None, None), (ours, theirs)  # nbytes, tokens, dim, no error
+        torch.testing.assert_close(staged.pop("embedding"), reference.pop("embedding"), rtol=1e-5, atol=1e-5)
+        assert staged == reference
+    image, video = (staged for _, _, staged, _ in compared)
+    assert (image["num_parts"], image["part_idx"], image["modality"]) == (3, 2, Modality.IMAGE)
+    assert len(image["grid_dim"]) == 2 and image["second_per_grid_ts"] is None
+    assert (video["num_parts"], video["part_idx"], video["modality"]) == (2, 1, Modality.VIDEO)
+    assert len(video["grid_dim"]) == 2 and len(video["second_per_grid_ts"]) == 2  # qwen2_5_vl's video metadata
+    # which metadata travels depends on the served model type (MiMo adds its audio-in-video fields), as in SGLang
+    encoder.model_type = "mimo_vl"
+    try:
+        (ours, theirs, staged, reference), = asyncio.run(scenario_of([requests[1]]))
+    finally:
+        encoder.model_type = "qwen2_5_vl"
+    assert ours == theirs and "video_audio_feature_lens" in reference
+    torch.testing.assert_close(staged.pop("embedding"), reference.pop("embedding"), rtol=1e-5, atol=1e-5)
+    assert staged == reference
+
+
+def test_submit_counts_each_request_once_by_outcome_and_always_releases_its_encode_ref(encoder):
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.disaggregation.encoder import server as server_module
+
+    async def scenario():
+        import threading
+
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        gate = _Gate(sched.tower)
+        preprocessed = threading.Event()
+        real_preprocess = sched._preprocess
+
+        def signalling_preprocess(request, modality):
+            result = real_preprocess(request, modality)
+            preprocessed.set()
+            return result
+
+        sched._preprocess = signalling_preprocess
+        seen: list[tuple] = []
+
+        def record(rid, outcome):
+            refs = encoder.req_states[rid].active_encodes if rid in encoder.req_states else None
+            seen.append((rid, outcome, dict(sched.stats), refs))
+
+        async def cancelled(rid):  # the client leaves once the request is queued behind the held forward
+            gate.opened.clear()
+            preprocessed.clear()
+            task = asyncio.ensure_future(sched.submit(_unit_request(rid, "image", [_png(56, 56, 3)])))
+            assert await _in_thread(preprocessed.wait)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=30)
+            record(rid, "cancelled" if task in done and task.cancelled() else task)
+            gate.opened.set()
+
+        # malformed: refused before anything is counted or held, as SGLang's validation words it
+        with pytest.raises(server_module.BadRequestError) as malformed:
+            await sched.submit(_unit_request("malformed", "image", []))
+        record("malformed", (malformed.value.code, malformed.value.message))
+        record("ok-image", await sched.submit(_unit_request("ok-image", "image", [_png(56, 56, 1)])))
+        record("ok-video", await sched.submit(_unit_request("ok-video", "video", ["synthetic:1:4:56:84"])))
+        record("undecodable", await sched.submit(
+            _unit_request("undecodable", "image", ["data:image/png;base64,AAAAnotapng"])))
+        # the forward outlives the request's timeout: TimeoutError to SGLang's pipeline, which publishes it
+        gate.opened.clear()
+        gate.entered.clear()
+        sched.request_timeout = 0.2
+        late = asyncio.ensure_future(sched.submit(_unit_request("late", "image", [_png(56, 56, 4)])))
+        done, _ = await asyncio.wait({late}, timeout=20)
+        record("late", type(late.exception()).__name__ if late in done else "still waiting")
+        sched.request_timeout = 60.0
+        assert await _in_thread(gate.entered.wait)  # it did reach the tower
+        gate.opened.set()
+        record("oversized", await sched.submit(_unit_request("oversized", "image", [_png(224, 224, 5)])))
+        await cancelled("gone-1")
+        await cancelled("gone-2")
+        errors = {rid: _staged_fields(encoder, rid) for rid in ("undecodable", "oversized")}
+        await sched.stop()
+        await _release_all(encoder)
+        return seen, errors
+
+    seen, errors = asyncio.run(scenario())
+    outcome = {rid: result for rid, result, _, _ in seen}
+    assert outcome["ok-image"][1:] == (16 // 4, 64, None, None)  # 16 patches merged 2x2: 4 tokens of 64
+    assert outcome["ok-video"][3:] == (None, None) and outcome["ok-video"][1] > 0
+    assert outcome["late"] == "TimeoutError"
+    assert outcome["malformed"] == (400, "missing or empty mm_items")
+    assert outcome["gone-1"] == outcome["gone-2"] == "cancelled"
+    for rid in ("undecodable", "oversized"):  # failed requests: SGLang's error tuple, and the error staged for /send
+        assert outcome[rid][:3] == (0, 0, 0) and outcome[rid][4] == 400, outcome[rid]
+        assert (errors[rid]["error_msg"], errors[rid]["error_code"]) == outcome[rid][3:], errors[rid]
+        assert errors[rid]["embedding"] is None and errors[rid]["modality"].name == "IMAGE"
+    assert outcome["oversized"][3].startswith("bad request: item 0: can never be encoded"), outcome["oversized"]
+    counts = [(rid, stats) for rid, _, stats, _ in seen]
+    assert counts == [
+        ("malformed", {"submitted": 0, "ok": 0, "failed": 0, "cancelled": 0}),
+        ("ok-image", {"submitted": 1, "ok": 1, "failed": 0, "cancelled": 0}),
+        ("ok-video", {"submitted": 2, "ok": 2, "failed": 0, "cancelled": 0}),
+        ("undecodable", {"submitted": 3, "ok": 2, "failed": 1, "cancelled": 0}),
+        ("late", {"submitted": 4, "ok": 2, "failed": 2, "cancelled": 0}),
+        ("oversized", {"submitted": 5, "ok": 2, "failed": 3, "cancelled": 0}),
+        ("gone-1", {"submitted": 6, "ok": 2, "failed": 3, "cancelled": 1}),
+        ("gone-2", {"submitted": 7, "ok": 2, "failed": 3, "cancelled": 2}),
+    ]
+    refs = {rid: refs for rid, _, _, refs in seen}
+    assert refs.pop("malformed") is None, seen  # refused before any encode state existed
+    assert set(refs.values()) == {0}, seen  # every other outcome gave its encode ref back
+
+
+async def _until(condition, what: str, timeout: float = 20) -> None:
+    """Wait (polling the loop) until ``condition()`` holds: state changed by other tasks of this loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.005)
+
+
+def test_stop_fails_queued_requests_with_503_finishes_the_running_forward_and_does_not_wait_for_preprocessing(
+        encoder):
+    """SGLang's runtime stops the scheduler on shutdown: nothing may hang, and every request gets an answer."""
+    import threading
+
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+
+    async def scenario():
+        read_fd, write_fd = os.pipe()  # a worker process's sentinel: readable once it exits (never, here)
+        worker = SimpleNamespace(sentinel=read_fd, pid=0, exitcode=None)
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config(max_inflight_batches=1),
+                                          worker_processes=[worker], preprocess_workers=1)
+        gate = _Gate(sched.tower)
+        gate.opened.clear()
+        held_preprocess, preprocess_entered, preprocess_done = threading.Event(), threading.Event(), threading.Event()
+        preprocessed: list[str] = []
+        real_preprocess = sched._preprocess
+
+        def preprocess(request, modality):
+            preprocessed.append(request["req_id"])
+            if request["req_id"] == "preprocessing":
+                preprocess_entered.set()
+                held_preprocess.wait(30)
+            try:
+                return real_preprocess(request, modality)
+            finally:
+                if request["req_id"] == "preprocessing":
+                    preprocess_done.set()
+
+        sched._preprocess = preprocess
+        pool_submit = sched._pool.submit
+        pool_calls: list = []
+        sched._pool.submit = lambda *args, **kwargs: pool_calls.append(args) or pool_submit(*args, **kwargs)
+
+        def submit(rid, seed):
+            return asyncio.ensure_future(sched.submit(_unit_request(rid, "image", [_png(56, 56, seed)])))
+
+        running = submit("running", 1)
+        assert await _in_thread(gate.entered.wait)
+        queued = submit("queued", 2)
+        await _until(lambda: sched.coalescer.stats()["pending_units"] == 1, "a unit queued behind the forward")
+        preprocessing = submit("preprocessing", 3)
+        assert await _in_thread(preprocess_entered.wait)
+        waiting = submit("waiting", 4)
+        await _until(lambda: len(pool_calls) == 4, "a preprocessing job queued behind the held one")
+        # a stop that waited for the held preprocessing would block the loop: let it end by itself then
+        timer = threading.Timer(15, held_preprocess.set)
+        timer.start()
+        stopping = asyncio.ensure_future(sched.stop())
+        done, _ = await asyncio.wait({queued}, timeout=10)
+        outcome = {"queued_failed_while_forward_held": queued in done and not gate.opened.is_set()}
+        gate.opened.set()
+        done, _ = await asyncio.wait({stopping, running}, timeout=20)
+        outcome["stopped_while_preprocessing"] = stopping in done and not preprocess_done.is_set()
+        done, _ = await asyncio.wait({waiting}, timeout=10)
+        outcome["waiting_cancelled_at_stop"] = waiting in done and waiting.cancelled()
+        held_preprocess.set()
+        timer.cancel()
+        await asyncio.wait({preprocessing, waiting, stopping}, timeout=30)
+        for name, task in (("running", running), ("queued", queued), ("preprocessing", preprocessing)):
+            outcome[name] = task.result() if task.done() and not task.cancelled() else task
+        outcome["reader_left"] = asyncio.get_running_loop().remove_reader(read_fd)
+        outcome["preprocessed"] = sorted(preprocessed)
+        outcome["stats"] = dict(sched.stats)
+        os.close(read_fd)
+        os.close(write_fd)
+        await _release_all(encoder)
+        return outcome
+
+    outcome = asyncio.run(scenario())
+    assert outcome["queued_failed_while_forward_held"], outcome  # failed at once, not encoded after
+    assert outcome["queued"][:3] == (0, 0, 0) and outcome["queued"][4] == 503, outcome
+    assert outcome["running"] == (1024, 4, 64, None, None), outcome  # the running batch finishes and delivers
+    assert outcome["stopped_while_preprocessing"] and outcome["waiting_cancelled_at_stop"], outcome
+    assert outcome["preprocessing"][:3] == (0, 0, 0) and outcome["preprocessing"][4] == 503, outcome
+    assert outcome["preprocessed"] == ["preprocessing", "queued", "running"], outcome  # "waiting" never ran
+    assert outcome["reader_left"] is False, outcome  # the worker watchdog is gone
+    assert outcome["stats"] == {"submitted": 4, "ok": 1, "failed": 2, "cancelled": 1}, outcome
+
+
+def test_preprocessing_without_one_grid_entry_per_item_fails_the_request_with_400_and_says_why(encoder):
+    """The coalescer splits a request into one unit per grid entry: a processor output it cannot split that way
+    (another model's layout, a processor change) is refused with the counts, never encoded misaligned."""
+    import dataclasses
+
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler, _split_units
+    from sglang.srt.managers.schedule_batch import Modality
+
+    two = _unit_request("two", "image", [_png(56, 84, 1), _png(84, 56, 2)])
+    three = _unit_request("three", "image", [_png(56, 56, 3)] * 3)
+
+    async def scenario():
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        pre = await asyncio.get_running_loop().run_in_executor(None, sched._preprocess, two, Modality.IMAGE)
+        one = await asyncio.get_running_loop().run_in_executor(None, sched._preprocess, three, Modality.IMAGE)
+        # through submit: the client's answer (the processor is made to return one image's grid for two)
+        sched._preprocess = lambda request, modality: dataclasses.replace(pre, grid_thw=pre.grid_thw[:1])
+        answered = await sched.submit(dict(two))
+        await sched.stop()
+        await _release_all(encoder)
+        return pre, one, answered
+
+    pre, one, answered = asyncio.run(scenario())
+    rows = pre.mm_inputs["pixel_values"].shape[0]
+    assert rows == int(pre.grid_thw.prod(dim=1).sum())  # the real output splits: 6x4 + 4x6 patches
+    assert [m.tokens for m in _split_units(encoder, pre, two, Modality.IMAGE)[0]] == [6, 6]
+    # an output that is not one entry per item (here a one-element list for two images) goes whole to every unit
+    shared = dataclasses.replace(pre, mm_inputs={**pre.mm_inputs, "fps": [2.0]})
+    assert [{k: v.tolist() for k, v in m.shared.items()} for m in _split_units(encoder, shared, two,
+                                                                                Modality.IMAGE)[0]] == \
+        [{"fps": [2.0]}, {"fps": [2.0]}]
+    assert answered == (0, 0, 0, "bad request: 2 media items gave torch.Size([1, 3]) grid entries; the coalescer "
+                                  "needs one grid entry per item", 400)
+
+    def refused(result, request):
+        with pytest.raises(ValueError) as refusal:
+            _split_units(encoder, result, request, Modality.IMAGE)
+        return str(refusal.value)
+
+    assert refused(dataclasses.replace(pre, grid_thw=None), two) == \
+        "2 media items gave ? grid entries; the coalescer needs one grid entry per item"
+    # one image's grid row, flat: three entries, but not one [t, h, w] row per item
+    assert one.grid_thw.shape == (3, 3)
+    assert refused(dataclasses.replace(one, grid_thw=one.grid_thw[0]), three) == \
+        "3 media items gave torch.Size([3]) grid entries; the coalescer needs one grid entry per item"
+    short = dataclasses.replace(pre, mm_inputs={**pre.mm_inputs, "pixel_values": pre.mm_inputs["pixel_values"][:-4]})
+    assert refused(short, two) == f"preprocessing gave {rows - 4} patch rows, the grid says {rows}"
+
+
+def test_a_preprocessing_thread_reuses_its_event_loop_across_requests(encoder):
+    """SGLang's preprocessor is async: each pool thread runs it on one loop of its own, not a new one per request
+    (an event loop holds a selector and a self-pipe until closed)."""
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+    first = sched._preprocess(_unit_request("a", "image", [_png(56, 56, 1)]), Modality.IMAGE)
+    loop = sched._thread_loops.loop
+    second = sched._preprocess(_unit_request("b", "image", [_png(84, 56, 2)]), Modality.IMAGE)
+    assert sched._thread_loops.loop is loop and not loop.is_closed() and not loop.is_running()
+    assert first.grid_thw.tolist() == [[1, 4, 4]] and second.grid_thw.tolist() == [[1, 4, 6]]
+    loop.close()
+    sched._pool.shutdown()
+
+
+def test_two_tp_workers_exiting_together_fail_the_scheduler_once_and_forwards_say_why(encoder):
+    """Each exit is seen on its own sentinel; the second must not trip over the first (both ranks of a TP group
+    often die together), and a forward asked for afterwards names the exit instead of running."""
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler, WorkerDiedError
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        loop_errors: list[dict] = []
+        loop.set_exception_handler(lambda _, context: loop_errors.append(context))
+        pipes = [os.pipe(), os.pipe()]
+        workers = [SimpleNamespace(sentinel=read_fd, pid=100 + rank, exitcode=-9, join=lambda timeout=None: None)
+                   for rank, (read_fd, _) in enumerate(pipes, start=1)]
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config(), worker_processes=workers)
+        exits, both = [], asyncio.Event()
+        seen_exit = sched._on_worker_exit
+
+        def on_exit(rank, proc):
+            seen_exit(rank, proc)
+            exits.append(rank)
+            if len(exits) == 2:
+                both.set()
+
+        sched._on_worker_exit = on_exit
+        await sched.astart()
+        for _, write_fd in pipes:  # both sentinels become readable in the same loop iteration
+            os.write(write_fd, b"x")
+        await asyncio.wait_for(both.wait(), 10)
+        with pytest.raises(WorkerDiedError) as refused:
+            sched.tower.forward([])
+        later = await sched.submit(_unit_request("after", "image", [_png(56, 56, 1)]))
+        await sched.stop()
+        for fds in pipes:
+            for fd in fds:
+                os.close(fd)
+        await _release_all(encoder)
+        return exits, loop_errors, sched.tower.dead, str(refused.value), sched._dead.result(), later
+
+    exits, loop_errors, dead, refused, first, later = asyncio.run(scenario())
+    assert sorted(exits) == [1, 2] and loop_errors == [], loop_errors
+    reason = {rank: f"encoder TP worker rank {rank} (pid {100 + rank}) exited with code -9" for rank in exits}
+    assert first == reason[exits[0]]  # the first exit fails the requests
+    assert dead == reason[exits[1]] == refused  # the latest is what later requests and forwards are told
+    assert later[:3] == (0, 0, 0) and later[4] == 503 and dead in later[3], later
+
+
+def test_rank0_of_a_tp_group_encodes_a_lone_unit_as_sglangs_batch_encode_does(encoder):
+    """One image alone in a forward at TP>1 (one modality per forward there): announced to the workers, and the
+    embedding SGLang's own encoder gives."""
+    import tempfile
+
+    import torch
+    import zmq
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.io_struct import sock_recv, unwrap_from_pickle
+    from sglang.srt.managers.schedule_batch import Modality
+    from sglang.srt.utils.network import get_zmq_socket
+
+    image = [_png(56, 84, 7)]
+
+    async def scenario():
+        context = zmq.Context()
+        path = f"ipc://{tempfile.mkdtemp()}/bcast"
+        pull = get_zmq_socket(context, zmq.PULL, path, True)
+        sched = CoalescedEncoderScheduler(encoder, [get_zmq_socket(context, zmq.PUSH, path, False)], _small_config())
+        ours = await sched.submit(_unit_request("lone", "image", image))
+        theirs, = await encoder.batch_encode([_unit_request("reference", "image", image)], Modality.IMAGE)
+        messages = []
+        while pull.poll(200):
+            messages.append(unwrap_from_pickle(sock_recv(pull)))
+        await sched.stop()
+        context.destroy(linger=0)
+        embeddings = [encoder.req_states[rid].embedding_data.embedding for rid in ("lone", "reference")]
+        await _release_all(encoder)
+        return ours, theirs, messages, embeddings
+
+    ours, theirs, messages, (embedding, reference) = asyncio.run(scenario())
+    assert ours == theirs and ours[3] is None, (ours, theirs)
+    torch.testing.assert_close(embedding, reference, rtol=1e-5, atol=1e-5)
+    message, = messages
+    assert message["modality"] == "IMAGE" and [r["mm_items"] for r in message["requests"]] == [image]
+
+
+def test_a_model_with_a_thinker_is_encoded_through_it_as_sglang_does(encoder):
+    """Omni-style models keep their towers in ``model.thinker``; SGLang's encoder calls its get_*_feature there."""
+    import torch
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    image = [_png(84, 56, 8)]
+
+    async def scenario():
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        ours = await sched.submit(_unit_request("thinker", "image", image))
+        theirs, = await encoder.batch_encode([_unit_request("reference", "image", image)], Modality.IMAGE)
+        await sched.stop()
+        embeddings = [encoder.req_states[rid].embedding_data.embedding for rid in ("thinker", "reference")]
+        await _release_all(encoder)
+        return ours, theirs, embeddings
+
+    model = encoder.model
+    encoder.model = SimpleNamespace(thinker=model)  # the tower is no longer an attribute of encoder.model itself
+    try:
+        ours, theirs, (embedding, reference) = asyncio.run(scenario())
+    finally:
+        encoder.model = model
+    assert ours == theirs and ours[3] is None, (ours, theirs)
+    torch.testing.assert_close(embedding, reference, rtol=1e-5, atol=1e-5)
+
+
+class _TowerOutput:
+    """The served model with its image tower's output changed: ``[images, tokens, hidden]`` as towers that batch
+    per image return it (``batched``), or one token short (a tower and a processor that disagree)."""
+
+    def __init__(self, model, *, batched: bool = False, short: bool = False) -> None:
+        self.model, self.batched, self.short = model, batched, short
+
+    def get_image_feature(self, items):
+        embedding = self.model.get_image_feature(items)
+        embedding = embedding[:-1] if self.short else embedding
+        return embedding.unsqueeze(0) if self.batched else embedding
+
+
+def test_a_3d_tower_output_is_flattened_to_tokens_and_a_token_count_mismatch_fails_the_request(encoder):
+    import torch
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+    from sglang.srt.managers.schedule_batch import Modality
+
+    images = [_png(56, 84, 9), _png(56, 56, 10)]
+
+    async def scenario(tag):
+        sched = CoalescedEncoderScheduler(encoder, [], _small_config())
+        ours = await sched.submit(_unit_request(f"{tag}-ours", "image", images))
+        theirs, = await encoder.batch_encode([_unit_request(f"{tag}-theirs", "image", images)], Modality.IMAGE)
+        await sched.stop()
+        embeddings = [encoder.req_states[f"{tag}-{who}"].embedding_data.embedding for who in ("ours", "theirs")]
+        await _release_all(encoder)
+        return ours, theirs, embeddings
+
+    model = encoder.model
+    try:
+        encoder.model = _TowerOutput(model, batched=True)
+        batched = asyncio.run(scenario("batched"))
+        encoder.model = _TowerOutput(model, short=True)
+        short = asyncio.run(scenario("short"))
+    finally:
+        encoder.model = model
+    ours, theirs, (embedding, reference) = batched
+    assert ours == theirs == (embedding.nbytes, 6 + 4, 64, None, None), (ours, theirs)
+    torch.testing.assert_close(embedding, reference, rtol=1e-5, atol=1e-5)
+    ours, theirs, _ = short
+    assert theirs[3] is not None and theirs[4] == 500  # SGLang's own encoder refuses it too
+    assert ours[:3] == (0, 0, 0) and ours[4] == 500, ours
+    # the coalescer isolates a failing unit (one image): the request's error says which count disagreed
+    said = re.search(r"encoder produced (\d+) tokens, preprocessing expected (\d+)", ours[3])
+    assert said and (int(said[1]) + 1, int(said[2])) in {(6, 6), (4, 4)}, ours
+
+
+def test_scheduler_setup_keeps_tp1_pipelining_resolves_auto_bytes_per_patch_and_names_its_preprocessing_threads(
+        encoder):
+    import threading
+
+    from mm_scheduler_sglang.epd import CoalescedEncoderScheduler
+
+    from mm_scheduler import CoalescerConfig
+
+    # TP=1: no workers to keep in step, so the configured batches in flight stand (TP>1 runs one at a time)
+    assert CoalescedEncoderScheduler(encoder, [], _small_config(max_inflight_batches=2)).coalescer.config \
+        .max_inflight_batches == 2
+    # "auto" measures on CUDA only; on this CPU encoder it is the vision config's declared value
+    auto = CoalescedEncoderScheduler(encoder, [], CoalescerConfig(name="epd-auto", budget_bytes=1 << 26,
+                                                                  bytes_per_patch="auto"))
+    assert auto.tower.bytes_per_patch == auto.coalescer.bytes_per_patch == 32 * 2 * 2 * 4  # hidden*2*depth*fp32
+    # preprocessing: four threads by default, named for thread dumps
+    names: list[str] = []
+    real = auto._preprocess
+    auto._preprocess = lambda request, modality: names.append(threading.current_thread().name) or real(request,
+                                                                                                         modality)
+
+    async def one():
+        result = await auto.submit(_unit_request("named", "image", [_png(56, 56, 11)]))
+        await auto.stop()
+        await _release_all(encoder)
+        return result
+
+    assert asyncio.run(one())[3] is None
+    assert len(names) == 1 and names[0].startswith("mm-epd-preproc"), names
+    assert auto._pool._max_workers == 4

@@ -206,23 +206,6 @@ def test_tunes_encoding_rule_says_what_it_saw_and_needs_both_histograms():
         assert settings.tune_rules({}, partial) == []
 
 
-@pytest.mark.parametrize("workers, transport, advised", [
-    (None, None, False),  # a ServerArgs without the fields (an SGLang that lacks them): nothing to advise
-    (4, "cuda_ipc", False),
-    (1, None, True),
-    (4, "cpu", True),
-    (1, "cuda_ipc", True),
-])
-def test_sglangs_preprocessing_flags_are_suggested_unless_both_are_on(workers, transport, advised):
-    from types import SimpleNamespace
-
-    args = SimpleNamespace(tokenizer_worker_num=workers, mm_feature_transport=transport)
-    advice = settings.preprocessing_advice(args)
-    assert (advice is not None) is advised
-    if advised:
-        assert f"SGLang runs {workers} tokenizer worker(s) with {transport or 'cpu'} feature transport" in advice
-
-
 def test_the_preprocessing_advice_is_one_line_naming_both_flags():
     from types import SimpleNamespace
 
@@ -230,3 +213,40 @@ def test_the_preprocessing_advice_is_one_line_naming_both_flags():
         "mm-coalescer: SGLang runs 1 tokenizer worker(s) with cpu feature transport; on image-heavy traffic its "
         "preprocessing, not the vision tower, dominated TTFT in our real-server runs (--tokenizer-worker-num 4 "
         "--mm-feature-transport cuda_ipc: TTFT 0.66x); consider those flags")
+
+
+def test_preprocessing_advice_only_when_sglangs_own_preprocessing_flags_are_off():
+    def advice(**server_args):
+        return settings.preprocessing_advice(SimpleNamespace(**server_args))
+
+    assert advice() is None  # a ServerArgs without the flags (an older SGLang): nothing to advise
+    assert advice(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc") is None  # both on
+    assert advice(tokenizer_worker_num=2, mm_feature_transport="cuda_ipc") is None  # more than one worker is enough
+    for workers, transport, said in [(1, "cuda_ipc", "1 tokenizer worker(s) with cuda_ipc feature transport"),
+                                     (4, "cpu", "4 tokenizer worker(s) with cpu feature transport"),
+                                     (4, None, "4 tokenizer worker(s) with cpu feature transport"),  # SGLang's default
+                                     (1, None, "1 tokenizer worker(s) with cpu feature transport")]:
+        line = advice(tokenizer_worker_num=workers, mm_feature_transport=transport)
+        assert line is not None and said in line, (workers, transport, line)
+        assert "--tokenizer-worker-num 4 --mm-feature-transport cuda_ipc" in line  # the flags to try
+
+
+def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("sglang:\n  prefill_wait: 5\n  defer_prefil_ms: 1\n")
+    with pytest.raises(ValueError) as info:
+        settings.resolve(False, str(path))
+    assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
+                               "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
+                               "'early_encode_min_waiting', 'llm_stream_priority', 'prefill_wait_ms']")
+
+
+def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic(tmp_path):
+    path = tmp_path / "gemma4.yaml"
+    path.write_text("name: gemma4\nbudget_bytes: 1000000\nbytes_per_patch: 2000\n")
+    with pytest.raises(ValueError) as info:
+        settings.check_config_file(str(path))
+    assert str(info.value) == (f"{path}: 'budget_bytes' 1000000 cannot hold the smallest gemma4 unit (one 70-token "
+                               "image: 630 patches x 2000 bytes/patch = 1260000 bytes); raise budget_bytes")
+    path.write_text("name: gemma4\nbudget_bytes: 1260000\nbytes_per_patch: 2000\n")  # exactly one unit: enough
+    assert settings.check_config_file(str(path))["values"]["budget_bytes"] == 1260000

@@ -667,3 +667,39 @@ def test_an_early_encode_withdrawn_before_the_loop_started_it_never_reaches_the_
     service.on_arrival("after", [item(10)])
     assert torch.equal(service.encode([item(10)], original=never), expected(10))
     assert tower.batches == [[(10, 0)]]
+
+
+def test_a_submission_withdrawn_before_the_loop_started_it_does_not_hold_back_the_others_submitted_with_it():
+    from mm_scheduler_sglang.service import LoopThread
+
+    loop = LoopThread("mm-coalescer-test-together")
+    ran: list[int] = []
+
+    async def job(n: int) -> int:
+        ran.append(n)
+        return n
+
+    try:
+        with loop.together():
+            withdrawn, second, third = (loop.submit(job(n)) for n in (1, 2, 3))
+            assert withdrawn.cancel()
+        assert (second.result(timeout=10), third.result(timeout=10)) == (2, 3)
+        assert withdrawn.cancelled() and ran == [2, 3]
+    finally:
+        loop.stop()
+
+
+def test_close_after_a_start_that_could_not_build_the_coalescer_returns_quietly(monkeypatch):
+    from mm_scheduler_sglang import service as service_module
+
+    def no_coalescer(*args, **kwargs):
+        raise RuntimeError("the coalescer could not be built")
+
+    monkeypatch.setattr(service_module, "Coalescer", no_coalescer)
+    config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+    service = EncoderService(SumTower(), config, lockstep=False)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        service.start()
+    assert not service._loop.thread.is_alive()  # start stopped its loop thread
+    service.close()  # the shutdown path still runs: nothing to drain, nothing held
+    assert service.held_keys() == set()
