@@ -236,8 +236,8 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     max_held = chosen.get("max_held_bytes", int(settings.DEFAULT_MAX_HELD_MB * 2**20))
     plugin = chosen.get("plugin", settings.PLUGIN_DEFAULTS)
     global _defer_prefill_s, _early_encode_min_waiting
-    _defer_prefill_s = plugin.get("defer_prefill_ms", 0.0) / 1000.0
-    _early_encode_min_waiting = plugin.get("early_encode_min_waiting", 0)
+    _defer_prefill_s = plugin["defer_prefill_ms"] / 1000.0
+    _early_encode_min_waiting = plugin["early_encode_min_waiting"]
     _service = EncoderService(tower, config, lockstep=mode == "lockstep", max_held_bytes=max_held,
                               prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree).start()
     try:
@@ -299,7 +299,7 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
 def waiting_ahead(scheduler: Any) -> int:
     """Requests ahead of the one SGLang has just appended to its waiting queue, counting a chunked
     prefill in progress (it goes first); O(1), since it runs for every arrival."""
-    return len(scheduler.waiting_queue) - 1 + (getattr(scheduler, "chunked_req", None) is not None)
+    return len(scheduler.waiting_queue) - 1 + (scheduler.chunked_req is not None)
 
 
 def _encode_passed_over(scheduler: Any) -> None:

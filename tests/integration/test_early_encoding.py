@@ -266,7 +266,6 @@ def test_a_request_left_to_its_prefill_is_encoded_once_a_prefill_batch_passes_it
     service, log = _start(model, plugin={"early_encode_min_waiting": 1})
     scheduler = _scheduler()
     taken = _request("taken", [sm.qwen_image(model, 4, 4, 85)])
-    passed_over = _request("over", [sm.qwen_image(model, 4, 4, 86)])
     sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, taken)
     assert service.counts["submitted"] == 0
 
@@ -275,12 +274,25 @@ def test_a_request_left_to_its_prefill_is_encoded_once_a_prefill_batch_passes_it
 
     sglang_plugin._around_get_new_batch_prefill(prefill_takes_all, scheduler, None)
     assert service.counts["submitted"] == 0  # prefilled at once: its prefill encodes it
-    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, passed_over)
+    over = _request("over", [sm.qwen_image(model, 4, 4, 86)])
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, over)  # nothing ahead: left to its prefill
+    early = _request("early", [sm.qwen_image(model, 4, 4, 90)])
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, early)  # one ahead: encoded at arrival
+    assert service.counts["submitted"] == 1
+    gone = _request("gone", [sm.qwen_image(model, 4, 4, 91)])
+    scheduler.waiting_queue.clear()
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, gone)  # left to its prefill, then aborted
+    gone.set_finish_with_abort("client went away")
+    scheduler.waiting_queue = [over, early, gone]
     sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running_batch: None, scheduler, None)  # batch full
-    assert service.counts["submitted"] == 1  # it waits after all: encoded now, ahead of its prefill
-    log.wait_for(1)
+    assert service.counts["submitted"] == 2  # "over" waits after all: encoded now; "early" not again, "gone" never
+    assert service.counts["shared"] == 0
+    log.wait_for(2)
     sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running_batch: None, scheduler, None)
-    assert service.counts["submitted"] == 1  # once
+    assert service.counts["submitted"] == 2  # once
+    over.multimodal_inputs.release_features()  # its holds are its own: SGLang's finish path frees them
+    early.multimodal_inputs.release_features()
+    assert service.held_keys() == set()
 
 
 def test_a_chunked_prefill_in_progress_counts_as_a_request_ahead(model, stop_service):

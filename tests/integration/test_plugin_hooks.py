@@ -395,7 +395,8 @@ def test_start_builds_the_service_from_the_settings(start_recorded, caplog):
 
     start, hooked = start_recorded
     caplog.set_level(logging.INFO, logger="mm_scheduler_sglang.sglang_plugin")
-    plugin = {"llm_stream_priority": "high", "prefill_wait_ms": 250.0, "defer_prefill_ms": 150.0}
+    plugin = {"llm_stream_priority": "high", "prefill_wait_ms": 250.0, "defer_prefill_ms": 150.0,
+              "early_encode_min_waiting": 2}
     svc = start("plain", {"values": {"budget_bytes": 4096, "name": "q"}, "max_held_bytes": 1234, "plugin": plugin},
                 tp_size=1)
     (built,) = _RecordedService.built
@@ -403,7 +404,7 @@ def test_start_builds_the_service_from_the_settings(start_recorded, caplog):
     assert built["tower"] is not None and built["config"].budget_bytes == 4096 and built["config"].name == "q"
     assert built["lockstep"] is False and built["agree"] is None
     assert built["max_held_bytes"] == 1234 and built["prefill_wait_s"] == 0.25
-    assert sglang_plugin._defer_prefill_s == 0.15
+    assert sglang_plugin._defer_prefill_s == 0.15 and sglang_plugin._early_encode_min_waiting == 2
     assert "mm-coalescer: async mode for str (budget 4096 bytes, 64 bytes/patch)" in caplog.text
 
 
