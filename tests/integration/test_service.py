@@ -377,6 +377,8 @@ def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
         disagg_prefill_bootstrap_queue=SimpleNamespace(queue=[req("boot")]),
         disagg_prefill_inflight_queue=[req("inflight")])
     assert live_rids(scheduler) == {"w", "run", "last", "chunk", "boot", "inflight"}
+    scheduler.last_batch = scheduler.chunked_req = None  # nothing there now (a unified server, between batches)
+    assert live_rids(scheduler) == {"w", "run", "boot", "inflight"}  # the holders after them are still read
 
 
 # --- behaviours a one-line bug broke with every test passing (issue 18) ----------------------------
