@@ -97,7 +97,7 @@ _AFTER = re.compile(r"^# after[ \t]*$", re.MULTILINE)
 _MONOTONIC = ("_bucket", "_count", "_sum", "_total")
 
 
-def _run_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def run_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """A scrape's samples, or for a ``# before``/``# after`` file the difference: one run."""
     parts = _AFTER.split(text, maxsplit=1)
     if len(parts) == 1:
@@ -121,7 +121,7 @@ def parse(text: str) -> dict[str, Observed]:
     sums: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], float] = {}
     counters: dict[str, dict[str, dict[tuple[tuple[str, str], ...], float]]] = {}
-    for (name, labels), value in _run_samples(text).items():
+    for (name, labels), value in run_samples(text).items():
         if name.endswith("_created"):
             continue
         label_map = dict(labels)

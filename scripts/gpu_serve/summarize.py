@@ -17,6 +17,8 @@ import re
 import statistics
 from pathlib import Path
 
+from mm_scheduler.tune import run_samples
+
 SEED_METRICS = {"median_ttft_ratio": "median_ttft_ms", "mean_ttft_ratio": "mean_ttft_ms",
                 "p99_ttft_ratio": "p99_ttft_ms", "throughput_ratio": "total_throughput",
                 "duration_ratio": "duration"}
@@ -160,30 +162,14 @@ def family_summary(result: dict, raw: Path | None = None) -> dict:
 
 
 # --- where the time goes (seed workload) ---------------------------------------------------------------
-_PROM = re.compile(r'^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$')
-
-
-def _prom(text: str) -> dict[str, float]:
-    """Series name (plus its ``stage`` label) -> value, summed over the other labels."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _PROM.match(line)
-        if not m or line.startswith("#"):
-            continue
-        name, labels, value = m.groups()
-        stage = re.search(r'stage="([^"]+)"', labels or "")
-        key = f"{name}[{stage.group(1)}]" if stage else name
-        try:
-            out[key] = out.get(key, 0.0) + float(value)
-        except ValueError:
-            continue
-    return out
-
-
 def _run_delta(metrics_file: Path) -> dict[str, float]:
-    before, after = metrics_file.read_text().split("# after\n")
-    a, b = _prom(before.removeprefix("# before\n")), _prom(after)
-    return {k: v - a.get(k, 0.0) for k, v in b.items()}
+    """One run's increase per series name (plus its ``stage`` label), summed over the other labels."""
+    out: dict[str, float] = {}
+    for (name, labels), value in run_samples(metrics_file.read_text()).items():
+        stage = dict(labels).get("stage")
+        key = f"{name}[{stage}]" if stage else name
+        out[key] = out.get(key, 0.0) + value
+    return out
 
 
 def _seed_records(export_dir: Path, window: list[float] | None) -> list[dict]:
@@ -320,10 +306,9 @@ def main() -> None:
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
     for path in args.results:
-        result = json.loads(path.read_text())
-        by_family.setdefault(result["family"], []).append(result)
+        newest = json.loads(path.read_text())
+        by_family.setdefault(newest["family"], []).append(newest)
     merged = {family: merge_runs(results) for family, results in by_family.items()}
-    newest = json.loads(args.results[-1].read_text())
     summary = {"sglang": newest.get("sglang", ""), "gpu": newest.get("gpu", ""), "commit": newest.get("commit", ""),
                "families": {}}
     for family, result in merged.items():
