@@ -39,6 +39,7 @@ from torch import nn
 from mm_scheduler import EncodeItem
 
 from . import sglang_compat
+from .vit_graphs import QwenVisionGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,21 @@ class QwenVLTower(SGLangTower):
         side = max(self.merge, self.PROBE_SIDE // self.merge * self.merge)
         self._probe_side = side
         self.probe_patch_counts = (side * side, 2 * side * side, 4 * side * side)
+        self.graphs: QwenVisionGraphs | None = None
+        """Captured forwards (``use_graphs``); None: every forward runs the tower's own code."""
+
+    def use_graphs(self, buckets: Sequence[int], *, tp_size: int) -> str:
+        """Capture the tower's forward for these patch buckets (before serving); returns a log line."""
+        reason = QwenVisionGraphs.why_not(self.model.visual)
+        if reason is None and not self.collective_free and tp_size > 1:
+            reason = "the tower is sharded over TP ranks (its collectives would be captured)"
+        if reason is not None:
+            return f"ViT CUDA graphs off: {reason}"
+        graphs = QwenVisionGraphs(self.model.visual, buckets)
+        pool = graphs.capture()
+        self.graphs = graphs
+        return (f"ViT CUDA graphs captured for {[b.patches for b in graphs.buckets]} patches "
+                f"(one pool, {pool / 2**20:.0f} MiB)")
 
     @classmethod
     def why_unsupported(cls, model: nn.Module) -> str | None:
@@ -355,16 +371,36 @@ class QwenVLTower(SGLangTower):
                 modality=Modality.IMAGE if modality == "image" else Modality.VIDEO,
                 feature=units[i].pixel_values.to(self.device, non_blocking=True),
                 model_specific_data={grid_name: torch.tensor([units[i].meta["grid"]])}) for i in picked]
-            if self.collective_free:
-                pixels = torch.cat([item.feature for item in items]).type(self.model.visual.dtype)
-                grids = torch.cat([item.model_specific_data[grid_name] for item in items]).to(self.device)
-                packed = self.model.visual(pixels, grid_thw=grids)
-            else:
-                packed = method(items)
-            sizes = [units[i].pixel_values.shape[0] // self.merge ** 2 for i in picked]
-            for i, out in zip(picked, torch.split(packed, sizes, dim=0), strict=True):
-                outputs[i] = out
+            for start, stop in self._graph_runs([units[i] for i in picked]):
+                packed = self._encode(items[start:stop], method, grid_name)
+                sizes = [units[i].pixel_values.shape[0] // self.merge ** 2 for i in picked[start:stop]]
+                for i, out in zip(picked[start:stop], torch.split(packed, sizes, dim=0), strict=True):
+                    outputs[i] = out
         return outputs  # type: ignore[return-value]
+
+    def _graph_runs(self, units: Sequence[EncodeItem]) -> list[tuple[int, int]]:
+        """Consecutive runs of units, each within the largest captured bucket (one run without graphs)."""
+        if self.graphs is None:
+            return [(0, len(units))]
+        limit, runs, start, rows = self.graphs.buckets[-1].patches, [], 0, 0
+        for index, unit in enumerate(units):
+            size = unit.pixel_values.shape[0]
+            if index > start and rows + size > limit:
+                runs.append((start, index))
+                start, rows = index, 0
+            rows += size
+        return [*runs, (start, len(units))]
+
+    def _encode(self, items: list[Any], method: Callable[[list[Any]], torch.Tensor], grid_name: str) -> torch.Tensor:
+        """One packed forward: a captured graph when one holds the batch, else the tower itself."""
+        if self.graphs is None and not self.collective_free:
+            return method(items)
+        pixels = torch.cat([item.feature for item in items]).type(self.model.visual.dtype)
+        grids = torch.cat([item.model_specific_data[grid_name] for item in items])
+        packed = None if self.graphs is None else self.graphs.run(pixels, grids)
+        if packed is not None:
+            return packed
+        return self.model.visual(pixels, grid_thw=grids.to(self.device)) if self.collective_free else method(items)
 
 
 class Gemma3Tower(SGLangTower):

@@ -44,7 +44,12 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # has little head start to give, and its forward would run beside the scheduler's own kernel launches;
     # such a request is encoded by its prefill, or as soon as a prefill batch passes it over.
     "early_encode_min_waiting": 0,
+    # Qwen towers: CUDA graphs of the vision forward, one per bucket of patches, captured at start-up and
+    # replayed on the encoder's stream (a batch is padded to the smallest bucket that holds it; a larger one
+    # runs eagerly). Empty (default): no graphs. Needs --mm-attention-backend triton_attn.
+    "vit_graph_patches": [],
 }
+MAX_GRAPH_BUCKETS = 8
 _TRUE = {"1", "true", "yes", "on"}
 
 # The smallest unit a model of each supported family sends to its tower, in patches, and the tower's
@@ -156,8 +161,13 @@ def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
     if not isinstance(min_waiting, int) or isinstance(min_waiting, bool) or min_waiting < 0:
         raise ValueError(f"{config_path}: sglang.early_encode_min_waiting must be a whole number >= 0, "
                          f"got {min_waiting!r}")
+    buckets = section.get("vit_graph_patches", PLUGIN_DEFAULTS["vit_graph_patches"])
+    if not isinstance(buckets, list) or len(buckets) > MAX_GRAPH_BUCKETS or any(
+            not isinstance(b, int) or isinstance(b, bool) or b <= 0 or b % 4 for b in buckets):
+        raise ValueError(f"{config_path}: sglang.vit_graph_patches must be a list of at most {MAX_GRAPH_BUCKETS} "
+                         f"patch counts, each a positive multiple of 4 (one 2x2 merge window), got {buckets!r}")
     return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer),
-            "early_encode_min_waiting": min_waiting}
+            "early_encode_min_waiting": min_waiting, "vit_graph_patches": sorted(set(buckets))}
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -241,6 +241,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     _service = EncoderService(tower, config, lockstep=mode == "lockstep", max_held_bytes=max_held,
                               prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree).start()
     try:
+        _capture_graphs(tower, plugin.get("vit_graph_patches") or [], tp_size)
         _hook_model_class(type(model))
     except BaseException:
         stop()
@@ -250,6 +251,21 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     for line in sglang_compat.current().degraded(SCHEDULER_FEATURES):
         sglang_compat.note(line)
     return _service
+
+
+def _capture_graphs(tower: Any, buckets: list[int], tp_size: int) -> None:
+    """Capture the tower's CUDA graphs now, while nothing else runs on the GPU (before serving)."""
+    if not buckets:
+        return
+    if not hasattr(tower, "use_graphs"):
+        logger.info("mm-coalescer: sglang.vit_graph_patches ignored: only the Qwen towers are captured")
+        return
+    need = buckets[-1] * _service.bytes_per_patch
+    if need > _service.budget_bytes:
+        logger.warning("mm-coalescer: ViT CUDA graphs off: the largest bucket (%d patches, %d bytes) exceeds the "
+                       "budget of %d bytes", buckets[-1], need, _service.budget_bytes)
+        return
+    logger.info("mm-coalescer: %s", tower.use_graphs(buckets, tp_size=tp_size))
 
 
 def stop() -> None:

@@ -87,7 +87,7 @@ TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
 # what the plugin adds once that bottleneck is gone. "off+vitgraph" is SGLang's own ViT CUDA graph
 # (Qwen towers; the plugin declines to run beside it), "on+defer20" the plugin's prefill deferral, "on+lazy1"
 # encoding at arrival only behind a waiting request (no head start otherwise: Poisson arrivals), "on+queue4m" a
-# queue limit that holds a whole seed burst.
+# queue limit that holds a whole seed burst, "on+graphs" the plugin's own ViT CUDA graphs.
 VARIANTS = {
     "off": Variant(False),
     "on": Variant(True),
@@ -98,6 +98,9 @@ VARIANTS = {
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
     "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),
+    # The plugin's own ViT CUDA graphs (Qwen towers): buckets a seed request (6 images, 5,400-6,936 patches) and
+    # a coalesced burst fill; a larger batch is cut into runs of at most the largest bucket.
+    "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),
 }
 # Variants other than off/on run the lone and seed workloads and the first Poisson load only.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)

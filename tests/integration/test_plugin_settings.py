@@ -19,16 +19,17 @@ def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(p
     monkeypatch.delenv(settings.ENV_MAX_HELD_MB, raising=False)
     chosen = settings.resolve(False, str(path))
     assert chosen["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0, "defer_prefill_ms": 0.0,
-                                "early_encode_min_waiting": 0}
+                                "early_encode_min_waiting": 0, "vit_graph_patches": []}
     assert load_config(path).name == chosen["values"]["name"]
 
 
 def test_plugin_section_values_reach_the_settings(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("budget_bytes: 1048576\nsglang:\n  llm_stream_priority: default\n  prefill_wait_ms: 50\n"
-                    "  defer_prefill_ms: 150\n  early_encode_min_waiting: 2\n")
+                    "  defer_prefill_ms: 150\n  early_encode_min_waiting: 2\n  vit_graph_patches: [8192, 4096, 8192]\n")
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "default", "prefill_wait_ms": 50.0,
-                                                            "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2}
+                                                            "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2,
+                                                            "vit_graph_patches": [4096, 8192]}
 
 
 @pytest.mark.parametrize("body, named", [
@@ -45,6 +46,11 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
     ("sglang:\n  early_encode_min_waiting: -1\n", "early_encode_min_waiting"),
     ("sglang:\n  early_encode_min_waiting: 1.5\n", "early_encode_min_waiting"),
     ("sglang:\n  early_encode_min_waiting: true\n", "early_encode_min_waiting"),
+    ("sglang:\n  vit_graph_patches: 4096\n", "vit_graph_patches"),
+    ("sglang:\n  vit_graph_patches: [4098]\n", "vit_graph_patches"),
+    ("sglang:\n  vit_graph_patches: [0]\n", "vit_graph_patches"),
+    ("sglang:\n  vit_graph_patches: [true]\n", "vit_graph_patches"),
+    ("sglang:\n  vit_graph_patches: [4, 8, 12, 16, 20, 24, 28, 32, 36]\n", "at most 8"),
 ])
 def test_a_bad_plugin_setting_names_the_file_and_the_key(tmp_path, body, named):
     path = tmp_path / "bad.yaml"
@@ -65,7 +71,8 @@ def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path
     path = tmp_path / "c.yaml"
     path.write_text("sglang:\n  prefill_wait_ms: 0.5\n")
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
-                                                            "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0}
+                                                            "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
+                                                            "vit_graph_patches": []}
 
 
 def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):
@@ -238,7 +245,8 @@ def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
         settings.resolve(False, str(path))
     assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
                                "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
-                               "'early_encode_min_waiting', 'llm_stream_priority', 'prefill_wait_ms']")
+                               "'early_encode_min_waiting', 'llm_stream_priority', 'prefill_wait_ms', "
+                               "'vit_graph_patches']")
 
 
 def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic(tmp_path):

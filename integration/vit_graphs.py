@@ -1,0 +1,308 @@
+"""CUDA graphs of a Qwen vision tower, one per patch-count bucket, captured at start-up and replayed
+on the coalescer's stream.
+
+Why: a Qwen2.5-VL-7B forward launches ~1,400 kernels from Python. On the coalescer's thread those
+launches compete with the scheduler's for the GIL, which is where the plugin lost time in the real
+server (README, "Where the time goes"). A replay launches the whole tower at once.
+
+Why not SGLang's own runner (``SGLANG_VIT_ENABLE_CUDA_GRAPH``, ``multimodal/vit_cuda_graph_runner.py``):
+it captures lazily on whichever thread first sees a layout (a capture beside the scheduler's kernels),
+keeps one graph per layout with no bound, returns views of its static output, and on 0.5.16 keys a graph
+by total length only, so a later batch of equal length but other image sizes replays the first batch's
+``cu_seqlens``. Here:
+
+* Graphs are captured once, before serving, for a few buckets of patches; all share one memory pool
+  (replays are serialised), so the capture costs about the largest bucket's activations.
+* A batch is padded to the smallest bucket that holds it. The padding is attention segments of its
+  own (varlen attention never crosses segments) and unused segment slots are empty segments, which
+  SGLang's triton varlen kernel skips (it also feeds one itself: Qwen2.5-VL's ``cu_seqlens`` start
+  with two zeros). Segment boundaries live in static buffers rewritten before every replay; each
+  layer's ``max_seqlen`` is fixed at capture to the bucket's bound.
+* Results are copied out of the graph's memory before ``run`` returns; a batch no bucket holds
+  returns None and the caller runs the tower's own forward.
+
+Only SGLang's ``triton_attn`` vision backend is captured (it takes the precomputed metadata and
+never reads a device value on the host); TP-sharded towers are not (their collectives would be
+captured too).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+CAPTURABLE_BACKEND = "VisionTritonAttention"
+
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A captured shape: ``patches`` rows, room for ``full_segments`` full-attention segments of at most
+    ``full_max`` rows and ``window_segments`` window segments of at most ``window_max`` (Qwen2.5-VL)."""
+
+    patches: int
+    full_segments: int
+    full_max: int
+    window_segments: int
+    window_max: int
+
+
+LONGEST_SEGMENT = 8192
+"""Longest full-attention segment a graph takes (a 1,268 px square image at Qwen2.5-VL's 14 px patches);
+the varlen kernel's grid is sized by it, so it is kept well under a large bucket."""
+
+
+def make_bucket(patches: int, window_max: int | None) -> Bucket:
+    """Segment room of one bucket: a segment per 512 rows (a 480 px image has 900-1,156) and two more;
+    for Qwen2.5-VL's windows (at most ``window_max`` rows each) one per 32 rows, and the padding's."""
+    full_segments, full_max = patches // 512 + 2, min(patches, LONGEST_SEGMENT)
+    if window_max is None:
+        return Bucket(patches, full_segments, full_max, 0, 0)
+    return Bucket(patches, full_segments, full_max, patches // 32 + -(-patches // window_max), window_max)
+
+
+def padded_lengths(lengths: Sequence[int], total: int, capacity: int, longest: int) -> list[int] | None:
+    """Segment lengths filling ``total`` rows in ``capacity`` slots: ``lengths``, then the padding cut
+    into segments of at most ``longest`` rows, then empty segments. None if they do not fit."""
+    if any(n > longest for n in lengths):
+        return None
+    pad = total - sum(lengths)
+    if pad < 0:
+        return None
+    pads = [longest] * (pad // longest) + ([pad % longest] if pad % longest else [])
+    out = list(lengths) + pads
+    if len(out) > capacity:
+        return None
+    return out + [0] * (capacity - len(out))
+
+
+Layout = tuple[list[int], list[int] | None]
+"""Padded full-attention and window segment lengths of one batch in one bucket."""
+
+
+def _cumulative(lengths: Sequence[int]) -> torch.Tensor:
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch after the tower's eager prologue: rows in attention order, rotary tables, segment
+    lengths, and how to put the merged output rows back in input order (None: already in order)."""
+
+    rows: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    full_lengths: list[int]
+    window_lengths: list[int]
+    unpermute: torch.Tensor | None
+
+
+class _Static:
+    """One bucket's static inputs (views of shared buffers), its metadata buffers and its graph."""
+
+    def __init__(self, bucket: Bucket, rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 metadata_cls: type) -> None:
+        device = rows.device
+        self.bucket = bucket
+        self.rows, self.cos, self.sin = rows[:bucket.patches], cos[:bucket.patches], sin[:bucket.patches]
+        self.full_cu = torch.zeros(bucket.full_segments + 1, dtype=torch.int32, device=device)
+        self.full_len = torch.zeros(bucket.full_segments, dtype=torch.int32, device=device)
+        self.full = metadata_cls(cu_seqlens=self.full_cu, seq_lens=self.full_len, max_seqlen=bucket.full_max)
+        self.window = None
+        if bucket.window_segments:
+            self.window_cu = torch.zeros(bucket.window_segments + 1, dtype=torch.int32, device=device)
+            self.window_len = torch.zeros(bucket.window_segments, dtype=torch.int32, device=device)
+            self.window = metadata_cls(cu_seqlens=self.window_cu, seq_lens=self.window_len,
+                                       max_seqlen=bucket.window_max)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None
+
+    def layout(self, full: Sequence[int], window: Sequence[int] | None) -> Layout | None:
+        b = self.bucket
+        full_padded = padded_lengths(full, b.patches, b.full_segments, b.full_max)
+        if full_padded is None:
+            return None
+        if self.window is None:
+            return full_padded, None
+        window_padded = padded_lengths(window or [], b.patches, b.window_segments, b.window_max)
+        return None if window_padded is None else (full_padded, window_padded)
+
+    def load(self, prepared: Prepared | None, full: list[int], window: list[int] | None) -> None:
+        """Write a batch (or, for warm-up and capture, zeros) into the static buffers, on the current stream."""
+        n = 0 if prepared is None else prepared.rows.shape[0]
+        if prepared is not None:
+            self.rows[:n].copy_(prepared.rows)
+            self.cos[:n].copy_(prepared.rotary[0])
+            self.sin[:n].copy_(prepared.rotary[1])
+        self.rows[n:].zero_()
+        self.cos[n:].zero_()
+        self.sin[n:].zero_()
+        self.full_cu.copy_(_cumulative(full), non_blocking=True)
+        self.full_len.copy_(torch.tensor(full, dtype=torch.int32), non_blocking=True)
+        if self.window is not None:
+            self.window_cu.copy_(_cumulative(window), non_blocking=True)
+            self.window_len.copy_(torch.tensor(window, dtype=torch.int32), non_blocking=True)
+
+
+class QwenVisionGraphs:
+    """Graphs of one Qwen vision tower (``model.visual``) for the given buckets; see the module docstring."""
+
+    def __init__(self, visual: nn.Module, buckets: Sequence[int]) -> None:
+        self.visual = visual
+        self.windowed = hasattr(visual, "fullatt_block_indexes")  # Qwen2.5-VL: window attention between full layers
+        window_max = None
+        if self.windowed:
+            side = visual.window_size // visual.spatial_merge_size // visual.patch_size * visual.spatial_merge_size
+            window_max = side * side
+            self._full_layers = {int(i) for i in torch.as_tensor(visual.fullatt_block_indexes).reshape(-1).tolist()}
+        self.buckets = [make_bucket(p, window_max) for p in sorted(set(buckets))]
+        self._static: list[_Static] = []
+        self._lock = threading.Lock()
+        self._last_replay: torch.cuda.Event | None = None
+        self.replays = 0
+
+    @staticmethod
+    def why_not(visual: nn.Module) -> str | None:
+        """Why this tower's forward cannot be captured, or None."""
+        backend = type(getattr(visual.blocks[0].attn, "qkv_backend", None)).__name__
+        if backend != CAPTURABLE_BACKEND:
+            return f"its vision attention backend is {backend}; graphs need --mm-attention-backend triton_attn"
+        if not next(visual.parameters()).is_cuda:
+            return "the tower is not on CUDA"
+        return None
+
+    # --- the tower, as SGLang's forward runs it (sglang/srt/models/qwen2_5_vl.py, qwen3_vl.py) ---------
+    def prepare(self, pixels: torch.Tensor, grids: torch.Tensor) -> Prepared:
+        """The eager part of SGLang's ``forward`` before the blocks: patch embedding, positions, segments."""
+        visual = self.visual
+        x = visual.patch_embed(pixels.to(device=visual.device, dtype=visual.dtype))
+        grid_list = [tuple(int(v) for v in row) for row in grids.tolist()]
+        if not self.windowed:
+            if visual._use_vectorized_pos_embed(len(grid_list)):
+                x = x + visual.fast_pos_embed_interpolate_vectorized(grid_list)
+            else:
+                x = x + visual.fast_pos_embed_interpolate_from_list(grid_list)
+            cos, sin = visual.rot_pos_emb(grid_list)
+            frames = [h * w for t, h, w in grid_list for _ in range(t)]
+            return Prepared(x, (cos, sin), frames, [], None)
+        rotary = visual.rot_pos_emb(grids)
+        window_index, cu_window = visual.get_window_index(grids)
+        cu_window = torch.unique_consecutive(torch.tensor(cu_window, dtype=torch.int32))
+        window_index = window_index.to(x.device)
+        unit = visual.spatial_merge_unit
+        rows = x.shape[0]
+        x = x.reshape(rows // unit, unit, -1)[window_index].reshape(rows, -1)
+        rotary = rotary.to(device=x.device, dtype=x.dtype).reshape(rows // unit, unit, -1)[window_index]
+        emb = torch.cat((rotary.reshape(rows, -1),) * 2, dim=-1)
+        unpermute = torch.empty_like(window_index)
+        unpermute[window_index] = torch.arange(window_index.numel(), device=window_index.device)
+        clips = [t * h * w for t, h, w in grid_list]
+        return Prepared(x, (emb.cos().to(x.dtype), emb.sin().to(x.dtype)), clips,
+                        (cu_window[1:] - cu_window[:-1]).tolist(), unpermute)
+
+    def _blocks(self, static: _Static) -> torch.Tensor:
+        """Blocks and merger(s) on the static buffers: the part that is captured."""
+        visual = self.visual
+        x = static.rows.unsqueeze(1)
+        if self.windowed:
+            for index, block in enumerate(visual.blocks):
+                meta = static.full if index in self._full_layers else static.window
+                x = block(x, cu_seqlens=meta.cu_seqlens, position_embeddings=(static.cos, static.sin),
+                          forward_metadata=meta)
+            return visual.merger(x)
+        deepstack = []
+        for index, block in enumerate(visual.blocks):
+            x = block(x, cu_seqlens=static.full.cu_seqlens, rotary_pos_emb_cos=static.cos,
+                      rotary_pos_emb_sin=static.sin, forward_metadata=static.full)
+            if index in visual.deepstack_visual_indexes:
+                deepstack.append(visual.deepstack_merger_list[len(deepstack)](x))
+        return torch.cat([visual.merger(x), *deepstack], dim=1)
+
+    # --- capture and replay -------------------------------------------------------------------------------
+    def allocate(self, device: torch.device) -> list[_Static]:
+        """Static buffers of every bucket, smallest first; the row and rotary buffers are shared."""
+        from sglang.srt.layers.attention.vision import VisionAttentionMetadata
+
+        merge = self.visual.spatial_merge_size
+        probe = self.prepare(torch.zeros(merge * merge, self._patch_dim(), device=device),
+                             torch.tensor([[1, merge, merge]]))
+        largest = self.buckets[-1].patches
+        rows = torch.zeros(largest, probe.rows.shape[-1], device=device, dtype=probe.rows.dtype)
+        cos = torch.zeros(largest, probe.rotary[0].shape[-1], device=device, dtype=probe.rotary[0].dtype)
+        sin = torch.zeros_like(cos)
+        return [_Static(bucket, rows, cos, sin, VisionAttentionMetadata) for bucket in self.buckets]
+
+    def capture(self) -> int:
+        """Capture every bucket, largest first, into one pool; returns the bytes the pool reserved.
+
+        Call before serving, on the thread that owns the model: nothing else may run on the GPU while
+        a capture is open."""
+        device = next(self.visual.parameters()).device
+        before = torch.cuda.memory_reserved(device)
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=device)
+        with torch.inference_mode():
+            statics = self.allocate(device)
+            for static in reversed(statics):
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    static.load(None, *static.layout([], []))
+                    self._blocks(static)  # warm-up: triton compiles, cuBLAS picks its kernels
+                side.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=side):
+                    static.output = self._blocks(static)
+                static.graph = graph
+        torch.cuda.synchronize(device)
+        self._static = statics
+        return torch.cuda.memory_reserved(device) - before
+
+    def _patch_dim(self) -> int:
+        embed = self.visual.patch_embed
+        return int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
+
+    def fit(self, statics: Sequence[_Static], prepared: Prepared) -> tuple[_Static, Layout] | None:
+        """The smallest bucket holding the batch, with its padded segment lengths; None if none does."""
+        rows = prepared.rows.shape[0]
+        for static in statics:
+            if static.bucket.patches >= rows:
+                layout = static.layout(prepared.full_lengths, prepared.window_lengths)
+                if layout is not None:
+                    return static, layout
+        return None
+
+    def unpad(self, output: torch.Tensor, prepared: Prepared) -> torch.Tensor:
+        """The batch's merged rows, in input order, in a tensor of their own."""
+        merged = output[:prepared.rows.shape[0] // self.visual.spatial_merge_unit]
+        return merged.index_select(0, prepared.unpermute) if prepared.unpermute is not None else merged.clone()
+
+    def run(self, pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor | None:
+        """The tower's output for a batch, by replaying the smallest bucket that holds it, on the current
+        stream; None when no bucket holds it (or another thread is replaying) and the caller should run
+        the tower itself. The result is a fresh tensor, never the graph's memory."""
+        if not self._static or pixels.shape[0] > self._static[-1].bucket.patches:
+            return None
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            prepared = self.prepare(pixels, grids)
+            chosen = self.fit(self._static, prepared)
+            if chosen is None:
+                return None
+            static, layout = chosen
+            stream = torch.cuda.current_stream(prepared.rows.device)
+            if self._last_replay is not None:
+                stream.wait_event(self._last_replay)  # one pool: a replay on another stream waits for the last
+            static.load(prepared, *layout)
+            static.graph.replay()
+            out = self.unpad(static.output, prepared)
+            self._last_replay = torch.cuda.Event()
+            self._last_replay.record(stream)
+            self.replays += 1
+            return out
+        finally:
+            self._lock.release()

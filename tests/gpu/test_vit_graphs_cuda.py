@@ -1,0 +1,142 @@
+"""The plugin's own ViT CUDA graphs (integration/vit_graphs.py) on real tiny SGLang Qwen towers, with SGLang's
+triton varlen vision attention (the backend graphs are captured for; the real-server harness uses it).
+
+What would fail if the graphs were wrong:
+* two batches of different image sizes in one bucket: a replay that kept the first batch's segment
+  boundaries (what SGLang 0.5.16's own runner does for equal lengths) attends across images;
+* a result read after the next replay: a view of the graph's memory instead of a copy;
+* a replay on a second stream while the first stream's replay waits behind a long kernel: without the
+  wait on the last replay, the second one's inputs overwrite the first one's before it runs;
+* the adapter: batches larger than the largest bucket are split into runs, batches no bucket holds run
+  the tower itself, and every output equals the tower's own forward.
+
+Run: ``python -m pytest -q tests/gpu/test_vit_graphs_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))  # sglang_models: tiny real SGLang models
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("sglang")
+
+from mm_scheduler_sglang.vit_graphs import QwenVisionGraphs
+
+from mm_scheduler import EncodeItem
+
+pytestmark = pytest.mark.gpu
+BUCKETS = [256, 1024]
+
+
+def _tower(name: str) -> torch.nn.Module:
+    """A tiny real SGLang Qwen model in bf16 on CUDA with SGLang's triton varlen vision attention."""
+    import sglang_models
+    from sglang.srt.layers.attention.vision import VisionTritonAttention
+
+    model = sglang_models.BUILDERS[name]()
+    for block in model.visual.blocks:
+        block.attn.qkv_backend = VisionTritonAttention(use_data_parallel=False)
+    return model.to("cuda", torch.bfloat16)
+
+
+def _pixels(model: torch.nn.Module, grids: list[tuple[int, int, int]], seed: int) -> torch.Tensor:
+    embed = model.visual.patch_embed
+    dim = int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(sum(t * h * w for t, h, w in grids), dim, device="cuda", generator=generator)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """bf16 and padded GEMM shapes differ from eager in the last bits; a wrong segment or a stale input is O(1)."""
+    assert actual.shape == expected.shape
+    scale = expected.float().abs().max().item()
+    assert (actual.float() - expected.float()).abs().max().item() <= 0.02 * scale
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl"])
+def captured(request):
+    model = _tower(request.param)
+    graphs = QwenVisionGraphs(model.visual, BUCKETS)
+    assert QwenVisionGraphs.why_not(model.visual) is None
+    assert graphs.capture() > 0
+    return model, graphs
+
+
+# Both 64 rows (the 256 bucket), different segments: one image, then two of other shapes.
+SAME_BUCKET = [[(1, 8, 8)], [(1, 4, 4), (1, 4, 12)], [(1, 4, 8), (1, 4, 4), (1, 4, 4)]]
+
+
+@torch.inference_mode()
+def test_batches_of_other_image_sizes_in_one_bucket_each_match_the_towers_own_forward(captured):
+    model, graphs = captured
+    for seed, grids in enumerate(SAME_BUCKET):
+        pixels, grid = _pixels(model, grids, seed), torch.tensor(grids)
+        out = graphs.run(pixels, grid)
+        assert out is not None
+        _close(out, model.visual(pixels, grid_thw=grid.cuda()))
+    assert graphs.replays == len(SAME_BUCKET)
+
+
+@torch.inference_mode()
+def test_a_result_is_not_overwritten_by_the_next_replay(captured):
+    model, graphs = captured
+    first = [(_pixels(model, SAME_BUCKET[0], 10), torch.tensor(SAME_BUCKET[0]))]
+    second = (_pixels(model, SAME_BUCKET[1], 11), torch.tensor(SAME_BUCKET[1]))
+    kept = graphs.run(*first[0])
+    expected = kept.clone()
+    graphs.run(*second)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_a_replay_on_another_stream_waits_for_the_previous_replay(captured):
+    """Replays share one memory pool and one set of static inputs, so a replay on a second stream (a renewed
+    encoder stream) must not run beside the last one: here it must still be blocked behind the first
+    stream's 0.1 s kernel 20 ms later, where on its own it would have finished in microseconds."""
+    import time
+
+    model, graphs = captured
+    a = (_pixels(model, SAME_BUCKET[0], 20), torch.tensor(SAME_BUCKET[0]))
+    b = (_pixels(model, SAME_BUCKET[1], 21), torch.tensor(SAME_BUCKET[1]))
+    expected_a, expected_b = model.visual(a[0], grid_thw=a[1].cuda()), model.visual(b[0], grid_thw=b[1].cuda())
+    slow, fast = torch.cuda.Stream(), torch.cuda.Stream()
+    slow.wait_stream(torch.cuda.current_stream())
+    fast.wait_stream(torch.cuda.current_stream())
+    torch.cuda.synchronize()
+    with torch.cuda.stream(slow):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s on an H200: the replay of a queues behind it
+        out_a = graphs.run(*a)
+    with torch.cuda.stream(fast):
+        out_b = graphs.run(*b)
+    time.sleep(0.02)
+    assert not fast.query(), "the second stream's replay ran beside the first one's"
+    torch.cuda.synchronize()
+    _close(out_a, expected_a)
+    _close(out_b, expected_b)
+
+
+@torch.inference_mode()
+def test_the_adapter_splits_large_batches_into_runs_and_leaves_unheld_ones_to_the_tower(captured):
+    from mm_scheduler_sglang.adapters import QwenVLTower
+
+    model, graphs = captured
+    tower = QwenVLTower(model)
+    tower.graphs = graphs
+    # 512 + 384 fill one run under the largest bucket (1024), 256 + 64 the next; 1152 no bucket holds:
+    # the tower's own forward.
+    grids = [(1, 16, 32), (1, 16, 24), (1, 16, 16), (1, 8, 8), (1, 32, 36)]
+    units = [EncodeItem(_pixels(model, [g], 30 + i), g[0] * g[1] * g[2], "image", None, {"grid": g})
+             for i, g in enumerate(grids)]
+    before = graphs.replays
+    outputs = tower.forward(units)
+    assert graphs.replays - before == 2
+    for unit, out in zip(units, outputs, strict=True):
+        _close(out, model.visual(unit.pixel_values, grid_thw=torch.tensor([unit.meta["grid"]], device="cuda")))

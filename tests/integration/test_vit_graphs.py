@@ -1,0 +1,148 @@
+"""The plugin's ViT CUDA graphs (integration/vit_graphs.py), all of it that runs without CUDA: the padding of
+segments, the choice of bucket, the eager prologue and captured body run on the padded static buffers
+against SGLang's own ``visual.forward`` (real tiny Qwen towers, both SGLang versions in CI), the adapter's
+runs under the largest bucket, and what the plugin logs when it cannot capture.
+
+Capture and replay themselves, the stream ordering and the copy-out are in tests/gpu/test_vit_graphs_cuda.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import sglang_models as sm
+import torch
+from mm_scheduler_sglang import settings, sglang_plugin
+from mm_scheduler_sglang.adapters import QwenVLTower
+from mm_scheduler_sglang.vit_graphs import LONGEST_SEGMENT, QwenVisionGraphs, make_bucket, padded_lengths
+
+from mm_scheduler import EncodeItem
+
+
+@pytest.mark.parametrize("lengths, total, capacity, longest, expected", [
+    ([64], 64, 2, 64, [64, 0]),  # exact fit: no padding segment, the rest empty
+    ([16, 48], 256, 4, 256, [16, 48, 192, 0]),  # padding is one segment of its own
+    ([16], 100, 8, 32, [16, 32, 32, 20, 0, 0, 0, 0]),  # padding cut at the longest segment
+    ([16, 16, 16], 64, 3, 64, None),  # the padding needs a fourth slot
+    ([100], 256, 4, 64, None),  # a segment longer than the kernel's bound
+    ([300], 256, 4, 512, None),  # more rows than the bucket
+])
+def test_padding_fills_the_bucket_with_segments_of_its_own_and_empty_slots(lengths, total, capacity, longest,
+                                                                          expected):
+    out = padded_lengths(lengths, total, capacity, longest)
+    assert out == expected
+    if out is not None:
+        assert sum(out) == total and len(out) == capacity
+
+
+def test_bucket_room_grows_with_its_patches_and_bounds_the_longest_segment():
+    small, large = make_bucket(1024, None), make_bucket(65536, 64)
+    assert (small.full_segments, small.full_max, small.window_segments) == (4, 1024, 0)
+    assert large.full_max == LONGEST_SEGMENT and large.full_segments == 130
+    assert large.window_max == 64 and large.window_segments == 65536 // 32 + 65536 // 64
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def qwen(request):
+    return sm.BUILDERS[request.param]()
+
+
+def _pixels(model, grids, seed):
+    embed = model.visual.patch_embed
+    dim = int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
+    return torch.randn(sum(t * h * w for t, h, w in grids), dim, generator=torch.Generator().manual_seed(seed))
+
+
+LAYOUTS = [  # (grids, the bucket that holds them among 256 and 1024 patches)
+    ([(1, 4, 4)], 256),  # one small image
+    ([(1, 16, 16)], 256),  # an exact fit: no padding segment
+    ([(1, 4, 6), (1, 8, 4)], 1024),  # 56 rows, but two images and the padding need three segments
+    ([(2, 4, 4), (1, 12, 8)], 1024),  # a two-frame clip beside an image
+    ([(1, 16, 16), (1, 8, 8)], 1024),  # 320 rows
+    ([(1, 8, 8)] * 3, 1024),  # three images and the padding: the large bucket's four segments
+]
+
+
+@pytest.mark.parametrize("grids, bucket", LAYOUTS, ids=str)
+@torch.inference_mode()
+def test_the_padded_static_forward_equals_sglangs_own_forward(qwen, grids, bucket):
+    graphs = QwenVisionGraphs(qwen.visual, [256, 1024])
+    statics = graphs.allocate(torch.device("cpu"))
+    pixels, grid = _pixels(qwen, grids, len(grids)), torch.tensor(grids)
+    prepared = graphs.prepare(pixels, grid)
+    chosen = graphs.fit(statics, prepared)
+    assert chosen is not None
+    static, layout = chosen
+    assert static.bucket.patches == bucket
+    static.load(prepared, *layout)
+    out = graphs.unpad(graphs._blocks(static), prepared)
+    torch.testing.assert_close(out, qwen.visual(pixels, grid_thw=grid), rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_a_batch_no_bucket_holds_is_not_fitted(qwen):
+    graphs = QwenVisionGraphs(qwen.visual, [256])
+    statics = graphs.allocate(torch.device("cpu"))
+    for grids in ([(1, 16, 20)], [(1, 4, 4)] * 3):  # too many rows; too many segments
+        assert graphs.fit(statics, graphs.prepare(_pixels(qwen, grids, 0), torch.tensor(grids))) is None
+
+
+class _Recorder:
+    """Stands in for captured graphs: records each run's rows and declines, so the tower runs eagerly."""
+
+    def __init__(self, largest: int) -> None:
+        self.buckets = [make_bucket(largest, None)]
+        self.runs: list[int] = []
+
+    def run(self, pixels, grids):
+        self.runs.append(int(pixels.shape[0]))
+        return None
+
+
+@torch.inference_mode()
+def test_the_adapter_cuts_a_batch_into_runs_under_the_largest_bucket_in_order(qwen):
+    tower = QwenVLTower(qwen)
+    grids = [(1, 16, 32), (1, 16, 24), (1, 16, 16), (1, 8, 8), (1, 32, 36)]
+    units = [EncodeItem(_pixels(qwen, [g], i), g[1] * g[2], "image", None, {"grid": g}) for i, g in enumerate(grids)]
+    expected = tower.forward(units)
+    tower.graphs = _Recorder(1024)
+    outputs = tower.forward(units)
+    assert tower.graphs.runs == [512 + 384, 256 + 64, 1152]
+    for out, reference in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, reference)
+
+
+def test_on_cpu_the_plugin_logs_why_it_captured_nothing_and_serves_eagerly(qwen, caplog):
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [1024]}
+    service = sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 30},
+                                         "plugin": plugin}, tp_size=1)
+    try:
+        assert service.tower.graphs is None
+        assert "ViT CUDA graphs off: its vision attention backend is VisionSdpaAttention" in caplog.text
+    finally:
+        sglang_plugin.stop()
+
+
+def test_a_bucket_beyond_the_budget_is_refused_at_start(qwen, caplog):
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [4096, 1 << 20]}
+    service = sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 24},
+                                         "plugin": plugin}, tp_size=1)
+    try:
+        assert service.tower.graphs is None
+        assert f"the largest bucket ({1 << 20} patches" in caplog.text and "exceeds the budget" in caplog.text
+    finally:
+        sglang_plugin.stop()
+
+
+def test_graph_buckets_for_a_tower_without_graphs_are_ignored_with_one_line(caplog):
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [4096]}
+    sglang_plugin.start(sm.BUILDERS["gemma3"](), {"config_path": None, "mode": "async",
+                                                  "values": {"budget_bytes": 1 << 30}, "plugin": plugin}, tp_size=1)
+    try:
+        assert "sglang.vit_graph_patches ignored: only the Qwen towers are captured" in caplog.text
+    finally:
+        sglang_plugin.stop()
