@@ -83,9 +83,19 @@ Layout = tuple[list[int], list[int] | None]
 """Padded full-attention and window segment lengths of one batch in one bucket."""
 
 
+def _write(dest: torch.Tensor, values: torch.Tensor) -> None:
+    """Copy host ``values`` into ``dest`` on the current stream without blocking the host: from pageable memory
+    CUDA would first wait for everything queued on the stream (a replay's inputs must not cost that)."""
+    dest.copy_(values.pin_memory() if dest.is_cuda else values, non_blocking=True)
+
+
+def _lengths(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32)
+
+
 def _cumulative(lengths: Sequence[int]) -> torch.Tensor:
     out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    out[1:] = _lengths(lengths).cumsum(0)
     return out
 
 
@@ -141,11 +151,11 @@ class _Static:
         self.rows[n:].zero_()
         self.cos[n:].zero_()
         self.sin[n:].zero_()
-        self.full_cu.copy_(_cumulative(full), non_blocking=True)
-        self.full_len.copy_(torch.tensor(full, dtype=torch.int32), non_blocking=True)
+        _write(self.full_cu, _cumulative(full))
+        _write(self.full_len, _lengths(full))
         if self.window is not None:
-            self.window_cu.copy_(_cumulative(window), non_blocking=True)
-            self.window_len.copy_(torch.tensor(window, dtype=torch.int32), non_blocking=True)
+            _write(self.window_cu, _cumulative(window))
+            _write(self.window_len, _lengths(window))
 
 
 class QwenVisionGraphs:
@@ -237,12 +247,11 @@ class QwenVisionGraphs:
         return [_Static(bucket, rows, cos, sin, VisionAttentionMetadata) for bucket in self.buckets]
 
     def capture(self) -> int:
-        """Capture every bucket, largest first, into one pool; returns the bytes the pool reserved.
+        """Capture every bucket, largest first, into one pool; returns the bytes the pool holds.
 
         Call before serving, on the thread that owns the model: nothing else may run on the GPU while
         a capture is open."""
         device = next(self.visual.parameters()).device
-        before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(device=device)
         with torch.inference_mode():
@@ -259,7 +268,8 @@ class QwenVisionGraphs:
                 static.graph = graph
         torch.cuda.synchronize(device)
         self._static = statics
-        return torch.cuda.memory_reserved(device) - before
+        return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+                   if tuple(segment.get("segment_pool_id", ())) == tuple(pool))
 
     def _patch_dim(self) -> int:
         embed = self.visual.patch_embed

@@ -96,28 +96,34 @@ def test_a_result_is_not_overwritten_by_the_next_replay(captured):
     torch.testing.assert_close(kept, expected, rtol=0, atol=0)
 
 
+class _SlowReplay:
+    """A captured graph whose replay first keeps its stream busy for ~0.1 s (an H200's ``_sleep`` cycles)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
+        self.graph = graph
+
+    def replay(self) -> None:
+        torch.cuda._sleep(200_000_000)
+        self.graph.replay()
+
+
 @torch.inference_mode()
 def test_a_replay_on_another_stream_waits_for_the_previous_replay(captured):
-    """Replays share one memory pool and one set of static inputs, so a replay on a second stream (a renewed
-    encoder stream) must not run beside the last one: here it must still be blocked behind the first
-    stream's 0.1 s kernel 20 ms later, where on its own it would have finished in microseconds."""
-    import time
-
+    """Replays share one memory pool and one set of static inputs. Batch a's replay sits behind a 0.1 s kernel
+    on one stream when batch b is submitted on another (a renewed encoder stream): b's inputs must not land
+    in the static buffers before a's replay has read them."""
     model, graphs = captured
+    for static in graphs._static:
+        static.graph = _SlowReplay(static.graph)
     a = (_pixels(model, SAME_BUCKET[0], 20), torch.tensor(SAME_BUCKET[0]))
     b = (_pixels(model, SAME_BUCKET[1], 21), torch.tensor(SAME_BUCKET[1]))
     expected_a, expected_b = model.visual(a[0], grid_thw=a[1].cuda()), model.visual(b[0], grid_thw=b[1].cuda())
-    slow, fast = torch.cuda.Stream(), torch.cuda.Stream()
-    slow.wait_stream(torch.cuda.current_stream())
-    fast.wait_stream(torch.cuda.current_stream())
+    first, second = torch.cuda.Stream(), torch.cuda.Stream()
     torch.cuda.synchronize()
-    with torch.cuda.stream(slow):
-        torch.cuda._sleep(200_000_000)  # ~0.1 s on an H200: the replay of a queues behind it
+    with torch.cuda.stream(first):
         out_a = graphs.run(*a)
-    with torch.cuda.stream(fast):
+    with torch.cuda.stream(second):
         out_b = graphs.run(*b)
-    time.sleep(0.02)
-    assert not fast.query(), "the second stream's replay ran beside the first one's"
     torch.cuda.synchronize()
     _close(out_a, expected_a)
     _close(out_b, expected_b)
