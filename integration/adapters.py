@@ -277,8 +277,8 @@ class QwenVLTower(SGLangTower):
         graphs = QwenVisionGraphs(self.model.visual, buckets)
         pool = graphs.capture()
         self.graphs = graphs
-        return (f"ViT CUDA graphs captured for {[b.patches for b in graphs.buckets]} patches "
-                f"(one pool, {pool / 2**20:.0f} MiB)")
+        return (f"ViT CUDA graphs captured for {sorted({b.patches for b in graphs.buckets})} patches, "
+                f"{len(graphs.buckets)} graphs (one pool, {pool / 2**20:.0f} MiB)")
 
     @classmethod
     def why_unsupported(cls, model: nn.Module) -> str | None:

@@ -49,30 +49,44 @@ class Bucket:
     window_segments: int
     window_max: int
 
+    @property
+    def full_pad_max(self) -> int:
+        """Longest full-attention segment the padding is cut into: attention cost grows with its square."""
+        return min(self.full_max, SHORT_SEGMENT)
 
+
+SHORT_SEGMENT = 1280
+"""Longest segment of the short class (a 490-560 px square image: 1,225 patches at 14 px, Qwen2.5-VL, or
+16 px, Qwen3-VL). SGLang's varlen kernel launches segments x heads x ceil(max_seqlen / 128) programs, so
+a graph captured for a long ``max_seqlen`` runs mostly idle programs on batches of ordinary images."""
 LONGEST_SEGMENT = 8192
-"""Longest full-attention segment a graph takes (a 1,268 px square image at Qwen2.5-VL's 14 px patches);
-the varlen kernel's grid is sized by it, so it is kept well under a large bucket."""
+"""Longest segment of the long class (a 1,268 px square image at 14 px patches); longer ones run eagerly."""
 
 
-def make_bucket(patches: int, window_max: int | None) -> Bucket:
-    """Segment room of one bucket: a segment per 512 rows (a 480 px image has 900-1,156) and two more;
+def make_buckets(patches: Sequence[int], window_max: int | None) -> list[Bucket]:
+    """Every bucket of these patch counts, smallest first: each in a short class and, where it can hold a
+    longer segment, a long class. Segment room: one per 512 rows (a 480 px image has 900-1,156) and two more;
     for Qwen2.5-VL's windows (at most ``window_max`` rows each) one per 32 rows, and the padding's."""
-    full_segments, full_max = patches // 512 + 2, min(patches, LONGEST_SEGMENT)
-    if window_max is None:
-        return Bucket(patches, full_segments, full_max, 0, 0)
-    return Bucket(patches, full_segments, full_max, patches // 32 + -(-patches // window_max), window_max)
+    out = []
+    for count in sorted(set(patches)):
+        windows = 0 if window_max is None else count // 32 + -(-count // window_max)
+        for longest in sorted({min(count, SHORT_SEGMENT), min(count, LONGEST_SEGMENT)}):
+            out.append(Bucket(count, count // 512 + 2, longest, windows, window_max or 0))
+    return out
 
 
-def padded_lengths(lengths: Sequence[int], total: int, capacity: int, longest: int) -> list[int] | None:
+def padded_lengths(lengths: Sequence[int], total: int, capacity: int, longest: int,
+                   pad_longest: int | None = None) -> list[int] | None:
     """Segment lengths filling ``total`` rows in ``capacity`` slots: ``lengths``, then the padding cut
-    into segments of at most ``longest`` rows, then empty segments. None if they do not fit."""
+    into segments of at most ``pad_longest`` (default ``longest``) rows, then empty segments. None if
+    they do not fit."""
     if any(n > longest for n in lengths):
         return None
     pad = total - sum(lengths)
     if pad < 0:
         return None
-    pads = [longest] * (pad // longest) + ([pad % longest] if pad % longest else [])
+    chunk = pad_longest or longest
+    pads = [chunk] * (pad // chunk) + ([pad % chunk] if pad % chunk else [])
     out = list(lengths) + pads
     if len(out) > capacity:
         return None
@@ -133,7 +147,7 @@ class _Static:
 
     def layout(self, full: Sequence[int], window: Sequence[int] | None) -> Layout | None:
         b = self.bucket
-        full_padded = padded_lengths(full, b.patches, b.full_segments, b.full_max)
+        full_padded = padded_lengths(full, b.patches, b.full_segments, b.full_max, b.full_pad_max)
         if full_padded is None:
             return None
         if self.window is None:
@@ -169,7 +183,7 @@ class QwenVisionGraphs:
             side = visual.window_size // visual.spatial_merge_size // visual.patch_size * visual.spatial_merge_size
             window_max = side * side
             self._full_layers = {int(i) for i in torch.as_tensor(visual.fullatt_block_indexes).reshape(-1).tolist()}
-        self.buckets = [make_bucket(p, window_max) for p in sorted(set(buckets))]
+        self.buckets = make_buckets(buckets, window_max)
         self._static: list[_Static] = []
         self._lock = threading.Lock()
         self._last_replay: torch.cuda.Event | None = None

@@ -15,7 +15,14 @@ import sglang_models as sm
 import torch
 from mm_scheduler_sglang import settings, sglang_plugin
 from mm_scheduler_sglang.adapters import QwenVLTower
-from mm_scheduler_sglang.vit_graphs import LONGEST_SEGMENT, QwenVisionGraphs, make_bucket, padded_lengths
+from mm_scheduler_sglang.vit_graphs import (
+    LONGEST_SEGMENT,
+    SHORT_SEGMENT,
+    Bucket,
+    QwenVisionGraphs,
+    make_buckets,
+    padded_lengths,
+)
 
 from mm_scheduler import EncodeItem
 
@@ -36,11 +43,30 @@ def test_padding_fills_the_bucket_with_segments_of_its_own_and_empty_slots(lengt
         assert sum(out) == total and len(out) == capacity
 
 
-def test_bucket_room_grows_with_its_patches_and_bounds_the_longest_segment():
-    small, large = make_bucket(1024, None), make_bucket(65536, 64)
-    assert (small.full_segments, small.full_max, small.window_segments) == (4, 1024, 0)
-    assert large.full_max == LONGEST_SEGMENT and large.full_segments == 130
-    assert large.window_max == 64 and large.window_segments == 65536 // 32 + 65536 // 64
+def test_padding_longer_than_its_own_bound_is_cut_shorter_than_the_real_segments_bound():
+    assert padded_lengths([1000], 4096, 6, 4096, pad_longest=1280) == [1000, 1280, 1280, 536, 0, 0]
+
+
+def test_each_bucket_has_a_short_class_and_a_long_one_where_it_can_hold_longer_segments():
+    buckets = make_buckets([65536, 1024], None)
+    assert [(b.patches, b.full_max) for b in buckets] == [(1024, 1024), (65536, SHORT_SEGMENT),
+                                                          (65536, LONGEST_SEGMENT)]
+    assert buckets[0].full_segments == 4 and buckets[0].window_segments == 0
+    assert [b.full_pad_max for b in buckets] == [1024, SHORT_SEGMENT, SHORT_SEGMENT]
+    windowed = make_buckets([65536], 64)[0]
+    assert windowed.window_max == 64 and windowed.window_segments == 65536 // 32 + 65536 // 64
+
+
+@torch.inference_mode()
+def test_a_batch_of_ordinary_images_takes_the_short_class_and_a_large_image_the_long_one():
+    model = sm.BUILDERS["qwen3_vl"]()
+    graphs = QwenVisionGraphs(model.visual, [4096])
+    statics = graphs.allocate(torch.device("cpu"))
+    for grids, longest in (([(1, 30, 30)] * 3, SHORT_SEGMENT), ([(1, 40, 40)], 4096)):
+        prepared = graphs.prepare(_pixels(model, grids, 0), torch.tensor(grids))
+        static, (full, _) = graphs.fit(statics, prepared)
+        assert static.bucket.full_max == longest
+        assert max(full) <= longest and sum(full) == 4096
 
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
@@ -92,7 +118,7 @@ class _Recorder:
     """Stands in for captured graphs: records each run's rows and declines, so the tower runs eagerly."""
 
     def __init__(self, largest: int) -> None:
-        self.buckets = [make_bucket(largest, None)]
+        self.buckets = [Bucket(largest, largest // 512 + 2, largest, 0, 0)]
         self.runs: list[int] = []
 
     def run(self, pixels, grids):
