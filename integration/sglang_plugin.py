@@ -265,7 +265,11 @@ def _capture_graphs(tower: Any, buckets: list[int], tp_size: int) -> None:
         logger.warning("mm-coalescer: ViT CUDA graphs off: the largest bucket (%d patches, %d bytes) exceeds the "
                        "budget of %d bytes", buckets[-1], need, _service.budget_bytes)
         return
-    logger.info("mm-coalescer: %s", tower.use_graphs(buckets, tp_size=tp_size))
+    try:
+        logger.info("mm-coalescer: %s", tower.use_graphs(buckets, tp_size=tp_size))
+    except Exception as exc:  # a failed capture costs the graphs, not the plugin
+        logger.warning("mm-coalescer: ViT CUDA graphs off: capture failed (%s: %s); the tower runs eagerly",
+                       type(exc).__name__, exc)
 
 
 def stop() -> None:

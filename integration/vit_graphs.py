@@ -19,7 +19,9 @@ by total length only, so a later batch of equal length but other image sizes rep
   with two zeros). Segment boundaries live in static buffers rewritten before every replay; each
   layer's ``max_seqlen`` is fixed at capture to the bucket's bound.
 * Results are copied out of the graph's memory before ``run`` returns; a batch no bucket holds
-  returns None and the caller runs the tower's own forward.
+  returns None and the caller runs the tower's own forward, as does one submitted on another stream
+  while a replay is still queued on the first (replays share one pool and never run side by side).
+* The pool is memory on top of the coalescer's budget, held for the life of the server.
 
 Only SGLang's ``triton_attn`` vision backend is captured (it takes the precomputed metadata and
 never reads a device value on the host); TP-sharded towers are not (their collectives would be
@@ -187,6 +189,7 @@ class QwenVisionGraphs:
         self._static: list[_Static] = []
         self._lock = threading.Lock()
         self._last_replay: torch.cuda.Event | None = None
+        self._last_stream: torch.cuda.Stream | None = None
         self.replays = 0
 
     @staticmethod
@@ -319,12 +322,15 @@ class QwenVisionGraphs:
                 return None
             static, layout = chosen
             stream = torch.cuda.current_stream(prepared.rows.device)
-            if self._last_replay is not None:
-                stream.wait_event(self._last_replay)  # one pool: a replay on another stream waits for the last
+            if self._last_replay is not None and self._last_stream != stream and not self._last_replay.query():
+                # One pool and one set of inputs: never beside a replay still queued on another stream. That is
+                # a stream the executor gave up on (``renew_stream`` after a hung forward); waiting for it would
+                # hang the fresh stream and the health probe too, so this batch runs eagerly instead.
+                return None
             static.load(prepared, *layout)
             static.graph.replay()
             out = self.unpad(static.output, prepared)
-            self._last_replay = torch.cuda.Event()
+            self._last_replay, self._last_stream = torch.cuda.Event(), stream
             self._last_replay.record(stream)
             self.replays += 1
             return out

@@ -5,8 +5,8 @@ What would fail if the graphs were wrong:
 * two batches of different image sizes in one bucket: a replay that kept the first batch's segment
   boundaries (what SGLang 0.5.16's own runner does for equal lengths) attends across images;
 * a result read after the next replay: a view of the graph's memory instead of a copy;
-* a replay on a second stream while the first stream's replay waits behind a long kernel: without the
-  wait on the last replay, the second one's inputs overwrite the first one's before it runs;
+* a batch on a second stream while the first stream's replay waits behind a long kernel: it must be
+  declined (run eagerly), not overwrite the first one's inputs, and not queue behind a stream given up on;
 * the adapter: batches larger than the largest bucket are split into runs, batches no bucket holds run
   the tower itself, and every output equals the tower's own forward.
 
@@ -108,13 +108,15 @@ class _SlowReplay:
 
 
 @torch.inference_mode()
-def test_a_replay_on_another_stream_waits_for_the_previous_replay(captured):
+def test_a_batch_on_another_stream_runs_eagerly_while_the_last_replay_is_still_queued(captured):
     """Replays share one memory pool and one set of static inputs. Batch a's replay sits behind a 0.1 s kernel
-    on one stream when batch b is submitted on another (a renewed encoder stream): b's inputs must not land
-    in the static buffers before a's replay has read them."""
+    on one stream when batch b comes on another (the executor's renewed stream after a hung forward): b must
+    neither overwrite a's inputs nor wait behind it, so it is declined (the caller runs the tower); once a's
+    replay is done, the other stream replays again."""
     model, graphs = captured
-    for static in graphs._static:
-        static.graph = _SlowReplay(static.graph)
+    slow = [_SlowReplay(static.graph) for static in graphs._static]
+    for static, replay in zip(graphs._static, slow, strict=True):
+        static.graph = replay
     a = (_pixels(model, SAME_BUCKET[0], 20), torch.tensor(SAME_BUCKET[0]))
     b = (_pixels(model, SAME_BUCKET[1], 21), torch.tensor(SAME_BUCKET[1]))
     expected_a, expected_b = model.visual(a[0], grid_thw=a[1].cuda()), model.visual(b[0], grid_thw=b[1].cuda())
@@ -123,9 +125,12 @@ def test_a_replay_on_another_stream_waits_for_the_previous_replay(captured):
     with torch.cuda.stream(first):
         out_a = graphs.run(*a)
     with torch.cuda.stream(second):
-        out_b = graphs.run(*b)
+        assert graphs.run(*b) is None
     torch.cuda.synchronize()
     _close(out_a, expected_a)
+    with torch.cuda.stream(second):
+        out_b = graphs.run(*b)
+    torch.cuda.synchronize()
     _close(out_b, expected_b)
 
 

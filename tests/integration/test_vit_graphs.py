@@ -172,3 +172,19 @@ def test_graph_buckets_for_a_tower_without_graphs_are_ignored_with_one_line(capl
         assert "sglang.vit_graph_patches ignored: only the Qwen towers are captured" in caplog.text
     finally:
         sglang_plugin.stop()
+
+
+def test_a_failed_capture_costs_the_graphs_not_the_plugin(qwen, caplog, monkeypatch):
+    def fail(self, buckets, *, tp_size):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(QwenVLTower, "use_graphs", fail)
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [1024]}
+    service = sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 30},
+                                         "plugin": plugin}, tp_size=1)
+    try:
+        assert service is not None and sglang_plugin._service is service
+        assert "ViT CUDA graphs off: capture failed (RuntimeError: operation not permitted" in caplog.text
+    finally:
+        sglang_plugin.stop()
