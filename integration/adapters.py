@@ -39,7 +39,7 @@ from torch import nn
 from mm_scheduler import EncodeItem
 
 from . import sglang_compat
-from .vit_graphs import QwenVisionGraphs
+from .vit_graphs import QwenVisionGraphs, patch_width
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class QwenVLTower(SGLangTower):
         visual = model.visual
         embed = visual.patch_embed
         self.merge = int(visual.spatial_merge_size)
-        self.patch_dim = int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
+        self.patch_dim = patch_width(visual)
         # Read from the modules: Qwen3-VL-MoE keeps only its text config on the model.
         hidden = int(embed.embed_dim)
         mlp = sum(p.numel() for p in visual.blocks[0].mlp.parameters() if p.dim() == 2) // hidden

@@ -67,13 +67,16 @@ LONGEST_SEGMENT = 8192
 
 def make_buckets(patches: Sequence[int], window_max: int | None) -> list[Bucket]:
     """Every bucket of these patch counts, smallest first: each in a short class and, where it can hold a
-    longer segment, a long class. Segment room: one per 512 rows (a 480 px image has 900-1,156) and two more;
-    for Qwen2.5-VL's windows (at most ``window_max`` rows each) one per 32 rows, and the padding's."""
+    longer segment, a long class. Segment room: the padding's segments, and one per 512 rows plus one for
+    the images (a 480 px image has 900-1,156 rows), so any ``count // 512 + 1`` images that fit in rows fit
+    in segments too; for Qwen2.5-VL's windows (at most ``window_max`` rows each) one per 32 rows, and the
+    padding's."""
     out = []
     for count in sorted(set(patches)):
         windows = 0 if window_max is None else count // 32 + -(-count // window_max)
         for longest in sorted({min(count, SHORT_SEGMENT), min(count, LONGEST_SEGMENT)}):
-            out.append(Bucket(count, count // 512 + 2, longest, windows, window_max or 0))
+            pad_segments = -(-count // min(longest, SHORT_SEGMENT))
+            out.append(Bucket(count, count // 512 + 1 + pad_segments, longest, windows, window_max or 0))
     return out
 
 
@@ -93,6 +96,12 @@ def padded_lengths(lengths: Sequence[int], total: int, capacity: int, longest: i
     if len(out) > capacity:
         return None
     return out + [0] * (capacity - len(out))
+
+
+def patch_width(visual: nn.Module) -> int:
+    """Values in one row of a Qwen tower's pixel input: channels x temporal patch x patch area."""
+    embed = visual.patch_embed
+    return int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
 
 
 Layout = tuple[list[int], list[int] | None]
@@ -255,7 +264,7 @@ class QwenVisionGraphs:
         from sglang.srt.layers.attention.vision import VisionAttentionMetadata
 
         merge = self.visual.spatial_merge_size
-        probe = self.prepare(torch.zeros(merge * merge, self._patch_dim(), device=device),
+        probe = self.prepare(torch.zeros(merge * merge, patch_width(self.visual), device=device),
                              torch.tensor([[1, merge, merge]]))
         largest = self.buckets[-1].patches
         rows = torch.zeros(largest, probe.rows.shape[-1], device=device, dtype=probe.rows.dtype)
@@ -287,10 +296,6 @@ class QwenVisionGraphs:
         self._static = statics
         return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
                    if tuple(segment.get("segment_pool_id", ())) == tuple(pool))
-
-    def _patch_dim(self) -> int:
-        embed = self.visual.patch_embed
-        return int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
 
     def fit(self, statics: Sequence[_Static], prepared: Prepared) -> tuple[_Static, Layout] | None:
         """The smallest bucket holding the batch, with its padded segment lengths; None if none does."""

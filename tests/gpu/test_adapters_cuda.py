@@ -6,8 +6,10 @@ tensors with ``wrap_tensor``, as ``BaseMultimodalProcessor._prepare_mm_items_for
 test process (the scheduler's role) receives the pickled ``CudaIpcTensorTransportProxy`` objects. CUDA
 refuses to open an IPC handle in the exporting process, hence two processes.
 
-Needs CUDA, sglang 0.5.23 and ``cuda.bindings`` (cuda-python; SGLang's pool writes its ready/ack
-words with ``cuStreamWaitValue32`` / ``cuStreamWriteValue32``). Skips cleanly without them.
+Needs CUDA and ``cuda.bindings`` (cuda-python; SGLang's pool writes its ready/ack words with
+``cuStreamWaitValue32`` / ``cuStreamWriteValue32``); the IPC tests also need the pool's ``wrap_tensor``
+(sglang 0.5.23; 0.5.16's pool hands out shared-memory flags instead). Each skips cleanly without them:
+a producer that cannot build its pool would leave the consumer waiting on its queue.
 Run: ``python -m pytest -q tests/gpu/test_adapters_cuda.py``.
 """
 
@@ -42,10 +44,8 @@ def _content(rows: int, index: int, device: str) -> torch.Tensor:
 
 
 def _produce(rows: list[int], queue, done) -> None:
-    from sglang.srt.multimodal.transport.cuda_ipc import MmItemMemoryPool
-
     torch.cuda.set_device(0)
-    pool = MmItemMemoryPool(64 << 20, 0.05, 0, 1)
+    pool = _pool_class()(64 << 20, 0.05, 0, 1)
     proxies = [pool.wrap_tensor(_content(n, i, "cuda"), use_pool_handle_cache=True) for i, n in enumerate(rows)]
     torch.cuda.synchronize()
     queue.put(proxies)
@@ -57,18 +57,48 @@ def _produce(rows: list[int], queue, done) -> None:
     pool.shutdown()
 
 
+def _pool_class() -> type | None:
+    """SGLang's ``MmItemMemoryPool`` where it has ``wrap_tensor``, from the module that holds its proxy class."""
+    import importlib
+
+    from mm_scheduler_sglang.sglang_compat import cuda_ipc_proxy_class
+
+    pool = getattr(importlib.import_module(cuda_ipc_proxy_class().__module__), "MmItemMemoryPool", None)
+    return pool if hasattr(pool, "wrap_tensor") else None
+
+
+def _from(producer, queue, timeout: float):
+    """The producer's next message; fails at once if the producer died instead of waiting out ``timeout``."""
+    import queue as queues
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return queue.get(timeout=1)
+        except queues.Empty:
+            if not producer.is_alive():
+                pytest.fail(f"the producer process exited (code {producer.exitcode}) before sending")
+            if time.monotonic() > deadline:
+                raise
+
+
 @pytest.fixture
 def ipc_items():
     """Qwen3-VL-shaped image items whose features are proxies into another process's pool;
     ``finish()`` lets the producer count the pool slices still leased (0 once all were acknowledged)."""
     from sglang_models import make_item
 
+    if _pool_class() is None:
+        import sglang
+
+        pytest.skip(f"sglang {sglang.__version__}: its MmItemMemoryPool has no wrap_tensor (the pooled "
+                    "transport these tests drive is 0.5.23's)")
     rows = [t * h * w for t, h, w in GRIDS]
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
     producer = ctx.Process(target=_produce, args=(rows, queue, done), daemon=True)
     producer.start()
-    proxies = queue.get(timeout=120)
+    proxies = _from(producer, queue, 120)
     items = [make_item("image", proxy, 7000 + i, image_grid_thw=torch.tensor([grid]))
              for i, (proxy, grid) in enumerate(zip(proxies, GRIDS, strict=True))]
     left: list[int] = []
@@ -77,7 +107,7 @@ def ipc_items():
         if not left:
             torch.cuda.synchronize()
             done.set()
-            left.append(queue.get(timeout=60))
+            left.append(_from(producer, queue, 60))
         return left[0]
 
     yield {"items": items, "rows": rows, "finish": finish}

@@ -7,6 +7,9 @@ What would fail if the graphs were wrong:
 * a result read after the next replay: a view of the graph's memory instead of a copy;
 * a batch on a second stream while the first stream's replay waits behind a long kernel: it must be
   declined (run eagerly), not overwrite the first one's inputs, and not queue behind a stream given up on;
+* a graph whose ``max_seqlen`` is below its bucket (the short class): SGLang's triton kernel then covers only
+  that many rows of each segment, so a segment longer than it, or padding cut longer, would lose rows (the
+  CPU attention ignores ``max_seqlen``: only a GPU sees this);
 * the adapter: batches larger than the largest bucket are split into runs, batches no bucket holds run
   the tower itself, and every output equals the tower's own forward.
 
@@ -94,6 +97,29 @@ def test_a_result_is_not_overwritten_by_the_next_replay(captured):
     graphs.run(*second)
     torch.cuda.synchronize()
     torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+@torch.inference_mode()
+def test_a_bucket_replays_ordinary_images_in_its_short_class_and_a_large_one_in_its_long_class(name):
+    from mm_scheduler_sglang.vit_graphs import SHORT_SEGMENT
+
+    model = _tower(name)
+    graphs = QwenVisionGraphs(model.visual, [4096])
+    graphs.capture()
+    cases = [([(1, 30, 30)] * 3, SHORT_SEGMENT),  # 2,700 rows of 900-row images: padding cut at 1,280
+             ([(1, 32, 40)], SHORT_SEGMENT),  # 1,280 rows: exactly the short bound
+             ([(1, 40, 40)], 4096),  # 1,600 rows: longer than the short bound
+             ([(1, 20, 20), (1, 36, 36)], 4096)]  # 1,296 next to 400
+    for seed, (grids, longest) in enumerate(cases):
+        pixels, grid = _pixels(model, grids, 40 + seed), torch.tensor(grids)
+        prepared = graphs.prepare(pixels, grid)
+        static, _ = graphs.fit(graphs._static, prepared)
+        assert static.bucket.full_max == longest
+        out = graphs.run(pixels, grid)
+        assert out is not None
+        _close(out, model.visual(pixels, grid_thw=grid.cuda()))
+    assert graphs.replays == len(cases)
 
 
 class _SlowReplay:

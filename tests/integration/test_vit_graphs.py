@@ -57,6 +57,15 @@ def test_each_bucket_has_a_short_class_and_a_long_one_where_it_can_hold_longer_s
     assert windowed.window_max == 64 and windowed.window_segments == 65536 // 32 + 65536 // 64
 
 
+def test_a_bucket_holds_any_count_over_512_plus_one_images_its_rows_hold_however_small_they_are():
+    for count in (256, 1024, 4096, 28672):
+        images = count // 512 + 1
+        for bucket in make_buckets([count], None):
+            for rows in (4, min(bucket.full_max, count // images)):
+                assert padded_lengths([rows] * images, count, bucket.full_segments, bucket.full_max,
+                                      bucket.full_pad_max) is not None, (bucket, rows)
+
+
 @torch.inference_mode()
 def test_a_batch_of_ordinary_images_takes_the_short_class_and_a_large_image_the_long_one():
     model = sm.BUILDERS["qwen3_vl"]()
