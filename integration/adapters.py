@@ -39,7 +39,7 @@ from torch import nn
 from mm_scheduler import EncodeItem
 
 from . import sglang_compat
-from .vit_graphs import QwenVisionGraphs, patch_width
+from .vit_graphs import QwenVisionGraphs, cut_into_runs, patch_width
 
 logger = logging.getLogger(__name__)
 
@@ -379,17 +379,10 @@ class QwenVLTower(SGLangTower):
         return outputs  # type: ignore[return-value]
 
     def _graph_runs(self, units: Sequence[EncodeItem]) -> list[tuple[int, int]]:
-        """Consecutive runs of units, each within the largest captured bucket (one run without graphs)."""
+        """Consecutive runs of units cut to the captured buckets (``cut_into_runs``); one run without graphs."""
         if self.graphs is None:
             return [(0, len(units))]
-        limit, runs, start, rows = self.graphs.buckets[-1].patches, [], 0, 0
-        for index, unit in enumerate(units):
-            size = unit.pixel_values.shape[0]
-            if index > start and rows + size > limit:
-                runs.append((start, index))
-                start, rows = index, 0
-            rows += size
-        return [*runs, (start, len(units))]
+        return cut_into_runs([unit.pixel_values.shape[0] for unit in units], self.graphs.buckets)
 
     def _encode(self, items: list[Any], method: Callable[[list[Any]], torch.Tensor], grid_name: str) -> torch.Tensor:
         """One packed forward: a captured graph when one holds the batch, else the tower itself."""

@@ -111,6 +111,16 @@ def merge_runs(results: list[dict]) -> dict:
     return merged
 
 
+def _lever(runs: dict, variant: str) -> dict:
+    """A lever against plain off and, for a plugin setting (``on+X``), against plain on."""
+    out = {"vs_off": {"seed": seed_summary(runs, "off", variant), "lone": lone_summary(runs, "off", variant),
+                      "poisson": poisson_summary(runs, None, "off", variant) or None}}
+    if variant.startswith("on+"):
+        out["vs_on"] = {"seed": seed_summary(runs, "on", variant), "lone": lone_summary(runs, "on", variant),
+                        "poisson": poisson_summary(runs, None, "on", variant) or None}
+    return out
+
+
 def family_summary(result: dict, raw: Path | None = None) -> dict:
     runs = result["runs"]
     fam: dict = {"commit": result.get("commit", "")}
@@ -138,12 +148,13 @@ def family_summary(result: dict, raw: Path | None = None) -> dict:
         if variant in ("off", "on") or ("+" in variant and f"on+{variant.split('+', 1)[1]}" in result["variants"]
                                          and f"off+{variant.split('+', 1)[1]}" in result["variants"]):
             continue
-        lever = {"changes": {**changes, "flags": result["variants"].get(variant, [])},
-                 "vs_off": {"seed": seed_summary(runs, "off", variant), "lone": lone_summary(runs, "off", variant),
-                            "poisson": poisson_summary(runs, None, "off", variant) or None}}
-        if variant.startswith("on+"):
-            lever["vs_on"] = {"seed": seed_summary(runs, "on", variant), "lone": lone_summary(runs, "on", variant),
-                              "poisson": poisson_summary(runs, None, "on", variant) or None}
+        lever = {"changes": {**changes, "flags": result["variants"].get(variant, [])}, **_lever(runs, variant)}
+        # The same variant name measured at several commits may be different code (a fix between runs): each
+        # commit's own comparison too, so a pooled ratio never stands alone.
+        commits = list(dict.fromkeys(r.get("commit", "") for t, r in runs.items() if t.endswith(f"-{variant}")))
+        if len(commits) > 1:
+            lever["by_commit"] = {c: _lever({t: r for t, r in runs.items() if r.get("commit", "") == c}, variant)
+                                  for c in commits}
         if any(v for side in ("vs_off", "vs_on") for v in lever.get(side, {}).values()):  # measured at all
             fam.setdefault("levers", {})[variant] = lever
     # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), and the flags alone ("off+X" vs "off").

@@ -120,6 +120,22 @@ def test_harness_runs_of_one_family_accumulate_repetitions_and_keep_their_commit
     assert fam["sources"][1]["runs"] == ["seed2-off", "seed2-on"]
 
 
+def test_a_lever_measured_at_two_commits_also_reports_each_commits_own_ratios():
+    first = {**result(), "commit": "aaa", "variants": {"off": [], "on": [], "on+g": []},
+             "variant_changes": {"off": {}, "on": {}, "on+g": {"config": {}, "env": {}}}}
+    first["runs"]["seed0-on+g"] = bench(12_000, 1000)  # before a fix: 1.5x of on (8,000)
+    later = {"family": "fam", "commit": "bbb", "variants": first["variants"],
+             "variant_changes": first["variant_changes"],
+             "runs": {"seed2-off": bench(10_000, 1000), "seed2-on": bench(8_000, 1000),
+                      "seed2-on+g": bench(6_000, 1000)}}  # after: 0.75x
+    lever = summarize.family_summary(summarize.merge_runs([first, later]))["levers"]["on+g"]
+    assert lever["vs_on"]["seed"]["runs"] == 2
+    by_commit = lever["by_commit"]
+    assert by_commit["aaa"]["vs_on"]["seed"]["median_ttft_ratio"] == pytest.approx(1.5)
+    assert by_commit["bbb"]["vs_on"]["seed"]["median_ttft_ratio"] == pytest.approx(0.75)
+    assert by_commit["bbb"]["vs_off"]["seed"]["runs"] == 1
+
+
 def test_a_seed_repetition_claimed_by_two_harness_runs_is_refused():
     with pytest.raises(SystemExit, match="seed0-off"):
         summarize.merge_runs([result(), {"family": "fam", "runs": {"seed0-off": bench(1, 1)}}])

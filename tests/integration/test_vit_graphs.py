@@ -20,6 +20,7 @@ from mm_scheduler_sglang.vit_graphs import (
     SHORT_SEGMENT,
     Bucket,
     QwenVisionGraphs,
+    cut_into_runs,
     make_buckets,
     padded_lengths,
 )
@@ -135,15 +136,49 @@ class _Recorder:
         return None
 
 
+def _sizes(rows, runs):
+    return [sum(rows[a:b]) for a, b in runs]
+
+
+def test_runs_are_cut_to_the_buckets_so_a_batch_replays_fewer_padded_rows():
+    buckets = make_buckets([4096, 8192, 16384], None)
+    rows = [900] * 13  # in one run: 11,700 rows padded to 16,384
+    runs = cut_into_runs(rows, buckets)
+    assert sorted(_sizes(rows, runs)) == [3600, 8100]  # 4,096 + 8,192 buckets
+    assert [b for _, b in runs][-1] == 13 and all(a < b for a, b in runs)
+
+
+def test_runs_keep_one_replay_where_splitting_saves_less_than_a_replay_costs():
+    buckets = make_buckets([4096, 8192], None)
+    assert cut_into_runs([900] * 8, buckets, replay_rows=256) == [(0, 8)]  # 7,200 in 8,192
+    assert cut_into_runs([2000, 2000, 100], buckets, replay_rows=256) == [(0, 3)]  # 4,100: 8,192 beats 4,096 + 4,096
+
+
+def test_a_unit_no_bucket_holds_is_a_run_of_its_own_and_order_is_kept():
+    buckets = make_buckets([1024], None)
+    rows = [512, 384, 256, 64, 1152, 100]
+    runs = cut_into_runs(rows, buckets)
+    assert (4, 5) in runs and [a for a, _ in runs] == sorted(a for a, _ in runs)
+    assert runs[0][0] == 0 and runs[-1][1] == len(rows)
+    assert all(sum(rows[a:b]) <= 1024 for a, b in runs if (a, b) != (4, 5))
+
+
+def test_runs_never_hold_more_units_than_a_bucket_has_segments_for():
+    buckets = make_buckets([1024], None)  # 1024 // 512 + 1 = 3 images
+    runs = cut_into_runs([16] * 7, buckets)
+    assert all(b - a <= 3 for a, b in runs) and sum(b - a for a, b in runs) == 7
+    assert cut_into_runs([], buckets) == []
+
+
 @torch.inference_mode()
-def test_the_adapter_cuts_a_batch_into_runs_under_the_largest_bucket_in_order(qwen):
+def test_the_adapter_cuts_a_batch_into_runs_by_the_buckets_in_order(qwen):
     tower = QwenVLTower(qwen)
     grids = [(1, 16, 32), (1, 16, 24), (1, 16, 16), (1, 8, 8), (1, 32, 36)]
     units = [EncodeItem(_pixels(qwen, [g], i), g[1] * g[2], "image", None, {"grid": g}) for i, g in enumerate(grids)]
     expected = tower.forward(units)
     tower.graphs = _Recorder(1024)
     outputs = tower.forward(units)
-    assert tower.graphs.runs == [512 + 384, 256 + 64, 1152]
+    assert tower.graphs.runs == [512 + 384, 256 + 64, 1152]  # one bucket: fewest runs, the earlier ones full
     for out, reference in zip(outputs, expected, strict=True):
         torch.testing.assert_close(out, reference)
 
