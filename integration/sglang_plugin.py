@@ -395,9 +395,11 @@ def _around_get_new_batch_prefill(original: Callable[..., Any], scheduler: Any, 
                                   *args: Any, **kwargs: Any) -> Any:
     """``defer_prefill_ms``: keep requests whose early encode is unfinished out of this prefill batch.
 
-    Only while decode has work (otherwise waiting costs the GPU nothing and helps nobody) and for at
-    most ``defer_prefill_ms`` per request, so decode steps run while their encodes finish instead of
-    the scheduler blocking inside the prefill. The waiting queue is restored in its own order.
+    Only while the GPU has other work, decode steps or a prefill of waiting requests that are ready
+    (otherwise waiting helps nobody), and for at most ``defer_prefill_ms`` per request: the scheduler
+    runs that work, and goes on taking in new requests, while the encodes finish, instead of blocking
+    inside the prefill (on the real server a blocked prefill also delays every request still to be
+    taken in: README, "Where the time goes"). The waiting queue is restored in its own order.
     """
     try:
         return _prefill_batch(original, scheduler, running_batch, *args, **kwargs)
@@ -408,11 +410,16 @@ def _around_get_new_batch_prefill(original: Callable[..., Any], scheduler: Any, 
 def _prefill_batch(original: Callable[..., Any], scheduler: Any, running_batch: Any, *args: Any,
                    **kwargs: Any) -> Any:
     service = _service
-    if service is None or _defer_prefill_s <= 0 or running_batch is None or running_batch.is_empty():
+    if service is None or _defer_prefill_s <= 0:
         return original(scheduler, running_batch, *args, **kwargs)
     now = time.monotonic()
     queue = scheduler.waiting_queue
     held_back = {id(req) for req in queue if _defer(service, req, now)}
+    decoding = running_batch is not None and not running_batch.is_empty()
+    if held_back and not decoding and len(held_back) == len(queue):  # nothing else to run: no deferral
+        for req in queue:
+            _deferred_since.pop(req.rid, None)
+        held_back = set()
     if not held_back:
         return original(scheduler, running_batch, *args, **kwargs)
     scheduler.waiting_queue = [req for req in queue if id(req) not in held_back]

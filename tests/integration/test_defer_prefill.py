@@ -76,13 +76,31 @@ def test_a_ready_request_goes_at_once(service):
     assert seen == [["fast"]]
 
 
-def test_without_decode_work_nothing_is_deferred(service):
+@pytest.mark.parametrize("running", [None, 0], ids=["no-running-batch", "empty-running-batch"])
+def test_without_decode_work_and_with_no_ready_request_nothing_is_deferred(service, running):
     service.tower.gate.clear()
     service.on_arrival("slow", [item(3)])
-    scheduler = SimpleNamespace(waiting_queue=[_req("slow")])
+    service.on_arrival("slower", [item(5)])
+    scheduler = SimpleNamespace(waiting_queue=[_req("slow"), _req("slower")])
     seen: list = []
-    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, _running(0))
-    assert seen == [["slow"]]
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
+                                                None if running is None else _running(running))
+    assert seen == [["slow", "slower"]]
+    assert not sglang_plugin._deferred_since  # no bound started: it never sat out
+
+
+@pytest.mark.parametrize("running", [None, 0], ids=["no-running-batch", "empty-running-batch"])
+def test_without_decode_work_an_unfinished_encode_sits_out_while_ready_requests_are_prefilled(service, running):
+    """A burst: the prefill of requests that are ready runs (and the scheduler goes on taking requests in)
+    instead of blocking on the head of the queue's encode."""
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(6)])
+    scheduler = SimpleNamespace(waiting_queue=[_req("slow"), _req("text-only")])
+    seen: list = []
+    admitted = sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
+                                                            None if running is None else _running(running))
+    assert seen == [["text-only"]] and [r.rid for r in admitted] == ["text-only"]
+    assert [r.rid for r in scheduler.waiting_queue] == ["slow"]
 
 
 def test_deferral_is_bounded(service, monkeypatch):
@@ -139,11 +157,11 @@ def test_requests_the_prefill_did_not_admit_and_ones_it_requeued_stay_in_order(s
     assert [r.rid for r in scheduler.waiting_queue] == ["slow", "b", "c", "retracted"]
 
 
-@pytest.mark.parametrize("case", ["no-service", "off", "no-running-batch", "empty-running-batch", "nobody-held-back"])
+@pytest.mark.parametrize("case", ["no-service", "off", "nobody-held-back"])
 def test_sglangs_prefill_runs_untouched_when_nothing_is_deferred(service, monkeypatch, case):
     service.tower.gate.clear()
     service.on_arrival("slow", [item(7)])
-    running = {"no-running-batch": None, "empty-running-batch": _running(0)}.get(case, _running(1))
+    running = _running(1)
     if case == "no-service":
         monkeypatch.setattr(sglang_plugin, "_service", None)
     if case == "off":
