@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 # Imported only in scheduler processes, after SGLang has set PROMETHEUS_MULTIPROC_DIR.
 PREFILL_ITEMS = Counter("mm_coalescer_prefill_items", "Items a prefill asked the encoder for, by where the result came "
-                        "from: early (encoded since arrival), on_demand, or fallback (SGLang's own method)",
+                        "from: early (encoded since arrival), on_demand, inline (SGLang's own method, idle "
+                        "coalescer) or fallback (SGLang's own method after a refusal or failure)",
                         ("coalescer", "source"))
 PREFILL_WAIT = Histogram("mm_coalescer_prefill_wait_seconds", "Time the scheduler thread was blocked waiting for "
                          "encoder results inside a prefill", ("coalescer",),
@@ -190,11 +191,15 @@ class EncoderService:
 
     def __init__(self, tower: SGLangTower, config: CoalescerConfig, *, lockstep: bool,
                  max_held_bytes: int = 1 << 30, prefill_wait_s: float = 2.0,
-                 agree: Callable[[bool], bool] | None = None) -> None:
+                 agree: Callable[[bool], bool] | None = None, inline_when_idle: bool = False) -> None:
         self.tower = tower
         self.config = config
         self.lockstep = lockstep
         self.prefill_wait_s = prefill_wait_s
+        self.inline_when_idle = inline_when_idle
+        """A prefill whose items were not encoded early, finding the coalescer idle, runs SGLang's own method on
+        its thread: there is nothing to batch them with, and the hop to the coalescer only adds to the wait
+        (the plugin's early-encode gate, ``early_encode_min_waiting``, turns this on)."""
         self._agree = agree
         self._exclusive = ExclusiveTower(tower, wait_s=prefill_wait_s)
         # Results encoded ahead of their prefill wait on the GPU; beyond the cap arrivals wait
@@ -208,7 +213,7 @@ class EncoderService:
         self._closed = False
         self.counts = dict.fromkeys(("submitted", "shared", "deferred", "admitted", "taken_early",
                                      "encoded_on_demand", "released", "cancelled", "swept", "wait_timeouts",
-                                     "fallbacks"), 0)
+                                     "fallbacks", "inline"), 0)
 
     @property
     def mode(self) -> str:
@@ -301,6 +306,10 @@ class EncoderService:
         deadline = started + self.prefill_wait_s
         with self._lock:
             handles = [self._held_handle(item) for item in items]
+        if self.inline_when_idle and all(h is None for h in handles) and self._idle():
+            self.counts["inline"] += 1
+            PREFILL_ITEMS.labels(self.config.name, "inline").inc(len(items))
+            return self.run_exclusive(lambda: original(list(items)))
         self._expedite(h for h in handles if h is not None)
         outputs: list[list[torch.Tensor] | None] = [None] * len(items)
         missing: list[int] = []
@@ -337,6 +346,13 @@ class EncoderService:
             return self._fallback(items, original)
         finally:
             PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
+
+    def _idle(self) -> bool:
+        """No unit queued and no forward in flight (async mode; a racy read is fine: the tower lock serialises)."""
+        if self._coalescer is None:
+            return False
+        stats = self._coalescer.stats()
+        return stats["pending_units"] == 0 and stats["inflight_batches"] == 0
 
     def _fallback(self, items: Sequence[Any], original: Callable[[list[Any]], Any]) -> Any:
         self.counts["fallbacks"] += 1

@@ -239,7 +239,8 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     _defer_prefill_s = plugin["defer_prefill_ms"] / 1000.0
     _early_encode_min_waiting = plugin["early_encode_min_waiting"]
     _service = EncoderService(tower, config, lockstep=mode == "lockstep", max_held_bytes=max_held,
-                              prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree).start()
+                              prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree,
+                              inline_when_idle=_early_encode_min_waiting > 0).start()
     try:
         _capture_graphs(tower, plugin.get("vit_graph_patches") or [], tp_size)
         _hook_model_class(type(model))

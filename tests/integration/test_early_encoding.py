@@ -251,6 +251,45 @@ def test_with_early_encode_min_waiting_only_requests_behind_a_queue_are_encoded_
     assert service.counts["fallbacks"] == 0
 
 
+def test_with_early_encode_min_waiting_a_lone_prefill_on_an_idle_coalescer_runs_sglangs_own_method(model,
+                                                                                                   stop_service):
+    """Nothing to batch with and nothing in flight: the hop to the coalescer would only add to the prefill's wait."""
+    alone = [sm.qwen_image(model, 4, 4, 92)]
+    requests = [(alone, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model, plugin={"early_encode_min_waiting": 1})
+    assert service.inline_when_idle
+    sglang_plugin._around_add_request_to_queue(_enqueue, _scheduler(), _request("alone", alone))
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert service.counts["inline"] == 1 and log.keys == []  # the coalescer ran nothing
+    assert service.counts["encoded_on_demand"] == 0 and service.counts["fallbacks"] == 0
+
+
+def test_with_early_encode_min_waiting_a_prefill_goes_through_a_busy_coalescer(model, stop_service):
+    """A forward in flight (another request's early encode): the prefill's items queue behind it, urgently,
+    instead of running SGLang's method beside it on the same tower."""
+    busy, alone = [sm.qwen_image(model, 8, 4, 93)], [sm.qwen_image(model, 4, 4, 94)]
+    requests = [(alone, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model, plugin={"early_encode_min_waiting": 1})
+    log.gate.clear()
+    scheduler = _scheduler()
+    scheduler.waiting_queue.append(_request("ahead", []))
+    sglang_plugin._around_add_request_to_queue(_enqueue, scheduler, _request("busy", busy))  # one ahead: early
+    assert log.started.wait(30)  # its forward is in flight, held at the gate
+    threading.Timer(0.2, log.gate.set).start()
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert service.counts["inline"] == 0 and service.counts["encoded_on_demand"] == 1
+    assert len(log.keys) == 2  # the busy request's unit, then the prefill's
+
+
+def test_without_the_gate_a_prefill_never_runs_inline(model, stop_service):
+    service, _ = _start(model)
+    assert not service.inline_when_idle
+
+
 def _scheduler(mode: str = "NULL", chunked=None) -> SimpleNamespace:
     from sglang.srt.disaggregation.utils import DisaggregationMode
 
