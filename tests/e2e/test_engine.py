@@ -42,6 +42,31 @@ def test_engine_greedy_ids_identical_with_plugin_off_and_on(engine_runs: dict[st
         assert on[req.name]["output_ids"] == off[req.name]["output_ids"], req.name
 
 
+def test_engine_with_encoding_left_to_prefills_greedy_ids_equal_plugin_off(engine_runs: dict[str, Any]) -> None:
+    """``early_encode_min_waiting`` and ``defer_prefill_ms`` read and reorder SGLang's real waiting queue."""
+    off, lazy = engine_runs["off"]["results"], engine_runs["lazy"]["results"]
+    requests = scenario.requests(with_video=engine_runs["lazy"]["video_decoder"] is not None)
+    assert set(lazy) == {r.name for r in requests}
+    for req in requests:
+        if req.abort:
+            assert lazy[req.name]["finish"]["type"] == "abort", lazy[req.name]
+            continue
+        assert lazy[req.name]["output_ids"] == off[req.name]["output_ids"], req.name
+
+
+def test_engine_with_encoding_left_to_prefills_a_lone_request_on_an_idle_coalescer_runs_inline(
+        engine_runs: dict[str, Any]) -> None:
+    """The video comes alone (its own phase): nothing waits ahead of it, so it is left to its prefill, which
+    finds the coalescer idle and runs SGLang's own method; nothing falls back or fails."""
+    lazy = engine_runs["lazy"]["metrics"]
+    assert engine_runs["lazy"]["video_decoder"] is not None, "no video decoder (decord/torchcodec) installed"
+    assert scenario.counter(lazy, "mm_coalescer_prefill_items_total{source=inline}") >= 1, lazy
+    assert scenario.counter(lazy, "mm_coalescer_prefill_items_total{source=fallback}") == 0, lazy
+    assert scenario.counter(lazy, "mm_coalescer_requests_total{outcome=error}") == 0, lazy
+    on = engine_runs["on"]["metrics"]
+    assert scenario.counter(on, "mm_coalescer_prefill_items_total{source=inline}") == 0, on  # the gate is off
+
+
 def test_engine_output_depends_on_the_image(engine_runs: dict[str, Any]) -> None:
     """Guards the equality test: a wrong image embedding must be able to change the ids."""
     off = engine_runs["off"]["results"]

@@ -9,7 +9,10 @@ SGLang's own ``/metrics`` reads them (prometheus_client's MultiProcessCollector)
 One Engine per process: a second Engine with metrics in one process fails in SGLang itself
 (``DuplicateTimeseries: sglang:startup_time_seconds``, its tokenizer manager lives in the launcher).
 
-Usage: python engine_run.py off|on MODEL_DIR MEDIA_DIR OUT_JSON
+``lazy`` is the plugin with the shipped config plus ``scenario.LAZY_OVERRIDES`` (encoding at arrival only
+behind a waiting request, prefill deferral): the settings that act on SGLang's real scheduler queues.
+
+Usage: python engine_run.py off|on|lazy MODEL_DIR MEDIA_DIR OUT_JSON
 """
 
 from __future__ import annotations
@@ -57,14 +60,28 @@ async def _scenario(engine, files: dict[str, str], with_video: bool) -> dict:
     return results
 
 
-def run_engine(model: str, files: dict[str, str], with_video: bool, plugin: bool) -> dict:
+def _config(label: str) -> str:
+    """The shipped config, or for ``lazy`` a copy of it with ``scenario.LAZY_OVERRIDES`` in its sglang section."""
+    shipped = scenario.REPO / scenario.PLUGIN_CONFIG
+    if label != "lazy":
+        return str(shipped)
+    import yaml
+
+    config = yaml.safe_load(shipped.read_text())
+    config["sglang"] = {**config.get("sglang", {}), **scenario.LAZY_OVERRIDES}
+    path = Path(tempfile.mkdtemp(prefix="e2e-config-")) / "qwen2_5_vl_lazy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def run_engine(model: str, files: dict[str, str], with_video: bool, label: str) -> dict:
     import sglang
 
     os.environ.pop("MM_COALESCER", None)
     os.environ.pop("MM_COALESCER_CONFIG", None)
-    if plugin:  # exactly as the README tells Engine users
+    if label != "off":  # exactly as the README tells Engine users
         os.environ["MM_COALESCER"] = "1"
-        os.environ["MM_COALESCER_CONFIG"] = str(scenario.REPO / scenario.PLUGIN_CONFIG)
+        os.environ["MM_COALESCER_CONFIG"] = _config(label)
     metrics_dir = tempfile.mkdtemp(prefix="e2e-prom-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     started = time.monotonic()
@@ -85,7 +102,7 @@ def main() -> None:
     if decoder is not None:
         files["video"] = media.write_video(Path(media_dir))
     scenario.log(f"engine with plugin {label}")
-    report = run_engine(model, files, decoder is not None, plugin=label == "on")
+    report = run_engine(model, files, decoder is not None, label)
     report["video_decoder"] = decoder
     scenario.log(f"plugin {label}: {json.dumps(report['metrics'], sort_keys=True)}")
     Path(out_path).write_text(json.dumps(report, indent=1, sort_keys=True))
