@@ -309,7 +309,10 @@ class EncoderService:
         if self.inline_when_idle and all(h is None for h in handles) and self._idle():
             self.counts["inline"] += 1
             PREFILL_ITEMS.labels(self.config.name, "inline").inc(len(items))
-            return self.run_exclusive(lambda: original(list(items)))
+            try:
+                return self.run_exclusive(lambda: original(list(items)))
+            finally:  # the scheduler thread waited for this encode too
+                PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
         self._expedite(h for h in handles if h is not None)
         outputs: list[list[torch.Tensor] | None] = [None] * len(items)
         missing: list[int] = []

@@ -237,10 +237,16 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     plugin = chosen.get("plugin", settings.PLUGIN_DEFAULTS)
     global _defer_prefill_s, _early_encode_min_waiting
     _defer_prefill_s = plugin["defer_prefill_ms"] / 1000.0
+    if _defer_prefill_s > 0 and tp_size > 1:
+        # Which encodes are done is known per rank; TP ranks must still form the same prefill batches.
+        logger.warning("mm-coalescer: sglang.defer_prefill_ms ignored at TP=%d: ranks would defer different "
+                       "requests", tp_size)
+        _defer_prefill_s = 0.0
     _early_encode_min_waiting = plugin["early_encode_min_waiting"]
+    # Inline needs every rank to take the same path: SGLang's own method may run collectives (a DP encoder).
     _service = EncoderService(tower, config, lockstep=mode == "lockstep", max_held_bytes=max_held,
                               prefill_wait_s=plugin["prefill_wait_ms"] / 1000.0, agree=agree,
-                              inline_when_idle=_early_encode_min_waiting > 0).start()
+                              inline_when_idle=_early_encode_min_waiting > 0 and tp_size == 1).start()
     try:
         _capture_graphs(tower, plugin.get("vit_graph_patches") or [], tp_size)
         _hook_model_class(type(model))
@@ -415,11 +421,12 @@ def _prefill_batch(original: Callable[..., Any], scheduler: Any, running_batch: 
         return original(scheduler, running_batch, *args, **kwargs)
     now = time.monotonic()
     queue = scheduler.waiting_queue
+    bounded = {req.rid for req in queue if req.rid in _deferred_since}
     held_back = {id(req) for req in queue if _defer(service, req, now)}
-    decoding = running_batch is not None and not running_batch.is_empty()
-    if held_back and not decoding and len(held_back) == len(queue):  # nothing else to run: no deferral
+    if held_back and not _other_work(scheduler, running_batch, queue, held_back):  # waiting helps nobody
         for req in queue:
-            _deferred_since.pop(req.rid, None)
+            if req.rid not in bounded:  # a bound started earlier keeps running
+                _deferred_since.pop(req.rid, None)
         held_back = set()
     if not held_back:
         return original(scheduler, running_batch, *args, **kwargs)
@@ -431,6 +438,19 @@ def _prefill_batch(original: Callable[..., Any], scheduler: Any, running_batch: 
         known = {id(req) for req in queue}
         scheduler.waiting_queue = ([req for req in queue if id(req) in held_back or id(req) in remaining]
                                    + [req for req in scheduler.waiting_queue if id(req) not in known])
+
+
+def _other_work(scheduler: Any, running_batch: Any, queue: list[Any], held_back: set[int]) -> bool:
+    """Whether the GPU has work besides the held-back requests: decode steps, a chunked prefill in progress, or
+    (unified server) a waiting request whose encode is done. One left to its prefill (``early_encode_min_waiting``)
+    is not: its prefill would encode it now, beside the encodes held back."""
+    if running_batch is not None and not running_batch.is_empty():
+        return True
+    if scheduler.disaggregation_mode.name != "NULL":
+        return False
+    if getattr(scheduler, "chunked_req", None) is not None:
+        return True
+    return any(id(req) not in held_back and req.rid not in _left_to_prefill for req in queue)
 
 
 def _defer(service: EncoderService, req: Any, now: float) -> bool:

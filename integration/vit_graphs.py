@@ -53,8 +53,9 @@ class Bucket:
 
     @property
     def images(self) -> int:
-        """Single-segment units (images) that always fit its segments, however small (make_buckets)."""
-        return self.patches // 512 + 1
+        """Single-segment units (images) that always fit its segments, however small: the segment slots less
+        the most its padding can take."""
+        return self.full_segments - -(-self.patches // self.full_pad_max)
 
     @property
     def full_pad_max(self) -> int:
@@ -94,22 +95,26 @@ copies) and is an estimate, not a measurement; it only breaks ties between fewer
 def cut_into_runs(rows: Sequence[int], buckets: Sequence[Bucket], replay_rows: int = REPLAY_ROWS
                   ) -> list[tuple[int, int]]:
     """Consecutive runs of units (``rows`` each, in order) that replay the fewest rows in all: a run costs the
-    smallest bucket holding its rows and units (``Bucket.images``) plus ``replay_rows``; a unit no bucket holds
-    is a run of its own at its own rows (the tower runs it). Why: one run padded to the next bucket can waste a
-    third of its rows (13 images of 900 rows in 16,384), two runs (8,192 and 4,096) about 5 %."""
-    sizes = sorted({(b.patches, b.images) for b in buckets})
-    largest = sizes[-1][0] if sizes else 0
+    smallest bucket holding its rows, its units (``Bucket.images``) and its longest unit (``full_max``) plus
+    ``replay_rows``; a unit no bucket holds is a run of its own at its own rows (the tower runs it). Why: one run
+    padded to the next bucket can waste a third of its rows (13 images of 900 rows in 16,384), two runs (8,192
+    and 4,096) about 5 %."""
+    shapes = sorted({(b.patches, b.images, b.full_max) for b in buckets})
+    largest = max((size for size, _, _ in shapes), default=0)
+    most_units = max((images for _, images, _ in shapes), default=0)
     ends = [0]
     for n in rows:
         ends.append(ends[-1] + n)
     best: list[float] = [0.0] + [float("inf")] * len(rows)
     start_of = [0] * (len(rows) + 1)
     for stop in range(1, len(rows) + 1):
+        longest = 0
         for start in range(stop - 1, -1, -1):
-            total, count = ends[stop] - ends[start], stop - start
-            if total > largest and count > 1:
-                break  # earlier starts only add rows
-            padded = next((size for size, images in sizes if total <= size and count <= images), None)
+            total, count, longest = ends[stop] - ends[start], stop - start, max(longest, rows[start])
+            if count > 1 and (total > largest or count > most_units):
+                break  # earlier starts only add rows and units
+            padded = next((size for size, images, full_max in shapes
+                           if total <= size and count <= images and longest <= full_max), None)
             if padded is None and count > 1:
                 continue
             cost = best[start] + (total if padded is None else padded) + replay_rows

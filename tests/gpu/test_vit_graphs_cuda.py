@@ -8,8 +8,8 @@ What would fail if the graphs were wrong:
 * a batch on a second stream while the first stream's replay waits behind a long kernel: it must be
   declined (run eagerly), not overwrite the first one's inputs, and not queue behind a stream given up on;
 * a graph whose ``max_seqlen`` is below its bucket (the short class): SGLang's triton kernel then covers only
-  that many rows of each segment, so a segment longer than it, or padding cut longer, would lose rows (the
-  CPU attention ignores ``max_seqlen``: only a GPU sees this);
+  that many rows of each segment, so an image segment longer than it would lose rows (the CPU attention
+  ignores ``max_seqlen``: only a GPU sees this);
 * the adapter: batches are cut into runs by the buckets, batches no bucket holds run
   the tower itself, and every output equals the tower's own forward.
 
@@ -47,7 +47,7 @@ def _tower(name: str) -> torch.nn.Module:
     model = sglang_models.BUILDERS[name]()
     for block in model.visual.blocks:
         block.attn.qkv_backend = VisionTritonAttention(use_data_parallel=False)
-    if "stand-in" in sgl_kernel.__version__:  # tests/gpu/shims (no kernels): SGLang's own torch RMSNorm
+    if "stand-in" in getattr(sgl_kernel, "__version__", ""):  # tests/gpu/shims (no kernels): SGLang's own torch RMSNorm
         from sglang.srt.layers.layernorm import RMSNorm
 
         for module in model.modules():

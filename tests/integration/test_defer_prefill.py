@@ -23,6 +23,13 @@ def _req(rid: str):
     return Req(rid, "", array("i", [1, 2, 3]), SamplingParams(max_new_tokens=4))
 
 
+def _scheduler(queue: list, mode: str = "NULL", chunked=None) -> SimpleNamespace:
+    """The scheduler attributes the deferral reads, with SGLang's real disaggregation mode."""
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    return SimpleNamespace(waiting_queue=queue, disaggregation_mode=DisaggregationMode[mode], chunked_req=chunked)
+
+
 def _running(n: int):
     from sglang.srt.managers.schedule_batch import ScheduleBatch
 
@@ -55,7 +62,7 @@ def test_unfinished_encode_sits_out_while_decode_runs_and_the_queue_keeps_its_or
     service.tower.gate.clear()  # the encodes cannot finish
     service.on_arrival("slow", [item(1)])
     queue = [_req("text-only"), _req("slow"), _req("other")]
-    scheduler = SimpleNamespace(waiting_queue=queue)
+    scheduler = _scheduler(queue)
     seen: list = []
     admitted = sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
                                                             _running(2))
@@ -70,7 +77,7 @@ def test_a_ready_request_goes_at_once(service):
     while not service.ready("fast"):
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    scheduler = SimpleNamespace(waiting_queue=[_req("fast")])
+    scheduler = _scheduler([_req("fast")])
     seen: list = []
     sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, _running(1))
     assert seen == [["fast"]]
@@ -81,7 +88,7 @@ def test_without_decode_work_and_with_no_ready_request_nothing_is_deferred(servi
     service.tower.gate.clear()
     service.on_arrival("slow", [item(3)])
     service.on_arrival("slower", [item(5)])
-    scheduler = SimpleNamespace(waiting_queue=[_req("slow"), _req("slower")])
+    scheduler = _scheduler([_req("slow"), _req("slower")])
     seen: list = []
     sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
                                                 None if running is None else _running(running))
@@ -95,7 +102,7 @@ def test_without_decode_work_an_unfinished_encode_sits_out_while_ready_requests_
     instead of blocking on the head of the queue's encode."""
     service.tower.gate.clear()
     service.on_arrival("slow", [item(6)])
-    scheduler = SimpleNamespace(waiting_queue=[_req("slow"), _req("text-only")])
+    scheduler = _scheduler([_req("slow"), _req("text-only")])
     seen: list = []
     admitted = sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
                                                             None if running is None else _running(running))
@@ -110,7 +117,7 @@ def test_deferral_is_bounded(service, monkeypatch):
     monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.5)
     service.tower.gate.clear()
     service.on_arrival("slow", [item(4)])
-    scheduler = SimpleNamespace(waiting_queue=[_req("slow")])
+    scheduler = _scheduler([_req("slow")])
     seen: list = []
     original = _prefill_admitting_everything(seen)
     sglang_plugin._around_get_new_batch_prefill(original, scheduler, _running(1))
@@ -147,7 +154,7 @@ def test_requests_the_prefill_did_not_admit_and_ones_it_requeued_stay_in_order(s
     service.on_arrival("slow", [item(6)])
     queue = [_req("a"), _req("slow"), _req("b"), _req("c")]
     requeued = _req("retracted")
-    scheduler = SimpleNamespace(waiting_queue=queue)
+    scheduler = _scheduler(queue)
     seen, calls = [], []
     running = _running(1)
     admitted = sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_first(seen, calls, [requeued]),
@@ -167,7 +174,7 @@ def test_sglangs_prefill_runs_untouched_when_nothing_is_deferred(service, monkey
     if case == "off":
         monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.0)
     queue = [_req("fast")] if case == "nobody-held-back" else [_req("slow"), _req("fast")]
-    scheduler = SimpleNamespace(waiting_queue=list(queue))
+    scheduler = _scheduler(list(queue))
     seen, calls = [], []
     sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_first(seen, calls), scheduler, running,
                                                 "arg", key="value")
@@ -187,3 +194,70 @@ def test_a_request_ready_again_starts_a_fresh_deferral_bound_next_time(service, 
     clock.now += 1.0  # past the 0.5 s bound of the first deferral
     ready["r"] = False
     assert sglang_plugin._defer(service, req, clock.now)  # a new deferral, with a new bound
+
+
+def test_a_request_left_to_its_prefill_is_not_other_work_to_defer_for(service, monkeypatch):
+    """Its prefill would encode it from scratch beside the held-back encodes: no reason to wait."""
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(8)])
+    monkeypatch.setattr(sglang_plugin, "_left_to_prefill", {"lazy"})
+    scheduler = _scheduler([_req("slow"), _req("lazy")])
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, None)
+    assert seen == [["slow", "lazy"]]
+
+
+def test_a_chunked_prefill_in_progress_is_other_work(service):
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(9)])
+    scheduler = _scheduler([_req("slow")], chunked=_req("chunked"))
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, None)
+    assert seen == [[]] and [r.rid for r in scheduler.waiting_queue] == ["slow"]
+
+
+def test_a_pd_prefill_server_defers_only_while_decoding_as_before(service):
+    """Its running batch is always empty and its bootstrap wait is a head start of its own."""
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(10)])
+    scheduler = _scheduler([_req("slow"), _req("text-only")], mode="PREFILL")
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, None)
+    assert seen == [["slow", "text-only"]]
+
+
+def test_a_bound_started_while_decoding_is_not_reset_when_nothing_else_can_run(service, monkeypatch):
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(sglang_plugin.time, "monotonic", lambda: clock.now)
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(11)])
+    scheduler = _scheduler([_req("slow")])
+    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running: None, scheduler, _running(1))
+    assert sglang_plugin._deferred_since == {"slow": 1000.0}  # sat out while decode ran
+    clock.now += 0.25
+    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running: None, scheduler, None)  # alone: runs
+    assert sglang_plugin._deferred_since == {"slow": 1000.0}  # its bound keeps running
+    clock.now += 0.25
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, _running(1))
+    assert seen == [["slow"]]  # 0.5 s since it first sat out: the bound is reached
+
+
+def test_deferral_is_off_at_tp_above_one_where_ranks_must_form_the_same_batches(caplog):
+    import logging
+
+    import sglang_models as sm
+    from mm_scheduler_sglang import settings
+
+    caplog.set_level(logging.WARNING, logger="mm_scheduler_sglang")
+    model = sm.qwen2_5_vl()
+    model.use_data_parallel = True  # --mm-enable-dp-encoder: a collective-free tower, async mode at TP=2
+    plugin = {**settings.PLUGIN_DEFAULTS, "defer_prefill_ms": 20.0, "early_encode_min_waiting": 1}
+    service = sglang_plugin.start(model, {"config_path": None, "mode": "async", "values": {}, "plugin": plugin},
+                                  tp_size=2)
+    try:
+        assert service.mode == "async"
+        assert sglang_plugin._defer_prefill_s == 0.0 and "defer_prefill_ms ignored at TP=2" in caplog.text
+        assert not service.inline_when_idle  # SGLang's own method may run collectives on some ranks only
+    finally:
+        sglang_plugin.stop()

@@ -285,9 +285,27 @@ def test_with_early_encode_min_waiting_a_prefill_goes_through_a_busy_coalescer(m
     assert len(log.keys) == 2  # the busy request's unit, then the prefill's
 
 
-def test_without_the_gate_a_prefill_never_runs_inline(model, stop_service):
-    service, _ = _start(model)
-    assert not service.inline_when_idle
+def test_with_early_encode_min_waiting_queued_units_make_the_coalescer_busy_too(model, stop_service, monkeypatch):
+    """Units queued but not yet dispatched (no forward in flight yet) are work the prefill's items can join."""
+    alone = [sm.qwen_image(model, 4, 4, 95)]
+    requests = [(alone, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model, plugin={"early_encode_min_waiting": 1})
+    stats = service._coalescer.stats
+    monkeypatch.setattr(service._coalescer, "stats", lambda: {**stats(), "pending_units": 1, "inflight_batches": 0})
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert service.counts["inline"] == 0 and service.counts["encoded_on_demand"] == 1 and len(log.keys) == 1
+
+
+def test_without_the_gate_a_prefill_on_an_idle_coalescer_still_goes_through_it(model, stop_service):
+    alone = [sm.qwen_image(model, 4, 4, 96)]  # never arrived: nothing held, the coalescer idle
+    requests = [(alone, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model)
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert service.counts["inline"] == 0 and service.counts["encoded_on_demand"] == 1 and len(log.keys) == 1
 
 
 def _scheduler(mode: str = "NULL", chunked=None) -> SimpleNamespace:

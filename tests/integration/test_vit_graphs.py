@@ -18,7 +18,6 @@ from mm_scheduler_sglang.adapters import QwenVLTower
 from mm_scheduler_sglang.vit_graphs import (
     LONGEST_SEGMENT,
     SHORT_SEGMENT,
-    Bucket,
     QwenVisionGraphs,
     cut_into_runs,
     make_buckets,
@@ -127,8 +126,8 @@ def test_a_batch_no_bucket_holds_is_not_fitted(qwen):
 class _Recorder:
     """Stands in for captured graphs: records each run's rows and declines, so the tower runs eagerly."""
 
-    def __init__(self, largest: int) -> None:
-        self.buckets = [Bucket(largest, largest // 512 + 2, largest, 0, 0)]
+    def __init__(self, patches: list[int]) -> None:
+        self.buckets = make_buckets(patches, None)
         self.runs: list[int] = []
 
     def run(self, pixels, grids):
@@ -163,6 +162,12 @@ def test_a_unit_no_bucket_holds_is_a_run_of_its_own_and_order_is_kept():
     assert all(sum(rows[a:b]) <= 1024 for a, b in runs if (a, b) != (4, 5))
 
 
+def test_a_unit_longer_than_every_bucket_allows_a_segment_runs_alone_and_leaves_the_rest_their_replay():
+    buckets = make_buckets([4096, 8192, 16384, 28672], None)  # the harness's buckets: segments of 8,192 at most
+    assert cut_into_runs([9000, 900, 900, 900], buckets) == [(0, 1), (1, 4)]
+    assert cut_into_runs([900, 5000, 900], make_buckets([8192], None)) == [(0, 3)]  # 5,000 fits the long class
+
+
 def test_runs_never_hold_more_units_than_a_bucket_has_segments_for():
     buckets = make_buckets([1024], None)  # 1024 // 512 + 1 = 3 images
     runs = cut_into_runs([16] * 7, buckets)
@@ -176,9 +181,9 @@ def test_the_adapter_cuts_a_batch_into_runs_by_the_buckets_in_order(qwen):
     grids = [(1, 16, 32), (1, 16, 24), (1, 16, 16), (1, 8, 8), (1, 32, 36)]
     units = [EncodeItem(_pixels(qwen, [g], i), g[1] * g[2], "image", None, {"grid": g}) for i, g in enumerate(grids)]
     expected = tower.forward(units)
-    tower.graphs = _Recorder(1024)
+    tower.graphs = _Recorder([256, 1024])
     outputs = tower.forward(units)
-    assert tower.graphs.runs == [512 + 384, 256 + 64, 1152]  # one bucket: fewest runs, the earlier ones full
+    assert tower.graphs.runs == [512 + 384, 256, 64, 1152]  # 1,024 + 256 + 256 rows: less than 1,024 + 1,024
     for out, reference in zip(outputs, expected, strict=True):
         torch.testing.assert_close(out, reference)
 
