@@ -31,7 +31,8 @@ from .errors import (
 )
 from .executor import BatchOutcome, Executor
 from .health import ForwardSupervisor
-from .planner import Planner, PlanUnit
+from .jobs import Job, Request
+from .planner import Planner
 from .types import EncodeItem, Tower
 from .units import (
     assemble,
@@ -45,60 +46,6 @@ from .units import (
 )
 
 logger = logging.getLogger(__name__)
-
-class _Request:
-    """One ``encode()`` call: where its units' outputs go, and the future its caller awaits."""
-
-    __slots__ = ("future", "jobs", "outputs", "remaining", "seq")
-
-    def __init__(self, seq: int, future: asyncio.Future[None], num_units: int) -> None:
-        self.seq = seq
-        self.future = future
-        self.outputs: list[torch.Tensor | None] = [None] * num_units
-        self.remaining = num_units
-        self.jobs: list[_Job] = []
-
-
-class _Job(PlanUnit):
-    """One distinct unit of work, queued in the planner; several requests wait on it when keys match.
-
-    The first waiter is stored inline and only dedup hits allocate ``more_waiters``: this object is
-    created once per unit, and fewer allocations mean fewer garbage-collector passes on the hot path.
-    """
-
-    __slots__ = ("key", "more_waiters", "request", "running", "slot", "unit")
-
-    def __init__(self, unit: EncodeItem, key: Hashable | None, arrival: float, request: _Request, slot: int) -> None:
-        self.num_patches = unit.num_patches  # PlanUnit's fields, set inline: this runs once per unit
-        self.arrival = arrival
-        self.cancelled = False
-        self.unit = unit
-        self.key = key
-        self.request: _Request | None = request
-        self.slot = slot
-        self.more_waiters: list[tuple[_Request, int]] | None = None
-        self.running = False
-
-    def waiters(self) -> list[tuple[_Request, int]]:
-        first = [] if self.request is None else [(self.request, self.slot)]
-        return first + self.more_waiters if self.more_waiters else first
-
-    def add_waiter(self, request: _Request, slot: int) -> None:
-        if self.request is None:
-            self.request, self.slot = request, slot
-        elif self.more_waiters is None:
-            self.more_waiters = [(request, slot)]
-        else:
-            self.more_waiters.append((request, slot))
-
-    def remove_waiter(self, request: _Request) -> None:
-        if self.request is request:
-            self.request = None
-        if self.more_waiters:
-            self.more_waiters = [w for w in self.more_waiters if w[0] is not request]
-
-    def has_waiters(self) -> bool:
-        return self.request is not None or bool(self.more_waiters)
 
 
 class Coalescer:
@@ -123,7 +70,7 @@ class Coalescer:
         self._executor = Executor(tower, self.device, dedicated_stream=self.config.stream == "dedicated")
         self._validate_item = getattr(tower, "validate", None)
         self._max_wait_s = self.config.max_wait_ms / 1000.0
-        self._jobs_by_key: dict[Hashable, _Job] = {}
+        self._jobs_by_key: dict[Hashable, Job] = {}
         # Keys expedited before their units were queued (another thread's submit still in flight).
         self._wanted: dict[Hashable, None] = {}
         self._seq = itertools.count()
@@ -239,7 +186,7 @@ class Coalescer:
             self._wakeup.set()
         return len(jobs)
 
-    def _expedite(self, jobs: list[_Job]) -> None:
+    def _expedite(self, jobs: list[Job]) -> None:
         self._planner.expedite(jobs)
         self._counts["expedited_units"] += len(jobs)
 
@@ -275,14 +222,14 @@ class Coalescer:
         self._count_rejected("unhealthy")
         return self._supervisor.error()
 
-    async def _enqueue(self, units: list[EncodeItem], urgent: bool) -> _Request:
+    async def _enqueue(self, units: list[EncodeItem], urgent: bool) -> Request:
         """Admit ``units`` (backpressure), queue them or join identical work, and wake the dispatcher."""
         patches = sum(u.num_patches for u in units)
         if self._planner.pending_patches + patches > self.config.max_queue_patches:
             await self._admit(patches)
             if not self._supervisor.healthy:
                 raise self._refuse_unhealthy()
-        request = _Request(next(self._seq), self._loop.create_future(), len(units))
+        request = Request(next(self._seq), self._loop.create_future(), len(units))
         self._attach(request, units, self._loop.time())
         if urgent:
             self._expedite([job for job in request.jobs if not job.running])
@@ -293,7 +240,7 @@ class Coalescer:
         self._wakeup.set()
         return request
 
-    async def _outputs_of(self, request: _Request) -> None:
+    async def _outputs_of(self, request: Request) -> None:
         """Wait until every unit of ``request`` was delivered; a cancelled caller withdraws its units."""
         try:
             await request.future
@@ -319,16 +266,16 @@ class Coalescer:
         if self._closing:
             raise CoalescerClosedError("coalescer closed while this request waited for queue space")
 
-    def _attach(self, request: _Request, units: list[EncodeItem], now: float) -> None:
+    def _attach(self, request: Request, units: list[EncodeItem], now: float) -> None:
         """Queue each unit, or join identical work already queued or running (hot path: kept flat)."""
         jobs_by_key = self._jobs_by_key if self.config.dedup else None
-        new_jobs: list[_Job] = []
+        new_jobs: list[Job] = []
         request_jobs = request.jobs
         for slot, unit in enumerate(units):
             key = unit.key if jobs_by_key is not None else None
             job = jobs_by_key.get(key) if key is not None else None
             if job is None:
-                job = _Job(unit, key, now, request, slot)
+                job = Job(unit, key, now, request, slot)
                 new_jobs.append(job)
                 if key is not None:
                     jobs_by_key[key] = job
@@ -347,7 +294,7 @@ class Coalescer:
             self._counts["dedup_hits"] += hits
             metrics.DEDUP_HITS.labels(**self._labels).inc(hits)
 
-    def _detach(self, request: _Request) -> None:
+    def _detach(self, request: Request) -> None:
         """Stop delivering to ``request``; withdraw queued units that nobody else waits for."""
         for job in request.jobs:
             job.remove_waiter(request)
@@ -357,11 +304,11 @@ class Coalescer:
         request.jobs = []
         self._queue_changed()
 
-    def _forget(self, job: _Job) -> None:
+    def _forget(self, job: Job) -> None:
         if job.key is not None and self._jobs_by_key.get(job.key) is job:
             del self._jobs_by_key[job.key]
 
-    def _fail(self, request: _Request, error: BaseException) -> None:
+    def _fail(self, request: Request, error: BaseException) -> None:
         if not request.future.done():
             request.future.set_exception(error)
         self._detach(request)
@@ -408,7 +355,7 @@ class Coalescer:
             timeout = None
             if self._planner.pending_units and not self._launching and len(self._batches) < max_inflight:
                 now = self._loop.time()
-                batch: list[_Job] | None = self._planner.next_batch(  # type: ignore[assignment]
+                batch: list[Job] | None = self._planner.next_batch(  # type: ignore[assignment]
                     now, self._max_wait_s, only_ready=window and not self._closing)
                 if batch is not None:
                     self._launch(batch)
@@ -420,7 +367,7 @@ class Coalescer:
             except TimeoutError:
                 pass
 
-    def _launch(self, jobs: list[_Job]) -> None:
+    def _launch(self, jobs: list[Job]) -> None:
         for job in jobs:
             job.running = True
         self._launching = True
@@ -428,7 +375,7 @@ class Coalescer:
         task = self._loop.create_task(self._run_batch(jobs, jobs[0].arrival))
         self._batches.add(task)
 
-    async def _run_batch(self, jobs: list[_Job], oldest_arrival: float) -> None:
+    async def _run_batch(self, jobs: list[Job], oldest_arrival: float) -> None:
         started = self._loop.time()
         metrics.QUEUE_WAIT.labels(**self._labels).observe(started - oldest_arrival)
         # Lone batch (nothing queued, nothing else in flight): the forward thread also waits for the GPU;
@@ -461,7 +408,7 @@ class Coalescer:
         self._wakeup.set()
 
     # --- results -----------------------------------------------------------------------------
-    def _record(self, jobs: list[_Job], outcome: BatchOutcome, seconds: float) -> None:
+    def _record(self, jobs: list[Job], outcome: BatchOutcome, seconds: float) -> None:
         bucket = self._planner.bucket_of(jobs[0].unit.num_patches)
         budget = self._planner.bucket_budget_patches(bucket)
         for patches in outcome.forward_sizes:
@@ -480,9 +427,9 @@ class Coalescer:
             logger.warning("coalescer %s: out of memory on a %d-patch forward; bucket %d budget now %d patches",
                            self.config.name, failed, bucket, new_budget)
 
-    def _deliver(self, jobs: list[_Job], outcome: BatchOutcome) -> None:
+    def _deliver(self, jobs: list[Job], outcome: BatchOutcome) -> None:
         """Hand each output to its waiters; requests finished by this batch resolve in arrival order."""
-        finished: list[_Request] = []
+        finished: list[Request] = []
         for job, output in zip(jobs, outcome.outputs, strict=True):
             if job.key is not None:
                 self._forget(job)

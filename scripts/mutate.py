@@ -61,6 +61,7 @@ TESTS_OF: dict[str, list[str]] = {
     "mm_scheduler/units.py": [CORE + "test_coalescer.py"],
     "mm_scheduler/config.py": [CORE + "test_config.py"],
     "mm_scheduler/coalescer.py": [CORE + "test_coalescer.py", CORE + "test_expedite.py"],
+    "mm_scheduler/jobs.py": [CORE + "test_coalescer.py", CORE + "test_expedite.py"],
     "mm_scheduler/executor.py": [CORE + "test_coalescer.py", CORE + "test_reliability.py"],
     "mm_scheduler/lockstep.py": [CORE + "test_lockstep.py"],
 }
