@@ -99,7 +99,7 @@ VARIANTS = {
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
     "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),
     # The plugin's own ViT CUDA graphs (Qwen towers): buckets a seed request (6 images, 5,400-6,936 patches) and
-    # a coalesced burst fill; a larger batch is cut into runs of at most the largest bucket.
+    # a coalesced burst fill; a batch is cut into runs by the buckets (vit_graphs.cut_into_runs).
     "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),
 }
 # Variants other than off/on run the lone and seed workloads and the first Poisson load only.

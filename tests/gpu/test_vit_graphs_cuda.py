@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("sglang")
 
-from mm_scheduler_sglang.vit_graphs import QwenVisionGraphs
+from mm_scheduler_sglang.vit_graphs import QwenVisionGraphs, patch_width
 
 from mm_scheduler import EncodeItem
 
@@ -57,8 +57,7 @@ def _tower(name: str) -> torch.nn.Module:
 
 
 def _pixels(model: torch.nn.Module, grids: list[tuple[int, int, int]], seed: int) -> torch.Tensor:
-    embed = model.visual.patch_embed
-    dim = int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
+    dim = patch_width(model.visual)
     generator = torch.Generator(device="cuda").manual_seed(seed)
     return torch.randn(sum(t * h * w for t, h, w in grids), dim, device="cuda", generator=generator)
 

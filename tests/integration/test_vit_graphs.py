@@ -22,6 +22,7 @@ from mm_scheduler_sglang.vit_graphs import (
     cut_into_runs,
     make_buckets,
     padded_lengths,
+    patch_width,
 )
 
 from mm_scheduler import EncodeItem
@@ -84,8 +85,7 @@ def qwen(request):
 
 
 def _pixels(model, grids, seed):
-    embed = model.visual.patch_embed
-    dim = int(embed.in_channels) * int(embed.temporal_patch_size) * int(embed.patch_size) ** 2
+    dim = patch_width(model.visual)
     return torch.randn(sum(t * h * w for t, h, w in grids), dim, generator=torch.Generator().manual_seed(seed))
 
 
