@@ -451,6 +451,19 @@ class EncoderService:
             handles = self._held.handles_of(rid)
         return handles is not None and all(handle.done() for handle in handles)
 
+    def wait_for_any(self, rids: Iterable[str], timeout_s: float) -> None:
+        """Block up to ``timeout_s`` until one of these requests' early encodes finishes (the GIL is released).
+
+        A request with an item still deferred for memory has nothing to wait on yet: then this just sleeps,
+        so a caller polling in a loop does not spin.
+        """
+        with self._lock:
+            pending = [handle for rid in rids for handle in self._held.handles_of(rid) or () if not handle.done()]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
+        else:
+            time.sleep(timeout_s)
+
     def held_keys(self) -> set[Hashable]:
         with self._lock:
             return self._held.keys()

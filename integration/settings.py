@@ -36,8 +36,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # Longest a prefill waits for a result encoded since arrival (its units jump the queue first);
     # past it the whole call falls back to the model's own method.
     "prefill_wait_ms": 2000.0,
-    # Off (0) by default. > 0: while decode has work, a waiting request whose early encode is not done
-    # is left out of the next prefill batch (decode runs meanwhile), for at most this many ms.
+    # Off (0) by default. > 0: a waiting request whose early encode is not done is left out of prefill
+    # batches, for at most this many ms: other work runs meanwhile, or with none the scheduler waits for the
+    # encodes outside the prefill and goes on taking requests in (a prefill blocked on an encode takes none).
     "defer_prefill_ms": 0.0,
     # 0 (default): every request's media is encoded when it arrives. N > 0: only when at least N requests
     # already wait for a prefill ahead of it. With fewer, its prefill usually comes next: an encode at arrival

@@ -60,6 +60,8 @@ PLUGIN_NAME = "mm_coalescer"
 LIVE_REQUEST_HOLDERS = ("waiting_queue", "running_batch", "last_batch", "chunked_req",
                         "disagg_prefill_bootstrap_queue", "disagg_prefill_inflight_queue")
 SWEEP_INTERVAL_S = 1.0
+# Longest the scheduler loop waits for an early encode outside a prefill before it takes requests in again.
+INTAKE_SLICE_S = 0.002
 _RID_ATTR = "_mm_coalescer_rid"
 SCHEDULER_FEATURES = ("abort_release",)
 """Features of :mod:`.sglang_compat` the scheduler-side plugin uses (a missing one is logged at start)."""
@@ -402,11 +404,12 @@ def _around_get_new_batch_prefill(original: Callable[..., Any], scheduler: Any, 
                                   *args: Any, **kwargs: Any) -> Any:
     """``defer_prefill_ms``: keep requests whose early encode is unfinished out of this prefill batch.
 
-    Only while the GPU has other work, decode steps or a prefill of waiting requests that are ready
-    (otherwise waiting helps nobody), and for at most ``defer_prefill_ms`` per request: the scheduler
-    runs that work, and goes on taking in new requests, while the encodes finish, instead of blocking
-    inside the prefill (on the real server a blocked prefill also delays every request still to be
-    taken in: README, "Where the time goes"). The waiting queue is restored in its own order.
+    A prefill that blocks on an encode blocks the whole scheduler loop: no decode step, no prefill of
+    requests that are ready, and no intake of new requests (on the real server that intake stall is what
+    the plugin added to a burst's TTFT: README, "Where the time goes"). So a request whose encode is in
+    flight sits out, for at most ``defer_prefill_ms``: while the GPU has other work, that work runs; when
+    it has none, the scheduler waits for the encodes here, ``INTAKE_SLICE_S`` at a time, and goes back
+    to taking requests in between. The waiting queue is restored in its own order.
     """
     try:
         return _prefill_batch(original, scheduler, running_batch, *args, **kwargs)
@@ -419,15 +422,12 @@ def _prefill_batch(original: Callable[..., Any], scheduler: Any, running_batch: 
     service = _service
     if service is None or _defer_prefill_s <= 0:
         return original(scheduler, running_batch, *args, **kwargs)
-    now = time.monotonic()
     queue = scheduler.waiting_queue
-    bounded = {req.rid for req in queue if req.rid in _deferred_since}
-    held_back = {id(req) for req in queue if _defer(service, req, now)}
-    if held_back and not _other_work(scheduler, running_batch, queue, held_back):  # waiting helps nobody
-        for req in queue:
-            if req.rid not in bounded:  # a bound started earlier keeps running
-                _deferred_since.pop(req.rid, None)
-        held_back = set()
+    held_back = {id(req) for req in queue if _defer(service, req, time.monotonic())}
+    if held_back and not _other_work(scheduler, running_batch, queue, held_back):
+        service.wait_for_any([req.rid for req in queue if id(req) in held_back], INTAKE_SLICE_S)
+        now = time.monotonic()
+        held_back = {id(req) for req in queue if id(req) in held_back and _defer(service, req, now)}
     if not held_back:
         return original(scheduler, running_batch, *args, **kwargs)
     scheduler.waiting_queue = [req for req in queue if id(req) not in held_back]

@@ -85,9 +85,9 @@ TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
 # "off"/"on" are the comparison (SGLang defaults). The "+tok4ipc" pair adds SGLang's own answers to
 # its preprocessing bottleneck (4 tokenizer workers, features handed over through CUDA IPC) to both, to show
 # what the plugin adds once that bottleneck is gone. "off+vitgraph" is SGLang's own ViT CUDA graph
-# (Qwen towers; the plugin declines to run beside it), "on+defer20" the plugin's prefill deferral, "on+lazy1"
-# encoding at arrival only behind a waiting request (no head start otherwise: Poisson arrivals), "on+queue4m" a
-# queue limit that holds a whole seed burst, "on+graphs" the plugin's own ViT CUDA graphs.
+# (Qwen towers; the plugin declines to run beside it), "on+defer20"/"on+defer2s" the plugin's prefill deferral,
+# "on+lazy1" encoding at arrival only behind a waiting request (no head start otherwise: Poisson arrivals),
+# "on+queue4m" a queue limit that holds a whole seed burst, "on+graphs" the plugin's own ViT CUDA graphs.
 VARIANTS = {
     "off": Variant(False),
     "on": Variant(True),
@@ -95,6 +95,9 @@ VARIANTS = {
     "on+tok4ipc": Variant(True, TOK4IPC),
     "off+vitgraph": Variant(False, env={"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}),
     "on+defer20": Variant(True, config={"sglang": {"defer_prefill_ms": 20}}),
+    # Deferral bounded by the prefill wait (2 s): a request sits out while its encode runs, also when nothing else
+    # can run (the scheduler then waits outside the prefill in slices and keeps taking requests in).
+    "on+defer2s": Variant(True, config={"sglang": {"defer_prefill_ms": 2000}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
     "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),

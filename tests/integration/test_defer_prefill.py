@@ -1,4 +1,5 @@
-"""``defer_prefill_ms``: requests whose early encode is unfinished sit out prefill batches while decode runs."""
+"""``defer_prefill_ms``: requests whose early encode is unfinished sit out prefill batches, and the scheduler
+loop goes on taking requests in instead of blocking inside a prefill."""
 
 from __future__ import annotations
 
@@ -84,16 +85,71 @@ def test_a_ready_request_goes_at_once(service):
 
 
 @pytest.mark.parametrize("running", [None, 0], ids=["no-running-batch", "empty-running-batch"])
-def test_without_decode_work_and_with_no_ready_request_nothing_is_deferred(service, running):
+def test_with_nothing_else_to_run_the_scheduler_waits_a_slice_outside_the_prefill_and_returns_to_intake(
+        service, running, monkeypatch):
+    """A blocked prefill would stop the scheduler loop taking requests in: the call returns without a batch
+    after one wait slice, the requests keep their places and their deferral bound runs."""
+    slices: list = []
+    wait_for_any = service.wait_for_any
+    monkeypatch.setattr(service, "wait_for_any", lambda rids, timeout_s: (slices.append((list(rids), timeout_s)),
+                                                                         wait_for_any(rids, timeout_s)))
     service.tower.gate.clear()
     service.on_arrival("slow", [item(3)])
     service.on_arrival("slower", [item(5)])
     scheduler = _scheduler([_req("slow"), _req("slower")])
     seen: list = []
-    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
-                                                None if running is None else _running(running))
-    assert seen == [["slow", "slower"]]
-    assert not sglang_plugin._deferred_since  # no bound started: it never sat out
+    admitted = sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler,
+                                                            None if running is None else _running(running))
+    assert seen == [[]] and admitted == []
+    assert slices == [(["slow", "slower"], sglang_plugin.INTAKE_SLICE_S)]
+    assert [r.rid for r in scheduler.waiting_queue] == ["slow", "slower"]
+    assert set(sglang_plugin._deferred_since) == {"slow", "slower"}
+
+
+def test_an_encode_that_finishes_during_the_wait_slice_goes_into_this_prefill(service, monkeypatch):
+    def encode_finishes(rids, timeout_s):
+        service.tower.gate.set()
+        deadline = time.monotonic() + 20
+        while not service.ready("slow"):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(3)])
+    monkeypatch.setattr(service, "wait_for_any", encode_finishes)
+    scheduler = _scheduler([_req("slow")])
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, None)
+    assert seen == [["slow"]] and "slow" not in sglang_plugin._deferred_since
+
+
+def test_past_its_bound_a_request_goes_into_the_prefill_even_with_nothing_else_to_run(service, monkeypatch):
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(sglang_plugin.time, "monotonic", lambda: clock.now)
+    monkeypatch.setattr(service, "wait_for_any", lambda rids, timeout_s: None)
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(4)])
+    scheduler = _scheduler([_req("slow")])
+    seen: list = []
+    original = _prefill_admitting_everything(seen)
+    sglang_plugin._around_get_new_batch_prefill(original, scheduler, None)
+    clock.now += 0.5
+    sglang_plugin._around_get_new_batch_prefill(original, scheduler, None)
+    assert seen == [[], ["slow"]]
+
+
+def test_wait_for_any_returns_when_an_encode_finishes_and_sleeps_when_there_is_nothing_to_wait_on(service):
+    import threading
+
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(8)])
+    threading.Timer(0.05, service.tower.gate.set).start()
+    started = time.monotonic()
+    service.wait_for_any(["slow", "unknown"], timeout_s=30)
+    assert time.monotonic() - started < 20 and service.ready("slow")
+    started = time.monotonic()
+    service.wait_for_any(["slow", "unknown"], timeout_s=0.05)  # all done: no busy return
+    assert time.monotonic() - started >= 0.05
 
 
 @pytest.mark.parametrize("running", [None, 0], ids=["no-running-batch", "empty-running-batch"])
@@ -196,15 +252,19 @@ def test_a_request_ready_again_starts_a_fresh_deferral_bound_next_time(service, 
     assert sglang_plugin._defer(service, req, clock.now)  # a new deferral, with a new bound
 
 
-def test_a_request_left_to_its_prefill_is_not_other_work_to_defer_for(service, monkeypatch):
-    """Its prefill would encode it from scratch beside the held-back encodes: no reason to wait."""
+def test_a_request_left_to_its_prefill_goes_after_one_wait_slice_while_the_unfinished_encode_sits_out(
+        service, monkeypatch):
+    """It is no other work to defer for (its prefill encodes it beside the held-back encodes), so the scheduler
+    waits one slice first; then it goes, and the request whose encode is unfinished still sits out."""
     service.tower.gate.clear()
     service.on_arrival("slow", [item(8)])
     monkeypatch.setattr(sglang_plugin, "_left_to_prefill", {"lazy"})
+    slices: list = []
+    monkeypatch.setattr(service, "wait_for_any", lambda rids, timeout_s: slices.append(list(rids)))
     scheduler = _scheduler([_req("slow"), _req("lazy")])
     seen: list = []
     sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, None)
-    assert seen == [["slow", "lazy"]]
+    assert slices == [["slow"]] and seen == [["lazy"]]
 
 
 def test_a_chunked_prefill_in_progress_is_other_work(service):
@@ -216,14 +276,16 @@ def test_a_chunked_prefill_in_progress_is_other_work(service):
     assert seen == [[]] and [r.rid for r in scheduler.waiting_queue] == ["slow"]
 
 
-def test_a_pd_prefill_server_defers_only_while_decoding_as_before(service):
-    """Its running batch is always empty and its bootstrap wait is a head start of its own."""
+def test_a_pd_prefill_server_counts_only_decoding_as_other_work(service, monkeypatch):
+    """Its running batch is always empty: a ready request there is no reason to skip the wait slice."""
+    slices: list = []
+    monkeypatch.setattr(service, "wait_for_any", lambda rids, timeout_s: slices.append(list(rids)))
     service.tower.gate.clear()
     service.on_arrival("slow", [item(10)])
     scheduler = _scheduler([_req("slow"), _req("text-only")], mode="PREFILL")
     seen: list = []
     sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, None)
-    assert seen == [["slow", "text-only"]]
+    assert slices == [["slow"]] and seen == [["text-only"]]
 
 
 def test_a_bound_started_while_decoding_is_not_reset_when_nothing_else_can_run(service, monkeypatch):
@@ -235,7 +297,7 @@ def test_a_bound_started_while_decoding_is_not_reset_when_nothing_else_can_run(s
     sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running: None, scheduler, _running(1))
     assert sglang_plugin._deferred_since == {"slow": 1000.0}  # sat out while decode ran
     clock.now += 0.25
-    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running: None, scheduler, None)  # alone: runs
+    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running: None, scheduler, None)  # alone: a slice
     assert sglang_plugin._deferred_since == {"slow": 1000.0}  # its bound keeps running
     clock.now += 0.25
     seen: list = []
