@@ -98,6 +98,9 @@ VARIANTS = {
     # Deferral bounded by the prefill wait (2 s): a request sits out while its encode runs, also when nothing else
     # can run (the scheduler then waits outside the prefill in slices and keeps taking requests in).
     "on+defer2s": Variant(True, config={"sglang": {"defer_prefill_ms": 2000}}),
+    # Both: a request with nobody waiting ahead is left to its prefill (inline when the coalescer is idle), a burst
+    # is encoded at arrival and its prefills wait outside the scheduler's intake.
+    "on+lazy1+defer2s": Variant(True, config={"sglang": {"early_encode_min_waiting": 1, "defer_prefill_ms": 2000}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
     "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),
