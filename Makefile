@@ -119,7 +119,9 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/results-gemma3_12b.json $(RS)/gemma3_12b-299e268/results-gemma3_12b.json \
 	$(RS)/gemma3_12b-772e582/results-gemma3_12b.json $(RS)/gemma4_e4b-61058bd/results-gemma4_e4b.json \
 	$(RS)/qwen2_5_vl_7b-3482823/results-qwen2_5_vl_7b.json $(RS)/qwen3_vl_8b-3482823/results-qwen3_vl_8b.json \
-	$(RS)/gemma4_e4b-705d30c/results-gemma4_e4b.json $(RS)/qwen3_vl_8b-705d30c/results-qwen3_vl_8b.json
+	$(RS)/gemma4_e4b-705d30c/results-gemma4_e4b.json $(RS)/qwen3_vl_8b-705d30c/results-qwen3_vl_8b.json \
+	$(RS)/qwen2_5_vl_7b-1756d96/results-qwen2_5_vl_7b.json $(RS)/gemma3_12b-1756d96/results-gemma3_12b.json \
+	$(RS)/qwen3_vl_8b-eea0358/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-47877ef/results-qwen3_vl_8b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tgz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tgz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tgz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tgz
 real-server-summary: $(VENV)/.test-installed
