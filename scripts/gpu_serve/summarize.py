@@ -254,6 +254,49 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
     return out
 
 
+_REQ_TIME_STATS = re.compile(r"ReqTimeStats\(rid=(\w+),.*queue_duration=([\d.]+)ms.*entry_time=([\d.]+)")
+
+
+def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
+    """When a burst's requests were handed to the scheduler, prefilled and answered, per server.
+
+    Seconds from the burst's first receipt, as percentiles (p10, p50, p90) over its requests: ``dispatched``
+    (the tokenizer manager handed it to the scheduler: per-request export), ``scheduled`` (the scheduler put it
+    in a prefill batch: ``ReqTimeStats`` entry time plus queue duration in the server log, from
+    ``--enable-request-time-stats-logging``) and ``first_sent`` (the server sent its first chunk). Also
+    ``tokenizer_done`` (the last dispatch: the tokenizer manager finished preprocessing the burst) and
+    ``sent_after_tokenizer_done``: the share of requests scheduled before that moment whose first chunk was
+    sent only after it (a first token that waited for the tokenizer manager, not for the GPU).
+    """
+    out: dict = {}
+    for variant in result.get("variants", {}):
+        log = raw / f"server-{variant}.log"
+        run = result["runs"].get(f"{tag}-{variant}", {})
+        if not log.exists() or not run.get("window"):
+            continue
+        entered = {m.group(1): float(m.group(3)) + float(m.group(2)) / 1000.0
+                   for m in map(_REQ_TIME_STATS.search, log.read_text(errors="replace").splitlines()) if m}
+        records = [r for r in _seed_records(raw / f"requests-{variant}", run["window"]) if r.get("id") in entered]
+        if not records:
+            continue
+        start = min(r["request_received_ts"] for r in records)
+        done = max(r["api_server_dispatch_finish_ts"] for r in records) - start
+        series = {"dispatched": [r["api_server_dispatch_finish_ts"] - start for r in records],
+                  "scheduled": [entered[r["id"]] - start for r in records],
+                  "first_sent": [r["response_sent_to_client_ts"] - start for r in records]}
+        early = [r for r in records if entered[r["id"]] - start < done]
+        held = [r for r in early if r["response_sent_to_client_ts"] - start >= done]
+        out[variant] = {"requests": len(records), "tokenizer_done": round(done, 3),
+                        **{name: [round(_percentile(v, q), 3) for q in (10, 50, 90)] for name, v in series.items()},
+                        "sent_after_tokenizer_done": round(len(held) / len(early), 3) if early else 0.0}
+    return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
 def plot(summary: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -313,6 +356,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/real_server_summary.json"))
     p.add_argument("--raw", action="append", default=[], metavar="FAMILY=DIR",
                    help="a family's unpacked gpu-serve-<family>.tgz, for the time breakdown")
+    p.add_argument("--timeline", action="append", default=[], metavar="FAMILY=DIR@TAG",
+                   help="an unpacked gpu-serve-<family>.tgz and a seed run in it: first_token_timeline")
     args = p.parse_args()
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
@@ -324,6 +369,11 @@ def main() -> None:
                "families": {}}
     for family, result in merged.items():
         summary["families"][family] = family_summary(result, Path(raw[family]) if family in raw else None)
+    for item in args.timeline:
+        family, where = item.split("=", 1)
+        directory, tag = where.rsplit("@", 1)
+        timeline = first_token_timeline(Path(directory), merged[family], tag)
+        summary["families"][family].setdefault("first_token_timeline_s", {})[tag] = timeline
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")
     for fam, s in summary["families"].items():

@@ -161,3 +161,24 @@ def test_a_workload_measured_again_replaces_every_server_of_the_earlier_run_so_p
     assert "lone" not in fam
     assert fam["sources"][1]["replaced"] == ["lone-off", "lone-on"]
     assert fam["seed"]["runs"] == 2
+
+
+def test_the_first_token_timeline_shows_first_chunks_held_until_the_tokenizer_manager_is_done(tmp_path):
+    """Two requests scheduled at 1.5 s and 2.5 s, the tokenizer manager done at 3 s: both first chunks went out
+    after it, so both waited for the tokenizer manager; a third, scheduled after it, does not count."""
+    res = {"family": "fam", "variants": {"on": []}, "runs": {"seed7-on": bench(1, 1, window=[100.0, 200.0])}}
+    exports = tmp_path / "requests-on"
+    exports.mkdir()
+    records = [{"id": rid, "request_received_ts": 100.0 + i, "api_server_dispatch_finish_ts": 101.0 + i,
+                "response_sent_to_client_ts": sent, "prompt_tokens": 1914}
+               for i, (rid, sent) in enumerate([("a", 103.1), ("b", 103.2), ("c", 104.0)])]
+    (exports / "sglang-request-metrics.log").write_text("\n".join(map(json.dumps, records)) + "\n")
+    stats = "[t] ReqTimeStats(rid={}, input_len=1, output_len=1, type=unified): queue_duration={}ms, " \
+            "forward_duration=1.00ms, entry_time={}"
+    (tmp_path / "server-on.log").write_text("\n".join([stats.format("a", 500.0, 101.0), stats.format("b", 0.0, 102.5),
+                                                       stats.format("c", 0.0, 103.5), "unrelated line"]))
+    timeline = summarize.first_token_timeline(tmp_path, res, "seed7")["on"]
+    assert timeline["requests"] == 3 and timeline["tokenizer_done"] == pytest.approx(3.0)
+    assert timeline["scheduled"] == pytest.approx([1.5, 2.5, 3.5])
+    assert timeline["first_sent"][1] == pytest.approx(3.2)
+    assert timeline["sent_after_tokenizer_done"] == 1.0
