@@ -294,7 +294,7 @@ def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
 
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def plot(summary: dict, path: Path) -> bool:
