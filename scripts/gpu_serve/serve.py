@@ -44,10 +44,11 @@ PLUGIN_SITE = Path(os.environ.get("GPU_SERVE_PLUGIN_SITE", "/tmp/gpu-serve-plugi
 T0 = time.monotonic()
 
 # Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
-# KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each).
+# KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each), except where
+# max_servers says fewer (Qwen3-VL-8B: 16.5 GB + 20.6 GB each; a fourth server ran out of memory at eea0358).
 FAMILIES = {
     "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
-    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True},
+    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "max_servers": 3},
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
     "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"]},
     # Gemma 4 (Gemma4ForConditionalGeneration): multimodal on by default; COMMON_FLAGS' --attention-backend triton
@@ -99,7 +100,7 @@ VARIANTS = {
     # can run (the scheduler then waits outside the prefill in slices and keeps taking requests in).
     "on+defer2s": Variant(True, config={"sglang": {"defer_prefill_ms": 2000}}),
     # Both: a request with nobody waiting ahead is left to its prefill (inline when the coalescer is idle), a burst
-    # is encoded at arrival and its prefills wait outside the scheduler's intake.
+    # is encoded at arrival and its prefills wait for their encodes outside the prefill.
     "on+lazy1+defer2s": Variant(True, config={"sglang": {"early_encode_min_waiting": 1, "defer_prefill_ms": 2000}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
@@ -603,6 +604,9 @@ def main() -> None:
     p.add_argument("--variants", default="off,on", help=f"servers to compare, from {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting new runs after this many seconds")
     args = p.parse_args()
+    max_servers = FAMILIES[args.family].get("max_servers", 4)
+    if len(args.variants.split(",")) > max_servers:
+        p.error(f"{args.family}: at most {max_servers} servers fit the GPU at once, got --variants {args.variants}")
     PREPARED = args.prepared.resolve()
     deadline = T0 + args.budget_s
     out = Path("/tmp/gpu-serve-out") / args.family

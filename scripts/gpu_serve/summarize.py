@@ -214,8 +214,9 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
     preprocess: HTTP receipt to dispatch to the scheduler (tokenizer manager: image decode, HF processor,
     feature transfer), from ``--export-metrics-to-file``. queue, scheduler request processing and prefill
     forward (the encoder runs in it when the plugin is off): ``sglang:queue_time_seconds`` and
-    ``sglang:per_stage_req_latency_seconds``. intake is what TTFT leaves over: the handover to the scheduler
-    and the time its loop is busy before it takes the request in. decode: e2e minus TTFT. The plugin's own
+    ``sglang:per_stage_req_latency_seconds``. handover_and_delivery is what TTFT leaves over: the hand-over to
+    the scheduler, and the wait between the prefill and the first chunk leaving the server (for a burst mostly the
+    latter: :func:`first_token_timeline`). decode: e2e minus TTFT. The plugin's own
     counters give its encoder time (forwards, busy seconds) and the prefill's blocked time.
     """
     out: dict = {}
@@ -240,7 +241,7 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
                                 + d.get("sglang:per_stage_req_latency_seconds_sum[chunked_prefill]", 0.0)) / n,
             "decode": (d.get("sglang:e2e_request_latency_seconds_sum", 0.0) / n) - ttft,
         }
-        row["intake"] = ttft - row["preprocess"] - row["queue"] - row["scheduler_request_process"] \
+        row["handover_and_delivery"] = ttft - row["preprocess"] - row["queue"] - row["scheduler_request_process"] \
             - row["prefill_forward"]
         if "mm_coalescer_forwards_total" in d:
             forwards = d["mm_coalescer_forwards_total"]
@@ -332,7 +333,7 @@ def plot(summary: dict, path: Path) -> bool:
     axes[1].set_xlabel("load (fraction of plugin-off capacity)")
     axes[1].set_title("Poisson: on / off")
     axes[1].legend(fontsize=7)
-    stages = ("preprocess", "intake", "queue", "prefill_forward", "decode")
+    stages = ("preprocess", "handover_and_delivery", "queue", "prefill_forward", "decode")
     bars = [(f"{f} {v}", row) for f in names for v, row in families[f].get("time_breakdown_seed_s", {}).items()]
     bottoms = [0.0] * len(bars)
     for stage in stages:

@@ -60,3 +60,13 @@ def test_gemma4_template_renders_sglangs_openai_parts_as_the_processors_placehol
     # Gemma4Config's default ids, which the builder's config keeps (and asserts against the tokenizer)
     assert (special["<|image|>"], special["<|image>"], special["<image|>"], special["<|video|>"]) == (
         258880, 255999, 258882, 258884)
+
+
+def test_more_servers_than_fit_the_gpu_are_refused_before_anything_starts(monkeypatch, capsys):
+    """Four Qwen3-VL-8B servers ran out of GPU memory at their first request (eea0358): refuse such a command."""
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--family", "qwen3_vl_8b",
+                                      "--variants", "off,on,on+defer2s,on+lazy1"])
+    monkeypatch.setattr(serve, "install", lambda *_: pytest.fail("refused after starting"))
+    with pytest.raises(SystemExit):
+        serve.main()
+    assert "at most 3 servers" in capsys.readouterr().err

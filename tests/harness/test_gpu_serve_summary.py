@@ -76,7 +76,7 @@ def test_the_time_breakdown_adds_up_to_ttft_from_sglangs_own_timing(tmp_path):
     assert row["requests"] == 2 and row["ttft"] == pytest.approx(10.0)
     assert row["preprocess"] == pytest.approx(4.0)
     assert row["queue"] == pytest.approx(1.0) and row["prefill_forward"] == pytest.approx(2.0)
-    parts = ("preprocess", "intake", "queue", "scheduler_request_process", "prefill_forward")
+    parts = ("preprocess", "handover_and_delivery", "queue", "scheduler_request_process", "prefill_forward")
     assert sum(row[p] for p in parts) == pytest.approx(row["ttft"])
     assert row["decode"] == pytest.approx(5.0)
 
