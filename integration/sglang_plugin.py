@@ -407,9 +407,10 @@ def _around_get_new_batch_prefill(original: Callable[..., Any], scheduler: Any, 
     A prefill that blocks on an encode blocks the whole scheduler loop: no decode step, no prefill of
     requests that are ready, and no intake of new requests (on the real server, a seed burst's hand-over
     to the scheduler took 0.32-0.42 s a request with blocking prefills, 0.16-0.21 s without: README, lever
-    table). So a request whose encode is in flight sits out, for at most ``defer_prefill_ms``: while the GPU has other work, that work runs; when
-    it has none, the scheduler waits for the encodes here, ``INTAKE_SLICE_S`` at a time, and goes back
-    to taking requests in between. The waiting queue is restored in its own order.
+    table). So a request whose encode is in flight sits out, for at most ``defer_prefill_ms``: while the
+    GPU has other work, that work runs; when it has none, the scheduler waits for the encodes here,
+    ``INTAKE_SLICE_S`` at a time, and goes back to taking requests in between. The waiting queue is
+    restored in its own order.
     """
     try:
         return _prefill_batch(original, scheduler, running_batch, *args, **kwargs)
