@@ -102,6 +102,9 @@ VARIANTS = {
     # Both: a request with nobody waiting ahead is left to its prefill (inline when the coalescer is idle), a burst
     # is encoded at arrival and its prefills wait for their encodes outside the prefill.
     "on+lazy1+defer2s": Variant(True, config={"sglang": {"early_encode_min_waiting": 1, "defer_prefill_ms": 2000}}),
+    # The deferral on top of SGLang's tokenizer workers: below the tokenizer manager's floor (README, "When the first
+    # token leaves"); compare with off+tok4ipc.
+    "on+tok4ipc+defer2s": Variant(True, TOK4IPC, config={"sglang": {"defer_prefill_ms": 2000}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
     "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),
