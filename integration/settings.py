@@ -49,6 +49,10 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # replayed on the encoder's stream (a batch is padded to the smallest bucket that holds it; a larger one
     # runs eagerly). Empty (default): no graphs. Needs --mm-attention-backend triton_attn.
     "vit_graph_patches": [],
+    # True: the tokenizer manager's multimodal preprocessing runs on a thread with an event loop of its own
+    # (integration/preprocess.py), so a burst's preprocessing no longer holds back replies and intake. Off
+    # (default) until measured on a GPU; nothing changes where SGLang already runs its processor off the loop.
+    "preprocess_thread": False,
 }
 MAX_GRAPH_BUCKETS = 8
 _TRUE = {"1", "true", "yes", "on"}
@@ -167,8 +171,12 @@ def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
             not isinstance(b, int) or isinstance(b, bool) or b <= 0 or b % 4 for b in buckets):
         raise ValueError(f"{config_path}: sglang.vit_graph_patches must be a list of at most {MAX_GRAPH_BUCKETS} "
                          f"patch counts, each a positive multiple of 4 (one 2x2 merge window), got {buckets!r}")
+    preprocess_thread = section.get("preprocess_thread", PLUGIN_DEFAULTS["preprocess_thread"])
+    if not isinstance(preprocess_thread, bool):
+        raise ValueError(f"{config_path}: sglang.preprocess_thread must be true or false, got {preprocess_thread!r}")
     return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer),
-            "early_encode_min_waiting": min_waiting, "vit_graph_patches": sorted(set(buckets))}
+            "early_encode_min_waiting": min_waiting, "vit_graph_patches": sorted(set(buckets)),
+            "preprocess_thread": preprocess_thread}
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -14,7 +14,8 @@ What the rest of the plugin uses:
   that does not resolve), else None; :meth:`Compat.hook_target`: a hook's target on this version, or
   None when the feature is missing here; :meth:`Compat.degraded`: one log line per missing feature.
 * accessors, one per row: :func:`embedding_cache`, :func:`cuda_ipc_proxy_class`,
-  :func:`cuda_ipc_copy_event_key`, :func:`extend_end`, :func:`cached_prefix_len`, and
+  :func:`cuda_ipc_copy_event_key`, :func:`extend_end`, :func:`cached_prefix_len`,
+  :func:`processor_runs_off_loop`, and
   :func:`tp_size` / :func:`pp_rank` (read from ``runtime_context.get_parallel()`` on every version:
   ``Scheduler.tp_size`` exists only from 0.5.22, ``Scheduler.ps.tp_size`` only up to 0.5.20).
 
@@ -71,7 +72,8 @@ class Row:
         return chosen
 
 
-V16, V18, V19, V20, V22 = (0, 5, 16), (0, 5, 18), (0, 5, 19), (0, 5, 20), (0, 5, 22)
+V16, V17, V18, V19, V20, V22 = (0, 5, 16), (0, 5, 17), (0, 5, 18), (0, 5, 19), (0, 5, 20), (0, 5, 22)
+_MMP = "sglang.srt.multimodal.processors.base_processor.BaseMultimodalProcessor"
 
 ROWS: tuple[Row, ...] = (
     Row("embedding_cache", "multimodal embedding cache", (
@@ -114,6 +116,12 @@ ROWS: tuple[Row, ...] = (
         Form(V16, None),
         Form(V22, "BEFORE Req.release_mm_inputs_on_abort", (f"{_SB}.Req.release_mm_inputs_on_abort",)),
     ), degraded="release on abort falls back to the sweep (about 1 s later)", hook=True),
+    # Not a degradation: before 0.5.17 no processor has SGLang's own executor, so sglang.preprocess_thread applies.
+    Row("processor_executor", "SGLang's own multimodal processor threads (--mm-processor-worker-num)", (
+        Form(V16, None),
+        Form(V17, "BaseMultimodalProcessor.mm_processor_executor",
+             (f"{_MMP}.mm_processor_executor", f"{_MMP}.process_and_combine_mm_data_async")),
+    )),
     Row("epd", "EPD encoder-only batching (--mm-coalescer-epd)", (
         Form(V16, None),
         Form(V20, "AROUND disaggregation.encoder.runtime.launch_local_runtime",
@@ -148,6 +156,7 @@ HOOKS: dict[str, str] = {
     "run_batch": f"{_SCHED}.run_batch",
     "maybe_clear_mm_inputs": f"{_SCHED}._maybe_clear_mm_inputs",
     "release_features": f"{_SB}.MultimodalInputs.release_features",
+    "tokenizer_manager_init": "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__",
     "release_memory_occupation":
         "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager.release_memory_occupation",
 }
@@ -165,6 +174,7 @@ PARAMS: dict[str, tuple[str, ...]] = {
     HOOKS["maybe_clear_mm_inputs"]: ("self", "batch"),
     HOOKS["release_features"]: ("self",),
     HOOKS["release_memory_occupation"]: ("self",),
+    HOOKS["tokenizer_manager_init"]: ("self", "server_args"),
     "sglang.srt.server_args.ServerArgs.check_server_args": ("self",),
     "sglang.srt.server_args.ServerArgs.resolve_once": ("self",),
     f"{_SB}.Req.release_mm_inputs_on_abort": ("self",),
@@ -199,6 +209,8 @@ SAME: tuple[str, ...] = (
     "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration",
     "sglang.srt.models.gemma4_mm.Gemma4MultimodalEmbedder",
     "sglang.srt.models.gemma4_vision.Gemma4VisionEncoder",
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.mm_processor",
+    f"{_MMP}._processor", f"{_MMP}.process_mm_data_async",
 )
 
 
@@ -350,6 +362,11 @@ def cached_prefix_len(tree_cache: Any, req: Any) -> int:
     tail = tree_cache.swa_reprefill_tail_tokens()  # SWA layouts re-prefill the window: cap as Req does
     key = RadixKey(token_ids=ids, extra_key=req.extra_key, limit=max(0, len(ids) - tail) if tail else None)
     return len(tree_cache.match_prefix(MatchPrefixParams(key=key)).device_indices)
+
+
+def processor_runs_off_loop(mm_processor: Any) -> bool:
+    """Whether SGLang itself runs this multimodal processor's HF processor off the tokenizer manager's loop."""
+    return current().has("processor_executor") and getattr(mm_processor, "mm_processor_executor", None) is not None
 
 
 def tp_size() -> int:

@@ -24,6 +24,8 @@ Hooks, and why each sits where it does:
 * ``Scheduler.run_batch`` (AFTER): the forward (launched synchronously on the scheduler thread,
   embeddings included) has consumed the items whose tokens lie before each request's
   ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
+* ``TokenizerManager.__init__`` (AFTER, in the process serving HTTP): with ``sglang.preprocess_thread``, the
+  multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
   ``Scheduler._maybe_clear_mm_inputs`` (BEFORE): where SGLang drops a request's media on abort or
   finish; the request's hold on its results is dropped too (queued units are withdrawn on abort).
@@ -99,6 +101,7 @@ def register() -> None:
         (sglang_compat.HOOKS["maybe_clear_mm_inputs"], _before_clear_mm_inputs, HookType.BEFORE),
         (compat.hook_target("abort_release"), _before_release_on_abort, HookType.BEFORE),  # None before 0.5.22
         (sglang_compat.HOOKS["release_features"], _before_release_features, HookType.BEFORE),
+        (sglang_compat.HOOKS["tokenizer_manager_init"], _after_tokenizer_manager_init, HookType.AFTER),
     ]
     for target, hook, kind in hooks:
         if target is not None:
@@ -142,6 +145,21 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
     advice = settings.preprocessing_advice(server_args) if getattr(server_args, settings.ATTR) else None
     if advice:
         logger.info(advice)
+
+
+# --- tokenizer manager --------------------------------------------------------------------------
+def _after_tokenizer_manager_init(_result: None, tokenizer_manager: Any, *args: Any, **kwargs: Any) -> None:
+    """``sglang.preprocess_thread``: its multimodal preprocessing moves off its event loop (:mod:`.preprocess`)."""
+    chosen = settings.settings_of(kwargs.get("server_args", args[0] if args else None))
+    if chosen is None or not chosen["plugin"]["preprocess_thread"]:
+        return
+    try:
+        from . import preprocess
+
+        preprocess.move_off_the_loop(tokenizer_manager)
+    except Exception:
+        logger.error("mm-coalescer: sglang.preprocess_thread failed to start; SGLang preprocesses on its own loop",
+                     exc_info=True)
 
 
 # --- scheduler lifecycle ------------------------------------------------------------------------

@@ -105,6 +105,9 @@ VARIANTS = {
     # The deferral on top of SGLang's tokenizer workers: below the tokenizer manager's floor (README, "When the first
     # token leaves"); compare with off+tok4ipc.
     "on+tok4ipc+defer2s": Variant(True, TOK4IPC, config={"sglang": {"defer_prefill_ms": 2000}}),
+    # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).
+    "on+prethread": Variant(True, config={"sglang": {"preprocess_thread": True}}),
+    "on+prethread+defer2s": Variant(True, config={"sglang": {"preprocess_thread": True, "defer_prefill_ms": 2000}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
     "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),

@@ -67,6 +67,21 @@ def test_engine_with_encoding_left_to_prefills_a_lone_request_on_an_idle_coalesc
     assert scenario.counter(on, "mm_coalescer_prefill_items_total{source=inline}") == 0, on  # the gate is off
 
 
+def test_engine_with_preprocess_thread_preprocesses_on_its_own_thread_unless_sglang_already_does(
+        engine_runs: dict[str, Any]) -> None:
+    """``preprocess_thread``: SGLang's real tokenizer manager sent every multimodal request's preprocessing to the
+    plugin's thread (0.5.16), or left it to SGLang's own processor threads where they exist (0.5.17+); the
+    replies are those of plugin off (test above)."""
+    lazy = engine_runs["lazy"]["preprocessing"]
+    with_media = [r for r in scenario.requests(with_video=engine_runs["lazy"]["video_decoder"] is not None)
+                  if r.images or r.video]
+    if lazy["sglang_off_loop"]:
+        assert lazy == {"calls": 0, "thread": None, "sglang_off_loop": True}
+    else:
+        assert lazy["thread"] == "mm-coalescer-preprocess" and lazy["calls"] >= len(with_media), lazy
+    assert engine_runs["on"]["preprocessing"]["calls"] == 0  # off unless set
+
+
 def test_engine_output_depends_on_the_image(engine_runs: dict[str, Any]) -> None:
     """Guards the equality test: a wrong image embedding must be able to change the ids."""
     off = engine_runs["off"]["results"]

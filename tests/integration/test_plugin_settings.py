@@ -19,7 +19,7 @@ def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(p
     monkeypatch.delenv(settings.ENV_MAX_HELD_MB, raising=False)
     chosen = settings.resolve(False, str(path))
     assert chosen["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0, "defer_prefill_ms": 0.0,
-                                "early_encode_min_waiting": 0, "vit_graph_patches": []}
+                                "early_encode_min_waiting": 0, "vit_graph_patches": [], "preprocess_thread": False}
     assert load_config(path).name == chosen["values"]["name"]
 
 
@@ -72,7 +72,7 @@ def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path
     path.write_text("sglang:\n  prefill_wait_ms: 0.5\n")
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
                                                             "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
-                                                            "vit_graph_patches": []}
+                                                            "vit_graph_patches": [], "preprocess_thread": False}
 
 
 def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):

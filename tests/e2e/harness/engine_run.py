@@ -10,7 +10,8 @@ One Engine per process: a second Engine with metrics in one process fails in SGL
 (``DuplicateTimeseries: sglang:startup_time_seconds``, its tokenizer manager lives in the launcher).
 
 ``lazy`` is the plugin with the shipped config plus ``scenario.LAZY_OVERRIDES`` (encoding at arrival only
-behind a waiting request, prefill deferral): the settings that act on SGLang's real scheduler queues.
+behind a waiting request, prefill deferral, preprocessing on a thread of its own): the settings that act on
+SGLang's real scheduler queues and tokenizer manager.
 
 Usage: python engine_run.py off|on|lazy MODEL_DIR MEDIA_DIR OUT_JSON
 """
@@ -90,9 +91,19 @@ def run_engine(model: str, files: dict[str, str], with_video: bool, label: str) 
         ready = time.monotonic() - started
         results = engine.loop.run_until_complete(_scenario(engine, files, with_video))
         metrics = scenario.read_multiproc_metrics(metrics_dir)
+        preprocessing = _preprocessing(engine)
     finally:
         engine.shutdown()
-    return {"results": results, "metrics": metrics, "start_s": ready, "total_s": time.monotonic() - started}
+    return {"results": results, "metrics": metrics, "preprocessing": preprocessing, "start_s": ready,
+            "total_s": time.monotonic() - started}
+
+
+def _preprocessing(engine) -> dict:
+    """Where this Engine's tokenizer manager (in this process) ran multimodal preprocessing."""
+    from mm_scheduler_sglang import preprocess, sglang_compat
+
+    return {**preprocess.stats(),
+            "sglang_off_loop": sglang_compat.processor_runs_off_loop(engine.tokenizer_manager.mm_processor)}
 
 
 def main() -> None:

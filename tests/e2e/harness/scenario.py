@@ -11,7 +11,7 @@ HARNESS = Path(__file__).resolve().parent
 SHIMS = HARNESS / "shims"
 REPO = HARNESS.parents[2]
 PLUGIN_CONFIG = "configs/qwen2_5_vl.yaml"  # the model config users are told to pass, unchanged
-LAZY_OVERRIDES = {"early_encode_min_waiting": 1, "defer_prefill_ms": 20}
+LAZY_OVERRIDES = {"early_encode_min_waiting": 1, "defer_prefill_ms": 20, "preprocess_thread": True}
 MAX_NEW_TOKENS = 8
 
 # Engine settings for SGLang's CPU path (see shared e2e recipe): torch-native attention, fp32, no graphs.

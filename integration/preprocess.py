@@ -1,0 +1,116 @@
+"""``sglang.preprocess_thread``: SGLang's multimodal preprocessing on an event loop of its own.
+
+The tokenizer manager runs each request's multimodal preprocessing (``process_mm_data_async``: media
+loading on SGLang's I/O threads, then the HF processor) as a coroutine on its one event loop, the loop
+that also takes requests in and sends replies out. Before SGLang 0.5.17 (Qwen-VL) and 0.5.19 (Gemma),
+and later whenever ``--mm-processor-worker-num`` resolves to 1, the HF processor runs synchronously on
+that loop. On the real server (0.5.16) a burst's first chunks then left only once the whole burst was
+preprocessed (README, "When the first token leaves").
+
+This runs those coroutines on one thread with an event loop of its own, against a clone of SGLang's
+processor whose HF processor (and tokenizer) are deep copies, as SGLang 0.5.17+ clones them for its
+own workers: the tokenizer manager keeps using the originals on its loop, and the clone is used by one
+thread only. Requests still interleave on the new loop as they did on the old one (loading overlaps
+processing), and the tokenizer manager's loop is free to answer. Where SGLang already runs the HF
+processor off the loop (its ``mm_processor_executor``), nothing is changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from . import sglang_compat
+
+logger = logging.getLogger(__name__)
+
+
+class PreprocessLoop:
+    """One daemon thread running an event loop; coroutines submitted from another loop run here."""
+
+    def __init__(self, name: str = "mm-coalescer-preprocess") -> None:
+        self.loop = asyncio.new_event_loop()
+        self.calls = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def on_own_loop(self, method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+        """``method``'s coroutines run on this thread's loop; the caller awaits the result on its own loop.
+
+        Cancelling the caller's task cancels the coroutine here (``run_coroutine_threadsafe``'s future).
+        """
+        @functools.wraps(method)
+        async def on_own_loop(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(method(*args, **kwargs), self.loop))
+
+        return on_own_loop
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+def isolated_clone(mm_processor: Any) -> Any:
+    """A shallow copy of SGLang's multimodal processor whose HF processor, and every attribute that was that
+    processor or its tokenizer, are deep copies (SGLang 0.5.17+ deep-copies the same object for its workers)."""
+    hf = mm_processor._processor
+    copied = copy.deepcopy(hf)
+    swaps = {id(hf): copied}
+    tokenizer = getattr(hf, "tokenizer", None)
+    if tokenizer is not None:
+        swaps[id(tokenizer)] = copied.tokenizer
+    clone = copy.copy(mm_processor)
+    for name, value in vars(mm_processor).items():
+        if id(value) in swaps:
+            setattr(clone, name, swaps[id(value)])
+    return clone
+
+
+_loop: PreprocessLoop | None = None
+
+
+def move_off_the_loop(tokenizer_manager: Any) -> PreprocessLoop | None:
+    """Route ``tokenizer_manager``'s multimodal preprocessing to a :class:`PreprocessLoop` (one a process).
+
+    Returns it, or None (one log line says why) when there is nothing to move or SGLang already does it.
+    A processor that cannot be cloned keeps SGLang's own path.
+    """
+    global _loop
+    mm_processor = getattr(tokenizer_manager, "mm_processor", None)
+    if mm_processor is None:
+        return None
+    if sglang_compat.processor_runs_off_loop(mm_processor):
+        logger.info("mm-coalescer: sglang.preprocess_thread not needed: SGLang runs %s off the tokenizer "
+                    "manager's loop itself (--mm-processor-worker-num)", type(mm_processor).__name__)
+        return None
+    try:
+        clone = isolated_clone(mm_processor)
+    except Exception:
+        logger.warning("mm-coalescer: sglang.preprocess_thread off: cannot clone %s's HF processor",
+                       type(mm_processor).__name__, exc_info=True)
+        return None
+    if _loop is None:
+        _loop = PreprocessLoop()
+    mm_processor.process_mm_data_async = _loop.on_own_loop(clone.process_mm_data_async)
+    logger.info("mm-coalescer: %s preprocessing runs on thread %s, off the tokenizer manager's event loop",
+                type(mm_processor).__name__, _loop.thread.name)
+    return _loop
+
+
+def stats() -> dict[str, Any]:
+    """Preprocessing calls routed to the thread in this process (0 and None when it was never started)."""
+    return {"calls": _loop.calls if _loop else 0, "thread": _loop.thread.name if _loop else None}

@@ -1,0 +1,144 @@
+"""``sglang.preprocess_thread``: multimodal preprocessing moves off the tokenizer manager's event loop.
+
+The processor here is a stand-in with SGLang's attribute layout (``_processor`` holding a tokenizer, a
+``_tokenizer`` alias, ``process_mm_data_async``); the real TokenizerManager and processor are exercised by
+the e2e Engine run (tests/e2e, ``lazy``), on both SGLang versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from types import SimpleNamespace
+
+import pytest
+from mm_scheduler_sglang import preprocess, sglang_compat
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class HFProcessor:
+    def __init__(self) -> None:
+        self.tokenizer = SimpleNamespace(vocab={"a": 1})
+
+
+class MMProcessor:
+    """SGLang's BaseMultimodalProcessor as far as the move reads it."""
+
+    def __init__(self) -> None:
+        self._processor = HFProcessor()
+        self._tokenizer = self._processor.tokenizer
+        self.io_executor = object()  # shared by the clone, as in SGLang
+        self.calls: list[tuple[str, object, object]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def process_mm_data_async(self, image_data, **kwargs):
+        await asyncio.sleep(0)  # it awaits loading, as SGLang's does
+        self.calls.append((threading.current_thread().name, self._processor, self._tokenizer))
+        if image_data == "bad":
+            raise ValueError("bad image")
+        if image_data == "slow":
+            await asyncio.sleep(30)
+        return {"input_ids": [len(image_data)]}
+
+
+@pytest.fixture
+def fresh_loop(monkeypatch):
+    monkeypatch.setattr(preprocess, "_loop", None)
+    yield
+    if preprocess._loop is not None:
+        preprocess._loop.stop()
+
+
+def test_preprocessing_runs_on_its_own_thread_against_a_clone_and_answers_on_the_callers_loop(fresh_loop):
+    mm = MMProcessor()
+    original_hf = mm._processor
+    tm = SimpleNamespace(mm_processor=mm)
+    assert preprocess.move_off_the_loop(tm) is preprocess._loop
+
+    async def two_requests():
+        return await asyncio.gather(mm.process_mm_data_async(image_data=[1, 2]),
+                                    mm.process_mm_data_async(image_data=[1]))
+
+    assert asyncio.run(two_requests()) == [{"input_ids": [2]}, {"input_ids": [1]}]
+    assert preprocess.stats() == {"calls": 2, "thread": "mm-coalescer-preprocess"}
+    assert len(mm.calls) == 2  # (the shallow clone appends to the same list)
+    for thread, hf, tokenizer in mm.calls:
+        assert thread == "mm-coalescer-preprocess"
+        assert hf is not original_hf and isinstance(hf, HFProcessor)  # a deep copy, used by that thread only
+        assert tokenizer is hf.tokenizer and tokenizer is not original_hf.tokenizer
+    assert mm._processor is original_hf and mm._tokenizer is original_hf.tokenizer  # the manager keeps its own
+
+
+def test_an_error_reaches_the_request_that_caused_it_and_the_next_request_is_served(fresh_loop):
+    mm = MMProcessor()
+    preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm))
+
+    async def bad_then_good():
+        with pytest.raises(ValueError, match="bad image"):
+            await mm.process_mm_data_async(image_data="bad")
+        return await mm.process_mm_data_async(image_data=[1, 2, 3])
+
+    assert asyncio.run(bad_then_good()) == {"input_ids": [3]}
+
+
+def test_cancelling_the_request_cancels_its_preprocessing_on_the_thread(fresh_loop):
+    mm = MMProcessor()
+    preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm))
+    worker = preprocess._loop.loop
+
+    async def cancel_midway():
+        task = asyncio.ensure_future(mm.process_mm_data_async(image_data="slow"))
+        while not mm.calls:  # it is sleeping on the thread's loop
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(500):  # the cancellation crosses to the other loop
+            if not asyncio.run_coroutine_threadsafe(_pending(), worker).result(timeout=5):
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    assert asyncio.run(cancel_midway())
+
+
+async def _pending() -> int:
+    return len([t for t in asyncio.all_tasks() if t is not asyncio.current_task()])
+
+
+def test_one_thread_serves_every_tokenizer_manager_of_the_process(fresh_loop):
+    first, second = MMProcessor(), MMProcessor()
+    assert preprocess.move_off_the_loop(SimpleNamespace(mm_processor=first)) is \
+        preprocess.move_off_the_loop(SimpleNamespace(mm_processor=second))
+
+
+def test_nothing_moves_without_a_processor_or_where_sglang_already_runs_it_off_the_loop(fresh_loop, monkeypatch,
+                                                                                        caplog):
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    assert preprocess.move_off_the_loop(SimpleNamespace(mm_processor=None)) is None
+    mm = MMProcessor()
+    bound = mm.process_mm_data_async
+    monkeypatch.setattr(sglang_compat, "processor_runs_off_loop", lambda processor: processor is mm)
+    assert preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm)) is None
+    assert mm.process_mm_data_async == bound and preprocess._loop is None
+    assert "not needed" in caplog.text
+
+
+def test_a_processor_that_cannot_be_cloned_keeps_sglangs_own_path(fresh_loop, caplog):
+    mm = MMProcessor()
+    mm._processor.lock = threading.Lock()  # deepcopy refuses locks
+    bound = mm.process_mm_data_async
+    assert preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm)) is None
+    assert mm.process_mm_data_async == bound and "cannot clone" in caplog.text
+
+
+def test_sglang_runs_the_processor_off_the_loop_itself_only_with_its_executor():
+    with_executor = SimpleNamespace(mm_processor_executor=object())
+    without = SimpleNamespace(mm_processor_executor=None)
+    if sglang_compat.current().has("processor_executor"):  # 0.5.17+
+        assert sglang_compat.processor_runs_off_loop(with_executor)
+    else:  # 0.5.16: no such executor at all
+        assert not sglang_compat.processor_runs_off_loop(with_executor)
+    assert not sglang_compat.processor_runs_off_loop(without)
