@@ -301,16 +301,14 @@ class EncoderService:
         call, so SGLang's behaviour is the floor.
         """
         if not items or not all(self.tower.accepts(item) for item in items):
-            return self._fallback(items, original)
+            return self._own_method(items, original, "fallback")
         started = time.perf_counter()
         deadline = started + self.prefill_wait_s
         with self._lock:
             handles = [self._held_handle(item) for item in items]
         if self.inline_when_idle and all(h is None for h in handles) and self._idle():
-            self.counts["inline"] += 1
-            PREFILL_ITEMS.labels(self.config.name, "inline").inc(len(items))
             try:
-                return self.run_exclusive(lambda: original(list(items)))
+                return self._own_method(items, original, "inline")
             finally:  # the scheduler thread waited for this encode too
                 PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
         self._expedite(h for h in handles if h is not None)
@@ -343,10 +341,10 @@ class EncoderService:
             self.counts["wait_timeouts"] += 1
             logger.warning("mm-coalescer: encoder results not ready within %.0f ms; using the model's own method",
                            self.prefill_wait_s * 1000)
-            return self._fallback(items, original)
+            return self._own_method(items, original, "fallback")
         except Exception:  # CoalescerError, a withdrawn handle, or outputs that cannot be assembled
             logger.warning("mm-coalescer: encoding failed; using the model's own method", exc_info=True)
-            return self._fallback(items, original)
+            return self._own_method(items, original, "fallback")
         finally:
             PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
 
@@ -357,9 +355,11 @@ class EncoderService:
         stats = self._coalescer.stats()
         return stats["pending_units"] == 0 and stats["inflight_batches"] == 0
 
-    def _fallback(self, items: Sequence[Any], original: Callable[[list[Any]], Any]) -> Any:
-        self.counts["fallbacks"] += 1
-        PREFILL_ITEMS.labels(self.config.name, "fallback").inc(len(items))
+    def _own_method(self, items: Sequence[Any], original: Callable[[list[Any]], Any], source: str) -> Any:
+        """SGLang's own method on the scheduler thread: ``source`` "fallback" (the coalescer could not serve the
+        call) or "inline" (nothing to batch with; counted as ``fallbacks`` / ``inline`` and by source)."""
+        self.counts["fallbacks" if source == "fallback" else source] += 1
+        PREFILL_ITEMS.labels(self.config.name, source).inc(len(items))
         return self.run_exclusive(lambda: original(list(items)))
 
     def _held_handle(self, item: Any) -> Any:

@@ -438,7 +438,7 @@ def test_an_on_demand_encode_after_a_failed_early_encode_keeps_the_first_deadlin
     _eventually(service.tower.in_forward.is_set, "the tower to be busy")
     service.on_arrival("holder", [item(7)])  # queued behind the hung forward
     fell_back: list[float] = []
-    service._fallback = lambda items, original: fell_back.append(time.monotonic()) or "sglang's own"
+    service._own_method = lambda items, original, source: fell_back.append(time.monotonic()) or "sglang's own"
     started = time.monotonic()
     prefill, result = _start_thread(service.encode, [item(7)], never)
     _wait_until_blocked(prefill, "_wait", "service.py", "the prefill to wait for the early result")
