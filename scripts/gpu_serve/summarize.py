@@ -194,6 +194,7 @@ def _seed_records(export_dir: Path, window: list[float] | None) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue  # several tokenizer workers may interleave a line
+    records = [r for r in records if "request_received_ts" in r]  # none without --enable-metrics
     records.sort(key=lambda r: r["request_received_ts"])
     if window:
         return [r for r in records if window[0] <= r["request_received_ts"] <= window[1]]
