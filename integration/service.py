@@ -452,13 +452,17 @@ class EncoderService:
         return handles is not None and all(handle.done() for handle in handles)
 
     def wait_for_any(self, rids: Iterable[str], timeout_s: float) -> None:
-        """Block up to ``timeout_s`` until one of these requests' early encodes finishes (the GIL is released).
+        """Block up to ``timeout_s`` until one of these requests' early encodes finishes (the GIL is released);
+        at once if one is ready already.
 
-        A request with an item still deferred for memory has nothing to wait on yet: then this just sleeps,
-        so a caller polling in a loop does not spin.
+        A request with an item still deferred for memory has nothing to wait on yet: when none has, this just
+        sleeps, so a caller polling in a loop does not spin.
         """
         with self._lock:
-            pending = [handle for rid in rids for handle in self._held.handles_of(rid) or () if not handle.done()]
+            held = [self._held.handles_of(rid) for rid in rids]
+        if any(handles is not None and all(h.done() for h in handles) for handles in held):
+            return  # one is ready already
+        pending = [handle for handles in held for handle in handles or () if not handle.done()]
         if pending:
             concurrent.futures.wait(pending, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
         else:

@@ -184,13 +184,18 @@ def _is_finite_number(value: Any) -> bool:
 
 
 def preprocessing_advice(server_args: object) -> str | None:
-    """One start-up line when SGLang's own preprocessing flags are off (None when they are on).
+    """One start-up line when SGLang's own preprocessing flags are off, or when they make ``preprocess_thread``
+    inapplicable (None otherwise).
 
     In a real SGLang server (README, "Serving in a real SGLang server") the single tokenizer manager's
     image preprocessing and the CPU hand-over of float32 patches, not the vision tower, dominated TTFT
     on image-heavy traffic; SGLang's flags cut it where this plugin could not."""
     workers = getattr(server_args, "tokenizer_worker_num", None)
     transport = getattr(server_args, "mm_feature_transport", None) or "cpu"
+    thread = (settings_of(server_args) or {}).get("plugin", {}).get("preprocess_thread", False)
+    if thread and workers is not None and workers > 1:
+        return (f"mm-coalescer: sglang.preprocess_thread does not apply with --tokenizer-worker-num {workers}: "
+                "SGLang's tokenizer workers run in processes that load no plugins (0.5.16 init_multi_tokenizer)")
     if workers is None or (workers > 1 and transport == "cuda_ipc"):
         return None
     return (f"mm-coalescer: SGLang runs {workers} tokenizer worker(s) with {transport} feature transport; on "

@@ -75,6 +75,7 @@ _defer_prefill_s = 0.0
 _early_encode_min_waiting = 0
 _left_to_prefill: set[str] = set()  # arrivals not encoded early (early_encode_min_waiting), until a prefill
 _deferred_since: dict[str, float] = {}
+_bound_spent: set[str] = set()  # requests whose deferral bound ran out: never deferred again
 
 
 def register() -> None:
@@ -301,8 +302,11 @@ def _capture_graphs(tower: Any, buckets: list[int], tp_size: int) -> None:
 
 def stop() -> None:
     """Close the service (queued work fails, model methods fall through to SGLang's own)."""
-    global _service
+    global _service, _defer_prefill_s, _early_encode_min_waiting
+    _defer_prefill_s, _early_encode_min_waiting = 0.0, 0  # the settings of the service that stops
     _left_to_prefill.clear()
+    _bound_spent.clear()
+    _deferred_since.clear()
     if _service is not None:
         _service.close()
         _service = None
@@ -416,6 +420,7 @@ def _after_get_next_batch(_result: Any, scheduler: Any, *args: Any, **kwargs: An
     service.sweep(live)
     for rid in set(_deferred_since) - live:
         del _deferred_since[rid]
+    _bound_spent.intersection_update(live)
 
 
 def _around_get_new_batch_prefill(original: Callable[..., Any], scheduler: Any, running_batch: Any,
@@ -442,11 +447,20 @@ def _prefill_batch(original: Callable[..., Any], scheduler: Any, running_batch: 
     if service is None or _defer_prefill_s <= 0:
         return original(scheduler, running_batch, *args, **kwargs)
     queue = scheduler.waiting_queue
+    bounded = {req.rid for req in queue if req.rid in _deferred_since}
     held_back = {id(req) for req in queue if _defer(service, req, time.monotonic())}
     if held_back and not _other_work(scheduler, running_batch, queue, held_back):
-        service.wait_for_any([req.rid for req in queue if id(req) in held_back], INTAKE_SLICE_S)
-        now = time.monotonic()
-        held_back = {id(req) for req in queue if id(req) in held_back and _defer(service, req, now)}
+        if scheduler.disaggregation_mode.name != "NULL":
+            # A PD prefill server's loop also polls bootstrap and KV transfers: no wait there, and no deferral
+            # (a bound started earlier, while it decoded, keeps running).
+            for req in queue:
+                if req.rid not in bounded:
+                    _deferred_since.pop(req.rid, None)
+            held_back = set()
+        else:
+            service.wait_for_any([req.rid for req in queue if id(req) in held_back], INTAKE_SLICE_S)
+            now = time.monotonic()
+            held_back = {id(req) for req in queue if id(req) in held_back and _defer(service, req, now)}
     if not held_back:
         return original(scheduler, running_batch, *args, **kwargs)
     scheduler.waiting_queue = [req for req in queue if id(req) not in held_back]
@@ -473,7 +487,12 @@ def _other_work(scheduler: Any, running_batch: Any, queue: list[Any], held_back:
 
 
 def _defer(service: EncoderService, req: Any, now: float) -> bool:
-    """Whether ``req`` should sit out this prefill: its encode runs and it has not waited too long."""
+    """Whether ``req`` should sit out this prefill: its encode runs and it has not waited too long.
+
+    Once its bound has run out it is never deferred again, even if the prefill that followed did not take it
+    (full batch, token budget): a fresh bound each time would let it wait past ``defer_prefill_ms``."""
+    if req.rid in _bound_spent:
+        return False
     if service.ready(req.rid):
         _deferred_since.pop(req.rid, None)
         return False
@@ -481,6 +500,7 @@ def _defer(service: EncoderService, req: Any, now: float) -> bool:
     if now - since < _defer_prefill_s:
         return True
     del _deferred_since[req.rid]
+    _bound_spent.add(req.rid)
     return False
 
 

@@ -268,7 +268,10 @@ def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
     ``--enable-request-time-stats-logging``) and ``first_sent`` (the server sent its first chunk). Also
     ``tokenizer_done`` (the last dispatch: the tokenizer manager finished preprocessing the burst) and
     ``sent_after_tokenizer_done``: the share of requests scheduled before that moment whose first chunk was
-    sent only after it (a first token that waited for the tokenizer manager, not for the GPU).
+    sent only after it (a first token that waited for the tokenizer manager, not for the GPU). ``scheduled`` is
+    when the prefill starts, so a request whose prefill was still running at that moment counts too: an upper
+    bound. Streaming requests only (``response_sent_to_client_ts`` is the first chunk); percentiles are nearest
+    rank.
     """
     out: dict = {}
     for variant in result.get("variants", {}):
@@ -278,7 +281,9 @@ def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
             continue
         entered = {m.group(1): float(m.group(3)) + float(m.group(2)) / 1000.0
                    for m in map(_REQ_TIME_STATS.search, log.read_text(errors="replace").splitlines()) if m}
-        records = [r for r in _seed_records(raw / f"requests-{variant}", run["window"]) if r.get("id") in entered]
+        records = [r for r in _seed_records(raw / f"requests-{variant}", run["window"])
+                   if r.get("id") in entered and "api_server_dispatch_finish_ts" in r
+                   and "response_sent_to_client_ts" in r]
         if not records:
             continue
         start = min(r["request_received_ts"] for r in records)

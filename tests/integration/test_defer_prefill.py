@@ -44,6 +44,7 @@ def service(monkeypatch):
     monkeypatch.setattr(sglang_plugin, "_service", svc)
     monkeypatch.setattr(sglang_plugin, "_defer_prefill_s", 0.5)
     monkeypatch.setattr(sglang_plugin, "_deferred_since", {})
+    monkeypatch.setattr(sglang_plugin, "_bound_spent", set())
     yield svc
     tower.gate.set()
     svc.close()
@@ -138,17 +139,22 @@ def test_past_its_bound_a_request_goes_into_the_prefill_even_with_nothing_else_t
     assert seen == [[], ["slow"]]
 
 
-def test_wait_for_any_returns_when_an_encode_finishes_and_sleeps_when_there_is_nothing_to_wait_on(service):
+def test_wait_for_any_returns_when_an_encode_finishes_at_once_when_one_is_ready_and_sleeps_with_nothing_to_wait_on(
+        service, monkeypatch):
     import threading
 
     service.tower.gate.clear()
     service.on_arrival("slow", [item(8)])
     threading.Timer(0.05, service.tower.gate.set).start()
     started = time.monotonic()
-    service.wait_for_any(["slow", "unknown"], timeout_s=30)
+    service.wait_for_any(["slow"], timeout_s=30)
     assert time.monotonic() - started < 20 and service.ready("slow")
     started = time.monotonic()
-    service.wait_for_any(["slow", "unknown"], timeout_s=0.05)  # all done: no busy return
+    service.wait_for_any(["slow"], timeout_s=30)  # ready already
+    assert time.monotonic() - started < 20
+    monkeypatch.setattr(service._held, "handles_of", lambda rid: None)  # items still deferred for memory
+    started = time.monotonic()
+    service.wait_for_any(["slow"], timeout_s=0.05)  # nothing to wait on: a sleep, not a busy return
     assert time.monotonic() - started >= 0.05
 
 
@@ -276,8 +282,9 @@ def test_a_chunked_prefill_in_progress_is_other_work(service):
     assert seen == [[]] and [r.rid for r in scheduler.waiting_queue] == ["slow"]
 
 
-def test_a_pd_prefill_server_counts_only_decoding_as_other_work(service, monkeypatch):
-    """Its running batch is always empty: a ready request there is no reason to skip the wait slice."""
+def test_a_pd_prefill_server_defers_only_while_decoding_and_never_waits_in_its_loop(service, monkeypatch):
+    """Its running batch is always empty, its loop also polls bootstrap and KV transfers, and its bootstrap wait
+    is a head start of its own: without decode work nothing is deferred and no wait slice is taken."""
     slices: list = []
     monkeypatch.setattr(service, "wait_for_any", lambda rids, timeout_s: slices.append(list(rids)))
     service.tower.gate.clear()
@@ -285,7 +292,10 @@ def test_a_pd_prefill_server_counts_only_decoding_as_other_work(service, monkeyp
     scheduler = _scheduler([_req("slow"), _req("text-only")], mode="PREFILL")
     seen: list = []
     sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, None)
-    assert slices == [["slow"]] and seen == [["text-only"]]
+    assert slices == [] and seen == [["slow", "text-only"]] and not sglang_plugin._deferred_since
+    scheduler.waiting_queue = [_req("slow"), _req("text-only")]
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, _running(1))
+    assert seen[-1] == ["text-only"]  # while it decodes, the unfinished encode sits out
 
 
 def test_a_bound_started_while_decoding_is_not_reset_when_nothing_else_can_run(service, monkeypatch):
@@ -323,3 +333,20 @@ def test_deferral_is_off_at_tp_above_one_where_ranks_must_form_the_same_batches(
         assert not service.inline_when_idle  # SGLang's own method may run collectives on some ranks only
     finally:
         sglang_plugin.stop()
+
+
+def test_once_its_bound_ran_out_a_request_the_prefill_did_not_take_is_not_deferred_again(service, monkeypatch):
+    """A full batch can pass over the request when its bound runs out; a fresh bound next time would let it wait
+    past ``defer_prefill_ms`` while ready requests behind it go first."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(sglang_plugin.time, "monotonic", lambda: clock.now)
+    service.tower.gate.clear()
+    service.on_arrival("slow", [item(12)])
+    scheduler = _scheduler([_req("slow")])
+    seen: list = []
+    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running: None, scheduler, _running(1))
+    clock.now += 0.5  # the bound runs out; this prefill has no room for it
+    sglang_plugin._around_get_new_batch_prefill(lambda scheduler, running: None, scheduler, _running(1))
+    clock.now += 0.01
+    sglang_plugin._around_get_new_batch_prefill(_prefill_admitting_everything(seen), scheduler, _running(1))
+    assert seen == [["slow"]]

@@ -29,7 +29,8 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
                     "  defer_prefill_ms: 150\n  early_encode_min_waiting: 2\n  vit_graph_patches: [8192, 4096, 8192]\n")
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "default", "prefill_wait_ms": 50.0,
                                                             "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2,
-                                                            "vit_graph_patches": [4096, 8192]}
+                                                            "vit_graph_patches": [4096, 8192],
+                                                            "preprocess_thread": False}
 
 
 @pytest.mark.parametrize("body, named", [
@@ -246,7 +247,7 @@ def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
     assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
                                "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
                                "'early_encode_min_waiting', 'llm_stream_priority', 'prefill_wait_ms', "
-                               "'vit_graph_patches']")
+                               "'preprocess_thread', 'vit_graph_patches']")
 
 
 def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic(tmp_path):
@@ -258,3 +259,11 @@ def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic
                                "image: 630 patches x 2000 bytes/patch = 1260000 bytes); raise budget_bytes")
     path.write_text("name: gemma4\nbudget_bytes: 1260000\nbytes_per_patch: 2000\n")  # exactly one unit: enough
     assert settings.check_config_file(str(path))["values"]["budget_bytes"] == 1260000
+
+
+def test_preprocess_thread_with_several_tokenizer_workers_is_said_not_to_apply():
+    chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": True}}
+    args = SimpleNamespace(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc", **{settings.ATTR: chosen})
+    assert "preprocess_thread does not apply with --tokenizer-worker-num 4" in settings.preprocessing_advice(args)
+    args = SimpleNamespace(tokenizer_worker_num=1, mm_feature_transport="cpu", **{settings.ATTR: chosen})
+    assert "consider those flags" in settings.preprocessing_advice(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -142,3 +143,45 @@ def test_sglang_runs_the_processor_off_the_loop_itself_only_with_its_executor():
     else:  # 0.5.16: no such executor at all
         assert not sglang_compat.processor_runs_off_loop(with_executor)
     assert not sglang_compat.processor_runs_off_loop(without)
+
+
+def test_the_callers_loop_keeps_running_while_a_request_is_preprocessed_synchronously(fresh_loop):
+    """The point of the thread: SGLang's HF processor blocks the loop it runs on (no await inside); the
+    tokenizer manager's own loop must keep answering meanwhile."""
+    class Blocking(MMProcessor):
+        async def process_mm_data_async(self, image_data, **kwargs):
+            time.sleep(0.3)  # the HF processor's synchronous work
+            return {"input_ids": [len(image_data)]}
+
+    mm = Blocking()
+    preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm))
+
+    async def ticks_during_preprocessing():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        task = asyncio.ensure_future(ticker())
+        await mm.process_mm_data_async(image_data=[1])
+        task.cancel()
+        return ticks
+
+    assert asyncio.run(ticks_during_preprocessing()) >= 5  # about 30 when the loop is free, 0 when blocked
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_tokenizer_manager_hook_moves_preprocessing_only_when_the_setting_is_on(fresh_loop, enabled):
+    from mm_scheduler_sglang import settings, sglang_plugin
+
+    chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": enabled}}
+    mm = MMProcessor()
+    bound = mm.process_mm_data_async
+    tm = SimpleNamespace(mm_processor=mm)
+    sglang_plugin._after_tokenizer_manager_init(None, tm, SimpleNamespace(**{settings.ATTR: chosen}), "port_args")
+    assert (mm.process_mm_data_async != bound) is enabled
+    sglang_plugin._after_tokenizer_manager_init(None, SimpleNamespace(mm_processor=MMProcessor()),
+                                                server_args=SimpleNamespace(**{settings.ATTR: None}))  # plugin off
