@@ -156,10 +156,13 @@ HOOKS: dict[str, str] = {
     "run_batch": f"{_SCHED}.run_batch",
     "maybe_clear_mm_inputs": f"{_SCHED}._maybe_clear_mm_inputs",
     "release_features": f"{_SB}.MultimodalInputs.release_features",
-    "tokenizer_manager_init": "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__",
     "release_memory_occupation":
         "sglang.srt.managers.scheduler_components.weight_updater.SchedulerWeightUpdaterManager.release_memory_occupation",
 }
+
+TOKENIZER_MANAGER_INIT = "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__"
+"""Hooked only in the launcher and only with ``sglang.preprocess_thread``: importing its module sets SGLang's
+uvloop event-loop policy for the whole process, which no other process of the server should get from the plugin."""
 
 # The leading parameters the plugin's hooks read (by position or name) of each hook target; the check script
 # verifies each release's target starts with them (later parameters may differ, as Scheduler.__init__'s do).
@@ -174,7 +177,7 @@ PARAMS: dict[str, tuple[str, ...]] = {
     HOOKS["maybe_clear_mm_inputs"]: ("self", "batch"),
     HOOKS["release_features"]: ("self",),
     HOOKS["release_memory_occupation"]: ("self",),
-    HOOKS["tokenizer_manager_init"]: ("self", "server_args"),
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__": ("self", "server_args"),
     "sglang.srt.server_args.ServerArgs.check_server_args": ("self",),
     "sglang.srt.server_args.ServerArgs.resolve_once": ("self",),
     f"{_SB}.Req.release_mm_inputs_on_abort": ("self",),
@@ -209,7 +212,7 @@ SAME: tuple[str, ...] = (
     "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration",
     "sglang.srt.models.gemma4_mm.Gemma4MultimodalEmbedder",
     "sglang.srt.models.gemma4_vision.Gemma4VisionEncoder",
-    "sglang.srt.managers.tokenizer_manager.TokenizerManager.mm_processor",
+    TOKENIZER_MANAGER_INIT, "sglang.srt.managers.tokenizer_manager.TokenizerManager.mm_processor",
     f"{_MMP}._processor", f"{_MMP}.process_mm_data_async",
 )
 

@@ -24,8 +24,8 @@ Hooks, and why each sits where it does:
 * ``Scheduler.run_batch`` (AFTER): the forward (launched synchronously on the scheduler thread,
   embeddings included) has consumed the items whose tokens lie before each request's
   ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
-* ``TokenizerManager.__init__`` (AFTER, in the process serving HTTP): with ``sglang.preprocess_thread``, the
-  multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
+* ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.preprocess_thread``, in the launcher once
+  its arguments are parsed): the multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
   ``Scheduler._maybe_clear_mm_inputs`` (BEFORE): where SGLang drops a request's media on abort or
   finish; the request's hold on its results is dropped too (queued units are withdrawn on abort).
@@ -75,7 +75,8 @@ _defer_prefill_s = 0.0
 _early_encode_min_waiting = 0
 _left_to_prefill: set[str] = set()  # arrivals not encoded early (early_encode_min_waiting), until a prefill
 _deferred_since: dict[str, float] = {}
-_bound_spent: set[str] = set()  # requests whose deferral bound ran out: never deferred again
+_bound_spent: set[str] = set()
+_tokenizer_manager_hooked = False  # requests whose deferral bound ran out: never deferred again
 
 
 def register() -> None:
@@ -102,7 +103,6 @@ def register() -> None:
         (sglang_compat.HOOKS["maybe_clear_mm_inputs"], _before_clear_mm_inputs, HookType.BEFORE),
         (compat.hook_target("abort_release"), _before_release_on_abort, HookType.BEFORE),  # None before 0.5.22
         (sglang_compat.HOOKS["release_features"], _before_release_features, HookType.BEFORE),
-        (sglang_compat.HOOKS["tokenizer_manager_init"], _after_tokenizer_manager_init, HookType.AFTER),
     ]
     for target, hook, kind in hooks:
         if target is not None:
@@ -129,6 +129,7 @@ def _around_from_cli_args(original: Callable[..., Any], cls: type, args: Any) ->
     except ValueError as exc:
         raise SystemExit(f"mm-coalescer: {exc}") from None
     setattr(server_args, settings.ATTR, chosen)
+    _hook_tokenizer_manager(chosen)
     return server_args
 
 
@@ -143,16 +144,28 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
         except ValueError as exc:
             raise SystemExit(f"mm-coalescer: {exc}") from None
         setattr(server_args, settings.ATTR, chosen)
+    _hook_tokenizer_manager(getattr(server_args, settings.ATTR))
     advice = settings.preprocessing_advice(server_args) if getattr(server_args, settings.ATTR) else None
     if advice:
         logger.info(advice)
 
 
 # --- tokenizer manager --------------------------------------------------------------------------
+def _hook_tokenizer_manager(chosen: dict[str, Any] | None) -> None:
+    """With ``sglang.preprocess_thread``, hook ``TokenizerManager.__init__`` (once, in the launcher, where SGLang
+    builds the tokenizer manager after parsing its arguments; see ``sglang_compat.TOKENIZER_MANAGER_INIT``)."""
+    global _tokenizer_manager_hooked
+    if chosen is None or not chosen.get("plugin", {}).get("preprocess_thread") or _tokenizer_manager_hooked:
+        return
+    _tokenizer_manager_hooked = True
+    HookRegistry.register(sglang_compat.TOKENIZER_MANAGER_INIT, _after_tokenizer_manager_init, HookType.AFTER)
+    HookRegistry.apply_hooks()
+
+
 def _after_tokenizer_manager_init(_result: None, tokenizer_manager: Any, *args: Any, **kwargs: Any) -> None:
     """``sglang.preprocess_thread``: its multimodal preprocessing moves off its event loop (:mod:`.preprocess`)."""
     chosen = settings.settings_of(kwargs.get("server_args", args[0] if args else None))
-    if chosen is None or not chosen["plugin"]["preprocess_thread"]:
+    if chosen is None or not chosen.get("plugin", {}).get("preprocess_thread"):
         return
     try:
         from . import preprocess

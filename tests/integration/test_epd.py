@@ -1187,7 +1187,9 @@ def test_stop_fails_queued_requests_with_503_finishes_the_running_forward_and_do
     assert outcome["stopped_while_preprocessing"] and outcome["waiting_cancelled_at_stop"], outcome
     assert outcome["preprocessing"][:3] == (0, 0, 0) and outcome["preprocessing"][4] == 503, outcome
     assert outcome["preprocessed"] == ["preprocessing", "queued", "running"], outcome  # "waiting" never ran
-    assert outcome["reader_left"] is False, outcome  # the worker watchdog is gone
+    # the worker watchdog is gone: no reader left to remove (False from asyncio's loop, None from uvloop's, whose
+    # policy any earlier import of SGLang's tokenizer manager or engine installs for the whole process)
+    assert not outcome["reader_left"], outcome
     assert outcome["stats"] == {"submitted": 4, "ok": 1, "failed": 2, "cancelled": 1}, outcome
 
 
