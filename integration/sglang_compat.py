@@ -151,6 +151,9 @@ HOOKS: dict[str, str] = {
     "from_cli_args": f"{_ARGS}.from_cli_args",
     "scheduler_init": f"{_SCHED}.__init__",
     "get_next_batch_to_run": f"{_SCHED}.get_next_batch_to_run",
+    # A PD prefill server's loop calls this instead of get_next_batch_to_run: the sweep runs there too.
+    "get_next_disagg_prefill_batch_to_run":
+        "sglang.srt.disaggregation.prefill.SchedulerDisaggregationPrefillMixin.get_next_disagg_prefill_batch_to_run",
     "get_new_batch_prefill": f"{_SCHED}.get_new_batch_prefill",
     "add_request_to_queue": f"{_SCHED}._add_request_to_queue",
     "run_batch": f"{_SCHED}.run_batch",
@@ -171,6 +174,7 @@ PARAMS: dict[str, tuple[str, ...]] = {
     HOOKS["from_cli_args"]: ("cls", "args"),
     HOOKS["scheduler_init"]: ("self", "server_args"),
     HOOKS["get_next_batch_to_run"]: ("self",),
+    HOOKS["get_next_disagg_prefill_batch_to_run"]: ("self",),
     HOOKS["get_new_batch_prefill"]: ("self", "running_batch"),
     HOOKS["add_request_to_queue"]: ("self", "req", "is_retracted"),
     HOOKS["run_batch"]: ("self", "batch"),

@@ -26,6 +26,8 @@ Hooks, and why each sits where it does:
   ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
 * ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.preprocess_thread``, in the launcher once
   its arguments are parsed): the multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
+* ``Scheduler.get_next_batch_to_run`` and, on PD prefill servers, ``get_next_disagg_prefill_batch_to_run``
+  (AFTER): about once a second, the sweep releases holds of requests the scheduler no longer has.
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
   ``Scheduler._maybe_clear_mm_inputs`` (BEFORE): where SGLang drops a request's media on abort or
   finish; the request's hold on its results is dropped too (queued units are withdrawn on abort).
@@ -96,6 +98,7 @@ def register() -> None:
         (compat.hook_target("engine_settings"), _after_resolve_once, HookType.AFTER),
         (sglang_compat.HOOKS["scheduler_init"], _around_scheduler_init, HookType.AROUND),
         (sglang_compat.HOOKS["get_next_batch_to_run"], _after_get_next_batch, HookType.AFTER),
+        (sglang_compat.HOOKS["get_next_disagg_prefill_batch_to_run"], _after_get_next_batch, HookType.AFTER),
         (sglang_compat.HOOKS["get_new_batch_prefill"], _around_get_new_batch_prefill, HookType.AROUND),
         (sglang_compat.HOOKS["release_memory_occupation"], _before_release_memory, HookType.BEFORE),
         (sglang_compat.HOOKS["add_request_to_queue"], _around_add_request_to_queue, HookType.AROUND),

@@ -29,6 +29,7 @@ CHECK_HOOKS = textwrap.dedent("""
     from mm_scheduler_sglang import sglang_compat, sglang_plugin as plugin
     from sglang.srt.managers.schedule_batch import MultimodalInputs, Req
     from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.disaggregation.prefill import SchedulerDisaggregationPrefillMixin
     from sglang.srt.server_args import ServerArgs, prepare_server_args
 
     def hooked(cls, name, hook):
@@ -48,6 +49,8 @@ CHECK_HOOKS = textwrap.dedent("""
                                   plugin._after_resolve_once),
         "scheduler_init": hooked(Scheduler, "__init__", plugin._around_scheduler_init),
         "next_batch_sweep": hooked(Scheduler, "get_next_batch_to_run", plugin._after_get_next_batch),
+        "pd_prefill_sweep": hooked(SchedulerDisaggregationPrefillMixin, "get_next_disagg_prefill_batch_to_run",
+                                   plugin._after_get_next_batch),
         "add_request": hooked(Scheduler, "_add_request_to_queue", plugin._around_add_request_to_queue),
         "clear_mm_inputs": hooked(Scheduler, "_maybe_clear_mm_inputs", plugin._before_clear_mm_inputs),
         "run_batch": hooked(Scheduler, "run_batch", plugin._after_run_batch),
