@@ -36,16 +36,12 @@ class PreprocessLoop:
     def __init__(self, name: str = "mm-coalescer-preprocess") -> None:
         self.loop = asyncio.new_event_loop()
         self.calls = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
-
-    @property
-    def thread(self) -> threading.Thread:
-        return self._thread
 
     def on_own_loop(self, method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
         """``method``'s coroutines run on this thread's loop; the caller awaits the result on its own loop.
@@ -61,7 +57,7 @@ class PreprocessLoop:
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=5)
+        self.thread.join(timeout=5)
 
 
 def isolated_clone(mm_processor: Any) -> Any:

@@ -181,7 +181,7 @@ PARAMS: dict[str, tuple[str, ...]] = {
     HOOKS["maybe_clear_mm_inputs"]: ("self", "batch"),
     HOOKS["release_features"]: ("self",),
     HOOKS["release_memory_occupation"]: ("self",),
-    "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__": ("self", "server_args"),
+    TOKENIZER_MANAGER_INIT: ("self", "server_args"),
     "sglang.srt.server_args.ServerArgs.check_server_args": ("self",),
     "sglang.srt.server_args.ServerArgs.resolve_once": ("self",),
     f"{_SB}.Req.release_mm_inputs_on_abort": ("self",),

@@ -77,8 +77,8 @@ _defer_prefill_s = 0.0
 _early_encode_min_waiting = 0
 _left_to_prefill: set[str] = set()  # arrivals not encoded early (early_encode_min_waiting), until a prefill
 _deferred_since: dict[str, float] = {}
-_bound_spent: set[str] = set()
-_tokenizer_manager_hooked = False  # requests whose deferral bound ran out: never deferred again
+_bound_spent: set[str] = set()  # requests whose deferral bound ran out: never deferred again
+_tokenizer_manager_hooked = False
 
 
 def register() -> None:
@@ -464,7 +464,8 @@ def _prefill_batch(original: Callable[..., Any], scheduler: Any, running_batch: 
         return original(scheduler, running_batch, *args, **kwargs)
     queue = scheduler.waiting_queue
     bounded = {req.rid for req in queue if req.rid in _deferred_since}
-    held_back = {id(req) for req in queue if _defer(service, req, time.monotonic())}
+    now = time.monotonic()
+    held_back = {id(req) for req in queue if _defer(service, req, now)}
     if held_back and not _other_work(scheduler, running_batch, queue, held_back):
         if scheduler.disaggregation_mode.name != "NULL":
             # A PD prefill server's loop also polls bootstrap and KV transfers: no wait there, and no deferral

@@ -291,8 +291,9 @@ def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
         series = {"dispatched": [r["api_server_dispatch_finish_ts"] - start for r in records],
                   "scheduled": [entered[r["id"]] - start for r in records],
                   "first_sent": [r["response_sent_to_client_ts"] - start for r in records]}
-        early = [r for r in records if entered[r["id"]] - start < done]
-        held = [r for r in early if r["response_sent_to_client_ts"] - start >= done]
+        early = [sent for scheduled, sent in zip(series["scheduled"], series["first_sent"], strict=True)
+                 if scheduled < done]
+        held = [sent for sent in early if sent >= done]
         out[variant] = {"requests": len(records), "tokenizer_done": round(done, 3),
                         **{name: [round(_percentile(v, q), 3) for q in (10, 50, 90)] for name, v in series.items()},
                         "sent_after_tokenizer_done": round(len(held) / len(early), 3) if early else 0.0}
