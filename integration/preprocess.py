@@ -22,6 +22,7 @@ import copy
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -31,11 +32,17 @@ logger = logging.getLogger(__name__)
 
 
 class PreprocessLoop:
-    """One daemon thread running an event loop; coroutines submitted from another loop run here."""
+    """One daemon thread running an event loop; coroutines submitted from another loop run here.
 
-    def __init__(self, name: str = "mm-coalescer-preprocess") -> None:
+    Every ``report_every`` calls it logs one line: how long the calls waited to start on the thread, ran there,
+    and waited for the caller's loop to take the result back (a busy tokenizer manager shows in the last).
+    """
+
+    def __init__(self, name: str = "mm-coalescer-preprocess", report_every: int = 25) -> None:
         self.loop = asyncio.new_event_loop()
+        self.report_every = report_every
         self.calls = 0
+        self._window: list[tuple[float, float, float, float]] = []  # (submitted, started, finished, resumed)
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -50,14 +57,46 @@ class PreprocessLoop:
         """
         @functools.wraps(method)
         async def on_own_loop(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(method(*args, **kwargs), self.loop))
+            submitted = time.monotonic()
+            span = [submitted, submitted]
+
+            async def timed() -> Any:
+                span[0] = time.monotonic()
+                try:
+                    return await method(*args, **kwargs)
+                finally:
+                    span[1] = time.monotonic()
+
+            try:
+                return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(timed(), self.loop))
+            finally:
+                self._record(submitted, span[0], span[1], time.monotonic())
 
         return on_own_loop
+
+    def _record(self, submitted: float, started: float, finished: float, resumed: float) -> None:
+        self.calls += 1
+        self._window.append((submitted, started, finished, resumed))
+        if len(self._window) >= self.report_every:
+            logger.info("mm-coalescer: preprocess_thread, %s", summarize_calls(self._window))
+            self._window = []
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+
+
+def summarize_calls(calls: list[tuple[float, float, float, float]]) -> str:
+    """One line over (submitted, started, finished, resumed) monotonic times: the span, then per stage p50 / max ms."""
+    def stage(values: list[float]) -> str:
+        ordered = sorted(values)
+        return f"{ordered[len(ordered) // 2] * 1e3:.0f} / {ordered[-1] * 1e3:.0f}"
+
+    span = max(c[3] for c in calls) - min(c[0] for c in calls)
+    return (f"{len(calls)} calls in {span:.2f} s (p50 / max ms): "
+            f"to start on the thread {stage([c[1] - c[0] for c in calls])}, "
+            f"on the thread {stage([c[2] - c[1] for c in calls])}, "
+            f"back on the tokenizer manager's loop {stage([c[3] - c[2] for c in calls])}")
 
 
 def isolated_clone(mm_processor: Any) -> Any:
@@ -105,8 +144,3 @@ def move_off_the_loop(tokenizer_manager: Any) -> PreprocessLoop | None:
     logger.info("mm-coalescer: %s preprocessing runs on thread %s, off the tokenizer manager's event loop",
                 type(mm_processor).__name__, _loop.thread.name)
     return _loop
-
-
-def stats() -> dict[str, Any]:
-    """Preprocessing calls routed to the thread in this process (0 and None when it was never started)."""
-    return {"calls": _loop.calls if _loop else 0, "thread": _loop.thread.name if _loop else None}

@@ -63,13 +63,35 @@ def test_preprocessing_runs_on_its_own_thread_against_a_clone_and_answers_on_the
                                     mm.process_mm_data_async(image_data=[1]))
 
     assert asyncio.run(two_requests()) == [{"input_ids": [2]}, {"input_ids": [1]}]
-    assert preprocess.stats() == {"calls": 2, "thread": "mm-coalescer-preprocess"}
+    assert preprocess._loop.calls == 2 and preprocess._loop.thread.name == "mm-coalescer-preprocess"
     assert len(mm.calls) == 2  # (the shallow clone appends to the same list)
     for thread, hf, tokenizer in mm.calls:
         assert thread == "mm-coalescer-preprocess"
         assert hf is not original_hf and isinstance(hf, HFProcessor)  # a deep copy, used by that thread only
         assert tokenizer is hf.tokenizer and tokenizer is not original_hf.tokenizer
     assert mm._processor is original_hf and mm._tokenizer is original_hf.tokenizer  # the manager keeps its own
+
+
+def test_every_report_every_calls_one_line_says_where_the_calls_waited(fresh_loop, caplog):
+    mm = MMProcessor()
+    preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm))
+    preprocess._loop.report_every = 3
+
+    async def five_requests():
+        return await asyncio.gather(*(mm.process_mm_data_async(image_data=[1]) for _ in range(5)))
+
+    with caplog.at_level("INFO", logger=preprocess.logger.name):
+        asyncio.run(five_requests())
+    lines = [r.getMessage() for r in caplog.records if "preprocess_thread, " in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("mm-coalescer: preprocess_thread, 3 calls in ")
+    assert "to start on the thread" in lines[0] and "back on the tokenizer manager's loop" in lines[0]
+
+
+def test_the_call_summary_gives_each_stage_median_and_max_in_ms():
+    calls = [(0.0, 0.010, 0.110, 0.111), (0.0, 0.020, 0.320, 2.320), (1.0, 1.030, 1.130, 1.140)]
+    assert preprocess.summarize_calls(calls) == (
+        "3 calls in 2.32 s (p50 / max ms): to start on the thread 20 / 30, on the thread 100 / 300, "
+        "back on the tokenizer manager's loop 10 / 2000")
 
 
 def test_an_error_reaches_the_request_that_caused_it_and_the_next_request_is_served(fresh_loop):
