@@ -188,6 +188,11 @@ PARAMS: dict[str, tuple[str, ...]] = {
     f"{_EPD}.runtime.launch_local_runtime": ("server_args",),
 }
 
+LAYERNORM = "sglang.srt.layers.layernorm"
+NORM_KERNELS = ("rmsnorm", "fused_add_rmsnorm", "gemma_rmsnorm", "gemma_fused_add_rmsnorm")
+"""The sgl-kernel norm launchers SGLang's norm layers call: module globals of :data:`LAYERNORM` on CUDA builds
+(imported from sgl_kernel there on every supported release; absent without CUDA). See ``norm_lock.py``."""
+
 SAME: tuple[str, ...] = (
     *HOOKS.values(),
     "sglang.srt.plugins.hook_registry.HookRegistry", "sglang.srt.plugins.hook_registry.HookType",
@@ -219,6 +224,8 @@ SAME: tuple[str, ...] = (
     TOKENIZER_MANAGER_INIT, "sglang.srt.managers.tokenizer_manager.TokenizerManager.mm_processor",
     f"{_MMP}._processor", f"{_MMP}.process_mm_data_async",
 )
+CUDA_ONLY: tuple[str, ...] = tuple(f"{LAYERNORM}.{name}" for name in NORM_KERNELS)
+"""Read on every release, but defined only on CUDA builds: the check script checks them with :data:`SAME`."""
 
 
 def parse_version(text: str) -> Version | None:

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
 
-from . import settings, sglang_compat
+from . import norm_lock, settings, sglang_compat
 
 if TYPE_CHECKING:
     from .service import EncoderService
@@ -264,6 +264,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
         logger.info("mm-coalescer: plugin off for this model (%s); SGLang encodes its media as usual", reason)
         return None
     config = config_from_dict(dict(chosen["values"]), source=chosen["config_path"] or "defaults")
+    norm_lock.serialize_norm_launches()  # the tower's norms now run beside the text model's (norm_lock.py)
     collective_free = bool(getattr(tower, "collective_free", False))
     mode = choose_mode(chosen["mode"], tp_size, dp_encoder=collective_free)
     if chosen["mode"] == "async" and mode == "lockstep":
