@@ -8,10 +8,10 @@ shared memory) run on the coalescer's thread while the text model's (width 2,560
 scheduler thread. A call that lowers the limit between another call's set and launch makes that launch fail
 with ``cudaErrorInvalidValue``, which killed a Gemma 4 E4B server twice in the real-server runs
 (``RuntimeError: RMSNorm failed with error code invalid argument`` at the text model's
-``post_attention_layernorm``; README, Reliability). The same race is known elsewhere (NVIDIA/cuvs#1771).
+``post_attention_layernorm``; README, "Gemma 4 E4B"). The same race is known elsewhere (NVIDIA/cuvs#1771).
 
 Holding one lock from set to launch makes the two threads take turns for a few microseconds a call; the
-kernels still run concurrently on their streams, and results are bit-identical (the same kernels run).
+kernels still run concurrently on their streams, and results do not change (the same kernels, the same inputs).
 """
 
 from __future__ import annotations

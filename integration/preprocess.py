@@ -67,10 +67,9 @@ class PreprocessLoop:
                 finally:
                     span[1] = time.monotonic()
 
-            try:
-                return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(timed(), self.loop))
-            finally:
-                self._record(submitted, span[0], span[1], time.monotonic())
+            result = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(timed(), self.loop))
+            self._record(submitted, span[0], span[1], time.monotonic())  # answered calls only
+            return result
 
         return on_own_loop
 
