@@ -57,6 +57,7 @@ class PreprocessLoop:
         """
         @functools.wraps(method)
         async def on_own_loop(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
             submitted = time.monotonic()
             span = [submitted, submitted]
 
@@ -74,7 +75,6 @@ class PreprocessLoop:
         return on_own_loop
 
     def _record(self, submitted: float, started: float, finished: float, resumed: float) -> None:
-        self.calls += 1
         self._window.append((submitted, started, finished, resumed))
         if len(self._window) >= self.report_every:
             logger.info("mm-coalescer: preprocess_thread, %s", summarize_calls(self._window))
@@ -143,3 +143,8 @@ def move_off_the_loop(tokenizer_manager: Any) -> PreprocessLoop | None:
     logger.info("mm-coalescer: %s preprocessing runs on thread %s, off the tokenizer manager's event loop",
                 type(mm_processor).__name__, _loop.thread.name)
     return _loop
+
+
+def stats() -> dict[str, Any]:
+    """Preprocessing calls routed to the thread in this process (0 and None when it was never started)."""
+    return {"calls": _loop.calls if _loop else 0, "thread": _loop.thread.name if _loop else None}

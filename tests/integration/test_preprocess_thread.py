@@ -63,7 +63,7 @@ def test_preprocessing_runs_on_its_own_thread_against_a_clone_and_answers_on_the
                                     mm.process_mm_data_async(image_data=[1]))
 
     assert asyncio.run(two_requests()) == [{"input_ids": [2]}, {"input_ids": [1]}]
-    assert preprocess._loop.calls == 2 and preprocess._loop.thread.name == "mm-coalescer-preprocess"
+    assert preprocess.stats() == {"calls": 2, "thread": "mm-coalescer-preprocess"}
     assert len(mm.calls) == 2  # (the shallow clone appends to the same list)
     for thread, hf, tokenizer in mm.calls:
         assert thread == "mm-coalescer-preprocess"

@@ -102,8 +102,7 @@ def _preprocessing(engine) -> dict:
     """Where this Engine's tokenizer manager (in this process) ran multimodal preprocessing."""
     from mm_scheduler_sglang import preprocess, sglang_compat
 
-    loop = preprocess._loop  # the process's PreprocessLoop, None when never started
-    return {"calls": loop.calls if loop else 0, "thread": loop.thread.name if loop else None,
+    return {**preprocess.stats(),
             "sglang_off_loop": sglang_compat.processor_runs_off_loop(engine.tokenizer_manager.mm_processor)}
 
 
