@@ -128,10 +128,16 @@ REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tgz qwen3_vl_8b=$
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=tgz@tag.
 REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tgz@seed10 \
 	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tgz@seed3
+# A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=tgz.
+REAL_SERVER_LONE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tgz \
+	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tgz
 real-server-summary: $(VENV)/.test-installed
-	rm -rf build/real_server_raw build/real_server_timeline && mkdir -p build/real_server_raw build/real_server_timeline
+	rm -rf build/real_server_raw build/real_server_timeline build/real_server_lone
+	mkdir -p build/real_server_raw build/real_server_timeline build/real_server_lone
 	for pair in $(REAL_SERVER_RAW); do tar -xzf $${pair#*=} -C build/real_server_raw; done
 	for item in $(REAL_SERVER_TIMELINE); do tgz=$${item#*=}; tar -xzf $${tgz%@*} -C build/real_server_timeline; done
+	for pair in $(REAL_SERVER_LONE); do tar -xzf $${pair#*=} -C build/real_server_lone; done
 	$(PY) scripts/gpu_serve/summarize.py $(REAL_SERVER_RUNS) --out benchmarks/results/real_server_summary.json \
 		$(foreach pair,$(REAL_SERVER_RAW),--raw $(firstword $(subst =, ,$(pair)))=build/real_server_raw/$(firstword $(subst =, ,$(pair)))) \
-		$(foreach item,$(REAL_SERVER_TIMELINE),--timeline $(firstword $(subst =, ,$(item)))=build/real_server_timeline/$(firstword $(subst =, ,$(item)))@$(lastword $(subst @, ,$(item))))
+		$(foreach item,$(REAL_SERVER_TIMELINE),--timeline $(firstword $(subst =, ,$(item)))=build/real_server_timeline/$(firstword $(subst =, ,$(item)))@$(lastword $(subst @, ,$(item)))) \
+		$(foreach pair,$(REAL_SERVER_LONE),--lone $(firstword $(subst =, ,$(pair)))=build/real_server_lone/$(firstword $(subst =, ,$(pair))))

@@ -112,12 +112,19 @@ def merge_runs(results: list[dict]) -> dict:
 
 
 def _lever(runs: dict, variant: str) -> dict:
-    """A lever against plain off and, for a plugin setting (``on+X``), against plain on."""
-    out = {"vs_off": {"seed": seed_summary(runs, "off", variant), "lone": lone_summary(runs, "off", variant),
-                      "poisson": poisson_summary(runs, None, "off", variant) or None}}
+    """A lever against plain off and, for a plugin setting (``on+X``), against plain on. A plugin setting on top
+    of SGLang flags (``on+F+X``) is also compared with plugin-off under the same flags (``off+F``), when that
+    server ran: the plugin's part alone."""
+    def against(base: str) -> dict:
+        return {"seed": seed_summary(runs, base, variant), "lone": lone_summary(runs, base, variant),
+                "poisson": poisson_summary(runs, None, base, variant) or None}
+
+    out = {"vs_off": against("off")}
     if variant.startswith("on+"):
-        out["vs_on"] = {"seed": seed_summary(runs, "on", variant), "lone": lone_summary(runs, "on", variant),
-                        "poisson": poisson_summary(runs, None, "on", variant) or None}
+        out["vs_on"] = against("on")
+        twin = "off+" + variant.split("+")[1]
+        if variant.count("+") > 1 and any(tag.endswith(f"-{twin}") for tag in runs):
+            out[f"vs_{twin}"] = against(twin)
     return out
 
 
@@ -256,6 +263,27 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
     return out
 
 
+def lone_encoder_share(raw: Path, target: float = 0.90) -> dict | None:
+    """What any encoder speed-up can give a lone request: the encoder's share of its TTFT.
+
+    A lone request's images are one batch with or without the plugin, so only a faster encoder can lower its
+    TTFT. From one harness run's unpacked files (its own ``results.json``: a later run replaces the lone pair in
+    the merged results): the lone run's time breakdown per server, the plugin's encoder seconds a request
+    (busy seconds over requests, the load generator's test request included), plugin-off's TTFT if that encoder
+    cost nothing and all else stayed as measured (``free_encoder_ttft_ratio``: the floor of any encoder
+    speed-up), and the share of the encoder's time a faster forward must save to reach ``target``.
+    """
+    result = json.loads((raw / "results.json").read_text())
+    rows = stage_breakdown(raw, result, "lone")
+    if "off" not in rows or "coalescer" not in rows.get("on", {}):
+        return None
+    encoder = rows["on"]["coalescer"]["encoder_busy_s"] / rows["on"]["requests"]
+    ttft_off = rows["off"]["ttft"]
+    return {"commit": result.get("commit", ""), "breakdown_s": rows, "encoder_s_per_request": round(encoder, 4),
+            "ttft_off_s": ttft_off, "free_encoder_ttft_ratio": round((ttft_off - encoder) / ttft_off, 3),
+            f"encoder_cut_needed_for_{target:.2f}x": round((1 - target) * ttft_off / encoder, 3)}
+
+
 _REQ_TIME_STATS = re.compile(r"ReqTimeStats\(rid=(\w+),.*queue_duration=([\d.]+)ms.*entry_time=([\d.]+)")
 
 
@@ -366,6 +394,8 @@ def main() -> None:
                    help="a family's unpacked gpu-serve-<family>.tgz, for the time breakdown")
     p.add_argument("--timeline", action="append", default=[], metavar="FAMILY=DIR@TAG",
                    help="an unpacked gpu-serve-<family>.tgz and a seed run in it: first_token_timeline")
+    p.add_argument("--lone", action="append", default=[], metavar="FAMILY=DIR",
+                   help="an unpacked gpu-serve-<family>.tgz with a lone run: lone_encoder_share")
     args = p.parse_args()
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
@@ -382,6 +412,11 @@ def main() -> None:
         directory, tag = where.rsplit("@", 1)
         timeline = first_token_timeline(Path(directory), merged[family], tag)
         summary["families"][family].setdefault("first_token_timeline_s", {})[tag] = timeline
+    for item in args.lone:
+        family, directory = item.split("=", 1)
+        share = lone_encoder_share(Path(directory))
+        if share:
+            summary["families"][family]["lone_encoder_share"] = share
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")
     for fam, s in summary["families"].items():

@@ -182,3 +182,35 @@ def test_the_first_token_timeline_shows_first_chunks_held_until_the_tokenizer_ma
     assert timeline["scheduled"] == pytest.approx([1.5, 2.5, 3.5])
     assert timeline["first_sent"][1] == pytest.approx(3.2)
     assert timeline["sent_after_tokenizer_done"] == 1.0
+
+
+def test_a_plugin_setting_on_top_of_sglang_flags_is_also_compared_with_plugin_off_under_those_flags():
+    res = result()
+    res["runs"].update({"seed0-on+x+defer": bench(3_000, 2000), "lone-on+x+defer": bench(150, 10)})
+    res["variants"]["on+x+defer"] = ["--flag"]
+    res["variant_changes"] = {"on+x+defer": {"config": {"sglang": {"defer_prefill_ms": 2000}}, "env": {}}}
+    lever = summarize.family_summary(res)["levers"]["on+x+defer"]
+    assert lever["vs_off+x"]["seed"]["median_ttft_ratio"] == pytest.approx(0.5)  # 3,000 against off+x's 6,000
+    assert lever["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.3)
+    assert lever["vs_off+x"]["lone"] is None  # off+x ran no lone request: nothing to pair with
+    plain = summarize._lever(res["runs"], "on+defer")
+    assert set(plain) == {"vs_off", "vs_on"}  # no SGLang flags under it: no third comparison
+
+
+def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(tmp_path):
+    res = {"family": "fam", "commit": "abc", "variants": {"off": [], "on": []},
+           "runs": {"lone-off": bench(200, 10, window=[100.0, 110.0]),
+                    "lone-on": bench(190, 10, window=[110.0, 120.0])}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    ttft = "sglang:time_to_first_token_seconds_"
+    _metrics(tmp_path / "metrics-lone-off.txt", {}, {f"{ttft}sum": 2.0, f"{ttft}count": 10})
+    _metrics(tmp_path / "metrics-lone-on.txt", {"mm_coalescer_batch_seconds_sum": 1.0},
+             {f"{ttft}sum": 1.9, f"{ttft}count": 10, "mm_coalescer_batch_seconds_sum": 1.5,
+              "mm_coalescer_forwards_total": 10})
+    share = summarize.lone_encoder_share(tmp_path)
+    assert share["commit"] == "abc"
+    assert share["ttft_off_s"] == pytest.approx(0.2) and share["encoder_s_per_request"] == pytest.approx(0.05)
+    assert share["free_encoder_ttft_ratio"] == pytest.approx(0.75)  # (0.2 - 0.05) / 0.2
+    assert share["encoder_cut_needed_for_0.90x"] == pytest.approx(0.4)  # 0.02 of the encoder's 0.05 s
+    (tmp_path / "metrics-lone-on.txt").unlink()
+    assert summarize.lone_encoder_share(tmp_path) is None  # no plugin server measured: no encoder time
