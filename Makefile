@@ -122,7 +122,8 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/gemma4_e4b-705d30c/results-gemma4_e4b.json $(RS)/qwen3_vl_8b-705d30c/results-qwen3_vl_8b.json \
 	$(RS)/qwen2_5_vl_7b-1756d96/results-qwen2_5_vl_7b.json $(RS)/gemma3_12b-1756d96/results-gemma3_12b.json \
 	$(RS)/qwen3_vl_8b-eea0358/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-47877ef/results-qwen3_vl_8b.json \
-	$(RS)/qwen3_vl_8b-43f5ffe/results-qwen3_vl_8b.json $(RS)/gemma4_e4b-43f5ffe/results-gemma4_e4b.json
+	$(RS)/qwen3_vl_8b-43f5ffe/results-qwen3_vl_8b.json $(RS)/gemma4_e4b-43f5ffe/results-gemma4_e4b.json \
+	$(RS)/gemma4_e4b-c704fd5/results-gemma4_e4b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tgz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tgz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tgz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tgz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=tgz@tag.
@@ -130,7 +131,7 @@ REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl
 	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tgz@seed3
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=tgz.
 REAL_SERVER_LONE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tgz \
-	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tgz
+	gemma4_e4b=$(RS)/gemma4_e4b-c704fd5/gpu-serve-gemma4_e4b.tgz
 real-server-summary: $(VENV)/.test-installed
 	rm -rf build/real_server_raw build/real_server_timeline build/real_server_lone
 	mkdir -p build/real_server_raw build/real_server_timeline build/real_server_lone
