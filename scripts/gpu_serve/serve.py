@@ -117,6 +117,10 @@ VARIANTS = {
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
+# The longest a measured run may take (Gemma3's seed run, the slowest so far, ~75 s a server). A server that takes
+# requests and never answers (Qwen3-VL-8B with --tokenizer-worker-num 4 --mm-feature-transport cuda_ipc, c704fd5)
+# held the load generator until the device command was killed, and every raw file of the command was lost.
+RUN_TIMEOUT_S = float(os.environ.get("GPU_SERVE_RUN_TIMEOUT_S", "150"))
 SEED_WORKLOAD = ["--dataset-name", "image", "--image-count", "6", "--image-resolution", "480x480",
                  "--random-input-len", "50", "--random-output-len", "10", "--random-range-ratio", "1.0"]
 POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-image-count",
@@ -364,9 +368,23 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
             "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
     t, started_at = time.monotonic(), time.time()
-    rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
+    hung = threading.Event()
+
+    def stop_hung_server() -> None:  # its requests then fail, and the load generator returns
+        hung.set()
+        server.stop()
+
+    watchdog = threading.Timer(RUN_TIMEOUT_S, stop_hung_server)
+    watchdog.start()
+    try:
+        rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
+    finally:
+        watchdog.cancel()
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
+    if hung.is_set():
+        raise RuntimeError(f"{tag}: no result after {RUN_TIMEOUT_S:.0f} s; server stopped "
+                           f"(server-{server.variant}.log)")
     if rc != 0 or not result_file.exists():
         raise RuntimeError(f"{tag}: load generator exit {rc}; see bench-{tag}.log")
     line = json.loads(result_file.read_text().strip().splitlines()[-1])

@@ -70,3 +70,41 @@ def test_more_servers_than_fit_the_gpu_are_refused_before_anything_starts(monkey
     with pytest.raises(SystemExit):
         serve.main()
     assert "at most 3 servers" in capsys.readouterr().err
+
+
+def test_a_server_that_never_answers_is_stopped_and_its_run_fails_instead_of_hanging_the_command(
+        monkeypatch, tmp_path):
+    """A Qwen3-VL server with SGLang's tokenizer workers took requests and never answered (c704fd5): the load
+    generator waited until the device command was killed and the command's raw files were lost."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    silent = ("import socket, time\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+              f"s.bind(('127.0.0.1', {port}))\ns.listen()\nheld = []\nwhile True:\n    held.append(s.accept())\n")
+    server = serve.Server("on+x", port, tmp_path / "server-on+x.log")
+    server.proc = subprocess.Popen([sys.executable, "-c", silent], start_new_session=True)
+    time.sleep(0.5)
+
+    class LoadGenerator:  # like SGLang's: waits for the server's reply; a closed connection fails the run
+        def run(self, argv, log_path):
+            try:
+                urllib.request.urlopen(f"{server.url}/v1/chat/completions", timeout=60)
+            except OSError:
+                return 1
+            return 0
+
+    monkeypatch.setattr(serve, "LOADGEN", LoadGenerator(), raising=False)
+    monkeypatch.setattr(serve, "RUN_TIMEOUT_S", 1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="no result after 1 s; server stopped"):
+            serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "seed0-on+x")
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None and time.monotonic() - started < 40
+    assert (tmp_path / "metrics-seed0-on+x.txt").exists()  # what was scraped is kept
