@@ -111,6 +111,9 @@ VARIANTS = {
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
     "on+queue4m": Variant(True, config={"max_queue_patches": 4_000_000}),
+    # What `mm-scheduler tune` proposed from Gemma 4's seed run (c704fd5): every forward filled > 90 % of the 2 GiB
+    # budget (3 of the 2,520-patch images), so twice the budget lets a batch of 6 run whole.
+    "on+budget4g": Variant(True, config={"budget_bytes": 4 * 1024**3}),
     # The plugin's own ViT CUDA graphs (Qwen towers): buckets a seed request (6 images, 5,400-6,936 patches) and
     # a coalesced burst fill; a batch is cut into runs by the buckets (vit_graphs.cut_into_runs).
     "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),

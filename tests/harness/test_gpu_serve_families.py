@@ -108,3 +108,18 @@ def test_a_server_that_never_answers_is_stopped_and_its_run_fails_instead_of_han
         server.stop()
     assert server.proc.poll() is not None and time.monotonic() - started < 40
     assert (tmp_path / "metrics-seed0-on+x.txt").exists()  # what was scraped is kept
+
+
+@pytest.mark.parametrize("variant", sorted(v for v in serve.VARIANTS if serve.VARIANTS[v].config))
+def test_each_plugin_setting_variant_is_a_config_the_plugin_accepts_for_every_family(variant, tmp_path):
+    """A misspelt setting would stop that server on the GPU, minutes into a device command; here it fails on CPU."""
+    from mm_scheduler_sglang.settings import check_config_file
+
+    for family, spec in serve.FAMILIES.items():
+        path = serve.merged_config(spec["config"], serve.VARIANTS[variant].config, tmp_path / f"{family}.yaml")
+        checked = check_config_file(str(path))
+        changes = dict(serve.VARIANTS[variant].config)
+        for key, value in changes.pop("sglang", {}).items():
+            assert checked["plugin"][key] == value
+        for key, value in changes.items():
+            assert checked["values"][key] == value
