@@ -124,20 +124,20 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/qwen3_vl_8b-eea0358/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-47877ef/results-qwen3_vl_8b.json \
 	$(RS)/qwen3_vl_8b-43f5ffe/results-qwen3_vl_8b.json $(RS)/gemma4_e4b-43f5ffe/results-gemma4_e4b.json \
 	$(RS)/gemma4_e4b-c704fd5/results-gemma4_e4b.json
-REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tgz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tgz \
-	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tgz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tgz
-# A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=tgz@tag.
-REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tgz@seed10 \
-	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tgz@seed3
-# A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=tgz.
-REAL_SERVER_LONE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tgz \
-	gemma4_e4b=$(RS)/gemma4_e4b-c704fd5/gpu-serve-gemma4_e4b.tgz
+REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
+	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
+# A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
+REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz@seed10 \
+	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tar.xz@seed3
+# A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
+REAL_SERVER_LONE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
+	gemma4_e4b=$(RS)/gemma4_e4b-c704fd5/gpu-serve-gemma4_e4b.tar.xz
 real-server-summary: $(VENV)/.test-installed
 	rm -rf build/real_server_raw build/real_server_timeline build/real_server_lone
 	mkdir -p build/real_server_raw build/real_server_timeline build/real_server_lone
-	for pair in $(REAL_SERVER_RAW); do tar -xzf $${pair#*=} -C build/real_server_raw; done
-	for item in $(REAL_SERVER_TIMELINE); do tgz=$${item#*=}; tar -xzf $${tgz%@*} -C build/real_server_timeline; done
-	for pair in $(REAL_SERVER_LONE); do tar -xzf $${pair#*=} -C build/real_server_lone; done
+	for pair in $(REAL_SERVER_RAW); do tar -xf $${pair#*=} -C build/real_server_raw; done
+	for item in $(REAL_SERVER_TIMELINE); do archive=$${item#*=}; tar -xf $${archive%@*} -C build/real_server_timeline; done
+	for pair in $(REAL_SERVER_LONE); do tar -xf $${pair#*=} -C build/real_server_lone; done
 	$(PY) scripts/gpu_serve/summarize.py $(REAL_SERVER_RUNS) --out benchmarks/results/real_server_summary.json \
 		$(foreach pair,$(REAL_SERVER_RAW),--raw $(firstword $(subst =, ,$(pair)))=build/real_server_raw/$(firstword $(subst =, ,$(pair)))) \
 		$(foreach item,$(REAL_SERVER_TIMELINE),--timeline $(firstword $(subst =, ,$(item)))=build/real_server_timeline/$(firstword $(subst =, ,$(item)))@$(lastword $(subst @, ,$(item)))) \

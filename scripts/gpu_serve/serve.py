@@ -9,7 +9,7 @@ flags apart from their variant's (same ``--max-total-tokens``, so the same KV po
 load at a time; the order alternates between repetitions, and each repetition has its own ``--seed``
 (the same requests for every server), so neither the radix cache nor the embedding cache sees an image
 twice. SGLang's load generator stays in one process (``loadgen.py``). Everything a run produced is packed
-into ``--out``/gpu-serve-<family>.tgz: ``bench-*.jsonl`` (SGLang's own result lines), ``metrics-*.txt``
+into ``--out``/gpu-serve-<family>.tar.xz: ``bench-*.jsonl`` (SGLang's own result lines), ``metrics-*.txt``
 (``/metrics`` before/after), ``requests-*`` (SGLang's per-request export), server logs, and
 ``results.json`` (also copied beside it: what ``summarize.py`` turns into ``real_server_summary.json``).
 
@@ -622,7 +622,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="qwen2_5_vl_7b", choices=sorted(FAMILIES))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serve-out")),
-                   help="gets results-<family>.json and gpu-serve-<family>.tgz (every raw file)")
+                   help="gets results-<family>.json and gpu-serve-<family>.tar.xz (every raw file)")
     p.add_argument("--prepared", type=Path, default=REPO / ".gpu-serve")
     p.add_argument("--workloads", default="correct,lone,seed,poisson")
     p.add_argument("--runs", type=int, default=3, help="seed-workload repetitions")
@@ -641,10 +641,10 @@ def main() -> None:
     out.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
     install(PREPARED)
-    jit = PREPARED / "jitcache.tgz"
+    jit = PREPARED / "jitcache.tar.xz"  # nvcc-built kernels of earlier runs (xz: 15 MB of .so files in ~1 MB)
     if jit.exists():
         Path("/tmp/jitcache").mkdir(exist_ok=True)
-        subprocess.run(["tar", "-xzf", str(jit), "-C", "/tmp/jitcache"], check=False)
+        subprocess.run(["tar", "-xf", str(jit), "-C", "/tmp/jitcache"], check=False)
     model = Path(f"/tmp/gpu-serve-model-{args.family}")
     if not (model / "config.json").exists():
         builder = os.environ.get("GPU_SERVE_BUILDER", str(HERE / "build_model.py"))
@@ -660,7 +660,7 @@ def main() -> None:
                             out, deadline, args.out)
     finally:
         LOADGEN.close()
-        subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent),
+        subprocess.run(["tar", "-cJf", str(args.out / f"gpu-serve-{args.family}.tar.xz"), "-C", str(out.parent),
                         out.name], check=False)  # the raw files, also of a run that failed
     result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                    capture_output=True, text=True).stdout.strip()
@@ -669,12 +669,12 @@ def main() -> None:
                                       capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))
     shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")  # final, with gpu/commit/sglang
-    subprocess.run(["tar", "-czf", str(args.out / f"gpu-serve-{args.family}.tgz"), "-C", str(out.parent), out.name],
+    subprocess.run(["tar", "-cJf", str(args.out / f"gpu-serve-{args.family}.tar.xz"), "-C", str(out.parent), out.name],
                    check=True)
     built = sorted(str(f.relative_to("/tmp/jitcache")) for f in Path("/tmp/jitcache").rglob("*.so"))
-    carried = subprocess.run(["tar", "-tzf", str(jit)], capture_output=True, text=True).stdout if jit.exists() else ""
+    carried = subprocess.run(["tar", "-tf", str(jit)], capture_output=True, text=True).stdout if jit.exists() else ""
     if set(built) - {line.removeprefix("./") for line in carried.split()}:  # carry it next time: no nvcc in runs
-        subprocess.run(f"cd /tmp/jitcache && find . -name '*.so' | tar -czf {args.out}/jitcache.tgz -T -",
+        subprocess.run(f"cd /tmp/jitcache && find . -name '*.so' | tar -cJf {args.out}/jitcache.tar.xz -T -",
                        shell=True, check=False)
     log(f"done: {args.out}/results-{args.family}.json")
 

@@ -391,11 +391,11 @@ def main() -> None:
     p.add_argument("results", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/real_server_summary.json"))
     p.add_argument("--raw", action="append", default=[], metavar="FAMILY=DIR",
-                   help="a family's unpacked gpu-serve-<family>.tgz, for the time breakdown")
+                   help="a family's unpacked gpu-serve-<family>.tar.xz, for the time breakdown")
     p.add_argument("--timeline", action="append", default=[], metavar="FAMILY=DIR@TAG",
-                   help="an unpacked gpu-serve-<family>.tgz and a seed run in it: first_token_timeline")
+                   help="an unpacked gpu-serve-<family>.tar.xz and a seed run in it: first_token_timeline")
     p.add_argument("--lone", action="append", default=[], metavar="FAMILY=DIR",
-                   help="an unpacked gpu-serve-<family>.tgz with a lone run: lone_encoder_share")
+                   help="an unpacked gpu-serve-<family>.tar.xz with a lone run: lone_encoder_share")
     args = p.parse_args()
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
