@@ -128,7 +128,58 @@ def _lever(runs: dict, variant: str) -> dict:
     return out
 
 
-def family_summary(result: dict, raw: Path | None = None) -> dict:
+VERDICT_TOLERANCE = 0.05  # a ratio within 5 % of 1 is even: one lone or Poisson run moves that much between runs
+
+
+def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
+    """A plugin setting against plain on, in every harness run that served both: what it makes better, worse, or
+    leaves within ``VERDICT_TOLERANCE``. Each run's own pairs, so a workload measured again in a later run (which
+    replaces the earlier pairs in the merged results) does not hide the earlier comparison. Issue 17's rule: a
+    setting becomes the default only when it wins everywhere it was measured (``wins_everywhere_measured``)."""
+    checks: list[tuple[str, float, bool]] = []  # (what, on+X / on, lower is better)
+    for result in harness_runs:
+        runs, commit = result["runs"], result.get("commit", "")
+        if variant not in result.get("variants", {}) or "on" not in result.get("variants", {}):
+            continue
+        seed = seed_summary(runs, "on", variant)
+        if seed:
+            checks += [(f"seed TTFT median, {seed['runs']} rep. ({commit})", seed["median_ttft_ratio"], True),
+                       (f"seed throughput ({commit})", seed["throughput_ratio"], False)]
+        lone = lone_summary(runs, "on", variant)
+        if lone:
+            checks.append((f"lone TTFT ({commit})", lone["ttft_ratio"], True))
+        for load, ratios in poisson_summary(runs, None, "on", variant).items():
+            checks += [(f"Poisson {load} TTFT p50 ({commit})", ratios["ttft_p50_ratio"], True),
+                       (f"Poisson {load} ITL p99 ({commit})", ratios["itl_p99_ratio"], True),
+                       (f"Poisson {load} tok/s ({commit})", ratios["tok_s_ratio"], False)]
+    if not checks:
+        return None
+    verdict: dict = {"better": {}, "worse": {}, "even": {}}
+    for what, ratio, lower_is_better in checks:
+        gain = 1 - ratio if lower_is_better else ratio - 1
+        side = "better" if gain > VERDICT_TOLERANCE else "worse" if gain < -VERDICT_TOLERANCE else "even"
+        verdict[side][what] = ratio
+    verdict["wins_everywhere_measured"] = bool(verdict["better"]) and not verdict["worse"]
+    return verdict
+
+
+def default_candidates(families: dict) -> dict:
+    """Issue 17's default rule across families: per plugin setting, whether it won everywhere it was measured in
+    each family (:func:`lever_verdict`), and in all of them."""
+    out: dict = {}
+    for family, fam in families.items():
+        for variant, lever in fam.get("levers", {}).items():
+            if "verdict_vs_on" in lever:
+                out.setdefault(variant, {"families": {}})["families"][family] = \
+                    lever["verdict_vs_on"]["wins_everywhere_measured"]
+    for entry in out.values():
+        entry["wins_everywhere_measured"] = all(entry["families"].values())
+    return out
+
+
+def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dict] | None = None) -> dict:
+    """One family's ratios from its merged runs; ``harness_runs`` (the runs before merging) adds each plugin
+    setting's verdict against plain on (:func:`lever_verdict`)."""
     runs = result["runs"]
     fam: dict = {"commit": result.get("commit", "")}
     if len(result.get("sources", [])) > 1:
@@ -162,7 +213,10 @@ def family_summary(result: dict, raw: Path | None = None) -> dict:
         if len(commits) > 1:
             lever["by_commit"] = {c: _lever({t: r for t, r in runs.items() if r.get("commit", "") == c}, variant)
                                   for c in commits}
-        if any(v for side in ("vs_off", "vs_on") for v in lever.get(side, {}).values()):  # measured at all
+        verdict = lever_verdict(harness_runs, variant) if harness_runs and variant.startswith("on+") else None
+        if verdict:
+            lever["verdict_vs_on"] = verdict
+        if verdict or any(v for side in ("vs_off", "vs_on") for v in lever.get(side, {}).values()):  # measured
             fam.setdefault("levers", {})[variant] = lever
     # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), and the flags alone ("off+X" vs "off").
     for variant, flags in result.get("variants", {}).items():
@@ -406,7 +460,9 @@ def main() -> None:
     summary = {"sglang": newest.get("sglang", ""), "gpu": newest.get("gpu", ""), "commit": newest.get("commit", ""),
                "families": {}}
     for family, result in merged.items():
-        summary["families"][family] = family_summary(result, Path(raw[family]) if family in raw else None)
+        summary["families"][family] = family_summary(result, Path(raw[family]) if family in raw else None,
+                                                     by_family[family])
+    summary["plugin_settings_vs_on"] = default_candidates(summary["families"])
     for item in args.timeline:
         family, where = item.split("=", 1)
         directory, tag = where.rsplit("@", 1)

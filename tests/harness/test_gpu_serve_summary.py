@@ -214,3 +214,32 @@ def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(t
     assert share["encoder_cut_needed_for_0.90x"] == pytest.approx(0.4)  # 0.02 of the encoder's 0.05 s
     (tmp_path / "metrics-lone-on.txt").unlink()
     assert summarize.lone_encoder_share(tmp_path) is None  # no plugin server measured: no encoder time
+
+
+def test_a_plugin_setting_is_judged_against_on_in_each_harness_run_even_after_a_later_run_replaced_its_pairs():
+    first = result()
+    first.update(commit="a")
+    first["variants"]["on+defer"] = []
+    first["variant_changes"] = {"on+defer": {"config": {"sglang": {"defer_prefill_ms": 2000}}, "env": {}}}
+    first["runs"].update({"seed0-on+defer": bench(7_200, 1500), "seed1-on+defer": bench(8_100, 1320),
+                          "lone-on+defer": bench(198, 10), "poisson0.5-on+defer": bench(300, 520)})
+    later = {"family": "fam", "commit": "b", "variants": {"off": [], "on": []},
+             "runs": {"poisson0.5-off": bench(300, 500), "poisson0.5-on": bench(290, 500)}}
+    merged = summarize.merge_runs([first, later])
+    assert "poisson0.5-on+defer" not in merged["runs"]  # replaced with the rest of the first run's Poisson pairs
+    fam = summarize.family_summary(merged, harness_runs=[first, later])
+    verdict = fam["levers"]["on+defer"]["verdict_vs_on"]
+    assert verdict["better"] == {"seed TTFT median, 2 rep. (a)": 0.9, "seed throughput (a)": 1.2}
+    assert verdict["worse"] == {"Poisson 0.5 TTFT p50 (a)": 1.25}  # 300 against the first run's 240, not 290
+    assert verdict["even"]["lone TTFT (a)"] == pytest.approx(0.99)  # within the 5 % tolerance
+    assert verdict["wins_everywhere_measured"] is False
+    assert "verdict_vs_on" not in summarize.family_summary(merged)["levers"]["on+defer"]  # needs the runs
+
+
+def test_a_plugin_setting_is_a_default_candidate_only_when_it_wins_everywhere_in_every_family():
+    def fam(**wins):
+        return {"levers": {v: {"verdict_vs_on": {"wins_everywhere_measured": w}} for v, w in wins.items()}}
+
+    candidates = summarize.default_candidates({"a": fam(x=True, y=True), "b": fam(x=False), "c": {}})
+    assert candidates == {"x": {"families": {"a": True, "b": False}, "wins_everywhere_measured": False},
+                          "y": {"families": {"a": True}, "wins_everywhere_measured": True}}
