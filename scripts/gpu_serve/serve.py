@@ -120,10 +120,19 @@ VARIANTS = {
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
-# The longest a measured run may take (Gemma3's seed run, the slowest so far, ~75 s a server). A server that takes
-# requests and never answers (Qwen3-VL-8B with --tokenizer-worker-num 4 --mm-feature-transport cuda_ipc, c704fd5)
-# held the load generator until the device command was killed, and every raw file of the command was lost.
+# The longest a measured run may take beyond its arrivals (Gemma3's seed burst, the slowest so far, ~70 s a server).
+# A server that takes requests and never answers (Qwen3-VL-8B with --tokenizer-worker-num 4 --mm-feature-transport
+# cuda_ipc, c704fd5) held the load generator until the device command was killed, and every raw file was lost.
 RUN_TIMEOUT_S = float(os.environ.get("GPU_SERVE_RUN_TIMEOUT_S", "150"))
+
+
+def run_timeout(workload: list[str]) -> float:
+    """RUN_TIMEOUT_S, plus the time a paced run spends arriving (``--num-prompts`` over ``--request-rate``)."""
+    def value(flag: str, default: str) -> str:  # the workloads also hold flags without a value
+        return workload[workload.index(flag) + 1] if flag in workload else default
+
+    rate = float(value("--request-rate", "inf"))
+    return RUN_TIMEOUT_S + (int(value("--num-prompts", "0")) / rate if rate != float("inf") else 0.0)
 SEED_WORKLOAD = ["--dataset-name", "image", "--image-count", "6", "--image-resolution", "480x480",
                  "--random-input-len", "50", "--random-output-len", "10", "--random-range-ratio", "1.0"]
 POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-image-count",
@@ -265,11 +274,14 @@ class Server:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
-            self.proc.wait(timeout=25)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        except ProcessLookupError:  # the group is already gone
             self.proc.wait()
 
     def metrics(self) -> str:
@@ -377,16 +389,18 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
         hung.set()
         server.stop()
 
-    watchdog = threading.Timer(RUN_TIMEOUT_S, stop_hung_server)
+    limit = run_timeout(workload)
+    watchdog = threading.Timer(limit, stop_hung_server)
     watchdog.start()
     try:
         rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
     finally:
         watchdog.cancel()
+        watchdog.join()  # a stop already under way finishes before anyone else stops this server
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
     if hung.is_set():
-        raise RuntimeError(f"{tag}: no result after {RUN_TIMEOUT_S:.0f} s; server stopped "
+        raise RuntimeError(f"{tag}: no result after {limit:.0f} s; server stopped "
                            f"(server-{server.variant}.log)")
     if rc != 0 or not result_file.exists():
         raise RuntimeError(f"{tag}: load generator exit {rc}; see bench-{tag}.log")

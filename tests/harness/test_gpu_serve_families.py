@@ -88,7 +88,12 @@ def test_a_server_that_never_answers_is_stopped_and_its_run_fails_instead_of_han
               f"s.bind(('127.0.0.1', {port}))\ns.listen()\nheld = []\nwhile True:\n    held.append(s.accept())\n")
     server = serve.Server("on+x", port, tmp_path / "server-on+x.log")
     server.proc = subprocess.Popen([sys.executable, "-c", silent], start_new_session=True)
-    time.sleep(0.5)
+    for _ in range(200):  # until it listens
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
 
     class LoadGenerator:  # like SGLang's: waits for the server's reply; a closed connection fails the run
         def run(self, argv, log_path):
@@ -123,3 +128,10 @@ def test_each_plugin_setting_variant_is_a_config_the_plugin_accepts_for_every_fa
             assert checked["plugin"][key] == value
         for key, value in changes.items():
             assert checked["values"][key] == value
+
+
+
+def test_a_paced_run_gets_its_arrival_time_on_top_of_the_run_timeout(monkeypatch):
+    monkeypatch.setattr(serve, "RUN_TIMEOUT_S", 150.0)
+    assert serve.run_timeout(["--num-prompts", "100", "--request-rate", "inf"]) == 150.0  # a burst
+    assert serve.run_timeout([*serve.POISSON_WORKLOAD, "--num-prompts", "30", "--request-rate", "0.5"]) == 210.0

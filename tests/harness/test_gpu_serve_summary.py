@@ -212,8 +212,11 @@ def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(t
     assert share["ttft_off_s"] == pytest.approx(0.2) and share["encoder_s_per_request"] == pytest.approx(0.05)
     assert share["free_encoder_ttft_ratio"] == pytest.approx(0.75)  # (0.2 - 0.05) / 0.2
     assert share["encoder_cut_needed_for_0.90x"] == pytest.approx(0.4)  # 0.02 of the encoder's 0.05 s
+    _metrics(tmp_path / "metrics-lone-on.txt", {}, {f"{ttft}sum": 1.9, f"{ttft}count": 10,
+                                                    "mm_coalescer_forwards_total": 0})
+    assert summarize.lone_encoder_share(tmp_path) is None  # no forward: no encoder time to divide by
     (tmp_path / "metrics-lone-on.txt").unlink()
-    assert summarize.lone_encoder_share(tmp_path) is None  # no plugin server measured: no encoder time
+    assert summarize.lone_encoder_share(tmp_path) is None  # no plugin server measured
 
 
 def test_a_plugin_setting_is_judged_against_on_in_each_harness_run_even_after_a_later_run_replaced_its_pairs():
@@ -243,3 +246,23 @@ def test_a_plugin_setting_is_a_default_candidate_only_when_it_wins_everywhere_in
     candidates = summarize.default_candidates({"a": fam(x=True, y=True), "b": fam(x=False), "c": {}})
     assert candidates == {"x": {"families": {"a": True, "b": False}, "wins_everywhere_measured": False},
                           "y": {"families": {"a": True}, "wins_everywhere_measured": True}}
+
+
+def test_a_setting_on_sglang_flags_is_judged_against_plugin_on_with_those_flags_and_a_crash_counts_against_it():
+    run = {"family": "fam", "commit": "c",
+           "variants": {"off": [], "on": [], "on+x": ["--flag"], "on+x+defer": ["--flag"], "on+crash": []},
+           "variant_changes": {"off": {"config": {}, "env": {}}, "on": {"config": {}, "env": {}},
+                               "on+x": {"config": {}, "env": {}},
+                               "on+x+defer": {"config": {"sglang": {"defer_prefill_ms": 2000}}, "env": {}},
+                               "on+crash": {"config": {"sglang": {"preprocess_thread": True}}, "env": {}}},
+           "runs": {"seed0-on": bench(8_000, 1000), "seed0-on+x": bench(5_000, 1500),
+                    "seed0-on+x+defer": bench(4_000, 1500), "lone-on": bench(200, 10), "lone-on+crash": bench(182, 10),
+                    "seed0-on+crash": bench(7_000, 1200)},
+           "failed_runs": {"seed1-on+crash": "scheduler aborted"}}
+    flags = summarize.lever_verdict([run], "on+x+defer")
+    assert flags["better"] == {"seed TTFT median, 1 rep. vs on+x (c)": 0.8}  # 4,000 / on+x's 5,000, not on's 8,000
+    assert flags["even"] == {"seed throughput vs on+x (c)": 1.0}
+    crash = summarize.lever_verdict([run], "on+crash")
+    assert crash["failed"] == ["seed1-on+crash (c)"] and crash["better"]["seed TTFT median, 1 rep. (c)"] == 0.875
+    assert crash["even"] == {"lone TTFT (c)": 0.91}  # a lone run of 8 requests moves 10 %
+    assert crash["wins_everywhere_measured"] is False  # better where it ran, but it crashed once
