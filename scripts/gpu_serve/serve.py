@@ -140,8 +140,15 @@ POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-i
                     "--random-output-len", "128", "--random-range-ratio", "1.0"]
 
 
+LOG_COPY: Path | None = None  # --out/serve.log: returned with the other files even when the command is killed
+
+
 def log(msg: str) -> None:
-    print(f"[gpu-serve +{time.monotonic() - T0:5.0f}s] {msg}", flush=True)
+    line = f"[gpu-serve +{time.monotonic() - T0:5.0f}s] {msg}"
+    print(line, flush=True)
+    if LOG_COPY is not None:
+        with LOG_COPY.open("a") as f:
+            f.write(line + "\n")
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0) -> tuple[int, str]:
@@ -158,6 +165,9 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0)
 
 # --- installation (idempotent on a warm machine) ---------------------------------------------------------
 def install(prepared: Path) -> None:
+    pack = REPO / ".gpu-serve-pack" / "sk.txz"  # sglang-kernel packed with xz to fit the device tool's carry
+    if not (prepared / "sk").exists() and pack.exists():
+        subprocess.run(["tar", "-xJf", str(pack), "-C", str(prepared)], check=True)
     wheels = sorted((prepared / "whl").glob("*.whl"))
     if not wheels:
         sys.exit(f"no wheels in {prepared}/whl: run scripts/gpu_serve/prepare.sh on a networked machine first")
@@ -632,7 +642,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
 
 
 def main() -> None:
-    global PREPARED, LOADGEN
+    global PREPARED, LOADGEN, LOG_COPY
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--family", default="qwen2_5_vl_7b", choices=sorted(FAMILIES))
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serve-out")),
@@ -654,6 +664,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    LOG_COPY = args.out / "serve.log"
     install(PREPARED)
     jit = PREPARED / "jitcache.tar.xz"  # nvcc-built kernels of earlier runs (xz: 15 MB of .so files in ~1 MB)
     if jit.exists():

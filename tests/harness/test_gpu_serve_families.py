@@ -135,3 +135,13 @@ def test_a_paced_run_gets_its_arrival_time_on_top_of_the_run_timeout(monkeypatch
     monkeypatch.setattr(serve, "RUN_TIMEOUT_S", 150.0)
     assert serve.run_timeout(["--num-prompts", "100", "--request-rate", "inf"]) == 150.0  # a burst
     assert serve.run_timeout([*serve.POISSON_WORKLOAD, "--num-prompts", "30", "--request-rate", "0.5"]) == 210.0
+
+
+def test_the_progress_log_is_also_written_into_the_returned_folder(monkeypatch, tmp_path, capsys):
+    """A device command killed at its limit returns only what is under --out: the log must be there too."""
+    monkeypatch.setattr(serve, "LOG_COPY", tmp_path / "serve.log")
+    serve.log("seed0-on: 100 done")
+    serve.log("done")
+    lines = (tmp_path / "serve.log").read_text().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == ["seed0-on: 100 done", "done"]
+    assert capsys.readouterr().out.count("[gpu-serve +") == 2
