@@ -678,15 +678,17 @@ def main() -> None:
     log(f"model {model} ready; GPU: " + subprocess.run(
         ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
         capture_output=True, text=True).stdout.strip())
+    archive = ["tar", "-cJf", str(args.out / f"gpu-serve-{args.family}.tar.xz"), "-C", str(out.parent), out.name]
     LOADGEN = LoadGenerator()
     try:
         result = run_family(args.family, model, args.workloads.split(","), args.variants.split(","),
                             range(args.first_run, args.first_run + args.runs),
                             out, deadline, args.out)
+    except BaseException:
+        subprocess.run(archive, check=False)  # the raw files of a run that failed
+        raise
     finally:
         LOADGEN.close()
-        subprocess.run(["tar", "-cJf", str(args.out / f"gpu-serve-{args.family}.tar.xz"), "-C", str(out.parent),
-                        out.name], check=False)  # the raw files, also of a run that failed
     result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                    capture_output=True, text=True).stdout.strip()
     result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
@@ -694,8 +696,7 @@ def main() -> None:
                                       capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))
     shutil.copy(out / "results.json", args.out / f"results-{args.family}.json")  # final, with gpu/commit/sglang
-    subprocess.run(["tar", "-cJf", str(args.out / f"gpu-serve-{args.family}.tar.xz"), "-C", str(out.parent), out.name],
-                   check=True)
+    subprocess.run(archive, check=True)  # once, with results.json: xz takes seconds of device time
     built = sorted(str(f.relative_to("/tmp/jitcache")) for f in Path("/tmp/jitcache").rglob("*.so"))
     carried = subprocess.run(["tar", "-tf", str(jit)], capture_output=True, text=True).stdout if jit.exists() else ""
     if set(built) - {line.removeprefix("./") for line in carried.split()}:  # carry it next time: no nvcc in runs
