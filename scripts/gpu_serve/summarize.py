@@ -111,20 +111,22 @@ def merge_runs(results: list[dict]) -> dict:
     return merged
 
 
+def _compare(runs: dict, base: str, variant: str) -> dict:
+    """``variant`` against ``base`` on every workload both served (None where they did not)."""
+    return {"seed": seed_summary(runs, base, variant), "lone": lone_summary(runs, base, variant),
+            "poisson": poisson_summary(runs, None, base, variant) or None}
+
+
 def _lever(runs: dict, variant: str) -> dict:
     """A lever against plain off and, for a plugin setting (``on+X``), against plain on. A plugin setting on top
     of SGLang flags (``on+F+X``) is also compared with plugin-off under the same flags (``off+F``), when that
     server ran: the plugin's part alone."""
-    def against(base: str) -> dict:
-        return {"seed": seed_summary(runs, base, variant), "lone": lone_summary(runs, base, variant),
-                "poisson": poisson_summary(runs, None, base, variant) or None}
-
-    out = {"vs_off": against("off")}
+    out = {"vs_off": _compare(runs, "off", variant)}
     if variant.startswith("on+"):
-        out["vs_on"] = against("on")
+        out["vs_on"] = _compare(runs, "on", variant)
         twin = "off+" + variant.split("+")[1]
         if variant.count("+") > 1 and any(tag.endswith(f"-{twin}") for tag in runs):
-            out[f"vs_{twin}"] = against(twin)
+            out[f"vs_{twin}"] = _compare(runs, twin, variant)
     return out
 
 
@@ -164,15 +166,14 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
         failed += [f"{tag} ({commit})" for tag in result.get("failed_runs", {}) if tag.endswith(f"-{variant}")]
         if variant in result.get("failed_to_start", {}):
             failed.append(f"start ({commit})")
-        seed = seed_summary(runs, base, variant)
+        seed, lone, poisson = _compare(runs, base, variant).values()
         if seed:
             checks += [(f"seed TTFT median, {seed['runs']} rep.{against} ({commit})", seed["median_ttft_ratio"],
                         True, VERDICT_TOLERANCE),
                        (f"seed throughput{against} ({commit})", seed["throughput_ratio"], False, VERDICT_TOLERANCE)]
-        lone = lone_summary(runs, base, variant)
         if lone:
             checks.append((f"lone TTFT{against} ({commit})", lone["ttft_ratio"], True, LONE_TOLERANCE))
-        for load, ratios in poisson_summary(runs, None, base, variant).items():
+        for load, ratios in (poisson or {}).items():
             checks += [(f"Poisson {load} TTFT p50{against} ({commit})", ratios["ttft_p50_ratio"], True,
                         VERDICT_TOLERANCE),
                        (f"Poisson {load} ITL p99{against} ({commit})", ratios["itl_p99_ratio"], True,
