@@ -26,6 +26,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -122,8 +123,10 @@ VARIANTS = {
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
 # The longest a measured run may take beyond its arrivals (Gemma3's seed burst, the slowest so far, ~70 s a server).
 # A server that takes requests and never answers (Qwen3-VL-8B with --tokenizer-worker-num 4 --mm-feature-transport
-# cuda_ipc, c704fd5) held the load generator until the device command was killed, and every raw file was lost.
+# cuda_ipc, c704fd5: its scheduler had died, e12f02a's log showed) held the load generator until the device command
+# was killed, and every raw file was lost.
 RUN_TIMEOUT_S = float(os.environ.get("GPU_SERVE_RUN_TIMEOUT_S", "150"))
+WATCH_INTERVAL_S = 2.0  # how often a measured run checks its server log for a dead scheduler
 
 
 def run_timeout(workload: list[str]) -> float:
@@ -133,6 +136,33 @@ def run_timeout(workload: list[str]) -> float:
 
     rate = float(value("--request-rate", "inf"))
     return RUN_TIMEOUT_S + (int(value("--num-prompts", "0")) / rate if rate != float("inf") else 0.0)
+
+
+def scheduler_failure(log_text: str) -> str | None:
+    """The exception that ended SGLang's scheduler, from its server log: the last line of the last
+    "Scheduler hit an exception" traceback, or a fatal error line. The HTTP server outlives a dead scheduler
+    (0.5.16: its requests then never finish), so the log is where a hang's cause is."""
+    fatal = None
+    if "Scheduler hit an exception" in log_text:
+        block = log_text.rsplit("Scheduler hit an exception", 1)[1].splitlines()
+        lines = [ln.strip() for ln in block[1:] if ln.strip()]
+        fatal = next((ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))
+                      and re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)), None)
+    if fatal is None:
+        fatal = next((ln.strip() for ln in reversed(log_text.splitlines()) if "Fatal Python error" in ln), None)
+    return fatal
+
+
+def read_from(path: Path, offset: int) -> str:
+    """A log's text from byte ``offset`` on ("" while it does not exist)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
 SEED_WORKLOAD = ["--dataset-name", "image", "--image-count", "6", "--image-resolution", "480x480",
                  "--random-input-len", "50", "--random-output-len", "10", "--random-range-ratio", "1.0"]
 POISSON_WORKLOAD = ["--dataset-name", "image", "--image-count", "2", "--random-image-count",
@@ -393,25 +423,32 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
             "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
     t, started_at = time.monotonic(), time.time()
-    hung = threading.Event()
+    limit, done, stopped = run_timeout(workload), threading.Event(), []
+    log_start = server.log_path.stat().st_size if server.log_path.exists() else 0
 
-    def stop_hung_server() -> None:  # its requests then fail, and the load generator returns
-        hung.set()
-        server.stop()
+    def watch() -> None:
+        """Stop a server that gives no result within ``limit``, or whose scheduler died during this run
+        (found within a few seconds, not after the limit); its requests then fail and the load generator
+        returns."""
+        deadline = time.monotonic() + limit
+        while not done.wait(WATCH_INTERVAL_S):
+            died = scheduler_failure(read_from(server.log_path, log_start))
+            if died or time.monotonic() > deadline:
+                stopped.append(f"scheduler died: {died}" if died else f"no result after {limit:.0f} s")
+                server.stop()
+                return
 
-    limit = run_timeout(workload)
-    watchdog = threading.Timer(limit, stop_hung_server)
+    watchdog = threading.Thread(target=watch, daemon=True)
     watchdog.start()
     try:
         rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
     finally:
-        watchdog.cancel()
+        done.set()
         watchdog.join()  # a stop already under way finishes before anyone else stops this server
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
-    if hung.is_set():
-        raise RuntimeError(f"{tag}: no result after {limit:.0f} s; server stopped "
-                           f"(server-{server.variant}.log)")
+    if stopped:
+        raise RuntimeError(f"{tag}: {stopped[0]}; server stopped (server-{server.variant}.log)")
     if rc != 0 or not result_file.exists():
         raise RuntimeError(f"{tag}: load generator exit {rc}; see bench-{tag}.log")
     line = json.loads(result_file.read_text().strip().splitlines()[-1])

@@ -81,31 +81,40 @@ MEASURED_TAG = re.compile(r"^(seed\d+|lone|poisson[\d.]+)-")  # warm-ups and the
 def merge_runs(results: list[dict]) -> dict:
     """One family's harness runs (oldest first) as one result, so measurements accumulate across device
     sessions. Every compared pair still comes from one run, side by side: a later run adds seed repetitions
-    (``serve.py --first-run``: new requests), workloads or variants, and a workload it measures again (the
-    lone request, one Poisson load) replaces that workload's runs of every server of the earlier run, listed
-    under ``replaced``; its correctness check and capacity replace the earlier ones. A seed repetition that two
-    harness runs both claim is refused: it would be the same requests counted twice."""
+    (``serve.py --first-run``: new requests), workloads or variants. A workload it measures again (the lone
+    request, one Poisson load) replaces that workload's runs of every server of the earlier run, listed under
+    ``replaced``, when the later run measured it on plain off and plain on; otherwise the later run's runs of
+    that workload stay out of the merge (``kept_apart``: a lever-only run must not erase the family's off/on
+    pair) and are reported per harness run (``levers.<variant>.by_run``). Its correctness check and capacity
+    replace the earlier ones. A seed repetition that two harness runs both claim is refused: it would be the
+    same requests counted twice."""
     merged: dict = {"family": results[0]["family"], "variants": {}, "variant_changes": {}, "runs": {},
                     "sources": []}
     for result in results:
         measured = sorted(t for t in result["runs"] if MEASURED_TAG.match(t))
         workloads = {t.split("-", 1)[0] for t in measured}
-        again = sorted(t for t in merged["runs"] if MEASURED_TAG.match(t) and t.split("-", 1)[0] in workloads)
-        if any(t.startswith("seed") for t in again):
-            raise SystemExit(f"summarize: {result['family']}: seed runs {again} appear in two harness runs "
+        overlap = workloads & {t.split("-", 1)[0] for t in merged["runs"] if MEASURED_TAG.match(t)}
+        twice = [t for t in measured if t.startswith("seed") and t.split("-", 1)[0] in overlap]
+        if twice:
+            raise SystemExit(f"summarize: {result['family']}: seed runs {twice} appear in two harness runs "
                              "(give the later one new repetitions with serve.py --first-run)")
+        paired = {w for w in overlap if f"{w}-off" in result["runs"] and f"{w}-on" in result["runs"]}
+        again = sorted(t for t in merged["runs"] if MEASURED_TAG.match(t) and t.split("-", 1)[0] in paired)
+        apart = sorted(t for t in measured if t.split("-", 1)[0] in overlap - paired)
         for tag in again:
             del merged["runs"][tag]
         commit = result.get("commit", "")
-        merged["runs"].update({t: {**run, "commit": commit} for t, run in result["runs"].items()})
+        merged["runs"].update({t: {**run, "commit": commit} for t, run in result["runs"].items() if t not in apart})
         merged["variants"].update(result.get("variants", {}))
         merged["variant_changes"].update(result.get("variant_changes", {}))
         for key in ("correctness", "capacity_req_s", "gpu", "sglang"):
             if result.get(key) is not None:
                 merged[key] = result[key]
-        source = {"commit": commit, "runs": measured}
+        source = {"commit": commit, "runs": [t for t in measured if t not in apart]}
         if again:
             source["replaced"] = again
+        if apart:
+            source["kept_apart"] = apart
         merged["sources"].append(source)
     merged["commit"] = ",".join(dict.fromkeys(src["commit"] for src in merged["sources"]))
     return merged
@@ -232,25 +241,27 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
                                    "servers": correct.get("servers", ["off", "on"]),
                                    "video_requests": correct.get("video_requests", 0),
                                    "video_identical": correct.get("video_identical", 0)}
-    # A lever ("off+X" without "on+X": SGLang's own; "on+X": a plugin setting) against plain off, and for a
-    # plugin setting against plain on, from the same harness run.
+    # A lever ("off+X" without "on+X": SGLang's own; "on+X": a plugin setting, or the plugin on SGLang flags)
+    # against plain off, and for "on+X" against plain on, from the same harness run.
     for variant, changes in result.get("variant_changes", {}).items():
-        if variant in ("off", "on") or ("+" in variant and f"on+{variant.split('+', 1)[1]}" in result["variants"]
-                                         and f"off+{variant.split('+', 1)[1]}" in result["variants"]):
+        if variant in ("off", "on") or (variant.startswith("off+") and f"on+{variant[4:]}" in result["variants"]):
             continue
         lever = {"changes": {**changes, "flags": result["variants"].get(variant, [])}, **_lever(runs, variant)}
-        # The same variant name measured at several commits may be different code (a fix between runs): each
-        # commit's own comparison too, so a pooled ratio never stands alone.
-        commits = list(dict.fromkeys(r.get("commit", "") for t, r in runs.items() if t.endswith(f"-{variant}")))
-        if len(commits) > 1:
-            lever["by_commit"] = {c: _lever({t: r for t, r in runs.items() if r.get("commit", "") == c}, variant)
-                                  for c in commits}
+        # Each harness run's own comparisons too: the same variant at several commits may be different code (a
+        # fix between runs), and a run kept apart from the merge (merge_runs) is only seen here.
+        by_run = [{"commit": run.get("commit", ""), **_lever(run["runs"], variant)} for run in harness_runs or []
+                  if any(t.endswith(f"-{variant}") for t in run["runs"])]
+        if len(by_run) > 1 or any(t.endswith(f"-{variant}") for src in result.get("sources", [])
+                                  for t in src.get("kept_apart", [])):
+            lever["by_run"] = by_run
         verdict = lever_verdict(harness_runs, variant) if harness_runs and variant.startswith("on+") else None
         if verdict:
             lever["verdict_vs_on"] = verdict
-        if verdict or any(v for side in ("vs_off", "vs_on") for v in lever.get(side, {}).values()):  # measured
+        compared = [lever, *lever.get("by_run", [])]
+        if verdict or any(v for c in compared for side in ("vs_off", "vs_on") for v in c.get(side, {}).values()):
             fam.setdefault("levers", {})[variant] = lever
-    # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), and the flags alone ("off+X" vs "off").
+    # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), the flags alone ("off+X" vs "off"),
+    # and the runs in which either server failed (a crashed or hung server: its cause from serve.py).
     for variant, flags in result.get("variants", {}).items():
         if not variant.startswith("off+") or f"on+{variant[4:]}" not in result["variants"]:
             continue
@@ -258,6 +269,10 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
         pair = {"flags": flags, "seed": seed_summary(runs, variant, on), "lone": lone_summary(runs, variant, on),
                 "sglang_flags_alone": {"seed": seed_summary(runs, "off", variant),
                                        "lone": lone_summary(runs, "off", variant)}}
+        failed = {f"{tag} ({run.get('commit', '')})": cause for run in harness_runs or []
+                  for tag, cause in run.get("failed_runs", {}).items() if tag.endswith((f"-{variant}", f"-{on}"))}
+        if failed:
+            pair["failed"] = failed
         fam.setdefault("with_sglang_flags", {})[variant[4:]] = pair
     breakdown = stage_breakdown(raw, result) if raw is not None else None
     if breakdown:

@@ -115,6 +115,63 @@ def test_a_server_that_never_answers_is_stopped_and_its_run_fails_instead_of_han
     assert (tmp_path / "metrics-seed0-on+x.txt").exists()  # what was scraped is kept
 
 
+# The end of a real server log (sglang 0.5.16, Qwen3-VL-8B, --tokenizer-worker-num 4 --mm-feature-transport cuda_ipc,
+# e12f02a): the scheduler died in its first warm-up burst while the HTTP server went on answering /metrics.
+DEAD_SCHEDULER_LOG = """\
+[2026-12-03 08:18:05] Prefill batch, #new-seq: 2, #new-token: 3044, #cached-token: 14, token usage: 0.09
+[2026-12-03 08:18:06] Scheduler hit an exception: Traceback (most recent call last):
+  File "/tmp/gpu-serve-site/sglang/srt/managers/mm_utils.py", line 646, in _batch_encode_per_image_misses
+    all_miss_embedding = data_embedding_func(miss_items)
+                         ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+  File "/tmp/gpu-serve-site/sglang/srt/models/qwen3_vl.py", line 1334, in get_image_feature
+    pixel_values = torch.cat([item.feature for item in items], dim=0).type(
+                   ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+RuntimeError: Expected all tensors to be on the same device, but got tensors is on cuda:0, different from other \
+tensors on cpu (when checking argument in method wrapper_CUDA_cat)
+
+[rank0]:[W1203 08:18:15.208680290 ProcessGroupNCCL.cpp:1575] Warning: WARNING: destroy_process_group() was not called
+[2026-12-03 08:18:16] INFO:     127.0.0.1:45044 - "GET /metrics HTTP/1.1" 200 OK
+"""
+
+
+def test_the_exception_that_killed_the_scheduler_is_read_from_its_server_log():
+    assert serve.scheduler_failure(DEAD_SCHEDULER_LOG).startswith(
+        "RuntimeError: Expected all tensors to be on the same device")
+    fatal = "RuntimeError: RMSNorm failed with error code invalid argument\nFatal Python error: Aborted\n"
+    assert serve.scheduler_failure(fatal) == "Fatal Python error: Aborted"
+    assert serve.scheduler_failure(DEAD_SCHEDULER_LOG.split("[2026-12-03 08:18:06]")[0]) is None  # alive
+
+
+def test_a_server_whose_scheduler_dies_is_stopped_at_once_with_the_cause(monkeypatch, tmp_path):
+    """The HTTP server outlives a dead scheduler, so without this the run waited out RUN_TIMEOUT_S (150 s of
+    device time) and reported only that nothing came back."""
+    import time
+
+    server = serve.Server("off+x", 1, tmp_path / "server-off+x.log")
+    server.log_path.write_text("[2026-12-03 08:17:36] The server is fired up and ready to roll!\n")
+
+    class LoadGenerator:  # the burst's requests go in; the scheduler dies; nothing answers until the stop
+        def run(self, argv, log_path):
+            with server.log_path.open("a") as f:
+                f.write(DEAD_SCHEDULER_LOG)
+            stopped = time.monotonic() + 30
+            while time.monotonic() < stopped and not calls:
+                time.sleep(0.05)
+            return 1
+
+    calls: list[str] = []
+    monkeypatch.setattr(serve.Server, "stop", lambda self: calls.append(self.variant))
+    monkeypatch.setattr(serve, "LOADGEN", LoadGenerator(), raising=False)
+    monkeypatch.setattr(serve, "RUN_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(serve, "WATCH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(serve, "MetricsScraper", lambda server: type("S", (), {
+        "start": lambda self: None, "finish": lambda self: ("", "")})())
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="scheduler died: RuntimeError: Expected all tensors to be on the same"):
+        serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "warm-off+x")
+    assert calls == ["off+x"] and time.monotonic() - started < 20
+
+
 @pytest.mark.parametrize("variant", sorted(v for v in serve.VARIANTS if serve.VARIANTS[v].config))
 def test_each_plugin_setting_variant_is_a_config_the_plugin_accepts_for_every_family(variant, tmp_path):
     """A misspelt setting would stop that server on the GPU, minutes into a device command; here it fails on CPU."""

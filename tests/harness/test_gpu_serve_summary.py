@@ -91,7 +91,8 @@ def test_a_lever_variant_is_compared_with_off_and_a_plugin_setting_also_with_on(
                               "on+defer": {"config": {"sglang": {"defer_prefill_ms": 20}}, "env": {}},
                               "off+graph": {"config": {}, "env": {"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}}}
     levers = summarize.family_summary(res)["levers"]
-    assert set(levers) == {"on+defer", "off+graph"}  # the off+x/on+x pair is reported as SGLang flags instead
+    assert set(levers) == {"on+defer", "off+graph", "on+x"}  # off+x: with on+x under with_sglang_flags
+    assert levers["on+x"]["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.66)  # plugin + flags vs off
     defer = levers["on+defer"]
     assert defer["changes"]["config"] == {"sglang": {"defer_prefill_ms": 20}}
     assert defer["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.45)  # 0.4 and 0.5 over 10,000
@@ -120,7 +121,7 @@ def test_harness_runs_of_one_family_accumulate_repetitions_and_keep_their_commit
     assert fam["sources"][1]["runs"] == ["seed2-off", "seed2-on"]
 
 
-def test_a_lever_measured_at_two_commits_also_reports_each_commits_own_ratios():
+def test_a_lever_measured_in_two_harness_runs_also_reports_each_runs_own_ratios():
     first = {**result(), "commit": "aaa", "variants": {"off": [], "on": [], "on+g": []},
              "variant_changes": {"off": {}, "on": {}, "on+g": {"config": {}, "env": {}}}}
     first["runs"]["seed0-on+g"] = bench(12_000, 1000)  # before a fix: 1.5x of on (8,000)
@@ -128,12 +129,14 @@ def test_a_lever_measured_at_two_commits_also_reports_each_commits_own_ratios():
              "variant_changes": first["variant_changes"],
              "runs": {"seed2-off": bench(10_000, 1000), "seed2-on": bench(8_000, 1000),
                       "seed2-on+g": bench(6_000, 1000)}}  # after: 0.75x
-    lever = summarize.family_summary(summarize.merge_runs([first, later]))["levers"]["on+g"]
+    fam = summarize.family_summary(summarize.merge_runs([first, later]), harness_runs=[first, later])
+    lever = fam["levers"]["on+g"]
     assert lever["vs_on"]["seed"]["runs"] == 2
-    by_commit = lever["by_commit"]
-    assert by_commit["aaa"]["vs_on"]["seed"]["median_ttft_ratio"] == pytest.approx(1.5)
-    assert by_commit["bbb"]["vs_on"]["seed"]["median_ttft_ratio"] == pytest.approx(0.75)
-    assert by_commit["bbb"]["vs_off"]["seed"]["runs"] == 1
+    by_run = lever["by_run"]
+    assert [r["commit"] for r in by_run] == ["aaa", "bbb"]
+    assert by_run[0]["vs_on"]["seed"]["median_ttft_ratio"] == pytest.approx(1.5)
+    assert by_run[1]["vs_on"]["seed"]["median_ttft_ratio"] == pytest.approx(0.75)
+    assert by_run[1]["vs_off"]["seed"]["runs"] == 1
 
 
 def test_a_seed_repetition_claimed_by_two_harness_runs_is_refused():
@@ -153,14 +156,41 @@ def test_a_poisson_load_measured_again_replaces_the_earlier_pair_and_says_so():
 
 
 def test_a_workload_measured_again_replaces_every_server_of_the_earlier_run_so_pairs_never_mix_runs():
-    later = {"family": "fam", "commit": "new", "variants": {"off": [], "on+lazy": []},
-             "runs": {"lone-off": bench(100, 10), "lone-on+lazy": bench(90, 10)}}
+    later = {"family": "fam", "commit": "new", "variants": {"off": [], "on": [], "on+lazy": []},
+             "runs": {"lone-off": bench(100, 10), "lone-on": bench(95, 10), "lone-on+lazy": bench(90, 10)}}
     merged = summarize.merge_runs([{**result(), "commit": "old"}, later])
-    assert "lone-on" not in merged["runs"]  # measured beside the old lone-off, not beside the new one
     fam = summarize.family_summary(merged)
-    assert "lone" not in fam
+    assert fam["lone"]["ttft_ratio"] == pytest.approx(0.95)  # the new pair, never the old on beside the new off
     assert fam["sources"][1]["replaced"] == ["lone-off", "lone-on"]
     assert fam["seed"]["runs"] == 2
+
+
+def test_a_later_run_without_plain_on_keeps_the_familys_pair_and_its_lever_is_reported_per_run():
+    first = {**result(), "commit": "old"}
+    later = {"family": "fam", "commit": "new", "variants": {"off": [], "on+lazy": []},
+             "variant_changes": {"on+lazy": {"config": {"sglang": {"early_encode_min_waiting": 1}}, "env": {}}},
+             "runs": {"lone-off": bench(100, 10), "lone-on+lazy": bench(90, 10)}}
+    merged = summarize.merge_runs([first, later])
+    assert merged["runs"]["lone-off"]["commit"] == "old"  # the later lone-off would pair with nothing of its run
+    fam = summarize.family_summary(merged, harness_runs=[first, later])
+    assert fam["lone"]["ttft_ratio"] == pytest.approx(0.8)  # still the first run's off/on pair
+    assert fam["sources"][1]["kept_apart"] == ["lone-off", "lone-on+lazy"]
+    lever = fam["levers"]["on+lazy"]
+    assert lever["vs_off"]["lone"] is None  # not merged: no cross-run pair
+    assert lever["by_run"] == [{"commit": "new", **summarize._lever(later["runs"], "on+lazy")}]
+    assert lever["by_run"][0]["vs_off"]["lone"]["ttft_ratio"] == pytest.approx(0.9)
+
+
+def test_a_crash_of_a_server_with_sglang_flags_is_reported_beside_the_flags_comparison():
+    crashed = {"family": "fam", "commit": "c", "variants": {"off": [], "off+x": ["--flag"], "on+x": ["--flag"]},
+               "variant_changes": {"off": {}, "off+x": {}, "on+x": {}},
+               "runs": {"seed0-off": bench(10_000, 1000), "seed0-on+x": bench(7_000, 1400)},
+               "failed_runs": {"warm-off+x": "no result after 150 s; RuntimeError: tensors on two devices"}}
+    fam = summarize.family_summary(summarize.merge_runs([crashed]), harness_runs=[crashed])
+    pair = fam["with_sglang_flags"]["x"]
+    assert pair["failed"] == {"warm-off+x (c)": "no result after 150 s; RuntimeError: tensors on two devices"}
+    assert pair["seed"] is None  # off+x served nothing to compare with
+    assert fam["levers"]["on+x"]["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.7)  # flags + plugin
 
 
 def test_the_first_token_timeline_shows_first_chunks_held_until_the_tokenizer_manager_is_done(tmp_path):
