@@ -135,6 +135,23 @@ def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
     return item.feature
 
 
+def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
+    """``items``, with their plain-tensor features moved to the tower's ``device`` when they are on several.
+
+    SGLang 0.5.16's Qwen3-VL ``get_image_feature`` concatenates ``item.feature`` where it finds it. With
+    ``--mm-feature-transport cuda_ipc`` a batch can hold features rebuilt on the GPU beside features on the
+    CPU (a full IPC pool falls back to CPU transport, and ``general_mm_embed_routine`` offloads features to
+    the CPU after each forward), and the concatenation raised in the scheduler and took the server down (real
+    server, e12f02a, plugin off). Later SGLang moves every item to the tower's device itself (0.5.23
+    ``_materialize_visual_items``); this does the same for the calls the plugin hands to SGLang's method."""
+    devices = {item.feature.device for item in items if isinstance(item.feature, torch.Tensor)}
+    if len(devices) > 1:
+        for item in items:
+            if isinstance(item.feature, torch.Tensor) and item.feature.device != device:
+                item.feature = item.feature.to(device, non_blocking=True)
+    return list(items)
+
+
 def _tensor_digest(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Shape, dtype and a content digest of a small CPU-side tensor (positions, grids)."""
     data = tensor.detach().cpu().contiguous()

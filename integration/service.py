@@ -39,7 +39,7 @@ from prometheus_client import Counter, Histogram
 from mm_scheduler import Coalescer, CoalescerClosedError, CoalescerConfig, CoalescerError, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
 
-from .adapters import SGLangTower
+from .adapters import SGLangTower, on_one_device
 from .held import Deferred, HeldResults
 
 logger = logging.getLogger(__name__)
@@ -360,7 +360,7 @@ class EncoderService:
         call) or "inline" (nothing to batch with; counted as ``fallbacks`` / ``inline`` and by source)."""
         self.counts["fallbacks" if source == "fallback" else source] += 1
         PREFILL_ITEMS.labels(self.config.name, source).inc(len(items))
-        return self.run_exclusive(lambda: original(list(items)))
+        return self.run_exclusive(lambda: original(on_one_device(items, self.tower.device)))
 
     def _held_handle(self, item: Any) -> Any:
         if item.hash is None:

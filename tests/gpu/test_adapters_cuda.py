@@ -172,3 +172,27 @@ def test_qwen2_5_vl_built_with_vit_cuda_graph_is_refused(monkeypatch):
         pytest.fail("SGLang did not enable its ViT CUDA graph on a CUDA host with the env var set")
     assert "SGLANG_VIT_ENABLE_CUDA_GRAPH" in why_unsupported(model)
     assert tower_for(model) is None
+
+
+def test_features_on_the_gpu_and_the_cpu_in_one_call_are_encoded_as_if_all_were_on_the_gpu():
+    """A cuda_ipc batch can mix GPU-rebuilt and CPU-offloaded features; SGLang 0.5.16's Qwen3-VL method
+    concatenated them as found and its scheduler died (real server, e12f02a). Both of the plugin's paths
+    put them on the tower's device: its own forward, and the calls it hands to SGLang's method."""
+    import sglang_models
+    from mm_scheduler_sglang.adapters import on_one_device, tower_for
+
+    model = _tiny("qwen3_vl").to("cuda")
+    tower = tower_for(model)
+    assert tower is not None and tower.device.type == "cuda"
+
+    def items(devices: list[str]) -> list:
+        return [sglang_models.make_item("image", _content(t * h * w, i, device), 70 + i,
+                                        image_grid_thw=torch.tensor([[t, h, w]]))
+                for i, ((t, h, w), device) in enumerate(zip(GRIDS[:2], devices, strict=True))]
+
+    expected = model.get_image_feature(items(["cuda", "cuda"]))
+    mixed = on_one_device(items(["cuda", "cpu"]), tower.device)
+    assert all(item.feature.is_cuda for item in mixed)
+    torch.testing.assert_close(model.get_image_feature(mixed), expected, rtol=0, atol=0)
+    units = [unit for item in items(["cuda", "cpu"]) for unit in tower.units(item)]
+    torch.testing.assert_close(torch.cat(tower.forward(units)), expected)

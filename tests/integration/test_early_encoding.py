@@ -212,6 +212,23 @@ def test_items_the_tower_does_not_take_go_to_sglangs_own_method(model, stop_serv
     assert service.counts["fallbacks"] == 1 and service.counts["submitted"] == 0 and log.keys == []
 
 
+def test_a_call_handed_to_sglangs_method_gets_its_features_on_the_towers_device_when_they_were_on_two(
+        model, stop_service, monkeypatch):
+    """SGLang 0.5.16's Qwen3-VL method concatenated features as it found them; with cuda_ipc transport a batch
+    held GPU and CPU features and the scheduler died (real server, e12f02a). The plugin moves them first, as
+    later SGLang does. A CPU machine has one real device, so the meta device stands in for the GPU here."""
+    service, log = _start(model)
+    monkeypatch.setattr(service.tower, "device", torch.device("meta"))
+    on_gpu = sm.make_item("image", torch.randn(4, 64, device="meta"), 63, image_grid_thw=torch.tensor([[1, 4, 4]]))
+    on_cpu = sm.make_item("image", torch.randn(4, 64), 64, image_grid_thw=torch.tensor([[1, 4, 4]]))
+    with pytest.raises(RuntimeError, match="device"):  # what SGLang's own method does with them as they are
+        torch.cat([on_gpu.feature, on_cpu.feature])
+    _arrive(_request("two-devices", [on_gpu, on_cpu]))
+    got = model.get_image_feature([on_gpu, on_cpu])
+    assert got.device.type == "meta" and got.shape == (8, 64)
+    assert on_cpu.feature.device.type == "meta" and service.counts["fallbacks"] == 1 and log.keys == []
+
+
 def test_arrival_hook_skips_retracted_decode_side_and_rejected_requests(model, stop_service):
     from sglang.srt.disaggregation.utils import DisaggregationMode
 
