@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SITE = Path(os.environ.get("GPU_SERVE_SITE", "/tmp/gpu-serve-site"))        # sglang 0.5.16 + closure
 PLUGIN_SITE = Path(os.environ.get("GPU_SERVE_PLUGIN_SITE", "/tmp/gpu-serve-plugin"))  # the built wheel
+BACKPORTS = HERE / "sglang_backports"  # sitecustomize + fixes from later SGLang, for a "+backport" server only
 T0 = time.monotonic()
 
 # Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
@@ -81,6 +82,7 @@ class Variant:
     flags: tuple[str, ...] = ()
     config: dict = field(default_factory=dict)  # merged over the family's shipped YAML (plugin on only)
     env: dict = field(default_factory=dict)
+    backports: bool = False  # SGLang fixes from later releases (sglang_backports/), for a baseline that 0.5.16 crashes
 
 
 TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
@@ -95,6 +97,9 @@ VARIANTS = {
     "on": Variant(True),
     "off+tok4ipc": Variant(False, TOK4IPC),
     "on+tok4ipc": Variant(True, TOK4IPC),
+    # SGLang's flags without the plugin, with 0.5.23's move of features to the tower's device backported
+    # (sglang_backports/feature_device.py): unpatched, 0.5.16's Qwen3-VL scheduler died with them (e12f02a).
+    "off+tok4ipc+backport": Variant(False, TOK4IPC, backports=True),
     "off+vitgraph": Variant(False, env={"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}),
     "on+defer20": Variant(True, config={"sglang": {"defer_prefill_ms": 20}}),
     # Deferral bounded by the prefill wait (2 s): a request sits out while its encode runs, also when nothing else
@@ -221,11 +226,13 @@ def install(prepared: Path) -> None:
     log(f"built and installed {next(build.glob('*.whl')).name} into {PLUGIN_SITE}")
 
 
-def environment(prepared: Path, plugin: bool) -> dict[str, str]:
+def environment(prepared: Path, plugin: bool, backports: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     path = [str(SITE), str(prepared / "sk")]
     if plugin:
         path.insert(0, str(PLUGIN_SITE))
+    if backports:
+        path.insert(0, str(BACKPORTS))
     extra = os.environ.get("GPU_SERVE_EXTRA_PATH")  # e.g. a probe-only shim, never in the headline runs
     if extra:
         path.insert(0, extra)
@@ -291,7 +298,7 @@ class Server:
             args += ["--enable-mm-coalescer", "--mm-coalescer-config", config]
         export_dir.mkdir(parents=True, exist_ok=True)
         log(f"[{self.variant}] {' '.join(args[1:])} {' '.join(f'{k}={v}' for k, v in variant.env.items())}")
-        env = {**environment(prepared, self.plugin), **variant.env}
+        env = {**environment(prepared, self.plugin, variant.backports), **variant.env}
         self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
@@ -586,7 +593,9 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                deadline: float, publish: Path) -> dict:
     servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
     result: dict = {"family": family, "variants": {v: list(VARIANTS[v].flags) for v in variants},
-                    "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env} for v in variants},
+                    "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env,
+                                            **({"sglang_backports": True} if VARIANTS[v].backports else {})}
+                                        for v in variants},
                     "runs": {}, "failed_to_start": {}, "failed_runs": {}}
 
     def remaining() -> float:

@@ -126,16 +126,17 @@ def _compare(runs: dict, base: str, variant: str) -> dict:
             "poisson": poisson_summary(runs, None, base, variant) or None}
 
 
-def _lever(runs: dict, variant: str) -> dict:
-    """A lever against plain off and, for a plugin setting (``on+X``), against plain on. A plugin setting on top
-    of SGLang flags (``on+F+X``) is also compared with plugin-off under the same flags (``off+F``), when that
-    server ran: the plugin's part alone."""
+def _lever(runs: dict, variant: str, flags: dict[str, list]) -> dict:
+    """A lever against plain off and, for a plugin server (``on+X``), against plain on. A plugin server with SGLang
+    flags is also compared with each plugin-off server that ran with the same flags (``off+F``, or
+    ``off+F+backport``: SGLang fixes from later releases): the plugin's part alone."""
     out = {"vs_off": _compare(runs, "off", variant)}
     if variant.startswith("on+"):
         out["vs_on"] = _compare(runs, "on", variant)
-        twin = "off+" + variant.split("+")[1]
-        if variant.count("+") > 1 and any(tag.endswith(f"-{twin}") for tag in runs):
-            out[f"vs_{twin}"] = _compare(runs, twin, variant)
+        for twin, twin_flags in flags.items():
+            if twin.startswith("off+") and twin_flags and twin_flags == flags.get(variant) \
+                    and any(tag.endswith(f"-{twin}") for tag in runs):
+                out[f"vs_{twin}"] = _compare(runs, twin, variant)
     return out
 
 
@@ -246,10 +247,12 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
     for variant, changes in result.get("variant_changes", {}).items():
         if variant in ("off", "on") or (variant.startswith("off+") and f"on+{variant[4:]}" in result["variants"]):
             continue
-        lever = {"changes": {**changes, "flags": result["variants"].get(variant, [])}, **_lever(runs, variant)}
+        lever = {"changes": {**changes, "flags": result["variants"].get(variant, [])},
+                 **_lever(runs, variant, result["variants"])}
         # Each harness run's own comparisons too: the same variant at several commits may be different code (a
         # fix between runs), and a run kept apart from the merge (merge_runs) is only seen here.
-        by_run = [{"commit": run.get("commit", ""), **_lever(run["runs"], variant)} for run in harness_runs or []
+        by_run = [{"commit": run.get("commit", ""), **_lever(run["runs"], variant, run.get("variants", {}))}
+                  for run in harness_runs or []
                   if any(t.endswith(f"-{variant}") for t in run["runs"])]
         if len(by_run) > 1 or any(t.endswith(f"-{variant}") for src in result.get("sources", [])
                                   for t in src.get("kept_apart", [])):

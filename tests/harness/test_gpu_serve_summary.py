@@ -177,7 +177,7 @@ def test_a_later_run_without_plain_on_keeps_the_familys_pair_and_its_lever_is_re
     assert fam["sources"][1]["kept_apart"] == ["lone-off", "lone-on+lazy"]
     lever = fam["levers"]["on+lazy"]
     assert lever["vs_off"]["lone"] is None  # not merged: no cross-run pair
-    assert lever["by_run"] == [{"commit": "new", **summarize._lever(later["runs"], "on+lazy")}]
+    assert lever["by_run"] == [{"commit": "new", **summarize._lever(later["runs"], "on+lazy", later["variants"])}]
     assert lever["by_run"][0]["vs_off"]["lone"]["ttft_ratio"] == pytest.approx(0.9)
 
 
@@ -223,8 +223,24 @@ def test_a_plugin_setting_on_top_of_sglang_flags_is_also_compared_with_plugin_of
     assert lever["vs_off+x"]["seed"]["median_ttft_ratio"] == pytest.approx(0.5)  # 3,000 against off+x's 6,000
     assert lever["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.3)
     assert lever["vs_off+x"]["lone"] is None  # off+x ran no lone request: nothing to pair with
-    plain = summarize._lever(res["runs"], "on+defer")
+    plain = summarize._lever(res["runs"], "on+defer", {**res["variants"], "on+defer": []})
     assert set(plain) == {"vs_off", "vs_on"}  # no SGLang flags under it: no third comparison
+
+
+def test_the_plugin_with_sglang_flags_is_compared_with_a_plugin_off_server_that_has_those_flags_and_backports():
+    run = {"family": "fam", "commit": "d",
+           "variants": {"off": [], "off+x+backport": ["--flag"], "on+x": ["--flag"], "on+x+defer": ["--flag"]},
+           "variant_changes": {"off": {}, "off+x+backport": {"config": {}, "env": {}, "sglang_backports": True},
+                               "on+x": {"config": {}, "env": {}},
+                               "on+x+defer": {"config": {"sglang": {"defer_prefill_ms": 2000}}, "env": {}}},
+           "runs": {"seed0-off": bench(10_000, 1000), "seed0-off+x+backport": bench(7_000, 1300),
+                    "seed0-on+x": bench(6_300, 1400), "seed0-on+x+defer": bench(5_600, 1450)}}
+    levers = summarize.family_summary(summarize.merge_runs([run]), harness_runs=[run])["levers"]
+    assert levers["on+x"]["vs_off+x+backport"]["seed"]["median_ttft_ratio"] == pytest.approx(0.9)  # plugin's part
+    assert levers["on+x+defer"]["vs_off+x+backport"]["seed"]["median_ttft_ratio"] == pytest.approx(0.8)
+    alone = levers["off+x+backport"]  # the flags (with the backport) without the plugin, against plain off
+    assert alone["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.7) and "vs_on" not in alone
+    assert alone["changes"]["sglang_backports"] is True
 
 
 def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(tmp_path):
