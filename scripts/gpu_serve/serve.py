@@ -546,6 +546,11 @@ def mp4_b64(size: tuple[int, int], frames: int, fps: float, seed: int) -> str:
 
 
 def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
+    """The server's greedy reply, or why there is none. A server whose scheduler died is not asked: its HTTP
+    side would hold each request for the whole timeout (scheduler_failure)."""
+    died = scheduler_failure(read_from(server.log_path, 0))
+    if died:
+        return f"scheduler died: {died}"
     body = {"model": str(model), "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": 24}
     code, text = http("POST", f"{server.url}/v1/chat/completions", body, timeout=120)

@@ -172,6 +172,15 @@ def test_a_server_whose_scheduler_dies_is_stopped_at_once_with_the_cause(monkeyp
     assert calls == ["off+x"] and time.monotonic() - started < 20
 
 
+def test_a_server_whose_scheduler_died_is_not_asked_for_greedy_replies(monkeypatch, tmp_path):
+    """Each correctness request waits up to 120 s; 21 of them against a dead scheduler outlast a device command."""
+    server = serve.Server("off+x", 1, tmp_path / "server-off+x.log")
+    server.log_path.write_text(DEAD_SCHEDULER_LOG)
+    monkeypatch.setattr(serve, "http", lambda *a, **k: pytest.fail("a dead server was sent a request"))
+    reply = serve.greedy_reply(server, tmp_path, [{"type": "text", "text": "hi"}])
+    assert reply.startswith("scheduler died: RuntimeError: Expected all tensors")
+
+
 @pytest.mark.parametrize("variant", sorted(v for v in serve.VARIANTS if serve.VARIANTS[v].config))
 def test_each_plugin_setting_variant_is_a_config_the_plugin_accepts_for_every_family(variant, tmp_path):
     """A misspelt setting would stop that server on the GPU, minutes into a device command; here it fails on CPU."""
