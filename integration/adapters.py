@@ -111,6 +111,16 @@ def feature_shape(item: Any) -> torch.Size | None:
     return None
 
 
+def _wait_for_pending_copy(item: Any, device: torch.device) -> None:
+    """Order the current stream after a host/device copy of the item's feature SGLang left in flight (0.5.23
+    records its event under ``CUDA_IPC_FEATURE_COPY_EVENT_KEY``; the event stays for SGLang's own path)."""
+    event_key = sglang_compat.cuda_ipc_copy_event_key()  # None: this SGLang records no such event
+    if device.type == "cuda" and event_key is not None:
+        pending = item.model_specific_data.get(event_key)
+        if pending is not None:
+            torch.cuda.current_stream(device).wait_event(pending)
+
+
 def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
     """The item's pixel tensor, rebuilt in place from a transport proxy exactly as SGLang does.
 
@@ -122,11 +132,7 @@ def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
     left in place for SGLang's own path). SGLang's zero-copy "borrow" is not used: it keeps the
     pool slice leased until the encode runs, and an early encode may wait behind a queue.
     """
-    event_key = sglang_compat.cuda_ipc_copy_event_key()  # None: this SGLang records no such event
-    if device.type == "cuda" and event_key is not None:
-        pending = item.model_specific_data.get(event_key)
-        if pending is not None:
-            torch.cuda.current_stream(device).wait_event(pending)
+    _wait_for_pending_copy(item, device)
     if is_transport_proxy(item.feature):
         if device.type != "cuda":
             raise ValueError("a CUDA-IPC / CUDA-VMM feature can only be rebuilt on a CUDA device")
@@ -143,11 +149,13 @@ def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
     CPU (a full IPC pool falls back to CPU transport, and ``general_mm_embed_routine`` offloads features to
     the CPU after each forward), and the concatenation raised in the scheduler and took the server down (real
     server, e12f02a, plugin off). Later SGLang moves every item to the tower's device itself (0.5.23
-    ``_materialize_visual_items``); this does the same for the calls the plugin hands to SGLang's method."""
+    ``_materialize_visual_items``); this does the same for the calls the plugin hands to SGLang's method, after
+    any copy SGLang still has in flight into a feature (0.5.23 offloads re-prefill features on a copy stream)."""
     devices = {item.feature.device for item in items if isinstance(item.feature, torch.Tensor)}
     if len(devices) > 1:
         for item in items:
             if isinstance(item.feature, torch.Tensor) and item.feature.device != device:
+                _wait_for_pending_copy(item, device)
                 item.feature = item.feature.to(device, non_blocking=True)
     return list(items)
 

@@ -132,8 +132,8 @@ VARIANTS = {
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
 # The longest a measured run may take beyond its arrivals (Gemma3's seed burst, the slowest so far, ~70 s a server).
 # A server that takes requests and never answers (Qwen3-VL-8B with --tokenizer-worker-num 4 --mm-feature-transport
-# cuda_ipc, c704fd5: its scheduler had died, e12f02a's log showed) held the load generator until the device command
-# was killed, and every raw file was lost.
+# cuda_ipc, c704fd5: its scheduler had died, as e12f02a's log showed for the same server at the same point) held the
+# load generator until the device command was killed, and every raw file was lost.
 RUN_TIMEOUT_S = float(os.environ.get("GPU_SERVE_RUN_TIMEOUT_S", "150"))
 WATCH_INTERVAL_S = 2.0  # how often a measured run checks its server log for a dead scheduler
 
@@ -147,19 +147,28 @@ def run_timeout(workload: list[str]) -> float:
     return RUN_TIMEOUT_S + (int(value("--num-prompts", "0")) / rate if rate != float("inf") else 0.0)
 
 
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: |:?$)")  # "RuntimeError: ...", "torch.OutOfMemoryError: ..."
+
+
 def scheduler_failure(log_text: str) -> str | None:
-    """The exception that ended SGLang's scheduler, from its server log: the last line of the last
-    "Scheduler hit an exception" traceback, or a fatal error line. The HTTP server outlives a dead scheduler
-    (0.5.16: its requests then never finish), so the log is where a hang's cause is."""
-    fatal = None
+    """The exception that ended SGLang's scheduler, from its server log: the last exception line of the last
+    "Scheduler hit an exception" traceback (the outer one of a chain), or else a fatal error line. The HTTP
+    server outlives a dead scheduler (0.5.16: its requests then never finish), so the log is where a hang's cause
+    is."""
+    found = None
     if "Scheduler hit an exception" in log_text:
-        block = log_text.rsplit("Scheduler hit an exception", 1)[1].splitlines()
-        lines = [ln.strip() for ln in block[1:] if ln.strip()]
-        fatal = next((ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))
-                      and re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", ln)), None)
-    if fatal is None:
-        fatal = next((ln.strip() for ln in reversed(log_text.splitlines()) if "Fatal Python error" in ln), None)
-    return fatal
+        for line in log_text.rsplit("Scheduler hit an exception", 1)[1].splitlines()[1:]:
+            if not line.strip() or line[0].isspace() or line.startswith(
+                    ("Traceback", "During handling of the above", "The above exception")):
+                continue  # frames, code, blank lines and the links of a chain
+            if not EXCEPTION_LINE.match(line):
+                if found:
+                    break  # the traceback is over
+                continue
+            found = line.strip()
+    if found is None:
+        found = next((ln.strip() for ln in reversed(log_text.splitlines()) if "Fatal Python error" in ln), None)
+    return found
 
 
 def read_from(path: Path, offset: int) -> str:
@@ -579,7 +588,8 @@ def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) ->
     results = []
     for kind, content in requests:
         replies = {v: greedy_reply(s, model, content) for v, s in servers.items()}
-        ok = all(r == replies["off"] for r in replies.values()) and not replies["off"].startswith("HTTP ")
+        ok = all(r == replies["off"] for r in replies.values()) \
+            and not replies["off"].startswith(("HTTP ", "scheduler died"))
         results.append({"kind": kind, "parts": len(content) - 1, "replies": replies, "identical": ok})
     images = [r for r in results if r["kind"] == "image"]
     videos = [r for r in results if r["kind"] == "video"]

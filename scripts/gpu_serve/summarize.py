@@ -85,9 +85,9 @@ def merge_runs(results: list[dict]) -> dict:
     request, one Poisson load) replaces that workload's runs of every server of the earlier run, listed under
     ``replaced``, when the later run measured it on plain off and plain on; otherwise the later run's runs of
     that workload stay out of the merge (``kept_apart``: a lever-only run must not erase the family's off/on
-    pair) and are reported per harness run (``levers.<variant>.by_run``). Its correctness check and capacity
-    replace the earlier ones. A seed repetition that two harness runs both claim is refused: it would be the
-    same requests counted twice."""
+    pair) and are reported per harness run (``levers.<variant>.by_run``). Its correctness check replaces the
+    earlier one, and its capacity too when it merged Poisson loads (paced at that capacity). A seed repetition
+    that two harness runs both claim is refused: it would be the same requests counted twice."""
     merged: dict = {"family": results[0]["family"], "variants": {}, "variant_changes": {}, "runs": {},
                     "sources": []}
     for result in results:
@@ -107,9 +107,12 @@ def merge_runs(results: list[dict]) -> dict:
         merged["runs"].update({t: {**run, "commit": commit} for t, run in result["runs"].items() if t not in apart})
         merged["variants"].update(result.get("variants", {}))
         merged["variant_changes"].update(result.get("variant_changes", {}))
-        for key in ("correctness", "capacity_req_s", "gpu", "sglang"):
+        for key in ("correctness", "gpu", "sglang"):
             if result.get(key) is not None:
                 merged[key] = result[key]
+        if result.get("capacity_req_s") is not None and (  # the capacity its merged Poisson loads were paced at
+                "capacity_req_s" not in merged or any(t.startswith("poisson") for t in measured if t not in apart)):
+            merged["capacity_req_s"] = result["capacity_req_s"]
         source = {"commit": commit, "runs": [t for t in measured if t not in apart]}
         if again:
             source["replaced"] = again
@@ -250,12 +253,14 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
         lever = {"changes": {**changes, "flags": result["variants"].get(variant, [])},
                  **_lever(runs, variant, result["variants"])}
         # Each harness run's own comparisons too: the same variant at several commits may be different code (a
-        # fix between runs), and a run kept apart from the merge (merge_runs) is only seen here.
-        by_run = [{"commit": run.get("commit", ""), **_lever(run["runs"], variant, run.get("variants", {}))}
-                  for run in harness_runs or []
-                  if any(t.endswith(f"-{variant}") for t in run["runs"])]
+        # fix between runs), and a run kept apart from the merge or replaced by a later one (merge_runs) is only
+        # seen here.
+        by_run = [{"commit": run.get("commit", ""), "runs": sorted(t for t in run["runs"] if MEASURED_TAG.match(t)
+                                                                   and t.endswith(f"-{variant}")),
+                   **_lever(run["runs"], variant, run.get("variants", {}))}
+                  for run in harness_runs or [] if any(t.endswith(f"-{variant}") for t in run["runs"])]
         if len(by_run) > 1 or any(t.endswith(f"-{variant}") for src in result.get("sources", [])
-                                  for t in src.get("kept_apart", [])):
+                                  for t in (*src.get("kept_apart", []), *src.get("replaced", []))):
             lever["by_run"] = by_run
         verdict = lever_verdict(harness_runs, variant) if harness_runs and variant.startswith("on+") else None
         if verdict:
@@ -273,7 +278,8 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
                 "sglang_flags_alone": {"seed": seed_summary(runs, "off", variant),
                                        "lone": lone_summary(runs, "off", variant)}}
         failed = {f"{tag} ({run.get('commit', '')})": cause for run in harness_runs or []
-                  for tag, cause in run.get("failed_runs", {}).items() if tag.endswith((f"-{variant}", f"-{on}"))}
+                  for tag, cause in run.get("failed_runs", {}).items()
+                  if any(tag.split("-", 1)[1] == v or tag.split("-", 1)[1].startswith(f"{v}+") for v in (variant, on))}
         if failed:
             pair["failed"] = failed
         fam.setdefault("with_sglang_flags", {})[variant[4:]] = pair

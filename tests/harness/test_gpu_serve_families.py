@@ -142,6 +142,17 @@ def test_the_exception_that_killed_the_scheduler_is_read_from_its_server_log():
     assert serve.scheduler_failure(DEAD_SCHEDULER_LOG.split("[2026-12-03 08:18:06]")[0]) is None  # alive
 
 
+def test_of_a_chained_traceback_the_outer_exception_is_named_whatever_its_class_is_called():
+    chained = (
+        "[2026-12-03 08:18:06] Scheduler hit an exception: Traceback (most recent call last):\n"
+        '  File "scheduler.py", line 1, in run\n    table["x"]\n'
+        "KeyError: 'x'\n\nDuring handling of the above exception, another exception occurred:\n\n"
+        'Traceback (most recent call last):\n  File "scheduler.py", line 3, in run\n    compile()\n'
+        "triton.runtime.errors.OutOfResources: out of resource: shared memory\n\n"
+        "[rank0]:[W1203 08:18:15] Warning: destroy_process_group() was not called\n")
+    assert serve.scheduler_failure(chained) == "triton.runtime.errors.OutOfResources: out of resource: shared memory"
+
+
 def test_a_server_whose_scheduler_dies_is_stopped_at_once_with_the_cause(monkeypatch, tmp_path):
     """The HTTP server outlives a dead scheduler, so without this the run waited out RUN_TIMEOUT_S (150 s of
     device time) and reported only that nothing came back."""
@@ -170,6 +181,30 @@ def test_a_server_whose_scheduler_dies_is_stopped_at_once_with_the_cause(monkeyp
     with pytest.raises(RuntimeError, match="scheduler died: RuntimeError: Expected all tensors to be on the same"):
         serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "warm-off+x")
     assert calls == ["off+x"] and time.monotonic() - started < 20
+
+
+def test_a_scheduler_failure_logged_before_the_run_does_not_stop_the_server_during_it(monkeypatch, tmp_path):
+    """Only what the log gains during a run counts: a failure text from before (another run's, or a restarted
+    server's) must not stop a server that is answering."""
+    import time
+
+    server = serve.Server("off+x", 1, tmp_path / "server-off+x.log")
+    server.log_path.write_text(DEAD_SCHEDULER_LOG)
+
+    class LoadGenerator:  # answers after several watch intervals
+        def run(self, argv, log_path):
+            time.sleep(0.5)
+            return 1
+
+    calls: list[str] = []
+    monkeypatch.setattr(serve.Server, "stop", lambda self: calls.append(self.variant))
+    monkeypatch.setattr(serve, "LOADGEN", LoadGenerator(), raising=False)
+    monkeypatch.setattr(serve, "WATCH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(serve, "MetricsScraper", lambda server: type("S", (), {
+        "start": lambda self: None, "finish": lambda self: ("", "")})())
+    with pytest.raises(RuntimeError, match="load generator exit 1"):
+        serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "seed0-off+x")
+    assert calls == []
 
 
 def test_a_server_whose_scheduler_died_is_not_asked_for_greedy_replies(monkeypatch, tmp_path):

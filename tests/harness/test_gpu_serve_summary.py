@@ -177,8 +177,32 @@ def test_a_later_run_without_plain_on_keeps_the_familys_pair_and_its_lever_is_re
     assert fam["sources"][1]["kept_apart"] == ["lone-off", "lone-on+lazy"]
     lever = fam["levers"]["on+lazy"]
     assert lever["vs_off"]["lone"] is None  # not merged: no cross-run pair
-    assert lever["by_run"] == [{"commit": "new", **summarize._lever(later["runs"], "on+lazy", later["variants"])}]
+    assert lever["by_run"] == [{"commit": "new", "runs": ["lone-on+lazy"],
+                                **summarize._lever(later["runs"], "on+lazy", later["variants"])}]
     assert lever["by_run"][0]["vs_off"]["lone"]["ttft_ratio"] == pytest.approx(0.9)
+
+
+def test_a_lever_whose_runs_a_later_plain_pair_replaced_keeps_its_comparison_per_run():
+    first = {**result(), "commit": "a", "variants": {**result()["variants"], "on+d": []},
+             "variant_changes": {"on+d": {"config": {"sglang": {"defer_prefill_ms": 2000}}, "env": {}}}}
+    first["runs"]["lone-on+d"] = bench(150, 10)
+    later = {"family": "fam", "commit": "b", "variants": {"off": [], "on": []},
+             "runs": {"lone-off": bench(260, 10), "lone-on": bench(250, 10)}}
+    fam = summarize.family_summary(summarize.merge_runs([first, later]), harness_runs=[first, later])
+    lever = fam["levers"]["on+d"]
+    assert lever["vs_off"]["lone"] is None  # its pair went with the first run's lone-off
+    assert lever["by_run"][0]["commit"] == "a" and lever["by_run"][0]["runs"] == ["lone-on+d"]
+    assert lever["by_run"][0]["vs_off"]["lone"]["ttft_ratio"] == pytest.approx(0.6)
+
+
+def test_the_capacity_stays_the_one_the_merged_poisson_loads_were_paced_at():
+    first = {**result(), "commit": "a"}  # Poisson 50 % paced at 10 req/s
+    capacity_only = {"family": "fam", "commit": "b", "capacity_req_s": 6.8, "variants": {"off": [], "on": []},
+                     "runs": {"seed5-off": bench(10_000, 1000), "seed5-on": bench(9_000, 1000)}}
+    assert summarize.merge_runs([first, capacity_only])["capacity_req_s"] == 10.0
+    paced = {"family": "fam", "commit": "c", "capacity_req_s": 12.0, "variants": {"off": [], "on": []},
+             "runs": {"poisson0.8-off": bench(300, 500), "poisson0.8-on": bench(290, 500)}}
+    assert summarize.merge_runs([first, capacity_only, paced])["capacity_req_s"] == 12.0
 
 
 def test_a_crash_of_a_server_with_sglang_flags_is_reported_beside_the_flags_comparison():

@@ -26,11 +26,13 @@ TARGETS = {"sglang.srt.models.qwen3_vl": ("Qwen3VLForConditionalGeneration",
 def on_tower_device(method: Callable[[Any, list], Any]) -> Callable[[Any, list], Any]:
     """``method`` with its items' tensor features moved to ``self.visual.device`` when they are on several."""
     def wrapper(model: Any, items: list) -> Any:
-        devices = {item.feature.device for item in items if hasattr(item.feature, "device")}
+        import torch  # loaded by then; not at start-up, where every process of the server runs this file
+
+        devices = {item.feature.device for item in items if isinstance(item.feature, torch.Tensor)}
         if len(devices) > 1:
             device = model.visual.device
             for item in items:
-                if hasattr(item.feature, "device") and item.feature.device != device:
+                if isinstance(item.feature, torch.Tensor) and item.feature.device != device:
                     item.feature = item.feature.to(device, non_blocking=True)
         return method(model, items)
 

@@ -10,8 +10,8 @@ import feature_device
 
 feature_device.install()
 
-_here = os.path.dirname(os.path.abspath(__file__))
+_here = os.path.dirname(os.path.realpath(__file__))
 _spec = importlib.machinery.PathFinder.find_spec(
-    "sitecustomize", [p for p in sys.path if os.path.abspath(p or os.curdir) != _here])
+    "sitecustomize", [p for p in sys.path if os.path.realpath(p or os.curdir) != _here])
 if _spec is not None and _spec.loader is not None:
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
