@@ -160,6 +160,15 @@ def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
     return list(items)
 
 
+def stack_on(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.stack`` landing on ``device`` (and ``dtype``): one copy when the tensors share a device, else each
+    moved first. A ``cuda_ipc`` batch can hold units rebuilt on the GPU beside units on the CPU
+    (:func:`on_one_device`), and ``torch.stack`` refuses tensors on two devices."""
+    if len({t.device for t in tensors}) > 1:
+        tensors = [t.to(device, non_blocking=True) for t in tensors]
+    return torch.stack(list(tensors)).to(device=device, dtype=dtype)
+
+
 def _tensor_digest(tensor: torch.Tensor) -> tuple[Any, ...]:
     """Shape, dtype and a content digest of a small CPU-side tensor (positions, grids)."""
     data = tensor.detach().cpu().contiguous()
@@ -468,8 +477,7 @@ class Gemma3Tower(SGLangTower):
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         model = self.model
-        pixels = torch.stack([u.pixel_values for u in units]).to(
-            device=model.vision_tower.device, dtype=model.language_model.dtype())
+        pixels = stack_on([u.pixel_values for u in units], model.vision_tower.device, model.language_model.dtype())
         if self.batched_siglip:
             vision = model.vision_tower(pixel_values=pixels)
         else:  # SDPA with flatten_batch asserts batch size 1: run the crops one by one.
@@ -563,8 +571,8 @@ class Gemma4Tower(SGLangTower):
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         model = self.model
         vt = model.vision_tower
-        pixels = torch.stack([u.pixel_values for u in units]).to(device=vt.device, dtype=model.language_model.dtype())
-        positions = torch.stack([u.meta["positions"] for u in units]).to(vt.device)
+        pixels = stack_on([u.pixel_values for u in units], vt.device, model.language_model.dtype())
+        positions = stack_on([u.meta["positions"] for u in units], vt.device)
         if self.batched:
             pooled, pooler_mask = vt(pixels, positions)
         else:  # SDPA with flatten_batch asserts batch size 1: run the images one by one.

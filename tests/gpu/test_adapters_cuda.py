@@ -196,3 +196,25 @@ def test_features_on_the_gpu_and_the_cpu_in_one_call_are_encoded_as_if_all_were_
     torch.testing.assert_close(model.get_image_feature(mixed), expected, rtol=0, atol=0)
     units = [unit for item in items(["cuda", "cpu"]) for unit in tower.units(item)]
     torch.testing.assert_close(torch.cat(tower.forward(units)), expected)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
+def test_gemma_units_on_the_gpu_and_the_cpu_in_one_forward_are_encoded_as_if_all_were_on_the_gpu(family):
+    """The Gemma towers stack their units: a batch of GPU-rebuilt and CPU-offloaded features must not fail."""
+    import sglang_models
+    from mm_scheduler_sglang.adapters import tower_for
+
+    model = _tiny(family).to("cuda")
+    tower = tower_for(model)
+    assert tower is not None and tower.device.type == "cuda"
+
+    def items(devices: list[str]) -> list:
+        made = [sglang_models.gemma3_image(model, 1, 80 + i) if family == "gemma3"
+                else sglang_models.gemma4_image(model, 4, 4, 16, 80 + i) for i in range(len(devices))]
+        for item, device in zip(made, devices, strict=True):
+            item.feature = item.feature.to(device)
+        return made
+
+    expected = torch.cat(tower.forward([u for item in items(["cuda", "cuda"]) for u in tower.units(item)]))
+    mixed = torch.cat(tower.forward([u for item in items(["cuda", "cpu"]) for u in tower.units(item)]))
+    torch.testing.assert_close(mixed, expected)

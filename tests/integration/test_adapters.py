@@ -683,3 +683,15 @@ def test_features_that_are_neither_tensors_nor_proxies_are_left_to_sglang(family
     assert not adapters.is_transport_proxy(item.feature)
     assert feature_shape(item) is None
     assert not tower_for(model).accepts(item)
+
+
+def test_units_on_two_devices_are_stacked_on_the_towers_device():
+    """A cuda_ipc batch can hold Gemma crops rebuilt on the GPU beside crops on the CPU, and ``torch.stack``
+    refuses two devices. On a CPU machine the meta device stands in for the GPU."""
+    on_gpu, on_cpu = torch.ones(3, 4, device="meta"), torch.ones(3, 4)
+    with pytest.raises(RuntimeError):
+        torch.stack([on_gpu, on_cpu])
+    stacked = adapters.stack_on([on_gpu, on_cpu], torch.device("meta"), torch.bfloat16)
+    assert stacked.device.type == "meta" and stacked.dtype == torch.bfloat16 and stacked.shape == (2, 3, 4)
+    same = adapters.stack_on([torch.ones(3, 4), torch.zeros(3, 4)], torch.device("cpu"))
+    assert torch.equal(same, torch.stack([torch.ones(3, 4), torch.zeros(3, 4)]))  # one device: plain stack
