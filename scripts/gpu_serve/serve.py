@@ -112,8 +112,8 @@ VARIANTS = {
     # token leaves"); compare with off+tok4ipc.
     "on+tok4ipc+defer2s": Variant(True, TOK4IPC, config={"sglang": {"defer_prefill_ms": 2000}}),
     # What `mm-scheduler tune` proposed from Qwen3-VL's on+tok4ipc seed run (e12f02a): 63 % of the 30 forwards held
-    # more than 16 units against the cap of 32 while the budget had room. The encoder was busy the whole run there,
-    # so bigger forwards may also delay the first prefills: measured, not assumed.
+    # more than 16 units against the cap of 32 while the budget had room. The encoder had a backlog the whole run
+    # there, so bigger forwards may also delay the first prefills: measured, not assumed.
     "on+tok4ipc+items64": Variant(True, TOK4IPC, config={"max_batch_items": 64}),
     # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).
     "on+prethread": Variant(True, config={"sglang": {"preprocess_thread": True}}),
