@@ -30,9 +30,18 @@ class BatchOutcome:
     """Patch count of every forward that ran out of memory."""
     forward_seconds: list[float] = field(default_factory=list)
     """Host time of every forward call (what the automatic forward deadline learns from)."""
+    started: torch.cuda.Event | None = None
+    """Recorded on the executor's stream before the first forward, after the waits for its inputs."""
     done: torch.cuda.Event | None = None
     """Recorded on the executor's stream after the last forward; outputs are valid once it completes."""
 
+    def gpu_seconds(self) -> float | None:
+        """The batch's time on the encoder stream (``started`` to ``done``, once ``done`` completed): its own
+        forwards, under whatever else shares the GPU, without the batch queued before it on the stream (which
+        host-side dispatch-to-result times include when two are in flight). None off CUDA or before then."""
+        if self.started is None or self.done is None or not self.done.query():
+            return None
+        return self.started.elapsed_time(self.done) / 1000
 
 def wait_for_inputs(units: Sequence[EncodeItem], stream: torch.cuda.Stream) -> None:
     """Order ``stream`` after the producers of CUDA inputs and tie their memory to it.
@@ -104,9 +113,12 @@ class Executor:
         with stream_ctx, torch.inference_mode():
             if self._stream is not None:
                 wait_for_inputs(units, self._stream)
+            if on_cuda:
+                outcome.started = torch.cuda.Event(enable_timing=True)
+                outcome.started.record()
             self._run_range(units, 0, len(units), outcome)
             if on_cuda:
-                outcome.done = torch.cuda.Event()
+                outcome.done = torch.cuda.Event(enable_timing=True)
                 outcome.done.record()
         return outcome
 

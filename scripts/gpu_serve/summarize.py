@@ -366,7 +366,9 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
             row["coalescer"] = {
                 "forwards": forwards,
                 "units_per_forward": d.get("mm_coalescer_units_total", 0.0) / max(1.0, forwards),
-                "encoder_busy_s": d.get("mm_coalescer_batch_seconds_sum", 0.0),
+                "encoder_busy_s": d.get("mm_coalescer_batch_seconds_sum", 0.0),  # overlaps: 2 batches in flight
+                **({"encoder_stream_s": d["mm_coalescer_batch_gpu_seconds_sum"]}  # CUDA events, when exported
+                   if "mm_coalescer_batch_gpu_seconds_sum" in d else {}),
                 "prefill_blocked_s": d.get("mm_coalescer_prefill_wait_seconds_sum", 0.0),
             }
         out[variant] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}

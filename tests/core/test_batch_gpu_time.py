@@ -1,0 +1,90 @@
+"""``BatchOutcome.gpu_seconds`` / ``mm_coalescer_batch_gpu_seconds``: a batch's own time on the encoder stream.
+
+The host-side ``mm_coalescer_batch_seconds`` (dispatch to results ready) of a batch queued behind another on the
+stream includes the other's time, and so did every "encoder busy" figure read from it on the real server. These
+tests queue GPU sleeps of known length and check the event-based time counts a batch's own forwards only: not the
+batch ahead of it on the stream, not the producer of its inputs. Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
+from mm_scheduler import metrics as mm_metrics
+from mm_scheduler.executor import Executor
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _cycles_for(seconds: float) -> int:
+    """GPU clock cycles ``torch.cuda._sleep`` needs for about ``seconds`` on this device (measured)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return int(10_000_000 * seconds / (start.elapsed_time(end) / 1000))
+
+
+class SleepingTower:
+    """Each forward sleeps ``cycles`` on the current (encoder) stream, then doubles the pixels."""
+
+    device = torch.device("cuda")
+    ragged = True
+    bytes_per_patch = 4
+
+    def __init__(self, cycles: int) -> None:
+        self.cycles = cycles
+
+    def forward(self, units):
+        torch.cuda._sleep(self.cycles)
+        return [u.pixel_values * 2 for u in units]
+
+
+def _unit() -> EncodeItem:
+    return EncodeItem(torch.ones(4, 8, device="cuda"), 4)
+
+
+def test_a_batch_queued_behind_another_counts_only_its_own_stream_time():
+    forward_s = 0.05
+    executor = Executor(SleepingTower(_cycles_for(forward_s)), torch.device("cuda"))
+    dispatched = time.monotonic()
+    first, second = executor.run([_unit()]), executor.run([_unit()])  # both queued before either ran
+    second.done.synchronize()
+    host_s = time.monotonic() - dispatched
+    assert host_s > 1.7 * forward_s  # the second's dispatch-to-result covered both forwards
+    for outcome in (first, second):
+        assert 0.7 * forward_s < outcome.gpu_seconds() < 1.3 * forward_s
+
+
+def test_the_wait_for_a_slow_producer_of_the_inputs_is_not_counted():
+    forward_s = 0.03
+    cycles = _cycles_for(forward_s)
+    executor = Executor(SleepingTower(cycles), torch.device("cuda"))
+    producer = torch.cuda.Stream()
+    with torch.cuda.stream(producer):
+        torch.cuda._sleep(4 * cycles)  # the inputs land ~0.12 s from now
+        pixels = torch.ones(4, 8, device="cuda")
+        ready = torch.cuda.Event()
+        ready.record()
+    outcome = executor.run([EncodeItem(pixels, 4, ready=ready)])
+    outcome.done.synchronize()
+    assert 0.7 * forward_s < outcome.gpu_seconds() < 1.3 * forward_s
+    assert torch.equal(outcome.outputs[0], pixels * 2)
+
+
+async def test_the_coalescer_exports_each_batchs_stream_time():
+    forward_s = 0.02
+    tower = SleepingTower(_cycles_for(forward_s))
+    config = CoalescerConfig(name="gpu-time-test", budget_bytes=1 << 20, bytes_per_patch=4, max_batch_items=1)
+    histogram = mm_metrics.BATCH_GPU_SECONDS.labels(coalescer="gpu-time-test")
+    before = histogram._sum.get()
+    async with Coalescer(tower, config) as co:
+        outs = await co.encode([_unit() for _ in range(4)])
+    assert all(torch.equal(out, torch.full((4, 8), 2.0, device="cuda")) for out in outs)
+    total = histogram._sum.get() - before
+    assert 4 * 0.7 * forward_s < total < 4 * 1.3 * forward_s  # four forwards of one unit each
