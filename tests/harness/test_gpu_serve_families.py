@@ -153,6 +153,19 @@ def test_of_a_chained_traceback_the_outer_exception_is_named_whatever_its_class_
     assert serve.scheduler_failure(chained) == "triton.runtime.errors.OutOfResources: out of resource: shared memory"
 
 
+def _watched(monkeypatch, loadgen) -> list[str]:
+    """serve.bench with ``loadgen`` as SGLang's load generator, no scrape, a 50 ms watch interval and a 60 s run
+    limit; returns the variants whose server was stopped, in order."""
+    calls: list[str] = []
+    monkeypatch.setattr(serve.Server, "stop", lambda self: calls.append(self.variant))
+    monkeypatch.setattr(serve, "LOADGEN", loadgen, raising=False)
+    monkeypatch.setattr(serve, "RUN_TIMEOUT_S", 60.0)
+    monkeypatch.setattr(serve, "WATCH_INTERVAL_S", 0.05)
+    monkeypatch.setattr(serve, "MetricsScraper", lambda server: type("S", (), {
+        "start": lambda self: None, "finish": lambda self: ("", "")})())
+    return calls
+
+
 def test_a_server_whose_scheduler_dies_is_stopped_at_once_with_the_cause(monkeypatch, tmp_path):
     """The HTTP server outlives a dead scheduler, so without this the run waited out RUN_TIMEOUT_S (150 s of
     device time) and reported only that nothing came back."""
@@ -170,13 +183,7 @@ def test_a_server_whose_scheduler_dies_is_stopped_at_once_with_the_cause(monkeyp
                 time.sleep(0.05)
             return 1
 
-    calls: list[str] = []
-    monkeypatch.setattr(serve.Server, "stop", lambda self: calls.append(self.variant))
-    monkeypatch.setattr(serve, "LOADGEN", LoadGenerator(), raising=False)
-    monkeypatch.setattr(serve, "RUN_TIMEOUT_S", 60.0)
-    monkeypatch.setattr(serve, "WATCH_INTERVAL_S", 0.05)
-    monkeypatch.setattr(serve, "MetricsScraper", lambda server: type("S", (), {
-        "start": lambda self: None, "finish": lambda self: ("", "")})())
+    calls = _watched(monkeypatch, LoadGenerator())
     started = time.monotonic()
     with pytest.raises(RuntimeError, match="scheduler died: RuntimeError: Expected all tensors to be on the same"):
         serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "warm-off+x")
@@ -196,12 +203,7 @@ def test_a_scheduler_failure_logged_before_the_run_does_not_stop_the_server_duri
             time.sleep(0.5)
             return 1
 
-    calls: list[str] = []
-    monkeypatch.setattr(serve.Server, "stop", lambda self: calls.append(self.variant))
-    monkeypatch.setattr(serve, "LOADGEN", LoadGenerator(), raising=False)
-    monkeypatch.setattr(serve, "WATCH_INTERVAL_S", 0.05)
-    monkeypatch.setattr(serve, "MetricsScraper", lambda server: type("S", (), {
-        "start": lambda self: None, "finish": lambda self: ("", "")})())
+    calls = _watched(monkeypatch, LoadGenerator())
     with pytest.raises(RuntimeError, match="load generator exit 1"):
         serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "seed0-off+x")
     assert calls == []
