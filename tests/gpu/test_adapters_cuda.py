@@ -218,3 +218,24 @@ def test_gemma_units_on_the_gpu_and_the_cpu_in_one_forward_are_encoded_as_if_all
     expected = torch.cat(tower.forward([u for item in items(["cuda", "cuda"]) for u in tower.units(item)]))
     mixed = torch.cat(tower.forward([u for item in items(["cuda", "cpu"]) for u in tower.units(item)]))
     torch.testing.assert_close(mixed, expected)
+
+
+def test_the_harness_backport_makes_sglangs_own_qwen3_method_take_features_on_two_devices():
+    """The real-server baseline ``off+tok4ipc+backport`` (scripts/gpu_serve/sglang_backports) wraps SGLang's own
+    Qwen3-VL methods; on 0.5.16 the bare method raises on such a call, on 0.5.23 it moves them itself. Either way
+    the wrapped method must give what an all-GPU call gives, so the baseline measures SGLang, fixed."""
+    import sglang_models
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "scripts" / "gpu_serve" / "sglang_backports"))
+    import feature_device
+
+    model = _tiny("qwen3_vl").to("cuda")
+
+    def items(devices: list[str]) -> list:
+        return [sglang_models.make_item("image", _content(t * h * w, i, device), 90 + i,
+                                        image_grid_thw=torch.tensor([[t, h, w]]))
+                for i, ((t, h, w), device) in enumerate(zip(GRIDS[:2], devices, strict=True))]
+
+    expected = model.get_image_feature(items(["cuda", "cuda"]))
+    wrapped = feature_device.on_tower_device(type(model).get_image_feature)
+    torch.testing.assert_close(wrapped(model, items(["cuda", "cpu"])), expected, rtol=0, atol=0)
