@@ -148,16 +148,20 @@ def run_timeout(workload: list[str]) -> float:
 
 
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: |:?$)")  # "RuntimeError: ...", "torch.OutOfMemoryError: ..."
+# SGLang's processes log their last words so: Scheduler, TokenizerManager, DetokenizerManager, MultiTokenizerRouter,
+# DataParallelController (0.5.16 and 0.5.23, srt/managers/).
+PROCESS_DIED = re.compile(r"(\w+) hit an exception")
 
 
-def scheduler_failure(log_text: str) -> str | None:
-    """The exception that ended SGLang's scheduler, from its server log: the last exception line of the last
-    "Scheduler hit an exception" traceback (the outer one of a chain), or else a fatal error line. The HTTP
+def server_failure(log_text: str) -> str | None:
+    """What ended one of an SGLang server's processes, from its log: "<process>: <exception>" for the last
+    "... hit an exception" traceback (its outer exception when chained), or else a fatal error line. The HTTP
     server outlives a dead scheduler (0.5.16: its requests then never finish), so the log is where a hang's cause
     is."""
-    found = None
-    if "Scheduler hit an exception" in log_text:
-        for line in log_text.rsplit("Scheduler hit an exception", 1)[1].splitlines()[1:]:
+    died = list(PROCESS_DIED.finditer(log_text))
+    if died:
+        found = None
+        for line in log_text[died[-1].end():].splitlines()[1:]:
             if not line.strip() or line[0].isspace() or line.startswith(
                     ("Traceback", "During handling of the above", "The above exception")):
                 continue  # frames, code, blank lines and the links of a chain
@@ -166,9 +170,8 @@ def scheduler_failure(log_text: str) -> str | None:
                     break  # the traceback is over
                 continue
             found = line.strip()
-    if found is None:
-        found = next((ln.strip() for ln in reversed(log_text.splitlines()) if "Fatal Python error" in ln), None)
-    return found
+        return f"{died[-1].group(1)}: {found or 'see the server log'}"
+    return next((ln.strip() for ln in reversed(log_text.splitlines()) if "Fatal Python error" in ln), None)
 
 
 def read_from(path: Path, offset: int) -> str:
@@ -447,14 +450,14 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     log_start = server.log_path.stat().st_size if server.log_path.exists() else 0
 
     def watch() -> None:
-        """Stop a server that gives no result within ``limit``, or whose scheduler died during this run
+        """Stop a server that gives no result within ``limit``, or one of whose processes died during this run
         (found within a few seconds, not after the limit); its requests then fail and the load generator
         returns."""
         deadline = time.monotonic() + limit
         while not done.wait(WATCH_INTERVAL_S):
-            died = scheduler_failure(read_from(server.log_path, log_start))
+            died = server_failure(read_from(server.log_path, log_start))
             if died or time.monotonic() > deadline:
-                stopped.append(f"scheduler died: {died}" if died else f"no result after {limit:.0f} s")
+                stopped.append(f"process died: {died}" if died else f"no result after {limit:.0f} s")
                 server.stop()
                 return
 
@@ -559,11 +562,11 @@ def mp4_b64(size: tuple[int, int], frames: int, fps: float, seed: int) -> str:
 
 
 def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
-    """The server's greedy reply, or why there is none. A server whose scheduler died is not asked: its HTTP
-    side would hold each request for the whole timeout (scheduler_failure)."""
-    died = scheduler_failure(read_from(server.log_path, 0))
+    """The server's greedy reply, or why there is none. A server one of whose processes died is not asked: its
+    HTTP side would hold each request for the whole timeout (server_failure)."""
+    died = server_failure(read_from(server.log_path, 0))
     if died:
-        return f"scheduler died: {died}"
+        return f"process died: {died}"
     body = {"model": str(model), "messages": [{"role": "user", "content": content}], "temperature": 0,
             "max_tokens": 24}
     code, text = http("POST", f"{server.url}/v1/chat/completions", body, timeout=120)
@@ -589,7 +592,7 @@ def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) ->
     for kind, content in requests:
         replies = {v: greedy_reply(s, model, content) for v, s in servers.items()}
         ok = all(r == replies["off"] for r in replies.values()) \
-            and not replies["off"].startswith(("HTTP ", "scheduler died"))
+            and not replies["off"].startswith(("HTTP ", "process died"))
         results.append({"kind": kind, "parts": len(content) - 1, "replies": replies, "identical": ok})
     images = [r for r in results if r["kind"] == "image"]
     videos = [r for r in results if r["kind"] == "video"]

@@ -134,12 +134,15 @@ tensors on cpu (when checking argument in method wrapper_CUDA_cat)
 """
 
 
-def test_the_exception_that_killed_the_scheduler_is_read_from_its_server_log():
-    assert serve.scheduler_failure(DEAD_SCHEDULER_LOG).startswith(
-        "RuntimeError: Expected all tensors to be on the same device")
+def test_the_exception_that_killed_an_sglang_process_is_read_from_its_server_log():
+    assert serve.server_failure(DEAD_SCHEDULER_LOG).startswith(
+        "Scheduler: RuntimeError: Expected all tensors to be on the same device")
     fatal = "RuntimeError: RMSNorm failed with error code invalid argument\nFatal Python error: Aborted\n"
-    assert serve.scheduler_failure(fatal) == "Fatal Python error: Aborted"
-    assert serve.scheduler_failure(DEAD_SCHEDULER_LOG.split("[2026-12-03 08:18:06]")[0]) is None  # alive
+    assert serve.server_failure(fatal) == "Fatal Python error: Aborted"
+    assert serve.server_failure(DEAD_SCHEDULER_LOG.split("[2026-12-03 08:18:06]")[0]) is None  # alive
+    tokenizer = "[2026-12-03 08:18:06] TokenizerManager hit an exception: Traceback (most recent call last):\n" \
+                '  File "tokenizer_manager.py", line 9, in loop\n    recv()\nzmq.error.ZMQError: Socket closed\n'
+    assert serve.server_failure(tokenizer) == "TokenizerManager: zmq.error.ZMQError: Socket closed"
 
 
 def test_of_a_chained_traceback_the_outer_exception_is_named_whatever_its_class_is_called():
@@ -150,7 +153,8 @@ def test_of_a_chained_traceback_the_outer_exception_is_named_whatever_its_class_
         'Traceback (most recent call last):\n  File "scheduler.py", line 3, in run\n    compile()\n'
         "triton.runtime.errors.OutOfResources: out of resource: shared memory\n\n"
         "[rank0]:[W1203 08:18:15] Warning: destroy_process_group() was not called\n")
-    assert serve.scheduler_failure(chained) == "triton.runtime.errors.OutOfResources: out of resource: shared memory"
+    assert serve.server_failure(chained) == \
+        "Scheduler: triton.runtime.errors.OutOfResources: out of resource: shared memory"
 
 
 def _watched(monkeypatch, loadgen) -> list[str]:
@@ -185,7 +189,7 @@ def test_a_server_whose_scheduler_dies_is_stopped_at_once_with_the_cause(monkeyp
 
     calls = _watched(monkeypatch, LoadGenerator())
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match="scheduler died: RuntimeError: Expected all tensors to be on the same"):
+    with pytest.raises(RuntimeError, match="process died: Scheduler: RuntimeError: Expected all tensors to be on the"):
         serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "warm-off+x")
     assert calls == ["off+x"] and time.monotonic() - started < 20
 
@@ -215,7 +219,7 @@ def test_a_server_whose_scheduler_died_is_not_asked_for_greedy_replies(monkeypat
     server.log_path.write_text(DEAD_SCHEDULER_LOG)
     monkeypatch.setattr(serve, "http", lambda *a, **k: pytest.fail("a dead server was sent a request"))
     reply = serve.greedy_reply(server, tmp_path, [{"type": "text", "text": "hi"}])
-    assert reply.startswith("scheduler died: RuntimeError: Expected all tensors")
+    assert reply.startswith("process died: Scheduler: RuntimeError: Expected all tensors")
 
 
 @pytest.mark.parametrize("variant", sorted(v for v in serve.VARIANTS if serve.VARIANTS[v].config))
