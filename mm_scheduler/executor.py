@@ -38,10 +38,15 @@ class BatchOutcome:
     def gpu_seconds(self) -> float | None:
         """The batch's time on the encoder stream (``started`` to ``done``, once ``done`` completed): its own
         forwards, under whatever else shares the GPU, without the batch queued before it on the stream (which
-        host-side dispatch-to-result times include when two are in flight). None off CUDA or before then."""
-        if self.started is None or self.done is None or not self.done.query():
+        host-side dispatch-to-result times include when two are in flight). With ``stream: current`` the events
+        are on the forward thread's current stream, and other work queued there counts too. None off CUDA,
+        before then, or if CUDA cannot say (a timing is never worth failing a batch's delivery)."""
+        if self.started is None or self.done is None:
             return None
-        return self.started.elapsed_time(self.done) / 1000
+        try:
+            return self.started.elapsed_time(self.done) / 1000 if self.done.query() else None
+        except RuntimeError:
+            return None
 
 def wait_for_inputs(units: Sequence[EncodeItem], stream: torch.cuda.Stream) -> None:
     """Order ``stream`` after the producers of CUDA inputs and tie their memory to it.
@@ -113,13 +118,14 @@ class Executor:
         with stream_ctx, torch.inference_mode():
             if self._stream is not None:
                 wait_for_inputs(units, self._stream)
-            if on_cuda:
+            stream = torch.cuda.current_stream() if on_cuda else None  # both events on it, whatever a forward does
+            if stream is not None:
                 outcome.started = torch.cuda.Event(enable_timing=True)
-                outcome.started.record()
+                outcome.started.record(stream)
             self._run_range(units, 0, len(units), outcome)
-            if on_cuda:
+            if stream is not None:
                 outcome.done = torch.cuda.Event(enable_timing=True)
-                outcome.done.record()
+                outcome.done.record(stream)
         return outcome
 
     def _run_range(self, units: Sequence[EncodeItem], lo: int, hi: int, outcome: BatchOutcome) -> None:

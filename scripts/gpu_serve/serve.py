@@ -154,14 +154,14 @@ PROCESS_DIED = re.compile(r"(\w+) hit an exception")
 
 
 def server_failure(log_text: str) -> str | None:
-    """What ended one of an SGLang server's processes, from its log: "<process>: <exception>" for the last
-    "... hit an exception" traceback (its outer exception when chained), or else a fatal error line. The HTTP
-    server outlives a dead scheduler (0.5.16: its requests then never finish), so the log is where a hang's cause
-    is."""
-    died = list(PROCESS_DIED.finditer(log_text))
+    """What ended one of an SGLang server's processes, from its log: "<process>: <exception>" for the first
+    "... hit an exception" traceback (the cause: the processes that die after it die of it; the outer exception
+    when chained), or else a fatal error line. The HTTP server outlives a dead scheduler (0.5.16: its requests
+    then never finish), so the log is where a hang's cause is."""
+    died = PROCESS_DIED.search(log_text)
     if died:
         found = None
-        for line in log_text[died[-1].end():].splitlines()[1:]:
+        for line in log_text[died.end():].splitlines()[1:]:
             if not line.strip() or line[0].isspace() or line.startswith(
                     ("Traceback", "During handling of the above", "The above exception")):
                 continue  # frames, code, blank lines and the links of a chain
@@ -170,7 +170,7 @@ def server_failure(log_text: str) -> str | None:
                     break  # the traceback is over
                 continue
             found = line.strip()
-        return f"{died[-1].group(1)}: {found or 'see the server log'}"
+        return f"{died.group(1)}: {found or 'see the server log'}"
     return next((ln.strip() for ln in reversed(log_text.splitlines()) if "Fatal Python error" in ln), None)
 
 

@@ -143,6 +143,7 @@ def test_the_exception_that_killed_an_sglang_process_is_read_from_its_server_log
     tokenizer = "[2026-12-03 08:18:06] TokenizerManager hit an exception: Traceback (most recent call last):\n" \
                 '  File "tokenizer_manager.py", line 9, in loop\n    recv()\nzmq.error.ZMQError: Socket closed\n'
     assert serve.server_failure(tokenizer) == "TokenizerManager: zmq.error.ZMQError: Socket closed"
+    assert serve.server_failure(DEAD_SCHEDULER_LOG + tokenizer).startswith("Scheduler: RuntimeError")  # the cause
 
 
 def test_of_a_chained_traceback_the_outer_exception_is_named_whatever_its_class_is_called():
