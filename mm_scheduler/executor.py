@@ -48,6 +48,7 @@ class BatchOutcome:
         except RuntimeError:
             return None
 
+
 def wait_for_inputs(units: Sequence[EncodeItem], stream: torch.cuda.Stream) -> None:
     """Order ``stream`` after the producers of CUDA inputs and tie their memory to it.
 

@@ -32,7 +32,7 @@ def _ratio(on: float, off: float) -> float:
 
 def seed_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
     """Seed-workload ratios ``on`` / ``off`` over the repetitions both servers ran (median and spread)."""
-    reps = sorted({k.split("-", 1)[0] for k in runs if k.startswith("seed") and not k.startswith("seedwarm")})
+    reps = sorted({_workload(k) for k in runs if k.startswith("seed") and not k.startswith("seedwarm")})
     reps = [p for p in reps if f"{p}-{off}" in runs and f"{p}-{on}" in runs]
     if not reps:
         return None
@@ -78,6 +78,16 @@ def lone_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
 MEASURED_TAG = re.compile(r"^(seed\d+|lone|poisson[\d.]+)-")  # warm-ups and the capacity probe are not
 
 
+def _workload(tag: str) -> str:
+    """``seed3`` of ``seed3-on+defer2s``: the workload (a seed repetition, ``lone``, ``poisson0.5``) a run tag names."""
+    return tag.split("-", 1)[0]
+
+
+def _server(tag: str) -> str:
+    """``on+defer2s`` of ``seed3-on+defer2s``: the server (variant) a run tag names."""
+    return tag.split("-", 1)[1]
+
+
 def merge_runs(results: list[dict]) -> dict:
     """One family's harness runs (oldest first) as one result, so measurements accumulate across device
     sessions. Every compared pair still comes from one run, side by side: a later run adds seed repetitions
@@ -92,15 +102,15 @@ def merge_runs(results: list[dict]) -> dict:
                     "sources": []}
     for result in results:
         measured = sorted(t for t in result["runs"] if MEASURED_TAG.match(t))
-        workloads = {t.split("-", 1)[0] for t in measured}
-        overlap = workloads & {t.split("-", 1)[0] for t in merged["runs"] if MEASURED_TAG.match(t)}
-        twice = [t for t in measured if t.startswith("seed") and t.split("-", 1)[0] in overlap]
+        workloads = {_workload(t) for t in measured}
+        overlap = workloads & {_workload(t) for t in merged["runs"] if MEASURED_TAG.match(t)}
+        twice = [t for t in measured if t.startswith("seed") and _workload(t) in overlap]
         if twice:
             raise SystemExit(f"summarize: {result['family']}: seed runs {twice} appear in two harness runs "
                              "(give the later one new repetitions with serve.py --first-run)")
         paired = {w for w in overlap if f"{w}-off" in result["runs"] and f"{w}-on" in result["runs"]}
-        again = sorted(t for t in merged["runs"] if MEASURED_TAG.match(t) and t.split("-", 1)[0] in paired)
-        apart = sorted(t for t in measured if t.split("-", 1)[0] in overlap - paired)
+        again = sorted(t for t in merged["runs"] if MEASURED_TAG.match(t) and _workload(t) in paired)
+        apart = sorted(t for t in measured if _workload(t) in overlap - paired)
         for tag in again:
             del merged["runs"][tag]
         commit = result.get("commit", "")
@@ -279,7 +289,7 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
                                        "lone": lone_summary(runs, "off", variant)}}
         failed = {f"{tag} ({run.get('commit', '')})": cause for run in harness_runs or []
                   for tag, cause in run.get("failed_runs", {}).items()
-                  if any(tag.split("-", 1)[1] == v or tag.split("-", 1)[1].startswith(f"{v}+") for v in (variant, on))}
+                  if any(_server(tag) == v or _server(tag).startswith(f"{v}+") for v in (variant, on))}
         if failed:
             pair["failed"] = failed
         fam.setdefault("with_sglang_flags", {})[variant[4:]] = pair
