@@ -393,7 +393,9 @@ def lone_encoder_share(raw: Path, target: float = 0.90) -> dict | None:
     the merged results): the lone run's time breakdown per server, the plugin's encoder seconds a request
     (busy seconds over requests, the load generator's test request included), plugin-off's TTFT if that encoder
     cost nothing and all else stayed as measured (``free_encoder_ttft_ratio``: the floor of any encoder
-    speed-up), and the share of the encoder's time a faster forward must save to reach ``target``.
+    speed-up), and the share of the encoder's time a faster forward must save to reach ``target``. The floor uses
+    the host-side time: with one batch in flight it does not overlap, and it holds the launch gaps a graph replay
+    removes; the encoder stream's own time (CUDA events) comes beside it when the run exported it.
     """
     result = json.loads((raw / "results.json").read_text())
     rows = stage_breakdown(raw, result, "lone")
@@ -403,7 +405,10 @@ def lone_encoder_share(raw: Path, target: float = 0.90) -> dict | None:
     ttft_off = rows["off"]["ttft"]
     if encoder <= 0 or ttft_off <= 0:  # no forward, or no SGLang timing: nothing to divide
         return None
+    stream = rows["on"]["coalescer"].get("encoder_stream_s")
     return {"commit": result.get("commit", ""), "breakdown_s": rows, "encoder_s_per_request": round(encoder, 4),
+            **({"encoder_stream_s_per_request": round(stream / rows["on"]["requests"], 4)}
+               if stream is not None else {}),
             "ttft_off_s": ttft_off, "free_encoder_ttft_ratio": round((ttft_off - encoder) / ttft_off, 3),
             f"encoder_cut_needed_for_{target:.2f}x": round((1 - target) * ttft_off / encoder, 3)}
 

@@ -282,6 +282,14 @@ def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(t
     assert share["ttft_off_s"] == pytest.approx(0.2) and share["encoder_s_per_request"] == pytest.approx(0.05)
     assert share["free_encoder_ttft_ratio"] == pytest.approx(0.75)  # (0.2 - 0.05) / 0.2
     assert share["encoder_cut_needed_for_0.90x"] == pytest.approx(0.4)  # 0.02 of the encoder's 0.05 s
+    assert "encoder_stream_s_per_request" not in share  # that run exported no CUDA-event timing
+    _metrics(tmp_path / "metrics-lone-on.txt", {"mm_coalescer_batch_seconds_sum": 1.0,
+                                                "mm_coalescer_batch_gpu_seconds_sum": 0.5},
+             {f"{ttft}sum": 1.9, f"{ttft}count": 10, "mm_coalescer_batch_seconds_sum": 1.5,
+              "mm_coalescer_batch_gpu_seconds_sum": 0.8, "mm_coalescer_forwards_total": 10})
+    share = summarize.lone_encoder_share(tmp_path)
+    assert share["encoder_stream_s_per_request"] == pytest.approx(0.03)  # 0.3 s of stream time over 10
+    assert share["free_encoder_ttft_ratio"] == pytest.approx(0.75)  # the floor keeps the host-side time
     _metrics(tmp_path / "metrics-lone-on.txt", {}, {f"{ttft}sum": 1.9, f"{ttft}count": 10,
                                                     "mm_coalescer_forwards_total": 0})
     assert summarize.lone_encoder_share(tmp_path) is None  # no forward: no encoder time to divide by
