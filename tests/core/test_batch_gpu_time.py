@@ -54,13 +54,18 @@ class SleepingTower:
         return [u.pixel_values * 2 for u in units]
 
 
+def _gpu() -> torch.device:
+    """The current GPU with its index, as the coalescer resolves a tower's bare "cuda" for its executor."""
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _unit() -> EncodeItem:
     return EncodeItem(torch.ones(4, 8, device="cuda"), 4)
 
 
 def test_a_batch_queued_behind_another_counts_only_its_own_stream_time():
     cycles, forward_s = _calibrated(0.05)
-    executor = Executor(SleepingTower(cycles), torch.device("cuda"))
+    executor = Executor(SleepingTower(cycles), _gpu())
     dispatched = time.monotonic()
     first, second = executor.run([_unit()]), executor.run([_unit()])  # both queued before either ran
     second.done.synchronize()
@@ -72,7 +77,7 @@ def test_a_batch_queued_behind_another_counts_only_its_own_stream_time():
 
 def test_the_wait_for_a_slow_producer_of_the_inputs_is_not_counted():
     cycles, forward_s = _calibrated(0.03)
-    executor = Executor(SleepingTower(cycles), torch.device("cuda"))
+    executor = Executor(SleepingTower(cycles), _gpu())
     producer = torch.cuda.Stream()
     with torch.cuda.stream(producer):
         torch.cuda._sleep(4 * cycles)  # the inputs land four forwards from now

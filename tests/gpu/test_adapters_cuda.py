@@ -32,6 +32,8 @@ pytest.importorskip("cuda.bindings")
 import torch.multiprocessing as mp
 from mm_scheduler_sglang.adapters import feature_shape, is_transport_proxy, materialize_feature
 
+from .cuda_helpers import rel_err
+
 pytestmark = pytest.mark.gpu
 PATCH_DIM = 3 * 2 * 16 * 16  # tests/integration/sglang_models.qwen3_vl: in_channels * temporal * patch**2
 GRIDS = [(1, 4, 4), (1, 4, 6), (1, 8, 4)]
@@ -161,6 +163,23 @@ def _tiny(name: str):
         pytest.skip(f"tiny {name} cannot be built on this host: {type(exc).__name__}: {exc}")
 
 
+def _tiny_on_cuda(name: str):
+    """The tiny model on CUDA, runnable without sgl_kernel's kernels: SGLang's triton vision attention (what the
+    real-server harness runs; on an H200 SGLang picks fa3, an sgl_kernel op) and, under the stand-in in
+    tests/gpu/shims, the torch paths (``forward_native``) of SGLang's fused ops (RMSNorm, activations)."""
+    import sgl_kernel
+    from sglang.srt.layers.attention.vision import VisionTritonAttention
+
+    model = _tiny(name)
+    stand_in = "stand-in" in getattr(sgl_kernel, "__version__", "")
+    for module in model.modules():
+        if hasattr(module, "qkv_backend"):
+            module.qkv_backend = VisionTritonAttention()
+        if stand_in and hasattr(module, "forward_native") and hasattr(module, "forward_cuda"):
+            module.forward = module.forward_native
+    return model.to("cuda")
+
+
 def test_qwen2_5_vl_built_with_vit_cuda_graph_is_refused(monkeypatch):
     """On CUDA, ``Qwen2_5_VisionTransformer.__init__`` turns the graph runner on from the env var; its
     outputs are views of a static buffer, so the plugin leaves the model to SGLang."""
@@ -181,7 +200,7 @@ def test_features_on_the_gpu_and_the_cpu_in_one_call_are_encoded_as_if_all_were_
     import sglang_models
     from mm_scheduler_sglang.adapters import on_one_device, tower_for
 
-    model = _tiny("qwen3_vl").to("cuda")
+    model = _tiny_on_cuda("qwen3_vl")
     tower = tower_for(model)
     assert tower is not None and tower.device.type == "cuda"
 
@@ -195,7 +214,7 @@ def test_features_on_the_gpu_and_the_cpu_in_one_call_are_encoded_as_if_all_were_
     assert all(item.feature.is_cuda for item in mixed)
     torch.testing.assert_close(model.get_image_feature(mixed), expected, rtol=0, atol=0)
     units = [unit for item in items(["cuda", "cpu"]) for unit in tower.units(item)]
-    torch.testing.assert_close(torch.cat(tower.forward(units)), expected)
+    assert rel_err(torch.cat(tower.forward(units)), expected) < 1e-3  # its own packing: GEMM rounding may differ
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma4"])
@@ -204,7 +223,7 @@ def test_gemma_units_on_the_gpu_and_the_cpu_in_one_forward_are_encoded_as_if_all
     import sglang_models
     from mm_scheduler_sglang.adapters import tower_for
 
-    model = _tiny(family).to("cuda")
+    model = _tiny_on_cuda(family)
     tower = tower_for(model)
     assert tower is not None and tower.device.type == "cuda"
 
@@ -229,7 +248,7 @@ def test_the_harness_backport_makes_sglangs_own_qwen3_method_take_features_on_tw
     sys.path.insert(0, str(Path(__file__).parents[2] / "scripts" / "gpu_serve" / "sglang_backports"))
     import feature_device
 
-    model = _tiny("qwen3_vl").to("cuda")
+    model = _tiny_on_cuda("qwen3_vl")
 
     def items(devices: list[str]) -> list:
         return [sglang_models.make_item("image", _content(t * h * w, i, device), 90 + i,

@@ -68,6 +68,8 @@ def test_a_held_result_pins_only_its_own_bytes_not_the_batch_buffer():
     gc.collect()
     torch.cuda.synchronize(device)
     freed = holding - torch.cuda.memory_allocated(device)
-    # Freeing the one held result frees exactly its own bytes. Were it a view, it would be the last
-    # reference to the batch buffer and freeing it would free all UNITS results' bytes at once.
-    assert freed == ONE_RESULT_BYTES, f"dropping the held result freed {freed} bytes, not {ONE_RESULT_BYTES}"
+    # Freeing the one held result frees its own bytes. Were it a view, it would be the last reference to the
+    # batch buffer and freeing it would free all UNITS results' bytes at once. Not "exactly": the allocator may
+    # free a few KB of blocks left by earlier tests in the same moment (25 KB once, after other tests failed).
+    assert ONE_RESULT_BYTES <= freed < 2 * ONE_RESULT_BYTES, \
+        f"dropping the held result freed {freed} bytes, not {ONE_RESULT_BYTES}"
