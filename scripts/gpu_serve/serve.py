@@ -115,6 +115,11 @@ VARIANTS = {
     # more than 16 units against the cap of 32 while the budget had room. The encoder had a backlog the whole run
     # there, so bigger forwards may also delay the first prefills: measured, not assumed.
     "on+tok4ipc+items64": Variant(True, TOK4IPC, config={"max_batch_items": 64}),
+    # A short lead for the encoder (643572e): against off+tok4ipc+backport, on+tok4ipc's first prefills ran late
+    # while the coalescer encoded the whole burst beside them on a saturated GPU (first chunks p10 7.3 s against
+    # 4.1 s, p90 equal). A queue of 20 Qwen3-VL images (900 patches each) refuses the rest of a burst at arrival;
+    # those are encoded when their prefill asks, request by request, as SGLang orders the work.
+    "on+tok4ipc+queue18k": Variant(True, TOK4IPC, config={"max_queue_patches": 18_000}),
     # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).
     "on+prethread": Variant(True, config={"sglang": {"preprocess_thread": True}}),
     "on+prethread+defer2s": Variant(True, config={"sglang": {"preprocess_thread": True, "defer_prefill_ms": 2000}}),
