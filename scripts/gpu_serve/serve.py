@@ -38,9 +38,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stack_samples import SCHEDULER_TITLE, StackSampler, descendants_titled
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SITE = Path(os.environ.get("GPU_SERVE_SITE", "/tmp/gpu-serve-site"))        # sglang 0.5.16 + closure
+PY_SPY = SITE / "bin" / "py-spy"  # from a py-spy wheel among the carried ones (stack_samples.py)
+PROFILE = {w for w in os.environ.get("GPU_SERVE_PROFILE", "").split(",") if w}  # workloads to stack-sample
 PLUGIN_SITE = Path(os.environ.get("GPU_SERVE_PLUGIN_SITE", "/tmp/gpu-serve-plugin"))  # the built wheel
 BACKPORTS = HERE / "sglang_backports"  # sitecustomize + fixes from later SGLang, for a "+backport" server only
 T0 = time.monotonic()
@@ -116,10 +120,11 @@ VARIANTS = {
     # there, so bigger forwards may also delay the first prefills: measured, not assumed.
     "on+tok4ipc+items64": Variant(True, TOK4IPC, config={"max_batch_items": 64}),
     # A short lead for the encoder (643572e): against off+tok4ipc+backport, on+tok4ipc's first prefills ran late
-    # while the coalescer encoded the whole burst beside them on a saturated GPU (first chunks p10 7.3 s against
-    # 4.1 s, p90 equal). A queue of 20 Qwen3-VL images (900 patches each) refuses the rest of a burst at arrival;
-    # those are encoded when their prefill asks, request by request, as SGLang orders the work.
-    "on+tok4ipc+queue18k": Variant(True, TOK4IPC, config={"max_queue_patches": 18_000}),
+    # while the coalescer encoded the burst ahead of them on a saturated GPU (first chunks p10 7.3 s against 4.1 s,
+    # p90 equal). Results encoded ahead may pin 1 GiB by default: ~139 Qwen3-VL-8B images of 900 patches (7.4 MB
+    # each with the deepstack outputs), ~23 requests. 192 MB is ~26 images, ~4 requests; later arrivals wait in
+    # arrival order and are admitted as prefills consume results.
+    "on+tok4ipc+held192m": Variant(True, TOK4IPC, env={"MM_COALESCER_MAX_HELD_MB": "192"}),
     # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).
     "on+prethread": Variant(True, config={"sglang": {"preprocess_thread": True}}),
     "on+prethread+defer2s": Variant(True, config={"sglang": {"preprocess_thread": True, "defer_prefill_ms": 2000}}),
@@ -443,11 +448,29 @@ def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int =
             dump.unlink()
 
 
+def sampler_for(server: Server, out: Path, tag: str) -> StackSampler | None:
+    """Stack samples of the server's scheduler processes for this run, when ``GPU_SERVE_PROFILE`` names its
+    workload (the tag's letters: lone, seed, seedwarm, poisson, warm, capacity) and py-spy is installed."""
+    if re.match(r"[a-z]*", tag).group() not in PROFILE or server.proc is None:
+        return None
+    if not PY_SPY.exists():
+        log(f"  {tag}: GPU_SERVE_PROFILE is set but {PY_SPY} is missing (carry a py-spy wheel in .gpu-serve/whl)")
+        return None
+    pids = descendants_titled(server.proc.pid, SCHEDULER_TITLE)
+    if not pids:
+        log(f"  {tag}: no '{SCHEDULER_TITLE}' process under the server; not sampled")
+        return None
+    return StackSampler(PY_SPY, pids, out / f"stacks-{tag}")
+
+
 def bench(server: Server, model: Path, workload: list[str], extra: list[str], out: Path, tag: str) -> dict:
     """One run of SGLang's load generator against one server; returns its result line (plus our scrape)."""
     result_file = out / f"bench-{tag}.jsonl"
     scraper = MetricsScraper(server)
     scraper.start()
+    sampler = sampler_for(server, out, tag)
+    if sampler is not None:
+        sampler.start()
     argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
             "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
     t, started_at = time.monotonic(), time.time()
@@ -473,6 +496,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     finally:
         done.set()
         watchdog.join()  # a stop already under way finishes before anyone else stops this server
+        stacks = sampler.stop() if sampler is not None else None
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
     if stopped:
@@ -488,6 +512,8 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     keep["window"] = [started_at, time.time()]  # wall clock: selects this run's records in SGLang's export
     keep["coalescer"] = coalescer_delta(before, after)
     keep["sglang"] = sglang_delta(before, after)
+    if stacks is not None:
+        keep["stacks"] = stacks
     log(f"  {tag}: {keep['completed']} done in {keep['duration']:.1f}s, TTFT p50 {keep['median_ttft_ms']:.0f} "
         f"ms p99 {keep['p99_ttft_ms']:.0f}, ITL p99 {keep['p99_itl_ms']:.1f} ms, {keep['total_throughput']:.0f} tok/s"
         f" ({time.monotonic() - t:.0f}s wall)")

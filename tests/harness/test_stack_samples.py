@@ -1,0 +1,134 @@
+"""The harness's stack sampling (scripts/gpu_serve/stack_samples.py): which processes it samples, how it stops
+py-spy, and what it reads from py-spy's raw output. py-spy itself is replaced by a script that behaves as it does
+(records until SIGINT, then writes its file; or fails with an ``Error:`` line), so this runs without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
+
+import serve
+import stack_samples
+
+LOOP = "event_loop_overlap (/site/sglang/srt/managers/scheduler.py:900)"
+RAW = f"""\
+thread (11): MainThread;{LOOP};encode (/site/mm_scheduler_sglang/service.py:310) 30
+thread (11): MainThread;{LOOP} 50
+thread (12): mm-coalescer-qwen3_vl;_run (/site/mm_scheduler/coalescer.py:366) 20
+"""
+
+
+def _tree(tmp_path: Path) -> subprocess.Popen:
+    """A process whose child is titled like SGLang's scheduler, beside one that is not."""
+    script = "exec -a 'sglang::scheduler_TP0' sleep 30 & exec -a 'sglang::detokenizer' sleep 30 & wait"
+    root = subprocess.Popen(["bash", "-c", script])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not stack_samples.descendants_titled(root.pid, "sglang::detokenizer"):
+        time.sleep(0.05)
+    return root
+
+
+def test_only_the_scheduler_processes_under_the_server_are_found(tmp_path):
+    root = _tree(tmp_path)
+    other = subprocess.Popen(["bash", "-c", "exec -a 'sglang::scheduler_TP0' sleep 30"])  # another server's
+    try:
+        time.sleep(0.2)
+        found = stack_samples.descendants_titled(root.pid, stack_samples.SCHEDULER_TITLE)
+        assert len(found) == 1 and found[0] != other.pid
+        title = Path(f"/proc/{found[0]}/cmdline").read_bytes().decode()
+        assert title.startswith("sglang::scheduler_TP0")
+    finally:
+        subprocess.run(["pkill", "-P", str(root.pid)], check=False)
+        root.kill()
+        other.kill()
+
+
+def test_the_summary_gives_each_threads_share_and_the_plugins_frames(tmp_path):
+    raw = tmp_path / "stacks.txt"
+    raw.write_text(RAW)
+    summary = stack_samples.summarize([raw])
+    assert summary["samples"] == 100
+    assert summary["threads"] == {"MainThread": 0.8, "mm-coalescer-qwen3_vl": 0.2}
+    # the scheduler thread inside the plugin's hook, and the plugin's own thread; not SGLang's frames
+    assert summary["plugin_frames"] == {"MainThread": 0.3, "mm-coalescer-qwen3_vl": 0.2}
+    assert stack_samples.summarize([]) == {"samples": 0}
+
+
+FAKE_PY_SPY = """\
+#!{python}
+import signal, sys, time
+args = sys.argv[1:]
+output = args[args.index("--output") + 1]
+if "--pid" not in args or "--nonblocking" not in args or "--threads" not in args:
+    sys.exit("Error: unexpected arguments " + " ".join(args))
+{behaviour}
+"""
+RECORDS = """\
+def finish(*_):
+    kind = "gil" if "--gil" in args else "all"
+    with open(output, "w") as f:
+        f.write("thread (1): MainThread;loop (/site/sglang/x.py:1) " + ("7" if kind == "gil" else "9") + "\\n")
+    sys.exit(0)
+signal.signal(signal.SIGINT, finish)
+while True:
+    time.sleep(0.01)
+"""
+FAILS = """\
+print("Error: Failed to open process " + args[args.index("--pid") + 1] + ": Operation not permitted")
+sys.exit(1)
+"""
+
+
+def _fake(tmp_path: Path, behaviour: str) -> Path:
+    path = tmp_path / "py-spy"
+    path.write_text(FAKE_PY_SPY.format(python=sys.executable, behaviour=textwrap.dedent(behaviour)))
+    path.chmod(0o755)
+    return path
+
+
+def test_the_recorders_run_until_stopped_and_both_recordings_are_summarized(tmp_path):
+    sampler = stack_samples.StackSampler(_fake(tmp_path, RECORDS), [4242], tmp_path / "stacks-lone-on")
+    sampler.start()
+    time.sleep(0.5)
+    result = sampler.stop()
+    assert result["all"]["samples"] == 9 and result["gil"]["samples"] == 7
+    assert (tmp_path / "stacks-lone-on-gil-4242.txt").exists()
+
+
+def test_a_recorder_that_cannot_read_the_process_says_why(tmp_path):
+    sampler = stack_samples.StackSampler(_fake(tmp_path, FAILS), [4242], tmp_path / "stacks-lone-on")
+    sampler.start()
+    time.sleep(0.3)
+    result = sampler.stop()
+    assert result["all"]["samples"] == 0
+    assert result["gil"]["error"] == "Error: Failed to open process 4242: Operation not permitted"
+
+
+def test_a_run_is_sampled_only_when_its_workload_is_named_and_py_spy_is_there(tmp_path, monkeypatch):
+    root = _tree(tmp_path)
+    try:
+        server = serve.Server("on", 30001, tmp_path / "server-on.log", proc=root)
+        monkeypatch.setattr(serve, "PY_SPY", _fake(tmp_path, RECORDS))
+        monkeypatch.setattr(serve, "PROFILE", {"lone"})
+        sampler = serve.sampler_for(server, tmp_path, "lone-on")
+        assert sampler is not None and sampler.pids == stack_samples.descendants_titled(root.pid, "sglang::scheduler")
+        assert serve.sampler_for(server, tmp_path, "seed3-on") is None  # seed not named
+        monkeypatch.setattr(serve, "PY_SPY", tmp_path / "missing")
+        assert serve.sampler_for(server, tmp_path, "lone-on") is None
+    finally:
+        subprocess.run(["pkill", "-P", str(root.pid)], check=False)
+        root.kill()
+
+
+@pytest.mark.parametrize("tag", ["seedwarm3-on", "warm-on", "capacity-off"])
+def test_warm_ups_are_not_sampled_when_only_the_measured_workload_is_named(tag, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "PROFILE", {"seed", "poisson"})
+    server = serve.Server("on", 30001, tmp_path / "server-on.log", proc=subprocess.Popen(["true"]))
+    assert serve.sampler_for(server, tmp_path, tag) is None
