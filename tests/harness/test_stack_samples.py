@@ -4,6 +4,8 @@ py-spy, and what it reads from py-spy's raw output. py-spy itself is replaced by
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,16 +30,23 @@ thread (12): mm-coalescer-qwen3_vl;_run (/site/mm_scheduler/coalescer.py:366) 20
 def _tree(tmp_path: Path) -> subprocess.Popen:
     """A process whose child is titled like SGLang's scheduler, beside one that is not."""
     script = "exec -a 'sglang::scheduler_TP0' sleep 30 & exec -a 'sglang::detokenizer' sleep 30 & wait"
-    root = subprocess.Popen(["bash", "-c", script])
+    root = subprocess.Popen(["bash", "-c", script], start_new_session=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and not stack_samples.descendants_titled(root.pid, "sglang::detokenizer"):
         time.sleep(0.05)
     return root
 
 
+def _kill(*trees: subprocess.Popen) -> None:
+    for tree in trees:
+        os.killpg(tree.pid, signal.SIGKILL)
+        tree.wait()
+
+
 def test_only_the_scheduler_processes_under_the_server_are_found(tmp_path):
     root = _tree(tmp_path)
-    other = subprocess.Popen(["bash", "-c", "exec -a 'sglang::scheduler_TP0' sleep 30"])  # another server's
+    other = subprocess.Popen(["bash", "-c", "exec -a 'sglang::scheduler_TP0' sleep 30"],  # another server's
+                             start_new_session=True)
     try:
         time.sleep(0.2)
         found = stack_samples.descendants_titled(root.pid, stack_samples.SCHEDULER_TITLE)
@@ -45,9 +54,7 @@ def test_only_the_scheduler_processes_under_the_server_are_found(tmp_path):
         title = Path(f"/proc/{found[0]}/cmdline").read_bytes().decode()
         assert title.startswith("sglang::scheduler_TP0")
     finally:
-        subprocess.run(["pkill", "-P", str(root.pid)], check=False)
-        root.kill()
-        other.kill()
+        _kill(root, other)
 
 
 def test_the_summary_gives_each_threads_share_and_the_plugins_frames(tmp_path):
@@ -123,8 +130,7 @@ def test_a_run_is_sampled_only_when_its_workload_is_named_and_py_spy_is_there(tm
         monkeypatch.setattr(serve, "PY_SPY", tmp_path / "missing")
         assert serve.sampler_for(server, tmp_path, "lone-on") is None
     finally:
-        subprocess.run(["pkill", "-P", str(root.pid)], check=False)
-        root.kill()
+        _kill(root)
 
 
 @pytest.mark.parametrize("tag", ["seedwarm3-on", "warm-on", "capacity-off"])
