@@ -65,8 +65,11 @@ class StackSampler:
                 argv = [str(self.py_spy), "record", "--pid", str(pid), "--threads", "--nonblocking",
                         "--full-filenames", "--rate", str(RATE_HZ), "--format", "raw", "--output", str(output),
                         *flags]
-                log = output.with_suffix(".log").open("w")
-                self._procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+                with output.with_suffix(".log").open("w") as log:
+                    try:
+                        self._procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+                    except OSError as exc:  # not executable here: the run goes on unsampled, and says why
+                        log.write(f"Error: {exc}\n")
 
     def stop(self, timeout: float = 30.0) -> dict:
         """Stop the recorders (py-spy writes its file on SIGINT); what each recording says (:func:`summarize`)."""

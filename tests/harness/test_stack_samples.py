@@ -138,3 +138,12 @@ def test_warm_ups_are_not_sampled_when_only_the_measured_workload_is_named(tag, 
     monkeypatch.setattr(serve, "PROFILE", {"seed", "poisson"})
     server = serve.Server("on", 30001, tmp_path / "server-on.log", proc=subprocess.Popen(["true"]))
     assert serve.sampler_for(server, tmp_path, tag) is None
+
+
+def test_a_py_spy_that_cannot_start_leaves_the_run_unsampled_with_the_reason(tmp_path):
+    binary = tmp_path / "py-spy"
+    binary.write_text("not a program")  # not executable
+    sampler = stack_samples.StackSampler(binary, [4242], tmp_path / "stacks-lone-on")
+    sampler.start()
+    result = sampler.stop()
+    assert result["all"]["samples"] == 0 and result["all"]["error"].startswith("Error: [Errno 13]")
