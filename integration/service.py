@@ -34,7 +34,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from mm_scheduler import Coalescer, CoalescerClosedError, CoalescerConfig, CoalescerError, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
@@ -52,6 +52,12 @@ PREFILL_ITEMS = Counter("mm_coalescer_prefill_items", "Items a prefill asked the
 PREFILL_WAIT = Histogram("mm_coalescer_prefill_wait_seconds", "Time the scheduler thread was blocked waiting for "
                          "encoder results inside a prefill", ("coalescer",),
                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
+# How far the encoder runs ahead of the prefills: results encoded (or queued) since arrival that no prefill has
+# taken yet, against the cap (--mm-coalescer-max-held-mb), and the arrivals waiting for room under it.
+HELD_BYTES = Gauge("mm_coalescer_held_bytes", "Bytes of results encoded or queued ahead of their prefill (capped by "
+                   "max_held_mb)", ("coalescer",))
+DEFERRED_ITEMS = Gauge("mm_coalescer_deferred_items", "Items waiting for room under the held-results cap, admitted in "
+                       "arrival order as prefills take results", ("coalescer",))
 
 
 def result_key(tower: SGLangTower, item: Any) -> Hashable:
@@ -261,6 +267,7 @@ class EncoderService:
             self._loop.stop()
         with self._lock:
             self._held.clear()
+            self._export_held()
 
     def serves(self, model: object) -> bool:
         return model is self.tower.model
@@ -291,6 +298,7 @@ class EncoderService:
                 if handle is not None:
                     self._held.add(rid, key, handle, nbytes)
                     self.counts["submitted"] += 1
+            self._export_held()
 
     # --- prefill ---------------------------------------------------------------------------------
     def encode(self, items: Sequence[Any], original: Callable[[list[Any]], Any]) -> Any:
@@ -423,6 +431,12 @@ class EncoderService:
                 self.counts["cancelled"] += 1
         for deferred in self._held.admit():
             self._admit(deferred)
+        self._export_held()
+
+    def _export_held(self) -> None:
+        """The held bytes and deferred items as gauges (under the lock, after every change)."""
+        HELD_BYTES.labels(self.config.name).set(self._held.held_bytes)
+        DEFERRED_ITEMS.labels(self.config.name).set(self._held.deferred_count)
 
     def _admit(self, deferred: Deferred[Any]) -> None:
         handle = self._submit_quietly(deferred.payload)

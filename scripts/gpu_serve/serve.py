@@ -121,8 +121,8 @@ VARIANTS = {
     "on+tok4ipc+items64": Variant(True, TOK4IPC, config={"max_batch_items": 64}),
     # A short lead for the encoder (643572e): against off+tok4ipc+backport, on+tok4ipc's first prefills ran late
     # while the coalescer encoded the burst ahead of them on a saturated GPU (first chunks p10 7.3 s against 4.1 s,
-    # p90 equal). Results encoded ahead may pin 1 GiB by default: ~139 Qwen3-VL-8B images of 900 patches (7.4 MB
-    # each with the deepstack outputs), ~23 requests. 192 MB is ~26 images, ~4 requests; later arrivals wait in
+    # p90 equal). Results encoded ahead may pin 1 GiB by default: ~145 Qwen3-VL-8B images of 900 patches (7.4 MB
+    # each with the deepstack outputs), ~24 requests. 192 MB is ~27 images, ~4 requests; later arrivals wait in
     # arrival order and are admitted as prefills consume results.
     "on+tok4ipc+held192m": Variant(True, TOK4IPC, env={"MM_COALESCER_MAX_HELD_MB": "192"}),
     # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).

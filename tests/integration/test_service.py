@@ -396,6 +396,21 @@ def test_a_request_with_an_item_deferred_by_the_cap_is_not_ready(make_service):
     assert service.counts["admitted"] == 1
 
 
+def test_the_held_bytes_and_deferred_items_gauges_follow_the_cap(make_service):
+    """What an operator watches to see how far the encoder runs ahead (and whether the cap binds)."""
+    from mm_scheduler_sglang.service import DEFERRED_ITEMS, HELD_BYTES
+
+    service = make_service(max_held_bytes=ROWS * 4 * 2)  # room for two results
+    held, deferred = HELD_BYTES.labels(service.config.name), DEFERRED_ITEMS.labels(service.config.name)
+    service.on_arrival("a", [item(1)])
+    service.on_arrival("b", [item(2), item(3)])  # item 3 does not fit: deferred
+    assert (held._value.get(), deferred._value.get()) == (ROWS * 4 * 2, 1)
+    service.release("a")  # room: item 3 is admitted
+    assert (held._value.get(), deferred._value.get()) == (ROWS * 4 * 2, 0)
+    service.release("b")
+    assert (held._value.get(), deferred._value.get()) == (0, 0)
+
+
 def test_a_prefill_chunk_ending_at_an_items_last_token_keeps_its_result_for_the_next_chunk(make_service):
     """Offsets are inclusive and ``prefilled_upto`` (SGLang's ``extend_end``) is exclusive: a chunk ending at
     the item's last offset has not embedded that token yet, so the next chunk needs the result again."""
