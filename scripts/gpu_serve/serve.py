@@ -512,6 +512,9 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     keep["window"] = [started_at, time.time()]  # wall clock: selects this run's records in SGLang's export
     keep["coalescer"] = coalescer_delta(before, after)
     keep["sglang"] = sglang_delta(before, after)
+    trace = gauge_trace(scraper.samples)
+    if trace:
+        keep["lead_gauges"] = {"columns": ["s", *LEAD_GAUGES], "values": trace}
     if stacks is not None:
         keep["stacks"] = stacks
     log(f"  {tag}: {keep['completed']} done in {keep['duration']:.1f}s, TTFT p50 {keep['median_ttft_ms']:.0f} "
@@ -541,6 +544,23 @@ def _delta(before: str, after: str, prefixes: tuple[str, ...]) -> dict[str, floa
         if base.startswith(prefixes) and (base.endswith(("_total", "_sum", "_count"))):
             out[base] = out.get(base, 0.0) + value - a.get(name, 0.0)
     return out
+
+
+LEAD_GAUGES = ("mm_coalescer_queue_patches", "mm_coalescer_held_bytes", "mm_coalescer_deferred_items")
+
+
+def gauge_trace(samples: list[tuple[float, str]], names: tuple[str, ...] = LEAD_GAUGES) -> list[list[float]]:
+    """The plugin's lead gauges once a second over a run: ``[seconds from the first scrape, *values]`` per scrape
+    (each summed over its labels), so a run shows how far the encoder ran ahead of the prefills, and when."""
+    if not samples or not any(name in text for name in names for _, text in samples):
+        return []
+    start = samples[0][0]
+    trace = []
+    for at, text in samples:
+        values = parse_metrics(text)
+        trace.append([round(at - start, 2), *(sum(v for key, v in values.items() if key.split("{")[0] == name)
+                                              for name in names)])
+    return trace
 
 
 def coalescer_delta(before: str, after: str) -> dict[str, float]:

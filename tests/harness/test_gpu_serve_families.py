@@ -253,3 +253,14 @@ def test_the_progress_log_is_also_written_into_the_returned_folder(monkeypatch, 
     lines = (tmp_path / "serve.log").read_text().splitlines()
     assert [line.split("] ", 1)[1] for line in lines] == ["seed0-on: 100 done", "done"]
     assert capsys.readouterr().out.count("[gpu-serve +") == 2
+
+
+def test_the_lead_gauges_are_traced_once_a_scrape_summed_over_their_labels():
+    scrape = ('mm_coalescer_held_bytes{{coalescer="q",pid="1"}} {held}\n'
+              'mm_coalescer_held_bytes{{coalescer="q",pid="2"}} 5.0\n'
+              'mm_coalescer_deferred_items{{coalescer="q",pid="1"}} {deferred}\n'
+              'mm_coalescer_queue_patches{{coalescer="q",pid="1"}} 900.0\n'
+              'mm_coalescer_held_bytes_other 7.0\n')
+    samples = [(100.0, scrape.format(held=10.0, deferred=3.0)), (101.5, scrape.format(held=20.0, deferred=0.0))]
+    assert serve.gauge_trace(samples) == [[0.0, 900.0, 15.0, 3.0], [1.5, 900.0, 25.0, 0.0]]
+    assert serve.gauge_trace([(100.0, "sglang:num_running_reqs 1.0\n")]) == []  # plugin off: nothing to trace
