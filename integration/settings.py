@@ -201,8 +201,8 @@ def preprocessing_advice(server_args: object) -> str | None:
     return (f"mm-coalescer: SGLang runs {workers} tokenizer worker(s) with {transport} feature transport; on "
             "image-heavy traffic its preprocessing, not the vision tower, dominated TTFT in our real-server runs "
             "(--tokenizer-worker-num 4 --mm-feature-transport cuda_ipc without this plugin: TTFT 0.66x on Qwen2.5-VL, "
-            "0.57x on Qwen3-VL); turn those on first, then measure this plugin against them (on top of them it "
-            "lost there: 1.20x, 1.11x)")
+            "0.57x on Qwen3-VL, whose 0.5.16 needs 0.5.23's device fix or this plugin for them); turn those on "
+            "first, then measure this plugin against them (on top of them it lost there: 1.20x, 1.11x)")
 
 
 def tune_rules(values: dict[str, Any], seen: Observed) -> list[Change]:

@@ -469,8 +469,6 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     scraper = MetricsScraper(server)
     scraper.start()
     sampler = sampler_for(server, out, tag)
-    if sampler is not None:
-        sampler.start()
     argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
             "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
     t, started_at = time.monotonic(), time.time()
@@ -492,6 +490,8 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     watchdog = threading.Thread(target=watch, daemon=True)
     watchdog.start()
     try:
+        if sampler is not None:
+            sampler.start()
         rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
     finally:
         done.set()

@@ -16,12 +16,15 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
 SCHEDULER_TITLE = "sglang::scheduler"  # SGLang's setproctitle for each TP rank's scheduler process
 RATE_HZ = 100
-_LINE = re.compile(r"^thread \((\d+)\): (.*) (\d+)$")
+# ``thread (TID): NAME;frame;... COUNT``; py-spy leaves out ``: NAME`` for a thread Python does not list, and writes
+# TID in hex where it has no native id.
+_LINE = re.compile(r"^thread \(([^)]+)\)(?:: ([^;]*))?(?:;(.*))? (\d+)$")
 # Frames of this project, by path (py-spy runs with --full-filenames): the installed wheel's two packages.
 PLUGIN_PATHS = ("/mm_scheduler/", "/mm_scheduler_sglang/")
 
@@ -60,7 +63,8 @@ class StackSampler:
         return [self.prefix.with_name(f"{self.prefix.name}-{kind}-{pid}.txt") for pid in self.pids]
 
     def start(self) -> None:
-        for kind, flags in (("all", ["--idle"]), ("gil", ["--gil"])):
+        # --idle in both: py-spy drops a thread it deems idle, even one holding the GIL while blocked in the kernel
+        for kind, flags in (("all", ["--idle"]), ("gil", ["--gil", "--idle"])):
             for pid, output in zip(self.pids, self.outputs(kind), strict=True):
                 argv = [str(self.py_spy), "record", "--pid", str(pid), "--threads", "--nonblocking",
                         "--full-filenames", "--rate", str(RATE_HZ), "--format", "raw", "--output", str(output),
@@ -72,15 +76,18 @@ class StackSampler:
                         log.write(f"Error: {exc}\n")
 
     def stop(self, timeout: float = 30.0) -> dict:
-        """Stop the recorders (py-spy writes its file on SIGINT); what each recording says (:func:`summarize`)."""
+        """Stop the recorders (py-spy writes its file on SIGINT; one still running ``timeout`` seconds later is
+        killed); what each recording says (:func:`summarize`)."""
         for p in self._procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + timeout
         for p in self._procs:
             try:
-                p.wait(timeout)
+                p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         out = {}
         for kind in ("all", "gil"):
             out[kind] = summarize([path for path in self.outputs(kind) if path.exists()])
@@ -105,8 +112,7 @@ def summarize(paths: list[Path], top: int = 8) -> dict:
             m = _LINE.match(line)
             if not m:
                 continue
-            name, _, stack = m.group(2).partition(";")
-            count = int(m.group(3))
+            name, stack, count = m.group(2) or f"thread {m.group(1)}", m.group(3) or "", int(m.group(4))
             threads[name] += count
             if any(marker in stack for marker in PLUGIN_PATHS):
                 plugin[name] += count

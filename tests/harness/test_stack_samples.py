@@ -31,10 +31,16 @@ def _tree(tmp_path: Path) -> subprocess.Popen:
     """A process whose child is titled like SGLang's scheduler, beside one that is not."""
     script = "exec -a 'sglang::scheduler_TP0' sleep 30 & exec -a 'sglang::detokenizer' sleep 30 & wait"
     root = subprocess.Popen(["bash", "-c", script], start_new_session=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not stack_samples.descendants_titled(root.pid, "sglang::detokenizer"):
-        time.sleep(0.05)
+    _until(lambda: all(stack_samples.descendants_titled(root.pid, title)
+                       for title in ("sglang::scheduler", "sglang::detokenizer")))
     return root
+
+
+def _until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def _kill(*trees: subprocess.Popen) -> None:
@@ -68,6 +74,15 @@ def test_the_summary_gives_each_threads_share_and_the_plugins_frames(tmp_path):
     assert stack_samples.summarize([]) == {"samples": 0}
 
 
+def test_threads_python_does_not_list_are_counted_under_their_id(tmp_path):
+    """py-spy writes no name for such a thread, and a hex id where it has no native one: still samples."""
+    raw = tmp_path / "stacks.txt"
+    raw.write_text(f"thread (0x7F3A2B): MainThread;{LOOP} 6\nthread (4242);run (/x.py:1) 3\nthread (17) 1\n")
+    summary = stack_samples.summarize([raw])
+    assert summary["samples"] == 10
+    assert summary["threads"] == {"MainThread": 0.6, "thread 4242": 0.3, "thread 17": 0.1}
+
+
 FAKE_PY_SPY = """\
 #!{python}
 import signal, sys, time
@@ -84,6 +99,7 @@ def finish(*_):
         f.write("thread (1): MainThread;loop (/site/sglang/x.py:1) " + ("7" if kind == "gil" else "9") + "\\n")
     sys.exit(0)
 signal.signal(signal.SIGINT, finish)
+open(output + ".ready", "w").close()
 while True:
     time.sleep(0.01)
 """
@@ -103,7 +119,7 @@ def _fake(tmp_path: Path, behaviour: str) -> Path:
 def test_the_recorders_run_until_stopped_and_both_recordings_are_summarized(tmp_path):
     sampler = stack_samples.StackSampler(_fake(tmp_path, RECORDS), [4242], tmp_path / "stacks-lone-on")
     sampler.start()
-    time.sleep(0.5)
+    _until(lambda: all(Path(f"{out}.ready").exists() for kind in ("all", "gil") for out in sampler.outputs(kind)))
     result = sampler.stop()
     assert result["all"]["samples"] == 9 and result["gil"]["samples"] == 7
     assert (tmp_path / "stacks-lone-on-gil-4242.txt").exists()
@@ -112,7 +128,7 @@ def test_the_recorders_run_until_stopped_and_both_recordings_are_summarized(tmp_
 def test_a_recorder_that_cannot_read_the_process_says_why(tmp_path):
     sampler = stack_samples.StackSampler(_fake(tmp_path, FAILS), [4242], tmp_path / "stacks-lone-on")
     sampler.start()
-    time.sleep(0.3)
+    _until(lambda: all(p.poll() is not None for p in sampler._procs))  # both said why and exited
     result = sampler.stop()
     assert result["all"]["samples"] == 0
     assert result["gil"]["error"] == "Error: Failed to open process 4242: Operation not permitted"
