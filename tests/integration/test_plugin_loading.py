@@ -211,10 +211,10 @@ def test_the_launcher_suggests_sglangs_preprocessing_flags_only_when_they_are_of
         return caplog.text
 
     assert "SGLang runs 1 tokenizer worker(s) with cpu feature transport" in launch()
-    assert "consider those flags" in launch(tokenizer_worker_num=4)  # the transport is still cpu
-    assert "consider those flags" not in launch(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc")
+    assert "turn those on first" in launch(tokenizer_worker_num=4)  # the transport is still cpu
+    assert "turn those on first" not in launch(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc")
     monkeypatch.delenv(settings.ENV_ENABLE)
-    assert "consider those flags" not in launch()  # plugin off: not its business
+    assert "turn those on first" not in launch()  # plugin off: not its business
 
 
 @pytest.mark.parametrize(("content", "expected"), [
