@@ -27,7 +27,7 @@ thread (12): mm-coalescer-qwen3_vl;_run (/site/mm_scheduler/coalescer.py:366) 20
 """
 
 
-def _tree(tmp_path: Path) -> subprocess.Popen:
+def _tree() -> subprocess.Popen:
     """A process whose child is titled like SGLang's scheduler, beside one that is not."""
     script = "exec -a 'sglang::scheduler_TP0' sleep 30 & exec -a 'sglang::detokenizer' sleep 30 & wait"
     root = subprocess.Popen(["bash", "-c", script], start_new_session=True)
@@ -50,11 +50,11 @@ def _kill(*trees: subprocess.Popen) -> None:
 
 
 def test_only_the_scheduler_processes_under_the_server_are_found(tmp_path):
-    root = _tree(tmp_path)
+    root = _tree()
     other = subprocess.Popen(["bash", "-c", "exec -a 'sglang::scheduler_TP0' sleep 30"],  # another server's
                              start_new_session=True)
     try:
-        time.sleep(0.2)
+        _until(lambda: stack_samples.descendants_titled(other.pid, stack_samples.SCHEDULER_TITLE))  # it exec'd
         found = stack_samples.descendants_titled(root.pid, stack_samples.SCHEDULER_TITLE)
         assert len(found) == 1 and found[0] != other.pid
         title = Path(f"/proc/{found[0]}/cmdline").read_bytes().decode()
@@ -135,7 +135,7 @@ def test_a_recorder_that_cannot_read_the_process_says_why(tmp_path):
 
 
 def test_a_run_is_sampled_only_when_its_workload_is_named_and_py_spy_is_there(tmp_path, monkeypatch):
-    root = _tree(tmp_path)
+    root = _tree()
     try:
         server = serve.Server("on", 30001, tmp_path / "server-on.log", proc=root)
         monkeypatch.setattr(serve, "PY_SPY", _fake(tmp_path, RECORDS))
