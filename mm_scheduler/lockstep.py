@@ -31,6 +31,7 @@ the first collective; for the rest the collective's timeout (NCCL's watchdog) is
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +109,11 @@ class PeerFailedError(RuntimeError):
 
 
 class LockstepEncoder:
-    """Queues encode work and runs it, batched under the budget, only when ``step`` is called."""
+    """Queues encode work and runs it, batched under the budget, only when ``step`` is called.
+
+    Safe to call from several threads: one lock serialises ``submit``, ``cancel``, ``step`` and
+    ``result`` (forwards included), so a submit can never join a unit whose batch has already delivered.
+    """
 
     def __init__(self, tower: Tower, config: CoalescerConfig | None = None, *, agree: Agree | None = None) -> None:
         self.tower = tower
@@ -128,6 +133,7 @@ class LockstepEncoder:
         self.forwards = 0
         self.agreed_failures = 0  # batches failed on every rank because some rank failed
         self._labels = {"coalescer": self.config.name}
+        self._lock = threading.Lock()
 
     @property
     def pending_units(self) -> int:
@@ -138,64 +144,68 @@ class LockstepEncoder:
 
         Raises InvalidItemError, naming the item, when one can never be encoded; nothing is queued then.
         """
-        check_items(items, self._planner, self._validate_item,
-                    metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc)
-        units, spans = split_into_units(items)
-        ticket = LockstepTicket(spans=spans, outputs=[None] * len(units), remaining=len(units))
-        for slot, unit in enumerate(units):
-            key = unit.key if self.config.dedup else None
-            job = self._jobs_by_key.get(key) if key is not None else None
-            if job is None:
-                job = _Job(unit, key, float(self._arrivals))
-                self._arrivals += 1
-                self._planner.add([job])
-                if key is not None:
-                    self._jobs_by_key[key] = job
-            else:
-                metrics.DEDUP_HITS.labels(**self._labels).inc()
-            job.waiters.append((ticket, slot))
-            ticket.jobs.append(job)
-        metrics.UNITS.labels(**self._labels).inc(len(units))
-        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
-        return ticket
+        with self._lock:
+            check_items(items, self._planner, self._validate_item,
+                        metrics.ERRORS.labels(kind="invalid_item", **self._labels).inc)
+            units, spans = split_into_units(items)
+            ticket = LockstepTicket(spans=spans, outputs=[None] * len(units), remaining=len(units))
+            for slot, unit in enumerate(units):
+                key = unit.key if self.config.dedup else None
+                job = self._jobs_by_key.get(key) if key is not None else None
+                if job is None:
+                    job = _Job(unit, key, float(self._arrivals))
+                    self._arrivals += 1
+                    self._planner.add([job])
+                    if key is not None:
+                        self._jobs_by_key[key] = job
+                else:
+                    metrics.DEDUP_HITS.labels(**self._labels).inc()
+                job.waiters.append((ticket, slot))
+                ticket.jobs.append(job)
+            metrics.UNITS.labels(**self._labels).inc(len(units))
+            metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+            return ticket
 
     def cancel(self, ticket: LockstepTicket) -> None:
         """Stop delivering to ``ticket``; withdraw its queued units that no other ticket waits for."""
-        ticket.cancelled = True
-        for job in ticket.jobs:
-            job.waiters = [w for w in job.waiters if w[0] is not ticket]
-            if not job.waiters and not job.ran:
-                self._planner.discard(job)
-                if job.key is not None and self._jobs_by_key.get(job.key) is job:
-                    del self._jobs_by_key[job.key]
-        ticket.jobs = []
-        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+        with self._lock:
+            ticket.cancelled = True
+            for job in ticket.jobs:
+                job.waiters = [w for w in job.waiters if w[0] is not ticket]
+                if not job.waiters and not job.ran:
+                    self._planner.discard(job)
+                    if job.key is not None and self._jobs_by_key.get(job.key) is job:
+                        del self._jobs_by_key[job.key]
+            ticket.jobs = []
+            metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
 
     def step(self) -> int:
         """Run every queued unit on this thread, in planner order; returns the number of forwards."""
-        batches = self._planner.drain()
-        for batch in batches:
-            self._run(batch)  # type: ignore[arg-type]
-        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
-        return len(batches)
+        with self._lock:
+            batches = self._planner.drain()
+            for batch in batches:
+                self._run(batch)  # type: ignore[arg-type]
+            metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+            return len(batches)
 
     def result(self, ticket: LockstepTicket) -> list[torch.Tensor]:
         """The ticket's outputs, one per submitted item; first runs queued batches until it is done.
 
         On CUDA the caller's current stream is made to wait for the producing stream (no host sync).
         """
-        if ticket.cancelled:
-            raise RuntimeError("result() of a cancelled ticket")
-        while not ticket.done() and self._planner.pending_units:
-            # Queue order (the oldest head first, as in drain()), one batch at a time, stopping once
-            # this ticket is complete: later arrivals wait for their own prefill.
-            self._run(self._planner.next_batch(math.inf, 0.0))  # type: ignore[arg-type]
-        metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
-        if ticket.error is not None:
-            raise ticket.error
-        if ticket.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(ticket.ready)
-        return assemble(ticket.outputs, ticket.spans)  # type: ignore[arg-type]
+        with self._lock:
+            if ticket.cancelled:
+                raise RuntimeError("result() of a cancelled ticket")
+            while not ticket.done() and self._planner.pending_units:
+                # Queue order (the oldest head first, as in drain()), one batch at a time, stopping once
+                # this ticket is complete: later arrivals wait for their own prefill.
+                self._run(self._planner.next_batch(math.inf, 0.0))  # type: ignore[arg-type]
+            metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+            if ticket.error is not None:
+                raise ticket.error
+            if ticket.ready is not None:
+                torch.cuda.current_stream(self.device).wait_event(ticket.ready)
+            return assemble(ticket.outputs, ticket.spans)  # type: ignore[arg-type]
 
     def _preflight(self, jobs: list[_Job], patches: int) -> None:
         """Raise now, before any collective, what would make this rank fail the forward (OOM)."""

@@ -12,6 +12,7 @@ prometheus_client is imported only when a series is first used (``metrics.UNITS`
 from __future__ import annotations
 
 import functools
+import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,8 +22,17 @@ _COUNT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-@functools.cache
+_FIRST_USE = threading.Lock()
+
+
 def _series() -> SimpleNamespace:
+    """The series, created by the first caller; the lock keeps two threads' first calls from both registering."""
+    with _FIRST_USE:
+        return _registered()
+
+
+@functools.cache
+def _registered() -> SimpleNamespace:
     from prometheus_client import Counter, Gauge, Histogram
 
     return SimpleNamespace(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import sys
+import threading
+
 import pytest
 import torch
 
-from mm_scheduler import CoalescerConfig, EncodeError, EncodeItem, InvalidItemError
+from mm_scheduler import CoalescerConfig, EncodeError, EncodeItem, InvalidItemError, metrics
 from mm_scheduler.lockstep import LockstepEncoder, PeerFailedError
 from mm_scheduler.testing import FakeTower, expected_encoding
 
@@ -184,3 +188,69 @@ def test_without_agreement_no_preflight_runs():
     enc = encoder(tower)
     assert enc.result(enc.submit([image(144, key="big")]))
     assert tower.preflights == 0 and len(tower.log) == 1
+
+
+def test_threads_submitting_shared_keys_while_others_run_batches_all_get_every_output():
+    """CI caught a submit joining a unit whose batch had just delivered: its ticket waited forever for that slot
+    and ``result`` handed back None. Eight threads share twelve keys, cancel a quarter of their tickets and take
+    turns in ``result`` (as the plugin's prefill does); a short switch interval makes the interleavings common."""
+    enc = encoder(FakeTower())
+    errors: list[BaseException] = []
+    result_turn = threading.Lock()
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):
+                items = [EncodeItem(torch.ones(2) * k, 16, key=k) for k in rng.sample(range(12), rng.randint(1, 3))]
+                ticket = enc.submit(items)
+                if rng.random() < 0.25:
+                    enc.cancel(ticket)
+                    continue
+                with result_turn:
+                    outputs = enc.result(ticket)
+                for item, out in zip(items, outputs, strict=True):
+                    assert out is not None and torch.equal(out, expected_encoding(item)), item.key
+        except BaseException as exc:
+            errors.append(exc)
+
+    _run_threads(client, 8)
+    assert not errors, errors[0]
+    assert enc.pending_units == 0
+
+
+def test_the_first_metric_used_from_many_threads_at_once_registers_each_series_once():
+    """``functools.cache`` alone let two threads' first calls both register, and the second raised
+    'Duplicated timeseries'."""
+    from prometheus_client import REGISTRY
+
+    for collector in vars(metrics._registered()).values():
+        REGISTRY.unregister(collector)
+    metrics._registered.cache_clear()
+    seen: list[object] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def first_use(_: int) -> None:
+        start.wait()
+        try:
+            seen.append(metrics.UNITS)
+        except BaseException as exc:
+            errors.append(exc)
+
+    _run_threads(first_use, 8)
+    assert not errors, errors[0]
+    assert len(seen) == 8 and all(series is seen[0] for series in seen)
+
+
+def _run_threads(target, count: int) -> None:
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=target, args=(seed,)) for seed in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(previous)
