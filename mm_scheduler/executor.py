@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .types import EncodeItem, Tower
+from .units import Spans, assemble
 
 
 @dataclass(slots=True)
@@ -82,6 +83,24 @@ def own_storage(output: object) -> object:
             output.untyped_storage().nbytes() > output.numel() * output.element_size():
         return output.clone()
     return output
+
+
+def assemble_complete(outputs: list[torch.Tensor], spans: Spans,
+                      join_stream: torch.cuda.Stream | None) -> list[torch.Tensor]:
+    """:func:`assemble`, with every joined CUDA result complete on return.
+
+    Results are handed over once their batch's CUDA event completed, and consumers on other streams
+    rely on that. A video's frames are joined afterwards, on the caller's (the event loop's) thread: on
+    its current stream, the legacy default one, nothing orders that ``torch.cat`` before a consumer's
+    reads. So the join runs on ``join_stream`` (the coalescer's own, which carries nothing else) and
+    is waited for there: microseconds, and the frames it reads cannot be freed before it ran.
+    """
+    if join_stream is None or spans is None or all(b - a == 1 for a, b in spans):
+        return assemble(outputs, spans)
+    with torch.cuda.stream(join_stream):
+        results = assemble(outputs, spans)
+    join_stream.synchronize()
+    return results
 
 
 class Executor:

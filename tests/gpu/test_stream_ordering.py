@@ -179,6 +179,52 @@ def test_multi_unit_results_assembled_on_a_busy_consumer_stream_are_not_overwrit
         service.close()
 
 
+class VideoRowSumTower(RowSumTower):
+    """One video unit per item: the coalescer splits it into frames and joins their outputs on its own thread."""
+
+    def units(self, item) -> list[EncodeItem]:
+        return [EncodeItem(item.feature, item.feature.shape[1], "video", item.hash)]
+
+
+@pytest.mark.parametrize("joined_on_own_stream", [True, False], ids=["fixed", "control"])
+def test_video_frames_joined_by_the_coalescer_are_complete_when_handed_over(monkeypatch, joined_on_own_stream):
+    """The coalescer joins a video's frame outputs with torch.cat on its event-loop thread, whose current stream is
+    the legacy default one; the consumer reads on SGLang's forward stream right away. With that default stream far
+    behind (busy), a join left on it is read before it ran. The control keeps the join there and must read stale
+    data at least once (else it skips as inconclusive)."""
+    from mm_scheduler import coalescer, units
+
+    if not joined_on_own_stream:
+        monkeypatch.setattr(coalescer, "assemble_complete", lambda outputs, spans, _stream: units.assemble(outputs,
+                                                                                                           spans))
+    config = CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64, bytes_per_patch=4096)
+    service = EncoderService(VideoRowSumTower(), config).start()
+    try:
+        def scenario(schedule_stream):
+            forward_stream = torch.cuda.Stream(priority=0)
+            wrong = 0
+            for rep in range(REPS):
+                frames, rows = 4, 16 + rep
+                item = _item(7000 + rep, frames, rows)
+                _busy(torch.cuda.default_stream(), n=16)  # the loop thread's stream is far behind
+                with torch.cuda.stream(forward_stream):
+                    got = service.encode([item], original=lambda _: pytest.fail("fell back"))
+                    host = got.cpu()
+                wrong += not torch.equal(host, _expected(7000 + rep, frames, rows))
+            torch.cuda.synchronize()
+            return wrong
+
+        wrong = _run_on_scheduler_thread(scenario)
+    finally:
+        service.close()
+    if joined_on_own_stream:
+        assert wrong == 0
+    elif wrong == 0:
+        pytest.skip(f"inconclusive: 0/{REPS} joins left on the default stream were read stale on this GPU")
+    else:
+        assert 0 < wrong <= REPS
+
+
 def test_control_without_ordering_reads_stale_pixels():
     """The control: proves the scenario above can catch a missing wait on this GPU.
 
