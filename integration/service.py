@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from mm_scheduler import Coalescer, CoalescerClosedError, CoalescerConfig, CoalescerError, EncodeItem
+from mm_scheduler import Coalescer, CoalescerClosedError, CoalescerConfig, CoalescerError, Encoded, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
 
 from .adapters import SGLangTower, on_one_device
@@ -548,7 +548,10 @@ class EncoderService:
 
     @staticmethod
     def _for_consumer(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Tie CUDA results to the consuming stream before any kernel there reads them."""
+        """Order the consuming stream after the encoder's writes (``handover: enqueued``; lockstep results and
+        complete ones need nothing) and tie CUDA results to it before any kernel there reads them."""
+        if isinstance(outputs, Encoded):
+            outputs.wait()
         for tensor in outputs:
             if tensor.is_cuda:
                 tensor.record_stream(torch.cuda.current_stream(tensor.device))

@@ -11,7 +11,7 @@ from .errors import (
     QueueFullError,
     TowerUnhealthyError,
 )
-from .types import EncodeItem, Tower
+from .types import Encoded, EncodeItem, Tower
 
 __all__ = [
     "Coalescer",
@@ -21,6 +21,7 @@ __all__ = [
     "ConfigError",
     "EncodeError",
     "EncodeItem",
+    "Encoded",
     "ForwardTimeoutError",
     "InvalidItemError",
     "QueueFullError",

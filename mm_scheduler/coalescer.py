@@ -29,11 +29,11 @@ from .errors import (
     QueueFullError,
     TowerUnhealthyError,
 )
-from .executor import BatchOutcome, Executor, assemble_complete
+from .executor import BatchOutcome, Executor, deliverable_at_launch, join
 from .health import ForwardSupervisor
 from .jobs import Job, Request
 from .planner import Planner
-from .types import EncodeItem, Tower
+from .types import Encoded, EncodeItem, Tower
 from .units import (
     check_items,
     record_ready_events,
@@ -134,8 +134,9 @@ class Coalescer:
         self._closed = True
 
     # --- the public call ---------------------------------------------------------------------
-    async def encode(self, items: Sequence[EncodeItem], *, urgent: bool = False) -> list[torch.Tensor]:
-        """Encode ``items``; returns one tensor per item, in the order given.
+    async def encode(self, items: Sequence[EncodeItem], *, urgent: bool = False) -> Encoded:
+        """Encode ``items``; returns one tensor per item, in the order given (with ``handover: enqueued``, CUDA
+        results may still be being written: see :class:`Encoded`).
 
         ``urgent``: the caller is blocked on the result (a prefill needs it now): its units are
         dispatched before anything else queued (see :meth:`expedite`).
@@ -151,18 +152,20 @@ class Coalescer:
         record_ready_events(items)
         units, spans = split_into_units(items)
         if not units:
-            return []
+            return Encoded()
         request = await self._enqueue(units, urgent)
         await self._outputs_of(request)
         try:
-            results = assemble_complete(request.outputs, spans, self._join_stream)  # type: ignore[arg-type]
+            results, events = join(request.outputs, spans, self._join_stream, request.events)  # type: ignore[arg-type]
         except EncodeError:
             self._counts["failed_units"] += 1
             metrics.ERRORS.labels(kind="encode", **self._labels).inc()
             metrics.REQUESTS.labels(outcome="failed", **self._labels).inc()
             raise
         self._m_ok.inc()
-        return results
+        encoded = Encoded(results)
+        encoded.events = events
+        return encoded
 
     def expedite(self, keys: Sequence[Hashable]) -> int:
         """Someone is blocked on the units queued under ``keys``: dispatch them next.
@@ -380,15 +383,27 @@ class Coalescer:
         metrics.QUEUE_WAIT.labels(**self._labels).observe(started - oldest_arrival)
         # Lone batch (nothing queued, nothing else in flight): the forward thread also waits for the GPU;
         # with work queued it returns at once, to pipeline.
-        lone = self._sync_lone_inline and not self._planner.pending_units and len(self._batches) <= 1
+        # With handover: enqueued nobody waits for the GPU here: results go out once the forward is queued.
+        enqueued = self.config.handover == "enqueued"
+        lone = (not enqueued and self._sync_lone_inline and not self._planner.pending_units
+                and len(self._batches) <= 1)
+        delivered_at_launch = False
+
+        def launched(outcome: BatchOutcome) -> None:
+            nonlocal delivered_at_launch
+            if deliverable_at_launch(outcome):
+                self._deliver(jobs, outcome, ready=outcome.done)
+                delivered_at_launch = True
+
         try:
-            outcome = await self._supervisor.run([job.unit for job in jobs], lone)
+            outcome = await self._supervisor.run([job.unit for job in jobs], lone, launched if enqueued else None)
         except BaseException as exc:  # the executor itself broke: fail this batch's units, keep serving
             logger.exception("coalescer %s: batch of %d units failed outside the tower", self.config.name, len(jobs))
             outcome = BatchOutcome(outputs=[exc] * len(jobs))
         self._launching = False
         self._record(jobs, outcome, self._loop.time() - started)
-        self._deliver(jobs, outcome)
+        if not delivered_at_launch:  # else a later failure (a completion past the deadline) reaches nobody
+            self._deliver(jobs, outcome)
         # Free the slot before waking the dispatcher (a done-callback would run only after it looked).
         self._batches.discard(asyncio.current_task())  # type: ignore[arg-type]
         self._wakeup.set()
@@ -430,8 +445,10 @@ class Coalescer:
             logger.warning("coalescer %s: out of memory on a %d-patch forward; bucket %d budget now %d patches",
                            self.config.name, failed, bucket, new_budget)
 
-    def _deliver(self, jobs: list[Job], outcome: BatchOutcome) -> None:
-        """Hand each output to its waiters; requests finished by this batch resolve in arrival order."""
+    def _deliver(self, jobs: list[Job], outcome: BatchOutcome, ready: torch.cuda.Event | None = None) -> None:
+        """Hand each output to its waiters; requests finished by this batch resolve in arrival order.
+
+        ``ready``: the outputs are still being written on the GPU; their consumers must wait for it."""
         finished: list[Request] = []
         for job, output in zip(jobs, outcome.outputs, strict=True):
             if job.key is not None:
@@ -449,6 +466,8 @@ class Coalescer:
             for request, slot in waiters:
                 request.outputs[slot] = output
                 request.remaining -= 1
+                if ready is not None and ready not in request.events:
+                    request.events.append(ready)
                 if request.remaining == 0:
                     finished.append(request)
         finished.sort(key=lambda r: r.seq)

@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 DispatchPolicy = Literal["eager", "window"]
 QueueFullPolicy = Literal["reject", "wait"]
 StreamChoice = Literal["dedicated", "current"]
+Handover = Literal["complete", "enqueued"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class CoalescerConfig:
     dedup: bool = True
     device: str | None = None
     stream: StreamChoice = "dedicated"
+    handover: Handover = "complete"
     forward_timeout_s: float | Literal["auto"] | None = "auto"
     name: str = "default"
 
@@ -79,6 +81,7 @@ class CoalescerConfig:
             raise ConfigError(f"'device' must be 'cpu', 'cuda' or 'cuda:N' (null: the tower's own), "
                               f"got {self.device!r}")
         _check_choice("stream", self.stream, ("dedicated", "current"))
+        _check_choice("handover", self.handover, ("complete", "enqueued"))
         if self.forward_timeout_s is not None and self.forward_timeout_s != "auto":
             if isinstance(self.forward_timeout_s, float) and math.isinf(self.forward_timeout_s):
                 raise ConfigError(f"'forward_timeout_s' must be finite (0 or null disables it), "

@@ -85,22 +85,39 @@ def own_storage(output: object) -> object:
     return output
 
 
-def assemble_complete(outputs: list[torch.Tensor], spans: Spans,
-                      join_stream: torch.cuda.Stream | None) -> list[torch.Tensor]:
-    """:func:`assemble`, with every joined CUDA result complete on return.
+def deliverable_at_launch(outcome: BatchOutcome) -> bool:
+    """Whether a consumer may take these outputs before the batch completed (``handover: enqueued``): CUDA
+    tensors, which its stream can wait for with ``done``, and failures; not host tensors of a CUDA batch,
+    which a non-blocking device-to-host copy may still be filling."""
+    return all(not isinstance(out, torch.Tensor) or out.is_cuda or outcome.done is None for out in outcome.outputs)
 
-    Results are handed over once their batch's CUDA event completed, and consumers on other streams
-    rely on that. A video's frames are joined afterwards, on the caller's (the event loop's) thread: on
-    its current stream, the legacy default one, nothing orders that ``torch.cat`` before a consumer's
-    reads. So the join runs on ``join_stream`` (the coalescer's own, which carries nothing else) and
-    is waited for there: microseconds, and the frames it reads cannot be freed before it ran.
+
+def join(outputs: list[torch.Tensor], spans: Spans, join_stream: torch.cuda.Stream | None,
+         events: Sequence[torch.cuda.Event]) -> tuple[list[torch.Tensor], tuple[torch.cuda.Event, ...]]:
+    """:func:`assemble`, and the events a consumer's stream must wait for before reading the results.
+
+    A video's frames are joined with ``torch.cat`` on the caller's (the event loop's) thread, whose
+    current stream is the legacy default one: nothing there orders the join before a consumer's reads.
+    So the join runs on ``join_stream`` (the coalescer's own, which carries nothing else). With no
+    ``events`` the frames are complete and so must the join be: it is waited for (microseconds). With
+    ``events`` (``handover: enqueued``) the join stream waits for them on the GPU, the frames are tied
+    to it until it has read them, and its own event is added to what the consumer waits for.
     """
     if join_stream is None or spans is None or all(b - a == 1 for a, b in spans):
-        return assemble(outputs, spans)
+        return assemble(outputs, spans), tuple(events)
     with torch.cuda.stream(join_stream):
+        for event in events:
+            join_stream.wait_event(event)
+        for out in outputs:
+            if isinstance(out, torch.Tensor) and out.is_cuda:
+                out.record_stream(join_stream)
         results = assemble(outputs, spans)
-    join_stream.synchronize()
-    return results
+    if not events:
+        join_stream.synchronize()
+        return results, ()
+    joined = torch.cuda.Event()
+    joined.record(join_stream)
+    return results, (*events, joined)
 
 
 class Executor:

@@ -215,10 +215,11 @@ class ForwardSupervisor:
         return TowerUnhealthyError(f"coalescer {self.name}: the tower is unhealthy (a forward ran past its "
                                    f"deadline); use another path until a health probe succeeds")
 
-    async def run(self, units: list[EncodeItem], sync: bool) -> BatchOutcome:
+    async def run(self, units: list[EncodeItem], sync: bool,
+                  launched: Callable[[BatchOutcome], None] | None = None) -> BatchOutcome:
         """Run ``units``; learn the deadline from its forward times and keep its first unit as the probe
-        if it encoded fine and is the smallest yet. ``sync``: see :meth:`_run`."""
-        outcome = await self._run(units, sync)
+        if it encoded fine and is the smallest yet. ``sync`` and ``launched``: see :meth:`_run`."""
+        outcome = await self._run(units, sync, launched)
         for forward_seconds in outcome.forward_seconds:
             if self.deadline.observe(forward_seconds):
                 metrics.FORWARD_DEADLINE.labels(**self._labels).set(self.deadline.seconds or 0)
@@ -227,11 +228,13 @@ class ForwardSupervisor:
             self._probe_unit = units[0]  # the smallest unit that encoded fine: what health probes run
         return outcome
 
-    async def _run(self, units: list[EncodeItem], sync: bool) -> BatchOutcome:
+    async def _run(self, units: list[EncodeItem], sync: bool,
+                   launched: Callable[[BatchOutcome], None] | None) -> BatchOutcome:
         """The batch on the forward thread, then its CUDA completion event: each within the forward deadline.
 
         ``sync`` (a lone batch): the forward thread also waits for the event, saving the loop ->
         event-waiter -> loop hops; otherwise it returns at once, so the next batch pipelines behind it.
+        ``launched`` is called with the outcome once the forward thread returned it, before that wait.
         """
         worker = self._forward_thread
         if worker is None or not self.healthy:
@@ -245,6 +248,8 @@ class ForwardSupervisor:
             return BatchOutcome(outputs=[self.error()] * len(units))
         outcome: BatchOutcome = forward.result()
         self._on_thread_free()
+        if launched is not None:
+            launched(outcome)
         if outcome.done is not None and not outcome.done.query():
             began = time.monotonic()
             done = self._event_waiters.submit(outcome.done.synchronize)

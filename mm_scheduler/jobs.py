@@ -15,7 +15,7 @@ from .types import EncodeItem
 class Request:
     """One ``encode()`` call: where its units' outputs go, and the future its caller awaits."""
 
-    __slots__ = ("future", "jobs", "outputs", "remaining", "seq")
+    __slots__ = ("events", "future", "jobs", "outputs", "remaining", "seq")
 
     def __init__(self, seq: int, future: asyncio.Future[None], num_units: int) -> None:
         self.seq = seq
@@ -23,6 +23,7 @@ class Request:
         self.outputs: list[torch.Tensor | None] = [None] * num_units
         self.remaining = num_units
         self.jobs: list[Job] = []
+        self.events: list[torch.cuda.Event] = []  # handover: enqueued: what the outputs' consumer must wait for
 
 
 class Job(PlanUnit):

@@ -38,6 +38,23 @@ class EncodeItem:
     ready: torch.cuda.Event | None = None
 
 
+class Encoded(list):  # type: ignore[type-arg]
+    """What :meth:`Coalescer.encode` returns: one tensor per item, in item order.
+
+    ``events``: with ``handover: enqueued``, CUDA results are returned while the encoder stream may
+    still be writing them; a consumer on another stream must make it wait for these events first
+    (:meth:`wait`), and tie the tensors to its stream (``record_stream``) if it may drop them before
+    that stream has read them. Empty with ``handover: complete``: the results are ready.
+    """
+
+    events: tuple[torch.cuda.Event, ...] = ()
+
+    def wait(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Order ``stream`` (default: the current one) after the work that writes these results; no host wait."""
+        for event in self.events:
+            (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+
+
 @runtime_checkable
 class Tower(Protocol):
     """A vision encoder as the coalescer sees it.

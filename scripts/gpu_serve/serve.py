@@ -125,6 +125,10 @@ VARIANTS = {
     # each with the deepstack outputs), ~24 requests. 192 MB is ~27 images, ~4 requests; later arrivals wait in
     # arrival order and are admitted as prefills consume results.
     "on+tok4ipc+held192m": Variant(True, TOK4IPC, env={"MM_COALESCER_MAX_HELD_MB": "192"}),
+    # Results handed over as soon as their forward is queued on the encoder stream (handover: enqueued); the
+    # prefill's stream waits for the encoder's event on the GPU instead of the scheduler thread waiting on the host
+    # (643572e: 35-39 ms a lone prefill, 0.41 s a seed run), so SGLang's loop keeps running ahead of the GPU.
+    "on+tok4ipc+enqueued": Variant(True, TOK4IPC, config={"handover": "enqueued"}),
     # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).
     "on+prethread": Variant(True, config={"sglang": {"preprocess_thread": True}}),
     "on+prethread+defer2s": Variant(True, config={"sglang": {"preprocess_thread": True, "defer_prefill_ms": 2000}}),

@@ -12,11 +12,13 @@ from mm_scheduler import (
     Coalescer,
     CoalescerClosedError,
     CoalescerConfig,
+    Encoded,
     EncodeError,
     EncodeItem,
     InvalidItemError,
     QueueFullError,
 )
+from mm_scheduler.executor import BatchOutcome, deliverable_at_launch, join
 from mm_scheduler.testing import FakeTower, expected_encoding
 
 from .helpers import image, pending_tasks, until, video
@@ -646,3 +648,83 @@ async def test_back_to_back_requests_complete_with_any_inflight_limit(max_inflig
         async with asyncio.timeout(5):
             await first
             assert_outputs([second_item], await second)
+
+
+# handover ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("handover", ["complete", "enqueued"])
+async def test_either_handover_delivers_every_result_once_in_order_and_counts_each_forward_once(handover):
+    """On CPU a batch is complete when its forward returns, so ``enqueued`` delivers from the launch callback:
+    the same results, with nothing to wait for, and the batch is still recorded and freed exactly once."""
+    tower = FakeTower(ragged=False, fixed_s=0.002)
+    async with Coalescer(tower, config(max_batch_items=4, handover=handover)) as co:
+        requests = [[image(16), video(3, 16), image(64)] for _ in range(6)]
+        outs = await asyncio.gather(*(co.encode(items) for items in requests))
+        stats = co.stats()
+    for items, out in zip(requests, outs, strict=True):
+        assert isinstance(out, Encoded) and out.events == ()
+        assert_outputs(items, out)
+    assert stats["forwards"] == len(tower.log) and stats["units"] == 6 * 5
+    assert stats["inflight_batches"] == 0 and stats["pending_units"] == 0
+
+
+async def test_enqueued_handover_still_fails_only_the_failing_units_request():
+    tower = FakeTower(fail_keys={"bad"})
+    async with Coalescer(tower, config(handover="enqueued")) as co:
+        good, bad = image(16), EncodeItem(torch.ones(16, 2), 16, key="bad")
+        results = await asyncio.gather(co.encode([good]), co.encode([bad]), return_exceptions=True)
+    assert_outputs([good], results[0])
+    assert isinstance(results[1], EncodeError)
+
+
+def test_host_outputs_of_a_cuda_batch_wait_for_completion_and_cuda_outputs_or_failures_do_not():
+    """A non-blocking device-to-host copy may still be filling a host output (the EPD tower's): only CUDA tensors,
+    which a consumer's stream can wait for, and failures may go out before the batch's event completed."""
+    pending = object()  # stands for a recorded CUDA event
+    assert deliverable_at_launch(BatchOutcome(outputs=[torch.ones(2)]))  # CPU batch: complete already
+    assert deliverable_at_launch(BatchOutcome(outputs=[RuntimeError("x")], done=pending))
+    assert not deliverable_at_launch(BatchOutcome(outputs=[torch.ones(2), RuntimeError("x")], done=pending))
+
+
+def test_join_without_a_cuda_stream_assembles_and_passes_the_events_on():
+    frames = [torch.ones(2, 2), torch.zeros(3, 2), torch.full((1, 2), 5.0)]
+    events = ("e1",)
+    results, waited = join(frames, [(0, 2), (2, 3)], None, events)
+    assert waited == events
+    assert torch.equal(results[0], torch.cat(frames[:2])) and results[1] is frames[2]
+
+
+async def test_enqueued_handover_delivers_at_launch_while_the_batch_is_still_running_on_the_device(monkeypatch):
+    """Wiring, with a stand-in completion event that stays pending until the test sets it (the predicate for what
+    may go out early is tested above): the caller has its results and the event to wait for, and the batch keeps
+    its in-flight slot until the event completes."""
+    from mm_scheduler import coalescer as coalescer_module
+
+    gate = threading.Event()
+
+    class PendingEvent:
+        def query(self) -> bool:
+            return gate.is_set()
+
+        def synchronize(self) -> None:
+            gate.wait(10)
+
+        def elapsed_time(self, _other) -> float:
+            return 0.0
+
+    pending = PendingEvent()
+    async with Coalescer(FakeTower(), config(handover="enqueued")) as co:
+        run = co._executor.run
+
+        def run_on_device(units):
+            outcome = run(units)
+            outcome.started = outcome.done = pending
+            return outcome
+
+        monkeypatch.setattr(co._executor, "run", run_on_device)
+        monkeypatch.setattr(coalescer_module, "deliverable_at_launch", lambda outcome: True)
+        item = image(16)
+        out = await asyncio.wait_for(co.encode([item]), timeout=5)
+        assert_outputs([item], out)
+        assert out.events == (pending,) and co.stats()["inflight_batches"] == 1
+        gate.set()
+        await until(lambda: co.stats()["inflight_batches"] == 0)

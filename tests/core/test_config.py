@@ -58,6 +58,7 @@ def test_unknown_key_is_an_error_naming_key_and_file(tmp_path):
         ({"bytes_per_patch": 0}, "bytes_per_patch"),
         ({"oom_backoff": 1.0}, "oom_backoff"),
         ({"stream": "other"}, "stream"),
+        ({"handover": "early"}, "handover"),
         ({"dedup": "yes"}, "dedup"),
         ({"max_inflight_batches": 0}, "max_inflight_batches"),
         ({"name": ""}, "name"),

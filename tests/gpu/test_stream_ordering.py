@@ -225,6 +225,45 @@ def test_video_frames_joined_by_the_coalescer_are_complete_when_handed_over(monk
         assert 0 < wrong <= REPS
 
 
+@pytest.mark.parametrize("tower_cls", [RowSumTower, VideoRowSumTower], ids=["images", "video"])
+@pytest.mark.parametrize("consumer_waits", [True, False], ids=["fixed", "control"])
+def test_enqueued_handover_orders_the_consumer_after_the_encoder_stream(monkeypatch, tower_cls, consumer_waits):
+    """``handover: enqueued``: results go out while the encoder stream (made far behind here) still writes them;
+    the consumer's stream must wait for ``Encoded.events`` (for a video, the join's too, which itself waits for
+    the frames). The control drops that wait and must read stale data at least once (else it skips)."""
+    from mm_scheduler import Encoded
+
+    if not consumer_waits:
+        monkeypatch.setattr(Encoded, "wait", lambda self, stream=None: None)
+    config = CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64, bytes_per_patch=4096, handover="enqueued")
+    service = EncoderService(tower_cls(), config).start()
+    encoder_stream = service._coalescer._executor.stream
+    try:
+        def scenario(schedule_stream):
+            forward_stream = torch.cuda.Stream(priority=0)
+            wrong = 0
+            for rep in range(REPS):
+                frames, rows = 3, 16 + rep
+                item = _item(8000 + rep, frames, rows)
+                _busy(encoder_stream, n=16)  # the encoder is far behind when its results are handed over
+                with torch.cuda.stream(forward_stream):
+                    got = service.encode([item], original=lambda _: pytest.fail("fell back"))
+                    host = got.cpu()
+                wrong += not torch.equal(host, _expected(8000 + rep, frames, rows))
+            torch.cuda.synchronize()
+            return wrong
+
+        wrong = _run_on_scheduler_thread(scenario)
+    finally:
+        service.close()
+    if consumer_waits:
+        assert wrong == 0
+    elif wrong == 0:
+        pytest.skip(f"inconclusive: 0/{REPS} reads without the wait were stale on this GPU")
+    else:
+        assert 0 < wrong <= REPS
+
+
 def test_control_without_ordering_reads_stale_pixels():
     """The control: proves the scenario above can catch a missing wait on this GPU.
 
@@ -284,13 +323,17 @@ async def _encode_many(co, batches):
     return await asyncio.gather(*(co.encode(items) for items in batches))
 
 
-def test_host_views_filled_by_a_pending_copy_are_delivered_only_after_it_lands():
+@pytest.mark.parametrize("handover", ["complete", "enqueued"])
+def test_host_views_filled_by_a_pending_copy_are_delivered_only_after_it_lands(handover):
+    """With ``handover: enqueued`` too: a host output cannot be waited for by a stream, so it goes out complete."""
     import asyncio
 
     from mm_scheduler import Coalescer
 
+    config = CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64, handover=handover)
+
     async def run():
-        async with Coalescer(PinnedHostTower(), CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64)) as co:
+        async with Coalescer(PinnedHostTower(), config) as co:
             wrong = 0
             for rep in range(REPS):
                 batches = [[EncodeItem(torch.full((8 + k, ROW), float(rep * 10 + k)), 8 + k)] for k in range(6)]

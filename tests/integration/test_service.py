@@ -104,7 +104,8 @@ def make_service():
 
     def make(**kwargs) -> EncoderService:
         tower = kwargs.pop("tower", None) or SumTower()
-        config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64)
+        config = kwargs.pop("config", None) or CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16,
+                                                                bytes_per_patch=64)
         service = EncoderService(tower, config, lockstep=kwargs.pop("lockstep", False), **kwargs).start()
         services.append(service)
         return service
@@ -720,3 +721,15 @@ def test_close_after_a_start_that_could_not_build_the_coalescer_returns_quietly(
     assert not service._loop.thread.is_alive()  # start stopped its loop thread
     service.close()  # the shutdown path still runs: nothing to drain, nothing held
     assert service.held_keys() == set()
+
+
+def test_enqueued_handover_serves_early_and_on_demand_items_like_complete(make_service):
+    """``handover: enqueued`` reaches the service through the coalescer config: held results and on-demand
+    encodes come back as ``Encoded`` (nothing to wait for on CPU) and assemble exactly as with ``complete``."""
+    service = make_service(config=CoalescerConfig(budget_bytes=1 << 20, max_batch_items=16, bytes_per_patch=64,
+                                                  handover="enqueued"))
+    early, on_demand = item(3), item(4)
+    service.on_arrival("r1", [early])
+    got = service.encode([early, on_demand], original=never)
+    assert torch.equal(got, expected(3, 4))
+    assert service.stats()["taken_early"] == 1 and service.stats()["encoded_on_demand"] == 1
