@@ -141,6 +141,20 @@ def materialize_feature(item: Any, device: torch.device) -> torch.Tensor:
     return item.feature
 
 
+def offloaded_by_sglang(item: Any) -> bool:
+    """Whether the item's feature is in pinned host memory: where SGLang offloads a feature after a forward that
+    embedded it, with ``non_blocking=True`` (``embed_mm_inputs``; Qwen3-VL's copy of borrowed CUDA-IPC features).
+
+    That copy may still be landing, and only a copy into pinned memory can be. 0.5.23 records an event for it
+    (``mm_schedule.host_offload_event``) that its own prefill path waits for before reading; 0.5.16 records none.
+    An early encode reads the feature outside that path, unordered with the copy, so such an item is left to its
+    prefill (a chunk after the first, a deferred item admitted late), which encodes it on demand after SGLang's wait.
+    Fresh features from the tokenizer manager are pageable or transport proxies, never pinned.
+    """
+    feature = getattr(item, "feature", None)
+    return isinstance(feature, torch.Tensor) and not feature.is_cuda and feature.is_pinned()
+
+
 def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
     """``items``, with their plain-tensor features moved to the tower's ``device`` when they are on several.
 

@@ -39,7 +39,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from mm_scheduler import Coalescer, CoalescerClosedError, CoalescerConfig, CoalescerError, Encoded, EncodeItem
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
 
-from .adapters import SGLangTower, on_one_device
+from .adapters import SGLangTower, offloaded_by_sglang, on_one_device
 from .held import Deferred, HeldResults
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class EncoderService:
         self._closed = False
         self.counts = dict.fromkeys(("submitted", "shared", "deferred", "admitted", "taken_early",
                                      "encoded_on_demand", "released", "cancelled", "swept", "wait_timeouts",
-                                     "fallbacks", "inline"), 0)
+                                     "fallbacks", "inline", "left_offloaded"), 0)
 
     @property
     def mode(self) -> str:
@@ -514,7 +514,11 @@ class EncoderService:
         return handle
 
     def _submit_quietly(self, item: Any) -> Any:
-        """Early encoding is an optimisation: if the backend refuses, the prefill encodes on demand."""
+        """Early encoding is an optimisation: if the backend refuses, or SGLang's copy of the feature to the host may
+        still be landing (:func:`offloaded_by_sglang`), the prefill encodes on demand."""
+        if offloaded_by_sglang(item):
+            self.counts["left_offloaded"] += 1
+            return None
         try:
             return self._submit(item)
         except CoalescerError:

@@ -67,7 +67,6 @@ class Coalescer:
                                 budget_bytes=self.budget_bytes, max_batch_items=self.config.max_batch_items,
                                 oom_backoff=self.config.oom_backoff)
         self._executor = Executor(tower, self.device, dedicated_stream=self.config.stream == "dedicated")
-        self._join_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self._validate_item = getattr(tower, "validate", None)
         self._max_wait_s = self.config.max_wait_ms / 1000.0
         self._jobs_by_key: dict[Hashable, Job] = {}
@@ -156,7 +155,7 @@ class Coalescer:
         request = await self._enqueue(units, urgent)
         await self._outputs_of(request)
         try:
-            results, events = join(request.outputs, spans, self._join_stream, request.events)  # type: ignore[arg-type]
+            results, events = join(request.outputs, spans, self._executor.join_stream, request.events)  # type: ignore[arg-type]
         except EncodeError:
             self._counts["failed_units"] += 1
             metrics.ERRORS.labels(kind="encode", **self._labels).inc()

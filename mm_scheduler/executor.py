@@ -54,7 +54,8 @@ def wait_for_inputs(units: Sequence[EncodeItem], stream: torch.cuda.Stream) -> N
     """Order ``stream`` after the producers of CUDA inputs and tie their memory to it.
 
     The producer is whatever stream the caller's pixels were written on (SGLang's schedule or
-    forward stream, never reliably the default one): its ``ready`` event says when they landed.
+    forward stream, never reliably the default one): its ``ready`` event, which every CUDA input
+    carries (``Coalescer.encode`` and the plugin record it at submit), says when they landed.
     ``record_stream`` keeps the caching allocator from handing their blocks to anyone else until
     this stream has read them, even if the caller drops its reference first.
     """
@@ -66,8 +67,6 @@ def wait_for_inputs(units: Sequence[EncodeItem], stream: torch.cuda.Stream) -> N
         if unit.ready is not None and id(unit.ready) not in waited:
             waited.add(id(unit.ready))
             stream.wait_event(unit.ready)
-        elif unit.ready is None:
-            stream.wait_stream(torch.cuda.current_stream(pixels.device))
         pixels.record_stream(stream)
 
 
@@ -129,6 +128,8 @@ class Executor:
         self._stream: torch.cuda.Stream | None = None
         if device.type == "cuda" and dedicated_stream:
             self._stream = torch.cuda.Stream(device=device)
+        # Where a video's frame outputs are joined (:func:`join`); nothing else runs on it.
+        self.join_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self._thread_ready = threading.local()
         self._forward_started: dict[int, float] = {}
 
@@ -141,9 +142,12 @@ class Executor:
         return None if thread is None else self._forward_started.get(thread)
 
     def renew_stream(self) -> None:
-        """After a hung forward: later work goes on a fresh stream, not queued behind the stuck kernel."""
+        """After a hung forward: later work goes on fresh streams, not queued behind the stuck kernel (a join
+        may be waiting for that forward's event)."""
         if self._stream is not None:
             self._stream = torch.cuda.Stream(device=self.device)
+        if self.join_stream is not None:
+            self.join_stream = torch.cuda.Stream(device=self.device)
 
     def run(self, units: Sequence[EncodeItem]) -> BatchOutcome:
         outcome = BatchOutcome(outputs=[None] * len(units))  # type: ignore[list-item]
@@ -153,10 +157,9 @@ class Executor:
             self._thread_ready.device_set = True
         stream_ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with stream_ctx, torch.inference_mode():
-            if self._stream is not None:
-                wait_for_inputs(units, self._stream)
             stream = torch.cuda.current_stream() if on_cuda else None  # both events on it, whatever a forward does
             if stream is not None:
+                wait_for_inputs(units, stream)  # with ``stream: current`` too: that is the legacy default stream
                 outcome.started = torch.cuda.Event(enable_timing=True)
                 outcome.started.record(stream)
             self._run_range(units, 0, len(units), outcome)

@@ -733,3 +733,27 @@ def test_enqueued_handover_serves_early_and_on_demand_items_like_complete(make_s
     got = service.encode([early, on_demand], original=never)
     assert torch.equal(got, expected(3, 4))
     assert service.stats()["taken_early"] == 1 and service.stats()["encoded_on_demand"] == 1
+
+
+class _PinnedHostFeature(torch.Tensor):
+    """Stands for pinned host memory (which needs a CUDA driver to allocate): where SGLang offloads a feature."""
+
+    def is_pinned(self, *_args, **_kwargs) -> bool:
+        return True
+
+
+def test_a_feature_sglang_offloaded_to_pinned_memory_is_left_to_its_prefill_at_admission_and_arrival(make_service):
+    """SGLang's non-blocking copy into pinned memory may still be landing when an early encode would read it;
+    its prefill path waits for that copy, so the item is encoded on demand there instead."""
+    service = make_service(max_held_bytes=ROWS * 4)  # room for one result
+    first, deferred, offloaded = item(1), item(2), item(3)
+    service.on_arrival("r1", [first, deferred])
+    assert service.counts["submitted"] == 1 and service.counts["deferred"] == 1
+    deferred.feature = deferred.feature.as_subclass(_PinnedHostFeature)  # SGLang offloaded it while it waited
+    service.consumed("r1", [first], prefilled_upto=1 << 20)  # frees room: the deferred item's turn
+    assert service.counts["left_offloaded"] == 1 and service.counts["admitted"] == 0
+    offloaded.feature = offloaded.feature.as_subclass(_PinnedHostFeature)
+    service.on_arrival("r2", [offloaded])
+    assert service.counts["left_offloaded"] == 2 and service.counts["submitted"] == 1
+    got = service.encode([deferred, offloaded], original=never)
+    assert torch.equal(got, expected(2, 3)) and service.counts["encoded_on_demand"] == 2
