@@ -60,3 +60,15 @@ def hand_off(output: torch.Tensor, consumer: torch.cuda.Stream | None) -> None:
         return
     if torch.cuda.current_stream(output.device) != consumer:
         output.record_stream(consumer)
+
+
+def handed_off(parts: Sequence[torch.Tensor], consumer: torch.cuda.Stream | None) -> list[torch.Tensor]:
+    """One output per unit from views of one batch buffer, each :func:`hand_off` to ``consumer``.
+
+    Several views are cloned first: the executor would clone them anyway (a held result pins only its own
+    bytes), and it is those copies, not the batch buffer, that the consumer reads and frees.
+    """
+    outputs = list(parts) if len(parts) == 1 else [part.clone() for part in parts]
+    for output in outputs:
+        hand_off(output, consumer)
+    return outputs

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..types import EncodeItem
-from ._staging import hand_off, resolve_device, stage
+from ._staging import handed_off, resolve_device, stage
 
 try:  # torch >= 2.10 ships a packed variable-length flash attention
     from torch.nn.attention.varlen import varlen_attn
@@ -184,8 +184,7 @@ class Qwen25VLTower:
             hidden = hidden + block.mlp(block.norm2(hidden))
         merged = m.merger(hidden)
         merged = merged[torch.argsort(block_index)]
-        hand_off(merged, self.consumer_stream)
-        return list(torch.split(merged, [h * w // unit for h, w in grids], dim=0))
+        return handed_off(torch.split(merged, [h * w // unit for h, w in grids], dim=0), self.consumer_stream)
 
     def _pack(self, grids: list[tuple[int, int]]) -> tuple[np.ndarray, _Segments, _Segments, np.ndarray]:
         """Concatenate cached per-grid plans into batch-level indices (host only, no device sync)."""

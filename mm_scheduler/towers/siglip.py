@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..types import EncodeItem
-from ._staging import hand_off, resolve_device, stage
+from ._staging import handed_off, resolve_device, stage
 
 SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                   image_size=384, patch_size=14)
@@ -76,9 +76,8 @@ class SiglipTower:
         for indices in groups.values():
             pixels = stage([units[i].pixel_values for i in indices], self.device, self.dtype)
             hidden = self.model(pixel_values=pixels, interpolate_pos_encoding=self.interpolate).last_hidden_state
-            hand_off(hidden, self.consumer_stream)
-            for row, index in enumerate(indices):
-                outputs[index] = hidden[row]
+            for index, output in zip(indices, handed_off(list(hidden), self.consumer_stream), strict=True):
+                outputs[index] = output
         return outputs
 
     def make_pixels(self, resolution: int | None = None, *, pin: bool = False,

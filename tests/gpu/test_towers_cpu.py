@@ -155,3 +155,15 @@ def test_build_tower_names_the_choices():
 def test_calibration_refuses_cpu(qwen):
     with pytest.raises(ValueError, match="CUDA"):
         calibrate_tower(qwen)
+
+
+def test_handed_off_outputs_own_their_storage_unless_the_batch_held_one_unit():
+    """The consumer reads and frees these tensors, so they, not the batch buffer, are what it must be tied to."""
+    from mm_scheduler.towers._staging import handed_off
+
+    batch = torch.arange(12.0).reshape(3, 4)
+    several = handed_off(list(batch), None)
+    assert all(out.untyped_storage().nbytes() == 4 * 4 for out in several)
+    assert all(torch.equal(out, row) for out, row in zip(several, batch, strict=True))
+    (one,) = handed_off([batch[:1]], None)
+    assert one.untyped_storage().data_ptr() == batch.untyped_storage().data_ptr()
