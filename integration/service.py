@@ -155,9 +155,13 @@ class ExclusiveTower:
     """The adapter, with every forward under one lock that SGLang's own method also takes.
 
     SGLang's fallback ``get_*_feature`` (scheduler thread) and a coalescer forward (forward thread)
-    would otherwise run the same vision module at once: shared workspaces, graph buffers, caches.
-    The exclusion yields to a hang: whoever waits longer than ``wait_s`` for the lock runs anyway
-    (one warning each time), so a forward abandoned by the coalescer's deadline can neither wedge
+    would otherwise launch the same vision module at once: caches filled on first use, graph buffers.
+    It orders launches, not the GPU work: a forward launched on the encoder stream may still run when
+    the fallback's kernels start on SGLang's stream. Only a GPU buffer the module keeps between calls
+    makes that a race: in 0.5.23's vision attention, the ``flashinfer_cudnn`` backend's workspace
+    (NOTES, "Not verified"). The exclusion yields to a hang: whoever waits longer than ``wait_s`` for
+    the lock runs anyway (one warning each time), so a forward abandoned by the coalescer's deadline
+    can neither wedge
     the scheduler's fallback nor the health probe that restores the coalescer.
     """
 
