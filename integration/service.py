@@ -161,8 +161,7 @@ class ExclusiveTower:
     makes that a race: in 0.5.23's vision attention, the ``flashinfer_cudnn`` backend's workspace
     (NOTES, "Not verified"). The exclusion yields to a hang: whoever waits longer than ``wait_s`` for
     the lock runs anyway (one warning each time), so a forward abandoned by the coalescer's deadline
-    can neither wedge
-    the scheduler's fallback nor the health probe that restores the coalescer.
+    can neither wedge the scheduler's fallback nor the health probe that restores the coalescer.
     """
 
     def __init__(self, tower: SGLangTower, wait_s: float) -> None:
