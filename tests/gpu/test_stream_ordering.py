@@ -186,43 +186,53 @@ class VideoRowSumTower(RowSumTower):
         return [EncodeItem(item.feature, item.feature.shape[1], "video", item.hash)]
 
 
+def _stale_reads(service: EncoderService, first_hash: int, frames: int, slow_stream: torch.cuda.Stream) -> int:
+    """REPS encodes of a ``frames``-unit item, each read on SGLang's forward stream right after ``slow_stream`` was
+    made far behind; how many reads came back wrong. Closes the service."""
+    def scenario(schedule_stream):
+        forward_stream = torch.cuda.Stream(priority=0)
+        wrong = 0
+        for rep in range(REPS):
+            rows = 16 + rep
+            item = _item(first_hash + rep, frames, rows)
+            _busy(slow_stream, n=16)
+            with torch.cuda.stream(forward_stream):
+                got = service.encode([item], original=lambda _: pytest.fail("fell back"))
+                host = got.cpu()
+            wrong += not torch.equal(host, _expected(first_hash + rep, frames, rows))
+        torch.cuda.synchronize()
+        return wrong
+
+    try:
+        return _run_on_scheduler_thread(scenario)
+    finally:
+        service.close()
+
+
+def _fixed_or_control(wrong: int, fixed: bool, what: str) -> None:
+    """The fixed path reads nothing stale; its control must read stale data at least once, else it skips."""
+    if fixed:
+        assert wrong == 0
+    elif wrong == 0:
+        pytest.skip(f"inconclusive: 0/{REPS} {what} were read stale on this GPU")
+    else:
+        assert 0 < wrong <= REPS
+
+
 @pytest.mark.parametrize("joined_on_own_stream", [True, False], ids=["fixed", "control"])
 def test_video_frames_joined_by_the_coalescer_are_complete_when_handed_over(monkeypatch, joined_on_own_stream):
     """The coalescer joins a video's frame outputs with torch.cat on its event-loop thread, whose current stream is
     the legacy default one; the consumer reads on SGLang's forward stream right away. With that default stream far
-    behind (busy), a join left on it is read before it ran. The control keeps the join there and must read stale
-    data at least once (else it skips as inconclusive)."""
+    behind (busy), a join left on it is read before it ran. The control keeps the join there."""
     from mm_scheduler import coalescer, units
 
     if not joined_on_own_stream:
-        monkeypatch.setattr(coalescer, "assemble_complete", lambda outputs, spans, _stream: units.assemble(outputs,
-                                                                                                           spans))
+        monkeypatch.setattr(coalescer, "join", lambda outputs, spans, _stream, events: (
+            units.assemble(outputs, spans), tuple(events)))
     config = CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64, bytes_per_patch=4096)
     service = EncoderService(VideoRowSumTower(), config).start()
-    try:
-        def scenario(schedule_stream):
-            forward_stream = torch.cuda.Stream(priority=0)
-            wrong = 0
-            for rep in range(REPS):
-                frames, rows = 4, 16 + rep
-                item = _item(7000 + rep, frames, rows)
-                _busy(torch.cuda.default_stream(), n=16)  # the loop thread's stream is far behind
-                with torch.cuda.stream(forward_stream):
-                    got = service.encode([item], original=lambda _: pytest.fail("fell back"))
-                    host = got.cpu()
-                wrong += not torch.equal(host, _expected(7000 + rep, frames, rows))
-            torch.cuda.synchronize()
-            return wrong
-
-        wrong = _run_on_scheduler_thread(scenario)
-    finally:
-        service.close()
-    if joined_on_own_stream:
-        assert wrong == 0
-    elif wrong == 0:
-        pytest.skip(f"inconclusive: 0/{REPS} joins left on the default stream were read stale on this GPU")
-    else:
-        assert 0 < wrong <= REPS
+    wrong = _stale_reads(service, 7000, 4, torch.cuda.default_stream())  # the loop thread's stream
+    _fixed_or_control(wrong, joined_on_own_stream, "joins left on the default stream")
 
 
 @pytest.mark.parametrize("tower_cls", [RowSumTower, VideoRowSumTower], ids=["images", "video"])
@@ -230,38 +240,15 @@ def test_video_frames_joined_by_the_coalescer_are_complete_when_handed_over(monk
 def test_enqueued_handover_orders_the_consumer_after_the_encoder_stream(monkeypatch, tower_cls, consumer_waits):
     """``handover: enqueued``: results go out while the encoder stream (made far behind here) still writes them;
     the consumer's stream must wait for ``Encoded.events`` (for a video, the join's too, which itself waits for
-    the frames). The control drops that wait and must read stale data at least once (else it skips)."""
+    the frames). The control drops that wait."""
     from mm_scheduler import Encoded
 
     if not consumer_waits:
         monkeypatch.setattr(Encoded, "wait", lambda self, stream=None: None)
     config = CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64, bytes_per_patch=4096, handover="enqueued")
     service = EncoderService(tower_cls(), config).start()
-    encoder_stream = service._coalescer._executor.stream
-    try:
-        def scenario(schedule_stream):
-            forward_stream = torch.cuda.Stream(priority=0)
-            wrong = 0
-            for rep in range(REPS):
-                frames, rows = 3, 16 + rep
-                item = _item(8000 + rep, frames, rows)
-                _busy(encoder_stream, n=16)  # the encoder is far behind when its results are handed over
-                with torch.cuda.stream(forward_stream):
-                    got = service.encode([item], original=lambda _: pytest.fail("fell back"))
-                    host = got.cpu()
-                wrong += not torch.equal(host, _expected(8000 + rep, frames, rows))
-            torch.cuda.synchronize()
-            return wrong
-
-        wrong = _run_on_scheduler_thread(scenario)
-    finally:
-        service.close()
-    if consumer_waits:
-        assert wrong == 0
-    elif wrong == 0:
-        pytest.skip(f"inconclusive: 0/{REPS} reads without the wait were stale on this GPU")
-    else:
-        assert 0 < wrong <= REPS
+    wrong = _stale_reads(service, 8000, 3, service._coalescer._executor.stream)
+    _fixed_or_control(wrong, consumer_waits, "reads without the wait")
 
 
 def test_control_without_ordering_reads_stale_pixels():
