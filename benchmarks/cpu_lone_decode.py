@@ -6,9 +6,9 @@ thread's Python, so a per-step cost of the plugin's hooks, or its threads taking
 where a decode step of the tiny model is nearly all Python. A gap here points at the plugin's host side; none
 points at the GPU side.
 
-Each Engine (one process each, alternating off / on for ``--pairs`` pairs, the end-to-end tests' tiny
-Qwen2.5-VL and environment) serves one image request with 1 and with ``1 + --tokens`` new tokens, ``--reps``
-times after a warm-up; decode time a token is the difference of the medians over ``--tokens``.
+Each Engine (one process each, off and on for ``--pairs`` pairs, which goes first alternating; the end-to-end
+tests' tiny Qwen2.5-VL and environment) serves one image request with 1 and with ``1 + --tokens`` new tokens,
+``--reps`` times after a warm-up; decode time a token is the difference of the medians over ``--tokens``.
 
     .venv/bin/python -m benchmarks.cpu_lone_decode --out benchmarks/results
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,8 @@ sys.path.insert(0, str(HARNESS))
 
 import media  # noqa: E402 - the e2e harness, put on the path above
 import scenario  # noqa: E402
+
+ENGINE_TIMEOUT_S = 300
 
 
 def serve(label: str, model: str, tokens: int, reps: int) -> dict:
@@ -61,6 +64,21 @@ def serve(label: str, model: str, tokens: int, reps: int) -> dict:
             "coalescer_units": scenario.counter(metrics, "mm_coalescer_units_total")}
 
 
+def run_engine(cmd: list[str], label: str) -> str:
+    """One Engine's process (and SGLang's children, in its own session); its stdout. Exits on failure or timeout."""
+    proc = subprocess.Popen(cmd, env=scenario.e2e_environment(), cwd=scenario.REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=ENGINE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        sys.exit(f"Engine (plugin {label}) gave no result within {ENGINE_TIMEOUT_S} s")
+    if proc.returncode != 0:
+        sys.exit(f"Engine (plugin {label}) failed:\n{out[-2000:]}{err[-3000:]}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=3)
@@ -77,19 +95,15 @@ def main() -> None:
     model = build_checkpoint(Path(tempfile.mkdtemp(prefix="lone-model-")))
     runs = []
     for pair in range(args.pairs):
-        for label in ("off", "on"):
+        for label in ("off", "on") if pair % 2 == 0 else ("on", "off"):  # alternate who goes first
             cmd = [sys.executable, "-m", "benchmarks.cpu_lone_decode", "--serve", label, str(model),
                    "--tokens", str(args.tokens), "--reps", str(args.reps)]
-            done = subprocess.run(cmd, env=scenario.e2e_environment(), cwd=scenario.REPO, capture_output=True,
-                                  text=True, timeout=600)
-            if done.returncode != 0:
-                sys.exit(f"Engine (plugin {label}) failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-            runs.append({"pair": pair, **json.loads(done.stdout.strip().splitlines()[-1])})
+            runs.append({"pair": pair, **json.loads(run_engine(cmd, label).strip().splitlines()[-1])})
             print(f"pair {pair} {label:>3}: first token {runs[-1]['first_token_ms']:6.1f} ms, "
                   f"decode {runs[-1]['decode_ms_per_token']:5.2f} ms/token, "
                   f"coalescer units {runs[-1]['coalescer_units']:.0f}", flush=True)
-    pairs = zip(runs[::2], runs[1::2], strict=True)
-    ratios = [on["decode_ms_per_token"] / off["decode_ms_per_token"] for off, on in pairs]
+    by_pair = {(run["pair"], run["label"]): run["decode_ms_per_token"] for run in runs}
+    ratios = [by_pair[pair, "on"] / by_pair[pair, "off"] for pair in range(args.pairs)]
     print(f"decode on/off per pair: {', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "cpu_lone_decode.json"

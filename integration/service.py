@@ -557,8 +557,9 @@ class EncoderService:
     def _for_consumer(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Order the consuming stream after the encoder's writes (``handover: enqueued``; lockstep results and
         complete ones need nothing) and tie CUDA results to it before any kernel there reads them."""
-        if isinstance(outputs, Encoded):
-            outputs.wait()
+        cuda = [tensor for tensor in outputs if tensor.is_cuda]
+        if isinstance(outputs, Encoded) and cuda:  # the device the results are on, whichever is current
+            outputs.wait(torch.cuda.current_stream(cuda[0].device))
         for tensor in outputs:
             if tensor.is_cuda:
                 tensor.record_stream(torch.cuda.current_stream(tensor.device))

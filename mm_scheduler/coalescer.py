@@ -156,6 +156,9 @@ class Coalescer:
         await self._outputs_of(request)
         try:
             results, events = join(request.outputs, spans, self._executor.join_stream, request.events)  # type: ignore[arg-type]
+            if events and self.config.handover == "complete":  # a join, which the promise covers too
+                await self._supervisor.completed(events[-1])
+                events = ()
         except EncodeError:
             self._counts["failed_units"] += 1
             metrics.ERRORS.labels(kind="encode", **self._labels).inc()

@@ -97,10 +97,9 @@ def join(outputs: list[torch.Tensor], spans: Spans, join_stream: torch.cuda.Stre
 
     A video's frames are joined with ``torch.cat`` on the caller's (the event loop's) thread, whose
     current stream is the legacy default one: nothing there orders the join before a consumer's reads.
-    So the join runs on ``join_stream`` (the coalescer's own, which carries nothing else). With no
-    ``events`` the frames are complete and so must the join be: it is waited for (microseconds). With
-    ``events`` (``handover: enqueued``) the join stream waits for them on the GPU, the frames are tied
-    to it until it has read them, and its own event is added to what the consumer waits for.
+    So the join runs on ``join_stream`` (the coalescer's own, which carries nothing else), after
+    ``events`` (the batches still writing the frames, with ``handover: enqueued``; none otherwise),
+    with the frames tied to it until it has read them; its own event is the last one returned.
     """
     if join_stream is None or spans is None or all(b - a == 1 for a, b in spans):
         return assemble(outputs, spans), tuple(events)
@@ -111,9 +110,6 @@ def join(outputs: list[torch.Tensor], spans: Spans, join_stream: torch.cuda.Stre
             if isinstance(out, torch.Tensor) and out.is_cuda:
                 out.record_stream(join_stream)
         results = assemble(outputs, spans)
-    if not events:
-        join_stream.synchronize()
-        return results, ()
     joined = torch.cuda.Event()
     joined.record(join_stream)
     return results, (*events, joined)

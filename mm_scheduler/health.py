@@ -261,6 +261,10 @@ class ForwardSupervisor:
             outcome.forward_seconds.append(time.monotonic() - began)
         return outcome
 
+    async def completed(self, event: torch.cuda.Event) -> None:
+        """Wait for ``event`` on an event-waiter thread, off the loop (a video's join: one small kernel)."""
+        await asyncio.wrap_future(self._event_waiters.submit(event.synchronize), loop=self._loop)  # type: ignore[union-attr]
+
     def _watched_run(self, units: list[EncodeItem], watch: _Watch, sync: bool = False) -> BatchOutcome:
         watch.thread = threading.get_ident()
         outcome = self.executor.run(units)

@@ -113,6 +113,8 @@ class LockstepEncoder:
 
     Safe to call from several threads: one lock serialises ``submit``, ``cancel``, ``step`` and
     ``result`` (forwards included), so a submit can never join a unit whose batch has already delivered.
+    Batches stay identical across TP ranks only if each rank calls in the same order, i.e. from one
+    thread (the plugin's scheduler thread) or in an order its host makes deterministic.
     """
 
     def __init__(self, tower: Tower, config: CoalescerConfig | None = None, *, agree: Agree | None = None) -> None:

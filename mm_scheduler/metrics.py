@@ -11,7 +11,6 @@ prometheus_client is imported only when a series is first used (``metrics.UNITS`
 
 from __future__ import annotations
 
-import functools
 import threading
 from types import SimpleNamespace
 from typing import Any
@@ -23,16 +22,20 @@ _SECONDS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5
 
 
 _FIRST_USE = threading.Lock()
+_registered: SimpleNamespace | None = None
 
 
 def _series() -> SimpleNamespace:
-    """The series, created by the first caller; the lock keeps two threads' first calls from both registering."""
-    with _FIRST_USE:
-        return _registered()
+    """The series, registered by the first caller; the lock keeps two threads' first calls from both registering."""
+    global _registered
+    if _registered is None:
+        with _FIRST_USE:
+            if _registered is None:
+                _registered = _register()
+    return _registered
 
 
-@functools.cache
-def _registered() -> SimpleNamespace:
+def _register() -> SimpleNamespace:
     from prometheus_client import Counter, Gauge, Histogram
 
     return SimpleNamespace(

@@ -679,10 +679,16 @@ async def test_enqueued_handover_still_fails_only_the_failing_units_request():
 def test_host_outputs_of_a_cuda_batch_wait_for_completion_and_cuda_outputs_or_failures_do_not():
     """A non-blocking device-to-host copy may still be filling a host output (the EPD tower's): only CUDA tensors,
     which a consumer's stream can wait for, and failures may go out before the batch's event completed."""
+    class OnDevice(torch.Tensor):  # stands for a CUDA tensor
+        @property
+        def is_cuda(self) -> bool:
+            return True
+
     pending = object()  # stands for a recorded CUDA event
+    on_device = torch.ones(2).as_subclass(OnDevice)
     assert deliverable_at_launch(BatchOutcome(outputs=[torch.ones(2)]))  # CPU batch: complete already
-    assert deliverable_at_launch(BatchOutcome(outputs=[RuntimeError("x")], done=pending))
-    assert not deliverable_at_launch(BatchOutcome(outputs=[torch.ones(2), RuntimeError("x")], done=pending))
+    assert deliverable_at_launch(BatchOutcome(outputs=[on_device, RuntimeError("x")], done=pending))
+    assert not deliverable_at_launch(BatchOutcome(outputs=[on_device, torch.ones(2)], done=pending))
 
 
 def test_join_without_a_cuda_stream_assembles_and_passes_the_events_on():

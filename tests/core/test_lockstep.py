@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import sys
 import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -219,14 +221,24 @@ def test_threads_submitting_shared_keys_while_others_run_batches_all_get_every_o
     assert enc.pending_units == 0
 
 
-def test_the_first_metric_used_from_many_threads_at_once_registers_each_series_once():
-    """``functools.cache`` alone let two threads' first calls both register, and the second raised
-    'Duplicated timeseries'."""
+def test_the_first_metric_used_from_many_threads_at_once_registers_each_series_once(monkeypatch):
+    """Without the first-use lock two threads' first calls both registered, and the second raised 'Duplicated
+    timeseries'. Registering is made slow so that every thread arrives while the first registers; the process's
+    series are set aside for the test and put back after it."""
     from prometheus_client import REGISTRY
 
-    for collector in vars(metrics._registered()).values():
-        REGISTRY.unregister(collector)
-    metrics._registered.cache_clear()
+    original = metrics._series()
+    register = metrics._register
+
+    def slow_register():
+        time.sleep(0.05)
+        return register()
+
+    monkeypatch.setattr(metrics, "_register", slow_register)
+    with metrics._FIRST_USE:
+        for collector in vars(original).values():
+            REGISTRY.unregister(collector)
+        metrics._registered = None
     seen: list[object] = []
     errors: list[BaseException] = []
     start = threading.Barrier(8)
@@ -238,7 +250,15 @@ def test_the_first_metric_used_from_many_threads_at_once_registers_each_series_o
         except BaseException as exc:
             errors.append(exc)
 
-    _run_threads(first_use, 8)
+    try:
+        _run_threads(first_use, 8)
+    finally:
+        with metrics._FIRST_USE:
+            for collector in vars(metrics._registered or SimpleNamespace()).values():
+                REGISTRY.unregister(collector)
+            for collector in vars(original).values():
+                REGISTRY.register(collector)
+            metrics._registered = original
     assert not errors, errors[0]
     assert len(seen) == 8 and all(series is seen[0] for series in seen)
 
@@ -247,10 +267,11 @@ def _run_threads(target, count: int) -> None:
     previous = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)
     try:
-        threads = [threading.Thread(target=target, args=(seed,)) for seed in range(count)]
+        threads = [threading.Thread(target=target, args=(seed,), daemon=True) for seed in range(count)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
+        assert not any(thread.is_alive() for thread in threads), "a thread is stuck (a deadlock?)"
     finally:
         sys.setswitchinterval(previous)

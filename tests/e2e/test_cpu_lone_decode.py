@@ -19,7 +19,8 @@ pytestmark = pytest.mark.e2e
 def test_cpu_lone_decode_runs_one_pair_with_the_plugin_taking_the_image_only_when_on(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "benchmarks.cpu_lone_decode", "--pairs", "1", "--tokens", "32", "--reps", "1",
            "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=scenario.REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=scenario.REPO, capture_output=True, text=True,
+                          timeout=3 * 300 + 60)  # the checkpoint, then two Engines of at most 300 s each
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "cpu_lone_decode.json").read_text())
     off, on = report["runs"]
