@@ -560,7 +560,6 @@ class EncoderService:
         cuda = [tensor for tensor in outputs if tensor.is_cuda]
         if isinstance(outputs, Encoded) and cuda:  # the device the results are on, whichever is current
             outputs.wait(torch.cuda.current_stream(cuda[0].device))
-        for tensor in outputs:
-            if tensor.is_cuda:
-                tensor.record_stream(torch.cuda.current_stream(tensor.device))
+        for tensor in cuda:
+            tensor.record_stream(torch.cuda.current_stream(tensor.device))
         return outputs

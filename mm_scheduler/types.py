@@ -51,8 +51,11 @@ class Encoded(list):  # type: ignore[type-arg]
 
     def wait(self, stream: torch.cuda.Stream | None = None) -> None:
         """Order ``stream`` (default: the current one) after the work that writes these results; no host wait."""
+        if not self.events:
+            return
+        waiter = stream if stream is not None else torch.cuda.current_stream()
         for event in self.events:
-            (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+            waiter.wait_event(event)
 
 
 @runtime_checkable

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..executor import own_storage
+
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``cuda`` -> ``cuda:<current>``: an explicit index is what ``torch.cuda.set_device`` and events need."""
@@ -65,10 +67,10 @@ def hand_off(output: torch.Tensor, consumer: torch.cuda.Stream | None) -> None:
 def handed_off(parts: Sequence[torch.Tensor], consumer: torch.cuda.Stream | None) -> list[torch.Tensor]:
     """One output per unit from views of one batch buffer, each :func:`hand_off` to ``consumer``.
 
-    Several views are cloned first: the executor would clone them anyway (a held result pins only its own
-    bytes), and it is those copies, not the batch buffer, that the consumer reads and frees.
+    The executor's :func:`~mm_scheduler.executor.own_storage` copies a CUDA view of a larger buffer out, so it
+    is applied here first: those copies, not the batch buffer, are what the consumer reads and frees.
     """
-    outputs = list(parts) if len(parts) == 1 else [part.clone() for part in parts]
+    outputs = [own_storage(part) for part in parts]
     for output in outputs:
         hand_off(output, consumer)
-    return outputs
+    return outputs  # type: ignore[return-value]
