@@ -230,7 +230,7 @@ def test_video_frames_joined_by_the_coalescer_are_complete_when_handed_over(monk
         monkeypatch.setattr(coalescer, "join", lambda outputs, spans, _stream, events: (
             units.assemble(outputs, spans), tuple(events)))
     config = CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64, bytes_per_patch=4096)
-    service = EncoderService(VideoRowSumTower(), config).start()
+    service = EncoderService(VideoRowSumTower(), config, lockstep=False).start()
     wrong = _stale_reads(service, 7000, 4, torch.cuda.default_stream())  # the loop thread's stream
     _fixed_or_control(wrong, joined_on_own_stream, "joins left on the default stream")
 
@@ -246,7 +246,7 @@ def test_enqueued_handover_orders_the_consumer_after_the_encoder_stream(monkeypa
     if not consumer_waits:
         monkeypatch.setattr(Encoded, "wait", lambda self, stream=None: None)
     config = CoalescerConfig(budget_bytes=1 << 30, max_batch_items=64, bytes_per_patch=4096, handover="enqueued")
-    service = EncoderService(tower_cls(), config).start()
+    service = EncoderService(tower_cls(), config, lockstep=False).start()
     wrong = _stale_reads(service, 8000, 3, service._coalescer._executor.stream)
     _fixed_or_control(wrong, consumer_waits, "reads without the wait")
 
