@@ -126,7 +126,8 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/gemma4_e4b-c704fd5/results-gemma4_e4b.json $(RS)/gemma4_e4b-e12f02a/results-gemma4_e4b.json \
 	$(RS)/qwen3_vl_8b-e12f02a/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-e12f02a-tok4ipc/results-qwen3_vl_8b.json \
 	$(RS)/qwen3_vl_8b-e12f02a-tok4ipc-b/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-643572e-fair/results-qwen3_vl_8b.json \
-	$(RS)/qwen3_vl_8b-643572e-fair-poisson/results-qwen3_vl_8b.json
+	$(RS)/qwen3_vl_8b-643572e-fair-poisson/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-2279e05-enqueued/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-2279e05-enqueued-b/results-qwen3_vl_8b.json $(RS)/qwen2_5_vl_7b-2279e05/results-qwen2_5_vl_7b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.

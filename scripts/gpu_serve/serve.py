@@ -51,10 +51,10 @@ T0 = time.monotonic()
 
 # Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
 # KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each), except where
-# max_servers says fewer (Qwen3-VL-8B: 16.5 GB + 20.6 GB each; a fourth server ran out of memory at eea0358).
+# server_gib says fewer fit (see fits_the_gpu).
 FAMILIES = {
     "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
-    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "max_servers": 3},
+    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 42.5},
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
     "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"]},
     # Gemma 4 (Gemma4ForConditionalGeneration): multimodal on by default; COMMON_FLAGS' --attention-backend triton
@@ -76,6 +76,13 @@ COMMON_FLAGS = [
 # depends on when the others allocate); --max-total-tokens fixes the KV pool, so every server gets the same
 # one whichever profiles first (4 x (weights + KV) fits an H200 with room for activations).
 MEM_FRACTION = "0.85"
+# What the GPU holds for the servers (an H200: 139.8 GiB) and what a family's server takes at a burst's peak
+# (FAMILIES' server_gib; where a family gives none, four servers have always fit). Qwen3-VL-8B: 41.2-43.9 GiB
+# a scheduler (16.5 GB weights + 20.6 GB KV + activations; a fourth server ran out of memory at eea0358). Each tokenizer
+# worker of --tokenizer-worker-num with --mm-feature-transport cuda_ipc holds a CUDA context of its own: 1.05-1.14
+# GiB each at 2279e05, where three such Qwen3-VL servers (12 workers) ran out of memory mid-seed.
+GPU_GIB = 139.8
+TOKENIZER_WORKER_GIB = 1.15
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,25 @@ POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
 # load generator until the device command was killed, and every raw file was lost.
 RUN_TIMEOUT_S = float(os.environ.get("GPU_SERVE_RUN_TIMEOUT_S", "150"))
 WATCH_INTERVAL_S = 2.0  # how often a measured run checks its server log for a dead scheduler
+
+
+def exceeds_the_gpu(family: str, variants: list[str]) -> str | None:
+    """Why these servers would not fit the GPU at once, or None: every server and its tokenizer workers' CUDA
+    contexts (cuda_ipc transport only) against GPU_GIB, so a run is refused here, not lost to an OOM mid-seed."""
+    server_gib = FAMILIES[family].get("server_gib")
+    if server_gib is None:  # not measured: the four servers every such family has run
+        return None if len(variants) <= 4 else f"{family}: at most 4 servers fit the GPU at once, got {len(variants)}"
+    workers = 0
+    for name in variants:
+        flags = VARIANTS[name].flags
+        if "cuda_ipc" in flags and "--tokenizer-worker-num" in flags:
+            workers += int(flags[flags.index("--tokenizer-worker-num") + 1])
+    need = len(variants) * server_gib + workers * TOKENIZER_WORKER_GIB
+    if need <= GPU_GIB:
+        return None
+    return (f"{family}: {len(variants)} servers ({server_gib:g} GiB each) and {workers} CUDA-IPC tokenizer workers "
+            f"({TOKENIZER_WORKER_GIB:g} GiB each) need {need:.1f} GiB, more than the GPU's {GPU_GIB:g}: "
+            f"drop a variant from --variants {','.join(variants)}")
 
 
 def run_timeout(workload: list[str]) -> float:
@@ -778,9 +804,13 @@ def main() -> None:
     p.add_argument("--variants", default="off,on", help=f"servers to compare, from {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=560.0, help="stop starting new runs after this many seconds")
     args = p.parse_args()
-    max_servers = FAMILIES[args.family].get("max_servers", 4)
-    if len(args.variants.split(",")) > max_servers:
-        p.error(f"{args.family}: at most {max_servers} servers fit the GPU at once, got --variants {args.variants}")
+    variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        p.error(f"unknown --variants {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    too_big = exceeds_the_gpu(args.family, variants)
+    if too_big:
+        p.error(too_big)
     PREPARED = args.prepared.resolve()
     deadline = T0 + args.budget_s
     out = Path("/tmp/gpu-serve-out") / args.family
@@ -804,7 +834,7 @@ def main() -> None:
     archive = ["tar", "-cJf", str(args.out / f"gpu-serve-{args.family}.tar.xz"), "-C", str(out.parent), out.name]
     LOADGEN = LoadGenerator()
     try:
-        result = run_family(args.family, model, args.workloads.split(","), args.variants.split(","),
+        result = run_family(args.family, model, args.workloads.split(","), variants,
                             range(args.first_run, args.first_run + args.runs),
                             out, deadline, args.out)
     except BaseException:

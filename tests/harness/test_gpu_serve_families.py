@@ -69,7 +69,7 @@ def test_more_servers_than_fit_the_gpu_are_refused_before_anything_starts(monkey
     monkeypatch.setattr(serve, "install", lambda *_: pytest.fail("refused after starting"))
     with pytest.raises(SystemExit):
         serve.main()
-    assert "at most 3 servers" in capsys.readouterr().err
+    assert "more than the GPU's 139.8" in capsys.readouterr().err
 
 
 def test_a_server_that_never_answers_is_stopped_and_its_run_fails_instead_of_hanging_the_command(
@@ -264,3 +264,18 @@ def test_the_lead_gauges_are_traced_once_a_scrape_summed_over_their_labels():
     samples = [(100.0, scrape.format(held=10.0, deferred=3.0)), (101.5, scrape.format(held=20.0, deferred=0.0))]
     assert serve.gauge_trace(samples) == [[0.0, 900.0, 15.0, 3.0], [1.5, 900.0, 25.0, 0.0]]
     assert serve.gauge_trace([(100.0, "sglang:num_running_reqs 1.0\n")]) == []  # plugin off: nothing to trace
+
+
+def test_three_qwen3_servers_with_cuda_ipc_tokenizer_workers_are_refused_before_they_run_out_of_memory():
+    # 2279e05: off+tok4ipc+backport, on+tok4ipc and on+tok4ipc+enqueued (12 workers) ran out of memory mid-seed
+    reason = serve.exceeds_the_gpu("qwen3_vl_8b", ["off+tok4ipc+backport", "on+tok4ipc", "on+tok4ipc+enqueued"])
+    assert reason is not None and "12 CUDA-IPC tokenizer workers" in reason
+    # 643572e ran two such servers beside plain off, and eea0358's fourth server did not fit
+    assert serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "off+tok4ipc+backport", "on+tok4ipc"]) is None
+    assert serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on", "on+graphs", "on+defer2s"]) is not None
+
+
+@pytest.mark.parametrize("family", sorted(serve.FAMILIES))
+def test_every_family_fits_off_and_on_with_and_without_sglangs_flags(family):
+    most = 3 if family == "qwen3_vl_8b" else 4
+    assert serve.exceeds_the_gpu(family, ["off", "on", "off+tok4ipc", "on+tok4ipc"][:most]) is None
