@@ -51,7 +51,7 @@ T0 = time.monotonic()
 
 # Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
 # KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each), except where
-# server_gib says fewer fit (see fits_the_gpu).
+# server_gib says fewer fit (see exceeds_the_gpu).
 FAMILIES = {
     "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
     "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 42.5},
