@@ -339,10 +339,7 @@ class EncoderService:
                                    "again", items[i].hash, exc_info=True)
                     missing.append(i)
             if missing:
-                with self._together():
-                    fresh = [self._submit(items[i], urgent=True) for i in missing]
-                for i, handle in zip(missing, fresh, strict=True):
-                    outputs[i] = self._wait(handle, deadline)
+                self._encode_on_demand(items, missing, outputs, deadline)
                 self.counts["encoded_on_demand"] += len(missing)
                 PREFILL_ITEMS.labels(self.config.name, "on_demand").inc(len(missing))
             consumer = [self.tower.assemble(item, self._for_consumer(out))  # type: ignore[arg-type]
@@ -504,6 +501,22 @@ class EncoderService:
     def _together(self) -> contextlib.AbstractContextManager[None]:
         """Submissions inside reach the coalescer together (async mode; lockstep queues in order anyway)."""
         return self._loop.together() if self._loop is not None else contextlib.nullcontext()
+
+    def _encode_on_demand(self, items: Sequence[Any], missing: list[int], outputs: list[Any], deadline: float) -> None:
+        """Encode ``items[i]`` for each ``i`` in ``missing`` into ``outputs[i]``, jumping the queue. If one fails or
+        the wait runs out, the rest are withdrawn: the caller falls back, and a lockstep queue, which only a
+        prefill runs, would otherwise keep them for good."""
+        fresh: list[Any] = []
+        try:
+            with self._together():
+                for i in missing:
+                    fresh.append(self._submit(items[i], urgent=True))
+            for i, handle in zip(missing, fresh, strict=True):
+                outputs[i] = self._wait(handle, deadline)
+        except BaseException:
+            for handle in fresh:
+                self._cancel(handle)
+            raise
 
     def _submit(self, item: Any, *, urgent: bool = False) -> Any:
         """Queue ``item``'s units; raises CoalescerError (invalid, queue full, closed)."""

@@ -172,14 +172,18 @@ class LockstepEncoder:
         """Stop delivering to ``ticket``; withdraw its queued units that no other ticket waits for."""
         with self._lock:
             ticket.cancelled = True
-            for job in ticket.jobs:
-                job.waiters = [w for w in job.waiters if w[0] is not ticket]
-                if not job.waiters and not job.ran:
-                    self._planner.discard(job)
-                    if job.key is not None and self._jobs_by_key.get(job.key) is job:
-                        del self._jobs_by_key[job.key]
-            ticket.jobs = []
+            self._withdraw(ticket)
             metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
+
+    def _withdraw(self, ticket: LockstepTicket) -> None:
+        """Take ``ticket`` off its units; those no other ticket waits for leave the queue."""
+        for job in ticket.jobs:
+            job.waiters = [w for w in job.waiters if w[0] is not ticket]
+            if not job.waiters and not job.ran:
+                self._planner.discard(job)
+                if job.key is not None and self._jobs_by_key.get(job.key) is job:
+                    del self._jobs_by_key[job.key]
+        ticket.jobs = []
 
     def step(self) -> int:
         """Run every queued unit on this thread, in planner order; returns the number of forwards."""
@@ -194,6 +198,8 @@ class LockstepEncoder:
         """The ticket's outputs, one per submitted item; first runs queued batches until it is done.
 
         On CUDA the caller's current stream is made to wait for the producing stream (no host sync).
+        A failed ticket's units that have not run yet are withdrawn before it raises: its reader is gone, and
+        nothing else would run them (every rank fails the same tickets, so the queues stay identical).
         """
         with self._lock:
             if ticket.cancelled:
@@ -202,6 +208,8 @@ class LockstepEncoder:
                 # Queue order (the oldest head first, as in drain()), one batch at a time, stopping once
                 # this ticket is complete: later arrivals wait for their own prefill.
                 self._run(self._planner.next_batch(math.inf, 0.0))  # type: ignore[arg-type]
+            if ticket.error is not None:
+                self._withdraw(ticket)
             metrics.QUEUE_PATCHES.labels(**self._labels).set(self._planner.pending_patches)
             if ticket.error is not None:
                 raise ticket.error

@@ -113,6 +113,21 @@ def test_failed_forward_fails_that_batch_and_later_batches_still_run():
     assert torch.equal(enc.result(enc.submit([good_item]))[0], expected_encoding(good_item))
 
 
+def test_a_failed_ticket_withdraws_its_queued_units_that_no_other_ticket_waits_for():
+    """A CI soak left 2 units queued for good: a ticket failed on its first batch, result() raised, and its other
+    units stayed queued for a reader that had gone (nothing steps a lockstep queue but a prefill)."""
+    tower = FakeTower(fail_keys={"bad"})
+    enc = encoder(tower)
+    failed = enc.submit([image(16, key="bad"), image(144, key="alone"), image(64, key="shared")])
+    other = enc.submit([image(64, key="shared")])
+    with pytest.raises(EncodeError, match="lockstep batch"):
+        enc.result(failed)
+    assert [r.keys for r in tower.log] == [("bad",)]  # the failure came first; the rest had not run
+    assert enc.pending_units == 1  # "alone" is withdrawn; "shared" stays for the other ticket
+    assert enc.result(other)[0].shape[0] == 64
+    assert [r.keys for r in tower.log] == [("bad",), ("shared",)] and enc.pending_units == 0
+
+
 class ScriptedPeers:
     """An ``agree`` for one process: records what this rank said, answers as if peers said ``peer``."""
 

@@ -469,6 +469,24 @@ def test_an_on_demand_encode_after_a_failed_early_encode_keeps_the_first_deadlin
     assert took < wait_s * 1.25, f"the prefill blocked {took:.2f} s: its deadline restarted (bound {wait_s} s)"
 
 
+class FailsOnHashOne(SumTower):
+    def forward(self, units):
+        if any(u.key[0] == 1 for u in units):
+            raise RuntimeError("the tower failed on item 1")
+        return super().forward(units)
+
+
+def test_a_failed_on_demand_encode_withdraws_the_other_items_it_queued_in_lockstep(make_service):
+    """A CI soak ended with 2 units queued for good: a prefill's on-demand encode failed on one item and fell back,
+    and the items it had queued after it stayed in the lockstep queue, which only a prefill ever runs."""
+    config = CoalescerConfig(budget_bytes=1 << 20, max_batch_items=1, bytes_per_patch=64)  # one item a forward
+    service = make_service(tower=FailsOnHashOne(), config=config, lockstep=True)
+    fell_back = []
+    got = service.encode([item(1), item(2), item(3)], lambda items: fell_back.append(items) or "sglang's own")
+    assert got == "sglang's own" and len(fell_back) == 1
+    assert service.stats()["pending_units"] == 0 and service.tower.forwarded == []
+
+
 def test_an_on_demand_encode_jumps_the_queue(make_service):
     """``encode(..., urgent=True)``: an item a prefill encodes on demand goes before everything queued."""
     service = make_service()
