@@ -147,6 +147,7 @@ VARIANTS = {
     "on+budget4g": Variant(True, config={"budget_bytes": 4 * 1024**3}),
     # The plugin's own ViT CUDA graphs (Qwen towers): buckets a seed request (6 images, 5,400-6,936 patches) and
     # a coalesced burst fill; a batch is cut into runs by the buckets (vit_graphs.cut_into_runs).
+    # configs/qwen2_5_vl.yaml ships these buckets since 3f292ad, so on Qwen2.5-VL this variant is plain "on".
     "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.

@@ -413,6 +413,39 @@ def lone_encoder_share(raw: Path, target: float = 0.90) -> dict | None:
             f"encoder_cut_needed_for_{target:.2f}x": round((1 - target) * ttft_off / encoder, 3)}
 
 
+def poisson_encoder_wait(raw: Path) -> dict:
+    """Where the plugin's Poisson TTFT goes, per load: does an encode started at arrival get a head start?
+
+    From one harness run's unpacked files: per load and server, :func:`stage_breakdown`'s mean seconds a request,
+    and for the plugin's servers what a prefill blocked on the encoder (mean per prefill), what one encoder
+    forward took (dispatch to results) and how many units it held. A prefill that blocks for most of a forward
+    holding one request's images means the encode started at arrival ran no earlier than SGLang's own would have,
+    and batched nothing: the plugin can then at best match SGLang's inline encode. With
+    ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count as blocked time too, and the
+    forwards are the coalescer's only.
+    """
+    result = json.loads((raw / "results.json").read_text())
+    out: dict = {}
+    for load in sorted({_workload(t) for t in result["runs"] if t.startswith("poisson")}):
+        rows = stage_breakdown(raw, result, load)
+        for variant, row in rows.items():
+            d = _run_delta(raw / f"metrics-{load}-{variant}.txt")
+            prefills, forwards = (d.get(f"mm_coalescer_{n}_seconds_count") for n in ("prefill_wait", "batch"))
+            if prefills and forwards:
+                blocked = d["mm_coalescer_prefill_wait_seconds_sum"] / prefills
+                forward = d["mm_coalescer_batch_seconds_sum"] / forwards
+                row.setdefault("coalescer", {}).update({
+                    "prefill_blocked_ms_per_prefill": round(1000 * blocked, 1), "forward_ms": round(1000 * forward, 1),
+                    "blocked_share_of_forward": round(blocked / forward, 2)})
+        if "off" in rows:
+            for variant, row in rows.items():
+                if variant != "off":
+                    row["prefill_forward_minus_off_ms"] = round(1000 * (row["prefill_forward"]
+                                                                        - rows["off"]["prefill_forward"]), 1)
+        out[load] = rows
+    return {"commit": result.get("commit", ""), "loads": out}
+
+
 _REQ_TIME_STATS = re.compile(r"ReqTimeStats\(rid=(\w+),.*queue_duration=([\d.]+)ms.*entry_time=([\d.]+)")
 
 
@@ -525,6 +558,8 @@ def main() -> None:
                    help="an unpacked gpu-serve-<family>.tar.xz and a seed run in it: first_token_timeline")
     p.add_argument("--lone", action="append", default=[], metavar="FAMILY=DIR",
                    help="an unpacked gpu-serve-<family>.tar.xz with a lone run: lone_encoder_share")
+    p.add_argument("--poisson", action="append", default=[], metavar="FAMILY=DIR",
+                   help="an unpacked gpu-serve-<family>.tar.xz with Poisson runs: poisson_encoder_wait")
     args = p.parse_args()
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
@@ -548,6 +583,9 @@ def main() -> None:
         share = lone_encoder_share(Path(directory))
         if share:
             summary["families"][family]["lone_encoder_share"] = share
+    for item in args.poisson:
+        family, directory = item.split("=", 1)
+        summary["families"][family]["poisson_encoder_wait"] = poisson_encoder_wait(Path(directory))
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")
     for fam, s in summary["families"].items():

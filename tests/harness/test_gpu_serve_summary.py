@@ -297,6 +297,29 @@ def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(t
     assert summarize.lone_encoder_share(tmp_path) is None  # no plugin server measured
 
 
+def test_a_poisson_prefill_blocked_for_most_of_a_forward_shows_the_encode_had_no_head_start(tmp_path):
+    res = {"family": "fam", "commit": "abc", "variants": {"off": [], "on": []},
+           "runs": {"poisson0.5-off": bench(200, 10), "poisson0.5-on": bench(230, 10)}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    ttft = "sglang:time_to_first_token_seconds_"
+    prefill = 'sglang:per_stage_req_latency_seconds_sum{stage="prefill_forward",tp_rank="0"}'
+    _metrics(tmp_path / "metrics-poisson0.5-off.txt", {}, {f"{ttft}sum": 2.0, f"{ttft}count": 10, prefill: 1.0})
+    _metrics(tmp_path / "metrics-poisson0.5-on.txt", {"mm_coalescer_prefill_wait_seconds_sum": 1.0,
+                                                      "mm_coalescer_prefill_wait_seconds_count": 5},
+             {f"{ttft}sum": 2.3, f"{ttft}count": 10, prefill: 1.3, "mm_coalescer_forwards_total": 12,
+              "mm_coalescer_units_total": 18, "mm_coalescer_batch_seconds_sum": 0.4,
+              "mm_coalescer_batch_seconds_count": 10, "mm_coalescer_prefill_wait_seconds_sum": 1.36,
+              "mm_coalescer_prefill_wait_seconds_count": 15})
+    wait = summarize.poisson_encoder_wait(tmp_path)
+    assert wait["commit"] == "abc" and set(wait["loads"]) == {"poisson0.5"}
+    on = wait["loads"]["poisson0.5"]["on"]
+    assert on["coalescer"]["prefill_blocked_ms_per_prefill"] == pytest.approx(36.0)  # 0.36 s over 10 prefills
+    assert on["coalescer"]["forward_ms"] == pytest.approx(40.0)  # 0.4 s over 10 forwards
+    assert on["coalescer"]["blocked_share_of_forward"] == pytest.approx(0.9)
+    assert on["prefill_forward_minus_off_ms"] == pytest.approx(30.0)  # 130 ms a request against 100
+    assert "coalescer" not in wait["loads"]["poisson0.5"]["off"]
+
+
 def test_a_plugin_setting_is_judged_against_on_in_each_harness_run_even_after_a_later_run_replaced_its_pairs():
     first = result()
     first.update(commit="a")
