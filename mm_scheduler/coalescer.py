@@ -437,6 +437,7 @@ class Coalescer:
         metrics.UNITS_PER_FORWARD.labels(**self._labels).observe(len(jobs))
         metrics.BUDGET_FILL.labels(**self._labels).observe(sum(j.unit.num_patches for j in jobs) / budget)
         metrics.BATCH_SECONDS.labels(**self._labels).observe(seconds)
+        metrics.BATCH_LAUNCH_SECONDS.labels(**self._labels).observe(outcome.launch_seconds)
         gpu_seconds = outcome.gpu_seconds()  # the supervisor returns a CUDA outcome once its events completed
         if gpu_seconds is not None:
             metrics.BATCH_GPU_SECONDS.labels(**self._labels).observe(gpu_seconds)

@@ -31,6 +31,10 @@ class BatchOutcome:
     """Patch count of every forward that ran out of memory."""
     forward_seconds: list[float] = field(default_factory=list)
     """Host time of every forward call (what the automatic forward deadline learns from)."""
+    launch_seconds: float = 0.0
+    """Host time the forward thread spent inside the tower's forward calls: launching kernels, and any host work
+    or sync the tower does. Next to :meth:`gpu_seconds` it says what bounds a batch: a launch time close to the
+    stream time is a forward paced by its launches (CPU, the GIL), a much shorter one a forward waiting on the GPU."""
     started: torch.cuda.Event | None = None
     """Recorded on the executor's stream before the first forward, after the waits for its inputs."""
     done: torch.cuda.Event | None = None
@@ -183,7 +187,9 @@ class Executor:
             failure = exc
         finally:
             del self._forward_started[thread]
-            outcome.forward_seconds.append(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            outcome.forward_seconds.append(elapsed)
+            outcome.launch_seconds += elapsed
         if hi - lo == 1:
             outcome.outputs[lo] = failure
             return

@@ -209,6 +209,7 @@ def summary(seen: Observed) -> list[str]:
                                      ("queue_wait_seconds", "queue wait", 1000, " ms"),
                                      ("batch_seconds", "forward (dispatch to results)", 1000, " ms"),
                                      ("batch_gpu_seconds", "forward on the encoder stream", 1000, " ms"),
+                                     ("batch_launch_seconds", "forward launch on the host", 1000, " ms"),
                                      ("prefill_wait_seconds", "prefill blocked", 1000, " ms")):
         hist = seen.histograms.get(name)
         if hist and hist.count:

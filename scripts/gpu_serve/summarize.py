@@ -379,6 +379,8 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
                 "encoder_busy_s": d.get("mm_coalescer_batch_seconds_sum", 0.0),  # overlaps: 2 batches in flight
                 **({"encoder_stream_s": d["mm_coalescer_batch_gpu_seconds_sum"]}  # CUDA events, when exported
                    if "mm_coalescer_batch_gpu_seconds_sum" in d else {}),
+                **({"encoder_launch_s": d["mm_coalescer_batch_launch_seconds_sum"]}  # host, in the tower's calls
+                   if "mm_coalescer_batch_launch_seconds_sum" in d else {}),
                 "prefill_blocked_s": d.get("mm_coalescer_prefill_wait_seconds_sum", 0.0),
             }
         out[variant] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
@@ -418,9 +420,11 @@ def poisson_encoder_wait(raw: Path) -> dict:
 
     From one harness run's unpacked files: per load and server, :func:`stage_breakdown`'s mean seconds a request,
     and for the plugin's servers what a prefill blocked on the encoder (mean per prefill), what one encoder
-    forward took (dispatch to results) and how many units it held. A prefill that blocks for most of a forward
-    holding one request's images means the encode started at arrival ran no earlier than SGLang's own would have,
-    and batched nothing: the plugin can then at best match SGLang's inline encode. With
+    forward took (dispatch to results), how long launching it took on the host (from the commit that exports it:
+    close to the forward's time means launch-bound, CPU or GIL; much less means the GPU was the wait) and how
+    many units it held. A prefill that blocks for most of a forward holding one request's images means the encode
+    started at arrival ran no earlier than SGLang's own would have, and batched nothing: the plugin can then at best
+    match SGLang's inline encode. With
     ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count as blocked time too, and the
     forwards are the coalescer's only.
     """
@@ -436,7 +440,9 @@ def poisson_encoder_wait(raw: Path) -> dict:
                 forward = d["mm_coalescer_batch_seconds_sum"] / forwards
                 row.setdefault("coalescer", {}).update({
                     "prefill_blocked_ms_per_prefill": round(1000 * blocked, 1), "forward_ms": round(1000 * forward, 1),
-                    "blocked_share_of_forward": round(blocked / forward, 2)})
+                    "blocked_share_of_forward": round(blocked / forward, 2),
+                    **({"launch_ms": round(1000 * d["mm_coalescer_batch_launch_seconds_sum"] / forwards, 1)}
+                       if "mm_coalescer_batch_launch_seconds_sum" in d else {})})
         if "off" in rows:
             for variant, row in rows.items():
                 if variant != "off":

@@ -605,6 +605,33 @@ async def test_forward_runs_off_the_event_loop_thread_and_loop_keeps_accepting()
     assert threading.current_thread().name not in {r.thread for r in tower.log}
 
 
+def test_a_batchs_launch_time_sums_its_forward_calls_bisection_retries_included():
+    from mm_scheduler.executor import Executor
+
+    executor = Executor(FakeTower(fixed_s=0.02, fail_keys={"bad"}), torch.device("cpu"))
+    assert executor.run([image(16)]).launch_seconds >= 0.02
+    bisected = executor.run([image(16, key="bad"), image(16)])  # the pair, then each unit alone
+    assert len(bisected.forward_sizes) == 3 and bisected.launch_seconds >= 0.02  # the good unit's forward
+    assert bisected.launch_seconds == pytest.approx(sum(bisected.forward_seconds))  # no completion wait on CPU
+
+
+async def test_each_batchs_launch_time_is_exported_beside_its_dispatch_to_result_time():
+    from prometheus_client import REGISTRY
+
+    labels = {"coalescer": "launch-time-test"}
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(f"mm_coalescer_{name}", labels) or 0.0
+
+    before = {name: sample(name) for name in ("batch_launch_seconds_sum", "batch_launch_seconds_count",
+                                              "batch_seconds_sum")}
+    async with Coalescer(FakeTower(fixed_s=0.02), config(name=labels["coalescer"])) as co:
+        await co.encode([image(16)])
+    after = {name: sample(name) - value for name, value in before.items()}
+    assert after["batch_launch_seconds_count"] == 1
+    assert 0.02 <= after["batch_launch_seconds_sum"] <= after["batch_seconds_sum"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_cuda_results_are_correct_on_a_dedicated_stream():

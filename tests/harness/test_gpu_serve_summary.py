@@ -318,6 +318,11 @@ def test_a_poisson_prefill_blocked_for_most_of_a_forward_shows_the_encode_had_no
     assert on["coalescer"]["blocked_share_of_forward"] == pytest.approx(0.9)
     assert on["prefill_forward_minus_off_ms"] == pytest.approx(30.0)  # 130 ms a request against 100
     assert "coalescer" not in wait["loads"]["poisson0.5"]["off"]
+    assert "launch_ms" not in on["coalescer"]  # a run from before the plugin exported its launch time
+    with (tmp_path / "metrics-poisson0.5-on.txt").open("a") as f:
+        f.write("mm_coalescer_batch_launch_seconds_sum 0.35\n")
+    launched = summarize.poisson_encoder_wait(tmp_path)["loads"]["poisson0.5"]["on"]["coalescer"]
+    assert launched["launch_ms"] == pytest.approx(35.0)  # most of the 40 ms forward: paced by its launches
 
 
 def test_a_plugin_setting_is_judged_against_on_in_each_harness_run_even_after_a_later_run_replaced_its_pairs():
