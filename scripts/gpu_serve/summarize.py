@@ -424,9 +424,8 @@ def poisson_encoder_wait(raw: Path) -> dict:
     close to the forward's time means launch-bound, CPU or GIL; much less means the GPU was the wait) and how
     many units it held. A prefill that blocks for most of a forward holding one request's images means the encode
     started at arrival ran no earlier than SGLang's own would have, and batched nothing: the plugin can then at best
-    match SGLang's inline encode. With
-    ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count as blocked time too, and the
-    forwards are the coalescer's only.
+    match SGLang's inline encode. With ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count
+    as blocked time too, and the forwards are the coalescer's only.
     """
     result = json.loads((raw / "results.json").read_text())
     out: dict = {}
