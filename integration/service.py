@@ -364,11 +364,16 @@ class EncoderService:
         return stats["pending_units"] == 0 and stats["inflight_batches"] == 0
 
     def _own_method(self, items: Sequence[Any], original: Callable[[list[Any]], Any], source: str) -> Any:
-        """SGLang's own method on the scheduler thread: ``source`` "fallback" (the coalescer could not serve the
-        call) or "inline" (nothing to batch with; counted as ``fallbacks`` / ``inline`` and by source)."""
+        """The call on the scheduler thread: ``source`` "fallback" (the coalescer could not serve it: SGLang's own
+        method, the floor) or "inline" (nothing to batch with: the tower's ``encode_now``, a captured graph where
+        one holds the items); counted as ``fallbacks`` / ``inline`` and by source."""
         self.counts["fallbacks" if source == "fallback" else source] += 1
         PREFILL_ITEMS.labels(self.config.name, source).inc(len(items))
-        return self.run_exclusive(lambda: original(on_one_device(items, self.tower.device)))
+        def call() -> Any:
+            on_device = on_one_device(items, self.tower.device)
+            return self.tower.encode_now(on_device, original) if source == "inline" else original(on_device)
+
+        return self.run_exclusive(call)
 
     def _held_handle(self, item: Any) -> Any:
         if item.hash is None:

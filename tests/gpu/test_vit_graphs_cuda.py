@@ -11,7 +11,9 @@ What would fail if the graphs were wrong:
   that many rows of each segment, so an image segment longer than it would lose rows (the CPU attention
   ignores ``max_seqlen``: only a GPU sees this);
 * the adapter: batches are cut into runs by the buckets, batches no bucket holds run
-  the tower itself, and every output equals the tower's own forward.
+  the tower itself, and every output equals the tower's own forward;
+* the idle path (``encode_now``, on the scheduler's thread): a replay that did not run on the caller's
+  stream would read pixels the caller's stream has not written yet.
 
 Run: ``python -m pytest -q tests/gpu/test_vit_graphs_cuda.py``.
 """
@@ -183,3 +185,42 @@ def test_the_adapter_splits_large_batches_into_runs_and_leaves_unheld_ones_to_th
     assert graphs.replays - before == 3
     for unit, out in zip(units, outputs, strict=True):
         _close(out, model.visual(unit.pixel_values, grid_thw=torch.tensor([unit.meta["grid"]], device="cuda")))
+
+
+@torch.inference_mode()
+def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queued_there(captured):
+    """``encode_now`` (the plugin's inline path) runs where the scheduler calls it: the pixels of its items are
+    written on the scheduler's stream behind a 0.1 s kernel, over NaNs. A replay on any other stream, or one
+    not ordered after that copy, reads NaNs. Images no bucket holds go to the model's own method."""
+    from mm_scheduler_sglang.adapters import QwenVLTower
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+
+    model, graphs = captured
+    tower = QwenVLTower(model)
+    tower.graphs = graphs
+    own_calls = []
+
+    def own_method(items):
+        own_calls.append(len(items))
+        grids = torch.cat([item.model_specific_data["image_grid_thw"] for item in items])
+        return model.visual(torch.cat([item.feature for item in items]), grid_thw=grids.cuda())
+
+    for grids, replayed in ((SAME_BUCKET[2], True), ([(1, 32, 36)], False)):  # 64 rows; 1,152 rows: no bucket
+        sources = [_pixels(model, [grid], 60 + i) for i, grid in enumerate(grids)]
+        expected = model.visual(torch.cat(sources), grid_thw=torch.tensor(grids).cuda())
+        features = [torch.full_like(source, float("nan")) for source in sources]
+        items = [MultimodalDataItem(modality=Modality.IMAGE, feature=feature,
+                                    model_specific_data={"image_grid_thw": torch.tensor([grid])})
+                 for feature, grid in zip(features, grids, strict=True)]
+        scheduler = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        replays, calls = graphs.replays, len(own_calls)
+        with torch.cuda.stream(scheduler):
+            torch.cuda._sleep(200_000_000)
+            for feature, source in zip(features, sources, strict=True):
+                feature.copy_(source)
+            out = tower.encode_now(items, own_method)
+            consumed = out * 1  # what the prefill does next, on the same stream
+        torch.cuda.synchronize()
+        _close(consumed, expected)
+        assert (graphs.replays - replays, len(own_calls) - calls) == ((1, 0) if replayed else (0, 1))

@@ -283,6 +283,54 @@ def test_with_early_encode_min_waiting_a_lone_prefill_on_an_idle_coalescer_runs_
     assert service.counts["encoded_on_demand"] == 0 and service.counts["fallbacks"] == 0
 
 
+class GraphsThatRecord:
+    """In place of the captured ``QwenVisionGraphs`` (CUDA only): ``run`` computes what a replay returns (the
+    tower's forward of the packed batch) and records the call; ``holds`` False stands for no bucket holding it."""
+
+    def __init__(self, visual, holds: bool = True) -> None:
+        self.visual, self.holds, self.calls = visual, holds, []
+
+    def run(self, pixels, grids):
+        self.calls.append((pixels.shape[0], grids.tolist()))
+        return self.visual(pixels, grid_thw=grids) if self.holds else None
+
+
+@pytest.mark.parametrize("holds", [True, False], ids=["a-bucket-holds-them", "no-bucket-holds-them"])
+def test_an_inline_prefill_of_images_is_offered_to_the_captured_graphs_in_one_packed_call(model, stop_service,
+                                                                                          holds):
+    """With graphs, the idle path replays them on the scheduler's stream (faster than SGLang's own call):
+    both images in one call, in item order; when no bucket holds them, SGLang's own method runs instead."""
+    alone = [sm.qwen_image(model, 4, 4, 97), sm.qwen_image(model, 8, 4, 98)]
+    requests = [(alone, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model, plugin={"early_encode_min_waiting": 1})
+    service.tower.graphs = graphs = GraphsThatRecord(model.visual, holds)
+    own_calls = []
+    original = service.tower.__class__.encode_now
+
+    def counting(tower, items, method):
+        return original(tower, items, lambda its: own_calls.append(len(its)) or method(its))
+
+    service.tower.encode_now = counting.__get__(service.tower)
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert graphs.calls == [(16 + 32, [[1, 4, 4], [1, 8, 4]])]
+    assert own_calls == ([] if holds else [2])
+    assert service.counts["inline"] == 1 and log.keys == []
+
+
+def test_an_inline_prefill_of_a_video_runs_sglangs_own_method_even_with_graphs(model, stop_service):
+    """Graphs are offered images only (a clip's frames are not captured as one segment layout)."""
+    alone = [sm.qwen_video(model, 2, 4, 4, 99)]
+    requests = [(alone, 3)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model, plugin={"early_encode_min_waiting": 1})
+    service.tower.graphs = graphs = GraphsThatRecord(model.visual)
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert graphs.calls == [] and service.counts["inline"] == 1 and log.keys == []
+
+
 def test_with_early_encode_min_waiting_a_prefill_goes_through_a_busy_coalescer(model, stop_service):
     """A forward in flight (another request's early encode): the prefill's items queue behind it, urgently,
     instead of running SGLang's method beside it on the same tower."""
