@@ -368,23 +368,24 @@ class QwenVisionGraphs:
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            prepared = self.prepare(pixels, grids)
-            chosen = self.fit(self._static, prepared)
-            if chosen is None:
-                return None
-            static, layout = chosen
-            stream = torch.cuda.current_stream(prepared.rows.device)
-            if self._last_replay is not None and self._last_stream != stream and not self._last_replay.query():
-                # One pool and one set of inputs: never beside a replay still queued on another stream. That is
-                # a stream the executor gave up on (``renew_stream`` after a hung forward); waiting for it would
-                # hang the fresh stream and the health probe too, so this batch runs eagerly instead.
-                return None
-            static.load(prepared, *layout)
-            static.graph.replay()
-            out = self.unpad(static.output, prepared)
-            self._last_replay, self._last_stream = torch.cuda.Event(), stream
-            self._last_replay.record(stream)
-            self.replays += 1
-            return out
+            with torch.inference_mode():  # the static buffers are inference tensors; SGLang's thread runs no_grad
+                prepared = self.prepare(pixels, grids)
+                chosen = self.fit(self._static, prepared)
+                if chosen is None:
+                    return None
+                static, layout = chosen
+                stream = torch.cuda.current_stream(prepared.rows.device)
+                if self._last_replay is not None and self._last_stream != stream and not self._last_replay.query():
+                    # One pool and one set of inputs: never beside a replay still queued on another stream. That is
+                    # a stream the executor gave up on (``renew_stream`` after a hung forward); waiting for it would
+                    # hang the fresh stream and the health probe too, so this batch runs eagerly instead.
+                    return None
+                static.load(prepared, *layout)
+                static.graph.replay()
+                out = self.unpad(static.output, prepared)
+                self._last_replay, self._last_stream = torch.cuda.Event(), stream
+                self._last_replay.record(stream)
+                self.replays += 1
+                return out
         finally:
             self._lock.release()

@@ -187,11 +187,13 @@ def test_the_adapter_splits_large_batches_into_runs_and_leaves_unheld_ones_to_th
         _close(out, model.visual(unit.pixel_values, grid_thw=torch.tensor([unit.meta["grid"]], device="cuda")))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queued_there(captured):
-    """``encode_now`` (the plugin's inline path) runs where the scheduler calls it: the pixels of its items are
-    written on the scheduler's stream behind a 0.1 s kernel, over NaNs. A replay on any other stream, or one
-    not ordered after that copy, reads NaNs. Images no bucket holds go to the model's own method."""
+    """``encode_now`` (the plugin's inline path) runs where the scheduler calls it, under its ``no_grad`` (not
+    inference mode: the real server's first inline replay raised on the inference-mode static buffers). The
+    pixels of its items are written on the scheduler's stream behind a 0.1 s kernel, over NaNs: a replay on any
+    other stream, or one not ordered after that copy, reads NaNs. Images no bucket holds go to the model's own
+    method."""
     from mm_scheduler_sglang.adapters import QwenVLTower
     from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
 
