@@ -61,7 +61,10 @@ def serve(label: str, model: str, tokens: int, reps: int) -> dict:
         engine.shutdown()
     first, whole = (statistics.median(seconds[n]) for n in seconds)
     return {"label": label, "first_token_ms": first * 1000, "decode_ms_per_token": (whole - first) / tokens * 1000,
-            "coalescer_units": scenario.counter(metrics, "mm_coalescer_units_total")}
+            "coalescer_units": scenario.counter(metrics, "mm_coalescer_units_total"),
+            # items the plugin served without falling back (a lone request on an idle coalescer is encoded inline
+            # under early_encode_min_waiting: no coalescer unit)
+            "plugin_items": scenario.served_by_plugin(metrics)}
 
 
 def run_engine(cmd: list[str], label: str) -> str:
@@ -101,7 +104,8 @@ def main() -> None:
             runs.append({"pair": pair, **json.loads(run_engine(cmd, label).strip().splitlines()[-1])})
             print(f"pair {pair} {label:>3}: first token {runs[-1]['first_token_ms']:6.1f} ms, "
                   f"decode {runs[-1]['decode_ms_per_token']:5.2f} ms/token, "
-                  f"coalescer units {runs[-1]['coalescer_units']:.0f}", flush=True)
+                  f"plugin items {runs[-1]['plugin_items']:.0f} (coalescer units {runs[-1]['coalescer_units']:.0f})",
+                  flush=True)
     by_pair = {(run["pair"], run["label"]): run["decode_ms_per_token"] for run in runs}
     ratios = [by_pair[pair, "on"] / by_pair[pair, "off"] for pair in range(args.pairs)]
     print(f"decode on/off per pair: {', '.join(f'{r:.2f}x' for r in ratios)}; median {statistics.median(ratios):.2f}x")

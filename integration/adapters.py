@@ -433,12 +433,17 @@ class QwenVLTower(SGLangTower):
 
     def encode_now(self, items: list[Any], original: Callable[[list[Any]], Any]) -> Any:
         """Images by one graph replay on the caller's stream when a captured bucket holds them all: no launch
-        of ~1,400 kernels from Python, so the idle path is faster than the model's own call. Videos, and
-        images no bucket holds, go to ``original``."""
+        of ~1,400 kernels from Python, so the idle path is faster than the model's own call. Videos, images no
+        bucket holds, and a replay that fails go to ``original`` (SGLang's behaviour stays the floor)."""
         if self.graphs is None or any(_modality_name(item) != "image" for item in items):
             return original(items)
-        pixels = torch.cat([materialize_feature(item, self.device) for item in items])
-        packed = self.graphs.run(pixels, torch.cat([self._grid(item) for item in items]))
+        try:  # features may be CUDA-IPC proxies beside CPU tensors (a full IPC pool): one device first
+            pixels = torch.cat([materialize_feature(item, self.device).to(self.device, non_blocking=True)
+                                for item in items])
+            packed = self.graphs.run(pixels, torch.cat([self._grid(item) for item in items]))
+        except Exception:
+            logger.warning("mm-coalescer: inline graph replay failed; using the model's own method", exc_info=True)
+            packed = None
         return original(items) if packed is None else packed
 
     def _graph_runs(self, units: Sequence[EncodeItem]) -> list[tuple[int, int]]:

@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 
 # Imported only in scheduler processes, after SGLang has set PROMETHEUS_MULTIPROC_DIR.
 PREFILL_ITEMS = Counter("mm_coalescer_prefill_items", "Items a prefill asked the encoder for, by where the result came "
-                        "from: early (encoded since arrival), on_demand, inline (SGLang's own method, idle "
-                        "coalescer) or fallback (SGLang's own method after a refusal or failure)",
+                        "from: early (encoded since arrival), on_demand, inline (on the scheduler thread, idle "
+                        "coalescer: a graph replay or SGLang's own method) or fallback (SGLang's own method after a "
+                        "refusal or failure)",
                         ("coalescer", "source"))
 PREFILL_WAIT = Histogram("mm_coalescer_prefill_wait_seconds", "Time the scheduler thread was blocked waiting for "
                          "encoder results inside a prefill", ("coalescer",),
@@ -206,9 +207,10 @@ class EncoderService:
         self.lockstep = lockstep
         self.prefill_wait_s = prefill_wait_s
         self.inline_when_idle = inline_when_idle
-        """A prefill whose items were not encoded early, finding the coalescer idle, runs SGLang's own method on
-        its thread: there is nothing to batch them with, and the hop to the coalescer only adds to the wait
-        (the plugin's early-encode gate, ``early_encode_min_waiting``, turns this on)."""
+        """A prefill whose items were not encoded early, finding the coalescer idle, encodes them on its own thread
+        (``tower.encode_now``: a graph replay, or SGLang's own method): there is nothing to batch them with, and
+        the hop to the coalescer only adds to the wait (the plugin's early-encode gate, ``early_encode_min_waiting``,
+        turns this on)."""
         self._agree = agree
         self._exclusive = ExclusiveTower(tower, wait_s=prefill_wait_s)
         # Results encoded ahead of their prefill wait on the GPU; beyond the cap arrivals wait
@@ -276,8 +278,8 @@ class EncoderService:
         return model is self.tower.model
 
     def run_exclusive(self, fn: Callable[[], Any]) -> Any:
-        """Run SGLang's own encoder method, never at the same time as a coalescer forward (unless that
-        forward hangs: see :class:`ExclusiveTower`)."""
+        """Run an encode on the caller's thread (SGLang's own method, or an inline graph replay), never at the same
+        time as a coalescer forward (unless that forward hangs: see :class:`ExclusiveTower`)."""
         with self._exclusive.held("the model's own method"):
             return fn()
 

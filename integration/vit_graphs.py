@@ -1,5 +1,5 @@
 """CUDA graphs of a Qwen vision tower, one per patch-count bucket, captured at start-up and replayed
-on the coalescer's stream.
+on the coalescer's stream (or, for an idle prefill's inline encode, on the scheduler's).
 
 Why: a Qwen2.5-VL-7B forward launches ~1,400 kernels from Python. On the coalescer's thread those
 launches compete with the scheduler's for the GIL, which is where the plugin lost time in the real
@@ -376,9 +376,10 @@ class QwenVisionGraphs:
                 static, layout = chosen
                 stream = torch.cuda.current_stream(prepared.rows.device)
                 if self._last_replay is not None and self._last_stream != stream and not self._last_replay.query():
-                    # One pool and one set of inputs: never beside a replay still queued on another stream. That is
-                    # a stream the executor gave up on (``renew_stream`` after a hung forward); waiting for it would
-                    # hang the fresh stream and the health probe too, so this batch runs eagerly instead.
+                    # One pool and one set of inputs: never beside a replay still queued on another stream: the
+                    # scheduler's (an inline encode) or the coalescer's, possibly one the executor gave up on
+                    # (``renew_stream`` after a hung forward). Waiting for it could hang this stream and the health
+                    # probe too, so this batch runs eagerly instead.
                     return None
                 static.load(prepared, *layout)
                 static.graph.replay()

@@ -426,12 +426,24 @@ def poisson_encoder_wait(raw: Path) -> dict:
     started at arrival ran no earlier than SGLang's own would have, and batched nothing: the plugin can then at best
     match SGLang's inline encode. With ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count
     as blocked time too, and the forwards are the coalescer's only.
+
+    Per server also ``arrivals_s`` (first to last receipt, SGLang's timestamps) and ``drain_s`` (last receipt to
+    last finish). The load generator's seed fixes the intervals, yet its own event loop stretches them when it is
+    busy reading streams, so two servers can get the same requests over spans seconds apart; the run's tok/s
+    (tokens over the whole span) then measures the client. ``drain_s`` is what the server adds after the last
+    arrival.
     """
     result = json.loads((raw / "results.json").read_text())
     out: dict = {}
     for load in sorted({_workload(t) for t in result["runs"] if t.startswith("poisson")}):
         rows = stage_breakdown(raw, result, load)
         for variant, row in rows.items():
+            window = result["runs"].get(f"{load}-{variant}", {}).get("window")
+            records = _seed_records(raw / f"requests-{variant}", window)
+            if records:
+                row["arrivals_s"] = round(records[-1]["request_received_ts"] - records[0]["request_received_ts"], 2)
+                row["drain_s"] = round(max(r["request_finished_ts"] for r in records)
+                                       - records[-1]["request_received_ts"], 2)
             d = _run_delta(raw / f"metrics-{load}-{variant}.txt")
             prefills, forwards = (d.get(f"mm_coalescer_{n}_seconds_count") for n in ("prefill_wait", "batch"))
             if prefills and forwards:

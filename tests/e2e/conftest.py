@@ -51,7 +51,7 @@ def _run_engine(label: str, model: Path, media: Path, work: Path) -> dict[str, A
 
 @pytest.fixture(scope="session")
 def engine_runs(tiny_model: Path, media_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The scenario served by a real sglang.Engine three times: plugin off, on, and on with the settings that act
-    on SGLang's scheduler queues (``lazy``; one process each)."""
+    """The scenario served by a real sglang.Engine three times: plugin off, on (the shipped config), and on with
+    the settings that act on SGLang's scheduler queues changed (``tuned``; one process each)."""
     work = tmp_path_factory.mktemp("engine")
-    return {label: _run_engine(label, tiny_model, media_dir, work) for label in ("off", "on", "lazy")}
+    return {label: _run_engine(label, tiny_model, media_dir, work) for label in ("off", "on", "tuned")}

@@ -25,7 +25,7 @@ def test_cpu_lone_decode_runs_one_pair_with_the_plugin_taking_the_image_only_whe
     report = json.loads((tmp_path / "cpu_lone_decode.json").read_text())
     off, on = report["runs"]
     assert (off["label"], on["label"]) == ("off", "on")
-    assert off["coalescer_units"] == 0 and on["coalescer_units"] >= 1
+    assert off["plugin_items"] == 0 and on["plugin_items"] >= 1
     assert all(math.isfinite(run["first_token_ms"]) and math.isfinite(run["decode_ms_per_token"])
                for run in report["runs"])
     assert len(report["decode_ratio_on_off"]) == 1

@@ -42,29 +42,32 @@ def test_engine_greedy_ids_identical_with_plugin_off_and_on(engine_runs: dict[st
         assert on[req.name]["output_ids"] == off[req.name]["output_ids"], req.name
 
 
-def test_engine_with_encoding_left_to_prefills_greedy_ids_equal_plugin_off(engine_runs: dict[str, Any]) -> None:
-    """``early_encode_min_waiting`` and ``defer_prefill_ms`` read and reorder SGLang's real waiting queue."""
-    off, lazy = engine_runs["off"]["results"], engine_runs["lazy"]["results"]
-    requests = scenario.requests(with_video=engine_runs["lazy"]["video_decoder"] is not None)
-    assert set(lazy) == {r.name for r in requests}
+def test_engine_with_encoding_always_at_arrival_and_deferred_prefills_greedy_ids_equal_plugin_off(
+        engine_runs: dict[str, Any]) -> None:
+    """``early_encode_min_waiting: 0`` and ``defer_prefill_ms`` read and reorder SGLang's real waiting queue."""
+    off, tuned = engine_runs["off"]["results"], engine_runs["tuned"]["results"]
+    requests = scenario.requests(with_video=engine_runs["tuned"]["video_decoder"] is not None)
+    assert set(tuned) == {r.name for r in requests}
     for req in requests:
         if req.abort:
-            assert lazy[req.name]["finish"]["type"] == "abort", lazy[req.name]
+            assert tuned[req.name]["finish"]["type"] == "abort", tuned[req.name]
             continue
-        assert lazy[req.name]["output_ids"] == off[req.name]["output_ids"], req.name
+        assert tuned[req.name]["output_ids"] == off[req.name]["output_ids"], req.name
 
 
-def test_engine_with_encoding_left_to_prefills_a_lone_request_on_an_idle_coalescer_runs_inline(
+def test_engine_with_the_shipped_config_a_lone_request_on_an_idle_coalescer_runs_inline(
         engine_runs: dict[str, Any]) -> None:
-    """The video comes alone (its own phase): nothing waits ahead of it, so it is left to its prefill, which
-    finds the coalescer idle and runs SGLang's own method; nothing falls back or fails."""
-    lazy = engine_runs["lazy"]["metrics"]
-    assert engine_runs["lazy"]["video_decoder"] is not None, "no video decoder (decord/torchcodec) installed"
-    assert scenario.counter(lazy, "mm_coalescer_prefill_items_total{source=inline}") >= 1, lazy
-    assert scenario.counter(lazy, "mm_coalescer_prefill_items_total{source=fallback}") == 0, lazy
-    assert scenario.counter(lazy, "mm_coalescer_requests_total{outcome=error}") == 0, lazy
+    """The video comes alone (its own phase): nothing waits ahead of it, so the shipped config
+    (``early_encode_min_waiting: 1``) leaves it to its prefill, which finds the coalescer idle and encodes it on
+    the scheduler thread (SGLang's own method: no graphs on CPU); nothing falls back or fails. With the gate at 0
+    nothing runs inline."""
     on = engine_runs["on"]["metrics"]
-    assert scenario.counter(on, "mm_coalescer_prefill_items_total{source=inline}") == 0, on  # the gate is off
+    assert engine_runs["on"]["video_decoder"] is not None, "no video decoder (decord/torchcodec) installed"
+    assert scenario.counter(on, "mm_coalescer_prefill_items_total{source=inline}") >= 1, on
+    assert scenario.counter(on, "mm_coalescer_prefill_items_total{source=fallback}") == 0, on
+    assert scenario.counter(on, "mm_coalescer_requests_total{outcome=error}") == 0, on
+    tuned = engine_runs["tuned"]["metrics"]
+    assert scenario.counter(tuned, "mm_coalescer_prefill_items_total{source=inline}") == 0, tuned
 
 
 def test_engine_with_preprocess_thread_preprocesses_on_its_own_thread_unless_sglang_already_does(
@@ -72,13 +75,13 @@ def test_engine_with_preprocess_thread_preprocesses_on_its_own_thread_unless_sgl
     """``preprocess_thread``: SGLang's real tokenizer manager sent every multimodal request's preprocessing to the
     plugin's thread (0.5.16), or left it to SGLang's own processor threads where they exist (0.5.17+); the
     replies are those of plugin off (test above)."""
-    lazy = engine_runs["lazy"]["preprocessing"]
-    with_media = [r for r in scenario.requests(with_video=engine_runs["lazy"]["video_decoder"] is not None)
+    tuned = engine_runs["tuned"]["preprocessing"]
+    with_media = [r for r in scenario.requests(with_video=engine_runs["tuned"]["video_decoder"] is not None)
                   if r.images or r.video]
-    if lazy["sglang_off_loop"]:
-        assert lazy == {"calls": 0, "thread": None, "sglang_off_loop": True}
+    if tuned["sglang_off_loop"]:
+        assert tuned == {"calls": 0, "thread": None, "sglang_off_loop": True}
     else:
-        assert lazy["thread"] == "mm-coalescer-preprocess" and lazy["calls"] >= len(with_media), lazy
+        assert tuned["thread"] == "mm-coalescer-preprocess" and tuned["calls"] >= len(with_media), tuned
     assert engine_runs["on"]["preprocessing"]["calls"] == 0  # off unless set
 
 
@@ -100,21 +103,26 @@ def test_engine_aborted_request_ends_as_aborted(engine_runs: dict[str, Any]) -> 
         assert aborted["finish"]["type"] == "abort", (label, aborted)
 
 
-def test_engine_items_go_through_the_coalescer_not_the_fallback(engine_runs: dict[str, Any]) -> None:
-    off, on = engine_runs["off"]["metrics"], engine_runs["on"]["metrics"]
+def test_engine_items_are_served_by_the_plugin_not_the_fallback(engine_runs: dict[str, Any]) -> None:
+    """Shipped config: from the coalescer, or inline on an idle one. Media always encoded at arrival: every distinct
+    item through the coalescer."""
+    off, on, tuned = (engine_runs[label]["metrics"] for label in ("off", "on", "tuned"))
     with_video = engine_runs["on"]["video_decoder"] is not None
     assert off == {}, "plugin off must add no mm_coalescer series"
-    assert scenario.counter(on, "mm_coalescer_prefill_items_total{source=fallback}") == 0, on
-    assert scenario.taken_by_prefill(on) >= scenario.distinct_media(with_video), on
-    assert scenario.counter(on, "mm_coalescer_units_total") >= scenario.distinct_media(with_video), on
-    assert scenario.counter(on, "mm_coalescer_forwards_total") >= 1, on
-    assert scenario.counter(on, "mm_coalescer_requests_total{outcome=error}") == 0, on
+    for metrics in (on, tuned):
+        assert scenario.counter(metrics, "mm_coalescer_prefill_items_total{source=fallback}") == 0, metrics
+        assert scenario.counter(metrics, "mm_coalescer_forwards_total") >= 1, metrics
+        assert scenario.counter(metrics, "mm_coalescer_requests_total{outcome=error}") == 0, metrics
+    assert scenario.served_by_plugin(on) >= scenario.distinct_media(with_video), on
+    assert scenario.taken_by_prefill(tuned) >= scenario.distinct_media(with_video), tuned
+    assert scenario.counter(tuned, "mm_coalescer_units_total") >= scenario.distinct_media(with_video), tuned
 
 
 def test_engine_every_item_encoded_at_arrival_is_taken_by_a_prefill(engine_runs: dict[str, Any]) -> None:
-    on = engine_runs["on"]["metrics"]
-    # Qwen2.5-VL: one unit per image and per video, so units submitted == items some prefill took.
-    assert scenario.counter(on, "mm_coalescer_units_total") == scenario.taken_by_prefill(on), on
+    for label in ("on", "tuned"):
+        metrics = engine_runs[label]["metrics"]
+        # Qwen2.5-VL: one unit per image and per video, so units submitted == items some prefill took.
+        assert scenario.counter(metrics, "mm_coalescer_units_total") == scenario.taken_by_prefill(metrics), label
 
 
 def test_engine_logs_each_feature_this_sglang_lacks_once(engine_runs: dict[str, Any]) -> None:

@@ -193,7 +193,7 @@ def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queue
     inference mode: the real server's first inline replay raised on the inference-mode static buffers). The
     pixels of its items are written on the scheduler's stream behind a 0.1 s kernel, over NaNs: a replay on any
     other stream, or one not ordered after that copy, reads NaNs. Images no bucket holds go to the model's own
-    method."""
+    method; an image on the CPU beside one on the GPU is replayed with it."""
     from mm_scheduler_sglang.adapters import QwenVLTower
     from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
 
@@ -207,10 +207,12 @@ def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queue
         grids = torch.cat([item.model_specific_data["image_grid_thw"] for item in items])
         return model.visual(torch.cat([item.feature for item in items]), grid_thw=grids.cuda())
 
-    for grids, replayed in ((SAME_BUCKET[2], True), ([(1, 32, 36)], False)):  # 64 rows; 1,152 rows: no bucket
+    # 64 rows; 1,152 rows (no bucket); 64 rows whose first image is on the CPU (a full CUDA-IPC pool's fallback)
+    for grids, replayed, on_cpu in ((SAME_BUCKET[2], True, 0), ([(1, 32, 36)], False, 0), (SAME_BUCKET[1], True, 1)):
         sources = [_pixels(model, [grid], 60 + i) for i, grid in enumerate(grids)]
         expected = model.visual(torch.cat(sources), grid_thw=torch.tensor(grids).cuda())
         features = [torch.full_like(source, float("nan")) for source in sources]
+        features[:on_cpu] = [source.cpu() for source in sources[:on_cpu]]
         items = [MultimodalDataItem(modality=Modality.IMAGE, feature=feature,
                                     model_specific_data={"image_grid_thw": torch.tensor([grid])})
                  for feature, grid in zip(features, grids, strict=True)]
@@ -219,7 +221,7 @@ def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queue
         replays, calls = graphs.replays, len(own_calls)
         with torch.cuda.stream(scheduler):
             torch.cuda._sleep(200_000_000)
-            for feature, source in zip(features, sources, strict=True):
+            for feature, source in zip(features[on_cpu:], sources[on_cpu:], strict=True):
                 feature.copy_(source)
             out = tower.encode_now(items, own_method)
             consumed = out * 1  # what the prefill does next, on the same stream

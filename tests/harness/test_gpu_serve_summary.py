@@ -372,3 +372,26 @@ def test_a_setting_on_sglang_flags_is_judged_against_plugin_on_with_those_flags_
     assert crash["failed"] == ["seed1-on+crash (c)"] and crash["better"]["seed TTFT median, 1 rep. (c)"] == 0.875
     assert crash["even"] == {"lone TTFT (c)": 0.91}  # a lone run of 8 requests moves 10 %
     assert crash["wins_everywhere_measured"] is False  # better where it ran, but it crashed once
+
+
+def test_poisson_arrival_span_and_drain_come_from_sglangs_own_receipt_and_finish_times(tmp_path):
+    """The same seeded requests reached the two servers over 18 and 22 s (the load generator's loop stretched the
+    second): tok/s over the run then measures the client; the drain after the last arrival is the server's."""
+    res = {"family": "fam", "commit": "abc", "variants": {"off": [], "on": []},
+           "runs": {"poisson0.8-off": bench(200, 3, window=[100.0, 130.0]),
+                    "poisson0.8-on": bench(190, 3, window=[200.0, 230.0])}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    ttft = "sglang:time_to_first_token_seconds_"
+    for variant, start, span, drain in (("off", 101.0, 18.0, 4.7), ("on", 201.0, 22.0, 3.8)):
+        _metrics(tmp_path / f"metrics-poisson0.8-{variant}.txt", {}, {f"{ttft}sum": 0.6, f"{ttft}count": 3})
+        (tmp_path / f"requests-{variant}").mkdir()
+        received = [start, start + span / 2, start + span]
+        finished = [start + 1.0, start + span + drain, start + span + 2.0]  # the middle one finishes last
+        lines = [json.dumps({"request_received_ts": r, "api_server_dispatch_finish_ts": r + 0.05,
+                             "request_finished_ts": f}) for r, f in zip(received, finished, strict=True)]
+        lines.append(json.dumps({"request_received_ts": start + 40.0, "api_server_dispatch_finish_ts": start + 40.1,
+                                 "request_finished_ts": start + 41.0}))  # the next run's: outside the window
+        (tmp_path / f"requests-{variant}" / "m.log").write_text("\n".join(lines) + "\n")
+    loads = summarize.poisson_encoder_wait(tmp_path)["loads"]["poisson0.8"]
+    assert (loads["off"]["arrivals_s"], loads["off"]["drain_s"]) == (pytest.approx(18.0), pytest.approx(4.7))
+    assert (loads["on"]["arrivals_s"], loads["on"]["drain_s"]) == (pytest.approx(22.0), pytest.approx(3.8))

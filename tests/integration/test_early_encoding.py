@@ -284,28 +284,31 @@ def test_with_early_encode_min_waiting_a_lone_prefill_on_an_idle_coalescer_runs_
 
 
 class GraphsThatRecord:
-    """In place of the captured ``QwenVisionGraphs`` (CUDA only): ``run`` computes what a replay returns (the
-    tower's forward of the packed batch) and records the call; ``holds`` False stands for no bucket holding it."""
+    """In place of the captured ``QwenVisionGraphs`` (CUDA only): ``run`` records the call and then computes what a
+    replay returns (the tower's forward of the packed batch), returns None (no bucket holds it) or raises."""
 
-    def __init__(self, visual, holds: bool = True) -> None:
-        self.visual, self.holds, self.calls = visual, holds, []
+    def __init__(self, visual, outcome: str = "replays") -> None:
+        self.visual, self.outcome, self.calls = visual, outcome, []
 
     def run(self, pixels, grids):
         self.calls.append((pixels.shape[0], grids.tolist()))
-        return self.visual(pixels, grid_thw=grids) if self.holds else None
+        if self.outcome == "raises":
+            raise RuntimeError("replay failed")
+        return self.visual(pixels, grid_thw=grids) if self.outcome == "replays" else None
 
 
-@pytest.mark.parametrize("holds", [True, False], ids=["a-bucket-holds-them", "no-bucket-holds-them"])
+@pytest.mark.parametrize("outcome", ["replays", "declines", "raises"])
 def test_an_inline_prefill_of_images_is_offered_to_the_captured_graphs_in_one_packed_call(model, stop_service,
-                                                                                          holds):
+                                                                                          outcome):
     """With graphs, the idle path replays them on the scheduler's stream (faster than SGLang's own call):
-    both images in one call, in item order; when no bucket holds them, SGLang's own method runs instead."""
+    both images in one call, in item order. When no bucket holds them, or the replay fails, SGLang's own method
+    runs instead and the prefill gets the same embedding."""
     alone = [sm.qwen_image(model, 4, 4, 97), sm.qwen_image(model, 8, 4, 98)]
     requests = [(alone, 3)]
     full = [(0, n) for n in _request_lengths(model, requests)]
     expected = _embed(model, requests, full)
     service, log = _start(model, plugin={"early_encode_min_waiting": 1})
-    service.tower.graphs = graphs = GraphsThatRecord(model.visual, holds)
+    service.tower.graphs = graphs = GraphsThatRecord(model.visual, outcome)
     own_calls = []
     original = service.tower.__class__.encode_now
 
@@ -315,8 +318,8 @@ def test_an_inline_prefill_of_images_is_offered_to_the_captured_graphs_in_one_pa
     service.tower.encode_now = counting.__get__(service.tower)
     torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
     assert graphs.calls == [(16 + 32, [[1, 4, 4], [1, 8, 4]])]
-    assert own_calls == ([] if holds else [2])
-    assert service.counts["inline"] == 1 and log.keys == []
+    assert own_calls == ([] if outcome == "replays" else [2])
+    assert service.counts["inline"] == 1 and service.counts["fallbacks"] == 0 and log.keys == []
 
 
 def test_an_inline_prefill_of_a_video_runs_sglangs_own_method_even_with_graphs(model, stop_service):

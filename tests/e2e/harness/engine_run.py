@@ -9,11 +9,11 @@ SGLang's own ``/metrics`` reads them (prometheus_client's MultiProcessCollector)
 One Engine per process: a second Engine with metrics in one process fails in SGLang itself
 (``DuplicateTimeseries: sglang:startup_time_seconds``, its tokenizer manager lives in the launcher).
 
-``lazy`` is the plugin with the shipped config plus ``scenario.LAZY_OVERRIDES`` (encoding at arrival only
-behind a waiting request, prefill deferral, preprocessing on a thread of its own): the settings that act on
-SGLang's real scheduler queues and tokenizer manager.
+``tuned`` is the plugin with the shipped config plus ``scenario.TUNED_OVERRIDES`` (media always encoded at
+arrival, prefill deferral, preprocessing on a thread of its own): the settings that act on SGLang's real
+scheduler queues and tokenizer manager.
 
-Usage: python engine_run.py off|on|lazy MODEL_DIR MEDIA_DIR OUT_JSON
+Usage: python engine_run.py off|on|tuned MODEL_DIR MEDIA_DIR OUT_JSON
 """
 
 from __future__ import annotations
@@ -62,15 +62,15 @@ async def _scenario(engine, files: dict[str, str], with_video: bool) -> dict:
 
 
 def _config(label: str) -> str:
-    """The shipped config, or for ``lazy`` a copy of it with ``scenario.LAZY_OVERRIDES`` in its sglang section."""
+    """The shipped config, or for ``tuned`` a copy of it with ``scenario.TUNED_OVERRIDES`` in its sglang section."""
     shipped = scenario.REPO / scenario.PLUGIN_CONFIG
-    if label != "lazy":
+    if label != "tuned":
         return str(shipped)
     import yaml
 
     config = yaml.safe_load(shipped.read_text())
-    config["sglang"] = {**config.get("sglang", {}), **scenario.LAZY_OVERRIDES}
-    path = Path(tempfile.mkdtemp(prefix="e2e-config-")) / "qwen2_5_vl_lazy.yaml"
+    config["sglang"] = {**config.get("sglang", {}), **scenario.TUNED_OVERRIDES}
+    path = Path(tempfile.mkdtemp(prefix="e2e-config-")) / "qwen2_5_vl_tuned.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
