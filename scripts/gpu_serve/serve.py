@@ -38,6 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exports import arrival_span, request_records
 from stack_samples import SCHEDULER_TITLE, StackSampler, descendants_titled
 
 HERE = Path(__file__).resolve().parent
@@ -541,6 +542,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
         "median_e2e_latency_ms", "request_rate", "max_concurrency")}
     keep["errors"] = sum(1 for e in line.get("errors", []) if e)
     keep["window"] = [started_at, time.time()]  # wall clock: selects this run's records in SGLang's export
+    keep.update(arrival_span(request_records(out / f"requests-{server.variant}", keep["window"])))
     keep["coalescer"] = coalescer_delta(before, after)
     keep["sglang"] = sglang_delta(before, after)
     trace = gauge_trace(scraper.samples)

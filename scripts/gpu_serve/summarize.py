@@ -17,6 +17,8 @@ import re
 import statistics
 from pathlib import Path
 
+from exports import arrival_span, request_records
+
 from mm_scheduler.tune import run_samples
 
 SEED_METRICS = {"median_ttft_ratio": "median_ttft_ms", "mean_ttft_ratio": "mean_ttft_ms",
@@ -60,8 +62,8 @@ def poisson_summary(runs: dict, capacity: float | None, off_name: str = "off", o
         off, on = runs[key], runs[f"poisson{load}-{on_name}"]
         out[load] = {name: _ratio(on[m], off[m]) for name, m in POISSON_METRICS.items()}
         out[load]["rate_req_s"] = off.get("request_rate")
-        out[load]["off"] = {m: off[m] for m in POISSON_METRICS.values()}
-        out[load]["on"] = {m: on[m] for m in POISSON_METRICS.values()}
+        for side, run in (("off", off), ("on", on)):  # the arrival span where the harness recorded it
+            out[load][side] = {m: run[m] for m in (*POISSON_METRICS.values(), "arrivals_s") if m in run}
         out[load]["on"]["coalescer"] = on.get("coalescer")
     if out and capacity is not None:  # lever comparisons pass None: the capacity is plain off's
         out["capacity_req_s"] = capacity
@@ -177,9 +179,12 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
     it makes better, worse, or leaves within the tolerance, and the runs it failed (a server that crashed or did
     not start). Each run's own pairs, so a workload measured again in a later run (which replaces the earlier
     pairs in the merged results) does not hide the earlier comparison. Issue 17's rule: a setting becomes the
-    default only when it wins everywhere it was measured (``wins_everywhere_measured``)."""
+    default only when it wins everywhere it was measured (``wins_everywhere_measured``). A Poisson tok/s ratio between
+    runs whose arrivals took more than 5 % apart (where the harness recorded them: ``arrivals_s``) is not
+    judged (``not_judged``): it measures the load generator (:func:`exports.arrival_span`)."""
     checks: list[tuple[str, float, bool, float]] = []  # (what, ratio to the baseline, lower is better, tolerance)
     failed: list[str] = []
+    unjudged: dict[str, str] = {}
     for result in harness_runs:
         runs, commit = result["runs"], result.get("commit", "")
         base = _plugin_baseline(result, variant) if variant in result.get("variants", {}) else None
@@ -200,11 +205,16 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
             checks += [(f"Poisson {load} TTFT p50{against} ({commit})", ratios["ttft_p50_ratio"], True,
                         VERDICT_TOLERANCE),
                        (f"Poisson {load} ITL p99{against} ({commit})", ratios["itl_p99_ratio"], True,
-                        VERDICT_TOLERANCE),
-                       (f"Poisson {load} tok/s{against} ({commit})", ratios["tok_s_ratio"], False, VERDICT_TOLERANCE)]
+                        VERDICT_TOLERANCE)]
+            tok_s = f"Poisson {load} tok/s{against} ({commit})"
+            spans = ratios["off"].get("arrivals_s"), ratios["on"].get("arrivals_s")
+            if None not in spans and spans[0] > 0 and abs(spans[1] / spans[0] - 1) > VERDICT_TOLERANCE:
+                unjudged[tok_s] = f"arrivals over {spans[1]} s against {spans[0]} s: the load generator's pace"
+            else:
+                checks.append((tok_s, ratios["tok_s_ratio"], False, VERDICT_TOLERANCE))
     if not checks and not failed:
         return None
-    verdict: dict = {"better": {}, "worse": {}, "even": {}, "failed": failed}
+    verdict: dict = {"better": {}, "worse": {}, "even": {}, "failed": failed, "not_judged": unjudged}
     for what, ratio, lower_is_better, tolerance in checks:
         if ratio != ratio:  # NaN: a zero baseline, nothing to judge
             continue
@@ -314,17 +324,9 @@ def _seed_records(export_dir: Path, window: list[float] | None) -> list[dict]:
     """SGLang's per-request export for the seed run: by the run's wall-clock window when the harness
     recorded one, else the one burst of 100 requests with the seed workload's prompt length (the load
     generator's warm-up request comes a second before it)."""
-    records = []
-    for f in sorted(export_dir.glob("*.log")):
-        for line in f.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # several tokenizer workers may interleave a line
-    records = [r for r in records if "request_received_ts" in r]  # none without --enable-metrics
-    records.sort(key=lambda r: r["request_received_ts"])
+    records = request_records(export_dir, window)
     if window:
-        return [r for r in records if window[0] <= r["request_received_ts"] <= window[1]]
+        return records
     bursts, current = [], []
     for r in records:
         if current and r["request_received_ts"] - current[-1]["request_received_ts"] > 1.0:
@@ -427,11 +429,7 @@ def poisson_encoder_wait(raw: Path) -> dict:
     match SGLang's inline encode. With ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count
     as blocked time too, and the forwards are the coalescer's only.
 
-    Per server also ``arrivals_s`` (first to last receipt, SGLang's timestamps) and ``drain_s`` (last receipt to
-    last finish). The load generator's seed fixes the intervals, yet its own event loop stretches them when it is
-    busy reading streams, so two servers can get the same requests over spans seconds apart; the run's tok/s
-    (tokens over the whole span) then measures the client. ``drain_s`` is what the server adds after the last
-    arrival.
+    Per server also ``arrivals_s`` and ``drain_s`` (:func:`exports.arrival_span`, from SGLang's timestamps).
     """
     result = json.loads((raw / "results.json").read_text())
     out: dict = {}
@@ -439,11 +437,7 @@ def poisson_encoder_wait(raw: Path) -> dict:
         rows = stage_breakdown(raw, result, load)
         for variant, row in rows.items():
             window = result["runs"].get(f"{load}-{variant}", {}).get("window")
-            records = _seed_records(raw / f"requests-{variant}", window)
-            if records:
-                row["arrivals_s"] = round(records[-1]["request_received_ts"] - records[0]["request_received_ts"], 2)
-                row["drain_s"] = round(max(r["request_finished_ts"] for r in records)
-                                       - records[-1]["request_received_ts"], 2)
+            row.update(arrival_span(request_records(raw / f"requests-{variant}", window)))
             d = _run_delta(raw / f"metrics-{load}-{variant}.txt")
             prefills, forwards = (d.get(f"mm_coalescer_{n}_seconds_count") for n in ("prefill_wait", "batch"))
             if prefills and forwards:

@@ -167,7 +167,7 @@ def _watched(monkeypatch, loadgen) -> list[str]:
     monkeypatch.setattr(serve, "RUN_TIMEOUT_S", 60.0)
     monkeypatch.setattr(serve, "WATCH_INTERVAL_S", 0.05)
     monkeypatch.setattr(serve, "MetricsScraper", lambda server: type("S", (), {
-        "start": lambda self: None, "finish": lambda self: ("", "")})())
+        "start": lambda self: None, "finish": lambda self: ("", ""), "samples": []})())
     return calls
 
 
@@ -212,6 +212,38 @@ def test_a_scheduler_failure_logged_before_the_run_does_not_stop_the_server_duri
     with pytest.raises(RuntimeError, match="load generator exit 1"):
         serve.bench(server, tmp_path, ["--num-prompts", "1"], [], tmp_path, "seed0-off+x")
     assert calls == []
+
+
+def test_a_run_records_when_its_requests_arrived_and_how_long_the_server_drained_after_the_last(monkeypatch,
+                                                                                              tmp_path):
+    """From SGLang's own per-request export, only the records of this run's window (the file also holds earlier
+    runs'): the load generator's pace can stretch the arrivals, so the summary judges tok/s only at equal spans."""
+    import json
+    import time
+
+    server = serve.Server("on", 1, tmp_path / "server-on.log")
+    server.log_path.write_text("")
+    export = tmp_path / "requests-on"
+    export.mkdir()
+
+    class LoadGenerator:  # three requests over 2 s, the last finished 0.7 s after it arrived; one line per run
+        def run(self, argv, log_path):
+            now = time.time()
+            lines = [{"request_received_ts": now - 100.0, "request_finished_ts": now - 99.0}]  # an earlier run's
+            lines += [{"request_received_ts": now + t, "request_finished_ts": now + t + d}
+                      for t, d in ((0.0, 0.3), (1.0, 0.5), (2.0, 0.7))]
+            (export / "sglang-request-metrics.log").write_text("".join(json.dumps(x) + "\n" for x in lines))
+            time.sleep(2.8)  # the run's window covers the arrivals and the finish
+            (tmp_path / "bench-poisson0.5-on.jsonl").write_text(json.dumps({"duration": 2.8, "completed": 3,
+                                                                            "median_ttft_ms": 100.0,
+                                                                            "p99_ttft_ms": 120.0,
+                                                                            "p99_itl_ms": 20.0,
+                                                                            "total_throughput": 10.0}) + "\n")
+            return 0
+
+    _watched(monkeypatch, LoadGenerator())
+    kept = serve.bench(server, tmp_path, ["--num-prompts", "3"], [], tmp_path, "poisson0.5-on")
+    assert kept["arrivals_s"] == pytest.approx(2.0, abs=0.01) and kept["drain_s"] == pytest.approx(0.7, abs=0.01)
 
 
 def test_a_server_whose_scheduler_died_is_not_asked_for_greedy_replies(monkeypatch, tmp_path):

@@ -395,3 +395,21 @@ def test_poisson_arrival_span_and_drain_come_from_sglangs_own_receipt_and_finish
     loads = summarize.poisson_encoder_wait(tmp_path)["loads"]["poisson0.8"]
     assert (loads["off"]["arrivals_s"], loads["off"]["drain_s"]) == (pytest.approx(18.0), pytest.approx(4.7))
     assert (loads["on"]["arrivals_s"], loads["on"]["drain_s"]) == (pytest.approx(22.0), pytest.approx(3.8))
+
+
+def test_a_poisson_tok_s_ratio_between_runs_whose_arrivals_took_apart_is_not_judged():
+    """The load generator sent the same requests to the setting's server over 22.1 s against 18.5: its lower tok/s
+    is the client's pace, not the server's. At equal arrivals (the other load) tok/s is judged as before."""
+    def poisson(ttft_ms, tok_s, arrivals_s):
+        return {**bench(ttft_ms, tok_s), "arrivals_s": arrivals_s}
+
+    run = {"family": "fam", "commit": "d", "variants": {"off": [], "on": [], "on+lazy": []},
+           "variant_changes": {"on+lazy": {"config": {"sglang": {"early_encode_min_waiting": 1}}, "env": {}}},
+           "runs": {"poisson0.8-on": poisson(348, 800, 18.5), "poisson0.8-on+lazy": poisson(256, 720, 22.1),
+                    "poisson0.5-on": poisson(222, 440, 22.2), "poisson0.5-on+lazy": poisson(202, 400, 21.6)}}
+    verdict = summarize.lever_verdict([run], "on+lazy")
+    assert "Poisson 0.8 tok/s (d)" not in verdict["worse"]
+    assert verdict["not_judged"] == {"Poisson 0.8 tok/s (d)": "arrivals over 22.1 s against 18.5 s: the load "
+                                                              "generator's pace"}
+    assert verdict["worse"] == {"Poisson 0.5 tok/s (d)": 0.9091}  # 400 / 440, arrivals 2.7 % apart: judged
+    assert verdict["better"]["Poisson 0.8 TTFT p50 (d)"] == pytest.approx(256 / 348, abs=1e-4)

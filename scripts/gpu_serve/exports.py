@@ -1,0 +1,40 @@
+"""SGLang's per-request export (``--export-metrics-to-file``), read by the harness and by the summary.
+
+One JSON object a line per finished request, with SGLang's own wall-clock timestamps (``request_received_ts``,
+``api_server_dispatch_finish_ts``, ``request_finished_ts``, ...). Several tokenizer workers may interleave a line;
+such a line is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def request_records(export_dir: Path, window: list[float] | None = None) -> list[dict]:
+    """Every exported request, by receipt time; with ``window``, those received within it (one harness run)."""
+    records = []
+    for f in sorted(export_dir.glob("*.log")):
+        for line in f.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    records = [r for r in records if "request_received_ts" in r]  # none without --enable-metrics
+    records.sort(key=lambda r: r["request_received_ts"])
+    if window:
+        return [r for r in records if window[0] <= r["request_received_ts"] <= window[1]]
+    return records
+
+
+def arrival_span(records: list[dict]) -> dict[str, float]:
+    """``arrivals_s``: first to last receipt; ``drain_s``: last receipt to last finish (empty without records).
+
+    SGLang's load generator fixes the intervals by its seed, yet its own event loop stretches them while it is busy
+    reading streams, so two servers can get the same requests over spans seconds apart; tokens over the run's
+    duration then measure the client, and ``drain_s`` is what the server added after the last arrival."""
+    if not records:
+        return {}
+    last = records[-1]["request_received_ts"]
+    return {"arrivals_s": round(last - records[0]["request_received_ts"], 2),
+            "drain_s": round(max(r.get("request_finished_ts", last) for r in records) - last, 2)}
