@@ -55,6 +55,9 @@ PREFILL_WAIT = Histogram("mm_coalescer_prefill_wait_seconds", "Time the schedule
                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 # How far the encoder runs ahead of the prefills: results encoded (or queued) since arrival that no prefill has
 # taken yet, against the cap (--mm-coalescer-max-held-mb), and the arrivals waiting for room under it.
+VIT_GRAPH_FORWARDS = Counter("mm_coalescer_vit_graph_forwards", "Forwards of a tower with captured ViT CUDA graphs "
+                             "(vit_graph_patches), by outcome: replayed, or eager (no bucket held the batch, or a "
+                             "replay was still queued on another stream)", ("coalescer", "outcome"))
 HELD_BYTES = Gauge("mm_coalescer_held_bytes", "Bytes of results encoded or queued ahead of their prefill (capped by "
                    "max_held_mb)", ("coalescer",))
 DEFERRED_ITEMS = Gauge("mm_coalescer_deferred_items", "Items waiting for room under the held-results cap, admitted in "
@@ -357,6 +360,10 @@ class EncoderService:
             return self._own_method(items, original, "fallback")
         finally:
             PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
+
+    def count_graph_forward(self, replayed: bool) -> None:
+        """``QwenVisionGraphs.on_forward``: one forward of a tower with captured graphs, replayed or run eagerly."""
+        VIT_GRAPH_FORWARDS.labels(self.config.name, "replayed" if replayed else "eager").inc()
 
     def _idle(self) -> bool:
         """No unit queued and no forward in flight (async mode; a racy read is fine: the tower lock serialises)."""

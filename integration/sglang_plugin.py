@@ -312,6 +312,8 @@ def _capture_graphs(tower: Any, buckets: list[int], tp_size: int) -> None:
         return
     try:
         logger.info("mm-coalescer: %s", tower.use_graphs(buckets, tp_size=tp_size))
+        if tower.graphs is not None:
+            tower.graphs.on_forward = _service.count_graph_forward
     except Exception as exc:  # a failed capture costs the graphs, not the plugin
         logger.warning("mm-coalescer: ViT CUDA graphs off: capture failed (%s: %s); the tower runs eagerly",
                        type(exc).__name__, exc)

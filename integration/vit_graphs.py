@@ -31,7 +31,7 @@ captured too).
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -247,6 +247,8 @@ class QwenVisionGraphs:
         self._last_replay: torch.cuda.Event | None = None
         self._last_stream: torch.cuda.Stream | None = None
         self.replays = 0
+        self.on_forward: Callable[[bool], None] | None = None
+        """Told after every ``run`` whether a graph replayed the batch (the plugin counts it for ``/metrics``)."""
 
     @staticmethod
     def why_not(visual: nn.Module) -> str | None:
@@ -363,6 +365,12 @@ class QwenVisionGraphs:
         """The tower's output for a batch, by replaying the smallest bucket that holds it, on the current
         stream; None when no bucket holds it (or another thread is replaying) and the caller should run
         the tower itself. The result is a fresh tensor, never the graph's memory."""
+        out = self._replay(pixels, grids)
+        if self.on_forward is not None:
+            self.on_forward(out is not None)
+        return out
+
+    def _replay(self, pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor | None:
         if not self._static or pixels.shape[0] > self._static[-1].bucket.patches:
             return None
         if not self._lock.acquire(blocking=False):

@@ -87,12 +87,16 @@ SAME_BUCKET = [[(1, 8, 8)], [(1, 4, 4), (1, 4, 12)], [(1, 4, 8), (1, 4, 4), (1, 
 @torch.inference_mode()
 def test_batches_of_other_image_sizes_in_one_bucket_each_match_the_towers_own_forward(captured):
     model, graphs = captured
+    outcomes: list[bool] = []
+    graphs.on_forward = outcomes.append  # what the plugin counts in mm_coalescer_vit_graph_forwards_total
     for seed, grids in enumerate(SAME_BUCKET):
         pixels, grid = _pixels(model, grids, seed), torch.tensor(grids)
         out = graphs.run(pixels, grid)
         assert out is not None
         _close(out, model.visual(pixels, grid_thw=grid.cuda()))
-    assert graphs.replays == len(SAME_BUCKET)
+    assert graphs.replays == len(SAME_BUCKET) and outcomes == [True] * len(SAME_BUCKET)
+    graphs.run(_pixels(model, [(1, 32, 36)], 9), torch.tensor([(1, 32, 36)]))  # 1,152 rows: no bucket
+    assert outcomes[-1] is False
 
 
 @torch.inference_mode()

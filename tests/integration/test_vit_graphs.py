@@ -237,3 +237,36 @@ def test_a_failed_capture_costs_the_graphs_not_the_plugin(qwen, caplog, monkeypa
         assert "ViT CUDA graphs off: capture failed (RuntimeError: operation not permitted" in caplog.text
     finally:
         sglang_plugin.stop()
+
+
+def test_every_forward_of_a_tower_with_graphs_is_counted_replayed_or_eager(qwen, monkeypatch):
+    """``mm_coalescer_vit_graph_forwards_total{outcome}``: how an operator sees whether the buckets hold the batches.
+    On CPU nothing is captured, so the graphs decline every batch and each forward counts as eager."""
+    from prometheus_client import REGISTRY
+
+    def uncaptured(self, buckets, *, tp_size):
+        self.graphs = QwenVisionGraphs(self.model.visual, buckets)
+        return "captured nothing (CPU)"
+
+    monkeypatch.setattr(QwenVLTower, "use_graphs", uncaptured)
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [1024]}
+    service = sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 30},
+                                         "plugin": plugin}, tp_size=1)
+    try:
+        labels = {"coalescer": service.config.name}
+
+        def counted(outcome: str) -> float:
+            return REGISTRY.get_sample_value("mm_coalescer_vit_graph_forwards_total",
+                                             {**labels, "outcome": outcome}) or 0.0
+
+        eager, replayed = counted("eager"), counted("replayed")
+        grids = [(1, 8, 8), (1, 4, 8)]
+        units = [EncodeItem(_pixels(qwen, [g], i), g[1] * g[2], "image", None, {"grid": g})
+                 for i, g in enumerate(grids)]
+        with torch.inference_mode():
+            service.tower.forward(units)
+        assert (counted("eager") - eager, counted("replayed") - replayed) == (1, 0)  # one run, declined
+        service.tower.graphs.on_forward(True)  # what a replay reports
+        assert counted("replayed") - replayed == 1
+    finally:
+        sglang_plugin.stop()
