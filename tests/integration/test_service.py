@@ -166,12 +166,21 @@ def _start_thread(fn, *args) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-@pytest.mark.parametrize("lockstep", [False, True])
-def test_eight_threads_arriving_encoding_and_releasing_leave_nothing_held(make_service, lockstep):
-    """Issue 11: concurrent callers must not leak held bytes (submitted ahead of released)."""
-    service = make_service(lockstep=lockstep, max_held_bytes=ROWS * 4 * 2)  # room for 2: 3-item requests defer
+@pytest.mark.parametrize("lockstep, inline", [(False, False), (True, False), (False, True)],
+                         ids=["async", "lockstep", "async-inline-when-idle"])
+def test_eight_threads_arriving_encoding_and_releasing_leave_nothing_held(make_service, lockstep, inline):
+    """Issue 11: concurrent callers must not leak held bytes (submitted ahead of released). With
+    ``inline_when_idle`` (``early_encode_min_waiting``) half the requests are left to their prefill, which encodes
+    them on its own thread when the coalescer is idle: never beside a coalescer forward, with the same results."""
+    service = make_service(lockstep=lockstep, max_held_bytes=ROWS * 4 * 2,  # room for 2: 3-item requests defer
+                           inline_when_idle=inline)
     errors: list[BaseException] = []
     lockstep_turn = threading.Lock()  # lockstep runs forwards on the caller's thread: one at a time
+    beside_a_forward: list[bool] = []
+
+    def sglangs_own(items):  # what SumTower computes, on the caller's thread
+        beside_a_forward.append(service.tower.in_forward.is_set())
+        return torch.cat([it.feature.sum(dim=-1, keepdim=True) for it in items])
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
@@ -180,12 +189,13 @@ def test_eight_threads_arriving_encoding_and_releasing_leave_nothing_held(make_s
                 rid = f"t{seed}-{n}"
                 hashes = rng.sample(range(1, 25), rng.randint(1, 3))  # shared hashes across threads
                 items = [item(h) for h in hashes]
-                service.on_arrival(rid, items)
+                if not (inline and rng.random() < 0.5):  # else left to its prefill, as the gate leaves it
+                    service.on_arrival(rid, items)
                 if rng.random() < 0.25:
                     service.release(rid, aborted=True)
                     continue
                 with lockstep_turn if lockstep else _nothing():
-                    got = service.encode(items, original=never)
+                    got = service.encode(items, original=sglangs_own if inline else never)
                 assert torch.equal(got, expected(*hashes))
                 if rng.random() < 0.5:
                     service.consumed(rid, items, prefilled_upto=1 << 20)
@@ -202,6 +212,9 @@ def test_eight_threads_arriving_encoding_and_releasing_leave_nothing_held(make_s
     stats = service.stats()
     assert (stats["held_bytes"], stats["held_items"], stats["deferred_items"]) == (0, 0, 0), stats
     assert stats["fallbacks"] == 0 and stats["deferred"] > 0, stats
+    if inline:
+        assert stats["inline"] > 0 and len(beside_a_forward) == stats["inline"], stats
+        assert not any(beside_a_forward)
     _eventually(lambda: service.stats()["pending_units"] == 0, "withdrawn work to leave the queue")
 
 
@@ -362,6 +375,29 @@ def test_sglangs_own_method_never_runs_during_a_coalescer_forward(make_service):
     fallback.join(30)
     assert result == {"value": "sglang's own"} and overlapped == [False]
     assert service.stats()["exclusive_overrides"] == 0
+
+
+def test_an_inline_encode_that_read_idle_just_before_a_forward_began_waits_for_it(make_service, monkeypatch):
+    """``inline_when_idle`` reads the coalescer's state without a lock (racy by design): a forward may start right
+    after. The inline encode must then wait for the tower, not run beside that forward."""
+    service = make_service(prefill_wait_s=30.0, inline_when_idle=True)
+    service.tower.gate.clear()
+    service.on_arrival("r", [item(5)])
+    _eventually(service.tower.in_forward.is_set, "the tower to be busy")
+    monkeypatch.setattr(service, "_idle", lambda: True)  # what a read just before that forward saw
+    overlapped = []
+
+    def original(items):
+        overlapped.append(service.tower.in_forward.is_set())
+        return torch.cat([it.feature.sum(dim=-1, keepdim=True) for it in items])
+
+    inline, result = _start_thread(service.encode, [item(6)], original)
+    _wait_until_blocked(inline, "held", "service.py", "the inline encode to wait for the tower lock")
+    assert overlapped == []
+    service.tower.gate.set()
+    inline.join(30)
+    assert torch.equal(result["value"], expected(6)) and overlapped == [False]
+    assert service.stats()["inline"] == 1 and service.stats()["exclusive_overrides"] == 0
 
 
 def test_live_rids_reads_every_queue_a_scheduler_keeps_requests_in():
