@@ -210,6 +210,8 @@ SAME: tuple[str, ...] = (
     "sglang.srt.model_executor.forward_batch_info.ForwardMode",
     "sglang.srt.environ.envs.SGLANG_VIT_ENABLE_CUDA_GRAPH",
     "sglang.srt.layers.attention.vision.VisionSdpaAttention",
+    "sglang.srt.layers.attention.vision.VisionTritonAttention",
+    "sglang.srt.layers.attention.vision.resolve_precomputed_max_seqlen",
     "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration",
     "sglang.srt.models.qwen2_5_vl.Qwen2_5_VisionTransformer",
     "sglang.srt.models.qwen2_5_vl.Qwen2_5_VisionTransformer.enable_cg",

@@ -257,6 +257,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     from .adapters import tower_for, why_unsupported
     from .modes import choose_mode, tp_agreement
     from .service import EncoderService
+    from .vision_attention import pass_uniform_max_seqlen
 
     reason = why_unsupported(model)
     tower = None if reason is not None else tower_for(model)
@@ -265,6 +266,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
         return None
     config = config_from_dict(dict(chosen["values"]), source=chosen["config_path"] or "defaults")
     norm_lock.serialize_norm_launches()  # the tower's norms now run beside the text model's (norm_lock.py)
+    pass_uniform_max_seqlen(model)  # no GPU read-back a layer in SigLIP / Gemma 4 (vision_attention.py)
     collective_free = bool(getattr(tower, "collective_free", False))
     mode = choose_mode(chosen["mode"], tp_size, dp_encoder=collective_free)
     if chosen["mode"] == "async" and mode == "lockstep":

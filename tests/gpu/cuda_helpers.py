@@ -1,7 +1,8 @@
-"""What the CUDA tower tests share: how bf16 outputs are compared."""
+"""What the CUDA tower tests share: how bf16 outputs are compared, and tiny real SGLang models on CUDA."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 # Relative Frobenius error. One bf16 op lands between 1e-3 and 1e-2; through 27-32 random-weight layers
@@ -13,3 +14,30 @@ BF16_TOL = 5e-2
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def tiny(name: str):
+    """The tiny real SGLang model from tests/integration (built on CPU, then moved; that folder on sys.path)."""
+    import sglang_models
+
+    try:
+        return sglang_models.BUILDERS[name]()
+    except Exception as exc:  # a CUDA host may pick vision kernels that need sgl_kernel at construction
+        pytest.skip(f"tiny {name} cannot be built on this host: {type(exc).__name__}: {exc}")
+
+
+def tiny_on_cuda(name: str):
+    """The tiny model on CUDA, runnable without sgl_kernel's kernels: SGLang's triton vision attention (what the
+    real-server harness runs; on an H200 SGLang picks fa3, an sgl_kernel op) and, under the stand-in in
+    tests/gpu/shims, the torch paths (``forward_native``) of SGLang's fused ops (RMSNorm, activations)."""
+    import sgl_kernel
+    from sglang.srt.layers.attention.vision import VisionTritonAttention
+
+    model = tiny(name)
+    stand_in = "stand-in" in getattr(sgl_kernel, "__version__", "")
+    for module in model.modules():
+        if hasattr(module, "qkv_backend"):
+            module.qkv_backend = VisionTritonAttention()
+        if stand_in and hasattr(module, "forward_native") and hasattr(module, "forward_cuda"):
+            module.forward = module.forward_native
+    return model.to("cuda")

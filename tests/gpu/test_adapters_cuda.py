@@ -32,7 +32,7 @@ pytest.importorskip("cuda.bindings")
 import torch.multiprocessing as mp
 from mm_scheduler_sglang.adapters import feature_shape, is_transport_proxy, materialize_feature
 
-from .cuda_helpers import rel_err
+from .cuda_helpers import rel_err, tiny, tiny_on_cuda
 
 pytestmark = pytest.mark.gpu
 PATCH_DIM = 3 * 2 * 16 * 16  # tests/integration/sglang_models.qwen3_vl: in_channels * temporal * patch**2
@@ -139,7 +139,7 @@ def test_every_proxied_item_is_taken_by_a_cuda_qwen3_tower(ipc_items):
     accepted and split into units, none left to SGLang's fallback."""
     from mm_scheduler_sglang.adapters import tower_for
 
-    model = _tiny("qwen3_vl").to("cuda")
+    model = tiny("qwen3_vl").to("cuda")
     tower = tower_for(model)
     assert tower is not None and tower.device.type == "cuda"
     items, rows = ipc_items["items"], ipc_items["rows"]
@@ -153,40 +153,13 @@ def test_every_proxied_item_is_taken_by_a_cuda_qwen3_tower(ipc_items):
     assert [tower.result_key(item) for item in items] == keys  # rebuilding does not change the key
 
 
-def _tiny(name: str):
-    """The tiny real SGLang model from tests/integration (built on CPU, then moved)."""
-    import sglang_models
-
-    try:
-        return sglang_models.BUILDERS[name]()
-    except Exception as exc:  # a CUDA host may pick vision kernels that need sgl_kernel at construction
-        pytest.skip(f"tiny {name} cannot be built on this host: {type(exc).__name__}: {exc}")
-
-
-def _tiny_on_cuda(name: str):
-    """The tiny model on CUDA, runnable without sgl_kernel's kernels: SGLang's triton vision attention (what the
-    real-server harness runs; on an H200 SGLang picks fa3, an sgl_kernel op) and, under the stand-in in
-    tests/gpu/shims, the torch paths (``forward_native``) of SGLang's fused ops (RMSNorm, activations)."""
-    import sgl_kernel
-    from sglang.srt.layers.attention.vision import VisionTritonAttention
-
-    model = _tiny(name)
-    stand_in = "stand-in" in getattr(sgl_kernel, "__version__", "")
-    for module in model.modules():
-        if hasattr(module, "qkv_backend"):
-            module.qkv_backend = VisionTritonAttention()
-        if stand_in and hasattr(module, "forward_native") and hasattr(module, "forward_cuda"):
-            module.forward = module.forward_native
-    return model.to("cuda")
-
-
 def test_qwen2_5_vl_built_with_vit_cuda_graph_is_refused(monkeypatch):
     """On CUDA, ``Qwen2_5_VisionTransformer.__init__`` turns the graph runner on from the env var; its
     outputs are views of a static buffer, so the plugin leaves the model to SGLang."""
     from mm_scheduler_sglang.adapters import tower_for, why_unsupported
 
     monkeypatch.setenv("SGLANG_VIT_ENABLE_CUDA_GRAPH", "1")
-    model = _tiny("qwen2_5_vl")
+    model = tiny("qwen2_5_vl")
     if not model.visual.enable_cg:
         pytest.fail("SGLang did not enable its ViT CUDA graph on a CUDA host with the env var set")
     assert "SGLANG_VIT_ENABLE_CUDA_GRAPH" in why_unsupported(model)
@@ -200,7 +173,7 @@ def test_features_on_the_gpu_and_the_cpu_in_one_call_are_encoded_as_if_all_were_
     import sglang_models
     from mm_scheduler_sglang.adapters import on_one_device, tower_for
 
-    model = _tiny_on_cuda("qwen3_vl")
+    model = tiny_on_cuda("qwen3_vl")
     tower = tower_for(model)
     assert tower is not None and tower.device.type == "cuda"
 
@@ -223,7 +196,7 @@ def test_gemma_units_on_the_gpu_and_the_cpu_in_one_forward_are_encoded_as_if_all
     import sglang_models
     from mm_scheduler_sglang.adapters import tower_for
 
-    model = _tiny_on_cuda(family)
+    model = tiny_on_cuda(family)
     tower = tower_for(model)
     assert tower is not None and tower.device.type == "cuda"
 
@@ -248,7 +221,7 @@ def test_the_harness_backport_makes_sglangs_own_qwen3_method_take_features_on_tw
     sys.path.insert(0, str(Path(__file__).parents[2] / "scripts" / "gpu_serve" / "sglang_backports"))
     import feature_device
 
-    model = _tiny_on_cuda("qwen3_vl")
+    model = tiny_on_cuda("qwen3_vl")
 
     def items(devices: list[str]) -> list:
         return [sglang_models.make_item("image", _content(t * h * w, i, device), 90 + i,
