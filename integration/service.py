@@ -53,11 +53,11 @@ PREFILL_ITEMS = Counter("mm_coalescer_prefill_items", "Items a prefill asked the
 PREFILL_WAIT = Histogram("mm_coalescer_prefill_wait_seconds", "Time the scheduler thread was blocked waiting for "
                          "encoder results inside a prefill", ("coalescer",),
                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
-# How far the encoder runs ahead of the prefills: results encoded (or queued) since arrival that no prefill has
-# taken yet, against the cap (--mm-coalescer-max-held-mb), and the arrivals waiting for room under it.
 VIT_GRAPH_FORWARDS = Counter("mm_coalescer_vit_graph_forwards", "Forwards of a tower with captured ViT CUDA graphs "
                              "(vit_graph_patches), by outcome: replayed, or eager (no bucket held the batch, or a "
                              "replay was still queued on another stream)", ("coalescer", "outcome"))
+# How far the encoder runs ahead of the prefills: results encoded (or queued) since arrival that no prefill has
+# taken yet, against the cap (--mm-coalescer-max-held-mb), and the arrivals waiting for room under it.
 HELD_BYTES = Gauge("mm_coalescer_held_bytes", "Bytes of results encoded or queued ahead of their prefill (capped by "
                    "max_held_mb)", ("coalescer",))
 DEFERRED_ITEMS = Gauge("mm_coalescer_deferred_items", "Items waiting for room under the held-results cap, admitted in "
@@ -378,6 +378,7 @@ class EncoderService:
         one holds the items); counted as ``fallbacks`` / ``inline`` and by source."""
         self.counts["fallbacks" if source == "fallback" else source] += 1
         PREFILL_ITEMS.labels(self.config.name, source).inc(len(items))
+
         def call() -> Any:
             on_device = on_one_device(items, self.tower.device)
             return self.tower.encode_now(on_device, original) if source == "inline" else original(on_device)

@@ -29,8 +29,7 @@ def pass_uniform_max_seqlen(model: nn.Module) -> int:
 
     wrapped = 0
     for module in model.modules():
-        done = getattr(module.forward, "passes_uniform_max_seqlen", False)
-        if isinstance(module, VisionTritonAttention) and not done:
+        if isinstance(module, VisionTritonAttention) and not hasattr(module.forward, "passes_uniform_max_seqlen"):
             module.forward = _with_uniform_max_seqlen(module.forward)
             wrapped += 1
     return wrapped
