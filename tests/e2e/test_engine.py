@@ -104,17 +104,17 @@ def test_engine_aborted_request_ends_as_aborted(engine_runs: dict[str, Any]) -> 
 
 
 def test_engine_items_are_served_by_the_plugin_not_the_fallback(engine_runs: dict[str, Any]) -> None:
-    """Shipped config: from the coalescer, or inline on an idle one. Media always encoded at arrival: every distinct
-    item through the coalescer."""
+    """Shipped config: from the coalescer, or inline on an idle one (how many of each depends on when SGLang hands
+    requests over). Media always encoded at arrival: every distinct item through the coalescer."""
     off, on, tuned = (engine_runs[label]["metrics"] for label in ("off", "on", "tuned"))
     with_video = engine_runs["on"]["video_decoder"] is not None
     assert off == {}, "plugin off must add no mm_coalescer series"
     for metrics in (on, tuned):
         assert scenario.counter(metrics, "mm_coalescer_prefill_items_total{source=fallback}") == 0, metrics
-        assert scenario.counter(metrics, "mm_coalescer_forwards_total") >= 1, metrics
         assert scenario.counter(metrics, "mm_coalescer_requests_total{outcome=error}") == 0, metrics
     assert scenario.served_by_plugin(on) >= scenario.distinct_media(with_video), on
     assert scenario.taken_by_prefill(tuned) >= scenario.distinct_media(with_video), tuned
+    assert scenario.counter(tuned, "mm_coalescer_forwards_total") >= 1, tuned
     assert scenario.counter(tuned, "mm_coalescer_units_total") >= scenario.distinct_media(with_video), tuned
 
 

@@ -161,11 +161,12 @@ def test_server_greedy_ids_equal_engine_without_plugin(served: dict[str, Any], e
 
 
 def test_server_metrics_show_items_were_served_by_the_plugin(served: dict[str, Any]) -> None:
-    """From the coalescer, or (the lone video, nobody waiting ahead) inline on an idle one; none fell back."""
+    """From the coalescer, or inline on an idle one when nobody waited ahead (the shipped config's
+    ``early_encode_min_waiting: 1``; 0.5.16's tokenizer manager hands HTTP requests over one by one, so there
+    every item can go inline); none fell back."""
     metrics = served["metrics"]
     assert metrics.get("mm_coalescer_prefill_items_total{source=fallback}", 0.0) == 0, metrics
     assert scenario.served_by_plugin(metrics) >= scenario.distinct_media(served["video_decoder"] is not None), metrics
-    assert metrics.get("mm_coalescer_forwards_total", 0.0) >= 1, metrics
 
 
 def test_server_every_item_encoded_at_arrival_is_taken_by_a_prefill(served: dict[str, Any]) -> None:
