@@ -346,7 +346,8 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
     forward (the encoder runs in it when the plugin is off): ``sglang:queue_time_seconds`` and
     ``sglang:per_stage_req_latency_seconds``. handover_and_delivery is what TTFT leaves over: the hand-over to
     the scheduler, and the wait between the prefill and the first chunk leaving the server (for a burst mostly the
-    latter: :func:`first_token_timeline`). decode: e2e minus TTFT. The plugin's own
+    latter: :func:`first_token_timeline`). decode: e2e minus TTFT. ``arrivals_s`` / ``drain_s``: how long the run's
+    requests took to arrive and what the server took after the last (:func:`exports.arrival_span`). The plugin's own
     counters give its encoder time (forwards, busy seconds) and the prefill's blocked time.
     """
     out: dict = {}
@@ -373,6 +374,7 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
         }
         row["handover_and_delivery"] = ttft - row["preprocess"] - row["queue"] - row["scheduler_request_process"] \
             - row["prefill_forward"]
+        row.update(arrival_span(records))
         if "mm_coalescer_forwards_total" in d:
             forwards = d["mm_coalescer_forwards_total"]
             row["coalescer"] = {
@@ -429,15 +431,13 @@ def poisson_encoder_wait(raw: Path) -> dict:
     match SGLang's inline encode. With ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count
     as blocked time too, and the forwards are the coalescer's only.
 
-    Per server also ``arrivals_s`` and ``drain_s`` (:func:`exports.arrival_span`, from SGLang's timestamps).
+    Each row carries :func:`stage_breakdown`'s ``arrivals_s`` and ``drain_s`` (:func:`exports.arrival_span`).
     """
     result = json.loads((raw / "results.json").read_text())
     out: dict = {}
     for load in sorted({_workload(t) for t in result["runs"] if t.startswith("poisson")}):
         rows = stage_breakdown(raw, result, load)
         for variant, row in rows.items():
-            window = result["runs"].get(f"{load}-{variant}", {}).get("window")
-            row.update(arrival_span(request_records(raw / f"requests-{variant}", window)))
             d = _run_delta(raw / f"metrics-{load}-{variant}.txt")
             prefills, forwards = (d.get(f"mm_coalescer_{n}_seconds_count") for n in ("prefill_wait", "batch"))
             if prefills and forwards:
