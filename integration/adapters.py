@@ -39,6 +39,7 @@ from torch import nn
 from mm_scheduler import EncodeItem
 
 from . import sglang_compat
+from .gemma4_graphs import Gemma4VisionGraphs, images_per_bucket
 from .vit_graphs import QwenVisionGraphs, cut_into_runs, patch_width
 
 logger = logging.getLogger(__name__)
@@ -553,7 +554,27 @@ class Gemma4Tower(SGLangTower):
         rows, cols = self.PROBE_SOFT_TOKENS
         self._probe_grid = (rows * self._kernel, cols * self._kernel)
         per_image = self._probe_grid[0] * self._probe_grid[1]
+        self.image_patches = per_image
+        """Patches of an image at the processor's default budget (280 soft tokens): the patch count graphs hold."""
         self.probe_patch_counts = (per_image, 2 * per_image, 4 * per_image)
+        self.graphs: Gemma4VisionGraphs | None = None
+        """Captured forwards (``use_graphs``); None: every forward runs the tower's own code."""
+
+    def use_graphs(self, buckets: Sequence[int], *, tp_size: int) -> str:
+        """Capture the tower for the batches of default-budget images these patch buckets hold (before serving)."""
+        reason = Gemma4VisionGraphs.why_not(self.model)
+        sizes = images_per_bucket(buckets, self.image_patches)
+        if reason is None and tp_size > 1:
+            reason = "the tower is sharded over TP ranks (its collectives would be captured)"
+        if reason is None and not sizes:
+            reason = f"no bucket holds one image of {self.image_patches} patches"
+        if reason is not None:
+            return f"ViT CUDA graphs off: {reason}"
+        graphs = Gemma4VisionGraphs(self.model, self.image_patches, sizes)
+        pool = graphs.capture()
+        self.graphs = graphs
+        return (f"ViT CUDA graphs captured for batches of {sizes} images of {self.image_patches} patches "
+                f"(one pool, {pool / 2**20:.0f} MiB)")
 
     def output_tokens(self, item: Any) -> int:
         """Per image or frame, its real (position != -1) patches pooled by ``kernel**2``, rounded up."""
@@ -603,14 +624,44 @@ class Gemma4Tower(SGLangTower):
                            {"positions": positions}) for _ in range(count)]
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
+        """Runs of the batch that captured graphs hold are replayed (``Gemma4VisionGraphs.runs``); the rest, and
+        every batch of another patch count, run the tower's own code."""
         model = self.model
         vt = model.vision_tower
         pixels = stack_on([u.pixel_values for u in units], vt.device, model.language_model.dtype())
         positions = stack_on([u.meta["positions"] for u in units], vt.device)
+        if self.graphs is None:
+            return self._eager(pixels, positions)
+        held = pixels.dim() == 3 and pixels.shape[1] == self.graphs.patches
+        outputs: list[torch.Tensor] = []
+        for start, stop in self.graphs.runs(len(units)) if held else [(0, len(units))]:
+            replayed = self.graphs.run(pixels[start:stop], positions[start:stop])  # None: no graph holds it
+            outputs.extend(replayed if replayed is not None else self._eager(pixels[start:stop], positions[start:stop]))
+        return outputs
+
+    def encode_now(self, items: list[Any], original: Callable[[list[Any]], Any]) -> Any:
+        """Images of the captured patch count by graph replays on the caller's stream: no launch of ~1,000 kernels
+        from Python, so the idle path is faster than the model's own call. Videos, other patch counts, precomputed
+        embeddings, and a replay that fails go to ``original`` (SGLang's behaviour stays the floor)."""
+        if self.graphs is None or any(_modality_name(item) != "image" or not self.accepts(item) for item in items):
+            return original(items)
+        try:
+            units = [unit for item in items for unit in self.units(item)]
+            if any(unit.pixel_values.shape[0] != self.graphs.patches for unit in units):
+                return original(items)
+            return torch.cat(self.forward(units))
+        except Exception:
+            logger.warning("mm-coalescer: inline graph replay failed; using the model's own method", exc_info=True)
+            return original(items)
+
+    def _eager(self, pixels: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+        """The tower's own forward and projection, image by image as SGLang's ``get_image_feature`` projects them."""
+        model = self.model
+        vt = model.vision_tower
         if self.batched:
             pooled, pooler_mask = vt(pixels, positions)
         else:  # SDPA with flatten_batch asserts batch size 1: run the images one by one.
-            runs = [vt(pixels[i:i + 1], positions[i:i + 1]) for i in range(len(units))]
+            runs = [vt(pixels[i:i + 1], positions[i:i + 1]) for i in range(pixels.shape[0])]
             pooled = [hs for p, _ in runs for hs in p]
             pooler_mask = [m for _, masks in runs for m in masks]
         return [model.embed_vision(inputs_embeds=hs[mask].unsqueeze(0)).squeeze(0)

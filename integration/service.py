@@ -362,7 +362,8 @@ class EncoderService:
             PREFILL_WAIT.labels(self.config.name).observe(time.perf_counter() - started)
 
     def count_graph_forward(self, replayed: bool) -> None:
-        """``QwenVisionGraphs.on_forward``: one forward of a tower with captured graphs, replayed or run eagerly."""
+        """The graphs' ``on_forward`` (``vit_graphs.CapturedForwards``): one forward of a tower with captured graphs,
+        replayed or run eagerly."""
         VIT_GRAPH_FORWARDS.labels(self.config.name, "replayed" if replayed else "eager").inc()
 
     def _idle(self) -> bool:

@@ -212,6 +212,7 @@ SAME: tuple[str, ...] = (
     "sglang.srt.layers.attention.vision.VisionSdpaAttention",
     "sglang.srt.layers.attention.vision.VisionTritonAttention",
     "sglang.srt.layers.attention.vision.resolve_precomputed_max_seqlen",
+    "sglang.srt.layers.attention.vision._get_cu_seqlens_for_shape",
     "sglang.srt.models.qwen2_5_vl.Qwen2_5_VLForConditionalGeneration",
     "sglang.srt.models.qwen2_5_vl.Qwen2_5_VisionTransformer",
     "sglang.srt.models.qwen2_5_vl.Qwen2_5_VisionTransformer.enable_cg",

@@ -305,7 +305,7 @@ def _capture_graphs(tower: Any, buckets: list[int], tp_size: int) -> None:
     if not buckets:
         return
     if not hasattr(tower, "use_graphs"):
-        logger.info("mm-coalescer: sglang.vit_graph_patches ignored: only the Qwen towers are captured")
+        logger.info("mm-coalescer: sglang.vit_graph_patches ignored: only the Qwen and Gemma 4 towers are captured")
         return
     need = buckets[-1] * _service.bytes_per_patch
     if need > _service.budget_bytes:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -230,10 +231,69 @@ class _Static:
             _write(self.window_len, _lengths(window))
 
 
-class QwenVisionGraphs:
+class CapturedForwards:
+    """What every tower's graphs share: captured into one pool before serving, replays serialised (one set of
+    static buffers) and never queued beside a replay still pending on another stream, each forward counted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_replay: torch.cuda.Event | None = None
+        self._last_stream: torch.cuda.Stream | None = None
+        self.replays = 0
+        self.on_forward: Callable[[bool], None] | None = None
+        """Told after every ``run`` whether a graph replayed the batch (the plugin counts it for ``/metrics``)."""
+
+    def run(self, *inputs: torch.Tensor) -> Any:
+        """The tower's output for a batch by a replay on the current stream, or None when no graph holds it (or
+        another thread is replaying) and the caller should run the tower itself. Never the graph's memory."""
+        out = self._replay(*inputs)
+        if self.on_forward is not None:
+            self.on_forward(out is not None)
+        return out
+
+    def _replay(self, *inputs: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _capture_pool(device: torch.device, statics: Sequence[Any], idle: Callable[[Any], None],
+                      body: Callable[[Any], Any]) -> int:
+        """Capture ``body(static)`` for every static, largest (last) first, into one pool, each after an eager
+        warm-up on ``idle`` inputs (triton compiles, cuBLAS picks its kernels); sets ``static.graph`` and
+        ``static.output``; returns the bytes the pool holds. Call under ``inference_mode``, before serving, on
+        the thread that owns the model: nothing else may run on the GPU while a capture is open."""
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device=device)
+        for static in reversed(statics):
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                idle(static)
+                body(static)
+            side.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                static.output = body(static)
+            static.graph = graph
+        torch.cuda.synchronize(device)
+        return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
+                   if tuple(segment.get("segment_pool_id", ())) == tuple(pool))
+
+    def _queued_elsewhere(self, stream: torch.cuda.Stream) -> bool:
+        """True while the last replay is still queued on another stream: the scheduler's (an inline encode) or the
+        coalescer's, possibly one the executor gave up on (``renew_stream`` after a hung forward). Waiting for it
+        could hang this stream and the health probe too, so the caller runs this batch eagerly instead."""
+        return self._last_replay is not None and self._last_stream != stream and not self._last_replay.query()
+
+    def _replayed(self, stream: torch.cuda.Stream) -> None:
+        self._last_replay, self._last_stream = torch.cuda.Event(), stream
+        self._last_replay.record(stream)
+        self.replays += 1
+
+
+class QwenVisionGraphs(CapturedForwards):
     """Graphs of one Qwen vision tower (``model.visual``) for the given buckets; see the module docstring."""
 
     def __init__(self, visual: nn.Module, buckets: Sequence[int]) -> None:
+        super().__init__()
         self.visual = visual
         self.windowed = hasattr(visual, "fullatt_block_indexes")  # Qwen2.5-VL: window attention between full layers
         window_max = None
@@ -243,12 +303,6 @@ class QwenVisionGraphs:
             self._full_layers = {int(i) for i in torch.as_tensor(visual.fullatt_block_indexes).reshape(-1).tolist()}
         self.buckets = make_buckets(buckets, window_max)
         self._static: list[_Static] = []
-        self._lock = threading.Lock()
-        self._last_replay: torch.cuda.Event | None = None
-        self._last_stream: torch.cuda.Stream | None = None
-        self.replays = 0
-        self.on_forward: Callable[[bool], None] | None = None
-        """Told after every ``run`` whether a graph replayed the batch (the plugin counts it for ``/metrics``)."""
 
     @staticmethod
     def why_not(visual: nn.Module) -> str | None:
@@ -322,29 +376,13 @@ class QwenVisionGraphs:
         return [_Static(bucket, rows, cos, sin, VisionAttentionMetadata) for bucket in self.buckets]
 
     def capture(self) -> int:
-        """Capture every bucket, largest first, into one pool; returns the bytes the pool holds.
-
-        Call before serving, on the thread that owns the model: nothing else may run on the GPU while
-        a capture is open."""
+        """Capture every bucket into one pool (``_capture_pool``); returns the bytes the pool holds."""
         device = next(self.visual.parameters()).device
-        pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(device=device)
         with torch.inference_mode():
             statics = self.allocate(device)
-            for static in reversed(statics):
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    static.load(None, *static.layout([], []))
-                    self._blocks(static)  # warm-up: triton compiles, cuBLAS picks its kernels
-                side.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=side):
-                    static.output = self._blocks(static)
-                static.graph = graph
-        torch.cuda.synchronize(device)
+            pool_bytes = self._capture_pool(device, statics, lambda s: s.load(None, *s.layout([], [])), self._blocks)
         self._static = statics
-        return sum(segment["total_size"] for segment in torch.cuda.memory_snapshot()
-                   if tuple(segment.get("segment_pool_id", ())) == tuple(pool))
+        return pool_bytes
 
     def fit(self, statics: Sequence[_Static], prepared: Prepared) -> tuple[_Static, Layout] | None:
         """The smallest bucket holding the batch, with its padded segment lengths; None if none does."""
@@ -361,16 +399,8 @@ class QwenVisionGraphs:
         merged = output[:prepared.rows.shape[0] // self.visual.spatial_merge_unit]
         return merged.index_select(0, prepared.unpermute) if prepared.unpermute is not None else merged.clone()
 
-    def run(self, pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor | None:
-        """The tower's output for a batch, by replaying the smallest bucket that holds it, on the current
-        stream; None when no bucket holds it (or another thread is replaying) and the caller should run
-        the tower itself. The result is a fresh tensor, never the graph's memory."""
-        out = self._replay(pixels, grids)
-        if self.on_forward is not None:
-            self.on_forward(out is not None)
-        return out
-
     def _replay(self, pixels: torch.Tensor, grids: torch.Tensor) -> torch.Tensor | None:
+        """Packed merged rows of the batch, by the smallest bucket that holds it."""
         if not self._static or pixels.shape[0] > self._static[-1].bucket.patches:
             return None
         if not self._lock.acquire(blocking=False):
@@ -383,18 +413,12 @@ class QwenVisionGraphs:
                     return None
                 static, layout = chosen
                 stream = torch.cuda.current_stream(prepared.rows.device)
-                if self._last_replay is not None and self._last_stream != stream and not self._last_replay.query():
-                    # One pool and one set of inputs: never beside a replay still queued on another stream: the
-                    # scheduler's (an inline encode) or the coalescer's, possibly one the executor gave up on
-                    # (``renew_stream`` after a hung forward). Waiting for it could hang this stream and the health
-                    # probe too, so this batch runs eagerly instead.
+                if self._queued_elsewhere(stream):
                     return None
                 static.load(prepared, *layout)
                 static.graph.replay()
                 out = self.unpad(static.output, prepared)
-                self._last_replay, self._last_stream = torch.cuda.Event(), stream
-                self._last_replay.record(stream)
-                self.replays += 1
+                self._replayed(stream)
                 return out
         finally:
             self._lock.release()

@@ -150,6 +150,11 @@ VARIANTS = {
     # a coalesced burst fill; a batch is cut into runs by the buckets (vit_graphs.cut_into_runs).
     # configs/qwen2_5_vl.yaml ships these buckets since 3f292ad, so on Qwen2.5-VL this variant is plain "on".
     "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),
+    # Gemma 4's graphs (integration/gemma4_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
+    # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.
+    "on+g4graphs": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560]}}),
+    "on+g4graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560],
+                                                          "early_encode_min_waiting": 1}}),
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)

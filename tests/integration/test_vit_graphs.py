@@ -218,7 +218,7 @@ def test_graph_buckets_for_a_tower_without_graphs_are_ignored_with_one_line(capl
     sglang_plugin.start(sm.BUILDERS["gemma3"](), {"config_path": None, "mode": "async",
                                                   "values": {"budget_bytes": 1 << 30}, "plugin": plugin}, tp_size=1)
     try:
-        assert "sglang.vit_graph_patches ignored: only the Qwen towers are captured" in caplog.text
+        assert "sglang.vit_graph_patches ignored: only the Qwen and Gemma 4 towers are captured" in caplog.text
     finally:
         sglang_plugin.stop()
 

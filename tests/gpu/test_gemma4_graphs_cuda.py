@@ -1,0 +1,189 @@
+"""Gemma 4's ViT CUDA graphs (integration/gemma4_graphs.py) on a real tiny SGLang Gemma 4 model on CUDA, with SGLang's
+triton vision attention (the backend graphs are captured for; the real-server harness uses it).
+
+What would fail if the graphs were wrong:
+* batches of other images in one graph, and a batch padded with padding images: a replay that kept an earlier
+  batch's inputs, or let a padding image reach a real one, differs from SGLang's own ``get_image_feature``;
+* a result read after the next replay: a view of the graph's memory instead of a copy;
+* SGLang's cached ``cu_seqlens`` dropped from its ``lru_cache`` after capture: the graph would read freed memory
+  that later allocations overwrite (the graphs hold it);
+* a batch on a second stream while the first stream's replay waits behind a long kernel: it must be declined
+  (run eagerly), not overwrite the first one's inputs;
+* the adapter: runs cut to the captured sizes, and every output equal to SGLang's own method;
+* the idle path (``encode_now``, on the scheduler's thread under ``no_grad``): a replay that did not run on the
+  caller's stream would read pixels the caller's stream has not written yet.
+
+Run: ``python -m pytest -q tests/gpu/test_gemma4_graphs_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))  # sglang_models: tiny real SGLang models
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("sglang")
+
+from mm_scheduler_sglang.adapters import Gemma4Tower
+from mm_scheduler_sglang.gemma4_graphs import Gemma4VisionGraphs
+
+from .cuda_helpers import rel_err, tiny_on_cuda
+
+pytestmark = pytest.mark.gpu
+SIZES = [1, 2, 3]
+TOL = 1e-3  # float32 model: padded GEMM shapes differ from eager in the last bits; a wrong input is O(1)
+
+
+@pytest.fixture
+def captured():
+    model = tiny_on_cuda("gemma4")
+    tower = Gemma4Tower(model)
+    assert Gemma4VisionGraphs.why_not(model) is None
+    line = tower.use_graphs([tower.image_patches * b for b in SIZES], tp_size=1)
+    assert line.startswith("ViT CUDA graphs captured for batches of [1, 2, 3] images"), line
+    return model, tower, tower.graphs
+
+
+def _images(model, tower, grids, seed):
+    import sglang_models
+
+    items = [sglang_models.gemma4_image(model, gh, gw, tower.image_patches, seed + i)
+             for i, (gh, gw) in enumerate(grids)]
+    for item in items:
+        item.feature = item.feature.cuda()
+    return items
+
+
+def _inputs(items):
+    return (torch.cat([item.feature for item in items]),
+            torch.cat([item.model_specific_data["image_position_ids"] for item in items]).cuda())
+
+
+# One image; two of other sizes (the 2 graph); two again, in the 3 graph's padding (graph 2 dropped below).
+BATCHES = [[(8, 8)], [(4, 12), (28, 40)], [(12, 12), (6, 10)]]
+
+
+@torch.inference_mode()
+def test_batches_of_other_images_and_padded_batches_match_sglangs_own_method(captured):
+    model, tower, graphs = captured
+    outcomes: list[bool] = []
+    graphs.on_forward = outcomes.append
+    for seed, grids in enumerate(BATCHES):
+        if seed == 2:
+            graphs._batches = [b for b in graphs._batches if b.images != 2]  # two images padded to three
+        items = _images(model, tower, grids, 10 * seed)
+        out = graphs.run(*_inputs(items))
+        assert out is not None and len(out) == len(items)
+        assert rel_err(torch.cat(out), model.get_image_feature(items)) < TOL
+    assert graphs.replays == len(BATCHES) and outcomes == [True] * len(BATCHES)
+    assert graphs.run(*_inputs(_images(model, tower, [(8, 8)] * 4, 40))) is None  # no graph of 4
+    assert outcomes[-1] is False
+
+
+@torch.inference_mode()
+def test_a_result_is_not_overwritten_by_the_next_replay(captured):
+    model, tower, graphs = captured
+    kept = graphs.run(*_inputs(_images(model, tower, BATCHES[1], 50)))
+    expected = [out.clone() for out in kept]
+    graphs.run(*_inputs(_images(model, tower, BATCHES[1], 60)))
+    torch.cuda.synchronize()
+    for out, reference in zip(kept, expected, strict=True):
+        torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_the_segments_a_graph_reads_outlive_sglangs_cache_of_them(captured):
+    import sglang.srt.layers.attention.vision as vision
+
+    model, tower, graphs = captured
+    items = _images(model, tower, BATCHES[1], 70)
+    expected = model.get_image_feature(items)
+    vision._get_cu_seqlens_for_shape.cache_clear()
+    litter = [torch.full((4,), 7, dtype=torch.int32, device="cuda") for _ in range(256)]  # reuse freed small blocks
+    out = graphs.run(*_inputs(items))
+    assert rel_err(torch.cat(out), expected) < TOL
+    del litter
+
+
+class _SlowReplay:
+    """A graph whose replay first runs a ~0.1 s kernel on the stream, so the replay is still queued when the
+    next batch arrives."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
+        self.graph = graph
+
+    def replay(self) -> None:
+        torch.cuda._sleep(200_000_000)
+        self.graph.replay()
+
+
+@torch.inference_mode()
+def test_a_batch_on_another_stream_runs_eagerly_while_the_last_replay_is_still_queued(captured):
+    model, tower, graphs = captured
+    for batch in graphs._batches:
+        batch.graph = _SlowReplay(batch.graph)
+    a, b = _images(model, tower, BATCHES[1], 80), _images(model, tower, BATCHES[1], 90)
+    expected_a, expected_b = model.get_image_feature(a), model.get_image_feature(b)
+    first, second = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(first):
+        out_a = graphs.run(*_inputs(a))
+    with torch.cuda.stream(second):
+        assert graphs.run(*_inputs(b)) is None
+    torch.cuda.synchronize()
+    assert rel_err(torch.cat(out_a), expected_a) < TOL
+    with torch.cuda.stream(second):
+        out_b = graphs.run(*_inputs(b))
+    torch.cuda.synchronize()
+    assert rel_err(torch.cat(out_b), expected_b) < TOL
+
+
+@torch.inference_mode()
+def test_the_adapter_cuts_a_batch_into_replays_of_the_captured_sizes(captured):
+    model, tower, graphs = captured
+    items = _images(model, tower, [(8, 8), (4, 12), (28, 40), (12, 12), (6, 10)], 100)
+    units = [u for item in items for u in tower.units(item)]
+    before = graphs.replays
+    outputs = tower.forward(units)
+    assert graphs.replays - before == 2  # 3 + 2
+    assert rel_err(torch.cat(outputs), model.get_image_feature(items)) < TOL
+
+
+@torch.no_grad()
+def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queued_there(captured):
+    """``encode_now`` runs where the scheduler calls it, under its ``no_grad``. The pixels of its items are written
+    on the scheduler's stream behind a 0.1 s kernel, over NaNs: a replay on any other stream, or one not ordered
+    after that copy, reads NaNs. Images of another patch count go to the model's own method."""
+    model, tower, graphs = captured
+    own_calls = []
+
+    def own_method(items):
+        own_calls.append(len(items))
+        return model.get_image_feature(items)
+
+    for grids, patches, replayed in ((BATCHES[1], tower.image_patches, True), ([(8, 8)], 64, False)):
+        import sglang_models
+
+        items = [sglang_models.gemma4_image(model, gh, gw, patches, 110 + i) for i, (gh, gw) in enumerate(grids)]
+        sources = [item.feature.cuda() for item in items]
+        expected = model.get_image_feature(items)
+        for item, source in zip(items, sources, strict=True):
+            item.feature = torch.full_like(source, float("nan"))
+        scheduler = torch.cuda.Stream()
+        torch.cuda.synchronize()
+        replays, calls = graphs.replays, len(own_calls)
+        with torch.cuda.stream(scheduler):
+            torch.cuda._sleep(200_000_000)
+            for item, source in zip(items, sources, strict=True):
+                item.feature.copy_(source)
+            out = tower.encode_now(items, own_method)
+            consumed = out * 1  # what the prefill does next, on the same stream
+        torch.cuda.synchronize()
+        assert rel_err(consumed, expected) < TOL
+        assert (graphs.replays - replays, len(own_calls) - calls) == ((1, 0) if replayed else (0, 1))

@@ -1,0 +1,172 @@
+"""Gemma 4's ViT CUDA graphs (integration/gemma4_graphs.py), all of it that runs without CUDA: how a batch is cut
+into replays, which batch sizes the configured patch buckets give, the captured body on a padded static batch
+against SGLang's own ``get_image_feature`` (real tiny Gemma 4 model), the adapter's runs and fallbacks, the idle
+path's routing, and what the plugin logs when it cannot capture.
+
+Capture and replay themselves, the stream ordering and the copy-out are in tests/gpu/test_gemma4_graphs_cuda.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import sglang_models as sm
+import torch
+from mm_scheduler_sglang import settings, sglang_plugin
+from mm_scheduler_sglang.adapters import Gemma4Tower, _takes_batches
+from mm_scheduler_sglang.gemma4_graphs import Gemma4VisionGraphs, _Batch, batch_runs, images_per_bucket
+
+
+def _padded_cost(runs, sizes, replay_images):
+    return sum(min(s for s in sizes if s >= b - a) + replay_images for a, b in runs)
+
+
+@pytest.mark.parametrize("count, sizes, expected", [
+    (5, [1, 2, 3], [(0, 3), (3, 5)]),  # 3 + 2, not 3 + 3 padded
+    (3, [1, 2, 3], [(0, 3)]),
+    (7, [1, 2, 4, 8], [(0, 4), (4, 6), (6, 7)]),  # a padded image costs more than two more replays
+    (3, [2, 4], [(0, 3)]),  # one replay of 4 beats two of 2, which pad as many
+    (1, [2, 3], [(0, 1)]),  # below the smallest size: padded
+    (0, [1, 2], []),
+    (4, [], []),
+])
+def test_a_batch_is_cut_into_consecutive_replays_that_pad_the_fewest_images(count, sizes, expected):
+    assert batch_runs(count, sizes) == expected
+
+
+def test_the_cut_is_the_cheapest_of_all_cuts_and_covers_every_image_once_in_order():
+    for sizes in ([1], [1, 2, 3], [2, 3], [1, 4], [3, 5, 8]):
+        for count in range(1, 13):
+            runs = batch_runs(count, sizes, replay_images=0.25)
+            assert [a for a, _ in runs] == [0] + [b for _, b in runs[:-1]] and runs[-1][1] == count
+            assert all(b - a <= max(sizes) for a, b in runs)
+            best = min(_padded_cost(list(zip((0, *cuts), (*cuts, count), strict=True)), sizes, 0.25)
+                       for k in range(count) for cuts in itertools.combinations(range(1, count), k)
+                       if all(b - a <= max(sizes) for a, b in zip((0, *cuts), (*cuts, count), strict=True)))
+            assert _padded_cost(runs, sizes, 0.25) == best
+
+
+def test_patch_buckets_give_the_batch_sizes_of_default_budget_images_they_hold():
+    assert images_per_bucket([2520, 5040, 7560], 2520) == [1, 2, 3]
+    assert images_per_bucket([4096, 8192, 16384, 28672], 2520) == [1, 3, 6, 11]
+    assert images_per_bucket([1024], 2520) == []
+
+
+@pytest.fixture
+def gemma4():
+    return sm.BUILDERS["gemma4"]()
+
+
+def _images(model, grids, patches):
+    return [sm.gemma4_image(model, gh, gw, patches, seed) for seed, (gh, gw) in enumerate(grids, start=1)]
+
+
+GRIDS = [(8, 8), (4, 12), (28, 40)]  # two small images and one that fills the default budget
+
+
+@torch.inference_mode()
+def test_the_captured_body_on_a_padded_batch_equals_sglangs_own_method(gemma4):
+    """What a replay computes, run eagerly: two images padded to a batch of three with an all-padding image, the
+    projection over every pooled slot, then the pooler's mask: SGLang's ``get_image_feature`` per image."""
+    if not _takes_batches(gemma4.vision_tower):
+        pytest.skip("this SGLang's SDPA vision attention takes one image a forward (flatten_batch)")
+    tower = Gemma4Tower(gemma4)
+    patches = tower.image_patches
+    items = _images(gemma4, GRIDS[:2], patches)
+    graphs = Gemma4VisionGraphs(gemma4, patches, [3])
+    pixels = torch.zeros(3, patches, tower.patch_pixels)
+    positions = torch.full((3, patches, 2), -1, dtype=torch.long)
+    batch = _Batch(3, pixels, positions)
+    batch.load(torch.cat([item.feature for item in items]),
+               torch.cat([item.model_specific_data["image_position_ids"] for item in items]))
+    assert (batch.positions[2] == -1).all() and (batch.pixels[2] == 0).all()
+    projected, mask = graphs._forward(batch)
+    got = torch.cat([projected[i][mask[i]] for i in range(2)])
+    torch.testing.assert_close(got, gemma4.get_image_feature(items), rtol=1e-4, atol=1e-5)
+
+
+class _Recorder:
+    """Stands in for captured graphs: records each run's batch size; replays by the tower's own forward for
+    sizes in ``replays``, declines the rest (the caller then runs the tower)."""
+
+    def __init__(self, tower: Gemma4Tower, sizes: list[int], replays: set[int] | None = None) -> None:
+        self.tower, self.patches, self.sizes = tower, tower.image_patches, sizes
+        self.replays = set(sizes) if replays is None else replays
+        self.calls: list[int] = []
+        self.fail = False
+
+    def runs(self, count):
+        return batch_runs(count, self.sizes)
+
+    def run(self, pixels, positions):
+        if self.fail:
+            raise RuntimeError("replay failed")
+        self.calls.append(int(pixels.shape[0]))
+        return self.tower._eager(pixels, positions) if pixels.shape[0] in self.replays else None
+
+
+@torch.inference_mode()
+def test_the_adapter_replays_runs_in_order_and_runs_declined_ones_itself(gemma4):
+    tower = Gemma4Tower(gemma4)
+    units = [u for item in _images(gemma4, GRIDS * 2, tower.image_patches)[:5] for u in tower.units(item)]
+    expected = tower.forward(units)
+    tower.graphs = _Recorder(tower, [1, 2, 3], replays={3})
+    outputs = tower.forward(units)
+    assert tower.graphs.calls == [3, 2]  # 3 replayed, 2 declined: the tower's own forward
+    for out, reference in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, reference)
+
+
+@torch.inference_mode()
+def test_a_batch_of_another_patch_count_is_one_declined_run(gemma4):
+    tower = Gemma4Tower(gemma4)
+    units = [u for item in _images(gemma4, GRIDS[:2], 64) for u in tower.units(item)]
+    tower.graphs = _Recorder(tower, [1, 2], replays=set())
+    tower.forward(units)
+    assert tower.graphs.calls == [2]  # counted as an eager forward by the real graphs
+
+
+@torch.inference_mode()
+def test_the_idle_path_encodes_held_images_itself_and_leaves_the_rest_to_sglang(gemma4):
+    tower = Gemma4Tower(gemma4)
+    tower.graphs = _Recorder(tower, [1, 2, 3])
+    own_calls = []
+
+    def own_method(items):
+        own_calls.append(len(items))
+        return gemma4.get_image_feature(items)
+
+    images = _images(gemma4, GRIDS, tower.image_patches)
+    torch.testing.assert_close(tower.encode_now(images, own_method), gemma4.get_image_feature(images),
+                               rtol=1e-4, atol=1e-5)
+    assert own_calls == [] and tower.graphs.calls == [3]
+    other_budget = _images(gemma4, GRIDS[:1], 64)  # another soft-token budget: another patch count
+    tower.encode_now(images[:1] + other_budget, own_method)
+    tower.graphs.fail = True
+    tower.encode_now(images[:1], own_method)
+    assert own_calls == [2, 1]
+
+
+def test_on_cpu_the_plugin_logs_why_it_captured_nothing_and_serves_eagerly(gemma4, caplog):
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    patches = Gemma4Tower(gemma4).image_patches
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [patches, 2 * patches]}
+    service = sglang_plugin.start(gemma4, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 30},
+                                           "plugin": plugin}, tp_size=1)
+    try:
+        assert service.tower.graphs is None
+        assert "ViT CUDA graphs off: its vision attention backend is" in caplog.text
+    finally:
+        sglang_plugin.stop()
+
+
+def test_buckets_that_hold_no_default_image_capture_nothing_and_say_so(gemma4, monkeypatch):
+    monkeypatch.setattr(Gemma4VisionGraphs, "why_not", staticmethod(lambda model: None))
+    tower = Gemma4Tower(gemma4)
+    assert tower.use_graphs([tower.image_patches - 4], tp_size=1) == (
+        f"ViT CUDA graphs off: no bucket holds one image of {tower.image_patches} patches")
+    assert tower.use_graphs([tower.image_patches], tp_size=2).endswith("sharded over TP ranks (its collectives "
+                                                                      "would be captured)")
+    assert tower.graphs is None
