@@ -7,7 +7,7 @@ What would fail if the graphs were wrong:
 * a result read after the next replay: a view of the graph's memory instead of a copy;
 * SGLang's cached ``cu_seqlens`` dropped from its ``lru_cache`` after capture: the graph would read freed memory
   that later allocations overwrite (the graphs hold it);
-* a batch on a second stream while the first stream's replay waits behind a long kernel: it must be declined
+* a batch from a second thread while the first thread's replay waits behind a long kernel: it must be declined
   (run eagerly), not overwrite the first one's inputs;
 * the adapter: runs cut to the captured sizes, and every output equal to SGLang's own method;
 * the idle path (``encode_now``, on the scheduler's thread under ``no_grad``): a replay that did not run on the
@@ -19,6 +19,7 @@ Run: ``python -m pytest -q tests/gpu/test_gemma4_graphs_cuda.py``.
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -112,35 +113,46 @@ def test_the_segments_a_graph_reads_outlive_sglangs_cache_of_them(captured):
 
 
 class _SlowReplay:
-    """A graph whose replay first runs a ~0.1 s kernel on the stream, so the replay is still queued when the
-    next batch arrives."""
+    """A graph whose replay first runs a ~0.1 s kernel on the stream, and says when it has begun."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph) -> None:
-        self.graph = graph
+    def __init__(self, graph: torch.cuda.CUDAGraph, begun: threading.Event) -> None:
+        self.graph, self.begun = graph, begun
 
     def replay(self) -> None:
+        self.begun.set()
         torch.cuda._sleep(200_000_000)
         self.graph.replay()
 
 
-@torch.inference_mode()
-def test_a_batch_on_another_stream_runs_eagerly_while_the_last_replay_is_still_queued(captured):
+def test_a_batch_from_another_thread_runs_eagerly_while_a_replay_is_in_progress(captured):
+    """Replays share one memory pool and one set of static inputs, and a Gemma 4 replay holds them until its
+    mask has been read on the host. Batch a's replay sits behind a 0.1 s kernel on the coalescer's stream when
+    batch b comes from another thread on another stream (an inline encode on the scheduler's): b must neither
+    overwrite a's inputs nor wait behind it, so it is declined (the caller runs the tower); once a is done,
+    b replays."""
     model, tower, graphs = captured
+    begun = threading.Event()
     for batch in graphs._batches:
-        batch.graph = _SlowReplay(batch.graph)
+        batch.graph = _SlowReplay(batch.graph, begun)
     a, b = _images(model, tower, BATCHES[1], 80), _images(model, tower, BATCHES[1], 90)
-    expected_a, expected_b = model.get_image_feature(a), model.get_image_feature(b)
-    first, second = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.inference_mode():
+        expected_a, expected_b = model.get_image_feature(a), model.get_image_feature(b)
+    outputs = {}
+
+    def coalescer() -> None:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            outputs["a"] = graphs.run(*_inputs(a))
+
     torch.cuda.synchronize()
-    with torch.cuda.stream(first):
-        out_a = graphs.run(*_inputs(a))
-    with torch.cuda.stream(second):
-        assert graphs.run(*_inputs(b)) is None
-    torch.cuda.synchronize()
-    assert rel_err(torch.cat(out_a), expected_a) < TOL
-    with torch.cuda.stream(second):
-        out_b = graphs.run(*_inputs(b))
-    torch.cuda.synchronize()
+    thread = threading.Thread(target=coalescer)
+    thread.start()
+    assert begun.wait(timeout=30)
+    with torch.cuda.stream(torch.cuda.Stream()):
+        declined = graphs.run(*_inputs(b))
+    thread.join(timeout=30)
+    assert declined is None and graphs.replays == 1
+    assert rel_err(torch.cat(outputs["a"]), expected_a) < TOL
+    out_b = graphs.run(*_inputs(b))
     assert rel_err(torch.cat(out_b), expected_b) < TOL
 
 
