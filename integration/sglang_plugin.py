@@ -307,11 +307,15 @@ def _capture_graphs(tower: Any, buckets: list[int], tp_size: int) -> None:
     if not hasattr(tower, "use_graphs"):
         logger.info("mm-coalescer: sglang.vit_graph_patches ignored: only the Qwen and Gemma 4 towers are captured")
         return
-    need = buckets[-1] * _service.bytes_per_patch
-    if need > _service.budget_bytes:
-        logger.warning("mm-coalescer: ViT CUDA graphs off: the largest bucket (%d patches, %d bytes) exceeds the "
-                       "budget of %d bytes", buckets[-1], need, _service.budget_bytes)
+    fitting = [b for b in buckets if b * _service.bytes_per_patch <= _service.budget_bytes]
+    if len(fitting) < len(buckets):  # bytes_per_patch "auto" is measured at start, so it may exceed the guess
+        logger.warning("mm-coalescer: ViT CUDA graph buckets %s dropped: their activations (%d bytes a patch) exceed "
+                       "the budget of %d bytes", [b for b in buckets if b not in fitting], _service.bytes_per_patch,
+                       _service.budget_bytes)
+    if not fitting:
+        logger.warning("mm-coalescer: ViT CUDA graphs off: no bucket fits the budget")
         return
+    buckets = fitting
     try:
         logger.info("mm-coalescer: %s", tower.use_graphs(buckets, tp_size=tp_size))
         if tower.graphs is not None:

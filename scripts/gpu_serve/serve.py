@@ -152,6 +152,7 @@ VARIANTS = {
     "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),
     # Gemma 4's graphs (integration/gemma4_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
     # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.
+    # configs/gemma4.yaml ships these buckets since 5178309's run, so on Gemma 4 "on+g4graphs" is plain "on".
     "on+g4graphs": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560]}}),
     "on+g4graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560],
                                                           "early_encode_min_waiting": 1}}),

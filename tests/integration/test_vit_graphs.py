@@ -200,14 +200,28 @@ def test_on_cpu_the_plugin_logs_why_it_captured_nothing_and_serves_eagerly(qwen,
         sglang_plugin.stop()
 
 
-def test_a_bucket_beyond_the_budget_is_refused_at_start(qwen, caplog):
+def test_buckets_beyond_the_budget_are_dropped_at_start_and_the_rest_captured(qwen, caplog, monkeypatch):
+    asked: list[list[int]] = []
+
+    def record(self, buckets, *, tp_size):
+        asked.append(list(buckets))
+        return "captured nothing (CPU)"
+
+    monkeypatch.setattr(QwenVLTower, "use_graphs", record)
     caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
     plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [4096, 1 << 20]}
-    service = sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 24},
-                                         "plugin": plugin}, tp_size=1)
+    sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 24},
+                               "plugin": plugin}, tp_size=1)
     try:
-        assert service.tower.graphs is None
-        assert f"the largest bucket ({1 << 20} patches" in caplog.text and "exceeds the budget" in caplog.text
+        assert asked == [[4096]]
+        assert f"ViT CUDA graph buckets [{1 << 20}] dropped" in caplog.text and "exceed the budget" in caplog.text
+    finally:
+        sglang_plugin.stop()
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [1 << 20]}
+    sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 24},
+                               "plugin": plugin}, tp_size=1)
+    try:
+        assert asked == [[4096]] and "ViT CUDA graphs off: no bucket fits the budget" in caplog.text
     finally:
         sglang_plugin.stop()
 
