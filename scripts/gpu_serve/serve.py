@@ -154,6 +154,9 @@ VARIANTS = {
     # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.
     # configs/gemma4.yaml ships these buckets since 5178309's run, so on Gemma 4 "on+g4graphs" is plain "on".
     "on+g4graphs": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560]}}),
+    # The plugin without the graphs and the inline path its Qwen2.5-VL and Gemma 4 configs ship: the baseline those
+    # settings were measured against, now that "on" includes them there.
+    "on+plain": Variant(True, config={"sglang": {"vit_graph_patches": [], "early_encode_min_waiting": 0}}),
     "on+g4graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560],
                                                           "early_encode_min_waiting": 1}}),
 }
