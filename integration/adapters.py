@@ -573,8 +573,9 @@ class Gemma4Tower(SGLangTower):
         graphs = Gemma4VisionGraphs(self.model, self.image_patches, sizes)
         pool = graphs.capture()
         self.graphs = graphs
+        padded = f"; a lone image replays as {sizes[0]}" if sizes[0] > 1 else ""
         return (f"ViT CUDA graphs captured for batches of {sizes} images of {self.image_patches} patches "
-                f"(one pool, {pool / 2**20:.0f} MiB)")
+                f"(one pool, {pool / 2**20:.0f} MiB{padded})")
 
     def output_tokens(self, item: Any) -> int:
         """Per image or frame, its real (position != -1) patches pooled by ``kernel**2``, rounded up."""
@@ -624,8 +625,8 @@ class Gemma4Tower(SGLangTower):
                            {"positions": positions}) for _ in range(count)]
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
-        """Runs of the batch that captured graphs hold are replayed (``Gemma4VisionGraphs.runs``); the rest, and
-        every batch of another patch count, run the tower's own code."""
+        """Runs of the batch that captured graphs hold are replayed (``Gemma4VisionGraphs.runs``); a run the graphs
+        decline (another thread is replaying) and every batch of another patch count run the tower's own code."""
         model = self.model
         vt = model.vision_tower
         pixels = stack_on([u.pixel_values for u in units], vt.device, model.language_model.dtype())
@@ -642,7 +643,8 @@ class Gemma4Tower(SGLangTower):
     def encode_now(self, items: list[Any], original: Callable[[list[Any]], Any]) -> Any:
         """Images of the captured patch count by graph replays on the caller's stream: no launch of ~1,000 kernels
         from Python, so the idle path is faster than the model's own call. Videos, other patch counts, precomputed
-        embeddings, and a replay that fails go to ``original`` (SGLang's behaviour stays the floor)."""
+        embeddings, and a replay that raises go to ``original`` (SGLang's behaviour stays the floor); a run the
+        graphs decline runs the tower's own code in ``forward``, with the same result."""
         if self.graphs is None or any(_modality_name(item) != "image" or not self.accepts(item) for item in items):
             return original(items)
         try:

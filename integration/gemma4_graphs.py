@@ -12,7 +12,8 @@ position ids, and one graph per ``b`` holds any batch of ``b`` such images. A ba
 whose patches are all padding (position -1): the triton vision backend attends within each image only (the 4-D
 mask SGLang also passes is ignored by it), so a padding image changes no real one, and its rows are dropped.
 The graph also runs ``embed_vision`` on every pooled slot; the pooler's mask picks the real ones after the replay,
-as SGLang's ``get_image_feature`` does per image (one device read per batch instead of one per image).
+as SGLang's ``get_image_feature`` does per image (the rows and their counts are read once a replay, not per image).
+The host waits for that read before the next replay may start, so replays never overlap.
 
 Images of another ``P`` (another token budget, or video frames at 70 tokens) run the tower eagerly. Only SGLang's
 ``triton_attn`` vision backend is captured, with the per-layer ``max_seqlen`` read-back removed
@@ -142,12 +143,14 @@ class Gemma4VisionGraphs(CapturedForwards):
                 if self._queued_elsewhere(stream):
                     return None
                 batch.load(pixels, positions)
-                batch.graph.replay()
-                projected, mask = batch.output
-                real = mask[:n]
-                rows = projected[:n][real]  # a fresh tensor: the graph's memory is reused by the next replay
-                counts = real.sum(dim=-1).tolist()
-                self._replayed(stream)
+                try:
+                    batch.graph.replay()
+                    projected, mask = batch.output
+                    real = mask[:n]
+                    rows = projected[:n][real]  # a fresh tensor: the graph's memory is reused by the next replay
+                    counts = real.sum(dim=-1).tolist()
+                finally:  # also when the copy-out fails (out of memory): the replay is queued either way
+                    self._replayed(stream)
                 return list(rows.split(counts))
         finally:
             self._lock.release()

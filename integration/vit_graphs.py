@@ -284,6 +284,7 @@ class CapturedForwards:
         return self._last_replay is not None and self._last_stream != stream and not self._last_replay.query()
 
     def _replayed(self, stream: torch.cuda.Stream) -> None:
+        """After a replay and its copy-out were queued on ``stream`` (call it even when the copy-out raised)."""
         self._last_replay, self._last_stream = torch.cuda.Event(), stream
         self._last_replay.record(stream)
         self.replays += 1
@@ -416,9 +417,10 @@ class QwenVisionGraphs(CapturedForwards):
                 if self._queued_elsewhere(stream):
                     return None
                 static.load(prepared, *layout)
-                static.graph.replay()
-                out = self.unpad(static.output, prepared)
-                self._replayed(stream)
-                return out
+                try:
+                    static.graph.replay()
+                    return self.unpad(static.output, prepared)
+                finally:  # also when the copy-out fails (out of memory): the replay is queued either way
+                    self._replayed(stream)
         finally:
             self._lock.release()

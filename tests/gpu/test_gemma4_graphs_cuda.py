@@ -6,7 +6,8 @@ What would fail if the graphs were wrong:
   batch's inputs, or let a padding image reach a real one, differs from SGLang's own ``get_image_feature``;
 * a result read after the next replay: a view of the graph's memory instead of a copy;
 * SGLang's cached ``cu_seqlens`` dropped from its ``lru_cache`` after capture: the graph would read freed memory
-  that later allocations overwrite (the graphs hold it);
+  that later allocations overwrite (the graphs hold it, the very tensor SGLang looks up);
+* a copy-out that raises after the replay was queued: the guard's event must still follow the replay;
 * a batch from a second thread while the first thread's replay waits behind a long kernel: it must be declined
   (run eagerly), not overwrite the first one's inputs;
 * the adapter: runs cut to the captured sizes, and every output equal to SGLang's own method;
@@ -105,11 +106,29 @@ def test_the_segments_a_graph_reads_outlive_sglangs_cache_of_them(captured):
     model, tower, graphs = captured
     items = _images(model, tower, BATCHES[1], 70)
     expected = model.get_image_feature(items)
+    for batch in graphs._batches:  # the very tensor SGLang's attention looks up for this shape
+        assert batch.segments is vision._get_cu_seqlens_for_shape(batch.images, graphs.patches,
+                                                                  device=model.vision_tower.device)
     vision._get_cu_seqlens_for_shape.cache_clear()
     litter = [torch.full((4,), 7, dtype=torch.int32, device="cuda") for _ in range(256)]  # reuse freed small blocks
     out = graphs.run(*_inputs(items))
     assert rel_err(torch.cat(out), expected) < TOL
     del litter
+
+
+@torch.inference_mode()
+def test_a_replay_whose_copy_out_fails_still_keeps_another_stream_off_the_pool(captured):
+    """The copy-out after a replay can raise (out of memory): the replay is queued all the same, so the event another
+    stream checks must be recorded after it, or that stream would rewrite the inputs under the running replay."""
+    model, tower, graphs = captured
+    batch = next(b for b in graphs._batches if b.images == 2)
+    projected, mask = batch.output
+    batch.output = (projected, mask[:, :1])  # a mask of the wrong width: the gather raises after the replay
+    before = graphs._last_replay
+    with pytest.raises(IndexError):
+        graphs.run(*_inputs(_images(model, tower, BATCHES[1], 75)))
+    assert graphs._last_replay is not None and graphs._last_replay is not before
+    assert graphs._last_stream == torch.cuda.current_stream()
 
 
 class _SlowReplay:

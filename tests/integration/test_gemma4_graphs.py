@@ -149,6 +149,20 @@ def test_the_idle_path_encodes_held_images_itself_and_leaves_the_rest_to_sglang(
     assert own_calls == [2, 1]
 
 
+@torch.inference_mode()
+def test_an_item_holding_several_images_is_encoded_in_its_order_as_sglang_does(gemma4):
+    if not _takes_batches(gemma4.vision_tower):
+        pytest.skip("this SGLang's own method fails on an item of two images (SDPA flatten_batch)")
+    tower = Gemma4Tower(gemma4)
+    tower.graphs = _Recorder(tower, [1, 2, 3])
+    pixels, positions = sm._gemma4_patches(gemma4, 2, 8, 12, tower.image_patches, seed=7)
+    pair = sm.make_item("image", pixels, 4242, image_position_ids=positions)  # one item, two images
+    items = [pair, *_images(gemma4, GRIDS[:1], tower.image_patches)]
+    torch.testing.assert_close(tower.encode_now(items, lambda _: pytest.fail("left to SGLang")),
+                               gemma4.get_image_feature(items), rtol=1e-4, atol=1e-5)
+    assert tower.graphs.calls == [3]
+
+
 def test_on_cpu_the_plugin_logs_why_it_captured_nothing_and_serves_eagerly(gemma4, caplog):
     caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
     patches = Gemma4Tower(gemma4).image_patches
