@@ -39,7 +39,7 @@ from torch import nn
 from mm_scheduler import EncodeItem
 
 from . import sglang_compat
-from .gemma4_graphs import Gemma4VisionGraphs, images_per_bucket
+from .uniform_graphs import Gemma3VisionGraphs, Gemma4VisionGraphs, UniformGraphs, images_per_bucket
 from .vit_graphs import QwenVisionGraphs, cut_into_runs, patch_width
 
 logger = logging.getLogger(__name__)
@@ -280,6 +280,11 @@ class SGLangTower:
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def use_graphs(self, buckets: Sequence[int], *, tp_size: int) -> str:
+        """Capture the tower's CUDA graphs for these patch buckets (before serving, ``vit_graph_patches``); sets
+        ``graphs`` when it captured; returns a log line."""
+        raise NotImplementedError
+
     def encode_now(self, items: list[Any], original: Callable[[list[Any]], Any]) -> Any:
         """One prefill's items encoded on the caller's thread and stream, as the model's own ``original``
         method returns them: the idle path (``early_encode_min_waiting``), where there is nothing to batch with."""
@@ -465,8 +470,71 @@ class QwenVLTower(SGLangTower):
         return self.model.visual(pixels, grid_thw=grids.to(self.device)) if self.collective_free else method(items)
 
 
-class Gemma3Tower(SGLangTower):
+class _UniformGraphed:
+    """Graphs for the towers whose images all have one input shape (Gemma3, Gemma 4): ``uniform_graphs``."""
+
+    graphs_class: ClassVar[type[UniformGraphs]]
+    image_patches: int
+    """Patches of the image shape the graphs hold."""
+    graphs: UniformGraphs | None = None
+    """Captured forwards (``use_graphs``); None: every forward runs the tower's own code."""
+    model: nn.Module
+    accepts: Callable[[Any], bool]
+    units: Callable[[Any], list[EncodeItem]]
+    forward: Callable[[Sequence[EncodeItem]], list[torch.Tensor]]
+
+    def use_graphs(self, buckets: Sequence[int], *, tp_size: int) -> str:
+        """Capture the tower for the batch sizes of images these patch buckets hold (before serving); a log line."""
+        reason = self.graphs_class.why_not(self.model)
+        sizes = images_per_bucket(buckets, self.image_patches)
+        if reason is None and tp_size > 1:
+            reason = "the tower is sharded over TP ranks (its collectives would be captured)"
+        if reason is None and not sizes:
+            reason = f"no bucket holds one image of {self.image_patches} patches"
+        if reason is not None:
+            return f"ViT CUDA graphs off: {reason}"
+        graphs = self.graphs_class(self.model, self.image_patches, sizes)
+        pool = graphs.capture()
+        self.graphs = graphs
+        padded = f"; a lone image replays as {sizes[0]}" if sizes[0] > 1 else ""
+        return (f"ViT CUDA graphs captured for batches of {sizes} images of {self.image_patches} patches "
+                f"(one pool, {pool / 2**20:.0f} MiB{padded})")
+
+    def _replayed_or_eager(self, inputs: list[torch.Tensor],
+                           eager: Callable[..., list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Runs of the batch cut to the captured sizes and replayed (``UniformGraphs.runs``); a run the graphs decline
+        (another thread is replaying) and a batch of another shape run ``eager``, the tower's own code."""
+        if self.graphs is None:
+            return eager(*inputs)
+        count = inputs[0].shape[0]
+        outputs: list[torch.Tensor] = []
+        for start, stop in self.graphs.runs(count) if self.graphs.holds(*inputs) else [(0, count)]:
+            part = [x[start:stop] for x in inputs]
+            replayed = self.graphs.run(*part)  # None (counted as eager): no graph holds it
+            outputs.extend(replayed if replayed is not None else eager(*part))
+        return outputs
+
+    def encode_now(self, items: list[Any], original: Callable[[list[Any]], Any]) -> Any:
+        """Images of the captured shape by graph replays on the caller's stream: no launch of ~1,000 kernels from
+        Python, so the idle path is faster than the model's own call. Videos, other shapes, precomputed embeddings,
+        and a replay that raises go to ``original`` (SGLang's behaviour stays the floor); a run the graphs decline
+        runs the tower's own code in ``forward``, with the same result."""
+        if self.graphs is None or any(_modality_name(item) != "image" or not self.accepts(item) for item in items):
+            return original(items)
+        try:
+            units = [unit for item in items for unit in self.units(item)]
+            if any(unit.num_patches != self.graphs.patches for unit in units):
+                return original(items)
+            return torch.cat(self.forward(units))
+        except Exception:
+            logger.warning("mm-coalescer: inline graph replay failed; using the model's own method", exc_info=True)
+            return original(items)
+
+
+class Gemma3Tower(_UniformGraphed, SGLangTower):
     """Gemma3: SigLIP at one fixed resolution, so every crop has the same patch count."""
+
+    graphs_class = Gemma3VisionGraphs
 
     ragged = False
     modalities = ("image",)
@@ -478,6 +546,7 @@ class Gemma3Tower(SGLangTower):
         vcfg = model.config.vision_config
         self.image_size = int(vcfg.image_size)
         self.num_patches = (self.image_size // int(vcfg.patch_size)) ** 2
+        self.image_patches = self.num_patches
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 2 * inter) * _dtype_bytes(model.language_model.dtype())
         self.batched_siglip = _takes_batches(model.vision_tower)
@@ -513,10 +582,15 @@ class Gemma3Tower(SGLangTower):
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         model = self.model
         pixels = stack_on([u.pixel_values for u in units], model.vision_tower.device, model.language_model.dtype())
+        return self._replayed_or_eager([pixels], self._eager)
+
+    def _eager(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """SigLIP and the projector, as SGLang's ``get_image_feature`` runs them."""
+        model = self.model
         if self.batched_siglip:
             vision = model.vision_tower(pixel_values=pixels)
         else:  # SDPA with flatten_batch asserts batch size 1: run the crops one by one.
-            vision = torch.cat([model.vision_tower(pixel_values=pixels[i:i + 1]) for i in range(len(units))])
+            vision = torch.cat([model.vision_tower(pixel_values=pixels[i:i + 1]) for i in range(pixels.shape[0])])
         projected = model.multi_modal_projector(vision)
         return list(projected.split(1, dim=0))
 
@@ -531,8 +605,10 @@ def _takes_batches(vision_tower: nn.Module) -> bool:
     return not any(isinstance(m, VisionSdpaAttention) and m.flatten_batch for m in vision_tower.modules())
 
 
-class Gemma4Tower(SGLangTower):
+class Gemma4Tower(_UniformGraphed, SGLangTower):
     """Gemma4: variable resolution, so a batch holds images (or frames) of one patch count."""
+
+    graphs_class = Gemma4VisionGraphs
 
     ragged = False
     vision_modules: ClassVar[dict[str, str]] = _GEMMA4_VISION
@@ -557,25 +633,6 @@ class Gemma4Tower(SGLangTower):
         self.image_patches = per_image
         """Patches of an image at the processor's default budget (280 soft tokens): the patch count graphs hold."""
         self.probe_patch_counts = (per_image, 2 * per_image, 4 * per_image)
-        self.graphs: Gemma4VisionGraphs | None = None
-        """Captured forwards (``use_graphs``); None: every forward runs the tower's own code."""
-
-    def use_graphs(self, buckets: Sequence[int], *, tp_size: int) -> str:
-        """Capture the tower for the batches of default-budget images these patch buckets hold (before serving)."""
-        reason = Gemma4VisionGraphs.why_not(self.model)
-        sizes = images_per_bucket(buckets, self.image_patches)
-        if reason is None and tp_size > 1:
-            reason = "the tower is sharded over TP ranks (its collectives would be captured)"
-        if reason is None and not sizes:
-            reason = f"no bucket holds one image of {self.image_patches} patches"
-        if reason is not None:
-            return f"ViT CUDA graphs off: {reason}"
-        graphs = Gemma4VisionGraphs(self.model, self.image_patches, sizes)
-        pool = graphs.capture()
-        self.graphs = graphs
-        padded = f"; a lone image replays as {sizes[0]}" if sizes[0] > 1 else ""
-        return (f"ViT CUDA graphs captured for batches of {sizes} images of {self.image_patches} patches "
-                f"(one pool, {pool / 2**20:.0f} MiB{padded})")
 
     def output_tokens(self, item: Any) -> int:
         """Per image or frame, its real (position != -1) patches pooled by ``kernel**2``, rounded up."""
@@ -625,36 +682,11 @@ class Gemma4Tower(SGLangTower):
                            {"positions": positions}) for _ in range(count)]
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
-        """Runs of the batch that captured graphs hold are replayed (``Gemma4VisionGraphs.runs``); a run the graphs
-        decline (another thread is replaying) and every batch of another patch count run the tower's own code."""
         model = self.model
         vt = model.vision_tower
         pixels = stack_on([u.pixel_values for u in units], vt.device, model.language_model.dtype())
         positions = stack_on([u.meta["positions"] for u in units], vt.device)
-        if self.graphs is None:
-            return self._eager(pixels, positions)
-        held = pixels.dim() == 3 and pixels.shape[1] == self.graphs.patches
-        outputs: list[torch.Tensor] = []
-        for start, stop in self.graphs.runs(len(units)) if held else [(0, len(units))]:
-            replayed = self.graphs.run(pixels[start:stop], positions[start:stop])  # None: no graph holds it
-            outputs.extend(replayed if replayed is not None else self._eager(pixels[start:stop], positions[start:stop]))
-        return outputs
-
-    def encode_now(self, items: list[Any], original: Callable[[list[Any]], Any]) -> Any:
-        """Images of the captured patch count by graph replays on the caller's stream: no launch of ~1,000 kernels
-        from Python, so the idle path is faster than the model's own call. Videos, other patch counts, precomputed
-        embeddings, and a replay that raises go to ``original`` (SGLang's behaviour stays the floor); a run the
-        graphs decline runs the tower's own code in ``forward``, with the same result."""
-        if self.graphs is None or any(_modality_name(item) != "image" or not self.accepts(item) for item in items):
-            return original(items)
-        try:
-            units = [unit for item in items for unit in self.units(item)]
-            if any(unit.pixel_values.shape[0] != self.graphs.patches for unit in units):
-                return original(items)
-            return torch.cat(self.forward(units))
-        except Exception:
-            logger.warning("mm-coalescer: inline graph replay failed; using the model's own method", exc_info=True)
-            return original(items)
+        return self._replayed_or_eager([pixels, positions], self._eager)
 
     def _eager(self, pixels: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
         """The tower's own forward and projection, image by image as SGLang's ``get_image_feature`` projects them."""

@@ -304,9 +304,6 @@ def _capture_graphs(tower: Any, buckets: list[int], tp_size: int) -> None:
     """Capture the tower's CUDA graphs now, while nothing else runs on the GPU (before serving)."""
     if not buckets:
         return
-    if not hasattr(tower, "use_graphs"):
-        logger.info("mm-coalescer: sglang.vit_graph_patches ignored: only the Qwen and Gemma 4 towers are captured")
-        return
     fitting = [b for b in buckets if b * _service.bytes_per_patch <= _service.budget_bytes]
     if len(fitting) < len(buckets):  # bytes_per_patch "auto" is measured at start, so it may exceed the guess
         logger.warning("mm-coalescer: ViT CUDA graph buckets %s dropped: their activations (%d bytes a patch) exceed "

@@ -150,10 +150,15 @@ VARIANTS = {
     # a coalesced burst fill; a batch is cut into runs by the buckets (vit_graphs.cut_into_runs).
     # configs/qwen2_5_vl.yaml ships these buckets since 3f292ad, so on Qwen2.5-VL this variant is plain "on".
     "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),
-    # Gemma 4's graphs (integration/gemma4_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
+    # Gemma 4's graphs (integration/uniform_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
     # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.
     # configs/gemma4.yaml ships these buckets since 5178309's run, so on Gemma 4 "on+g4graphs" is plain "on".
     "on+g4graphs": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560]}}),
+    # Gemma3's graphs (SigLIP crops of 4,096 patches): batches of 1, 2, 4 and 8 crops; 8 take ~1.4 GB at the 43,460
+    # bytes a patch calibrated there (1756d96), inside the 2 GiB budget. Not yet run on a GPU (158ac44's successor).
+    "on+g3graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 32768]}}),
+    "on+g3graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 32768],
+                                                          "early_encode_min_waiting": 1}}),
     # The plugin without the graphs and the inline path its Qwen2.5-VL and Gemma 4 configs ship: the baseline those
     # settings were measured against, now that "on" includes them there.
     "on+plain": Variant(True, config={"sglang": {"vit_graph_patches": [], "early_encode_min_waiting": 0}}),

@@ -226,17 +226,6 @@ def test_buckets_beyond_the_budget_are_dropped_at_start_and_the_rest_captured(qw
         sglang_plugin.stop()
 
 
-def test_graph_buckets_for_a_tower_without_graphs_are_ignored_with_one_line(caplog):
-    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
-    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [4096]}
-    sglang_plugin.start(sm.BUILDERS["gemma3"](), {"config_path": None, "mode": "async",
-                                                  "values": {"budget_bytes": 1 << 30}, "plugin": plugin}, tp_size=1)
-    try:
-        assert "sglang.vit_graph_patches ignored: only the Qwen and Gemma 4 towers are captured" in caplog.text
-    finally:
-        sglang_plugin.stop()
-
-
 def test_a_failed_capture_costs_the_graphs_not_the_plugin(qwen, caplog, monkeypatch):
     def fail(self, buckets, *, tp_size):
         raise RuntimeError("operation not permitted when stream is capturing")

@@ -1,9 +1,9 @@
-"""Gemma 4's ViT CUDA graphs (integration/gemma4_graphs.py), all of it that runs without CUDA: how a batch is cut
-into replays, which batch sizes the configured patch buckets give, the captured body on a padded static batch
-against SGLang's own ``get_image_feature`` (real tiny Gemma 4 model), the adapter's runs and fallbacks, the idle
+"""The ViT CUDA graphs of Gemma 4 and Gemma3 (integration/uniform_graphs.py), all of it that runs without CUDA: how a
+batch is cut into replays, which batch sizes the configured patch buckets give, the captured body on a padded static
+batch against SGLang's own ``get_image_feature`` (real tiny models), the adapters' runs and fallbacks, the idle
 path's routing, and what the plugin logs when it cannot capture.
 
-Capture and replay themselves, the stream ordering and the copy-out are in tests/gpu/test_gemma4_graphs_cuda.py.
+Capture and replay themselves, the stream ordering and the copy-out are in tests/gpu/test_uniform_graphs_cuda.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,14 @@ import pytest
 import sglang_models as sm
 import torch
 from mm_scheduler_sglang import settings, sglang_plugin
-from mm_scheduler_sglang.adapters import Gemma4Tower, _takes_batches
-from mm_scheduler_sglang.gemma4_graphs import Gemma4VisionGraphs, _Batch, batch_runs, images_per_bucket
+from mm_scheduler_sglang.adapters import Gemma3Tower, Gemma4Tower, _takes_batches
+from mm_scheduler_sglang.uniform_graphs import (
+    Gemma3VisionGraphs,
+    Gemma4VisionGraphs,
+    _Batch,
+    batch_runs,
+    images_per_bucket,
+)
 
 
 def _padded_cost(runs, sizes, replay_images):
@@ -76,14 +82,12 @@ def test_the_captured_body_on_a_padded_batch_equals_sglangs_own_method(gemma4):
     patches = tower.image_patches
     items = _images(gemma4, GRIDS[:2], patches)
     graphs = Gemma4VisionGraphs(gemma4, patches, [3])
-    pixels = torch.zeros(3, patches, tower.patch_pixels)
-    positions = torch.full((3, patches, 2), -1, dtype=torch.long)
-    batch = _Batch(3, pixels, positions)
-    batch.load(torch.cat([item.feature for item in items]),
-               torch.cat([item.model_specific_data["image_position_ids"] for item in items]))
-    assert (batch.positions[2] == -1).all() and (batch.pixels[2] == 0).all()
-    projected, mask = graphs._forward(batch)
-    got = torch.cat([projected[i][mask[i]] for i in range(2)])
+    batch = _Batch(3, graphs._static_inputs(3, torch.device("cpu")), graphs.padding)
+    batch.inputs[0].fill_(5)  # what an earlier batch left in the buffers
+    batch.load([torch.cat([item.feature for item in items]),
+                torch.cat([item.model_specific_data["image_position_ids"] for item in items])])
+    assert (batch.inputs[1][2] == -1).all() and (batch.inputs[0][2] == 0).all()
+    got = torch.cat(graphs._read(graphs._forward(batch), 2))
     torch.testing.assert_close(got, gemma4.get_image_feature(items), rtol=1e-4, atol=1e-5)
 
 
@@ -100,11 +104,14 @@ class _Recorder:
     def runs(self, count):
         return batch_runs(count, self.sizes)
 
-    def run(self, pixels, positions):
+    def holds(self, *inputs):
+        return inputs[0].shape[1] == self.patches
+
+    def run(self, *inputs):
         if self.fail:
             raise RuntimeError("replay failed")
-        self.calls.append(int(pixels.shape[0]))
-        return self.tower._eager(pixels, positions) if pixels.shape[0] in self.replays else None
+        self.calls.append(int(inputs[0].shape[0]))
+        return self.tower._eager(*inputs) if inputs[0].shape[0] in self.replays else None
 
 
 @torch.inference_mode()
@@ -184,3 +191,63 @@ def test_buckets_that_hold_no_default_image_capture_nothing_and_say_so(gemma4, m
     assert tower.use_graphs([tower.image_patches], tp_size=2).endswith("sharded over TP ranks (its collectives "
                                                                       "would be captured)")
     assert tower.graphs is None
+
+
+@pytest.fixture
+def gemma3():
+    return sm.BUILDERS["gemma3"]()
+
+
+class _CropRecorder(_Recorder):
+    def holds(self, *inputs):
+        return True  # one crop shape
+
+
+@torch.inference_mode()
+def test_gemma3_crops_are_cut_into_replays_in_order_and_declined_runs_run_siglip_itself(gemma3):
+    tower = Gemma3Tower(gemma3)
+    units = [u for seed in range(3) for u in tower.units(sm.gemma3_image(gemma3, 2, seed))]  # 6 crops
+    expected = tower.forward(units)
+    tower.graphs = _CropRecorder(tower, [1, 2, 4], replays={4})
+    outputs = tower.forward(units)
+    assert tower.graphs.calls == [4, 2]
+    for out, reference in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(out, reference)
+
+
+@torch.inference_mode()
+def test_gemma3s_idle_path_encodes_crops_itself_as_sglang_returns_them(gemma3):
+    tower = Gemma3Tower(gemma3)
+    tower.graphs = _CropRecorder(tower, [1, 2, 4])
+    items = [sm.gemma3_image(gemma3, crops, 10 + crops) for crops in (1, 2)]
+    torch.testing.assert_close(tower.encode_now(items, lambda _: pytest.fail("left to SGLang")),
+                               gemma3.get_image_feature(items), rtol=1e-4, atol=1e-5)
+    assert tower.graphs.calls == [2, 1]  # 3 crops: a replay of 2, then 1 (4 would pad one)
+
+
+def test_gemma3s_static_crops_are_siglips_resolution_and_pad_to_zero(gemma3):
+    graphs = Gemma3VisionGraphs(gemma3, Gemma3Tower(gemma3).image_patches, [2])
+    size = gemma3.config.vision_config.image_size
+    batch = _Batch(2, graphs._static_inputs(2, torch.device("cpu")), graphs.padding)
+    batch.inputs[0].fill_(5)
+    crop = torch.randn(1, 3, size, size)
+    batch.load([crop])
+    assert batch.inputs[0].shape == (2, 3, size, size)
+    assert torch.equal(batch.inputs[0][0], crop[0]) and (batch.inputs[0][1] == 0).all()
+
+
+@torch.inference_mode()
+def test_gemma3s_captured_body_on_a_padded_batch_equals_sglangs_own_method(gemma3):
+    """On CPU SGLang's SDPA takes one crop a forward (``flatten_batch``); without it, it takes a batch, as the triton
+    backend the graphs are captured for does: two crops padded to a batch of three, against the model's own method."""
+    for module in gemma3.vision_tower.modules():
+        if getattr(module, "flatten_batch", False):
+            module.flatten_batch = False
+    tower = Gemma3Tower(gemma3)
+    items = [sm.gemma3_image(gemma3, 2, 21)]
+    graphs = Gemma3VisionGraphs(gemma3, tower.image_patches, [3])
+    batch = _Batch(3, graphs._static_inputs(3, torch.device("cpu")), graphs.padding)
+    batch.inputs[0].fill_(5)
+    batch.load([items[0].feature])
+    got = torch.cat(graphs._read(graphs._forward(batch), 2))
+    torch.testing.assert_close(got, gemma3.get_image_feature(items), rtol=1e-4, atol=1e-5)

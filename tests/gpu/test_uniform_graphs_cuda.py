@@ -1,5 +1,5 @@
-"""Gemma 4's ViT CUDA graphs (integration/gemma4_graphs.py) on a real tiny SGLang Gemma 4 model on CUDA, with SGLang's
-triton vision attention (the backend graphs are captured for; the real-server harness uses it).
+"""The ViT CUDA graphs of Gemma 4 and Gemma3 (integration/uniform_graphs.py) on real tiny SGLang models on CUDA, with
+SGLang's triton vision attention (the backend graphs are captured for; the real-server harness uses it).
 
 What would fail if the graphs were wrong:
 * batches of other images in one graph, and a batch padded with padding images: a replay that kept an earlier
@@ -12,9 +12,11 @@ What would fail if the graphs were wrong:
   (run eagerly), not overwrite the first one's inputs;
 * the adapter: runs cut to the captured sizes, and every output equal to SGLang's own method;
 * the idle path (``encode_now``, on the scheduler's thread under ``no_grad``): a replay that did not run on the
-  caller's stream would read pixels the caller's stream has not written yet.
+  caller's stream would read pixels the caller's stream has not written yet;
+* Gemma3 (SigLIP crops, not yet run on a GPU): a padded batch and a kept result against SGLang's own method, and
+  the idle path on the caller's stream.
 
-Run: ``python -m pytest -q tests/gpu/test_gemma4_graphs_cuda.py``.
+Run: ``python -m pytest -q tests/gpu/test_uniform_graphs_cuda.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("sglang")
 
-from mm_scheduler_sglang.adapters import Gemma4Tower
-from mm_scheduler_sglang.gemma4_graphs import Gemma4VisionGraphs
+from mm_scheduler_sglang.adapters import Gemma3Tower, Gemma4Tower
+from mm_scheduler_sglang.uniform_graphs import Gemma4VisionGraphs
 
 from .cuda_helpers import rel_err, tiny_on_cuda
 
@@ -218,3 +220,59 @@ def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queue
         torch.cuda.synchronize()
         assert rel_err(consumed, expected) < TOL
         assert (graphs.replays - replays, len(own_calls) - calls) == ((1, 0) if replayed else (0, 1))
+
+
+# --- Gemma3: SigLIP crops at one resolution ---------------------------------------------------------------------
+@pytest.fixture
+def captured_gemma3():
+    model = tiny_on_cuda("gemma3")
+    tower = Gemma3Tower(model)
+    line = tower.use_graphs([tower.image_patches * b for b in SIZES], tp_size=1)
+    assert line.startswith("ViT CUDA graphs captured for batches of [1, 2, 3] images"), line
+    return model, tower, tower.graphs
+
+
+def _crops(model, counts, seed):
+    import sglang_models
+
+    items = [sglang_models.gemma3_image(model, crops, seed + i) for i, crops in enumerate(counts)]
+    for item in items:
+        item.feature = item.feature.cuda()
+    return items
+
+
+@torch.inference_mode()
+def test_gemma3_crops_padded_or_not_match_sglangs_own_method_and_outlive_the_next_replay(captured_gemma3):
+    """One crop, then two crops replayed in the graph of three (a zero crop pads it): each against SGLang's own
+    ``get_image_feature``; the first result read again after the second replay (a view would have changed)."""
+    model, _, graphs = captured_gemma3
+    graphs._batches = [b for b in graphs._batches if b.images != 2]
+    first = _crops(model, [1], 10)
+    kept = graphs.run(torch.cat([item.feature for item in first]))
+    expected_first = model.get_image_feature(first)
+    second = _crops(model, [2], 20)
+    out = graphs.run(torch.cat([item.feature for item in second]))
+    assert rel_err(torch.cat(out), model.get_image_feature(second)) < TOL
+    torch.cuda.synchronize()
+    assert rel_err(torch.cat(kept), expected_first) < TOL and graphs.replays == 2
+
+
+@torch.no_grad()
+def test_gemma3s_idle_replay_runs_on_the_callers_stream_after_the_work_queued_there(captured_gemma3):
+    """As for Gemma 4: crops written on the scheduler's stream behind a 0.1 s kernel, over NaNs."""
+    model, tower, graphs = captured_gemma3
+    items = _crops(model, [1, 2], 30)
+    sources = [item.feature.clone() for item in items]
+    expected = model.get_image_feature(items)
+    for item in items:
+        item.feature = torch.full_like(item.feature, float("nan"))
+    scheduler = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(scheduler):
+        torch.cuda._sleep(200_000_000)
+        for item, source in zip(items, sources, strict=True):
+            item.feature.copy_(source)
+        out = tower.encode_now(items, lambda _: pytest.fail("left to SGLang"))
+        consumed = out * 1
+    torch.cuda.synchronize()
+    assert rel_err(consumed, expected) < TOL and graphs.replays == 1
