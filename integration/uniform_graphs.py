@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .vision_attention import pass_uniform_max_seqlen
-from .vit_graphs import CAPTURABLE_BACKEND, CapturedForwards
+from .vit_graphs import CAPTURABLE_BACKEND, CapturedForwards, Replay
 
 REPLAY_IMAGES = 0.25
 """What one more replay costs, counted in padded images: a replay's fixed host work (the input copies, the read-out).
@@ -158,21 +158,8 @@ class UniformGraphs(CapturedForwards):
         batch = next((b for b in self._batches if b.images >= n), None)
         if batch is None or n == 0 or not self.holds(*inputs):
             return None
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            with torch.inference_mode():  # the static buffers are inference tensors; SGLang's thread runs no_grad
-                stream = torch.cuda.current_stream(batch.inputs[0].device)
-                if self._queued_elsewhere(stream):
-                    return None
-                batch.load(inputs)
-                try:
-                    batch.graph.replay()
-                    return self._read(batch.output, n)
-                finally:  # also when the copy-out fails (out of memory): the replay is queued either way
-                    self._replayed(stream)
-        finally:
-            self._lock.release()
+        return self._guarded_replay(lambda: Replay(torch.cuda.current_stream(batch.inputs[0].device), batch.graph,
+                                                   lambda: batch.load(inputs), lambda: self._read(batch.output, n)))
 
 
 class Gemma4VisionGraphs(UniformGraphs):

@@ -231,6 +231,16 @@ class _Static:
             _write(self.window_len, _lengths(window))
 
 
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """One planned replay: the stream it is queued on, the graph, how its inputs are written and its results read."""
+
+    stream: torch.cuda.Stream
+    graph: torch.cuda.CUDAGraph
+    load: Callable[[], None]
+    read: Callable[[], Any]
+
+
 class CapturedForwards:
     """What every tower's graphs share: captured into one pool before serving, replays serialised (one set of
     static buffers) and never queued beside a replay still pending on another stream, each forward counted."""
@@ -253,6 +263,28 @@ class CapturedForwards:
 
     def _replay(self, *inputs: torch.Tensor) -> Any:
         raise NotImplementedError
+
+    def _guarded_replay(self, plan: Callable[[], Replay | None]) -> Any:
+        """Take the lock without waiting (None: another thread is replaying); under inference mode (the static
+        buffers are inference tensors, SGLang's thread runs ``no_grad``) ``plan`` says what to replay (None: no graph
+        holds the batch); decline while another stream's replay is queued (``_queued_elsewhere``); else load,
+        replay and read out, recording the guard's event even when the read-out raises (out of memory): the replay
+        is queued either way."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            with torch.inference_mode():
+                replay = plan()
+                if replay is None or self._queued_elsewhere(replay.stream):
+                    return None
+                replay.load()
+                try:
+                    replay.graph.replay()
+                    return replay.read()
+                finally:
+                    self._replayed(replay.stream)
+        finally:
+            self._lock.release()
 
     @staticmethod
     def _capture_pool(device: torch.device, statics: Sequence[Any], idle: Callable[[Any], None],
@@ -404,23 +436,14 @@ class QwenVisionGraphs(CapturedForwards):
         """Packed merged rows of the batch, by the smallest bucket that holds it."""
         if not self._static or pixels.shape[0] > self._static[-1].bucket.patches:
             return None
-        if not self._lock.acquire(blocking=False):
-            return None
-        try:
-            with torch.inference_mode():  # the static buffers are inference tensors; SGLang's thread runs no_grad
-                prepared = self.prepare(pixels, grids)
-                chosen = self.fit(self._static, prepared)
-                if chosen is None:
-                    return None
-                static, layout = chosen
-                stream = torch.cuda.current_stream(prepared.rows.device)
-                if self._queued_elsewhere(stream):
-                    return None
-                static.load(prepared, *layout)
-                try:
-                    static.graph.replay()
-                    return self.unpad(static.output, prepared)
-                finally:  # also when the copy-out fails (out of memory): the replay is queued either way
-                    self._replayed(stream)
-        finally:
-            self._lock.release()
+
+        def plan() -> Replay | None:
+            prepared = self.prepare(pixels, grids)
+            chosen = self.fit(self._static, prepared)
+            if chosen is None:
+                return None
+            static, layout = chosen
+            return Replay(torch.cuda.current_stream(prepared.rows.device), static.graph,
+                          lambda: static.load(prepared, *layout), lambda: self.unpad(static.output, prepared))
+
+        return self._guarded_replay(plan)

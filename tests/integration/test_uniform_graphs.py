@@ -1,7 +1,7 @@
 """The ViT CUDA graphs of Gemma 4 and Gemma3 (integration/uniform_graphs.py), all of it that runs without CUDA: how a
 batch is cut into replays, which batch sizes the configured patch buckets give, the captured body on a padded static
 batch against SGLang's own ``get_image_feature`` (real tiny models), the adapters' runs and fallbacks, the idle
-path's routing, and what the plugin logs when it cannot capture.
+path's routing, and what they say when they cannot capture (what the plugin logs on CPU: test_vit_graphs.py).
 
 Capture and replay themselves, the stream ordering and the copy-out are in tests/gpu/test_uniform_graphs_cuda.py.
 """
@@ -9,12 +9,10 @@ Capture and replay themselves, the stream ordering and the copy-out are in tests
 from __future__ import annotations
 
 import itertools
-import logging
 
 import pytest
 import sglang_models as sm
 import torch
-from mm_scheduler_sglang import settings, sglang_plugin
 from mm_scheduler_sglang.adapters import Gemma3Tower, Gemma4Tower, _takes_batches
 from mm_scheduler_sglang.uniform_graphs import (
     Gemma3VisionGraphs,
@@ -168,19 +166,6 @@ def test_an_item_holding_several_images_is_encoded_in_its_order_as_sglang_does(g
     torch.testing.assert_close(tower.encode_now(items, lambda _: pytest.fail("left to SGLang")),
                                gemma4.get_image_feature(items), rtol=1e-4, atol=1e-5)
     assert tower.graphs.calls == [3]
-
-
-def test_on_cpu_the_plugin_logs_why_it_captured_nothing_and_serves_eagerly(gemma4, caplog):
-    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
-    patches = Gemma4Tower(gemma4).image_patches
-    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [patches, 2 * patches]}
-    service = sglang_plugin.start(gemma4, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 30},
-                                           "plugin": plugin}, tp_size=1)
-    try:
-        assert service.tower.graphs is None
-        assert "ViT CUDA graphs off: its vision attention backend is" in caplog.text
-    finally:
-        sglang_plugin.stop()
 
 
 def test_buckets_that_hold_no_default_image_capture_nothing_and_say_so(gemma4, monkeypatch):

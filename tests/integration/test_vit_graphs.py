@@ -14,7 +14,7 @@ import pytest
 import sglang_models as sm
 import torch
 from mm_scheduler_sglang import settings, sglang_plugin
-from mm_scheduler_sglang.adapters import QwenVLTower
+from mm_scheduler_sglang.adapters import QwenVLTower, tower_for
 from mm_scheduler_sglang.vit_graphs import (
     LONGEST_SEGMENT,
     SHORT_SEGMENT,
@@ -188,11 +188,14 @@ def test_the_adapter_cuts_a_batch_into_runs_by_the_buckets_in_order(qwen):
         torch.testing.assert_close(out, reference)
 
 
-def test_on_cpu_the_plugin_logs_why_it_captured_nothing_and_serves_eagerly(qwen, caplog):
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "gemma4"])
+def test_on_cpu_the_plugin_logs_why_it_captured_nothing_and_serves_eagerly(name, caplog):
+    model = sm.BUILDERS[name]()
+    bucket = getattr(tower_for(model), "image_patches", 1024)  # Gemma: one image's patches; Qwen: any rows
     caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
-    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [1024]}
-    service = sglang_plugin.start(qwen, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 30},
-                                         "plugin": plugin}, tp_size=1)
+    plugin = {**settings.PLUGIN_DEFAULTS, "vit_graph_patches": [bucket]}
+    service = sglang_plugin.start(model, {"config_path": None, "mode": "async", "values": {"budget_bytes": 1 << 30},
+                                          "plugin": plugin}, tp_size=1)
     try:
         assert service.tower.graphs is None
         assert "ViT CUDA graphs off: its vision attention backend is VisionSdpaAttention" in caplog.text
