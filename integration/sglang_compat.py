@@ -224,6 +224,7 @@ SAME: tuple[str, ...] = (
     "sglang.srt.models.gemma4_mm.Gemma4ForConditionalGeneration",
     "sglang.srt.models.gemma4_mm.Gemma4MultimodalEmbedder",
     "sglang.srt.models.gemma4_vision.Gemma4VisionEncoder",
+    "sglang.srt.models.gemma4_vision.Gemma4VisionPatchEmbedder._position_embeddings",
     TOKENIZER_MANAGER_INIT, "sglang.srt.managers.tokenizer_manager.TokenizerManager.mm_processor",
     f"{_MMP}._processor", f"{_MMP}.process_mm_data_async",
 )

@@ -256,6 +256,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
 
     from .adapters import tower_for, why_unsupported
     from .modes import choose_mode, tp_agreement
+    from .position_lookup import look_up_positions
     from .service import EncoderService
     from .vision_attention import pass_uniform_max_seqlen
 
@@ -267,6 +268,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     config = config_from_dict(dict(chosen["values"]), source=chosen["config_path"] or "defaults")
     norm_lock.serialize_norm_launches()  # the tower's norms now run beside the text model's (norm_lock.py)
     pass_uniform_max_seqlen(model)  # no GPU read-back a layer in SigLIP / Gemma 4 (vision_attention.py)
+    look_up_positions(model)  # no [P, 2, 10240] one-hot in Gemma 4's patch embedder (position_lookup.py)
     collective_free = bool(getattr(tower, "collective_free", False))
     mode = choose_mode(chosen["mode"], tp_size, dp_encoder=collective_free)
     if chosen["mode"] == "async" and mode == "lockstep":

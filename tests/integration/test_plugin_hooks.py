@@ -370,7 +370,7 @@ class _RecordedService:
 
 @pytest.fixture
 def start_recorded(monkeypatch):
-    from mm_scheduler_sglang import adapters, modes, service, vision_attention
+    from mm_scheduler_sglang import adapters, modes, position_lookup, service, vision_attention
 
     _RecordedService.built = []
     towers = {"sharded": SimpleNamespace(collective_free=False), "replicated": SimpleNamespace(collective_free=True),
@@ -378,6 +378,7 @@ def start_recorded(monkeypatch):
     monkeypatch.setattr(adapters, "why_unsupported", lambda model: None if model in towers else "not a VLM")
     monkeypatch.setattr(adapters, "tower_for", lambda model: towers[model])
     monkeypatch.setattr(vision_attention, "pass_uniform_max_seqlen", lambda model: 0)  # the models here are names
+    monkeypatch.setattr(position_lookup, "look_up_positions", lambda model: 0)
     monkeypatch.setattr(service, "EncoderService", _RecordedService)
     monkeypatch.setattr(modes, "tp_agreement", lambda scheduler: ("agree over", scheduler))
     hooked = []
