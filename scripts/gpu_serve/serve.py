@@ -57,7 +57,9 @@ FAMILIES = {
     "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
     "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 42.5},
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
-    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"]},
+    # 23.1 GB weights + 14.6 GB KV + the tower's and the prefill's activations: a fourth server found no memory
+    # left for its KV cache at 351b609 (SGLang refused to start it).
+    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"], "server_gib": 40.0},
     # Gemma 4 (Gemma4ForConditionalGeneration): multimodal on by default; COMMON_FLAGS' --attention-backend triton
     # is required (0.5.16 asserts triton/trtllm_mha, and only triton gets the bidirectional image mask), and
     # --mm-attention-backend triton_attn keeps the tower off fa3 (not in the stripped sglang-kernel). Hybrid SWA

@@ -307,7 +307,14 @@ def test_three_qwen3_servers_with_cuda_ipc_tokenizer_workers_are_refused_before_
     assert serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on", "on+graphs", "on+defer2s"]) is not None
 
 
+def test_a_fourth_gemma3_server_is_refused_before_it_starts():
+    # 351b609: the fourth Gemma3-12B server (on+g3graphs+lazy1) found no memory left for its KV cache
+    reason = serve.exceeds_the_gpu("gemma3_12b", ["off", "on", "on+g3graphs", "on+g3graphs+lazy1"])
+    assert reason is not None and "4 servers" in reason
+    assert serve.exceeds_the_gpu("gemma3_12b", ["off", "on", "on+g3graphs"]) is None
+
+
 @pytest.mark.parametrize("family", sorted(serve.FAMILIES))
 def test_every_family_fits_off_and_on_with_and_without_sglangs_flags(family):
-    most = 3 if family == "qwen3_vl_8b" else 4
+    most = 3 if family in ("qwen3_vl_8b", "gemma3_12b") else 4
     assert serve.exceeds_the_gpu(family, ["off", "on", "off+tok4ipc", "on+tok4ipc"][:most]) is None
