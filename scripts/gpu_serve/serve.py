@@ -59,7 +59,8 @@ FAMILIES = {
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
     # 23.1 GB weights + 14.6 GB KV + the tower's and the prefill's activations: a fourth server found no memory
     # left for its KV cache at 351b609 (SGLang refused to start it).
-    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"], "server_gib": 40.0},
+    "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"],
+                   "server_gib": 40.0},
     # Gemma 4 (Gemma4ForConditionalGeneration): multimodal on by default; COMMON_FLAGS' --attention-backend triton
     # is required (0.5.16 asserts triton/trtllm_mha, and only triton gets the bidirectional image mask), and
     # --mm-attention-backend triton_attn keeps the tower off fa3 (not in the stripped sglang-kernel). Hybrid SWA
@@ -157,12 +158,13 @@ VARIANTS = {
     # configs/gemma4.yaml ships these buckets since 5178309's run, so on Gemma 4 "on+g4graphs" is plain "on".
     "on+g4graphs": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560]}}),
     # Gemma3's graphs (SigLIP crops of 4,096 patches): batches of 1, 2, 4 and 8 crops; 8 take ~1.4 GB at the 43,460
-    # bytes a patch calibrated there (1756d96), inside the 2 GiB budget. Not yet run on a GPU (158ac44's successor).
+    # bytes a patch calibrated there (1756d96), inside the 2 GiB budget (one pool of 1,552 MiB at 351b609).
+    # configs/gemma3.yaml ships these buckets since 351b609's run, so on Gemma3 "on+g3graphs" is plain "on".
     "on+g3graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 32768]}}),
     "on+g3graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 32768],
                                                           "early_encode_min_waiting": 1}}),
-    # The plugin without the graphs and the inline path its Qwen2.5-VL and Gemma 4 configs ship: the baseline those
-    # settings were measured against, now that "on" includes them there.
+    # The plugin without the graphs (Qwen2.5-VL, Gemma3, Gemma 4) and the inline path (Qwen2.5-VL, Gemma 4) their
+    # configs ship: the baseline those settings were measured against, now that "on" includes them there.
     "on+plain": Variant(True, config={"sglang": {"vit_graph_patches": [], "early_encode_min_waiting": 0}}),
     "on+g4graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560],
                                                           "early_encode_min_waiting": 1}}),
