@@ -75,6 +75,10 @@ COMMON_FLAGS = [
     "--context-length", "8192", "--chunked-prefill-size", "8192", "--max-running-requests", "128",
     "--skip-server-warmup", "--enable-metrics", "--enable-request-time-stats-logging", "--log-level", "info",
 ]
+# SGLang flags added to every server of a run, plugin on and off alike (GPU_SERVE_EXTRA_FLAGS, split on spaces),
+# for studies of the harness itself, e.g. --sleep-on-idle against the lone-decode gap. Recorded in results.json as
+# extra_flags; such a run stays out of the Makefile's REAL_SERVER_RUNS.
+EXTRA_FLAGS = os.environ.get("GPU_SERVE_EXTRA_FLAGS", "").split()
 # Every server gets the same flags apart from its variant's; all start at once. --mem-fraction-static only
 # bounds what a server may take (SGLang sizes the static pool from the memory free when it profiles, which
 # depends on when the others allocate); --max-total-tokens fixes the KV pool, so every server gets the same
@@ -168,6 +172,10 @@ VARIANTS = {
     "on+plain": Variant(True, config={"sglang": {"vit_graph_patches": [], "early_encode_min_waiting": 0}}),
     "on+g4graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560],
                                                           "early_encode_min_waiting": 1}}),
+    # Gemma 4's shipped config with graphs of up to 8 images: with the position lookup (351b609) a patch calibrates
+    # at ~44,700 bytes, so 8 images (20,160 patches, ~0.9 GB) fit the 2 GiB budget, and a burst's forwards of 13-15
+    # images become 2 replays instead of 5.
+    "on+g4graphs8": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560, 10080, 15120, 20160]}}),
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
@@ -362,7 +370,7 @@ class Server:
     def start(self, model: Path, family: str, prepared: Path, export_dir: Path) -> None:
         spec = FAMILIES[family]
         args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(self.port),
-                *COMMON_FLAGS, *spec["flags"], "--max-total-tokens", str(spec["max_total_tokens"]),
+                *COMMON_FLAGS, *EXTRA_FLAGS, *spec["flags"], "--max-total-tokens", str(spec["max_total_tokens"]),
                 "--mem-fraction-static", MEM_FRACTION, *VARIANTS[self.variant].flags,
                 "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
         variant = VARIANTS[self.variant]
@@ -866,6 +874,7 @@ def main() -> None:
     result["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
                                    capture_output=True, text=True).stdout.strip()
     result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
+    result["extra_flags"] = EXTRA_FLAGS
     result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
                                       capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -318,3 +318,14 @@ def test_a_fourth_gemma3_server_is_refused_before_it_starts():
 def test_every_family_fits_off_and_on_with_and_without_sglangs_flags(family):
     most = 3 if family in ("qwen3_vl_8b", "gemma3_12b") else 4
     assert serve.exceeds_the_gpu(family, ["off", "on", "off+tok4ipc", "on+tok4ipc"][:most]) is None
+
+
+def test_extra_flags_reach_every_server_plugin_on_and_off(monkeypatch, tmp_path):
+    started = []
+    monkeypatch.setattr(serve, "EXTRA_FLAGS", ["--sleep-on-idle"])
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda args, **kwargs: started.append(args))
+    for variant in ("off", "on"):
+        serve.Server(variant, 30000, tmp_path / f"server-{variant}.log").start(
+            tmp_path / "model", "qwen2_5_vl_7b", tmp_path, tmp_path / f"requests-{variant}")
+    assert [args.count("--sleep-on-idle") for args in started] == [1, 1]
+    assert "--enable-mm-coalescer" in started[1] and "--enable-mm-coalescer" not in started[0]
