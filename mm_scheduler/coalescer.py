@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -381,8 +382,10 @@ class Coalescer:
         self._batches.add(task)
 
     async def _run_batch(self, jobs: list[Job], oldest_arrival: float) -> None:
-        started = self._loop.time()
-        metrics.QUEUE_WAIT.labels(**self._labels).observe(started - oldest_arrival)
+        metrics.QUEUE_WAIT.labels(**self._labels).observe(self._loop.time() - oldest_arrival)
+        # time.monotonic, not the loop's clock: uvloop's counts whole milliseconds, and a batch's dispatch-to-result
+        # time is read beside its launch time, which the forward thread measures with time.monotonic.
+        started = time.monotonic()
         # Lone batch (nothing queued, nothing else in flight): the forward thread also waits for the GPU;
         # with work queued it returns at once, to pipeline.
         # With handover: enqueued nobody waits for the GPU here: results go out once the forward is queued.
@@ -403,7 +406,7 @@ class Coalescer:
             logger.exception("coalescer %s: batch of %d units failed outside the tower", self.config.name, len(jobs))
             outcome = BatchOutcome(outputs=[exc] * len(jobs))
         self._launching = False
-        self._record(jobs, outcome, self._loop.time() - started)
+        self._record(jobs, outcome, time.monotonic() - started)
         if not delivered_at_launch:  # else a later failure (a completion past the deadline) reaches nobody
             self._deliver(jobs, outcome)
         # Free the slot before waking the dispatcher (a done-callback would run only after it looked).
