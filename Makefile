@@ -140,7 +140,8 @@ REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8
 # Tags are unique: each archive is unpacked under its tag.
 REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz@seed10 \
 	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tar.xz@seed3 \
-	qwen3_vl_8b=$(RS)/qwen3_vl_8b-643572e-fair/gpu-serve-qwen3_vl_8b.tar.xz@seed15
+	qwen3_vl_8b=$(RS)/qwen3_vl_8b-643572e-fair/gpu-serve-qwen3_vl_8b.tar.xz@seed15 \
+	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz@seed9
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
 REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
