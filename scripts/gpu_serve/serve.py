@@ -77,7 +77,7 @@ COMMON_FLAGS = [
 ]
 # SGLang flags added to every server of a run, plugin on and off alike (GPU_SERVE_EXTRA_FLAGS, split on spaces),
 # for studies of the harness itself, e.g. --sleep-on-idle against the lone-decode gap. Recorded in results.json as
-# extra_flags; such a run stays out of the Makefile's REAL_SERVER_RUNS.
+# extra_flags; summarize.merge_runs refuses such a run (keep it out of the Makefile's REAL_SERVER_RUNS).
 EXTRA_FLAGS = os.environ.get("GPU_SERVE_EXTRA_FLAGS", "").split()
 # Every server gets the same flags apart from its variant's; all start at once. --mem-fraction-static only
 # bounds what a server may take (SGLang sizes the static pool from the memory free when it profiles, which

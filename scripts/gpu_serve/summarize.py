@@ -103,6 +103,9 @@ def merge_runs(results: list[dict]) -> dict:
     merged: dict = {"family": results[0]["family"], "variants": {}, "variant_changes": {}, "runs": {},
                     "sources": []}
     for result in results:
+        if result.get("extra_flags"):  # serve.py's GPU_SERVE_EXTRA_FLAGS: every server ran unlike the others' runs
+            raise SystemExit(f"summarize: {result['family']} at {result.get('commit', '?')}: a study run with "
+                             f"{' '.join(result['extra_flags'])} on every server; keep it out of the merged runs")
         measured = sorted(t for t in result["runs"] if MEASURED_TAG.match(t))
         workloads = {_workload(t) for t in measured}
         overlap = workloads & {_workload(t) for t in merged["runs"] if MEASURED_TAG.match(t)}

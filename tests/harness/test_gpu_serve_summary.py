@@ -413,3 +413,10 @@ def test_a_poisson_tok_s_ratio_between_runs_whose_arrivals_took_apart_is_not_jud
                                                               "generator's pace"}
     assert verdict["worse"] == {"Poisson 0.5 tok/s (d)": 0.9091}  # 400 / 440, arrivals 2.7 % apart: judged
     assert verdict["better"]["Poisson 0.8 TTFT p50 (d)"] == pytest.approx(256 / 348, abs=1e-4)
+
+
+def test_a_study_run_with_flags_on_every_server_is_refused_from_the_merge():
+    study = {**result(), "commit": "s", "extra_flags": ["--sleep-on-idle"]}
+    with pytest.raises(SystemExit, match="--sleep-on-idle"):
+        summarize.merge_runs([result(), study])
+    assert summarize.merge_runs([{**result(), "extra_flags": []}])["family"] == "fam"
