@@ -57,8 +57,8 @@ FAMILIES = {
     "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
     "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 42.5},
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
-    # 23.1 GB weights + 14.6 GB KV + the tower's and the prefill's activations: a fourth server found no memory
-    # left for its KV cache at 351b609 (SGLang refused to start it).
+    # 23.1 GB weights + 14.6 GB KV + the tower's and the prefill's activations, an estimate: three servers have
+    # always fit, and a fourth found no memory left for its KV cache at 351b609 (SGLang refused to start it).
     "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"],
                    "server_gib": 40.0},
     # Gemma 4 (Gemma4ForConditionalGeneration): multimodal on by default; COMMON_FLAGS' --attention-backend triton
@@ -195,9 +195,9 @@ def exceeds_the_gpu(family: str, variants: list[str]) -> str | None:
         return None if len(variants) <= 4 else f"{family}: at most 4 servers fit the GPU at once, got {len(variants)}"
     workers = 0
     for name in variants:
-        flags = VARIANTS[name].flags
+        flags = [*EXTRA_FLAGS, *VARIANTS[name].flags]  # as on its command line, where the last one counts
         if "cuda_ipc" in flags and "--tokenizer-worker-num" in flags:
-            workers += int(flags[flags.index("--tokenizer-worker-num") + 1])
+            workers += int(flags[len(flags) - flags[::-1].index("--tokenizer-worker-num")])
     need = len(variants) * server_gib + workers * TOKENIZER_WORKER_GIB
     if need <= GPU_GIB:
         return None

@@ -632,6 +632,29 @@ async def test_each_batchs_launch_time_is_exported_beside_its_dispatch_to_result
     assert 0.02 <= after["batch_launch_seconds_sum"] <= after["batch_seconds_sum"]
 
 
+async def test_a_batchs_dispatch_to_result_time_does_not_follow_a_coarse_loop_clock():
+    """uvloop's clock counts whole milliseconds; here the loop's clock counts whole seconds, so a batch timed on
+    it would read 0 s (or 1 s) for a 20 ms forward."""
+    import math
+
+    from prometheus_client import REGISTRY
+
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, asyncio.BaseEventLoop):
+        pytest.skip("uvloop's clock cannot be replaced (it is the millisecond one)")
+    fine = loop.time
+    loop.time = lambda: float(math.floor(fine()))  # type: ignore[method-assign]
+    labels = {"coalescer": "coarse-clock-test"}
+    before = REGISTRY.get_sample_value("mm_coalescer_batch_seconds_sum", labels) or 0.0
+    try:
+        async with Coalescer(FakeTower(fixed_s=0.02), config(name=labels["coalescer"])) as co:
+            await co.encode([image(16)])
+    finally:
+        del loop.time
+    batch = REGISTRY.get_sample_value("mm_coalescer_batch_seconds_sum", labels) - before
+    assert 0.02 <= batch < 0.5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 async def test_cuda_results_are_correct_on_a_dedicated_stream():

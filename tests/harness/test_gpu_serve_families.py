@@ -307,6 +307,13 @@ def test_three_qwen3_servers_with_cuda_ipc_tokenizer_workers_are_refused_before_
     assert serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on", "on+graphs", "on+defer2s"]) is not None
 
 
+def test_tokenizer_workers_added_to_every_server_count_against_the_gpu(monkeypatch):
+    assert serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on", "on+graphs"]) is None
+    monkeypatch.setattr(serve, "EXTRA_FLAGS", list(serve.TOK4IPC))
+    reason = serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on", "on+graphs"])
+    assert reason is not None and "12 CUDA-IPC tokenizer workers" in reason
+
+
 def test_a_fourth_gemma3_server_is_refused_before_it_starts():
     # 351b609: the fourth Gemma3-12B server (on+g3graphs+lazy1) found no memory left for its KV cache
     reason = serve.exceeds_the_gpu("gemma3_12b", ["off", "on", "on+g3graphs", "on+g3graphs+lazy1"])

@@ -416,7 +416,8 @@ def test_a_poisson_tok_s_ratio_between_runs_whose_arrivals_took_apart_is_not_jud
 
 
 def test_a_study_run_with_flags_on_every_server_is_refused_from_the_merge():
-    study = {**result(), "commit": "s", "extra_flags": ["--sleep-on-idle"]}
+    study = {"family": "fam", "commit": "s", "extra_flags": ["--sleep-on-idle"], "variants": {"off": [], "on": []},
+             "runs": {"lone-off": bench(240, 10), "lone-on": bench(230, 10)}}
     with pytest.raises(SystemExit, match="--sleep-on-idle"):
         summarize.merge_runs([result(), study])
     assert summarize.merge_runs([{**result(), "extra_flags": []}])["family"] == "fam"
