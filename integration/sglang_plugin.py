@@ -207,6 +207,11 @@ def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
     if model is None:
         logger.warning("mm-coalescer: this scheduler's worker exposes no model_runner.model; plugin off")
         return
+    if scheduler.disaggregation_mode.name == "DECODE":
+        # Its prompts arrive prefilled (KV from the prefill server; a retracted request's prefix is restored or
+        # recomputed there), so the tower never runs here: no calibration, no graph pool, SGLang's method in place.
+        logger.info("mm-coalescer: PD decode server: the vision tower does not run here; plugin off")
+        return
     start(model, chosen, tp_size=sglang_compat.tp_size(), scheduler=scheduler)
 
 

@@ -263,6 +263,7 @@ def test_a_scheduler_without_a_model_runner_leaves_the_plugin_off_with_a_warning
     import logging
 
     from sglang.srt import runtime_context
+    from sglang.srt.disaggregation.utils import DisaggregationMode
 
     monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=0, tp_size=2))
     started = []
@@ -272,12 +273,31 @@ def test_a_scheduler_without_a_model_runner_leaves_the_plugin_off_with_a_warning
         sglang_plugin._start_for_scheduler(SimpleNamespace(tp_worker=SimpleNamespace()), {})
     assert started == [] and caplog.text.count("exposes no model_runner.model; plugin off") == 2
     model = object()
-    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)),
+                                disaggregation_mode=DisaggregationMode.NULL)
     sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})
     assert started == [((model, {"mode": "auto"}), {"tp_size": 2, "scheduler": scheduler})]
     monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=1, tp_size=2))
     sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})  # later pipeline stages hold no tower
     assert len(started) == 1
+
+
+def test_a_pd_decode_server_leaves_the_plugin_off_and_a_pd_prefill_server_starts_it(monkeypatch, caplog):
+    import logging
+
+    from sglang.srt import runtime_context
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=0, tp_size=1))
+    started = []
+    monkeypatch.setattr(sglang_plugin, "start", lambda model, chosen, **kwargs: started.append(kwargs["scheduler"]))
+    model_runner = SimpleNamespace(model=object())
+    decode, prefill = (SimpleNamespace(tp_worker=SimpleNamespace(model_runner=model_runner), disaggregation_mode=mode)
+                       for mode in (DisaggregationMode.DECODE, DisaggregationMode.PREFILL))
+    with caplog.at_level(logging.INFO, logger="mm_scheduler_sglang.sglang_plugin"):
+        sglang_plugin._start_for_scheduler(decode, {"mode": "auto"})
+        sglang_plugin._start_for_scheduler(prefill, {"mode": "auto"})
+    assert started == [prefill] and "PD decode server" in caplog.text
 
 
 def test_engine_settings_come_from_the_environment_once_and_are_never_overwritten(monkeypatch, tmp_path):

@@ -15,6 +15,8 @@ def scheduler_of():
     sm.init_sglang_cpu()
     model = sm.qwen2_5_vl()
 
+    from sglang.srt.disaggregation.utils import DisaggregationMode
+
     def build(chosen: dict):
         server_args = SimpleNamespace(**{settings.ATTR: chosen})
         built = []
@@ -22,6 +24,7 @@ def scheduler_of():
         def original(scheduler, *args, **kwargs):  # SGLang's own __init__: builds the worker and model
             scheduler.tp_worker = SimpleNamespace(model_runner=SimpleNamespace(model=model))
             scheduler.tp_size = 1
+            scheduler.disaggregation_mode = DisaggregationMode.NULL
             built.append(scheduler)
 
         return SimpleNamespace(), server_args, original, built
