@@ -172,6 +172,9 @@ VARIANTS = {
     "on+plain": Variant(True, config={"sglang": {"vit_graph_patches": [], "early_encode_min_waiting": 0}}),
     "on+g4graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560],
                                                           "early_encode_min_waiting": 1}}),
+    # The plugin with SGLang's streams left at their own priority (every shipped config creates them high): the one
+    # difference a plugin server's decode has from plugin-off's while the plugin is idle (the lone-decode gap).
+    "on+prio0": Variant(True, config={"sglang": {"llm_stream_priority": "default"}}),
     # Gemma 4's shipped config with graphs of up to 8 images: with the position lookup (351b609) a patch calibrates
     # at ~44,700 bytes, so 8 images (20,160 patches, ~0.9 GB) fit the 2 GiB budget, and a burst's forwards of 13-15
     # images become 2 replays instead of 5.
