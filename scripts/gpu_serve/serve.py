@@ -524,6 +524,31 @@ def sampler_for(server: Server, out: Path, tag: str) -> StackSampler | None:
     return StackSampler(PY_SPY, pids, out / f"stacks-{tag}")
 
 
+def process_cpu_seconds(session: int) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by each process of one server's session, by process
+    name (SGLang's titles, cut to 15 characters by the kernel: ``sglang::schedul``); a server starts in a session
+    of its own, so its launcher's pid names it. Read from /proc; empty where there is none."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
+        if int(fields[3]) == session:  # fields from the state on: state, ppid, pgrp, session, ..., utime, stime
+            used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def cpu_during(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Each server's CPU seconds by process between two :func:`process_cpu_seconds` readings of every server: the
+    loaded one's, and what the idle ones burn meanwhile (a scheduler that spins when idle)."""
+    return {variant: {name: round(used - before.get(variant, {}).get(name, 0.0), 2)
+                      for name, used in sorted(now.items()) if used > before.get(variant, {}).get(name, 0.0)}
+            for variant, now in after.items()}
+
+
 def bench(server: Server, model: Path, workload: list[str], extra: list[str], out: Path, tag: str) -> dict:
     """One run of SGLang's load generator against one server; returns its result line (plus our scrape)."""
     result_file = out / f"bench-{tag}.jsonl"
@@ -737,9 +762,15 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         return deadline - time.monotonic()
 
     def measured(tag: str, server: Server, workload: list[str]) -> None:
-        """One run; results are written after each (a cut-off run keeps them)."""
+        """One run; results are written after each (a cut-off run keeps them). Every server's CPU seconds by
+        process during the run go beside its result (``cpu_s``)."""
+        def cpu_now() -> dict[str, dict[str, float]]:
+            return {v: process_cpu_seconds(srv.proc.pid) for v, srv in servers.items() if srv.proc is not None}
+
         try:
+            cpu_before = cpu_now()
             result["runs"][tag] = bench(server, model, workload, [], out, tag)
+            result["runs"][tag]["cpu_s"] = cpu_during(cpu_before, cpu_now())
         except RuntimeError as exc:  # an extra variant that fails is dropped; off and on must work
             if server.variant in ("off", "on"):
                 raise

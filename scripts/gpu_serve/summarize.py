@@ -351,7 +351,8 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
     the scheduler, and the wait between the prefill and the first chunk leaving the server (for a burst mostly the
     latter: :func:`first_token_timeline`). decode: e2e minus TTFT. ``arrivals_s`` / ``drain_s``: how long the run's
     requests took to arrive and what the server took after the last (:func:`exports.arrival_span`). The plugin's own
-    counters give its encoder time (forwards, busy seconds) and the prefill's blocked time.
+    counters give its encoder time (forwards, busy seconds) and the prefill's blocked time. ``cpu_s``: the server's
+    CPU seconds per process during the run, where serve.py recorded them.
     """
     out: dict = {}
     for variant in result.get("variants", {"off": [], "on": []}):
@@ -378,6 +379,8 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
         row["handover_and_delivery"] = ttft - row["preprocess"] - row["queue"] - row["scheduler_request_process"] \
             - row["prefill_forward"]
         row.update(arrival_span(records))
+        if (cpu := run.get("cpu_s", {}).get(variant)) is not None:  # recorded by serve.py since session 15
+            row["cpu_s"] = cpu
         if "mm_coalescer_forwards_total" in d:
             forwards = d["mm_coalescer_forwards_total"]
             row["coalescer"] = {

@@ -336,3 +336,27 @@ def test_extra_flags_reach_every_server_plugin_on_and_off(monkeypatch, tmp_path)
             tmp_path / "model", "qwen2_5_vl_7b", tmp_path, tmp_path / f"requests-{variant}")
     assert [args.count("--sleep-on-idle") for args in started] == [1, 1]
     assert "--enable-mm-coalescer" in started[1] and "--enable-mm-coalescer" not in started[0]
+
+
+def test_a_servers_cpu_seconds_are_read_per_process_of_its_session_and_differenced_per_run():
+    import subprocess
+    import sys
+    import time
+
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.process_time() + 0.4\n"
+                               "while time.process_time() < end: pass\ntime.sleep(30)"], start_new_session=True)
+    try:
+        idle = {"off": {}}
+        for _ in range(100):  # until it has burnt its 0.4 s
+            used = serve.process_cpu_seconds(burner.pid)
+            if sum(used.values()) >= 0.35:
+                break
+            time.sleep(0.05)
+        assert sum(used.values()) >= 0.35 and all(name.startswith("python") for name in used)
+        assert serve.process_cpu_seconds(2**22 + 7) == {}  # a session with no process
+        during = serve.cpu_during({"on": {name: 0.1 for name in used}, **idle}, {"on": used, **idle})
+        assert sum(during["on"].values()) == pytest.approx(sum(used.values()) - 0.1 * len(used), abs=0.02)
+        assert during["off"] == {}
+    finally:
+        burner.kill()
+        burner.wait()

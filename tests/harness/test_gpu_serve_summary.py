@@ -79,6 +79,9 @@ def test_the_time_breakdown_adds_up_to_ttft_from_sglangs_own_timing(tmp_path):
     parts = ("preprocess", "handover_and_delivery", "queue", "scheduler_request_process", "prefill_forward")
     assert sum(row[p] for p in parts) == pytest.approx(row["ttft"])
     assert row["decode"] == pytest.approx(5.0)
+    assert "cpu_s" not in row  # runs before serve.py recorded it
+    res["runs"]["seed0-off"]["cpu_s"] = {"off": {"sglang::schedul": 12.5, "python3": 30.1}, "on": {"python3": 4.0}}
+    assert summarize.stage_breakdown(tmp_path, res)["off"]["cpu_s"] == {"sglang::schedul": 12.5, "python3": 30.1}
 
 
 def test_a_lever_variant_is_compared_with_off_and_a_plugin_setting_also_with_on():
