@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exports import arrival_span, request_records
-from stack_samples import SCHEDULER_TITLE, StackSampler, descendants_titled
+from stack_samples import SCHEDULER_TITLE, StackSampler, descendants, descendants_titled
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -524,20 +524,19 @@ def sampler_for(server: Server, out: Path, tag: str) -> StackSampler | None:
     return StackSampler(PY_SPY, pids, out / f"stacks-{tag}")
 
 
-def process_cpu_seconds(session: int) -> dict[str, float]:
-    """CPU seconds (user + system, all threads) used so far by each process of one server's session, by process
-    name (SGLang's titles, cut to 15 characters by the kernel: ``sglang::schedul``); a server starts in a session
-    of its own, so its launcher's pid names it. Read from /proc; empty where there is none."""
+def process_cpu_seconds(root: int) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by a server's launcher ``root`` and every process under
+    it, by process name (SGLang's titles, cut to 15 characters by the kernel: ``sglang::schedul``). Read from /proc;
+    empty where there is none."""
     tick = os.sysconf("SC_CLK_TCK")
     used: dict[str, float] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in descendants(root):
         try:
-            text = stat.read_text()
+            text = Path(f"/proc/{pid}/stat").read_text()
         except OSError:  # the process ended while we looked
             continue
         name, fields = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:].split()
-        if int(fields[3]) == session:  # fields from the state on: state, ppid, pgrp, session, ..., utime, stime
-            used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # from state: utime, stime
     return used
 
 

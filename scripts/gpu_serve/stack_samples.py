@@ -29,8 +29,8 @@ _LINE = re.compile(r"^thread \(([^)]+)\)(?:: ([^;]*))?(?:;(.*))? (\d+)$")
 PLUGIN_PATHS = ("/mm_scheduler/", "/mm_scheduler_sglang/")
 
 
-def descendants_titled(root: int, title: str, proc: Path = Path("/proc")) -> list[int]:
-    """Processes under ``root`` (itself included) whose command line starts with ``title``."""
+def descendants(root: int, proc: Path = Path("/proc")) -> list[int]:
+    """``root`` and every process under it, from the parent links in /proc."""
     children: dict[int, list[int]] = {}
     for stat in proc.glob("[0-9]*/stat"):
         try:
@@ -41,14 +41,22 @@ def descendants_titled(root: int, title: str, proc: Path = Path("/proc")) -> lis
     found, todo = [], [root]
     while todo:
         pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return sorted(found)
+
+
+def descendants_titled(root: int, title: str, proc: Path = Path("/proc")) -> list[int]:
+    """Processes under ``root`` (itself included) whose command line starts with ``title``."""
+    found = []
+    for pid in descendants(root, proc):
         try:
             cmdline = (proc / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             cmdline = ""
         if cmdline.startswith(title):
             found.append(pid)
-        todo += children.get(pid, [])
-    return sorted(found)
+    return found
 
 
 class StackSampler:

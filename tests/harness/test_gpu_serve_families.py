@@ -338,7 +338,7 @@ def test_extra_flags_reach_every_server_plugin_on_and_off(monkeypatch, tmp_path)
     assert "--enable-mm-coalescer" in started[1] and "--enable-mm-coalescer" not in started[0]
 
 
-def test_a_servers_cpu_seconds_are_read_per_process_of_its_session_and_differenced_per_run():
+def test_a_servers_cpu_seconds_are_read_per_process_under_its_launcher_and_differenced_per_run():
     import subprocess
     import sys
     import time
@@ -353,7 +353,7 @@ def test_a_servers_cpu_seconds_are_read_per_process_of_its_session_and_differenc
                 break
             time.sleep(0.05)
         assert sum(used.values()) >= 0.35 and all(name.startswith("python") for name in used)
-        assert serve.process_cpu_seconds(2**22 + 7) == {}  # a session with no process
+        assert serve.process_cpu_seconds(2**22 + 7) == {}  # no such process
         during = serve.cpu_during({"on": {name: 0.1 for name in used}, **idle}, {"on": used, **idle})
         assert sum(during["on"].values()) == pytest.approx(sum(used.values()) - 0.1 * len(used), abs=0.02)
         assert during["off"] == {}
