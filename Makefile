@@ -133,7 +133,9 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/qwen2_5_vl_7b-a7ce4a5-lazy-poisson/results-qwen2_5_vl_7b.json $(RS)/gemma4_e4b-a7ce4a5-lazy-poisson/results-gemma4_e4b.json \
 	$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/results-qwen2_5_vl_7b.json $(RS)/gemma4_e4b-5178309-g4graphs/results-gemma4_e4b.json \
 	$(RS)/qwen2_5_vl_7b-5178309-default/results-qwen2_5_vl_7b.json $(RS)/gemma4_e4b-351b609-lookup/results-gemma4_e4b.json \
-	$(RS)/gemma3_12b-351b609-g3graphs/results-gemma3_12b.json $(RS)/qwen2_5_vl_7b-351b609-default/results-qwen2_5_vl_7b.json
+	$(RS)/gemma3_12b-351b609-g3graphs/results-gemma3_12b.json $(RS)/qwen2_5_vl_7b-351b609-default/results-qwen2_5_vl_7b.json \
+	$(RS)/gemma4_e4b-e5bb1ae-correct/results-gemma4_e4b.json $(RS)/gemma4_e4b-e5bb1ae-g4graphs8/results-gemma4_e4b.json \
+	$(RS)/gemma4_e4b-e5bb1ae-g4graphs8-80/results-gemma4_e4b.json $(RS)/gemma3_12b-e5bb1ae-shipped/results-gemma3_12b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
@@ -141,12 +143,14 @@ REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8
 REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz@seed10 \
 	gemma4_e4b=$(RS)/gemma4_e4b-43f5ffe/gpu-serve-gemma4_e4b.tar.xz@seed3 \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-643572e-fair/gpu-serve-qwen3_vl_8b.tar.xz@seed15 \
-	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz@seed9
+	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz@seed9 \
+	gemma4_e4b=$(RS)/gemma4_e4b-e5bb1ae-g4graphs8/gpu-serve-gemma4_e4b.tar.xz@seed10 \
+	gemma3_12b=$(RS)/gemma3_12b-e5bb1ae-shipped/gpu-serve-gemma3_12b.tar.xz@seed3
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
 REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz \
-	gemma3_12b=$(RS)/gemma3_12b-351b609-g3graphs/gpu-serve-gemma3_12b.tar.xz
+	gemma3_12b=$(RS)/gemma3_12b-e5bb1ae-shipped/gpu-serve-gemma3_12b.tar.xz
 # Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive.
 REAL_SERVER_POISSON := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-351b609-default/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-3f292ad-enqueued-poisson/gpu-serve-qwen3_vl_8b.tar.xz \
