@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm_scheduler.executor import sleeping_event
+
 from .vision_attention import pass_uniform_max_seqlen
 from .vit_graphs import CAPTURABLE_BACKEND, CapturedForwards, Replay
 
@@ -182,8 +184,12 @@ class Gemma4VisionGraphs(UniformGraphs):
         return self.model.embed_vision(inputs_embeds=pooled), mask
 
     def _read(self, output: tuple[torch.Tensor, torch.Tensor], n: int) -> list[torch.Tensor]:
-        """Each image's projected soft tokens: its pooler-mask rows (this waits for the replay)."""
+        """Each image's projected soft tokens: its pooler-mask rows (this waits for the replay, asleep)."""
         projected, mask = output
+        if projected.is_cuda:  # the mask index below would wait for the replay spinning a core
+            replayed = sleeping_event()
+            replayed.record()
+            replayed.synchronize()
         real = mask[:n]
         rows = projected[:n][real]  # a fresh tensor: the graph's memory is reused by the next replay
         return list(rows.split(real.sum(dim=-1).tolist()))

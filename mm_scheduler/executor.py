@@ -95,6 +95,17 @@ def deliverable_at_launch(outcome: BatchOutcome) -> bool:
     return all(not isinstance(out, torch.Tensor) or out.is_cuda or outcome.done is None for out in outcome.outputs)
 
 
+def sleeping_event(enable_timing: bool = False) -> torch.cuda.Event:
+    """A CUDA event whose ``synchronize()`` puts the waiting thread to sleep (``cudaEventBlockingSync``).
+
+    Why: CUDA's default wait spins (``cudaDeviceScheduleAuto`` spins while a process has fewer CUDA contexts than
+    the machine has cores), so a thread waiting for a forward keeps a core busy for the forward's whole length. In
+    the real server that core is taken from the tokenizer manager's image processing, which paces a burst's first
+    tokens (README, "Host waits sleep"). A sleeping wait wakes within microseconds of a forward of milliseconds.
+    """
+    return torch.cuda.Event(enable_timing=enable_timing, blocking=True)
+
+
 def join(outputs: list[torch.Tensor], spans: Spans, join_stream: torch.cuda.Stream | None,
          events: Sequence[torch.cuda.Event]) -> tuple[list[torch.Tensor], tuple[torch.cuda.Event, ...]]:
     """:func:`assemble`, and the events a consumer's stream must wait for before reading the results.
@@ -114,7 +125,7 @@ def join(outputs: list[torch.Tensor], spans: Spans, join_stream: torch.cuda.Stre
             if isinstance(out, torch.Tensor) and out.is_cuda:
                 out.record_stream(join_stream)
         results = assemble(outputs, spans)
-    joined = torch.cuda.Event()
+    joined = sleeping_event()  # the coalescer waits for it on the host
     joined.record(join_stream)
     return results, (*events, joined)
 
@@ -164,7 +175,7 @@ class Executor:
                 outcome.started.record(stream)
             self._run_range(units, 0, len(units), outcome)
             if stream is not None:
-                outcome.done = torch.cuda.Event(enable_timing=True)
+                outcome.done = sleeping_event(enable_timing=True)  # waited for on the host
                 outcome.done.record(stream)
         return outcome
 

@@ -17,41 +17,9 @@ from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler import metrics as mm_metrics
 from mm_scheduler.executor import Executor
 
+from .helpers import SleepingTower, calibrated_sleep
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _calibrated(seconds: float) -> tuple[int, float]:
-    """Cycles for a ``torch.cuda._sleep`` of about ``seconds``, and how long that sleep took just now (timing
-    events). A warm-up first: the first launch loads the kernel, and an idle H200 clocks down to ~345 MHz."""
-    torch.cuda._sleep(200_000_000)
-    torch.cuda.synchronize()
-
-    def timed(cycles: int) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.cuda._sleep(cycles)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1000
-
-    probe = 100_000_000
-    cycles = int(probe * seconds / min(timed(probe) for _ in range(3)))
-    return cycles, min(timed(cycles) for _ in range(3))
-
-
-class SleepingTower:
-    """Each forward sleeps ``cycles`` on the current (encoder) stream, then doubles the pixels."""
-
-    device = torch.device("cuda")
-    ragged = True
-    bytes_per_patch = 4
-
-    def __init__(self, cycles: int) -> None:
-        self.cycles = cycles
-
-    def forward(self, units):
-        torch.cuda._sleep(self.cycles)
-        return [u.pixel_values * 2 for u in units]
 
 
 def _gpu() -> torch.device:
@@ -64,7 +32,7 @@ def _unit() -> EncodeItem:
 
 
 def test_a_batch_queued_behind_another_counts_only_its_own_stream_time():
-    cycles, forward_s = _calibrated(0.05)
+    cycles, forward_s = calibrated_sleep(0.05)
     executor = Executor(SleepingTower(cycles), _gpu())
     dispatched = time.monotonic()
     first, second = executor.run([_unit()]), executor.run([_unit()])  # both queued before either ran
@@ -76,7 +44,7 @@ def test_a_batch_queued_behind_another_counts_only_its_own_stream_time():
 
 
 def test_the_wait_for_a_slow_producer_of_the_inputs_is_not_counted():
-    cycles, forward_s = _calibrated(0.03)
+    cycles, forward_s = calibrated_sleep(0.03)
     executor = Executor(SleepingTower(cycles), _gpu())
     producer = torch.cuda.Stream()
     with torch.cuda.stream(producer):
@@ -91,7 +59,7 @@ def test_the_wait_for_a_slow_producer_of_the_inputs_is_not_counted():
 
 
 async def test_the_coalescer_exports_each_batchs_stream_time():
-    cycles, forward_s = _calibrated(0.02)
+    cycles, forward_s = calibrated_sleep(0.02)
     tower = SleepingTower(cycles)
     config = CoalescerConfig(name="gpu-time-test", budget_bytes=1 << 20, bytes_per_patch=4, max_batch_items=1)
     histogram = mm_metrics.BATCH_GPU_SECONDS.labels(coalescer="gpu-time-test")

@@ -5,6 +5,7 @@ What would fail if the graphs were wrong:
 * batches of other images in one graph, and a batch padded with padding images: a replay that kept an earlier
   batch's inputs, or let a padding image reach a real one, differs from SGLang's own ``get_image_feature``;
 * a result read after the next replay: a view of the graph's memory instead of a copy;
+* Gemma 4's read-out (a boolean mask index waits for the replay) spinning a core instead of sleeping;
 * SGLang's cached ``cu_seqlens`` dropped from its ``lru_cache`` after capture: the graph would read freed memory
   that later allocations overwrite (the graphs hold it, the very tensor SGLang looks up);
 * a copy-out that raises after the replay was queued: the guard's event must still follow the replay;
@@ -37,6 +38,7 @@ pytest.importorskip("sglang")
 from mm_scheduler_sglang.adapters import Gemma3Tower, Gemma4Tower
 from mm_scheduler_sglang.uniform_graphs import Gemma4VisionGraphs
 
+from ..core.helpers import calibrated_sleep, cpu_share, require_spinning_default_wait
 from .cuda_helpers import rel_err, tiny_on_cuda
 
 pytestmark = pytest.mark.gpu
@@ -99,6 +101,19 @@ def test_a_result_is_not_overwritten_by_the_next_replay(captured):
     torch.cuda.synchronize()
     for out, reference in zip(kept, expected, strict=True):
         torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
+@torch.inference_mode()
+def test_gemma4s_read_out_waits_for_the_replay_asleep(captured):
+    model, tower, graphs = captured
+    items = _images(model, tower, BATCHES[1], 55)
+    inputs = _inputs(items)
+    cycles, _ = calibrated_sleep(0.3)
+    require_spinning_default_wait(cycles)
+    torch.cuda._sleep(cycles)  # the replay queues behind 0.3 s on this stream; its read-out must wait for it
+    out: list = []
+    assert cpu_share(lambda: out.extend(graphs.run(*inputs))) < 0.2  # the mask index alone would spin ~0.3 s
+    assert rel_err(torch.cat(out), model.get_image_feature(items)) < TOL
 
 
 @torch.inference_mode()

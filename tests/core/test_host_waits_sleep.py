@@ -1,0 +1,67 @@
+"""The host's waits for the GPU sleep instead of spinning a core (``executor.sleeping_event``). Needs CUDA.
+
+In the real server a plugin server's scheduler process used ~35 CPU-seconds more than plugin-off's over a Gemma3
+seed burst of ~60 s (e5bb1ae, ``cpu_s`` in the harness results): a thread that waits for a forward with CUDA's
+default wait spins a core for the forward's whole length, a core the tokenizer manager's image processing wants.
+Each test queues a GPU sleep of ~0.3 s and measures the waiting thread's (or process's) CPU time; a control wait on a
+default event must spin first, or the test skips as inconclusive, so a spinning wait would fail it.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
+from mm_scheduler.executor import Executor, join
+
+from .helpers import SleepingTower, calibrated_sleep, cpu_share, require_spinning_default_wait
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+SLEEPING = 0.2  # a sleeping wait's CPU share; a spinning one's is ~1
+
+
+def _gpu() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _unit() -> EncodeItem:
+    return EncodeItem(torch.ones(4, 8, device="cuda"), 4)
+
+
+def test_waiting_for_a_batchs_completion_sleeps_and_then_reads_its_results():
+    cycles, _ = calibrated_sleep(0.3)
+    require_spinning_default_wait(cycles)
+    outcome = Executor(SleepingTower(cycles), _gpu()).run([_unit()])
+    assert cpu_share(outcome.done.synchronize) < SLEEPING
+    assert torch.equal(outcome.outputs[0], torch.full((4, 8), 2.0, device="cuda"))
+
+
+def test_waiting_for_a_videos_join_sleeps_until_its_frames_are_written():
+    cycles, _ = calibrated_sleep(0.3)
+    require_spinning_default_wait(cycles)
+    writer = torch.cuda.Stream()
+    with torch.cuda.stream(writer):
+        torch.cuda._sleep(cycles)
+        frames = [torch.full((2, 8), float(i), device="cuda") for i in range(3)]
+        written = torch.cuda.Event()
+        written.record()
+    results, events = join(frames, [(0, 3)], torch.cuda.Stream(), [written])
+    assert cpu_share(events[-1].synchronize) < SLEEPING
+    assert torch.equal(results[0], torch.cat(frames))
+
+
+async def test_a_coalescer_waiting_for_long_forwards_leaves_its_process_idle():
+    cycles, forward_s = calibrated_sleep(0.3)
+    require_spinning_default_wait(cycles)
+    config = CoalescerConfig(name="sleeping-wait-test", budget_bytes=1 << 20, bytes_per_patch=4, max_batch_items=1)
+    async with Coalescer(SleepingTower(cycles), config) as co:
+        await co.encode([_unit()])  # the forward thread's first launch (CUDA context, kernel load) is not the wait
+        wall, cpu = time.perf_counter(), time.process_time()
+        outs = await co.encode([_unit() for _ in range(3)])  # a lone batch's wait, then pipelined batches'
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert all(torch.equal(out, torch.full((4, 8), 2.0, device="cuda")) for out in outs)
+    assert wall > 2.5 * forward_s
+    assert cpu / wall < SLEEPING
