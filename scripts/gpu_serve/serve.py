@@ -35,6 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -725,9 +726,15 @@ def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) ->
         clip = {"type": "video_url", "video_url": {"url": mp4_b64((320, 240), 16, 4.0, 3)}}
         picture = {"type": "image_url", "image_url": {"url": png_b64((480, 480), 77)}}
         requests.append(("video", [clip, picture, {"type": "text", "text": "What happens in the clip?"}]))
+    # The servers answer side by side, each one request at a time as before (so each reply is the same as when
+    # asked alone): with four servers the sequential loop took 131 s of a 430 s command (e5bb1ae).
+    with ThreadPoolExecutor(max_workers=len(servers)) as pool:
+        answers = dict(zip(servers, pool.map(
+            lambda server: [greedy_reply(server, model, content) for _, content in requests], servers.values()),
+            strict=True))
     results = []
-    for kind, content in requests:
-        replies = {v: greedy_reply(s, model, content) for v, s in servers.items()}
+    for i, (kind, content) in enumerate(requests):
+        replies = {v: answers[v][i] for v in servers}
         ok = all(r == replies["off"] for r in replies.values()) \
             and not replies["off"].startswith(("HTTP ", "process died"))
         results.append({"kind": kind, "parts": len(content) - 1, "replies": replies, "identical": ok})

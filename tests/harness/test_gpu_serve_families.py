@@ -255,6 +255,30 @@ def test_a_server_whose_scheduler_died_is_not_asked_for_greedy_replies(monkeypat
     assert reply.startswith("process died: Scheduler: RuntimeError: Expected all tensors")
 
 
+def test_servers_give_greedy_replies_side_by_side_each_one_request_at_a_time(monkeypatch, tmp_path):
+    """Sequentially, four servers' correctness took 131 s of a 430 s device command (e5bb1ae)."""
+    import threading
+
+    servers = {v: serve.Server(v, i, tmp_path / f"server-{v}.log") for i, v in enumerate(["off", "on", "on+x"])}
+    all_asked = threading.Barrier(len(servers), timeout=10)  # broken unless every server is asked at once
+    busy: set[str] = set()
+    monkeypatch.setattr(serve, "png_b64", lambda size, seed: f"png{seed}")
+
+    def greedy_reply(server, model, content):
+        assert server.variant not in busy  # one request at a time per server
+        busy.add(server.variant)
+        all_asked.wait()
+        busy.discard(server.variant)
+        picture = content[0]["image_url"]["url"]
+        return picture if server.variant != "on+x" or picture != "png2000" else "something else"
+
+    monkeypatch.setattr(serve, "greedy_reply", greedy_reply)
+    result = serve.correctness(servers, tmp_path, 4, video=False)
+    assert [r["replies"]["off"] for r in result["replies"]] == ["png0", "png1000", "png2000", "png3000"]
+    assert [r["identical"] for r in result["replies"]] == [True, True, False, True]
+    assert (result["identical"], result["all_identical"]) == (3, False)
+
+
 @pytest.mark.parametrize("variant", sorted(v for v in serve.VARIANTS if serve.VARIANTS[v].config))
 def test_each_plugin_setting_variant_is_a_config_the_plugin_accepts_for_every_family(variant, tmp_path):
     """A misspelt setting would stop that server on the GPU, minutes into a device command; here it fails on CPU."""
