@@ -36,6 +36,16 @@ def pending_tasks() -> set[asyncio.Task]:
     return {t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()}
 
 
+def current_gpu() -> torch.device:
+    """The current GPU with its index, as the coalescer resolves a tower's bare "cuda" for its executor."""
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def gpu_unit() -> EncodeItem:
+    """A 4-patch unit of ones on the GPU (``SleepingTower`` doubles it)."""
+    return EncodeItem(torch.ones(4, 8, device="cuda"), 4)
+
+
 def calibrated_sleep(seconds: float) -> tuple[int, float]:
     """Cycles for a ``torch.cuda._sleep`` of about ``seconds``, and how long that sleep took just now (timing
     events). A warm-up first: the first launch loads the kernel, and an idle H200 clocks down to ~345 MHz."""

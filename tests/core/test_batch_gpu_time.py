@@ -17,25 +17,16 @@ from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
 from mm_scheduler import metrics as mm_metrics
 from mm_scheduler.executor import Executor
 
-from .helpers import SleepingTower, calibrated_sleep
+from .helpers import SleepingTower, calibrated_sleep, current_gpu, gpu_unit
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _gpu() -> torch.device:
-    """The current GPU with its index, as the coalescer resolves a tower's bare "cuda" for its executor."""
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _unit() -> EncodeItem:
-    return EncodeItem(torch.ones(4, 8, device="cuda"), 4)
-
-
 def test_a_batch_queued_behind_another_counts_only_its_own_stream_time():
     cycles, forward_s = calibrated_sleep(0.05)
-    executor = Executor(SleepingTower(cycles), _gpu())
+    executor = Executor(SleepingTower(cycles), current_gpu())
     dispatched = time.monotonic()
-    first, second = executor.run([_unit()]), executor.run([_unit()])  # both queued before either ran
+    first, second = executor.run([gpu_unit()]), executor.run([gpu_unit()])  # both queued before either ran
     second.done.synchronize()
     host_s = time.monotonic() - dispatched
     assert host_s > 1.6 * forward_s  # the second's dispatch-to-result covered both forwards
@@ -45,7 +36,7 @@ def test_a_batch_queued_behind_another_counts_only_its_own_stream_time():
 
 def test_the_wait_for_a_slow_producer_of_the_inputs_is_not_counted():
     cycles, forward_s = calibrated_sleep(0.03)
-    executor = Executor(SleepingTower(cycles), _gpu())
+    executor = Executor(SleepingTower(cycles), current_gpu())
     producer = torch.cuda.Stream()
     with torch.cuda.stream(producer):
         torch.cuda._sleep(4 * cycles)  # the inputs land four forwards from now
@@ -65,7 +56,7 @@ async def test_the_coalescer_exports_each_batchs_stream_time():
     histogram = mm_metrics.BATCH_GPU_SECONDS.labels(coalescer="gpu-time-test")
     before = histogram._sum.get()
     async with Coalescer(tower, config) as co:
-        outs = await co.encode([_unit() for _ in range(4)])
+        outs = await co.encode([gpu_unit() for _ in range(4)])
     assert all(torch.equal(out, torch.full((4, 8), 2.0, device="cuda")) for out in outs)
     total = histogram._sum.get() - before
     assert 4 * 0.6 * forward_s < total < 4 * 1.4 * forward_s  # four forwards of one unit each (host: ~7)

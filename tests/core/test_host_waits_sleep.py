@@ -14,27 +14,19 @@ import time
 import pytest
 import torch
 
-from mm_scheduler import Coalescer, CoalescerConfig, EncodeItem
+from mm_scheduler import Coalescer, CoalescerConfig
 from mm_scheduler.executor import Executor, join
 
-from .helpers import SleepingTower, calibrated_sleep, cpu_share, require_spinning_default_wait
+from .helpers import SleepingTower, calibrated_sleep, cpu_share, current_gpu, gpu_unit, require_spinning_default_wait
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 SLEEPING = 0.2  # a sleeping wait's CPU share; a spinning one's is ~1
 
 
-def _gpu() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device())
-
-
-def _unit() -> EncodeItem:
-    return EncodeItem(torch.ones(4, 8, device="cuda"), 4)
-
-
 def test_waiting_for_a_batchs_completion_sleeps_and_then_reads_its_results():
     cycles, _ = calibrated_sleep(0.3)
     require_spinning_default_wait(cycles)
-    outcome = Executor(SleepingTower(cycles), _gpu()).run([_unit()])
+    outcome = Executor(SleepingTower(cycles), current_gpu()).run([gpu_unit()])
     assert cpu_share(outcome.done.synchronize) < SLEEPING
     assert torch.equal(outcome.outputs[0], torch.full((4, 8), 2.0, device="cuda"))
 
@@ -58,9 +50,9 @@ async def test_a_coalescer_waiting_for_long_forwards_leaves_its_process_idle():
     require_spinning_default_wait(cycles)
     config = CoalescerConfig(name="sleeping-wait-test", budget_bytes=1 << 20, bytes_per_patch=4, max_batch_items=1)
     async with Coalescer(SleepingTower(cycles), config) as co:
-        await co.encode([_unit()])  # the forward thread's first launch (CUDA context, kernel load) is not the wait
+        await co.encode([gpu_unit()])  # the forward thread's first launch (CUDA context, kernel load) is not the wait
         wall, cpu = time.perf_counter(), time.process_time()
-        outs = await co.encode([_unit() for _ in range(3)])  # a lone batch's wait, then pipelined batches'
+        outs = await co.encode([gpu_unit() for _ in range(3)])  # a lone batch's wait, then pipelined batches'
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     assert all(torch.equal(out, torch.full((4, 8), 2.0, device="cuda")) for out in outs)
     assert wall > 2.5 * forward_s
