@@ -510,19 +510,23 @@ def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int =
             dump.unlink()
 
 
-def sampler_for(server: Server, out: Path, tag: str) -> StackSampler | None:
-    """Stack samples of the server's scheduler processes for this run, when ``GPU_SERVE_PROFILE`` names its
-    workload (the tag's letters: lone, seed, seedwarm, poisson, warm, capacity) and py-spy is installed."""
+def samplers_for(server: Server, out: Path, tag: str) -> dict[str, StackSampler]:
+    """Stack samplers for this run, when ``GPU_SERVE_PROFILE`` names its workload (the tag's letters: lone, seed,
+    seedwarm, poisson, warm, capacity) and py-spy is installed: ``scheduler`` (the server's scheduler processes) and
+    ``tokenizer_manager`` (the launcher process, where SGLang 0.5.16's tokenizer manager runs each request's HF
+    processor, its image maths on the GPU: ``base_processor.py`` passes ``device="cuda:<base_gpu_id>"``)."""
     if re.match(r"[a-z]*", tag).group() not in PROFILE or server.proc is None:
-        return None
+        return {}
     if not PY_SPY.exists():
         log(f"  {tag}: GPU_SERVE_PROFILE is set but {PY_SPY} is missing (carry a py-spy wheel in .gpu-serve/whl)")
-        return None
+        return {}
+    samplers = {"tokenizer_manager": StackSampler(PY_SPY, [server.proc.pid], out / f"stacks-{tag}-tokenizer")}
     pids = descendants_titled(server.proc.pid, SCHEDULER_TITLE)
-    if not pids:
-        log(f"  {tag}: no '{SCHEDULER_TITLE}' process under the server; not sampled")
-        return None
-    return StackSampler(PY_SPY, pids, out / f"stacks-{tag}")
+    if pids:
+        samplers["scheduler"] = StackSampler(PY_SPY, pids, out / f"stacks-{tag}")
+    else:
+        log(f"  {tag}: no '{SCHEDULER_TITLE}' process under the server; its scheduler is not sampled")
+    return samplers
 
 
 def process_cpu_seconds(root: int) -> dict[str, float]:
@@ -554,7 +558,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     result_file = out / f"bench-{tag}.jsonl"
     scraper = MetricsScraper(server)
     scraper.start()
-    sampler = sampler_for(server, out, tag)
+    samplers = samplers_for(server, out, tag)
     argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
             "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
     t, started_at = time.monotonic(), time.time()
@@ -576,13 +580,13 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     watchdog = threading.Thread(target=watch, daemon=True)
     watchdog.start()
     try:
-        if sampler is not None:
+        for sampler in samplers.values():
             sampler.start()
         rc = LOADGEN.run(argv, out / f"bench-{tag}.log")
     finally:
         done.set()
         watchdog.join()  # a stop already under way finishes before anyone else stops this server
-        stacks = sampler.stop() if sampler is not None else None
+        stacks = {role: sampler.stop() for role, sampler in samplers.items()}
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
     if stopped:
@@ -602,7 +606,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     trace = gauge_trace(scraper.samples)
     if trace:
         keep["lead_gauges"] = {"columns": ["s", *LEAD_GAUGES], "values": trace}
-    if stacks is not None:
+    if stacks:
         keep["stacks"] = stacks
     log(f"  {tag}: {keep['completed']} done in {keep['duration']:.1f}s, TTFT p50 {keep['median_ttft_ms']:.0f} "
         f"ms p99 {keep['p99_ttft_ms']:.0f}, ITL p99 {keep['p99_itl_ms']:.1f} ms, {keep['total_throughput']:.0f} tok/s"

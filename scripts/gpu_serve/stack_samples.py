@@ -1,4 +1,5 @@
-"""Python stack samples of a server's scheduler process during a measured run (py-spy), and what they say.
+"""Python stack samples of a server's scheduler and tokenizer manager during a measured run (py-spy), and what they
+say.
 
 Why: several of the real server's findings are inferences, not profiles: that the plugin's threads compete with
 SGLang's scheduler thread for the GIL (Qwen2.5-VL's loss), and why a lone request decoded slower with the plugin
@@ -108,13 +109,16 @@ class StackSampler:
 
 
 def summarize(paths: list[Path], top: int = 8) -> dict:
-    """Samples per thread name (the ``top`` largest shares), and the share of samples in this project's frames.
+    """Samples per thread name (the ``top`` largest shares), the share of samples in this project's frames, and
+    where the samples were: the innermost frames with the largest shares.
 
     ``plugin_frames``: samples whose stack holds a frame of ``mm_scheduler`` or ``mm_scheduler_sglang``, per
     thread: on the scheduler's main thread these are the plugin's hooks (a prefill waiting for its encodes, the
-    admission checks); on its own threads, everything they do."""
+    admission checks); on its own threads, everything they do. ``innermost``: ``thread: frame`` (for the tokenizer
+    manager: is its loop converting images, copying features, or waiting, and for what)."""
     threads: Counter[str] = Counter()
     plugin: Counter[str] = Counter()
+    innermost: Counter[str] = Counter()
     for path in paths:
         for line in path.read_text(errors="replace").splitlines():
             m = _LINE.match(line)
@@ -122,6 +126,7 @@ def summarize(paths: list[Path], top: int = 8) -> dict:
                 continue
             name, stack, count = m.group(2) or f"thread {m.group(1)}", m.group(3) or "", int(m.group(4))
             threads[name] += count
+            innermost[f"{name}: {stack.rsplit(';', 1)[-1] or '(no Python frame)'}"] += count
             if any(marker in stack for marker in PLUGIN_PATHS):
                 plugin[name] += count
     total = sum(threads.values())
@@ -129,4 +134,5 @@ def summarize(paths: list[Path], top: int = 8) -> dict:
         return {"samples": 0}
     return {"samples": total,
             "threads": {name: round(n / total, 4) for name, n in threads.most_common(top)},
-            "plugin_frames": {name: round(n / total, 4) for name, n in plugin.most_common(top)}}
+            "plugin_frames": {name: round(n / total, 4) for name, n in plugin.most_common(top)},
+            "innermost": {frame: round(n / total, 4) for frame, n in innermost.most_common(2 * top)}}

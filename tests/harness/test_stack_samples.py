@@ -71,6 +71,9 @@ def test_the_summary_gives_each_threads_share_and_the_plugins_frames(tmp_path):
     assert summary["threads"] == {"MainThread": 0.8, "mm-coalescer-qwen3_vl": 0.2}
     # the scheduler thread inside the plugin's hook, and the plugin's own thread; not SGLang's frames
     assert summary["plugin_frames"] == {"MainThread": 0.3, "mm-coalescer-qwen3_vl": 0.2}
+    assert summary["innermost"] == {f"MainThread: {LOOP}": 0.5,
+                                    "MainThread: encode (/site/mm_scheduler_sglang/service.py:310)": 0.3,
+                                    "mm-coalescer-qwen3_vl: _run (/site/mm_scheduler/coalescer.py:366)": 0.2}
     assert stack_samples.summarize([]) == {"samples": 0}
 
 
@@ -81,6 +84,7 @@ def test_threads_python_does_not_list_are_counted_under_their_id(tmp_path):
     summary = stack_samples.summarize([raw])
     assert summary["samples"] == 10
     assert summary["threads"] == {"MainThread": 0.6, "thread 4242": 0.3, "thread 17": 0.1}
+    assert summary["innermost"]["thread 17: (no Python frame)"] == 0.1
 
 
 FAKE_PY_SPY = """\
@@ -140,11 +144,12 @@ def test_a_run_is_sampled_only_when_its_workload_is_named_and_py_spy_is_there(tm
         server = serve.Server("on", 30001, tmp_path / "server-on.log", proc=root)
         monkeypatch.setattr(serve, "PY_SPY", _fake(tmp_path, RECORDS))
         monkeypatch.setattr(serve, "PROFILE", {"lone"})
-        sampler = serve.sampler_for(server, tmp_path, "lone-on")
-        assert sampler is not None and sampler.pids == stack_samples.descendants_titled(root.pid, "sglang::scheduler")
-        assert serve.sampler_for(server, tmp_path, "seed3-on") is None  # seed not named
+        samplers = serve.samplers_for(server, tmp_path, "lone-on")
+        assert samplers["scheduler"].pids == stack_samples.descendants_titled(root.pid, "sglang::scheduler")
+        assert samplers["tokenizer_manager"].pids == [root.pid]  # the launcher: SGLang's tokenizer manager
+        assert serve.samplers_for(server, tmp_path, "seed3-on") == {}  # seed not named
         monkeypatch.setattr(serve, "PY_SPY", tmp_path / "missing")
-        assert serve.sampler_for(server, tmp_path, "lone-on") is None
+        assert serve.samplers_for(server, tmp_path, "lone-on") == {}
     finally:
         _kill(root)
 
@@ -153,7 +158,7 @@ def test_a_run_is_sampled_only_when_its_workload_is_named_and_py_spy_is_there(tm
 def test_warm_ups_are_not_sampled_when_only_the_measured_workload_is_named(tag, tmp_path, monkeypatch):
     monkeypatch.setattr(serve, "PROFILE", {"seed", "poisson"})
     server = serve.Server("on", 30001, tmp_path / "server-on.log", proc=subprocess.Popen(["true"]))
-    assert serve.sampler_for(server, tmp_path, tag) is None
+    assert serve.samplers_for(server, tmp_path, tag) == {}
 
 
 def test_a_py_spy_that_cannot_start_leaves_the_run_unsampled_with_the_reason(tmp_path):
