@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm_scheduler.executor import sleeping_event
+from mm_scheduler.executor import wait_asleep
 
 from .vision_attention import pass_uniform_max_seqlen
 from .vit_graphs import CAPTURABLE_BACKEND, CapturedForwards, Replay
@@ -187,9 +187,7 @@ class Gemma4VisionGraphs(UniformGraphs):
         """Each image's projected soft tokens: its pooler-mask rows (this waits for the replay, asleep)."""
         projected, mask = output
         if projected.is_cuda:  # the mask index below would wait for the replay spinning a core
-            replayed = sleeping_event()
-            replayed.record()
-            replayed.synchronize()
+            wait_asleep(projected.device)
         real = mask[:n]
         rows = projected[:n][real]  # a fresh tensor: the graph's memory is reused by the next replay
         return list(rows.split(real.sum(dim=-1).tolist()))

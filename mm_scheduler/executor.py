@@ -101,9 +101,18 @@ def sleeping_event(enable_timing: bool = False) -> torch.cuda.Event:
     Why: CUDA's default wait spins (``cudaDeviceScheduleAuto`` spins while a process has fewer CUDA contexts than
     the machine has cores), so a thread waiting for a forward keeps a core busy for the forward's whole length. In
     the real server that core is taken from the tokenizer manager's image processing, which paces a burst's first
-    tokens (README, "Host waits sleep"). A sleeping wait wakes within microseconds of a forward of milliseconds.
+    tokens (README, "Host waits sleep"). A sleeping wait's wake-up latency (not measured here) is small beside
+    a forward of milliseconds.
     """
     return torch.cuda.Event(enable_timing=enable_timing, blocking=True)
+
+
+def wait_asleep(device: torch.device) -> None:
+    """Return once the work queued so far on ``device``'s current stream is done, the thread asleep meanwhile: call
+    it before a host read that would otherwise wait spinning (a boolean-mask index copies a count to the host)."""
+    queued = sleeping_event()
+    queued.record(torch.cuda.current_stream(device))
+    queued.synchronize()
 
 
 def join(outputs: list[torch.Tensor], spans: Spans, join_stream: torch.cuda.Stream | None,

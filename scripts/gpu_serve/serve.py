@@ -510,6 +510,14 @@ def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int =
             dump.unlink()
 
 
+def stopped_sampler(sampler: StackSampler) -> dict:
+    """``sampler.stop()``, or why it failed: one failing stop must not leave the other role's py-spy running."""
+    try:
+        return sampler.stop()
+    except Exception as exc:  # any failure is the sampler's, recorded beside the run
+        return {"samples": 0, "error": repr(exc)}
+
+
 def samplers_for(server: Server, out: Path, tag: str) -> dict[str, StackSampler]:
     """Stack samplers for this run, when ``GPU_SERVE_PROFILE`` names its workload (the tag's letters: lone, seed,
     seedwarm, poisson, warm, capacity) and py-spy is installed: ``scheduler`` (the server's scheduler processes) and
@@ -586,7 +594,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     finally:
         done.set()
         watchdog.join()  # a stop already under way finishes before anyone else stops this server
-        stacks = {role: sampler.stop() for role, sampler in samplers.items()}
+        stacks = {role: stopped_sampler(sampler) for role, sampler in samplers.items()}
     before, after = scraper.finish()
     (out / f"metrics-{tag}.txt").write_text(f"# before\n{before}\n# after\n{after}\n")
     if stopped:
@@ -714,7 +722,10 @@ def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
     code, text = http("POST", f"{server.url}/v1/chat/completions", body, timeout=120)
     if code != 200:
         return f"HTTP {code}: {text[:200]}"
-    return json.loads(text)["choices"][0]["message"]["content"]
+    try:
+        return json.loads(text)["choices"][0]["message"]["content"]
+    except (ValueError, LookupError, TypeError) as exc:  # one bad reply must not stop the other servers' requests
+        return f"unreadable reply ({exc!r}): {text[:200]}"
 
 
 def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) -> dict:
@@ -842,7 +853,9 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     if v in servers:
                         measured(f"seed{i}-{v}", servers[v], seeds[n])
                 rep_s = time.monotonic() - started
-        if "poisson" in workloads and remaining() > 40:
+        if "poisson" in workloads and remaining() <= 40:
+            log(f"poisson: deadline near ({remaining():.0f} s left), skipping every load")
+        elif "poisson" in workloads:
             cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
             result["capacity_req_s"] = cap["request_throughput"]
             for j, load in enumerate(loads):  # the issue's must-haves (50 %, 80 %) first

@@ -255,6 +255,13 @@ def test_a_server_whose_scheduler_died_is_not_asked_for_greedy_replies(monkeypat
     assert reply.startswith("process died: Scheduler: RuntimeError: Expected all tensors")
 
 
+def test_an_unreadable_greedy_reply_is_recorded_not_raised(monkeypatch, tmp_path):
+    """A raise would surface only after every other server finished its requests (up to 21 x 120 s each)."""
+    server = serve.Server("on", 1, tmp_path / "server-on.log")
+    monkeypatch.setattr(serve, "http", lambda *a, **k: (200, '{"choices": []}'))
+    assert serve.greedy_reply(server, tmp_path, [{"type": "text", "text": "hi"}]).startswith("unreadable reply")
+
+
 def test_servers_give_greedy_replies_side_by_side_each_one_request_at_a_time(monkeypatch, tmp_path):
     """Sequentially, four servers' correctness took 131 s of a 430 s device command (e5bb1ae)."""
     import threading

@@ -168,3 +168,11 @@ def test_a_py_spy_that_cannot_start_leaves_the_run_unsampled_with_the_reason(tmp
     sampler.start()
     result = sampler.stop()
     assert result["all"]["samples"] == 0 and result["all"]["error"].startswith("Error: [Errno 13]")
+
+
+def test_a_sampler_whose_stop_fails_is_recorded_with_the_reason_instead_of_raising(tmp_path):
+    class Failing:
+        def stop(self):
+            raise OSError("py-spy output unreadable")
+
+    assert serve.stopped_sampler(Failing()) == {"samples": 0, "error": "OSError('py-spy output unreadable')"}
