@@ -712,9 +712,13 @@ class Gemma4Tower(_UniformGraphed, SGLangTower):
             runs = [vt(pixels[i:i + 1], positions[i:i + 1]) for i in range(pixels.shape[0])]
             pooled = [hs for p, _ in runs for hs in p]
             pooler_mask = [m for _, masks in runs for m in masks]
-        if pixels.is_cuda:  # each mask index below waits for the tower: let it find the tower done, asleep
-            wait_asleep(pixels.device)
-        return [model.embed_vision(inputs_embeds=hs[mask].unsqueeze(0)).squeeze(0)
+        return self._projected(pooled, pooler_mask)
+
+    def _projected(self, pooled: Sequence[torch.Tensor], pooler_mask: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each image's real pooled rows, projected. A mask index waits for the tower: that wait is made asleep."""
+        if pooled[0].is_cuda:
+            wait_asleep(pooled[0].device)
+        return [self.model.embed_vision(inputs_embeds=hs[mask].unsqueeze(0)).squeeze(0)
                 for hs, mask in zip(pooled, pooler_mask, strict=True)]
 
 
