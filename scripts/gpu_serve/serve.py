@@ -742,7 +742,7 @@ def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) ->
         picture = {"type": "image_url", "image_url": {"url": png_b64((480, 480), 77)}}
         requests.append(("video", [clip, picture, {"type": "text", "text": "What happens in the clip?"}]))
     # The servers answer side by side, each one request at a time as before (so each reply is the same as when
-    # asked alone): with four servers the sequential loop took 131 s of a 430 s command (e5bb1ae).
+    # asked alone): with four servers the sequential loop took 131 s of a command with a 430 s budget (e5bb1ae).
     with ThreadPoolExecutor(max_workers=len(servers)) as pool:
         answers = dict(zip(servers, pool.map(
             lambda server: [greedy_reply(server, model, content) for _, content in requests], servers.values()),

@@ -263,7 +263,7 @@ def test_an_unreadable_greedy_reply_is_recorded_not_raised(monkeypatch, tmp_path
 
 
 def test_servers_give_greedy_replies_side_by_side_each_one_request_at_a_time(monkeypatch, tmp_path):
-    """Sequentially, four servers' correctness took 131 s of a 430 s device command (e5bb1ae)."""
+    """Sequentially, four servers' correctness took 131 s of a device command with a 430 s budget (e5bb1ae)."""
     import threading
 
     servers = {v: serve.Server(v, i, tmp_path / f"server-{v}.log") for i, v in enumerate(["off", "on", "on+x"])}
