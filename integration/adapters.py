@@ -38,6 +38,7 @@ from torch import nn
 
 from mm_scheduler import EncodeItem
 from mm_scheduler.executor import wait_asleep
+from mm_scheduler.towers._staging import stage
 
 from . import sglang_compat
 from .uniform_graphs import Gemma3VisionGraphs, Gemma4VisionGraphs, UniformGraphs, images_per_bucket
@@ -176,26 +177,13 @@ def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
     return list(items)
 
 
-def host_to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``tensor`` on ``device`` (and in ``dtype``), with the calling thread never waiting for the GPU.
-
-    A plain ``.to(cuda, dtype)`` of a pageable host tensor converts on the CPU and then copies with a stream
-    synchronize (``memcpy_and_sync``): the forward thread spun until every batch queued before it on the encoder
-    stream was done, so forwards stopped overlapping their launches (Gemma3's real server: 361 ms a forward's
-    "launch", e5bb1ae). Instead the host tensor is staged in pinned memory (whose block PyTorch keeps until the
-    copy is done), copied asynchronously on the current stream, and converted there."""
-    if device.type == "cuda" and not tensor.is_cuda:
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device=device, dtype=dtype)
-
-
 def stack_on(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.stack`` landing on ``device`` (and ``dtype``): one copy when the tensors share a device, else each
-    moved first. A ``cuda_ipc`` batch can hold units rebuilt on the GPU beside units on the CPU
-    (:func:`on_one_device`), and ``torch.stack`` refuses tensors on two devices."""
-    if len({t.device for t in tensors}) > 1:
-        tensors = [host_to_device(t, device) for t in tensors]
-    return host_to_device(torch.stack(list(tensors)), device, dtype)
+    """``torch.stack`` landing on ``device`` (and ``dtype``), by the core's :func:`stage`: host tensors through pinned
+    memory, never a copy that makes the thread wait for the GPU. A plain ``.to(cuda, dtype)`` of a pageable host
+    tensor synchronized the encoder stream, so the forward thread waited for every batch ahead of it (Gemma3's
+    real server: 361 ms a forward's "launch", e5bb1ae). A ``cuda_ipc`` batch can hold units rebuilt on the GPU
+    beside units on the CPU (:func:`on_one_device`): ``stage`` copies each where it is."""
+    return stage(tensors, device, dtype or tensors[0].dtype)
 
 
 def _tensor_digest(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -716,8 +704,7 @@ class Gemma4Tower(_UniformGraphed, SGLangTower):
 
     def _projected(self, pooled: Sequence[torch.Tensor], pooler_mask: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each image's real pooled rows, projected. A mask index waits for the tower: that wait is made asleep."""
-        if pooled[0].is_cuda:
-            wait_asleep(pooled[0].device)
+        wait_asleep(pooled[0])
         return [self.model.embed_vision(inputs_embeds=hs[mask].unsqueeze(0)).squeeze(0)
                 for hs, mask in zip(pooled, pooler_mask, strict=True)]
 

@@ -186,8 +186,7 @@ class Gemma4VisionGraphs(UniformGraphs):
     def _read(self, output: tuple[torch.Tensor, torch.Tensor], n: int) -> list[torch.Tensor]:
         """Each image's projected soft tokens: its pooler-mask rows (this waits for the replay, asleep)."""
         projected, mask = output
-        if projected.is_cuda:  # the mask index below would wait for the replay spinning a core
-            wait_asleep(projected.device)
+        wait_asleep(projected)  # the mask index below would wait for the replay spinning a core
         real = mask[:n]
         rows = projected[:n][real]  # a fresh tensor: the graph's memory is reused by the next replay
         return list(rows.split(real.sum(dim=-1).tolist()))

@@ -107,12 +107,14 @@ def sleeping_event(enable_timing: bool = False) -> torch.cuda.Event:
     return torch.cuda.Event(enable_timing=enable_timing, blocking=True)
 
 
-def wait_asleep(device: torch.device) -> None:
-    """Return once the work queued so far on ``device``'s current stream is done, the thread asleep meanwhile: call
-    it before a host read that would otherwise wait spinning (a boolean-mask index copies a count to the host)."""
-    queued = sleeping_event()
-    queued.record(torch.cuda.current_stream(device))
-    queued.synchronize()
+def wait_asleep(tensor: torch.Tensor) -> None:
+    """Return once the work queued so far on the current stream of ``tensor``'s device is done, the thread asleep
+    meanwhile (nothing to wait for on the CPU): call it before a host read of ``tensor`` that would otherwise wait
+    spinning (a boolean-mask index copies a count to the host)."""
+    if tensor.is_cuda:
+        queued = sleeping_event()
+        queued.record(torch.cuda.current_stream(tensor.device))
+        queued.synchronize()
 
 
 def join(outputs: list[torch.Tensor], spans: Spans, join_stream: torch.cuda.Stream | None,

@@ -43,6 +43,8 @@ def stage(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dt
         if on_cuda and src.device.type == "cpu":
             if not src.is_pinned():
                 src = src.pin_memory()
+            if src.dtype != dtype:  # convert on the GPU: a cross-dtype copy from the host converts on the CPU
+                src = src.to(device, non_blocking=True)
             dst.copy_(src, non_blocking=True)
         else:
             if stream is not None and src.device.type == "cuda":

@@ -3,7 +3,7 @@
 In the real server a plugin server's scheduler process used ~43 CPU-seconds more than the idle servers' schedulers
 over a Gemma3 seed burst of ~56 s (e5bb1ae, ``cpu_s`` in the harness results). A thread that waits for a forward with
 CUDA's default wait spins a core for the forward's whole length (likely much of that excess, with the blocking copy
-of host inputs that ``adapters.host_to_device`` removed), a core the tokenizer manager's image processing wants.
+of host inputs that ``adapters.stack_on`` no longer makes), a core the tokenizer manager's image processing wants.
 Each test queues a GPU sleep of ~0.3 s and measures the waiting thread's (or process's) CPU time; a control wait on a
 default event must spin first, or the test skips as inconclusive, so a spinning wait would fail it.
 """
