@@ -201,7 +201,8 @@ def exceeds_the_gpu(family: str, variants: list[str]) -> str | None:
     for name in variants:
         flags = [*EXTRA_FLAGS, *VARIANTS[name].flags]  # as on its command line, where the last one counts
         if "cuda_ipc" in flags and "--tokenizer-worker-num" in flags:
-            workers += int(flags[len(flags) - flags[::-1].index("--tokenizer-worker-num")])
+            last = max(i for i, flag in enumerate(flags) if flag == "--tokenizer-worker-num")
+            workers += int(flags[last + 1])
     need = len(variants) * server_gib + workers * TOKENIZER_WORKER_GIB
     if need <= GPU_GIB:
         return None
