@@ -227,8 +227,9 @@ def test_the_preprocessing_advice_is_one_line_naming_both_flags():
         "mm-coalescer: SGLang runs 1 tokenizer worker(s) with cpu feature transport; on image-heavy traffic its "
         "preprocessing, not the vision tower, dominated TTFT in our real-server runs (--tokenizer-worker-num 4 "
         "--mm-feature-transport cuda_ipc without this plugin: TTFT 0.66x on Qwen2.5-VL, 0.57x on Qwen3-VL, whose "
-        "0.5.16 needs 0.5.23's device fix or this plugin for them); turn those on first, then measure this plugin "
-        "against them (on top of them it lost there: 1.20x, 1.11x)")
+        "0.5.16 needs 0.5.23's device fix or this plugin for them, 0.94x on Gemma 4); turn those on first, then "
+        "measure this plugin against them (on top of them it lost on Qwen2.5-VL and Qwen3-VL, 1.20x and 1.11x, and "
+        "won on Gemma 4, 0.70x)")
 
 
 def test_preprocessing_advice_only_when_sglangs_own_preprocessing_flags_are_off():
