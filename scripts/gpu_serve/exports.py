@@ -32,7 +32,10 @@ def arrival_span(records: list[dict]) -> dict[str, float]:
 
     SGLang's load generator fixes the intervals by its seed, yet its own event loop stretches them while it is busy
     reading streams, so two servers can get the same requests over spans seconds apart; tokens over the run's
-    duration then measure the client, and ``drain_s`` is what the server added after the last arrival."""
+    duration then measure the client, and ``drain_s`` is what the server added after the last arrival. The receipt
+    itself is stamped by the server (``received_time``, taken by SGLang 0.5.16's HTTP handler on the loop that, with
+    one tokenizer worker, also runs the tokenizer manager's preprocessing), so a server whose loop is busier
+    stretches its own span too: a longer ``arrivals_s`` is not proof that the client was the cause."""
     if not records:
         return {}
     last = records[-1]["request_received_ts"]

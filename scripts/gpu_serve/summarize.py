@@ -184,7 +184,8 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
     pairs in the merged results) does not hide the earlier comparison. Issue 17's rule: a setting becomes the
     default only when it wins everywhere it was measured (``wins_everywhere_measured``). A Poisson tok/s ratio between
     runs whose arrivals took more than 5 % apart (where the harness recorded them: ``arrivals_s``) is not
-    judged (``not_judged``): it measures the load generator (:func:`exports.arrival_span`)."""
+    judged (``not_judged``): it may measure the load generator rather than the server (:func:`exports.arrival_span`
+    says why it may not; ``drain_s`` then tells more)."""
     checks: list[tuple[str, float, bool, float]] = []  # (what, ratio to the baseline, lower is better, tolerance)
     failed: list[str] = []
     unjudged: dict[str, str] = {}
