@@ -391,3 +391,31 @@ def test_a_servers_cpu_seconds_are_read_per_process_under_its_launcher_and_diffe
     finally:
         burner.kill()
         burner.wait()
+
+
+def test_a_given_capacity_skips_the_capacity_run_and_paces_the_poisson_loads_from_it(monkeypatch, tmp_path):
+    """A Gemma3-12B capacity run took 68 s of a command's budget at 2729c81, and Poisson then did not fit."""
+    import time
+
+    runs: list[tuple[str, list[str]]] = []
+    primed: list[list[str]] = []
+    monkeypatch.setenv("GPU_SERVE_CAPACITY", "2.0")
+    monkeypatch.setenv("GPU_SERVE_LOADS", "0.8")
+    monkeypatch.setenv("GPU_SERVE_POISSON_S", "18")
+    monkeypatch.setattr(serve.Server, "start", lambda self, *args: None)
+    monkeypatch.setattr(serve.Server, "wait_healthy", lambda self, timeout: None)
+    monkeypatch.setattr(serve.Server, "stop", lambda self: None)
+    monkeypatch.setattr(serve, "prime_all", lambda model, workloads, out: primed.extend(workloads))
+
+    def bench(server, model, workload, extra, out, tag):
+        runs.append((tag, workload))
+        return {"request_throughput": 9.9, "duration": 1.0}
+
+    monkeypatch.setattr(serve, "bench", bench)
+    result = serve.run_family("gemma3_12b", tmp_path, ["poisson"], ["off", "on"], range(1), tmp_path,
+                              time.monotonic() + 1000, tmp_path)
+    assert not any(tag.startswith("capacity") for tag, _ in runs)
+    assert not any("300" in w and "inf" in w for w in primed)  # the capacity run's requests are not even built
+    paced = {tag: w[w.index("--request-rate") + 1] for tag, w in runs if tag.startswith("poisson")}
+    assert paced == {"poisson0.8-off": "1.600", "poisson0.8-on": "1.600"}
+    assert (result["capacity_req_s"], result["capacity_source"]) == (2.0, "GPU_SERVE_CAPACITY")
