@@ -185,6 +185,11 @@ VARIANTS = {
     # at ~44,700 bytes, so 8 images (20,160 patches, ~0.9 GB) fit the 2 GiB budget, and a burst's forwards of 13-15
     # images become 2 replays instead of 5.
     "on+g4graphs8": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560, 10080, 15120, 20160]}}),
+    # One torch (OpenMP) intra-op thread in every process of the server, as SGLang's own tokenizer workers set for
+    # themselves (0.5.16 TokenizerWorker: torch.set_num_threads(1)) and its single tokenizer manager does not: that
+    # process used 84-93 CPU-s for a 600-image burst, the four workers 11 (2729c81); a study of that gap.
+    "off+omp1": Variant(False, env={"OMP_NUM_THREADS": "1"}),
+    "on+omp1": Variant(True, env={"OMP_NUM_THREADS": "1"}),
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
