@@ -302,6 +302,8 @@ def install(prepared: Path) -> None:
     pack = REPO / ".gpu-serve-pack" / "sk.txz"  # sglang-kernel packed with xz to fit the device tool's carry
     if not (prepared / "sk").exists() and pack.exists():
         subprocess.run(["tar", "-xJf", str(pack), "-C", str(prepared)], check=True)
+        if not (prepared / "sk").exists():
+            sys.exit(f"{pack} holds no sk/ folder: rebuild it with the xz line of NOTES.md")
     if not (prepared / "sk").exists():  # a command that left the pack behind relies on a warm machine's copy
         sys.exit(f"no sglang-kernel in {prepared}/sk and no {pack}: carry .gpu-serve-pack (the machine was not warm)")
     wheels = sorted((prepared / "whl").glob("*.whl"))
@@ -783,6 +785,22 @@ def pairs(names: list[str], i: int) -> list[str]:
     return names if i % 2 == 0 else names[::-1]
 
 
+def given_capacity() -> float | None:
+    """``GPU_SERVE_CAPACITY``: plugin-off's capacity in req/s from an earlier run (its ``capacity_req_s``), which
+    spares this run the capacity run; None when unset. Checked before anything starts (``main``): a bad value found
+    only when Poisson begins would waste the command."""
+    text = os.environ.get("GPU_SERVE_CAPACITY", "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"GPU_SERVE_CAPACITY={text!r}: give plugin-off's capacity in requests a second, > 0")
+    return value
+
+
 def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: range, out: Path,
                deadline: float, publish: Path) -> dict:
     servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
@@ -828,9 +846,9 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         for v, server in servers.items():
             server.start(model, family, PREPARED, out / f"requests-{v}")
         datasets = [warm, lone, seed_warm, *seeds] if {"lone", "seed"} & set(workloads) else [warm]
-        given_capacity = os.environ.get("GPU_SERVE_CAPACITY")  # req/s of plugin-off, from an earlier run's results
+        capacity_given = given_capacity()
         if "poisson" in workloads:
-            datasets += [*([] if given_capacity else [capacity]), *pools]
+            datasets += [*([] if capacity_given else [capacity]), *pools]
         prime_all(model, datasets, out)
         log(f"{len(datasets)} datasets ready")
         for v, server in list(servers.items()):
@@ -870,8 +888,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         if "poisson" in workloads and remaining() <= 40:
             log(f"poisson: deadline near ({remaining():.0f} s left), skipping every load")
         elif "poisson" in workloads:
-            if given_capacity:  # a Gemma3-12B capacity run alone takes ~70 s of a command's budget
-                result["capacity_req_s"], result["capacity_source"] = float(given_capacity), "GPU_SERVE_CAPACITY"
+            if capacity_given:  # a Gemma3-12B capacity run alone takes ~70 s of a command's budget
+                result["capacity_req_s"], result["capacity_source"] = capacity_given, "GPU_SERVE_CAPACITY"
             else:
                 cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
                 result["capacity_req_s"], result["capacity_source"] = cap["request_throughput"], "capacity-off"
@@ -914,6 +932,10 @@ def main() -> None:
     too_big = exceeds_the_gpu(args.family, variants)
     if too_big:
         p.error(too_big)
+    try:
+        given_capacity()
+    except ValueError as exc:
+        p.error(str(exc))
     PREPARED = args.prepared.resolve()
     deadline = T0 + args.budget_s
     out = Path("/tmp/gpu-serve-out") / args.family

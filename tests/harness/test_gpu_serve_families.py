@@ -393,13 +393,17 @@ def test_a_servers_cpu_seconds_are_read_per_process_under_its_launcher_and_diffe
         burner.wait()
 
 
-def test_a_given_capacity_skips_the_capacity_run_and_paces_the_poisson_loads_from_it(monkeypatch, tmp_path):
-    """A Gemma3-12B capacity run took 68 s of a command's budget at 2729c81, and Poisson then did not fit."""
+def _poisson_only_run(monkeypatch, tmp_path, capacity: str | None):
+    """run_family on Gemma3-12B, Poisson at 80 % only, servers and the load generator stubbed (each run's plugin-off
+    throughput reads 9.9 req/s): the runs it made, the requests it built, and its result."""
     import time
 
     runs: list[tuple[str, list[str]]] = []
     primed: list[list[str]] = []
-    monkeypatch.setenv("GPU_SERVE_CAPACITY", "2.0")
+    if capacity is None:
+        monkeypatch.delenv("GPU_SERVE_CAPACITY", raising=False)
+    else:
+        monkeypatch.setenv("GPU_SERVE_CAPACITY", capacity)
     monkeypatch.setenv("GPU_SERVE_LOADS", "0.8")
     monkeypatch.setenv("GPU_SERVE_POISSON_S", "18")
     monkeypatch.setattr(serve.Server, "start", lambda self, *args: None)
@@ -414,8 +418,49 @@ def test_a_given_capacity_skips_the_capacity_run_and_paces_the_poisson_loads_fro
     monkeypatch.setattr(serve, "bench", bench)
     result = serve.run_family("gemma3_12b", tmp_path, ["poisson"], ["off", "on"], range(1), tmp_path,
                               time.monotonic() + 1000, tmp_path)
+    paced = {tag: w[w.index("--request-rate") + 1] for tag, w in runs if tag.startswith("poisson")}
+    return runs, primed, paced, result
+
+
+def test_a_given_capacity_skips_the_capacity_run_and_paces_the_poisson_loads_from_it(monkeypatch, tmp_path):
+    """A Gemma3-12B capacity run took 68 s of a command's budget at 2729c81, and Poisson then did not fit."""
+    runs, primed, paced, result = _poisson_only_run(monkeypatch, tmp_path, "2.0")
     assert not any(tag.startswith("capacity") for tag, _ in runs)
     assert not any("300" in w and "inf" in w for w in primed)  # the capacity run's requests are not even built
-    paced = {tag: w[w.index("--request-rate") + 1] for tag, w in runs if tag.startswith("poisson")}
     assert paced == {"poisson0.8-off": "1.600", "poisson0.8-on": "1.600"}
     assert (result["capacity_req_s"], result["capacity_source"]) == (2.0, "GPU_SERVE_CAPACITY")
+
+
+def test_without_a_given_capacity_plugin_off_is_measured_first_and_paces_the_loads(monkeypatch, tmp_path):
+    runs, primed, paced, result = _poisson_only_run(monkeypatch, tmp_path, None)
+    assert [tag for tag, _ in runs if tag.startswith("capacity")] == ["capacity-off"]
+    assert any("300" in w and "inf" in w for w in primed)
+    assert paced == {"poisson0.8-off": "7.920", "poisson0.8-on": "7.920"}
+    assert (result["capacity_req_s"], result["capacity_source"]) == (9.9, "capacity-off")
+
+
+@pytest.mark.parametrize("text", ["abc", "0", "-1", "inf", "nan"])
+def test_a_capacity_that_is_not_a_positive_rate_is_refused_before_anything_starts(monkeypatch, capsys, text):
+    monkeypatch.setenv("GPU_SERVE_CAPACITY", text)
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--family", "gemma3_12b", "--workloads", "poisson"])
+    monkeypatch.setattr(serve, "install", lambda prepared: pytest.fail("started despite a bad capacity"))
+    with pytest.raises(SystemExit):
+        serve.main()
+    assert "GPU_SERVE_CAPACITY" in capsys.readouterr().err
+
+
+def test_without_an_unpacked_or_carried_sglang_kernel_the_command_stops_at_once_saying_which(monkeypatch, tmp_path):
+    """A command that leaves .gpu-serve-pack behind relies on a warm machine's unpacked copy (NOTES.md)."""
+    import subprocess
+
+    monkeypatch.setattr(serve, "REPO", tmp_path)
+    prepared = tmp_path / ".gpu-serve"
+    (prepared / "whl").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"no sglang-kernel .* carry \.gpu-serve-pack"):
+        serve.install(prepared)
+    pack_dir = tmp_path / ".gpu-serve-pack"
+    pack_dir.mkdir()
+    (tmp_path / "other").mkdir()
+    subprocess.run(["tar", "-cJf", str(pack_dir / "sk.txz"), "-C", str(tmp_path), "other"], check=True)
+    with pytest.raises(SystemExit, match="holds no sk/ folder"):
+        serve.install(prepared)
