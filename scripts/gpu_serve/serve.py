@@ -300,12 +300,13 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0)
 # --- installation (idempotent on a warm machine) ---------------------------------------------------------
 def install(prepared: Path) -> None:
     pack = REPO / ".gpu-serve-pack" / "sk.txz"  # sglang-kernel packed with xz to fit the device tool's carry
-    if not (prepared / "sk").exists() and pack.exists():
+    if not (prepared / "sk").exists():  # a command that left the pack behind relies on a warm machine's copy
+        if not pack.exists():
+            sys.exit(f"no sglang-kernel in {prepared}/sk and no {pack}: "
+                     "carry .gpu-serve-pack (the machine was not warm)")
         subprocess.run(["tar", "-xJf", str(pack), "-C", str(prepared)], check=True)
         if not (prepared / "sk").exists():
             sys.exit(f"{pack} holds no sk/ folder: rebuild it with the xz line of NOTES.md")
-    if not (prepared / "sk").exists():  # a command that left the pack behind relies on a warm machine's copy
-        sys.exit(f"no sglang-kernel in {prepared}/sk and no {pack}: carry .gpu-serve-pack (the machine was not warm)")
     wheels = sorted((prepared / "whl").glob("*.whl"))
     if not wheels:
         sys.exit(f"no wheels in {prepared}/whl: run scripts/gpu_serve/prepare.sh on a networked machine first")
