@@ -193,6 +193,21 @@ VARIANTS = {
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
+POISSON_DRAIN_S = 20.0
+"""A Poisson run's wall time beyond its arrivals (n / rate): the drain, the load generator's start and its scrapes.
+Measured at 50-80 % load: 8-10 s on the Qwen families, 12-14 s on Gemma 4, 17-21 s on Gemma3-12B (86aa9fc)."""
+
+
+def teardown_reserve(servers: int) -> float:
+    """Seconds a command needs after its last run: stopping each server and packing the raw files. Measured: 46 s
+    for four Gemma 4 servers (86aa9fc); three Gemma3-12B servers took more than 31 s, and that command, whose
+    560 s budget did not count them, hit the device's 600 s limit and lost its raw files."""
+    return 10.0 + 12.0 * servers
+
+
+def command_deadline(start: float, budget_s: float, servers: int) -> float:
+    """When the last run must end for the whole command (runs, teardown) to fit ``budget_s`` from ``start``."""
+    return start + budget_s - teardown_reserve(servers)
 # The longest a measured run may take beyond its arrivals (Gemma3's seed burst, the slowest so far, ~70 s a server).
 # A server that takes requests and never answers (Qwen3-VL-8B with --tokenizer-worker-num 4 --mm-feature-transport
 # cuda_ipc, c704fd5: its scheduler had died, as e12f02a's log showed for the same server at the same point) held the
@@ -877,7 +892,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
             rep_s = sum(result["runs"].get(f"warm-{v}", {}).get("duration", 4.0) * (1 + 100 / 16) for v in servers)
             for n, i in enumerate(runs):
                 if remaining() < rep_s:
-                    log(f"seed: deadline near, stopping after {n} repetitions")
+                    log(f"seed: deadline near ({remaining():.0f} s left, a repetition ~{rep_s:.0f} s), "
+                        f"stopping after {n} repetitions")
                     break
                 started = time.monotonic()
                 for v in pairs(list(servers), i):
@@ -897,8 +913,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
             for j, load in enumerate(loads):  # the issue's must-haves (50 %, 80 %) first
                 rate = load * result["capacity_req_s"]
                 n = int(min(POISSON_MAX, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
-                if remaining() < len(servers) * (n / rate + 5):
-                    log(f"poisson: deadline near, skipping load {load}")
+                if remaining() < len(servers) * (n / rate + POISSON_DRAIN_S):
+                    log(f"poisson: deadline near ({remaining():.0f} s left), skipping load {load}")
                     continue
                 for v in pairs(list(servers), j):
                     if v not in servers:
@@ -924,7 +940,9 @@ def main() -> None:
     p.add_argument("--first-run", type=int, default=0,
                    help="index of the first repetition (its --seed and tag): a later command adds new requests")
     p.add_argument("--variants", default="off,on", help=f"servers to compare, from {', '.join(VARIANTS)}")
-    p.add_argument("--budget-s", type=float, default=560.0, help="stop starting new runs after this many seconds")
+    p.add_argument("--budget-s", type=float, default=560.0,
+                   help="the command's whole wall time: no run starts that would end, servers stopped and files "
+                        "packed, after it (keep it under the device's per-command limit)")
     args = p.parse_args()
     variants = args.variants.split(",")
     unknown = [name for name in variants if name not in VARIANTS]
@@ -938,7 +956,7 @@ def main() -> None:
     except ValueError as exc:
         p.error(str(exc))
     PREPARED = args.prepared.resolve()
-    deadline = T0 + args.budget_s
+    deadline = command_deadline(T0, args.budget_s, len(variants))
     out = Path("/tmp/gpu-serve-out") / args.family
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

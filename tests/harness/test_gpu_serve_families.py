@@ -464,3 +464,33 @@ def test_without_an_unpacked_or_carried_sglang_kernel_the_command_stops_at_once_
     subprocess.run(["tar", "-cJf", str(pack_dir / "sk.txz"), "-C", str(tmp_path), "other"], check=True)
     with pytest.raises(SystemExit, match="holds no sk/ folder"):
         serve.install(prepared)
+
+
+def test_a_poisson_load_whose_runs_would_outlast_the_deadline_with_their_drain_is_skipped(monkeypatch, tmp_path):
+    """Gemma3-12B at 80 % of 2.0 req/s: 30 requests arrive over 18.75 s, and each run took 36-40 s of wall time
+    (86aa9fc). Two servers need ~78 s; with 60 s left the load is skipped (arrivals + 5 s a run would have started it,
+    and the command ran past the device's limit)."""
+    import time
+
+    monkeypatch.setenv("GPU_SERVE_CAPACITY", "2.0")
+    monkeypatch.setenv("GPU_SERVE_LOADS", "0.8")
+    monkeypatch.setenv("GPU_SERVE_POISSON_S", "18")
+    monkeypatch.setattr(serve.Server, "start", lambda self, *args: None)
+    monkeypatch.setattr(serve.Server, "wait_healthy", lambda self, timeout: None)
+    monkeypatch.setattr(serve.Server, "stop", lambda self: None)
+    monkeypatch.setattr(serve, "prime_all", lambda model, workloads, out: None)
+    ran: list[str] = []
+    monkeypatch.setattr(serve, "bench", lambda server, model, workload, extra, out, tag: ran.append(tag) or {})
+    for left, expected in ((60.0, []), (90.0, ["poisson0.8-off", "poisson0.8-on"])):
+        ran.clear()
+        serve.run_family("gemma3_12b", tmp_path, ["poisson"], ["off", "on"], range(1), tmp_path,
+                         time.monotonic() + left, tmp_path)
+        assert [tag for tag in ran if tag.startswith("poisson")] == expected
+
+
+def test_the_last_run_must_end_early_enough_for_every_server_to_stop_and_the_files_to_be_packed():
+    """Three Gemma3-12B servers' teardown passed 31 s; four Gemma 4 servers' took 46 s (86aa9fc)."""
+    assert serve.command_deadline(100.0, 560.0, 3) == 100.0 + 560.0 - serve.teardown_reserve(3)
+    assert serve.teardown_reserve(4) >= 46.0
+    assert serve.teardown_reserve(3) > 31.0
+    assert serve.teardown_reserve(4) > serve.teardown_reserve(3)
