@@ -116,7 +116,8 @@ TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
 # what the plugin adds once that bottleneck is gone. "off+vitgraph" is SGLang's own ViT CUDA graph
 # (Qwen towers; the plugin declines to run beside it), "on+defer20"/"on+defer2s" the plugin's prefill deferral,
 # "on+lazy1" encoding at arrival only behind a waiting request (no head start otherwise: Poisson arrivals),
-# "on+queue4m" a queue limit that holds a whole seed burst (gemma3 ships it since a1a344c), "on+graphs" the plugin's own ViT CUDA graphs.
+# "on+queue4m" a queue limit that holds a whole seed burst (gemma3 ships it since a1a344c), "on+graphs" the
+# plugin's own ViT CUDA graphs.
 VARIANTS = {
     "off": Variant(False),
     "on": Variant(True),
