@@ -2,7 +2,8 @@
 # Build what the GPU machine cannot download: the wheel closure of sglang 0.5.16 (WHEELS.txt, exact pins,
 # cp312 manylinux) and sglang-kernel 0.4.5 stripped to its sm90 common ops (19 MB instead of 1.2 GB).
 # Run on a machine that reaches the package index:   bash scripts/gpu_serve/prepare.sh [DEST]   (default .gpu-serve)
-# DEST then travels to the GPU machine (device tool: carry it) where `make gpu-serve` uses it.
+# Its packs (.gpu-serve-pack/sk.txz and whl.txz, beside DEST; PACK= moves them) travel to the GPU machine (device
+# tool: carry .gpu-serve-pack), where serve.py unpacks them.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 DEST=${1:-.gpu-serve}
@@ -14,7 +15,7 @@ for p in manylinux_2_34 manylinux_2_28 manylinux_2_27 manylinux_2_26 manylinux_2
 done
 PIN=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp $PLAT)
 
-echo "[prepare] 1/3 wheels of WHEELS.txt"
+echo "[prepare] 1/4 wheels of WHEELS.txt"
 PKGS=$(grep -v '^#' "$HERE/WHEELS.txt" | awk 'NF {print $1"=="$2}')
 python3 -m pip download -q "${PIN[@]}" -d "$TMP/dl" $PKGS
 rm -rf "$DEST/whl"; mkdir -p "$DEST/whl"
@@ -28,7 +29,7 @@ for w in "$TMP"/dl/*.whl; do
   esac
 done
 
-echo "[prepare] 2/3 sglang-kernel 0.4.5 stripped to sm90/common_ops"
+echo "[prepare] 2/4 sglang-kernel 0.4.5 stripped to sm90/common_ops"
 python3 -m pip download -q "${PIN[@]}" -d "$TMP/sk" sglang-kernel==0.4.5
 rm -rf "$DEST/sk"; mkdir -p "$DEST/sk"
 unzip -q "$TMP"/sk/sglang_kernel-0.4.5-*.whl -d "$DEST/sk" -x 'sgl_kernel/flash_ops.abi3.so' \
@@ -46,5 +47,8 @@ assert old in s, "sgl_kernel/elementwise.py changed: patch by hand"
 open(p, "w").write(s.replace(old, "_has_flashinfer = False  # carried flashinfer has no JIT sources", 1))
 PY
 
-echo "[prepare] 3/3 sizes"
+echo "[prepare] 3/4 sizes"
 echo "$(ls "$DEST/whl" | wc -l) wheels, $(du -sh "$DEST/whl" | cut -f1); sk $(du -sh "$DEST/sk" | cut -f1); total $(du -sh "$DEST" | cut -f1)"
+
+echo "[prepare] 4/4 packs for the device tool's carry (pack.py: ${PACK:=$(dirname "$DEST")/.gpu-serve-pack})"
+python3 "$HERE/pack.py" "$DEST" "$PACK"

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exports import arrival_span, request_records
+from pack import unpack
 from stack_samples import SCHEDULER_TITLE, StackSampler, descendants, descendants_titled
 
 HERE = Path(__file__).resolve().parent
@@ -315,17 +316,22 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0)
 
 # --- installation (idempotent on a warm machine) ---------------------------------------------------------
 def install(prepared: Path) -> None:
-    pack = REPO / ".gpu-serve-pack" / "sk.txz"  # sglang-kernel packed with xz to fit the device tool's carry
-    if not (prepared / "sk").exists():  # a command that left the pack behind relies on a warm machine's copy
-        if not pack.exists():
-            sys.exit(f"no sglang-kernel in {prepared}/sk and no {pack}: "
+    """sglang 0.5.16's closure into ``SITE`` and the plugin's wheel into ``PLUGIN_SITE``, from what was carried.
+
+    ``.gpu-serve-pack`` (``pack.py``) is what a command carries: its wheels replace whatever a warm machine kept, and
+    its sglang-kernel is unpacked when none is. A command that carries no pack relies on a warm machine's copies."""
+    pack = REPO / ".gpu-serve-pack"
+    if not (prepared / "sk").exists():
+        if not (pack / "sk.txz").exists():
+            sys.exit(f"no sglang-kernel in {prepared}/sk and no {pack / 'sk.txz'}: "
                      "carry .gpu-serve-pack (the machine was not warm)")
-        subprocess.run(["tar", "-xJf", str(pack), "-C", str(prepared)], check=True)
-        if not (prepared / "sk").exists():
-            sys.exit(f"{pack} holds no sk/ folder: rebuild it with the xz line of NOTES.md")
+        unpack(pack / "sk.txz", prepared, "sk")
+    if (pack / "whl.txz").exists():
+        unpack(pack / "whl.txz", prepared, "whl")
     wheels = sorted((prepared / "whl").glob("*.whl"))
     if not wheels:
-        sys.exit(f"no wheels in {prepared}/whl: run scripts/gpu_serve/prepare.sh on a networked machine first")
+        sys.exit(f"no wheels in {prepared}/whl and no {pack / 'whl.txz'}: run scripts/gpu_serve/prepare.sh on a "
+                 "networked machine first")
     key = hashlib.md5("".join(w.name for w in wheels).encode()).hexdigest()
     stamp = SITE / ".gpu-serve-wheels"
     if not (stamp.exists() and stamp.read_text() == key):

@@ -494,3 +494,60 @@ def test_the_last_run_must_end_early_enough_for_every_server_to_stop_and_the_fil
     assert serve.teardown_reserve(4) >= 46.0
     assert serve.teardown_reserve(3) > 31.0
     assert serve.teardown_reserve(4) > serve.teardown_reserve(3)
+
+
+def _wheel(path, members: dict[str, bytes]):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return path
+
+
+def test_packed_wheels_come_back_stored_with_the_same_members_and_bytes(tmp_path):
+    """xz over uncompressed wheels is what fits the carry (38.2 MB of wheels in 19.6); pip checks RECORD's hashes
+    of the files, so the members' bytes must be exactly the wheel's."""
+    import zipfile
+
+    import pack
+
+    members = {"pkg/__init__.py": b"x = 1\n" * 500, "pkg-1.0.dist-info/RECORD": b"pkg/__init__.py,,\n"}
+    (tmp_path / "whl").mkdir()
+    _wheel(tmp_path / "whl" / "pkg-1.0-py3-none-any.whl", members)
+    archive = pack.pack_wheels(tmp_path / "whl", tmp_path / "whl.txz")
+    out = tmp_path / "machine"
+    out.mkdir()
+    pack.unpack(archive, out, "whl")
+    with zipfile.ZipFile(out / "whl" / "pkg-1.0-py3-none-any.whl") as z:
+        assert {i.filename: z.read(i) for i in z.infolist()} == members
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_STORED}
+
+
+def test_a_carried_wheel_pack_replaces_the_wheels_a_warm_machine_kept(monkeypatch, tmp_path):
+    import pack
+
+    monkeypatch.setattr(serve, "REPO", tmp_path)
+    monkeypatch.setattr(serve, "SITE", tmp_path / "site")
+    installed: list[list[str]] = []
+
+    def run(cmd, check=False, **kwargs):
+        if "install" in cmd and "--target" in cmd and str(tmp_path / "site") in cmd:
+            installed.append(sorted(Path(a).name for a in cmd if a.endswith(".whl")))
+            (tmp_path / "site").mkdir(exist_ok=True)
+            return None
+        raise RuntimeError("stop after the closure is installed")
+
+    monkeypatch.setattr(serve.subprocess, "run", run)
+    prepared = tmp_path / ".gpu-serve"
+    (prepared / "sk").mkdir(parents=True)
+    (prepared / "whl").mkdir()
+    _wheel(prepared / "whl" / "old-1.0-py3-none-any.whl", {"old.py": b""})  # left by an earlier command
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    _wheel(carried / "new-2.0-py3-none-any.whl", {"new.py": b""})
+    (tmp_path / ".gpu-serve-pack").mkdir()
+    pack.pack_wheels(carried, tmp_path / ".gpu-serve-pack" / "whl.txz")
+    with pytest.raises(RuntimeError, match="stop after"):
+        serve.install(prepared)
+    assert installed == [["new-2.0-py3-none-any.whl"]]
