@@ -99,7 +99,7 @@ clean:
 
 # The serving benchmark: a real sglang.launch_server (0.5.16, dummy full-size weights) with the plugin off and
 # on, driven by SGLang's own sglang.benchmark.serving. First, on a networked machine: make gpu-serve-prepare
-# (the wheel closure and stripped sglang-kernel, ~56 MB in .gpu-serve/). Then on the GPU machine, with its
+# (the wheel closure and stripped sglang-kernel in .gpu-serve/, packed into .gpu-serve-pack/ for the trip). Then on the GPU machine, with its
 # system python3: make gpu-serve FAMILY=qwen2_5_vl_7b (about 9 minutes a family; README, "Serving in a real
 # SGLang server"). make real-server-summary turns the stored runs into benchmarks/results/real_server_summary.json.
 # GPU_SERVE_ARGS passes serve.py options, e.g. GPU_SERVE_ARGS="--workloads seed,poisson --variants off,on,on+defer20".
