@@ -164,3 +164,23 @@ def test_a_budget_fraction_config_and_an_empty_host_section_are_tuned_like_any_o
 def test_a_scrape_without_the_plugin_says_so():
     with pytest.raises(ValueError, match="no mm_coalescer series"):
         tune.tune('sglang:num_requests_total{model="m"} 3\n', {})
+
+
+def test_refused_submissions_get_a_queue_limit_that_would_have_held_them_too():
+    """Gemma3's burst at 2729c81: 250 crops of 4,096 patches refused against a limit of 500,000; holding them takes
+    500,000 + 250 * 4,096 = 1,524,000, so the proposal is 1,600,000 rather than a doubling to 1,000,000."""
+    name = next(_labels)
+    for _ in range(35):
+        metrics.UNITS_PER_FORWARD.labels(name).observe(10)
+        metrics.PATCHES_PER_FORWARD.labels(name).observe(40_960)
+    metrics.UNITS.labels(name).inc(350)
+    metrics.REQUESTS.labels(outcome="ok", coalescer=name).inc(350)
+    metrics.ERRORS.labels(kind="queue_full", coalescer=name).inc(250)
+    _, changes = tune.tune(scrape(), {"max_queue_patches": 500_000}, name)
+    assert [(c.key, c.value) for c in changes] == [("max_queue_patches", 1_600_000)]
+    assert "of ~4,096 patches each" in changes[0].why and "~1,524,000" in changes[0].why
+
+
+@pytest.mark.parametrize(("value", "rounded"), [(1_622_304, 1_700_000), (1_600_000, 1_600_000), (7, 7), (99.5, 100)])
+def test_a_proposed_limit_is_rounded_up_to_two_significant_digits(value, rounded):
+    assert tune._two_digits_up(value) == rounded
