@@ -54,7 +54,7 @@ SITE = Path(os.environ.get("GPU_SERVE_SITE", "/tmp/gpu-serve-site"))        # sg
 PY_SPY = SITE / "bin" / "py-spy"  # from a py-spy wheel among the carried ones (stack_samples.py)
 PROFILE = {w for w in os.environ.get("GPU_SERVE_PROFILE", "").split(",") if w}  # workloads to stack-sample
 PLUGIN_SITE = Path(os.environ.get("GPU_SERVE_PLUGIN_SITE", "/tmp/gpu-serve-plugin"))  # the built wheel
-BACKPORTS = HERE / "sglang_backports"  # sitecustomize + fixes from later SGLang, for a "+backport" server only
+PATCHES = HERE / "sglang_backports"  # sitecustomize + server patches (fixes from later SGLang, the free encoder)
 T0 = time.monotonic()
 
 # Model families the harness serves on sglang 0.5.16: builder preset, plugin config, KV tokens per server.
@@ -108,7 +108,7 @@ class Variant:
     flags: tuple[str, ...] = ()
     config: dict = field(default_factory=dict)  # merged over the family's shipped YAML (plugin on only)
     env: dict = field(default_factory=dict)
-    backports: bool = False  # SGLang fixes from later releases (sglang_backports/), for a baseline that 0.5.16 crashes
+    patches: tuple[str, ...] = ()  # modules of sglang_backports/ this server installs (GPU_SERVE_PATCHES)
 
 
 TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
@@ -126,7 +126,11 @@ VARIANTS = {
     "on+tok4ipc": Variant(True, TOK4IPC),
     # SGLang's flags without the plugin, with 0.5.23's move of features to the tower's device backported
     # (sglang_backports/feature_device.py): unpatched, 0.5.16's Qwen3-VL scheduler died with them (e12f02a).
-    "off+tok4ipc+backport": Variant(False, TOK4IPC, backports=True),
+    "off+tok4ipc+backport": Variant(False, TOK4IPC, patches=("feature_device",)),
+    # The floor of any encoder scheduling (sglang_backports/free_encoder.py): SGLang's own server whose vision
+    # encoder costs nothing (zeros of the right shape after one real call), preprocessing and LLM unchanged.
+    "off+freeenc": Variant(False, patches=("free_encoder",)),
+    "off+tok4ipc+freeenc": Variant(False, TOK4IPC, patches=("feature_device", "free_encoder")),
     "off+vitgraph": Variant(False, env={"SGLANG_VIT_ENABLE_CUDA_GRAPH": "1"}),
     "on+defer20": Variant(True, config={"sglang": {"defer_prefill_ms": 20}}),
     # Deferral bounded by the prefill wait (2 s): a request sits out while its encode runs, also when nothing else
@@ -352,13 +356,13 @@ def install(prepared: Path) -> None:
     log(f"built and installed {next(build.glob('*.whl')).name} into {PLUGIN_SITE}")
 
 
-def environment(prepared: Path, plugin: bool, backports: bool = False) -> dict[str, str]:
+def environment(prepared: Path, plugin: bool, patches: tuple[str, ...] = ()) -> dict[str, str]:
     env = dict(os.environ)
     path = [str(SITE), str(prepared / "sk")]
     if plugin:
         path.insert(0, str(PLUGIN_SITE))
-    if backports:
-        path.insert(0, str(BACKPORTS))
+    if patches:
+        path.insert(0, str(PATCHES))
     extra = os.environ.get("GPU_SERVE_EXTRA_PATH")  # e.g. a probe-only shim, never in the headline runs
     if extra:
         path.insert(0, extra)
@@ -371,6 +375,7 @@ def environment(prepared: Path, plugin: bool, backports: bool = False) -> dict[s
         "TVM_FFI_CACHE_DIR": "/tmp/jitcache", "TRITON_CACHE_DIR": "/tmp/triton-cache",
         # plugin off: SGLang's loader skips every plugin not named here (and the wheel is not on the path)
         "SGLANG_PLUGINS": os.environ.get("GPU_SERVE_PLUGINS", "mm_coalescer") if plugin else "none",
+        "GPU_SERVE_PATCHES": ",".join(patches),
     })
     for key in ("MM_COALESCER", "MM_COALESCER_CONFIG"):
         env.pop(key, None)
@@ -424,7 +429,7 @@ class Server:
             args += ["--enable-mm-coalescer", "--mm-coalescer-config", config]
         export_dir.mkdir(parents=True, exist_ok=True)
         log(f"[{self.variant}] {' '.join(args[1:])} {' '.join(f'{k}={v}' for k, v in variant.env.items())}")
-        env = {**environment(prepared, self.plugin, variant.backports), **variant.env}
+        env = {**environment(prepared, self.plugin, variant.patches), **variant.env}
         self.proc = subprocess.Popen(args, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
@@ -829,7 +834,10 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
     servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
     result: dict = {"family": family, "variants": {v: list(VARIANTS[v].flags) for v in variants},
                     "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env,
-                                            **({"sglang_backports": True} if VARIANTS[v].backports else {})}
+                                            **({"sglang_backports": True} if "feature_device" in VARIANTS[v].patches
+                                               else {}),
+                                            **({"free_encoder": True} if "free_encoder" in VARIANTS[v].patches
+                                               else {})}
                                         for v in variants},
                     "runs": {}, "failed_to_start": {}, "failed_runs": {}}
 

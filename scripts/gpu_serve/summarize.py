@@ -147,12 +147,13 @@ def _compare(runs: dict, base: str, variant: str) -> dict:
 def _lever(runs: dict, variant: str, flags: dict[str, list]) -> dict:
     """A lever against plain off and, for a plugin server (``on+X``), against plain on. A plugin server with SGLang
     flags is also compared with each plugin-off server that ran with the same flags (``off+F``, or
-    ``off+F+backport``: SGLang fixes from later releases): the plugin's part alone."""
+    ``off+F+backport``: SGLang fixes from later releases): the plugin's part alone. A free-encoder server
+    (``+freeenc``) is a floor, not a twin: only its own ``vs_off`` is computed."""
     out = {"vs_off": _compare(runs, "off", variant)}
     if variant.startswith("on+"):
         out["vs_on"] = _compare(runs, "on", variant)
         for twin, twin_flags in flags.items():
-            if twin.startswith("off+") and twin_flags and twin_flags == flags.get(variant) \
+            if twin.startswith("off+") and "+freeenc" not in twin and twin_flags and twin_flags == flags.get(variant) \
                     and any(tag.endswith(f"-{twin}") for tag in runs):
                 out[f"vs_{twin}"] = _compare(runs, twin, variant)
     return out

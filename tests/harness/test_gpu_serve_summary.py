@@ -270,6 +270,19 @@ def test_the_plugin_with_sglang_flags_is_compared_with_a_plugin_off_server_that_
     assert alone["changes"]["sglang_backports"] is True
 
 
+def test_a_free_encoder_server_is_a_floor_against_plain_off_never_the_twin_a_plugin_server_is_judged_against():
+    run = {"family": "fam", "commit": "d",
+           "variants": {"off": [], "off+x+freeenc": ["--flag"], "on+x": ["--flag"]},
+           "variant_changes": {"off": {}, "off+x+freeenc": {"config": {}, "env": {}, "free_encoder": True},
+                               "on+x": {"config": {}, "env": {}}},
+           "runs": {"seed0-off": bench(10_000, 1000), "seed0-off+x+freeenc": bench(6_500, 1500),
+                    "seed0-on+x": bench(6_300, 1400)}}
+    levers = summarize.family_summary(summarize.merge_runs([run]), harness_runs=[run])["levers"]
+    assert levers["off+x+freeenc"]["vs_off"]["seed"]["median_ttft_ratio"] == pytest.approx(0.65)
+    assert levers["off+x+freeenc"]["changes"]["free_encoder"] is True
+    assert "vs_off+x+freeenc" not in levers["on+x"]
+
+
 def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(tmp_path):
     res = {"family": "fam", "commit": "abc", "variants": {"off": [], "on": []},
            "runs": {"lone-off": bench(200, 10, window=[100.0, 110.0]),

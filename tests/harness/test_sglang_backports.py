@@ -41,7 +41,8 @@ def test_a_server_process_with_the_folder_on_its_path_gets_sglangs_qwen3_vl_patc
     pytest.importorskip("sglang.srt.models.qwen3_vl")
     code = ("import sys; from sglang.srt.models import qwen3_vl as m; c = m.Qwen3VLForConditionalGeneration;\n"
             "print(all(hasattr(getattr(c, n), '__wrapped__') for n in ('get_image_feature', 'get_video_feature')))")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BACKPORTS), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BACKPORTS), os.environ.get("PYTHONPATH", "")]),
+           "GPU_SERVE_PATCHES": "feature_device"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1:] == ["True"], out.stderr[-2000:]
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -52,7 +53,9 @@ def test_only_a_backport_server_gets_the_folder_on_its_path():
     sys.path.insert(0, str(BACKPORTS.parent))
     import serve
 
-    assert serve.VARIANTS["off+tok4ipc+backport"].backports and not serve.VARIANTS["off+tok4ipc+backport"].plugin
-    assert serve.environment(Path("/prepared"), False, True)["PYTHONPATH"].split(":")[0] == str(BACKPORTS)
+    backport = serve.VARIANTS["off+tok4ipc+backport"]
+    assert backport.patches == ("feature_device",) and not backport.plugin
+    env = serve.environment(Path("/prepared"), False, backport.patches)
+    assert env["PYTHONPATH"].split(":")[0] == str(BACKPORTS) and env["GPU_SERVE_PATCHES"] == "feature_device"
     for plugin in (False, True):
         assert str(BACKPORTS) not in serve.environment(Path("/prepared"), plugin)["PYTHONPATH"].split(":")

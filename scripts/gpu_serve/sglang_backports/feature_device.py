@@ -7,16 +7,16 @@ With ``--mm-feature-transport cuda_ipc`` one prefill batch held features on cuda
 could not be measured without the plugin. 0.5.23 moves every item to the tower's device first
 (``_materialize_visual_items``); this does it only when a call's features are on more than one device, so every
 other call runs exactly as 0.5.16's. ``sitecustomize`` in this folder installs it in every process of a server
-whose PYTHONPATH holds the folder; the class is patched when SGLang imports the module.
+whose PYTHONPATH holds the folder and ``GPU_SERVE_PATCHES`` names it; the class is patched when SGLang imports the
+module.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import sys
 from collections.abc import Callable
 from typing import Any
+
+from on_import import on_import
 
 # module -> (class, methods); Qwen3-VL-MoE's class subclasses Qwen3-VL's and inherits the patch.
 TARGETS = {"sglang.srt.models.qwen3_vl": ("Qwen3VLForConditionalGeneration",
@@ -48,25 +48,6 @@ def patch(module: Any) -> None:
             setattr(cls, name, on_tower_device(getattr(cls, name)))
 
 
-class PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds a target module as the normal path finder does and patches it right after it runs."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name not in TARGETS:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            run(module)
-            patch(module)
-
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
 def install() -> None:
-    if not any(isinstance(finder, PatchOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, PatchOnImport())
+    for module in TARGETS:
+        on_import(module, patch)

@@ -1,14 +1,15 @@
-"""Runs at start-up in every Python process whose PYTHONPATH holds this folder (serve.py puts it only on the
-``+backport`` plugin-off server's): installs ``feature_device``, then runs the ``sitecustomize`` it shadows."""
+"""Runs at start-up in every Python process whose PYTHONPATH holds this folder (serve.py puts it only on a compared
+server with patches: ``+backport``, ``+freeenc``): installs each module named in ``GPU_SERVE_PATCHES``
+(``feature_device``, ``free_encoder``), then runs the ``sitecustomize`` it shadows."""
 
+import importlib
 import importlib.machinery
 import importlib.util
 import os
 import sys
 
-import feature_device
-
-feature_device.install()
+for _name in filter(None, os.environ.get("GPU_SERVE_PATCHES", "").split(",")):
+    importlib.import_module(_name).install()
 
 _here = os.path.dirname(os.path.realpath(__file__))
 _spec = importlib.machinery.PathFinder.find_spec(
