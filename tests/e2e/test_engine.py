@@ -134,3 +134,18 @@ def test_engine_logs_each_feature_this_sglang_lacks_once(engine_runs: dict[str, 
         logged = [line[line.index("mm-coalescer: sglang"):] for line in engine_runs[label]["log"].splitlines()
                   if "mm-coalescer: sglang" in line]
         assert logged == lines, (label, logged)
+
+
+def test_a_free_encoder_server_serves_every_request_with_sglangs_offsets_and_no_tower_after_its_first_call(
+        free_encoder_run: dict[str, Any]) -> None:
+    """The harness's floor server (``off+freeenc``) in a real Engine: each embedding method's first output matched the
+    placeholder tokens of its items' offsets, so every later call skipped the tower, and every request finished."""
+    results, log = free_encoder_run["results"], free_encoder_run["log"]
+    requests = scenario.requests(with_video=free_encoder_run["video_decoder"] is not None)
+    for req in requests:
+        if not req.abort:
+            assert len(results[req.name]["output_ids"]) == scenario.MAX_NEW_TOKENS, req.name
+    assert "keeps running for real" not in log
+    assert "free encoder: Qwen2_5_VLForConditionalGeneration.get_image_feature returns zeros" in log
+    if free_encoder_run["video_decoder"] is not None:
+        assert "free encoder: Qwen2_5_VLForConditionalGeneration.get_video_feature returns zeros" in log

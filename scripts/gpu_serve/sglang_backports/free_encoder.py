@@ -9,7 +9,8 @@ SGLang's model methods ``get_image_feature`` / ``get_video_feature`` return the 
 row per placeholder token. Each method's first call runs for real; its output gives the row width, dtype and device
 (and Gemma3's per-crop layout), and must have one row per placeholder token of the items' ``offsets`` (inclusive
 spans in 0.5.16: SGLang counts ``end - start + 1`` itself). Every later call returns zeros of that shape without
-touching the tower. A method whose first output does not match the offsets keeps running for real, and says so once.
+touching the tower (one log line says so). A method whose first output does not match the offsets keeps running for
+real, and says so once.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def free(method: Callable[[Any, list], Any]) -> Callable[[Any, list], Any]:
             produced = math.prod(out.shape[:-1])
             if produced == rows:
                 learned["shape"] = (tuple(out.shape[1:]), out.dtype, out.device)
+                logger.warning("free encoder: %s returns zeros of [rows, %s] %s from now on, without the tower",
+                               method.__qualname__, ", ".join(map(str, out.shape[1:])), out.dtype)
             else:
                 learned["real"] = True
                 logger.warning("free encoder: %s returned %d rows for %d placeholder tokens; it keeps running for "

@@ -13,7 +13,10 @@ One Engine per process: a second Engine with metrics in one process fails in SGL
 arrival, prefill deferral, preprocessing on a thread of its own): the settings that act on SGLang's real
 scheduler queues and tokenizer manager.
 
-Usage: python engine_run.py off|on|tuned MODEL_DIR MEDIA_DIR OUT_JSON
+``freeenc`` is plugin off with the real-server harness's free encoder (scripts/gpu_serve/sglang_backports), which the
+test's environment installs.
+
+Usage: python engine_run.py off|on|tuned|freeenc MODEL_DIR MEDIA_DIR OUT_JSON
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ def run_engine(model: str, files: dict[str, str], with_video: bool, label: str) 
 
     os.environ.pop("MM_COALESCER", None)
     os.environ.pop("MM_COALESCER_CONFIG", None)
-    if label != "off":  # exactly as the README tells Engine users
+    if label not in ("off", "freeenc"):  # exactly as the README tells Engine users
         os.environ["MM_COALESCER"] = "1"
         os.environ["MM_COALESCER_CONFIG"] = _config(label)
     metrics_dir = tempfile.mkdtemp(prefix="e2e-prom-")
