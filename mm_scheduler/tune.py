@@ -194,10 +194,10 @@ def core_rules(values: dict[str, Any], seen: Observed) -> list[Change]:
 
 def _held_queue(config: CoalescerConfig, seen: Observed, refused: float, units_in: float) -> Change:
     """A queue limit that would have taken the refused submissions too: the limit plus their patches, estimated at
-    the admitted ones' mean size (at least double the limit; two significant digits), so one run of tuning is
-    enough. On Gemma3's burst (2729c81: 250 crops refused at 500,000) it proposes 1,600,000 where doubling gave
-    1,000,000; a limit that held the whole burst won on the real server (4,000,000: TTFT median 0.77x of plugin-off
-    against 0.87x, 86aa9fc)."""
+    the admitted ones' mean size (at least double the limit; two significant digits). On Gemma3's burst (2729c81:
+    250 crops refused at 500,000) it proposes 1,600,000 where doubling gave 1,000,000. Measured on the real server:
+    a limit that held the whole burst (4,000,000) won against 500,000 (TTFT median 0.77x of plugin-off against
+    0.87x, 86aa9fc); the proposed value itself was not run."""
     limit = config.max_queue_patches
     patches, units = seen.histograms.get("patches_per_forward"), seen.histograms.get("units_per_forward")
     admitted = sum(seen.counters.get("requests", {}).values())

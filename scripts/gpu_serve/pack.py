@@ -1,15 +1,15 @@
 """Pack what the GPU machine cannot download into ``.gpu-serve-pack/``, small enough for the device tool's carry.
 
-Why: a command carries at most 64 MiB with the working tree (~15 MB). The wheels are 38.2 MB as pip stores them,
-each file deflated on its own; re-stored uncompressed and put through one xz stream they take 19.6 MB (the tree's
-repeated Python text compresses across files). That room is what lets a command also carry the JIT cache (a cold
-Gemma 4 command otherwise builds kernels in its warm-ups, ~100 s) and py-spy.
+Why: a command carries at most 64 MiB with the working tree (~16 MB). The 40 wheels (py-spy included) are 41.1 MB as
+pip stores them, each file deflated on its own; re-stored uncompressed and put through one xz stream they take
+20.8 MB (repeated Python text compresses across files). That room is what lets a command also carry the JIT cache
+(a cold Gemma 4 command otherwise builds kernels in its warm-ups, ~100 s) and py-spy.
 
     python3 scripts/gpu_serve/pack.py [PREPARED] [PACK]     (defaults .gpu-serve and .gpu-serve-pack)
 
 writes ``PACK/sk.txz`` (the stripped sglang-kernel folder ``sk/``) and ``PACK/whl.txz`` (``whl/*.whl``, stored).
 ``serve.py``'s ``install`` unpacks them next to the prepared folder. The wheels stay valid: RECORD hashes the files,
-not their compression.
+not their compression, and names, dates and modes are kept (pip installs the same tree from either).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import lzma
 import shutil
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -64,14 +65,21 @@ def pack_kernel(sk: Path, dest: Path) -> Path:
 
 
 def unpack(pack: Path, into: Path, folder: str) -> Path:
-    """``into/folder`` replaced by the one the pack holds; exits, naming the pack, when it holds none."""
+    """``into/folder`` replaced by the one the pack holds, whole or not at all (it is extracted beside it, then
+    renamed into place); exits, naming the pack, when it holds none."""
     target = into / folder
-    with tarfile.open(pack, "r:xz") as tar:
-        members = [m for m in tar.getmembers() if m.name == folder or m.name.startswith(f"{folder}/")]
-        if not members:
-            raise SystemExit(f"{pack} holds no {folder}/ folder: rebuild it with scripts/gpu_serve/pack.py")
+    into.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder}-", dir=into))
+    try:
+        with tarfile.open(pack, "r:xz") as tar:
+            members = [m for m in tar.getmembers() if m.name == folder or m.name.startswith(f"{folder}/")]
+            if not members:
+                raise SystemExit(f"{pack} holds no {folder}/ folder: rebuild it with scripts/gpu_serve/pack.py")
+            tar.extractall(staging, members=members, filter="data")
         shutil.rmtree(target, ignore_errors=True)
-        tar.extractall(into, members=members, filter="data")
+        (staging / folder).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -199,9 +199,11 @@ VARIANTS = {
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
-POISSON_DRAIN_S = 20.0
+POISSON_DRAIN_S = 25.0
 """A Poisson run's wall time beyond its arrivals (n / rate): the drain, the load generator's start and its scrapes.
 Measured at 50-80 % load: 8-10 s on the Qwen families, 12-14 s on Gemma 4, 17-21 s on Gemma3-12B (86aa9fc)."""
+CAPACITY_RUN_S = 75.0
+"""Plugin-off's capacity run (120 requests at once): 68 s on Gemma3-12B (2729c81), 25 s on Gemma 4 E4B (86aa9fc)."""
 
 
 def teardown_reserve(servers: int) -> float:
@@ -323,13 +325,17 @@ def install(prepared: Path) -> None:
     """sglang 0.5.16's closure into ``SITE`` and the plugin's wheel into ``PLUGIN_SITE``, from what was carried.
 
     ``.gpu-serve-pack`` (``pack.py``) is what a command carries: its wheels replace whatever a warm machine kept, and
-    its sglang-kernel is unpacked when none is. A command that carries no pack relies on a warm machine's copies."""
+    its sglang-kernel replaces one unpacked from another pack. A command that carries no pack relies on a warm
+    machine's copies."""
     pack = REPO / ".gpu-serve-pack"
-    if not (prepared / "sk").exists():
-        if not (pack / "sk.txz").exists():
-            sys.exit(f"no sglang-kernel in {prepared}/sk and no {pack / 'sk.txz'}: "
-                     "carry .gpu-serve-pack (the machine was not warm)")
-        unpack(pack / "sk.txz", prepared, "sk")
+    kernel, stamp = pack / "sk.txz", prepared / ".sk-pack"
+    if kernel.exists():
+        digest = hashlib.md5(kernel.read_bytes()).hexdigest()
+        if not ((prepared / "sk").exists() and stamp.exists() and stamp.read_text() == digest):
+            unpack(kernel, prepared, "sk")
+            stamp.write_text(digest)
+    elif not (prepared / "sk").exists():
+        sys.exit(f"no sglang-kernel in {prepared}/sk and no {kernel}: carry .gpu-serve-pack (the machine was not warm)")
     if (pack / "whl.txz").exists():
         unpack(pack / "whl.txz", prepared, "whl")
     wheels = sorted((prepared / "whl").glob("*.whl"))
@@ -922,6 +928,10 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         elif "poisson" in workloads:
             if capacity_given:  # a Gemma3-12B capacity run alone takes ~70 s of a command's budget
                 result["capacity_req_s"], result["capacity_source"] = capacity_given, "GPU_SERVE_CAPACITY"
+            elif remaining() < CAPACITY_RUN_S:
+                log(f"poisson: deadline near ({remaining():.0f} s left), no time for the capacity run; skipping every "
+                    "load (GPU_SERVE_CAPACITY skips that run)")
+                return result
             else:
                 cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
                 result["capacity_req_s"], result["capacity_source"] = cap["request_throughput"], "capacity-off"
@@ -956,8 +966,9 @@ def main() -> None:
                    help="index of the first repetition (its --seed and tag): a later command adds new requests")
     p.add_argument("--variants", default="off,on", help=f"servers to compare, from {', '.join(VARIANTS)}")
     p.add_argument("--budget-s", type=float, default=560.0,
-                   help="the command's whole wall time: no run starts that would end, servers stopped and files "
-                        "packed, after it (keep it under the device's per-command limit)")
+                   help="the command's whole wall time, teardown included: a seed repetition, the capacity run and a "
+                        "Poisson load start only when their estimates end in time (warm-up, correctness and lone "
+                        "runs are short and always run); keep it under the device's per-command limit")
     args = p.parse_args()
     variants = args.variants.split(",")
     unknown = [name for name in variants if name not in VARIANTS]

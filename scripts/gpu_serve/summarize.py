@@ -304,7 +304,8 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
                                        "lone": lone_summary(runs, "off", variant)}}
         failed = {f"{tag} ({run.get('commit', '')})": cause for run in harness_runs or []
                   for tag, cause in run.get("failed_runs", {}).items()
-                  if any(_server(tag) == v or _server(tag).startswith(f"{v}+") for v in (variant, on))}
+                  if "+freeenc" not in _server(tag)
+                  and any(_server(tag) == v or _server(tag).startswith(f"{v}+") for v in (variant, on))}
         if failed:
             pair["failed"] = failed
         fam.setdefault("with_sglang_flags", {})[variant[4:]] = pair

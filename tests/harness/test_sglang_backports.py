@@ -59,3 +59,23 @@ def test_only_a_backport_server_gets_the_folder_on_its_path():
     assert env["PYTHONPATH"].split(":")[0] == str(BACKPORTS) and env["GPU_SERVE_PATCHES"] == "feature_device"
     for plugin in (False, True):
         assert str(BACKPORTS) not in serve.environment(Path("/prepared"), plugin)["PYTHONPATH"].split(":")
+
+
+def test_two_copies_of_the_folder_on_the_path_install_each_patch_once_and_hand_over_to_the_next_sitecustomize(
+        tmp_path):
+    """Each copy's sitecustomize hands over to the next one on the path that is not a copy (two copies used to hand
+    over to each other until the recursion limit), and a patch named twice is registered once."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(BACKPORTS, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "sitecustomize.py").write_text("print('user sitecustomize ran')\n")
+    code = ("import sys, on_import; f = [x for x in sys.meta_path if isinstance(x, on_import.PatchOnImport)];\n"
+            "print(len(f), sorted(len(v) for v in f[0].targets.values()))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(BACKPORTS), str(copy), str(user)]),
+           "GPU_SERVE_PATCHES": "free_encoder,free_encoder"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Error in sitecustomize" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["user sitecustomize ran", "1 [1, 1, 1, 1]"]

@@ -9,7 +9,10 @@ SGLang's model methods ``get_image_feature`` / ``get_video_feature`` return the 
 row per placeholder token. Each method's first call runs for real; its output gives the row width, dtype and device
 (and Gemma3's per-crop layout), and must have one row per placeholder token of the items' ``offsets`` (inclusive
 spans in 0.5.16: SGLang counts ``end - start + 1`` itself). Every later call returns zeros of that shape without
-touching the tower (one log line says so). A method whose first output does not match the offsets keeps running for
+touching the tower (one log line says so). What it removes is whatever runs inside the method: the tower, and for
+Qwen3-VL also the features' move to the GPU and their concatenation (SGLang skips its own pre-embed move for the
+methods that do it themselves, ``_can_skip_pre_embed_feature_move``); for Qwen2.5-VL and the Gemmas that move runs
+before the method and stays. A method whose first output does not match the offsets keeps running for
 real, and says so once.
 """
 
@@ -51,6 +54,10 @@ def free(method: Callable[[Any, list], Any]) -> Callable[[Any, list], Any]:
             per_leading = math.prod(inner[:-1])
             if rows % per_leading == 0:
                 return torch.zeros((rows // per_leading, *inner), dtype=dtype, device=device)
+            if "uneven" not in learned:
+                learned["uneven"] = True
+                logger.warning("free encoder: %s got %d placeholder tokens, not a multiple of %d; such calls run the "
+                               "tower", method.__qualname__, rows, per_leading)
         out = method(model, items)
         if not learned:
             produced = math.prod(out.shape[:-1])

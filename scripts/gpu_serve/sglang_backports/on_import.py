@@ -36,9 +36,12 @@ class PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def on_import(module: str, patch: Callable[[Any], None]) -> None:
-    """Run ``patch(module)`` once ``module`` is imported (in this process, from now on)."""
+    """Run ``patch(module)`` once ``module`` is imported (in this process, from now on); a second call with the same
+    patch changes nothing."""
     finder = next((f for f in sys.meta_path if isinstance(f, PatchOnImport)), None)
     if finder is None:
         finder = PatchOnImport()
         sys.meta_path.insert(0, finder)
-    finder.targets.setdefault(module, []).append(patch)
+    patches = finder.targets.setdefault(module, [])
+    if patch not in patches:
+        patches.append(patch)

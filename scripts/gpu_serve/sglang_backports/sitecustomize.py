@@ -11,8 +11,9 @@ import sys
 for _name in filter(None, os.environ.get("GPU_SERVE_PATCHES", "").split(",")):
     importlib.import_module(_name).install()
 
-_here = os.path.dirname(os.path.realpath(__file__))
+# The next sitecustomize on the path that is not a copy of this folder's (two copies would hand over to each other
+# for ever).
 _spec = importlib.machinery.PathFinder.find_spec(
-    "sitecustomize", [p for p in sys.path if os.path.realpath(p or os.curdir) != _here])
+    "sitecustomize", [p for p in sys.path if not os.path.exists(os.path.join(p or os.curdir, "on_import.py"))])
 if _spec is not None and _spec.loader is not None:
     _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
