@@ -466,6 +466,17 @@ def test_without_an_unpacked_or_carried_sglang_kernel_the_command_stops_at_once_
         serve.install(prepared)
 
 
+def _servers_stubbed(monkeypatch) -> list[str]:
+    """Servers that start at once and runs that take no time: the tags run_family runs, in order."""
+    monkeypatch.setattr(serve.Server, "start", lambda self, *args: None)
+    monkeypatch.setattr(serve.Server, "wait_healthy", lambda self, timeout: None)
+    monkeypatch.setattr(serve.Server, "stop", lambda self: None)
+    monkeypatch.setattr(serve, "prime_all", lambda model, workloads, out: None)
+    ran: list[str] = []
+    monkeypatch.setattr(serve, "bench", lambda server, model, workload, extra, out, tag: ran.append(tag) or {})
+    return ran
+
+
 def test_a_poisson_load_whose_runs_would_outlast_the_deadline_with_their_drain_is_skipped(monkeypatch, tmp_path):
     """Gemma3-12B at 80 % of 2.0 req/s: 30 requests arrive over 18.75 s, and each run took 36-40 s of wall time
     (86aa9fc). Two servers need ~78 s; with 60 s left the load is skipped (arrivals + 5 s a run would have started it,
@@ -475,12 +486,7 @@ def test_a_poisson_load_whose_runs_would_outlast_the_deadline_with_their_drain_i
     monkeypatch.setenv("GPU_SERVE_CAPACITY", "2.0")
     monkeypatch.setenv("GPU_SERVE_LOADS", "0.8")
     monkeypatch.setenv("GPU_SERVE_POISSON_S", "18")
-    monkeypatch.setattr(serve.Server, "start", lambda self, *args: None)
-    monkeypatch.setattr(serve.Server, "wait_healthy", lambda self, timeout: None)
-    monkeypatch.setattr(serve.Server, "stop", lambda self: None)
-    monkeypatch.setattr(serve, "prime_all", lambda model, workloads, out: None)
-    ran: list[str] = []
-    monkeypatch.setattr(serve, "bench", lambda server, model, workload, extra, out, tag: ran.append(tag) or {})
+    ran = _servers_stubbed(monkeypatch)
     for left, expected in ((60.0, []), (90.0, ["poisson0.8-off", "poisson0.8-on"])):
         ran.clear()
         serve.run_family("gemma3_12b", tmp_path, ["poisson"], ["off", "on"], range(1), tmp_path,
@@ -567,12 +573,7 @@ def test_without_time_for_the_capacity_run_no_poisson_load_starts(monkeypatch, t
 
     monkeypatch.delenv("GPU_SERVE_CAPACITY", raising=False)
     monkeypatch.setenv("GPU_SERVE_LOADS", "0.8")
-    monkeypatch.setattr(serve.Server, "start", lambda self, *args: None)
-    monkeypatch.setattr(serve.Server, "wait_healthy", lambda self, timeout: None)
-    monkeypatch.setattr(serve.Server, "stop", lambda self: None)
-    monkeypatch.setattr(serve, "prime_all", lambda model, workloads, out: None)
-    ran: list[str] = []
-    monkeypatch.setattr(serve, "bench", lambda server, model, workload, extra, out, tag: ran.append(tag) or {})
+    ran = _servers_stubbed(monkeypatch)
     result = serve.run_family("gemma3_12b", tmp_path, ["poisson"], ["off", "on"], range(1), tmp_path,
                               time.monotonic() + serve.CAPACITY_RUN_S - 10, tmp_path)
     assert ran == ["warm-off", "warm-on"] and "capacity_req_s" not in result
