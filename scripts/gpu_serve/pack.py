@@ -14,6 +14,7 @@ not their compression, and names, dates and modes are kept (pip installs the sam
 
 from __future__ import annotations
 
+import hashlib
 import io
 import lzma
 import shutil
@@ -81,6 +82,16 @@ def unpack(pack: Path, into: Path, folder: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def unpack_changed(pack: Path, into: Path, folder: str) -> Path:
+    """``unpack``, unless ``into/folder`` already came from a pack with these bytes (``into/.<folder>-pack`` records
+    its digest): a warm machine neither keeps a stale copy nor decompresses the same one again."""
+    stamp, digest = into / f".{folder}-pack", hashlib.md5(pack.read_bytes()).hexdigest()
+    if not ((into / folder).exists() and stamp.exists() and stamp.read_text() == digest):
+        unpack(pack, into, folder)
+        stamp.write_text(digest)
+    return into / folder
 
 
 def main() -> None:

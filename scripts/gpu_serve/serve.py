@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exports import arrival_span, request_records
-from pack import unpack
+from pack import unpack_changed
 from stack_samples import SCHEDULER_TITLE, StackSampler, descendants, descendants_titled
 
 HERE = Path(__file__).resolve().parent
@@ -216,6 +216,8 @@ def teardown_reserve(servers: int) -> float:
 def command_deadline(start: float, budget_s: float, servers: int) -> float:
     """When the last run must end for the whole command (runs, teardown) to fit ``budget_s`` from ``start``."""
     return start + budget_s - teardown_reserve(servers)
+
+
 # The longest a measured run may take beyond its arrivals (Gemma3's seed burst, the slowest so far, ~70 s a server).
 # A server that takes requests and never answers (Qwen3-VL-8B with --tokenizer-worker-num 4 --mm-feature-transport
 # cuda_ipc, c704fd5: its scheduler had died, as e12f02a's log showed for the same server at the same point) held the
@@ -324,20 +326,17 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 30.0)
 def install(prepared: Path) -> None:
     """sglang 0.5.16's closure into ``SITE`` and the plugin's wheel into ``PLUGIN_SITE``, from what was carried.
 
-    ``.gpu-serve-pack`` (``pack.py``) is what a command carries: its wheels replace whatever a warm machine kept, and
-    its sglang-kernel replaces one unpacked from another pack. A command that carries no pack relies on a warm
-    machine's copies."""
+    ``.gpu-serve-pack`` (``pack.py``) is what a command carries: its sglang-kernel and wheels replace whatever a warm
+    machine kept from another pack (``unpack_changed``). A command that carries no pack relies on a warm machine's
+    copies."""
     pack = REPO / ".gpu-serve-pack"
-    kernel, stamp = pack / "sk.txz", prepared / ".sk-pack"
+    kernel = pack / "sk.txz"
     if kernel.exists():
-        digest = hashlib.md5(kernel.read_bytes()).hexdigest()
-        if not ((prepared / "sk").exists() and stamp.exists() and stamp.read_text() == digest):
-            unpack(kernel, prepared, "sk")
-            stamp.write_text(digest)
+        unpack_changed(kernel, prepared, "sk")
     elif not (prepared / "sk").exists():
         sys.exit(f"no sglang-kernel in {prepared}/sk and no {kernel}: carry .gpu-serve-pack (the machine was not warm)")
     if (pack / "whl.txz").exists():
-        unpack(pack / "whl.txz", prepared, "whl")
+        unpack_changed(pack / "whl.txz", prepared, "whl")
     wheels = sorted((prepared / "whl").glob("*.whl"))
     if not wheels:
         sys.exit(f"no wheels in {prepared}/whl and no {pack / 'whl.txz'}: run scripts/gpu_serve/prepare.sh on a "

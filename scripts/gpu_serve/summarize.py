@@ -144,6 +144,11 @@ def _compare(runs: dict, base: str, variant: str) -> dict:
             "poisson": poisson_summary(runs, None, base, variant) or None}
 
 
+def _floor(server: str) -> bool:
+    """A free-encoder server (``+freeenc``): a floor to read against off, never a baseline for a plugin server."""
+    return "+freeenc" in server
+
+
 def _lever(runs: dict, variant: str, flags: dict[str, list]) -> dict:
     """A lever against plain off and, for a plugin server (``on+X``), against plain on. A plugin server with SGLang
     flags is also compared with each plugin-off server that ran with the same flags (``off+F``, or
@@ -153,7 +158,7 @@ def _lever(runs: dict, variant: str, flags: dict[str, list]) -> dict:
     if variant.startswith("on+"):
         out["vs_on"] = _compare(runs, "on", variant)
         for twin, twin_flags in flags.items():
-            if twin.startswith("off+") and "+freeenc" not in twin and twin_flags and twin_flags == flags.get(variant) \
+            if twin.startswith("off+") and not _floor(twin) and twin_flags and twin_flags == flags.get(variant) \
                     and any(tag.endswith(f"-{twin}") for tag in runs):
                 out[f"vs_{twin}"] = _compare(runs, twin, variant)
     return out
@@ -304,7 +309,7 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
                                        "lone": lone_summary(runs, "off", variant)}}
         failed = {f"{tag} ({run.get('commit', '')})": cause for run in harness_runs or []
                   for tag, cause in run.get("failed_runs", {}).items()
-                  if "+freeenc" not in _server(tag)
+                  if not _floor(_server(tag))
                   and any(_server(tag) == v or _server(tag).startswith(f"{v}+") for v in (variant, on))}
         if failed:
             pair["failed"] = failed
