@@ -72,7 +72,9 @@ FAMILIES = {
     # is required (0.5.16 asserts triton/trtllm_mha, and only triton gets the bidirectional image mask), and
     # --mm-attention-backend triton_attn keeps the tower off fa3 (not in the stripped sglang-kernel). Hybrid SWA
     # pools: full = max_total_tokens, SWA = 0.8 x that (E4B: 84 KiB a token -> 12.0 GiB + 14.9 GiB weights).
-    "gemma4_e4b": {"config": "gemma4", "max_total_tokens": 150_000, "flags": [], "video": True},
+    # Measured at 9ca7bdd: 30.4-33.1 GiB a scheduler and 0.5-1.2 GiB its main process's CUDA context; four servers
+    # with eight cuda_ipc tokenizer workers beside them ran the GPU out of memory mid-seed (7 requests failed).
+    "gemma4_e4b": {"config": "gemma4", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 34.0},
     "gemma4_e2b": {"config": "gemma4", "max_total_tokens": 200_000, "flags": [], "video": True},  # 6.9 + 9.5 GiB
 }
 COMMON_FLAGS = [
@@ -112,6 +114,10 @@ class Variant:
 
 
 TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
+# SGLang's SDPA vision attention (cuDNN's flash kernel on an H200) in place of COMMON_FLAGS' triton_attn, whose kernel
+# took 86 % of a Gemma3-12B crop's 58-61 ms against 15-16 ms on SDPA (benchmarks/vision_attention_backends.py,
+# 9ca7bdd): an encoder nearer production's fa3, which the stripped sgl-kernel leaves out. The last flag counts.
+MMSDPA = ("--mm-attention-backend", "sdpa")
 # "off"/"on" are the issue's comparison (SGLang defaults). The "+tok4ipc" pair adds SGLang's own answers to
 # its preprocessing bottleneck (4 tokenizer workers, features handed over through CUDA IPC) to both, to show
 # what the plugin adds once that bottleneck is gone. "off+vitgraph" is SGLang's own ViT CUDA graph
@@ -196,6 +202,11 @@ VARIANTS = {
     # process used 84-93 CPU-s for a 600-image burst, the four workers 11 (2729c81); a study of that gap.
     "off+omp1": Variant(False, env={"OMP_NUM_THREADS": "1"}),
     "on+omp1": Variant(True, env={"OMP_NUM_THREADS": "1"}),
+    # Both servers, and the floor, with the faster vision attention (MMSDPA). The plugin's graphs need triton_attn,
+    # so on+mmsdpa runs Gemma3's crops eagerly, one SigLIP call each (its SDPA attention flattens the batch).
+    "off+mmsdpa": Variant(False, MMSDPA),
+    "on+mmsdpa": Variant(True, MMSDPA),
+    "off+mmsdpa+freeenc": Variant(False, MMSDPA, patches=("free_encoder",)),
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
@@ -246,13 +257,16 @@ def exceeds_the_gpu(family: str, variants: list[str]) -> str | None:
             f"drop a variant from --variants {','.join(variants)}")
 
 
+def workload_value(workload: list[str], flag: str, default: str) -> str:
+    """A load generator flag's value in ``workload`` (which also holds flags without a value)."""
+    return workload[workload.index(flag) + 1] if flag in workload else default
+
+
 def run_timeout(workload: list[str]) -> float:
     """RUN_TIMEOUT_S, plus the time a paced run spends arriving (``--num-prompts`` over ``--request-rate``)."""
-    def value(flag: str, default: str) -> str:  # the workloads also hold flags without a value
-        return workload[workload.index(flag) + 1] if flag in workload else default
-
-    rate = float(value("--request-rate", "inf"))
-    return RUN_TIMEOUT_S + (int(value("--num-prompts", "0")) / rate if rate != float("inf") else 0.0)
+    rate = float(workload_value(workload, "--request-rate", "inf"))
+    prompts = int(workload_value(workload, "--num-prompts", "0"))
+    return RUN_TIMEOUT_S + (prompts / rate if rate != float("inf") else 0.0)
 
 
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: |:?$)")  # "RuntimeError: ...", "torch.OutOfMemoryError: ..."
@@ -280,6 +294,21 @@ def server_failure(log_text: str) -> str | None:
             found = line.strip()
         return f"{died.group(1)}: {found or 'see the server log'}"
     return next((ln.strip() for ln in reversed(log_text.splitlines()) if "Fatal Python error" in ln), None)
+
+
+REQUEST_ERROR = re.compile(r"^Error in request: (.*)$", re.M)  # 0.5.16's tokenizer side, before its traceback
+
+
+def shortfall(run: dict, log_text: str) -> str | None:
+    """Why a run is not a measurement, or None: fewer requests completed than were sent. The load generator
+    leaves failed requests out of its latencies (a run of 93 fast successes and 7 failures would look faster),
+    so such a run is recorded as failed, with the server's first request error (e.g. CUDA out of memory in a
+    tokenizer worker's GPU processor)."""
+    if run["completed"] >= run["requested"]:
+        return None
+    errors = REQUEST_ERROR.findall(log_text)
+    cause = f": {errors[0][:300]}" if errors else " (no request error in the server log)"
+    return f"{run['requested'] - run['completed']} of {run['requested']} requests failed{cause}"
 
 
 def read_from(path: Path, offset: int) -> str:
@@ -655,6 +684,10 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
         "median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms", "median_itl_ms", "mean_itl_ms", "p99_itl_ms",
         "median_e2e_latency_ms", "request_rate", "max_concurrency")}
     keep["errors"] = sum(1 for e in line.get("errors", []) if e)
+    keep["requested"] = int(workload_value(workload, "--num-prompts", "0"))
+    failure = shortfall(keep, read_from(server.log_path, log_start))
+    if failure:
+        keep["failure"] = failure
     keep["window"] = [started_at, time.time()]  # wall clock: selects this run's records in SGLang's export
     keep.update(arrival_span(request_records(out / f"requests-{server.variant}", keep["window"])))
     keep["coalescer"] = coalescer_delta(before, after)
@@ -851,14 +884,21 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
 
     def measured(tag: str, server: Server, workload: list[str]) -> None:
         """One run; results are written after each (a cut-off run keeps them). Every server's CPU seconds by
-        process during the run go beside its result (``cpu_s``)."""
+        process during the run go beside its result (``cpu_s``). A run with failed requests is a failed run
+        (``failed_runs``; its numbers under ``incomplete_runs``), so no ratio is taken from it."""
         def cpu_now() -> dict[str, dict[str, float]]:
             return {v: process_cpu_seconds(srv.proc.pid) for v, srv in servers.items() if srv.proc is not None}
 
         try:
             cpu_before = cpu_now()
-            result["runs"][tag] = bench(server, model, workload, [], out, tag)
-            result["runs"][tag]["cpu_s"] = cpu_during(cpu_before, cpu_now())
+            run = bench(server, model, workload, [], out, tag)
+            run["cpu_s"] = cpu_during(cpu_before, cpu_now())
+            if "failure" in run:  # kept for reading, never compared: the server keeps serving the next runs
+                result["failed_runs"][tag] = run["failure"]
+                result.setdefault("incomplete_runs", {})[tag] = run
+                log(f"[{server.variant}] {tag}: {run['failure']}")
+            else:
+                result["runs"][tag] = run
         except RuntimeError as exc:  # an extra variant that fails is dropped; off and on must work
             if server.variant in ("off", "on"):
                 raise
