@@ -566,7 +566,8 @@ def _batch_sizes(vision_tower: nn.Module) -> tuple[list[int], object]:
 @pytest.mark.parametrize("family", ["gemma3", "gemma4"])
 def test_fixed_size_towers_batch_exactly_when_the_attention_takes_batches(family):
     """One vision forward for all units where SGLang's attention takes a batch; one per unit where it
-    asserts batch size 1 (SDPA ``flatten_batch``: SigLIP on CPU, Gemma4 in 0.5.16/0.5.17). Same outputs."""
+    asserts batch size 1 (SDPA ``flatten_batch``: Gemma4 in 0.5.16/0.5.17). SigLIP's flag is unset by the adapter
+    (its attention gets no ``cu_seqlens``, next test), so Gemma3 batches either way. Same outputs."""
     model = sm.BUILDERS[family]()
     if family == "gemma3":
         units = tower_for(model).units(sm.gemma3_image(model, 3, 1))
@@ -582,10 +583,30 @@ def test_fixed_size_towers_batch_exactly_when_the_attention_takes_batches(family
                 outputs[flatten] = tower.forward(units)
         finally:
             hook.remove()
-        assert sizes == ([1] * len(units) if flatten else [len(units)]), (flatten, sizes)
+        one_by_one = flatten and family == "gemma4"
+        assert sizes == ([1] * len(units) if one_by_one else [len(units)]), (flatten, sizes)
     assert len(outputs[True]) == len(outputs[False]) == len(units)
     for one_by_one, batched in zip(outputs[True], outputs[False], strict=True):
         torch.testing.assert_close(one_by_one, batched, atol=1e-4, rtol=1e-3)
+
+
+def test_siglip_hands_its_attention_no_cu_seqlens_so_a_batch_of_crops_needs_no_mask(monkeypatch):
+    """What makes unsetting SigLIP's ``flatten_batch`` safe (adapters._let_siglip_batch): SGLang's SDPA attention
+    builds a mask only from ``cu_seqlens``, and SigLIP never passes one; the batch equals SGLang's own method."""
+    from sglang.srt.layers.attention.vision import VisionSdpaAttention
+
+    model = sm.gemma3()
+    seen: list = []
+    forward = VisionSdpaAttention.forward
+    monkeypatch.setattr(VisionSdpaAttention, "forward", lambda self, *args, **kwargs: seen.append(
+        (kwargs.get("cu_seqlens"), kwargs.get("attention_mask"), self.flatten_batch)) or forward(self, *args, **kwargs))
+    tower = tower_for(model)
+    item = sm.gemma3_image(model, 3, 11)
+    with torch.no_grad():
+        batched = torch.cat(list(tower.forward(tower.units(item))))
+        own = model.get_image_feature([item])
+    assert seen and all(cu is None and mask is None and not flatten for cu, mask, flatten in seen)
+    torch.testing.assert_close(batched, own.reshape(batched.shape), atol=1e-5, rtol=1e-4)
 
 
 def test_bf16_model_gets_float32_pixels_cast_and_two_byte_accounting(family_model):
