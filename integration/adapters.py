@@ -551,7 +551,7 @@ class Gemma3Tower(_UniformGraphed, SGLangTower):
         self.image_patches = self.num_patches
         hidden, inter = int(vcfg.hidden_size), int(vcfg.intermediate_size)
         self.bytes_per_patch = (5 * hidden + 2 * inter) * _dtype_bytes(model.language_model.dtype())
-        self.batched_siglip = _let_siglip_batch(model.vision_tower)
+        _let_siglip_batch(model.vision_tower)
         self._tokens_per_crop = int(model.config.mm_tokens_per_image)
         self._bytes_per_crop = self._tokens_per_crop * int(model.config.text_config.hidden_size) * \
             _dtype_bytes(model.language_model.dtype())
@@ -589,27 +589,23 @@ class Gemma3Tower(_UniformGraphed, SGLangTower):
     def _eager(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """SigLIP and the projector, as SGLang's ``get_image_feature`` runs them."""
         model = self.model
-        if self.batched_siglip:
-            vision = model.vision_tower(pixel_values=pixels)
-        else:  # an attention backend that asserts batch size 1: run the crops one by one.
-            vision = torch.cat([model.vision_tower(pixel_values=pixels[i:i + 1]) for i in range(pixels.shape[0])])
-        projected = model.multi_modal_projector(vision)
+        projected = model.multi_modal_projector(model.vision_tower(pixel_values=pixels))
         return list(projected.split(1, dim=0))
 
 
 def _takes_batches(vision_tower: nn.Module) -> bool:
     """SGLang's SDPA vision attention with ``flatten_batch`` refuses batch > 1; varlen backends take it.
 
-    SigLIP (Gemma3) builds it so on SDPA (the plugin unsets it: :func:`_let_siglip_batch`); Gemma4's tower does on
-    SDPA in 0.5.16 and 0.5.17 (``flatten_batch=True``; later releases turn it off for SDPA), so the adapter asks
-    the modules rather than the version."""
+    Gemma4's tower builds it so on SDPA in 0.5.16 and 0.5.17 (``flatten_batch=True``; later releases turn it off
+    for SDPA), so the adapter asks the modules rather than the version. (SigLIP does too, on every release, but
+    needs no mask: :func:`_let_siglip_batch`.)"""
     from sglang.srt.layers.attention.vision import VisionSdpaAttention
 
     return not any(isinstance(m, VisionSdpaAttention) and m.flatten_batch for m in vision_tower.modules())
 
 
-def _let_siglip_batch(vision_tower: nn.Module) -> bool:
-    """Let SigLIP's SDPA attention take a batch of crops; whether the tower takes batches now.
+def _let_siglip_batch(vision_tower: nn.Module) -> None:
+    """Let SigLIP's SDPA attention take a batch of crops (the other backends, varlen, always do).
 
     SGLang builds SigLIP's attention with ``flatten_batch``, which on the SDPA backend only asserts batch size 1:
     SigLIP passes no ``cu_seqlens`` (0.5.16 to 0.5.23; a test checks), so no mask is built either way and a batch
@@ -621,7 +617,6 @@ def _let_siglip_batch(vision_tower: nn.Module) -> bool:
     for module in vision_tower.modules():
         if isinstance(module, VisionSdpaAttention):
             module.flatten_batch = False
-    return _takes_batches(vision_tower)
 
 
 class Gemma4Tower(_UniformGraphed, SGLangTower):

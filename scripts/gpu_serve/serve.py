@@ -73,8 +73,9 @@ FAMILIES = {
     # --mm-attention-backend triton_attn keeps the tower off fa3 (not in the stripped sglang-kernel). Hybrid SWA
     # pools: full = max_total_tokens, SWA = 0.8 x that (E4B: 84 KiB a token -> 12.0 GiB + 14.9 GiB weights).
     # Measured at 9ca7bdd: 30.4-33.1 GiB a scheduler and 0.5-1.2 GiB its main process's CUDA context; four servers
-    # with eight cuda_ipc tokenizer workers beside them ran the GPU out of memory mid-seed (7 requests failed).
-    "gemma4_e4b": {"config": "gemma4", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 34.0},
+    # with eight cuda_ipc tokenizer workers beside them ran the GPU out of memory mid-seed (7 requests failed), so
+    # four fit only without cuda_ipc workers, three with up to eight.
+    "gemma4_e4b": {"config": "gemma4", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 34.3},
     "gemma4_e2b": {"config": "gemma4", "max_total_tokens": 200_000, "flags": [], "video": True},  # 6.9 + 9.5 GiB
 }
 COMMON_FLAGS = [
@@ -115,7 +116,7 @@ class Variant:
 
 TOK4IPC = ("--tokenizer-worker-num", "4", "--mm-feature-transport", "cuda_ipc")
 # SGLang's SDPA vision attention (cuDNN's flash kernel on an H200) in place of COMMON_FLAGS' triton_attn, whose kernel
-# took 86 % of a Gemma3-12B crop's 58-61 ms against 15-16 ms on SDPA (benchmarks/vision_attention_backends.py,
+# took 86 % of a Gemma3-12B crop's 58-62 ms against 15-17 ms on SDPA (benchmarks/vision_attention_backends.py,
 # 9ca7bdd): an encoder nearer production's fa3, which the stripped sgl-kernel leaves out. The last flag counts.
 MMSDPA = ("--mm-attention-backend", "sdpa")
 # "off"/"on" are the issue's comparison (SGLang defaults). The "+tok4ipc" pair adds SGLang's own answers to
@@ -203,7 +204,7 @@ VARIANTS = {
     "off+omp1": Variant(False, env={"OMP_NUM_THREADS": "1"}),
     "on+omp1": Variant(True, env={"OMP_NUM_THREADS": "1"}),
     # Both servers, and the floor, with the faster vision attention (MMSDPA). The plugin's graphs need triton_attn,
-    # so on+mmsdpa runs Gemma3's crops eagerly, one SigLIP call each (its SDPA attention flattens the batch).
+    # so on+mmsdpa runs Gemma3's crops eagerly, in batches (the adapter unsets SigLIP's flatten_batch).
     "off+mmsdpa": Variant(False, MMSDPA),
     "on+mmsdpa": Variant(True, MMSDPA),
     "off+mmsdpa+freeenc": Variant(False, MMSDPA, patches=("free_encoder",)),
@@ -304,11 +305,12 @@ def shortfall(run: dict, log_text: str) -> str | None:
     leaves failed requests out of its latencies (a run of 93 fast successes and 7 failures would look faster),
     so such a run is recorded as failed, with the server's first request error (e.g. CUDA out of memory in a
     tokenizer worker's GPU processor)."""
-    if run["completed"] >= run["requested"]:
+    completed = run.get("completed") or 0
+    if completed >= run["requested"]:
         return None
     errors = REQUEST_ERROR.findall(log_text)
     cause = f": {errors[0][:300]}" if errors else " (no request error in the server log)"
-    return f"{run['requested'] - run['completed']} of {run['requested']} requests failed{cause}"
+    return f"{run['requested'] - completed} of {run['requested']} requests failed{cause}"
 
 
 def read_from(path: Path, offset: int) -> str:
@@ -809,9 +811,40 @@ def greedy_reply(server: Server, model: Path, content: list[dict]) -> str:
         return f"unreadable reply ({exc!r}): {text[:200]}"
 
 
+def _free_encoder(variant: str) -> bool:
+    return "free_encoder" in VARIANTS[variant].patches
+
+
+def capacity_baseline(variants: list[str]) -> str:
+    """The server whose capacity paces the Poisson loads: plain ``off``, else the first plugin-off server that
+    runs its vision encoder (``off+mmsdpa`` in a command of SDPA servers)."""
+    offs = [v for v in variants if not VARIANTS[v].plugin and not _free_encoder(v)]
+    return "off" if "off" in offs else offs[0]
+
+
+def reply_baselines(variants: list[str]) -> dict[str, str]:
+    """The plugin-off server whose greedy replies each compared server must repeat: for a plugin server the one
+    with its SGLang flags (``on+mmsdpa`` -> ``off+mmsdpa``: another vision attention kernel may change the replies),
+    else plain ``off``; for a plugin-off server plain ``off`` (itself when it is that one, or when there is none).
+    Free-encoder servers answer from zeros and are not compared."""
+    offs = [v for v in variants if not VARIANTS[v].plugin and not _free_encoder(v)]
+    baselines = {}
+    for v in variants:
+        if _free_encoder(v):
+            continue
+        twin = next((o for o in offs if VARIANTS[o].flags == VARIANTS[v].flags), None) if VARIANTS[v].plugin else None
+        baseline = twin or ("off" if "off" in offs else None)
+        if baseline is not None or not VARIANTS[v].plugin:
+            baselines[v] = baseline or v
+    return baselines
+
+
 def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) -> dict:
-    """Greedy replies to the same requests from every server vs plugin-off: ``n`` image requests (1-3 images
-    of mixed sizes) and, for families that take video, one request with a 4 s clip plus an image."""
+    """Greedy replies to the same requests from every compared server vs its plugin-off baseline
+    (:func:`reply_baselines`): ``n`` image requests (1-3 images of mixed sizes) and, for families that take video,
+    one request with a 4 s clip plus an image."""
+    baselines = reply_baselines(list(servers))
+    servers = {v: server for v, server in servers.items() if v in baselines}
     sizes = [(480, 480), (640, 360), (256, 256), (1024, 768), (333, 517)]
     requests = []
     for i in range(n):
@@ -831,8 +864,8 @@ def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) ->
     results = []
     for i, (kind, content) in enumerate(requests):
         replies = {v: answers[v][i] for v in servers}
-        ok = all(r == replies["off"] for r in replies.values()) \
-            and not replies["off"].startswith(("HTTP ", "process died"))
+        ok = all(replies[v] == replies[base] and not replies[base].startswith(("HTTP ", "process died"))
+                 for v, base in baselines.items())
         results.append({"kind": kind, "parts": len(content) - 1, "replies": replies, "identical": ok})
     images = [r for r in results if r["kind"] == "image"]
     videos = [r for r in results if r["kind"] == "video"]
@@ -842,7 +875,8 @@ def correctness(servers: dict[str, Server], model: Path, n: int, video: bool) ->
         + f" got the same greedy reply from {', '.join(servers)}")
     return {"requests": len(images), "identical": identical, "video_requests": len(videos),
             "video_identical": sum(r["identical"] for r in videos),
-            "all_identical": all(r["identical"] for r in results), "servers": list(servers), "replies": results}
+            "all_identical": all(r["identical"] for r in results), "servers": list(servers),
+            "baselines": baselines, "replies": results}
 
 
 # --- workloads ------------------------------------------------------------------------------------------
@@ -949,7 +983,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         if "seed" in workloads:
             # First guess from the warm-up bursts (16 requests; a repetition is a 16-request warm-up plus 100
             # requests per server); then what the last repetition took (Gemma3: ~2.5 minutes).
-            rep_s = sum(result["runs"].get(f"warm-{v}", {}).get("duration", 4.0) * (1 + 100 / 16) for v in servers)
+            warm_runs = {**result["runs"], **result.get("incomplete_runs", {})}
+            rep_s = sum(warm_runs.get(f"warm-{v}", {}).get("duration", 4.0) * (1 + 100 / 16) for v in servers)
             for n, i in enumerate(runs):
                 if remaining() < rep_s:
                     log(f"seed: deadline near ({remaining():.0f} s left, a repetition ~{rep_s:.0f} s), "
@@ -972,8 +1007,13 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     "load (GPU_SERVE_CAPACITY skips that run)")
                 return result
             else:
-                cap = bench(servers["off"], model, capacity, [], out, "capacity-off")
-                result["capacity_req_s"], result["capacity_source"] = cap["request_throughput"], "capacity-off"
+                base = capacity_baseline(list(servers))
+                cap = bench(servers[base], model, capacity, [], out, f"capacity-{base}")
+                if "failure" in cap:  # a rate from the requests that completed would pace every load wrongly
+                    result["failed_runs"][f"capacity-{base}"] = cap["failure"]
+                    log(f"poisson: the capacity run failed ({cap['failure']}); skipping every load")
+                    return result
+                result["capacity_req_s"], result["capacity_source"] = cap["request_throughput"], f"capacity-{base}"
             for j, load in enumerate(loads):  # the issue's must-haves (50 %, 80 %) first
                 rate = load * result["capacity_req_s"]
                 n = int(min(POISSON_MAX, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
@@ -1016,6 +1056,9 @@ def main() -> None:
     too_big = exceeds_the_gpu(args.family, variants)
     if too_big:
         p.error(too_big)
+    workloads = args.workloads.split(",")
+    if {"correct", "poisson"} & set(workloads) and all(VARIANTS[v].plugin or _free_encoder(v) for v in variants):
+        p.error("correct and poisson need a plugin-off server that runs its encoder (off, or off+<flags>)")
     try:
         given_capacity()
     except ValueError as exc:
@@ -1043,7 +1086,7 @@ def main() -> None:
     archive = ["tar", "-cJf", str(args.out / f"gpu-serve-{args.family}.tar.xz"), "-C", str(out.parent), out.name]
     LOADGEN = LoadGenerator()
     try:
-        result = run_family(args.family, model, args.workloads.split(","), variants,
+        result = run_family(args.family, model, workloads, variants,
                             range(args.first_run, args.first_run + args.runs),
                             out, deadline, args.out)
     except BaseException:

@@ -153,10 +153,12 @@ def _lever(runs: dict, variant: str, flags: dict[str, list]) -> dict:
     """A lever against plain off and, for a plugin server (``on+X``), against plain on. A plugin server with SGLang
     flags is also compared with each plugin-off server that ran with the same flags (``off+F``, or
     ``off+F+backport``: SGLang fixes from later releases): the plugin's part alone. A free-encoder server
-    (``+freeenc``) is a floor, not a twin: only its own ``vs_off`` is computed."""
+    (``+freeenc``) is a floor, never a twin: against plain off, and a floor with flags (``off+F+freeenc``) also
+    against ``off+F``, the server whose encoder it removes."""
     out = {"vs_off": _compare(runs, "off", variant)}
     if variant.startswith("on+"):
         out["vs_on"] = _compare(runs, "on", variant)
+    if variant.startswith("on+") or _floor(variant):
         for twin, twin_flags in flags.items():
             if twin.startswith("off+") and not _floor(twin) and twin_flags and twin_flags == flags.get(variant) \
                     and any(tag.endswith(f"-{twin}") for tag in runs):
@@ -296,7 +298,8 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
         if verdict:
             lever["verdict_vs_on"] = verdict
         compared = [lever, *lever.get("by_run", [])]
-        if verdict or any(v for c in compared for side in ("vs_off", "vs_on") for v in c.get(side, {}).values()):
+        if verdict or any(v for c in compared for side, against in c.items() if side.startswith("vs_")
+                          for v in against.values()):
             fam.setdefault("levers", {})[variant] = lever
     # Both servers with the same extra SGLang flags ("off+X" vs "on+X"), the flags alone ("off+X" vs "off"),
     # and the runs in which either server failed (a crashed or hung server: its cause from serve.py).

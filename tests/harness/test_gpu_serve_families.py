@@ -266,7 +266,7 @@ def test_servers_give_greedy_replies_side_by_side_each_one_request_at_a_time(mon
     """Sequentially, four servers' correctness took 131 s of a device command with a 430 s budget (e5bb1ae)."""
     import threading
 
-    servers = {v: serve.Server(v, i, tmp_path / f"server-{v}.log") for i, v in enumerate(["off", "on", "on+x"])}
+    servers = {v: serve.Server(v, i, tmp_path / f"server-{v}.log") for i, v in enumerate(["off", "on", "on+queue4m"])}
     all_asked = threading.Barrier(len(servers), timeout=10)  # broken unless every server is asked at once
     busy: set[str] = set()
     monkeypatch.setattr(serve, "png_b64", lambda size, seed: f"png{seed}")
@@ -277,7 +277,7 @@ def test_servers_give_greedy_replies_side_by_side_each_one_request_at_a_time(mon
         all_asked.wait()
         busy.discard(server.variant)
         picture = content[0]["image_url"]["url"]
-        return picture if server.variant != "on+x" or picture != "png2000" else "something else"
+        return picture if server.variant != "on+queue4m" or picture != "png2000" else "something else"
 
     monkeypatch.setattr(serve, "greedy_reply", greedy_reply)
     result = serve.correctness(servers, tmp_path, 4, video=False)
@@ -671,3 +671,46 @@ def test_the_sdpa_variants_replace_the_harness_triton_vision_attention_for_plugi
     last = [args[len(args) - 1 - args[::-1].index("--mm-attention-backend") + 1] for args in started]
     assert last == ["sdpa", "sdpa", "sdpa", "triton_attn"]
     assert serve.exceeds_the_gpu("gemma3_12b", ["off+mmsdpa", "on+mmsdpa", "off+mmsdpa+freeenc"]) is None
+
+
+def test_each_servers_greedy_replies_are_compared_with_the_plugin_off_server_of_its_own_flags():
+    """Another vision attention kernel may change the replies, so on+mmsdpa answers to off+mmsdpa; a free encoder
+    answers from zeros and is not compared at all (9ca7bdd's planned command has no plain off)."""
+    assert serve.reply_baselines(["off+mmsdpa", "on+mmsdpa", "off+mmsdpa+freeenc"]) == \
+        {"off+mmsdpa": "off+mmsdpa", "on+mmsdpa": "off+mmsdpa"}
+    assert serve.reply_baselines(["off", "on", "off+tok4ipc", "on+tok4ipc", "off+freeenc"]) == \
+        {"off": "off", "on": "off", "off+tok4ipc": "off", "on+tok4ipc": "off+tok4ipc"}
+    assert serve.reply_baselines(["off", "on+queue4m"]) == {"off": "off", "on+queue4m": "off"}
+    assert serve.capacity_baseline(["off+mmsdpa+freeenc", "on+mmsdpa", "off+mmsdpa"]) == "off+mmsdpa"
+    assert serve.capacity_baseline(["on", "off+tok4ipc", "off"]) == "off"
+
+
+def test_correctness_and_poisson_without_a_plugin_off_server_that_encodes_are_refused_before_anything_starts(
+        monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--family", "gemma3_12b", "--variants", "on,off+freeenc",
+                                      "--workloads", "correct,seed"])
+    monkeypatch.setattr(serve, "install", lambda prepared: pytest.fail("started without a baseline"))
+    with pytest.raises(SystemExit):
+        serve.main()
+    assert "plugin-off server that runs its encoder" in capsys.readouterr().err
+
+
+def test_a_capacity_run_with_failed_requests_paces_no_poisson_load(monkeypatch, tmp_path):
+    import time
+
+    monkeypatch.delenv("GPU_SERVE_CAPACITY", raising=False)
+    monkeypatch.setenv("GPU_SERVE_LOADS", "0.5")
+    ran = _servers_stubbed(monkeypatch)
+
+    def bench(server, model, workload, extra, out, tag):
+        ran.append(tag)
+        run = {"duration": 1.0, "request_throughput": 9.0, "completed": 120, "requested": 120}
+        if tag.startswith("capacity"):
+            run.update(completed=100, failure="20 of 120 requests failed: CUDA out of memory")
+        return run
+
+    monkeypatch.setattr(serve, "bench", bench)
+    result = serve.run_family("gemma4_e4b", tmp_path, ["poisson"], ["off", "on"], range(1), tmp_path,
+                              time.monotonic() + 1000, tmp_path)
+    assert result["failed_runs"] == {"capacity-off": "20 of 120 requests failed: CUDA out of memory"}
+    assert "capacity_req_s" not in result and not any(tag.startswith("poisson") for tag in ran)

@@ -437,3 +437,19 @@ def test_a_study_run_with_flags_on_every_server_is_refused_from_the_merge():
     with pytest.raises(SystemExit, match="--sleep-on-idle"):
         summarize.merge_runs([result(), study])
     assert summarize.merge_runs([{**result(), "extra_flags": []}])["family"] == "fam"
+
+
+def test_a_floor_with_sglang_flags_is_read_against_the_server_with_those_flags_even_without_plain_off():
+    """9ca7bdd's next Gemma3 command runs off+mmsdpa, on+mmsdpa and off+mmsdpa+freeenc: no plain off. The floor is
+    what removing the encoder saves off+mmsdpa; against plain off it would also credit the faster kernel."""
+    run = {"family": "fam", "commit": "c",
+           "variants": {"off+x": ["--flag"], "on+x": ["--flag"], "off+x+freeenc": ["--flag"]},
+           "variant_changes": {"off+x": {}, "on+x": {},
+                               "off+x+freeenc": {"config": {}, "env": {}, "free_encoder": True}},
+           "runs": {"seed0-off+x": bench(8_000, 1000), "seed0-on+x": bench(6_000, 1300),
+                    "seed0-off+x+freeenc": bench(4_000, 2000)}}
+    fam = summarize.family_summary(run)
+    floor = fam["levers"]["off+x+freeenc"]
+    assert floor["vs_off+x"]["seed"]["median_ttft_ratio"] == pytest.approx(0.5)
+    assert floor["vs_off"]["seed"] is None
+    assert fam["with_sglang_flags"]["x"]["seed"]["median_ttft_ratio"] == pytest.approx(0.75)

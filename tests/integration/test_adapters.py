@@ -563,16 +563,11 @@ def _batch_sizes(vision_tower: nn.Module) -> tuple[list[int], object]:
     return sizes, vision_tower.register_forward_pre_hook(record, with_kwargs=True)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma4"])
-def test_fixed_size_towers_batch_exactly_when_the_attention_takes_batches(family):
-    """One vision forward for all units where SGLang's attention takes a batch; one per unit where it
-    asserts batch size 1 (SDPA ``flatten_batch``: Gemma4 in 0.5.16/0.5.17). SigLIP's flag is unset by the adapter
-    (its attention gets no ``cu_seqlens``, next test), so Gemma3 batches either way. Same outputs."""
-    model = sm.BUILDERS[family]()
-    if family == "gemma3":
-        units = tower_for(model).units(sm.gemma3_image(model, 3, 1))
-    else:
-        units = [u for seed in (1, 2, 3) for u in tower_for(model).units(sm.gemma4_image(model, 4, 4, 16, seed))]
+def test_gemma4_batches_exactly_when_its_attention_takes_batches():
+    """One vision forward for all units where SGLang's attention takes a batch; one per unit where it asserts batch
+    size 1 (SDPA ``flatten_batch``: Gemma4 in 0.5.16/0.5.17). Same outputs. (SigLIP: the next test.)"""
+    model = sm.gemma4()
+    units = [u for seed in (1, 2, 3) for u in tower_for(model).units(sm.gemma4_image(model, 4, 4, 16, seed))]
     outputs = {}
     for flatten in (True, False):
         _set_flatten_batch(model.vision_tower, flatten)
@@ -583,16 +578,17 @@ def test_fixed_size_towers_batch_exactly_when_the_attention_takes_batches(family
                 outputs[flatten] = tower.forward(units)
         finally:
             hook.remove()
-        one_by_one = flatten and family == "gemma4"
-        assert sizes == ([1] * len(units) if one_by_one else [len(units)]), (flatten, sizes)
+        assert sizes == ([1] * len(units) if flatten else [len(units)]), (flatten, sizes)
     assert len(outputs[True]) == len(outputs[False]) == len(units)
     for one_by_one, batched in zip(outputs[True], outputs[False], strict=True):
         torch.testing.assert_close(one_by_one, batched, atol=1e-4, rtol=1e-3)
 
 
-def test_siglip_hands_its_attention_no_cu_seqlens_so_a_batch_of_crops_needs_no_mask(monkeypatch):
+def test_siglip_hands_its_attention_no_cu_seqlens_so_its_crops_run_as_one_batch_with_sglangs_own_result(
+        monkeypatch):
     """What makes unsetting SigLIP's ``flatten_batch`` safe (adapters._let_siglip_batch): SGLang's SDPA attention
-    builds a mask only from ``cu_seqlens``, and SigLIP never passes one; the batch equals SGLang's own method."""
+    builds a mask only from ``cu_seqlens``, and SigLIP never passes one (nor a mask), so the plugin's one forward of
+    all crops equals SGLang's own method, run first with the flag as SGLang set it."""
     from sglang.srt.layers.attention.vision import VisionSdpaAttention
 
     model = sm.gemma3()
@@ -600,11 +596,18 @@ def test_siglip_hands_its_attention_no_cu_seqlens_so_a_batch_of_crops_needs_no_m
     forward = VisionSdpaAttention.forward
     monkeypatch.setattr(VisionSdpaAttention, "forward", lambda self, *args, **kwargs: seen.append(
         (kwargs.get("cu_seqlens"), kwargs.get("attention_mask"), self.flatten_batch)) or forward(self, *args, **kwargs))
-    tower = tower_for(model)
     item = sm.gemma3_image(model, 3, 11)
     with torch.no_grad():
-        batched = torch.cat(list(tower.forward(tower.units(item))))
         own = model.get_image_feature([item])
+        assert seen and all(cu is None and mask is None and flatten for cu, mask, flatten in seen)
+        seen.clear()
+        tower = tower_for(model)
+        sizes, hook = _batch_sizes(model.vision_tower)
+        try:
+            batched = torch.cat(list(tower.forward(tower.units(item))))
+        finally:
+            hook.remove()
+    assert sizes == [3]
     assert seen and all(cu is None and mask is None and not flatten for cu, mask, flatten in seen)
     torch.testing.assert_close(batched, own.reshape(batched.shape), atol=1e-5, rtol=1e-4)
 

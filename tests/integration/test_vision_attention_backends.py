@@ -32,4 +32,5 @@ def test_the_cpu_smoke_run_writes_one_row_per_backend_and_crop_count(tmp_path, c
     result = json.loads((tmp_path / "vision_attention_backends.json").read_text())
     assert [(r["backend"], r["crops"]) for r in result["rows"]] == [("sdpa", 1), ("sdpa", 2)]
     assert all(r["sglang_ms"] > 0 and r["batch_ms"] > 0 for r in result["rows"])
+    assert all(r["batch_vs_sglang_diff_over_max"] < 1e-5 for r in result["rows"])  # fp32 on CPU
     assert "sdpa" in capsys.readouterr().out
