@@ -485,6 +485,22 @@ def _servers_stubbed(monkeypatch) -> list[str]:
     return ran
 
 
+def _bench_failing(monkeypatch, failing: str, requested: int, failure: str) -> list[str]:
+    """Servers stubbed and runs whose ``requested`` requests all complete, except the run whose tag starts with
+    ``failing``: it carries ``failure`` ("N of M requests failed: ..."), as serve.bench attaches it. The tags run."""
+    ran = _servers_stubbed(monkeypatch)
+
+    def bench(server, model, workload, extra, out, tag):
+        ran.append(tag)
+        run = {"duration": 1.0, "request_throughput": 9.0, "completed": requested, "requested": requested}
+        if tag.startswith(failing):
+            run.update(completed=requested - int(failure.split()[0]), failure=failure)
+        return run
+
+    monkeypatch.setattr(serve, "bench", bench)
+    return ran
+
+
 def test_a_poisson_load_whose_runs_would_outlast_the_deadline_with_their_drain_is_skipped(monkeypatch, tmp_path):
     """Gemma3-12B at 80 % of 2.0 req/s: 30 requests arrive over 18.75 s, and each run took 36-40 s of wall time
     (86aa9fc). Two servers need ~78 s; with 60 s left the load is skipped (arrivals + 5 s a run would have started it,
@@ -642,16 +658,7 @@ def test_a_run_with_failed_requests_is_recorded_as_failed_and_never_compared_whi
     server still runs the next repetition."""
     import time
 
-    ran = _servers_stubbed(monkeypatch)
-
-    def bench(server, model, workload, extra, out, tag):
-        ran.append(tag)
-        run = {"duration": 1.0, "completed": 100, "requested": 100}
-        if tag == "seed0-on":
-            run.update(completed=93, failure="7 of 100 requests failed: CUDA out of memory")
-        return run
-
-    monkeypatch.setattr(serve, "bench", bench)
+    ran = _bench_failing(monkeypatch, "seed0-on", 100, "7 of 100 requests failed: CUDA out of memory")
     result = serve.run_family("gemma4_e4b", tmp_path, ["seed"], ["off", "on"], range(2), tmp_path,
                               time.monotonic() + 1000, tmp_path)
     assert result["failed_runs"] == {"seed0-on": "7 of 100 requests failed: CUDA out of memory"}
@@ -700,16 +707,7 @@ def test_a_capacity_run_with_failed_requests_paces_no_poisson_load(monkeypatch, 
 
     monkeypatch.delenv("GPU_SERVE_CAPACITY", raising=False)
     monkeypatch.setenv("GPU_SERVE_LOADS", "0.5")
-    ran = _servers_stubbed(monkeypatch)
-
-    def bench(server, model, workload, extra, out, tag):
-        ran.append(tag)
-        run = {"duration": 1.0, "request_throughput": 9.0, "completed": 120, "requested": 120}
-        if tag.startswith("capacity"):
-            run.update(completed=100, failure="20 of 120 requests failed: CUDA out of memory")
-        return run
-
-    monkeypatch.setattr(serve, "bench", bench)
+    ran = _bench_failing(monkeypatch, "capacity", 120, "20 of 120 requests failed: CUDA out of memory")
     result = serve.run_family("gemma4_e4b", tmp_path, ["poisson"], ["off", "on"], range(1), tmp_path,
                               time.monotonic() + 1000, tmp_path)
     assert result["failed_runs"] == {"capacity-off": "20 of 120 requests failed: CUDA out of memory"}
