@@ -815,10 +815,15 @@ def _free_encoder(variant: str) -> bool:
     return "free_encoder" in VARIANTS[variant].patches
 
 
+def encoding_offs(variants: list[str]) -> list[str]:
+    """The plugin-off servers that run their vision encoder: what a plugin server is measured and checked against."""
+    return [v for v in variants if not VARIANTS[v].plugin and not _free_encoder(v)]
+
+
 def capacity_baseline(variants: list[str]) -> str:
     """The server whose capacity paces the Poisson loads: plain ``off``, else the first plugin-off server that
     runs its vision encoder (``off+mmsdpa`` in a command of SDPA servers)."""
-    offs = [v for v in variants if not VARIANTS[v].plugin and not _free_encoder(v)]
+    offs = encoding_offs(variants)
     return "off" if "off" in offs else offs[0]
 
 
@@ -827,7 +832,7 @@ def reply_baselines(variants: list[str]) -> dict[str, str]:
     with its SGLang flags (``on+mmsdpa`` -> ``off+mmsdpa``: another vision attention kernel may change the replies),
     else plain ``off``; for a plugin-off server plain ``off`` (itself when it is that one, or when there is none).
     Free-encoder servers answer from zeros and are not compared."""
-    offs = [v for v in variants if not VARIANTS[v].plugin and not _free_encoder(v)]
+    offs = encoding_offs(variants)
     baselines = {}
     for v in variants:
         if _free_encoder(v):
@@ -908,8 +913,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                     "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env,
                                             **({"sglang_backports": True} if "feature_device" in VARIANTS[v].patches
                                                else {}),
-                                            **({"free_encoder": True} if "free_encoder" in VARIANTS[v].patches
-                                               else {})}
+                                            **({"free_encoder": True} if _free_encoder(v) else {})}
                                         for v in variants},
                     "runs": {}, "failed_to_start": {}, "failed_runs": {}}
 
@@ -1057,7 +1061,7 @@ def main() -> None:
     if too_big:
         p.error(too_big)
     workloads = args.workloads.split(",")
-    if {"correct", "poisson"} & set(workloads) and all(VARIANTS[v].plugin or _free_encoder(v) for v in variants):
+    if {"correct", "poisson"} & set(workloads) and not encoding_offs(variants):
         p.error("correct and poisson need a plugin-off server that runs its encoder (off, or off+<flags>)")
     try:
         given_capacity()
