@@ -1,5 +1,6 @@
 """What a Gemma3 crop costs in SGLang's own vision tower under each vision attention backend it offers without
-sgl_kernel's flash ops, eager: SGLang's method (one crop a forward) and the plugin's batch (all crops in one).
+sgl_kernel's flash ops: SGLang's method, the plugin's eager batch (all crops in one forward) and, on CUDA, the
+plugin's graph replay of that batch (``uniform_graphs``: captured on both backends), each against SGLang's features.
 
 Why: in the real-server harness (sglang 0.5.16, ``--mm-attention-backend triton_attn``, because fa3 is not in the
 stripped sgl-kernel) a Gemma3-12B crop took ~58 ms of GPU time alone and ~75 ms beside prefills, and a free encoder
@@ -123,20 +124,32 @@ def measure(tiny: bool, device: torch.device, crops: Sequence[int], reps: int) -
 
     model = gemma3_model(tiny, device)
     tower = tower_for(model)
-    rows, features = [], {}
+    rows, features, graphs = [], {}, {}
     with torch.inference_mode():
         for name, make in attention_backends(device).items():
             layers = use_backend(model, make)
+            captured = None
+            if device.type == "cuda":  # the plugin's graphs (uniform_graphs), one per crop count measured
+                graphs[name] = tower.use_graphs([tower.image_patches * n for n in crops], tp_size=1)
+                captured, tower.graphs = tower.graphs, None
             for n in crops:
                 item = sglang_models.gemma3_image(model, n, seed=n)
                 units = tower.units(item)
                 sglang_ms, own = timed_ms(lambda item=item: model.get_image_feature([item]), device, reps)
                 batch_ms, out = timed_ms(lambda units=units: tower.forward(units), device, reps)
                 features[(name, n)] = torch.cat(list(out)).float()
-                rows.append({"backend": name, "crops": n, "layers": layers,
-                             "sglang_ms": round(sglang_ms, 2), "sglang_ms_a_crop": round(sglang_ms / n, 2),
-                             "batch_ms": round(batch_ms, 2), "batch_ms_a_crop": round(batch_ms / n, 2),
-                             "batch_vs_sglang_diff_over_max": diff_over_max(features[(name, n)], own)})
+                row = {"backend": name, "crops": n, "layers": layers,
+                       "sglang_ms": round(sglang_ms, 2), "sglang_ms_a_crop": round(sglang_ms / n, 2),
+                       "batch_ms": round(batch_ms, 2), "batch_ms_a_crop": round(batch_ms / n, 2),
+                       "batch_vs_sglang_diff_over_max": diff_over_max(features[(name, n)], own)}
+                if captured is not None:
+                    tower.graphs = captured
+                    graph_ms, replayed = timed_ms(lambda units=units: tower.forward(units), device, reps)
+                    tower.graphs = None
+                    row.update(graphs_ms=round(graph_ms, 2), graphs_ms_a_crop=round(graph_ms / n, 2),
+                               graphs_vs_sglang_diff_over_max=diff_over_max(torch.cat(list(replayed)), own))
+                rows.append(row)
+            del captured  # the next backend's capture may use its pool
         kernels = {}
         if device.type == "cuda":
             n = max(crops)
@@ -151,8 +164,8 @@ def measure(tiny: bool, device: torch.device, crops: Sequence[int], reps: int) -
             agreement[str(n)] = diff_over_max(features[(names[1], n)], features[(names[0], n)])
     return {"tower": "gemma3 tiny" if tiny else "gemma3-12b SigLIP so400m 896/14", "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "sglang": _sglang_version(), "rows": rows, "top_kernels": kernels,
-            "backends_diff_over_max": agreement}
+            "torch": torch.__version__, "sglang": _sglang_version(), "rows": rows, "graphs": graphs,
+            "top_kernels": kernels, "backends_diff_over_max": agreement}
 
 
 def _sglang_version() -> str:
@@ -170,15 +183,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
     result = measure(args.tiny, torch.device(args.device), args.crops, args.reps)
-    print(f"{'backend':<12} {'crops':>5} {'SGLang ms':>10} {'/crop':>7} {'batch ms':>9} {'/crop':>7}")
+    print(f"{'backend':<12} {'crops':>5} {'SGLang ms':>10} {'/crop':>7} {'batch ms':>9} {'/crop':>7} "
+          f"{'graphs ms':>10} {'/crop':>7}")
     for r in result["rows"]:
+        replayed = (f"{r['graphs_ms']:>10.1f} {r['graphs_ms_a_crop']:>7.1f}" if "graphs_ms" in r
+                    else f"{'-':>10} {'-':>7}")
         print(f"{r['backend']:<12} {r['crops']:>5} {r['sglang_ms']:>10.1f} {r['sglang_ms_a_crop']:>7.1f} "
-              f"{r['batch_ms']:>9.1f} {r['batch_ms_a_crop']:>7.1f}")
+              f"{r['batch_ms']:>9.1f} {r['batch_ms_a_crop']:>7.1f} {replayed}")
+    for name, line in result["graphs"].items():
+        print(f"graphs, {name}: {line}")
     for name, kernels in result["top_kernels"].items():
         print(f"top kernels, {name}: " + "; ".join(f"{k['kernel'][:50]} {k['share']:.0%}" for k in kernels[:3]))
     print("max |a - b| / max |a| between backends (batched):", result["backends_diff_over_max"])
     print("the same, the plugin's batch against SGLang's method:",
           {f"{r['backend']}/{r['crops']}": r["batch_vs_sglang_diff_over_max"] for r in result["rows"]})
+    print("the same, the plugin's graph replays against SGLang's method:",
+          {f"{r['backend']}/{r['crops']}": r["graphs_vs_sglang_diff_over_max"] for r in result["rows"]
+           if "graphs_ms" in r})
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "vision_attention_backends.json"
     path.write_text(json.dumps(result, indent=1))

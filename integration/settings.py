@@ -45,9 +45,10 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # has little head start to give, and its forward would run beside the scheduler's own kernel launches;
     # such a request is encoded by its prefill, or as soon as a prefill batch passes it over.
     "early_encode_min_waiting": 0,
-    # Qwen towers: CUDA graphs of the vision forward, one per bucket of patches, captured at start-up and
-    # replayed on the encoder's stream (a batch is padded to the smallest bucket that holds it; a larger one
-    # runs eagerly). Empty (default): no graphs. Needs --mm-attention-backend triton_attn.
+    # CUDA graphs of the vision forward, captured at start-up and replayed on the encoder's stream. Qwen towers:
+    # one per bucket of patches (a batch is padded to the smallest bucket that holds it; a larger one is cut into
+    # runs). Gemma3 and Gemma 4: one per batch size of images a bucket holds. Empty (default): no graphs. Needs
+    # --mm-attention-backend triton_attn (Gemma3 also sdpa).
     "vit_graph_patches": [],
     # True: the tokenizer manager's multimodal preprocessing runs on a thread with an event loop of its own
     # (integration/preprocess.py), so a burst's preprocessing no longer holds back replies and intake. Off

@@ -18,16 +18,21 @@ runs ``embed_vision`` on every pooled slot; the pooler's mask picks the real one
 waits for that read before the next replay may start, so Gemma 4's replays never overlap; Gemma3's outputs are copied
 out on the stream and the guard's event keeps another stream off the pool until that copy is done.
 
-Images of another shape (Gemma 4: another token budget, or video frames at 70 tokens) run the tower eagerly. Only
+Images of another shape (Gemma 4: another token budget, or video frames at 70 tokens) run the tower eagerly.
 SGLang's ``triton_attn`` vision backend is captured, with the per-layer ``max_seqlen`` read-back removed
 (``vision_attention.pass_uniform_max_seqlen``); SGLang's cached ``cu_seqlens`` of each shape is held by the graph that
-reads it. TP-sharded towers are not captured (their collectives would be).
+reads it. Gemma3's SigLIP is also captured on SGLang's ``sdpa`` backend (``--mm-attention-backend sdpa``, cuDNN's or
+torch's flash kernel, ~4x faster a crop than ``triton_attn`` on an H200): SigLIP hands its attention no ``cu_seqlens``,
+so SDPA builds no mask and reads nothing back, and each crop of the batch attends within itself, so a zero crop pads
+it. Gemma 4's tower on SDPA passes a mask that padding images would fill with fully masked rows, and takes one image a
+forward where ``flatten_batch`` is set: it is not captured there. TP-sharded towers are not captured (their
+collectives would be).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -93,6 +98,9 @@ class UniformGraphs(CapturedForwards):
 
     padding: tuple[float, ...]
     """Each static input's value in a padding image."""
+    capturable_backends: ClassVar[dict[str, str]] = {CAPTURABLE_BACKEND: "triton_attn"}
+    """SGLang's vision attention classes these graphs may capture, each with its ``--mm-attention-backend`` name
+    (see the module docstring)."""
 
     def __init__(self, model: nn.Module, patches: int, sizes: Sequence[int]) -> None:
         super().__init__()
@@ -109,10 +117,13 @@ class UniformGraphs(CapturedForwards):
     def why_not(cls, model: nn.Module) -> str | None:
         """Why this tower's forward cannot be captured, or None."""
         tower = cls.tower(model)
-        backends = {type(m.qkv_backend).__name__ for m in tower.modules() if hasattr(m, "qkv_backend")}
-        if backends != {CAPTURABLE_BACKEND}:
+        attentions = [m.qkv_backend for m in tower.modules() if hasattr(m, "qkv_backend")]
+        backends = {type(a).__name__ for a in attentions}
+        if len(backends) != 1 or not backends <= cls.capturable_backends.keys():
             return (f"its vision attention backend is {', '.join(sorted(backends)) or 'unknown'}; graphs need "
-                    "--mm-attention-backend triton_attn")
+                    f"--mm-attention-backend {' or '.join(cls.capturable_backends.values())}")
+        if any(getattr(a, "flatten_batch", False) for a in attentions):
+            return "its SDPA vision attention takes one image a forward (flatten_batch)"
         if next(tower.parameters()).device.type != "cuda":
             return "the tower is not on CUDA"
         return None
@@ -196,6 +207,7 @@ class Gemma3VisionGraphs(UniformGraphs):
     """Gemma3's SigLIP and multimodal projector: ``[b, 3, S, S]`` crops at SigLIP's one resolution."""
 
     padding = (0.0,)
+    capturable_backends: ClassVar[dict[str, str]] = {CAPTURABLE_BACKEND: "triton_attn", "VisionSdpaAttention": "sdpa"}
 
     @staticmethod
     def tower(model: nn.Module) -> nn.Module:

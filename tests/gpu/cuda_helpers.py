@@ -26,18 +26,22 @@ def tiny(name: str):
         pytest.skip(f"tiny {name} cannot be built on this host: {type(exc).__name__}: {exc}")
 
 
-def tiny_on_cuda(name: str):
+def tiny_on_cuda(name: str, attention: str = "triton_attn"):
     """The tiny model on CUDA, runnable without sgl_kernel's kernels: SGLang's triton vision attention (what the
-    real-server harness runs; on an H200 SGLang picks fa3, an sgl_kernel op) and, under the stand-in in
-    tests/gpu/shims, the torch paths (``forward_native``) of SGLang's fused ops (RMSNorm, activations)."""
+    real-server harness runs; on an H200 SGLang picks fa3, an sgl_kernel op), or with ``attention="sdpa"`` its SDPA
+    one built as SigLIP builds it (``flatten_batch``), and, under the stand-in in tests/gpu/shims, the torch paths
+    (``forward_native``) of SGLang's fused ops (RMSNorm, activations)."""
     import sgl_kernel
-    from sglang.srt.layers.attention.vision import VisionTritonAttention
+    from sglang.srt.layers.attention.vision import VisionSdpaAttention, VisionTritonAttention
 
     model = tiny(name)
     stand_in = "stand-in" in getattr(sgl_kernel, "__version__", "")
     for module in model.modules():
         if hasattr(module, "qkv_backend"):
-            module.qkv_backend = VisionTritonAttention()
+            module.qkv_backend = VisionTritonAttention() if attention == "triton_attn" else VisionSdpaAttention(
+                head_dim=module.head_size, num_heads=module.num_attention_heads_per_partition,
+                num_kv_heads=module.num_attention_kv_heads_per_partition, softmax_scale=module.softmax_scale,
+                flatten_batch=True)
         if stand_in and hasattr(module, "forward_native") and hasattr(module, "forward_cuda"):
             module.forward = module.forward_native
     return model.to("cuda")

@@ -1,5 +1,5 @@
 """The ViT CUDA graphs of Gemma 4 and Gemma3 (integration/uniform_graphs.py) on real tiny SGLang models on CUDA, with
-SGLang's triton vision attention (the backend graphs are captured for; the real-server harness uses it).
+SGLang's triton vision attention (the real-server harness uses it) and, for Gemma3, its SDPA one.
 
 What would fail if the graphs were wrong:
 * batches of other images in one graph, and a batch padded with padding images: a replay that kept an earlier
@@ -16,8 +16,10 @@ What would fail if the graphs were wrong:
 * the adapter: runs cut to the captured sizes, and every output equal to SGLang's own method;
 * the idle path (``encode_now``, on the scheduler's thread under ``no_grad``): a replay that did not run on the
   caller's stream would read pixels the caller's stream has not written yet;
-* Gemma3 (SigLIP crops, not yet run on a GPU): a padded batch and a kept result against SGLang's own method, and
-  the idle path on the caller's stream.
+* Gemma3 (SigLIP crops), on the triton and on the SDPA vision attention: a padded batch and a kept result against
+  SGLang's own method, and the idle path on the caller's stream. On SDPA the padding crop shares the batch with
+  real ones, so a capture that let it reach them, or that kept SGLang's ``flatten_batch`` (one crop a forward,
+  asserted), fails here.
 
 Run: ``python -m pytest -q tests/gpu/test_uniform_graphs_cuda.py``.
 """
@@ -250,11 +252,11 @@ def test_an_idle_prefills_replay_runs_on_the_callers_stream_after_the_work_queue
         assert (graphs.replays - replays, len(own_calls) - calls) == ((1, 0) if replayed else (0, 1))
 
 
-# --- Gemma3: SigLIP crops at one resolution ---------------------------------------------------------------------
-@pytest.fixture
-def captured_gemma3():
-    model = tiny_on_cuda("gemma3")
-    tower = Gemma3Tower(model)
+# --- Gemma3: SigLIP crops at one resolution, on SGLang's triton and SDPA vision attention ------------------------
+@pytest.fixture(params=["triton_attn", "sdpa"])
+def captured_gemma3(request):
+    model = tiny_on_cuda("gemma3", attention=request.param)
+    tower = Gemma3Tower(model)  # on SDPA: unsets flatten_batch, so a batch of crops runs (and is captured) whole
     line = tower.use_graphs([tower.image_patches * b for b in SIZES], tp_size=1)
     assert line.startswith("ViT CUDA graphs captured for batches of [1, 2, 3] images"), line
     return model, tower, tower.graphs

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
 import build_model
@@ -669,14 +670,20 @@ def test_a_run_with_failed_requests_is_recorded_as_failed_and_never_compared_whi
 
 def test_the_sdpa_variants_replace_the_harness_triton_vision_attention_for_plugin_on_off_and_the_floor(
         monkeypatch, tmp_path):
-    """COMMON_FLAGS pick triton_attn; SGLang's argparse keeps the last value, so the variant's flag must come after."""
+    """COMMON_FLAGS pick triton_attn; SGLang's argparse keeps the last value, so the variant's flag must come after.
+    on+mmsdpa+eager is on+mmsdpa with the shipped config's graphs turned off, and nothing else changed."""
     started = []
     monkeypatch.setattr(serve.subprocess, "Popen", lambda args, **kwargs: started.append(args))
-    for variant in ("off+mmsdpa", "on+mmsdpa", "off+mmsdpa+freeenc", "on"):
+    for variant in ("off+mmsdpa", "on+mmsdpa", "off+mmsdpa+freeenc", "on", "on+mmsdpa+eager"):
         serve.Server(variant, 30000, tmp_path / f"server-{variant}.log").start(
             tmp_path / "model", "gemma3_12b", tmp_path, tmp_path / f"requests-{variant}")
     last = [args[len(args) - 1 - args[::-1].index("--mm-attention-backend") + 1] for args in started]
-    assert last == ["sdpa", "sdpa", "sdpa", "triton_attn"]
+    assert last == ["sdpa", "sdpa", "sdpa", "triton_attn", "sdpa"]
+    eager = yaml.safe_load(Path(started[-1][started[-1].index("--mm-coalescer-config") + 1]).read_text())
+    shipped = yaml.safe_load((serve.REPO / "mm_scheduler" / "configs" / "gemma3.yaml").read_text())
+    assert shipped["sglang"]["vit_graph_patches"] and eager["sglang"].pop("vit_graph_patches") == []
+    shipped["sglang"].pop("vit_graph_patches")
+    assert eager == shipped
     assert serve.exceeds_the_gpu("gemma3_12b", ["off+mmsdpa", "on+mmsdpa", "off+mmsdpa+freeenc"]) is None
 
 

@@ -236,3 +236,26 @@ def test_gemma3s_captured_body_on_a_padded_batch_equals_sglangs_own_method(gemma
     batch.load([items[0].feature])
     got = torch.cat(graphs._read(graphs._forward(batch), 2))
     torch.testing.assert_close(got, gemma3.get_image_feature(items), rtol=1e-4, atol=1e-5)
+
+
+def test_gemma3s_graphs_take_sdpa_or_triton_attention_and_gemma4s_only_triton(gemma3):
+    """SigLIP passes its attention no ``cu_seqlens`` (test_adapters: the premise), so SGLang's SDPA there builds no mask
+    and reads nothing back: capturable once the adapter unsets ``flatten_batch``. Gemma 4 on SDPA passes a mask that
+    padding images would fill with fully masked rows: triton only. On CPU the next reason is the device."""
+    from sglang.srt.layers.attention.vision import VisionTritonAttention
+
+    attentions = [m for m in gemma3.vision_tower.modules() if hasattr(m, "qkv_backend")]
+    assert {type(m.qkv_backend).__name__ for m in attentions} == {"VisionSdpaAttention"}
+    assert Gemma3VisionGraphs.why_not(gemma3) == "its SDPA vision attention takes one image a forward (flatten_batch)"
+    Gemma3Tower(gemma3)  # unsets flatten_batch
+    assert Gemma3VisionGraphs.why_not(gemma3) == "the tower is not on CUDA"
+    attentions[0].qkv_backend = VisionTritonAttention()
+    assert Gemma3VisionGraphs.why_not(gemma3) == ("its vision attention backend is VisionSdpaAttention, "
+                                                  "VisionTritonAttention; graphs need --mm-attention-backend "
+                                                  "triton_attn or sdpa")
+    for module in attentions:
+        module.qkv_backend = VisionTritonAttention()
+    assert Gemma3VisionGraphs.why_not(gemma3) == "the tower is not on CUDA"
+    gemma4 = sm.BUILDERS["gemma4"]()
+    assert Gemma4VisionGraphs.why_not(gemma4) == ("its vision attention backend is VisionSdpaAttention; graphs need "
+                                                  "--mm-attention-backend triton_attn")
