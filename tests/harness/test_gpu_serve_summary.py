@@ -283,6 +283,16 @@ def test_a_free_encoder_server_is_a_floor_against_plain_off_never_the_twin_a_plu
     assert "vs_off+x+freeenc" not in levers["on+x"]
 
 
+def test_summarize_knows_a_floor_by_its_name_exactly_when_serve_patches_its_encoder_free():
+    """summarize reads stored results by server name (``+freeenc``); serve.py frees the encoder by the variant's patch
+    (and records ``free_encoder``): the two must name the same servers, or a floor would be judged as a twin."""
+    import serve
+
+    assert {v for v in serve.VARIANTS if summarize._floor(v)} == {
+        v for v, spec in serve.VARIANTS.items() if "free_encoder" in spec.patches}
+    assert all(not serve.VARIANTS[v].plugin for v in serve.VARIANTS if summarize._floor(v))
+
+
 def test_a_lone_requests_free_encoder_floor_comes_from_the_lone_runs_own_files(tmp_path):
     res = {"family": "fam", "commit": "abc", "variants": {"off": [], "on": []},
            "runs": {"lone-off": bench(200, 10, window=[100.0, 110.0]),
