@@ -33,4 +33,7 @@ def test_the_cpu_smoke_run_writes_one_row_per_backend_and_crop_count(tmp_path, c
     assert [(r["backend"], r["crops"]) for r in result["rows"]] == [("sdpa", 1), ("sdpa", 2)]
     assert all(r["sglang_ms"] > 0 and r["batch_ms"] > 0 for r in result["rows"])
     assert all(r["batch_vs_sglang_diff_over_max"] < 1e-5 for r in result["rows"])  # fp32 on CPU
+    # the plugin's graphs: on CPU none, and the line the plugin would log says why (the SDPA backend passed)
+    assert result["graphs"] == {"sdpa": "ViT CUDA graphs off: the tower is not on CUDA"}
+    assert not any("graphs_ms" in r for r in result["rows"])
     assert "sdpa" in capsys.readouterr().out
