@@ -118,6 +118,26 @@ def diff_over_max(got: torch.Tensor, reference: torch.Tensor) -> float:
     return round(float((got - reference).abs().max() / reference.abs().max().clamp_min(1e-12)), 5)
 
 
+def time_replays(tower: Any, measured: list[tuple[dict[str, Any], Any, torch.Tensor]], device: torch.device,
+                 reps: int) -> str:
+    """The plugin's graphs (``uniform_graphs``) for every crop count of ``measured`` (row, units, SGLang's features),
+    each replay timed into its row with how many calls were replays; returns the line the plugin would log. Runs
+    after the eager rows: capture wraps SGLang's triton attention (``vision_attention.pass_uniform_max_seqlen``)."""
+    crops = [row["crops"] for row, _, _ in measured]
+    try:
+        line = tower.use_graphs([tower.image_patches * n for n in crops], tp_size=1)
+    except Exception as exc:  # as sglang_plugin logs it, and serves eagerly
+        return f"ViT CUDA graphs off: capture failed ({type(exc).__name__}: {exc})"
+    for row, units, own in measured if tower.graphs is not None else []:
+        before = tower.graphs.replays
+        graph_ms, replayed = timed_ms(lambda units=units: tower.forward(units), device, reps)
+        row.update(graphs_ms=round(graph_ms, 2), graphs_ms_a_crop=round(graph_ms / row["crops"], 2),
+                   graphs_replays=tower.graphs.replays - before, graphs_calls=reps + 2,
+                   graphs_vs_sglang_diff_over_max=diff_over_max(torch.cat(list(replayed)), own))
+    tower.graphs = None  # the pool goes before the next backend's capture
+    return line
+
+
 def measure(tiny: bool, device: torch.device, crops: Sequence[int], reps: int) -> dict[str, Any]:
     import sglang_models
     from mm_scheduler_sglang.adapters import tower_for
@@ -128,11 +148,7 @@ def measure(tiny: bool, device: torch.device, crops: Sequence[int], reps: int) -
     with torch.inference_mode():
         for name, make in attention_backends(device).items():
             layers = use_backend(model, make)
-            try:  # the plugin's graphs (uniform_graphs), one per crop count measured; on CPU, why none
-                graphs[name] = tower.use_graphs([tower.image_patches * n for n in crops], tp_size=1)
-            except Exception as exc:  # recorded, as the plugin logs it and serves eagerly
-                graphs[name] = f"capture failed: {type(exc).__name__}: {exc}"
-            captured, tower.graphs = tower.graphs, None
+            measured = []
             for n in crops:
                 item = sglang_models.gemma3_image(model, n, seed=n)
                 units = tower.units(item)
@@ -143,14 +159,9 @@ def measure(tiny: bool, device: torch.device, crops: Sequence[int], reps: int) -
                        "sglang_ms": round(sglang_ms, 2), "sglang_ms_a_crop": round(sglang_ms / n, 2),
                        "batch_ms": round(batch_ms, 2), "batch_ms_a_crop": round(batch_ms / n, 2),
                        "batch_vs_sglang_diff_over_max": diff_over_max(features[(name, n)], own)}
-                if captured is not None:
-                    tower.graphs = captured
-                    graph_ms, replayed = timed_ms(lambda units=units: tower.forward(units), device, reps)
-                    tower.graphs = None
-                    row.update(graphs_ms=round(graph_ms, 2), graphs_ms_a_crop=round(graph_ms / n, 2),
-                               graphs_vs_sglang_diff_over_max=diff_over_max(torch.cat(list(replayed)), own))
                 rows.append(row)
-            del captured  # the next backend's capture may use its pool
+                measured.append((row, units, own))
+            graphs[name] = time_replays(tower, measured, device, reps)
         kernels = {}
         if device.type == "cuda":
             n = max(crops)
@@ -187,8 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{'backend':<12} {'crops':>5} {'SGLang ms':>10} {'/crop':>7} {'batch ms':>9} {'/crop':>7} "
           f"{'graphs ms':>10} {'/crop':>7}")
     for r in result["rows"]:
-        replayed = (f"{r['graphs_ms']:>10.1f} {r['graphs_ms_a_crop']:>7.1f}" if "graphs_ms" in r
-                    else f"{'-':>10} {'-':>7}")
+        replayed = (f"{r['graphs_ms']:>10.1f} {r['graphs_ms_a_crop']:>7.1f} ({r['graphs_replays']} of "
+                    f"{r['graphs_calls']} calls replayed)" if "graphs_ms" in r else f"{'-':>10} {'-':>7}")
         print(f"{r['backend']:<12} {r['crops']:>5} {r['sglang_ms']:>10.1f} {r['sglang_ms_a_crop']:>7.1f} "
               f"{r['batch_ms']:>9.1f} {r['batch_ms_a_crop']:>7.1f} {replayed}")
     for name, line in result["graphs"].items():

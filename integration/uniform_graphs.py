@@ -119,9 +119,11 @@ class UniformGraphs(CapturedForwards):
         tower = cls.tower(model)
         attentions = [m.qkv_backend for m in tower.modules() if hasattr(m, "qkv_backend")]
         backends = {type(a).__name__ for a in attentions}
-        if len(backends) != 1 or not backends <= cls.capturable_backends.keys():
-            return (f"its vision attention backend is {', '.join(sorted(backends)) or 'unknown'}; graphs need "
-                    f"--mm-attention-backend {' or '.join(cls.capturable_backends.values())}")
+        need = f"graphs need --mm-attention-backend {' or '.join(cls.capturable_backends.values())}"
+        if len(backends) > 1:
+            return f"its vision attention layers mix backends ({', '.join(sorted(backends))}); {need}"
+        if not backends or not backends <= cls.capturable_backends.keys():
+            return f"its vision attention backend is {', '.join(backends) or 'unknown'}; {need}"
         if any(getattr(a, "flatten_batch", False) for a in attentions):
             return "its SDPA vision attention takes one image a forward (flatten_batch)"
         if next(tower.parameters()).device.type != "cuda":

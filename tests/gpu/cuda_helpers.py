@@ -34,14 +34,21 @@ def tiny_on_cuda(name: str, attention: str = "triton_attn"):
     import sgl_kernel
     from sglang.srt.layers.attention.vision import VisionSdpaAttention, VisionTritonAttention
 
+    if attention not in ("triton_attn", "sdpa"):
+        raise ValueError(f"attention must be triton_attn or sdpa, got {attention!r}")
     model = tiny(name)
     stand_in = "stand-in" in getattr(sgl_kernel, "__version__", "")
     for module in model.modules():
         if hasattr(module, "qkv_backend"):
-            module.qkv_backend = VisionTritonAttention() if attention == "triton_attn" else VisionSdpaAttention(
+            if attention == "triton_attn":
+                module.qkv_backend = VisionTritonAttention()
+                continue
+            module.qkv_backend = VisionSdpaAttention(
                 head_dim=module.head_size, num_heads=module.num_attention_heads_per_partition,
                 num_kv_heads=module.num_attention_kv_heads_per_partition, softmax_scale=module.softmax_scale,
                 flatten_batch=True)
+            if hasattr(module, "pass_strided_qkv"):  # 0.5.23 decides it for the backend it was built with
+                module.pass_strided_qkv = False
         if stand_in and hasattr(module, "forward_native") and hasattr(module, "forward_cuda"):
             module.forward = module.forward_native
     return model.to("cuda")

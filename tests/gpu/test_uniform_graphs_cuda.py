@@ -46,7 +46,7 @@ from mm_scheduler_sglang.uniform_graphs import Gemma4VisionGraphs
 from mm_scheduler import EncodeItem
 
 from ..core.helpers import calibrated_sleep, cpu_share, require_spinning_default_wait
-from .cuda_helpers import rel_err, tiny_on_cuda
+from .cuda_helpers import BF16_TOL, rel_err, tiny_on_cuda
 
 pytestmark = pytest.mark.gpu
 SIZES = [1, 2, 3]
@@ -330,3 +330,19 @@ def test_gemma3s_crops_in_host_memory_reach_the_replay_without_the_host_waiting(
         torch.cuda.set_sync_debug_mode(0)
     assert returned < 0.15
     assert rel_err(torch.cat(out), expected) < TOL
+
+
+@torch.inference_mode()
+def test_gemma3s_bf16_replay_on_sdpa_matches_sglangs_own_method():
+    """In bf16, as served, SDPA takes torch's flash or cuDNN kernel (the float32 fixture above takes the
+    memory-efficient one), the path a real ``--mm-attention-backend sdpa`` server captures: two crops replayed in
+    the graph of three (a zero crop pads it) against SGLang's own method, and the call counted as a replay."""
+    model = tiny_on_cuda("gemma3", attention="sdpa").to(torch.bfloat16)
+    tower = Gemma3Tower(model)
+    line = tower.use_graphs([tower.image_patches * 3], tp_size=1)
+    assert line.startswith("ViT CUDA graphs captured for batches of [3] images"), line
+    items = _crops(model, [2], 60)
+    units = [EncodeItem(crop, tower.num_patches) for crop in items[0].feature]
+    out = tower.forward(units)
+    assert tower.graphs.replays == 1
+    assert rel_err(torch.cat(out), model.get_image_feature(items)) < BF16_TOL

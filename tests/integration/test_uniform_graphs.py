@@ -223,11 +223,8 @@ def test_gemma3s_static_crops_are_siglips_resolution_and_pad_to_zero(gemma3):
 
 @torch.inference_mode()
 def test_gemma3s_captured_body_on_a_padded_batch_equals_sglangs_own_method(gemma3):
-    """On CPU SGLang's SDPA takes one crop a forward (``flatten_batch``); without it, it takes a batch, as the triton
-    backend the graphs are captured for does: two crops padded to a batch of three, against the model's own method."""
-    for module in gemma3.vision_tower.modules():
-        if getattr(module, "flatten_batch", False):
-            module.flatten_batch = False
+    """The captured body on SGLang's SDPA (one of the two backends it is captured on; the adapter unsets SigLIP's
+    ``flatten_batch``): two crops padded to a batch of three, against the model's own method."""
     tower = Gemma3Tower(gemma3)
     items = [sm.gemma3_image(gemma3, 2, 21)]
     graphs = Gemma3VisionGraphs(gemma3, tower.image_patches, [3])
@@ -250,8 +247,8 @@ def test_gemma3s_graphs_take_sdpa_or_triton_attention_and_gemma4s_only_triton(ge
     Gemma3Tower(gemma3)  # unsets flatten_batch
     assert Gemma3VisionGraphs.why_not(gemma3) == "the tower is not on CUDA"
     attentions[0].qkv_backend = VisionTritonAttention()
-    assert Gemma3VisionGraphs.why_not(gemma3) == ("its vision attention backend is VisionSdpaAttention, "
-                                                  "VisionTritonAttention; graphs need --mm-attention-backend "
+    assert Gemma3VisionGraphs.why_not(gemma3) == ("its vision attention layers mix backends (VisionSdpaAttention, "
+                                                  "VisionTritonAttention); graphs need --mm-attention-backend "
                                                   "triton_attn or sdpa")
     for module in attentions:
         module.qkv_backend = VisionTritonAttention()
@@ -259,3 +256,32 @@ def test_gemma3s_graphs_take_sdpa_or_triton_attention_and_gemma4s_only_triton(ge
     gemma4 = sm.BUILDERS["gemma4"]()
     assert Gemma4VisionGraphs.why_not(gemma4) == ("its vision attention backend is VisionSdpaAttention; graphs need "
                                                   "--mm-attention-backend triton_attn")
+
+
+@torch.inference_mode()
+def test_siglips_captured_body_on_sdpa_reads_nothing_back_to_the_host_and_builds_no_mask(gemma3):
+    """What makes SDPA capturable for SigLIP, on this SGLang: while the captured body runs on a padded batch, no tensor
+    is read to the host (``item``, ``tolist``, ``cpu``, a truth value) and every SDPA call gets no mask. A future
+    SGLang that built SigLIP's mask from ``cu_seqlens`` (a ``.cpu()`` a layer) would fail here, not in a capture."""
+    from torch.overrides import TorchFunctionMode
+
+    reads, masks = [], []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            if name in ("item", "tolist", "cpu", "__bool__", "numpy"):
+                reads.append(name)
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                masks.append(kwargs.get("attn_mask", args[3] if len(args) > 3 else None))
+            return func(*args, **kwargs)
+
+    tower = Gemma3Tower(gemma3)
+    graphs = Gemma3VisionGraphs(gemma3, tower.image_patches, [3])
+    batch = _Batch(3, graphs._static_inputs(3, torch.device("cpu")), graphs.padding)
+    batch.load([sm.gemma3_image(gemma3, 2, 5).feature])
+    with Watch():
+        graphs._forward(batch)
+    assert reads == [] and len(masks) == gemma3.config.vision_config.num_hidden_layers
+    assert all(mask is None for mask in masks)

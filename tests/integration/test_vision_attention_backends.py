@@ -37,3 +37,51 @@ def test_the_cpu_smoke_run_writes_one_row_per_backend_and_crop_count(tmp_path, c
     assert result["graphs"] == {"sdpa": "ViT CUDA graphs off: the tower is not on CUDA"}
     assert not any("graphs_ms" in r for r in result["rows"])
     assert "sdpa" in capsys.readouterr().out
+
+
+class _GraphedTower:
+    """What time_replays uses of an adapter: ``use_graphs`` (capturing, declining or raising) and ``forward``, which
+    counts a replay while graphs are held (``replay``: whether a call replays)."""
+
+    image_patches = 4
+
+    def __init__(self, capture: str | Exception, replay: bool = True) -> None:
+        self.graphs, self.asked, self._capture, self._replay = None, None, capture, replay
+
+    def use_graphs(self, buckets, *, tp_size):
+        self.asked = (buckets, tp_size)
+        if isinstance(self._capture, Exception):
+            raise self._capture
+        if self._capture.startswith("ViT CUDA graphs captured"):
+            self.graphs = type("Graphs", (), {"replays": 0})()
+        return self._capture
+
+    def forward(self, units):
+        self.graphs.replays += self._replay
+        return [unit * 2 for unit in units]
+
+
+def _measured():
+    return [({"crops": n}, [torch.full((1, 3), float(n))] * n, torch.full((n, 3), 2.0 * n)) for n in (1, 2)]
+
+
+def test_replays_are_timed_into_their_rows_after_capture_with_how_many_calls_replayed():
+    tower, measured = _GraphedTower("ViT CUDA graphs captured for batches of [1, 2] images"), _measured()
+    line = vab.time_replays(tower, measured, torch.device("cpu"), reps=3)
+    assert line.startswith("ViT CUDA graphs captured") and tower.asked == ([4, 8], 1) and tower.graphs is None
+    for row, _, _ in measured:
+        assert row["graphs_ms"] >= 0 and row["graphs_calls"] == row["graphs_replays"] == 5  # 2 warm-ups + 3
+        assert row["graphs_vs_sglang_diff_over_max"] == 0.0
+
+
+def test_a_call_the_graphs_declined_shows_in_the_row_and_a_failed_capture_leaves_the_rows_eager():
+    tower, measured = _GraphedTower("ViT CUDA graphs captured for batches of [1, 2] images", replay=False), _measured()
+    vab.time_replays(tower, measured, torch.device("cpu"), reps=3)
+    assert [row["graphs_replays"] for row, _, _ in measured] == [0, 0]  # timed, but not replays: the row says so
+    for capture, line in [(RuntimeError("operation not permitted when stream is capturing"),
+                           "ViT CUDA graphs off: capture failed (RuntimeError: operation not permitted when stream is "
+                           "capturing)"),
+                          ("ViT CUDA graphs off: the tower is not on CUDA",) * 2]:
+        measured = _measured()
+        assert vab.time_replays(_GraphedTower(capture), measured, torch.device("cpu"), reps=1) == line
+        assert all(set(row) == {"crops"} for row, _, _ in measured)
