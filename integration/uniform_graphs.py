@@ -122,8 +122,9 @@ class UniformGraphs(CapturedForwards):
         need = f"graphs need --mm-attention-backend {' or '.join(cls.capturable_backends.values())}"
         if len(backends) > 1:
             return f"its vision attention layers mix backends ({', '.join(sorted(backends))}); {need}"
-        if not backends or not backends <= cls.capturable_backends.keys():
-            return f"its vision attention backend is {', '.join(backends) or 'unknown'}; {need}"
+        backend = next(iter(backends), None)
+        if backend not in cls.capturable_backends:
+            return f"its vision attention backend is {backend or 'unknown'}; {need}"
         if any(getattr(a, "flatten_batch", False) for a in attentions):
             return "its SDPA vision attention takes one image a forward (flatten_batch)"
         if next(tower.parameters()).device.type != "cuda":

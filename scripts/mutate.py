@@ -48,6 +48,8 @@ TESTS_OF: dict[str, list[str]] = {
                                      SI + "test_defer_prefill.py", SI + "test_startup_guard.py",
                                      SI + "test_service.py"],
     "integration/adapters.py": [SI + "test_adapters.py", SI + "test_equivalence.py", SI + "test_dp_encoder.py"],
+    # capture and replay need CUDA (tests/gpu); here: the cut into replays, the buckets, why_not, the static batch
+    "integration/uniform_graphs.py": [SI + "test_uniform_graphs.py", SI + "test_vit_graphs.py"],
     "integration/modes.py": [SI + "test_modes.py", SI + "test_dp_encoder.py"],
     "integration/settings.py": [SI + "test_plugin_settings.py", SI + "test_plugin_hooks.py",
                                 SI + "test_check_config.py"],  # the budget check, as server and CLI report it

@@ -85,8 +85,9 @@ def test_the_captured_body_on_a_padded_batch_equals_sglangs_own_method(gemma4):
     batch.load([torch.cat([item.feature for item in items]),
                 torch.cat([item.model_specific_data["image_position_ids"] for item in items])])
     assert (batch.inputs[1][2] == -1).all() and (batch.inputs[0][2] == 0).all()
-    got = torch.cat(graphs._read(graphs._forward(batch), 2))
-    torch.testing.assert_close(got, gemma4.get_image_feature(items), rtol=1e-4, atol=1e-5)
+    got = graphs._read(graphs._forward(batch), 2)
+    assert [rows.shape[0] for rows in got] == [tower.output_tokens(item) for item in items]  # one tensor an image
+    torch.testing.assert_close(torch.cat(got), gemma4.get_image_feature(items), rtol=1e-4, atol=1e-5)
 
 
 class _Recorder:
@@ -231,8 +232,19 @@ def test_gemma3s_captured_body_on_a_padded_batch_equals_sglangs_own_method(gemma
     batch = _Batch(3, graphs._static_inputs(3, torch.device("cpu")), graphs.padding)
     batch.inputs[0].fill_(5)
     batch.load([items[0].feature])
-    got = torch.cat(graphs._read(graphs._forward(batch), 2))
-    torch.testing.assert_close(got, gemma3.get_image_feature(items), rtol=1e-4, atol=1e-5)
+    got = graphs._read(graphs._forward(batch), 2)
+    assert [rows.shape[0] for rows in got] == [1, 1]  # one tensor a crop
+    torch.testing.assert_close(torch.cat(got), gemma3.get_image_feature(items), rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_loaded_with_nothing_is_all_padding_and_batch_sizes_are_positive_distinct_and_sorted(gemma3):
+    """Capture's warm-up loads no inputs: every slot is a padding image (what an earlier batch left is overwritten)."""
+    graphs = Gemma3VisionGraphs(gemma3, Gemma3Tower(gemma3).image_patches, [0, 4, 1, 4, 2])
+    assert graphs.sizes == [1, 2, 4]
+    batch = _Batch(2, graphs._static_inputs(2, torch.device("cpu")), graphs.padding)
+    batch.inputs[0].fill_(5)
+    batch.load([])
+    assert batch.images == 2 and (batch.inputs[0] == 0).all()
 
 
 def test_gemma3s_graphs_take_sdpa_or_triton_attention_and_gemma4s_only_triton(gemma3):
@@ -256,6 +268,13 @@ def test_gemma3s_graphs_take_sdpa_or_triton_attention_and_gemma4s_only_triton(ge
     gemma4 = sm.BUILDERS["gemma4"]()
     assert Gemma4VisionGraphs.why_not(gemma4) == ("its vision attention backend is VisionSdpaAttention; graphs need "
                                                   "--mm-attention-backend triton_attn")
+    for module in gemma4.vision_tower.modules():
+        if hasattr(module, "qkv_backend"):
+            module.qkv_backend = VisionTritonAttention()
+    assert Gemma4VisionGraphs.why_not(gemma4) == "the tower is not on CUDA"
+    no_attention = type("Model", (), {"vision_tower": torch.nn.Linear(2, 2)})()
+    assert Gemma3VisionGraphs.why_not(no_attention) == ("its vision attention backend is unknown; graphs need "
+                                                        "--mm-attention-backend triton_attn or sdpa")
 
 
 @torch.inference_mode()
