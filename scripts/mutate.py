@@ -50,6 +50,11 @@ TESTS_OF: dict[str, list[str]] = {
     "integration/adapters.py": [SI + "test_adapters.py", SI + "test_equivalence.py", SI + "test_dp_encoder.py"],
     # capture and replay need CUDA (tests/gpu); here: the cut into replays, the buckets, why_not, the static batch
     "integration/uniform_graphs.py": [SI + "test_uniform_graphs.py", SI + "test_vit_graphs.py"],
+    "integration/vit_graphs.py": [SI + "test_vit_graphs.py", SI + "test_uniform_graphs.py"],
+    "integration/preprocess.py": [SI + "test_preprocess_thread.py"],
+    "integration/vision_attention.py": [SI + "test_vision_attention.py"],
+    "integration/position_lookup.py": [SI + "test_position_lookup.py"],
+    "integration/norm_lock.py": [SI + "test_norm_lock.py"],
     "integration/modes.py": [SI + "test_modes.py", SI + "test_dp_encoder.py"],
     "integration/settings.py": [SI + "test_plugin_settings.py", SI + "test_plugin_hooks.py",
                                 SI + "test_check_config.py"],  # the budget check, as server and CLI report it

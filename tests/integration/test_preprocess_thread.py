@@ -87,11 +87,26 @@ def test_every_report_every_calls_one_line_says_where_the_calls_waited(fresh_loo
     assert "to start on the thread" in lines[0] and "back on the tokenizer manager's loop" in lines[0]
 
 
-def test_the_call_summary_gives_each_stage_median_and_max_in_ms():
-    calls = [(0.0, 0.010, 0.110, 0.111), (0.0, 0.020, 0.320, 2.320), (1.0, 1.030, 1.130, 1.140)]
+def test_the_call_summary_gives_the_span_and_each_stages_median_and_max_in_ms():
+    """Five calls (the median is the third), first submitted at 5 s: the span runs from there to the last answer."""
+    calls = [(5.0, 5.010, 5.110, 5.111), (5.0, 5.020, 5.320, 7.320), (6.0, 6.030, 6.130, 6.140),
+             (6.1, 6.140, 6.240, 6.245), (6.2, 6.250, 7.249, 7.250)]
     assert preprocess.summarize_calls(calls) == (
-        "3 calls in 2.32 s (p50 / max ms): to start on the thread 20 / 30, on the thread 100 / 300, "
-        "back on the tokenizer manager's loop 10 / 2000")
+        "5 calls in 2.32 s (p50 / max ms): to start on the thread 30 / 50, on the thread 100 / 999, "
+        "back on the tokenizer manager's loop 5 / 2000")
+
+
+def test_stats_before_any_move_and_the_thread_never_holds_the_process_open(fresh_loop):
+    assert preprocess.stats() == {"calls": 0, "thread": None}
+    preprocess.move_off_the_loop(SimpleNamespace(mm_processor=MMProcessor()))
+    assert preprocess._loop.thread.daemon and preprocess.stats() == {"calls": 0, "thread": "mm-coalescer-preprocess"}
+
+
+def test_a_processor_whose_hf_processor_has_no_tokenizer_is_cloned_too():
+    mm = MMProcessor()
+    mm._processor, mm._tokenizer = SimpleNamespace(image_size=4), None
+    clone = preprocess.isolated_clone(mm)
+    assert clone._processor is not mm._processor and clone._processor.image_size == 4 and clone._tokenizer is None
 
 
 def test_an_error_reaches_the_request_that_caused_it_and_the_next_request_is_served(fresh_loop):

@@ -116,6 +116,20 @@ def test_the_padded_static_forward_equals_sglangs_own_forward(qwen, grids, bucke
 
 
 @torch.inference_mode()
+def test_six_images_and_more_take_sglangs_vectorized_position_embedding_and_still_equal_its_own_forward(qwen):
+    """Qwen3-VL on SGLang 0.5.23 interpolates position embeddings with a vectorized path from 6 images a call
+    (``_use_vectorized_pos_embed``; a seed request has 6): the static forward must take that path as SGLang does."""
+    grids = [(1, 4, 4), (1, 4, 8), (1, 8, 4), (1, 4, 4), (1, 8, 8), (1, 4, 4), (1, 4, 4)]
+    graphs = QwenVisionGraphs(qwen.visual, [4096])
+    pixels, grid = _pixels(qwen, grids, 7), torch.tensor(grids)
+    prepared = graphs.prepare(pixels, grid)
+    static, layout = graphs.fit(graphs.allocate(torch.device("cpu")), prepared)
+    static.load(prepared, *layout)
+    out = graphs.unpad(graphs._blocks(static), prepared)
+    torch.testing.assert_close(out, qwen.visual(pixels, grid_thw=grid), rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
 def test_a_batch_no_bucket_holds_is_not_fitted(qwen):
     graphs = QwenVisionGraphs(qwen.visual, [256])
     statics = graphs.allocate(torch.device("cpu"))
@@ -173,6 +187,22 @@ def test_runs_never_hold_more_units_than_a_bucket_has_segments_for():
     runs = cut_into_runs([16] * 7, buckets)
     assert all(b - a <= 3 for a, b in runs) and sum(b - a for a, b in runs) == 7
     assert cut_into_runs([], buckets) == []
+
+
+def test_a_run_that_exactly_fills_a_buckets_rows_or_units_is_one_replay_and_without_buckets_each_unit_runs_alone():
+    assert cut_into_runs([2048, 2048], make_buckets([4096], None)) == [(0, 2)]  # 4,096 rows in 4,096
+    assert cut_into_runs([16] * 3, make_buckets([1024], None)) == [(0, 3)]  # room for 3 units
+    assert cut_into_runs([5, 6], []) == [(0, 1), (1, 2)]
+
+
+def test_a_qwen_tower_on_the_capturable_backend_is_refused_only_for_not_being_on_cuda():
+    from sglang.srt.layers.attention.vision import VisionTritonAttention
+
+    model = sm.BUILDERS["qwen2_5_vl"]()
+    assert QwenVisionGraphs.why_not(model.visual).startswith("its vision attention backend is VisionSdpaAttention")
+    for block in model.visual.blocks:
+        block.attn.qkv_backend = VisionTritonAttention()
+    assert QwenVisionGraphs.why_not(model.visual) == "the tower is not on CUDA"
 
 
 @torch.inference_mode()
