@@ -58,13 +58,10 @@ def gemma3_model(tiny: bool, device: torch.device) -> torch.nn.Module:
 
 def attention_backends(device: torch.device) -> dict[str, Callable[[Any], torch.nn.Module]]:
     """SGLang's vision attention implementations that run without sgl_kernel, each built for one layer."""
-    from sglang.srt.layers.attention.vision import VisionSdpaAttention, VisionTritonAttention
+    import sglang_models
+    from sglang.srt.layers.attention.vision import VisionTritonAttention
 
-    backends: dict[str, Callable[[Any], torch.nn.Module]] = {
-        "sdpa": lambda layer: VisionSdpaAttention(head_dim=layer.head_size,
-                                                  num_heads=layer.num_attention_heads_per_partition,
-                                                  num_kv_heads=layer.num_attention_kv_heads_per_partition,
-                                                  softmax_scale=layer.softmax_scale)}
+    backends: dict[str, Callable[[Any], torch.nn.Module]] = {"sdpa": sglang_models.sdpa_attention}
     if device.type == "cuda":
         backends["triton_attn"] = lambda layer: VisionTritonAttention()
     return backends

@@ -32,7 +32,8 @@ def tiny_on_cuda(name: str, attention: str = "triton_attn"):
     one built as SigLIP builds it (``flatten_batch``), and, under the stand-in in tests/gpu/shims, the torch paths
     (``forward_native``) of SGLang's fused ops (RMSNorm, activations)."""
     import sgl_kernel
-    from sglang.srt.layers.attention.vision import VisionSdpaAttention, VisionTritonAttention
+    import sglang_models
+    from sglang.srt.layers.attention.vision import VisionTritonAttention
 
     if attention not in ("triton_attn", "sdpa"):
         raise ValueError(f"attention must be triton_attn or sdpa, got {attention!r}")
@@ -43,10 +44,7 @@ def tiny_on_cuda(name: str, attention: str = "triton_attn"):
             if attention == "triton_attn":
                 module.qkv_backend = VisionTritonAttention()
                 continue
-            module.qkv_backend = VisionSdpaAttention(
-                head_dim=module.head_size, num_heads=module.num_attention_heads_per_partition,
-                num_kv_heads=module.num_attention_kv_heads_per_partition, softmax_scale=module.softmax_scale,
-                flatten_batch=True)
+            module.qkv_backend = sglang_models.sdpa_attention(module, flatten_batch=True)
             if hasattr(module, "pass_strided_qkv"):  # 0.5.23 decides it for the backend it was built with
                 module.pass_strided_qkv = False
         if stand_in and hasattr(module, "forward_native") and hasattr(module, "forward_cuda"):

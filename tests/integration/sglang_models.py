@@ -189,6 +189,16 @@ def gemma4(pooling_kernel_size: int = 2) -> nn.Module:
 BUILDERS = {"qwen2_5_vl": qwen2_5_vl, "qwen3_vl": qwen3_vl, "gemma3": gemma3, "gemma4": gemma4}
 
 
+def sdpa_attention(layer: nn.Module, flatten_batch: bool = False) -> nn.Module:
+    """SGLang's SDPA vision attention for one ``VisionAttention`` layer (its heads, head size and scale), as
+    ``--mm-attention-backend sdpa`` builds it; SigLIP builds it with ``flatten_batch``."""
+    from sglang.srt.layers.attention.vision import VisionSdpaAttention
+
+    return VisionSdpaAttention(head_dim=layer.head_size, num_heads=layer.num_attention_heads_per_partition,
+                               num_kv_heads=layer.num_attention_kv_heads_per_partition,
+                               softmax_scale=layer.softmax_scale, flatten_batch=flatten_batch)
+
+
 # --- items -------------------------------------------------------------------------------------------
 def make_item(modality: str, feature: torch.Tensor, hash_value: int, **model_specific):
     from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
