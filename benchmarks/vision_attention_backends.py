@@ -137,6 +137,7 @@ def time_replays(tower: Any, measured: list[tuple[dict[str, Any], Any, torch.Ten
 
 def measure(tiny: bool, device: torch.device, crops: Sequence[int], reps: int) -> dict[str, Any]:
     import sglang_models
+    from mm_scheduler_sglang import sglang_compat
     from mm_scheduler_sglang.adapters import tower_for
 
     model = gemma3_model(tiny, device)
@@ -173,14 +174,8 @@ def measure(tiny: bool, device: torch.device, crops: Sequence[int], reps: int) -
             agreement[str(n)] = diff_over_max(features[(names[1], n)], features[(names[0], n)])
     return {"tower": "gemma3 tiny" if tiny else "gemma3-12b SigLIP so400m 896/14", "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "sglang": _sglang_version(), "rows": rows, "graphs": graphs,
+            "torch": torch.__version__, "sglang": sglang_compat.current().version_text, "rows": rows, "graphs": graphs,
             "top_kernels": kernels, "backends_diff_over_max": agreement}
-
-
-def _sglang_version() -> str:
-    import sglang
-
-    return getattr(sglang, "__version__", "?")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
