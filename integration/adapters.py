@@ -40,7 +40,7 @@ from mm_scheduler import EncodeItem
 from mm_scheduler.executor import wait_asleep
 from mm_scheduler.towers._staging import stage
 
-from . import sglang_compat
+from . import pixel_transport, sglang_compat
 from .uniform_graphs import Gemma3VisionGraphs, Gemma4VisionGraphs, UniformGraphs, images_per_bucket
 from .vit_graphs import QwenVisionGraphs, cut_into_runs, patch_width
 
@@ -167,13 +167,15 @@ def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
     the CPU after each forward), and the concatenation raised in the scheduler and took the server down (real
     server, e12f02a, plugin off). Later SGLang moves every item to the tower's device itself (0.5.23
     ``_materialize_visual_items``); this does the same for the calls the plugin hands to SGLang's method, after
-    any copy SGLang still has in flight into a feature (0.5.23 offloads re-prefill features on a copy stream)."""
+    any copy SGLang still has in flight into a feature (0.5.23 offloads re-prefill features on a copy stream).
+    uint8 pixels (``sglang.uint8_pixels``) are widened on ``device``, as SGLang's method expects float pixels."""
     devices = {item.feature.device for item in items if isinstance(item.feature, torch.Tensor)}
     if len(devices) > 1:
         for item in items:
             if isinstance(item.feature, torch.Tensor) and item.feature.device != device:
                 _wait_for_pending_copy(item, device)
                 item.feature = item.feature.to(device, non_blocking=True)
+    pixel_transport.widen_items(items, device)
     return list(items)
 
 
@@ -182,8 +184,15 @@ def stack_on(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch
     memory, never a copy that makes the thread wait for the GPU. A plain ``.to(cuda, dtype)`` of a pageable host
     tensor synchronized the encoder stream, so the forward thread waited for every batch ahead of it (Gemma3's
     real server: 361 ms a forward's "launch", e5bb1ae). A ``cuda_ipc`` batch can hold units rebuilt on the GPU
-    beside units on the CPU (:func:`on_one_device`): ``stage`` copies each where it is."""
-    return stage(tensors, device, dtype or tensors[0].dtype)
+    beside units on the CPU (:func:`on_one_device`): ``stage`` copies each where it is. uint8 pixels
+    (``sglang.uint8_pixels``) land as uint8, a quarter of the bytes, and are widened there before the cast."""
+    dtype = dtype or tensors[0].dtype
+    narrow = [t.dtype == torch.uint8 for t in tensors]
+    if not any(narrow) or not dtype.is_floating_point:
+        return stage(tensors, device, dtype)
+    if all(narrow):
+        return pixel_transport.widen(stage(tensors, device, torch.uint8)).to(dtype)
+    return stage([pixel_transport.widen(t) for t in tensors], device, dtype)  # widen() leaves float units as they are
 
 
 def _tensor_digest(tensor: torch.Tensor) -> tuple[Any, ...]:

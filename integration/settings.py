@@ -54,6 +54,10 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # (integration/preprocess.py), so a burst's preprocessing no longer holds back replies and intake. Off
     # (default) until measured on a GPU; nothing changes where SGLang already runs its processor off the loop.
     "preprocess_thread": False,
+    # True: where it is lossless (Gemma 4's processor only rescales by 1/255), image pixels cross from the
+    # tokenizer manager to the scheduler as uint8, a quarter of the float32 bytes, and are widened bit for bit
+    # where they are used (integration/pixel_transport.py). Off (default) until measured on a GPU.
+    "uint8_pixels": False,
 }
 MAX_GRAPH_BUCKETS = 8
 _TRUE = {"1", "true", "yes", "on"}
@@ -175,9 +179,12 @@ def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
     preprocess_thread = section.get("preprocess_thread", PLUGIN_DEFAULTS["preprocess_thread"])
     if not isinstance(preprocess_thread, bool):
         raise ValueError(f"{config_path}: sglang.preprocess_thread must be true or false, got {preprocess_thread!r}")
+    uint8_pixels = section.get("uint8_pixels", PLUGIN_DEFAULTS["uint8_pixels"])
+    if not isinstance(uint8_pixels, bool):
+        raise ValueError(f"{config_path}: sglang.uint8_pixels must be true or false, got {uint8_pixels!r}")
     return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer),
             "early_encode_min_waiting": min_waiting, "vit_graph_patches": sorted(set(buckets)),
-            "preprocess_thread": preprocess_thread}
+            "preprocess_thread": preprocess_thread, "uint8_pixels": uint8_pixels}
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -24,8 +24,9 @@ Hooks, and why each sits where it does:
 * ``Scheduler.run_batch`` (AFTER): the forward (launched synchronously on the scheduler thread,
   embeddings included) has consumed the items whose tokens lie before each request's
   ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
-* ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.preprocess_thread``, in the launcher once
-  its arguments are parsed): the multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
+* ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.uint8_pixels`` or ``sglang.preprocess_thread``,
+  in the launcher once its arguments are parsed): the image processor is asked for uint8 pixels
+  (:mod:`.pixel_transport`), then the multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
 * ``Scheduler.get_next_batch_to_run`` and, on PD prefill servers, ``get_next_disagg_prefill_batch_to_run``
   (AFTER): about once a second, the sweep releases holds of requests the scheduler no longer has.
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
@@ -154,11 +155,16 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
 
 
 # --- tokenizer manager --------------------------------------------------------------------------
+_TOKENIZER_MANAGER_SETTINGS = ("uint8_pixels", "preprocess_thread")
+
+
 def _hook_tokenizer_manager(chosen: dict[str, Any] | None) -> None:
-    """With ``sglang.preprocess_thread``, hook ``TokenizerManager.__init__`` (once, in the launcher, where SGLang
-    builds the tokenizer manager after parsing its arguments; see ``sglang_compat.TOKENIZER_MANAGER_INIT``)."""
+    """With a setting of :data:`_TOKENIZER_MANAGER_SETTINGS`, hook ``TokenizerManager.__init__`` (once, in the
+    launcher, where SGLang builds the tokenizer manager after parsing its arguments; see
+    ``sglang_compat.TOKENIZER_MANAGER_INIT``)."""
     global _tokenizer_manager_hooked
-    if chosen is None or not chosen.get("plugin", {}).get("preprocess_thread") or _tokenizer_manager_hooked:
+    plugin = (chosen or {}).get("plugin", {})
+    if not any(plugin.get(name) for name in _TOKENIZER_MANAGER_SETTINGS) or _tokenizer_manager_hooked:
         return
     _tokenizer_manager_hooked = True
     HookRegistry.register(sglang_compat.TOKENIZER_MANAGER_INIT, _after_tokenizer_manager_init, HookType.AFTER)
@@ -166,9 +172,25 @@ def _hook_tokenizer_manager(chosen: dict[str, Any] | None) -> None:
 
 
 def _after_tokenizer_manager_init(_result: None, tokenizer_manager: Any, *args: Any, **kwargs: Any) -> None:
-    """``sglang.preprocess_thread``: its multimodal preprocessing moves off its event loop (:mod:`.preprocess`)."""
+    """``sglang.uint8_pixels``: its image processor sends uint8 pixels (:mod:`.pixel_transport`), before any clone
+    of it is taken; ``sglang.preprocess_thread``: its multimodal preprocessing moves off its event loop
+    (:mod:`.preprocess`)."""
     chosen = settings.settings_of(kwargs.get("server_args", args[0] if args else None))
-    if chosen is None or not chosen.get("plugin", {}).get("preprocess_thread"):
+    plugin = (chosen or {}).get("plugin", {})
+    mm_processor = getattr(tokenizer_manager, "mm_processor", None)
+    if plugin.get("uint8_pixels") and mm_processor is not None:
+        try:
+            from . import pixel_transport
+
+            why_not = pixel_transport.narrow_images(mm_processor)
+            if why_not is None:
+                logger.info("mm-coalescer: sglang.uint8_pixels: %s sends image pixels as uint8",
+                            type(mm_processor).__name__)
+            else:
+                logger.info("mm-coalescer: sglang.uint8_pixels off: %s", why_not)
+        except Exception:
+            logger.error("mm-coalescer: sglang.uint8_pixels failed; image pixels stay float32", exc_info=True)
+    if not plugin.get("preprocess_thread"):
         return
     try:
         from . import preprocess
@@ -362,6 +384,8 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
     retracted = kwargs.get("is_retracted", args[0] if args else False)
     mm_inputs = req.multimodal_inputs
     mode = scheduler.disaggregation_mode.name
+    if service is None and mm_inputs is not None:  # no hooked encoder method will widen uint8 pixels
+        _widen_pixels(mm_inputs.mm_items)
     if service is None or retracted or mm_inputs is None or req.finished() or mode == "DECODE":
         return result
     queue = getattr(scheduler, "waiting_queue", None)
@@ -578,5 +602,14 @@ def _before_release_features(mm_inputs: Any) -> None:
 def _around_get_feature(original: Callable[..., Any], model: Any, items: list[Any]) -> Any:
     service = _service
     if service is None or not service.serves(model):
+        _widen_pixels(items)
         return original(model, items)
     return service.encode(items, lambda subset: original(model, subset))
+
+
+def _widen_pixels(items: list[Any]) -> None:
+    """Where SGLang's own method reads the items and no service stages them: uint8 pixels (``sglang.uint8_pixels``)
+    widened in place, on the CPU. A scheduler whose service started widens them on the GPU instead."""
+    from .pixel_transport import widen_items
+
+    widen_items(items)

@@ -25,7 +25,7 @@ def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(p
     assert chosen["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0, "defer_prefill_ms": 0.0,
                                 "early_encode_min_waiting": 1 if path.name in lazy else 0,
                                 "vit_graph_patches": graphs.get(path.name, []),
-                                "preprocess_thread": False}
+                                "preprocess_thread": False, "uint8_pixels": False}
     assert load_config(path).name == chosen["values"]["name"]
 
 
@@ -36,7 +36,8 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "default", "prefill_wait_ms": 50.0,
                                                             "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2,
                                                             "vit_graph_patches": [4096, 8192],
-                                                            "preprocess_thread": False}
+                                                            "preprocess_thread": False,
+                                                            "uint8_pixels": False}
 
 
 @pytest.mark.parametrize("body, named", [
@@ -79,7 +80,8 @@ def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path
     path.write_text("sglang:\n  prefill_wait_ms: 0.5\n")
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
                                                             "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
-                                                            "vit_graph_patches": [], "preprocess_thread": False}
+                                                            "vit_graph_patches": [], "preprocess_thread": False,
+                                                            "uint8_pixels": False}
 
 
 def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):
@@ -256,7 +258,7 @@ def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
     assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
                                "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
                                "'early_encode_min_waiting', 'llm_stream_priority', 'prefill_wait_ms', "
-                               "'preprocess_thread', 'vit_graph_patches']")
+                               "'preprocess_thread', 'uint8_pixels', 'vit_graph_patches']")
 
 
 def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic(tmp_path):

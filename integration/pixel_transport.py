@@ -1,0 +1,88 @@
+"""``sglang.uint8_pixels``: image pixels leave the tokenizer manager as uint8, and become float32 where they are used.
+
+SGLang's tokenizer manager hands each image's ``pixel_values`` to the scheduler as float32: on one node through
+``/dev/shm`` (0.5.16 ``ShmPointerMMData``: a copy into a fresh segment per image), across nodes pickled. On
+Gemma 4 an image is 2,520 patches x 768 float32 values, 7.7 MB, and on a GPU server the processor's output comes
+back from the GPU first (``.to("cpu")``). Gemma 4's image processor does not normalize: its float32 output is the
+resized uint8 image times its rescale factor 1/255, so the uint8 image carries every bit of it in a quarter of the
+bytes. With this setting the tokenizer manager's HF image processor skips the multiply (``do_rescale`` off), and the
+scheduler does it (:func:`widen`) as the processor did, a float32 multiply, bit for bit: on the GPU where the
+plugin stages a batch, on the CPU where SGLang's own method will read the feature.
+
+Only where that is lossless and the scheduler's side is known to widen: SGLang's CPU feature transport (not
+``cuda_ipc``), its fast (torch) image processor, a model whose adapter widens (:data:`ARCHITECTURES`), a processor
+that only rescales by 1/255, and a probe image that comes out bit-identical both ways at start-up. Otherwise one
+log line says why, and nothing changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+SCALE = 1 / 255
+"""The rescale factor the narrowed processor would have applied: the one ``uint8`` pixels are widened by."""
+ARCHITECTURES = ("Gemma4ForConditionalGeneration",)
+"""Models whose adapter stages image pixels through ``adapters.stack_on``, which widens uint8 pixels."""
+
+
+def widen(pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels`` as the processor would have sent them: uint8 becomes float32 times :data:`SCALE`, on its device.
+
+    ``x.to(float32) * SCALE`` is the multiply the processor does (``uint8 * rescale_factor`` in float32), so the
+    result is bit-identical; other dtypes are returned unchanged."""
+    return pixels.to(torch.float32) * SCALE if pixels.dtype == torch.uint8 else pixels
+
+
+def widen_items(items: Sequence[Any], device: torch.device | None = None) -> None:
+    """Widen, in place, the uint8 pixel features of ``items`` (after a copy to ``device`` when one is given)."""
+    for item in items:
+        feature = getattr(item, "feature", None) if item is not None else None
+        if isinstance(feature, torch.Tensor) and feature.dtype == torch.uint8:
+            item.feature = widen(feature if device is None else feature.to(device, non_blocking=True))
+
+
+def narrow_images(mm_processor: Any) -> str | None:
+    """In the tokenizer manager, before any request: ask SGLang's HF image processor for uint8 pixels.
+
+    Returns None when it now sends uint8, else why not (the processor is left as it was)."""
+    transport = getattr(mm_processor, "mm_feature_transport", "cpu")
+    if transport != "cpu" or getattr(mm_processor, "keep_mm_feature_on_device", False):
+        return f"features stay on the GPU (--mm-feature-transport {transport} or --keep-mm-feature-on-device)"
+    if getattr(mm_processor, "disable_fast_image_processor", False):
+        return "SGLang runs the PIL image processor (--disable-fast-image-processor)"
+    architectures = getattr(getattr(mm_processor, "hf_config", None), "architectures", None) or []
+    if not set(architectures) & set(ARCHITECTURES):
+        return f"{architectures} is not one of {list(ARCHITECTURES)}, whose adapters widen uint8 pixels"
+    images = getattr(getattr(mm_processor, "_processor", None), "image_processor", None)
+    if images is None:
+        return f"{type(mm_processor).__name__} has no HF image processor"
+    if not (getattr(images, "do_rescale", False) and not getattr(images, "do_normalize", True)
+            and getattr(images, "rescale_factor", None) == SCALE):
+        return (f"{type(images).__name__} does more than rescale by 1/255 (do_rescale "
+                f"{getattr(images, 'do_rescale', None)}, rescale_factor {getattr(images, 'rescale_factor', None)}, "
+                f"do_normalize {getattr(images, 'do_normalize', None)})")
+    problem = _probe_differs(images)
+    if problem is not None:
+        images.do_rescale = True
+        return problem
+    return None
+
+
+def _probe_differs(images: Any) -> str | None:
+    """Leave ``images`` narrowed if a probe image comes out uint8 and widens to the float32 output bit for bit;
+    else say how it differs."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    probe = Image.fromarray(torch.randint(0, 256, (70, 50, 3), dtype=torch.uint8, generator=generator).numpy())
+    wide = images(images=[probe], return_tensors="pt", device="cpu")["pixel_values"]
+    images.do_rescale = False
+    narrow = images(images=[probe], return_tensors="pt", device="cpu")["pixel_values"]
+    if narrow.dtype != torch.uint8:
+        return f"{type(images).__name__} without rescaling gives {narrow.dtype}, not uint8"
+    if not torch.equal(widen(narrow), wide):
+        return f"{type(images).__name__}'s uint8 output does not widen to its float32 output bit for bit"
+    return None

@@ -1,0 +1,216 @@
+"""``sglang.uint8_pixels``: uint8 image pixels from the tokenizer manager, widened bit for bit where they are used.
+
+The tokenizer manager's side runs SGLang's real ``Gemma4SGLangProcessor`` over the HF processor of the harness's
+tiny Gemma 4 directory (``scripts/gpu_serve/build_model.py gemma4_tiny``: the real model's processor settings), on
+the CPU as SGLang runs it on a CPU engine. The scheduler's side runs SGLang's real Gemma 4 vision tower (tiny, random
+weights): the plugin's adapter and SGLang's own ``get_image_feature``, on uint8 pixels and on the float32 pixels the
+processor would have sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import importlib
+import io
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import sglang_models as sm
+import torch
+from mm_scheduler_sglang import adapters, pixel_transport, settings, sglang_compat, sglang_plugin
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPT = "<bos><|turn>user\n<|image|><|image|>Describe.<turn|>\n<|turn>model\n"
+
+
+@pytest.fixture(scope="module")
+def gemma4_dir(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
+    import build_model
+
+    return build_model.build(tmp_path_factory.mktemp("gemma4_tiny"), "gemma4_tiny")
+
+
+@pytest.fixture
+def sglang_gemma4_processor(gemma4_dir, monkeypatch):
+    """A factory of SGLang's own multimodal processor for the directory, as its tokenizer manager builds one on a
+    CPU engine (``_is_cpu``: the HF processor runs on the CPU)."""
+    import sglang.srt.multimodal.processors.base_processor as base_processor
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
+    from sglang.srt.server_args import ServerArgs
+    from transformers import AutoProcessor
+
+    sm.init_sglang_cpu()
+    monkeypatch.setattr(base_processor, "_is_cpu", True)
+    import_processors("sglang.srt.multimodal.processors")
+    args = ServerArgs(model_path=str(gemma4_dir), load_format="dummy", device="cpu", enable_multimodal=True,
+                      skip_server_warmup=True, attention_backend="triton", mm_attention_backend="sdpa")
+    config = ModelConfig.from_server_args(args)
+
+    def build():
+        return get_mm_processor(config.hf_config, args, AutoProcessor.from_pretrained(gemma4_dir), "default",
+                                model_config=config)
+
+    with contextlib.ExitStack() as scope:
+        if hasattr(runtime_context := importlib.import_module("sglang.srt.runtime_context"), "get_mm"):
+            # 0.5.17+: the published context's multimodal settings as a server publishes them (the test context
+            # of sglang_models has none)
+            scope.enter_context(runtime_context.get_mm().override(mm_process_config={}))
+        yield build
+
+
+def _image_url(width: int, height: int, seed: int) -> str:
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _processed(mm_processor):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    urls = [_image_url(480, 360, 1), _image_url(300, 500, 2)]
+    request = GenerateReqInput(text=PROMPT, image_data=urls, rid="r")
+    return asyncio.run(mm_processor.process_mm_data_async(image_data=urls, input_text=PROMPT, request_obj=request))
+
+
+def test_gemma4s_processor_sends_uint8_pixels_that_widen_to_its_float32_pixels_bit_for_bit(sglang_gemma4_processor):
+    wide, narrowed = sglang_gemma4_processor(), sglang_gemma4_processor()
+    assert pixel_transport.narrow_images(narrowed) is None
+    before, after = _processed(wide), _processed(narrowed)
+    assert after.input_ids == before.input_ids
+    assert len(after.mm_items) == len(before.mm_items) == 2
+    for old, new in zip(before.mm_items, after.mm_items, strict=True):
+        assert old.feature.dtype == torch.float32 and new.feature.dtype == torch.uint8
+        assert new.feature.nbytes * 4 == old.feature.nbytes
+        assert torch.equal(pixel_transport.widen(new.feature), old.feature)
+        assert torch.equal(new.image_position_ids, old.image_position_ids)
+        assert new.offsets == old.offsets
+
+
+def test_the_tokenizer_manager_hook_narrows_the_processor_before_any_clone_of_it_is_taken(
+        sglang_gemma4_processor, monkeypatch):
+    from mm_scheduler_sglang import preprocess
+
+    monkeypatch.setattr(preprocess, "_loop", None)
+    mm_processor = sglang_gemma4_processor()
+    chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "uint8_pixels": True, "preprocess_thread": True}}
+    try:
+        sglang_plugin._after_tokenizer_manager_init(None, SimpleNamespace(mm_processor=mm_processor),
+                                                    SimpleNamespace(**{settings.ATTR: chosen}))
+        assert all(item.feature.dtype == torch.uint8 for item in _processed(mm_processor).mm_items)
+        # Sent by the plugin's clone on its thread, or (0.5.17+, --mm-processor-worker-num above 1) by the clones
+        # SGLang's own executor takes of the processor, lazily, at a worker's first call
+        assert preprocess.stats()["calls"] == (0 if sglang_compat.processor_runs_off_loop(mm_processor) else 1)
+    finally:
+        if preprocess._loop is not None:
+            preprocess._loop.stop()
+
+
+@pytest.mark.parametrize("setting", ["transport", "keep_on_device", "pil", "architecture", "normalize", "factor"])
+def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang_gemma4_processor, setting):
+    mm_processor = sglang_gemma4_processor()
+    images = mm_processor._processor.image_processor
+    if setting == "transport":
+        mm_processor.mm_feature_transport = "cuda_ipc"
+    elif setting == "keep_on_device":
+        mm_processor.keep_mm_feature_on_device = True
+    elif setting == "pil":
+        mm_processor.disable_fast_image_processor = True
+    elif setting == "architecture":
+        mm_processor.hf_config = SimpleNamespace(architectures=["Qwen3VLForConditionalGeneration"])
+    elif setting == "normalize":
+        images.do_normalize = True
+    else:
+        images.rescale_factor = 1 / 127.5
+    assert pixel_transport.narrow_images(mm_processor)
+    assert images.do_rescale is True
+
+
+def test_a_processor_whose_probe_does_not_come_back_uint8_is_left_rescaling():
+    class FloatOnly:  # an image processor that keeps float32 without its rescale (what the probe guards against)
+        do_rescale, do_normalize, rescale_factor = True, False, 1 / 255
+
+        def __call__(self, images, return_tensors, device):
+            return {"pixel_values": torch.zeros(1, 4, 3) + (1 / 255 if self.do_rescale else 1.0)}
+
+    mm_processor = SimpleNamespace(mm_feature_transport="cpu", hf_config=SimpleNamespace(
+        architectures=list(pixel_transport.ARCHITECTURES)), _processor=SimpleNamespace(image_processor=FloatOnly()))
+    assert pixel_transport.narrow_images(mm_processor) == "FloatOnly without rescaling gives torch.float32, not uint8"
+    assert mm_processor._processor.image_processor.do_rescale is True
+
+
+def _gemma4_pair(model, seed: int):
+    """The same image twice: uint8 pixels as the narrowed processor sends them, and the float32 it would have sent."""
+    wide = sm.gemma4_image(model, 6, 8, 64, seed)
+    narrow = sm.gemma4_image(model, 6, 8, 64, seed)
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, narrow.feature.shape, dtype=torch.uint8, generator=generator)
+    pixels[:, 48:] = 0  # the processor's padding patches
+    narrow.feature, wide.feature = pixels, pixels.to(torch.float32) * (1 / 255)
+    return narrow, wide
+
+
+def test_the_adapter_encodes_uint8_pixels_exactly_as_the_float32_ones_and_as_sglangs_method():
+    model = sm.gemma4()
+    tower = adapters.tower_for(model)
+    narrow, wide = zip(*(_gemma4_pair(model, seed) for seed in (1, 2)), strict=True)
+    from_uint8 = tower.forward([unit for item in narrow for unit in tower.units(item)])
+    from_float = tower.forward([unit for item in wide for unit in tower.units(item)])
+    assert all(torch.equal(a, b) for a, b in zip(from_uint8, from_float, strict=True))
+    assert torch.equal(torch.cat(from_uint8), model.get_image_feature(list(wide)))
+
+
+def test_a_batch_mixing_uint8_and_float32_units_is_widened_per_unit():
+    pixels = torch.randint(0, 256, (4, 12), dtype=torch.uint8)
+    widened = pixel_transport.widen(pixels)
+    stacked = adapters.stack_on([pixels, widened, pixels], torch.device("cpu"), torch.bfloat16)
+    assert stacked.dtype == torch.bfloat16
+    assert torch.equal(stacked, torch.stack([widened] * 3).to(torch.bfloat16))
+
+
+def test_sglangs_own_method_gets_float32_pixels_from_the_service_and_without_one(monkeypatch):
+    model = sm.gemma4()
+    narrow, wide = _gemma4_pair(model, 3)
+    expected = model.get_image_feature([wide])
+    assert torch.equal(adapters.on_one_device([narrow], torch.device("cpu"))[0].feature, wide.feature)  # the service's
+    narrow, _ = _gemma4_pair(model, 3)
+    monkeypatch.setattr(sglang_plugin, "_service", None)  # a plugin that never started, or stopped
+    original = type(model).get_image_feature
+    assert torch.equal(sglang_plugin._around_get_feature(original, model, [narrow]), expected)
+
+
+def test_a_request_arriving_at_a_scheduler_without_the_service_has_its_pixels_widened_at_once(monkeypatch):
+    model = sm.gemma4()
+    narrow, wide = _gemma4_pair(model, 4)
+    monkeypatch.setattr(sglang_plugin, "_service", None)
+    request = SimpleNamespace(multimodal_inputs=SimpleNamespace(mm_items=[narrow, None]), finished=lambda: False)
+    scheduler = SimpleNamespace(disaggregation_mode=SimpleNamespace(name="NULL"))
+    sglang_plugin._around_add_request_to_queue(lambda *args, **kwargs: None, scheduler, request)
+    assert narrow.feature.dtype == torch.float32 and torch.equal(narrow.feature, wide.feature)
+
+
+def test_the_tokenizer_manager_is_hooked_for_uint8_pixels_alone(monkeypatch):
+    registered: list = []
+    monkeypatch.setattr(sglang_plugin.HookRegistry, "register", lambda target, hook, kind: registered.append(target))
+    monkeypatch.setattr(sglang_plugin.HookRegistry, "apply_hooks", lambda: None)
+    monkeypatch.setattr(sglang_plugin, "_tokenizer_manager_hooked", False)
+    sglang_plugin._hook_tokenizer_manager({"plugin": {**settings.PLUGIN_DEFAULTS, "uint8_pixels": True}})
+    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT]
+
+
+def test_uint8_pixels_must_be_true_or_false(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sglang:\n  uint8_pixels: 1\n")
+    with pytest.raises(ValueError, match=r"sglang\.uint8_pixels must be true or false, got 1"):
+        settings.resolve(False, str(path))
+    path.write_text("sglang:\n  uint8_pixels: true\n")
+    assert settings.resolve(False, str(path))["plugin"]["uint8_pixels"] is True
