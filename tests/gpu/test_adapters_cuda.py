@@ -212,6 +212,36 @@ def test_gemma_units_on_the_gpu_and_the_cpu_in_one_forward_are_encoded_as_if_all
     torch.testing.assert_close(mixed, expected)
 
 
+def test_gemma4s_uint8_pixels_from_pageable_and_pinned_memory_encode_exactly_as_their_float32_pixels():
+    """``sglang.uint8_pixels``: ``stack_on`` copies uint8 units to the GPU and widens them there, on the stream the
+    copies were issued on. The widened batch must equal the processor's float32 pixels bit for bit (a widen that ran
+    before a copy landed reads stale memory), and so must the tower's outputs."""
+    import sglang_models
+    from mm_scheduler_sglang.adapters import stack_on, tower_for
+    from mm_scheduler_sglang.pixel_transport import widen
+
+    model = tiny_on_cuda("gemma4")
+    tower = tower_for(model)
+    generator = torch.Generator().manual_seed(5)
+    narrow = [torch.randint(0, 256, (64, 48), dtype=torch.uint8, generator=generator) for _ in range(4)]
+    narrow[1], narrow[3] = narrow[1].pin_memory(), narrow[3].pin_memory()  # SGLang offloads into pinned memory
+    staged = stack_on(narrow, tower.device, torch.bfloat16)
+    torch.cuda.synchronize()
+    assert torch.equal(staged.cpu(), torch.stack([widen(u) for u in narrow]).to(torch.bfloat16))
+
+    def items(uint8: bool) -> list:
+        made = [sglang_models.gemma4_image(model, 4, 4, 16, 90 + i) for i in range(2)]
+        for i, item in enumerate(made):
+            pixels = torch.randint(0, 256, item.feature.shape, dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(i))
+            item.feature = pixels if uint8 else widen(pixels)
+        return made
+
+    expected = tower.forward([u for item in items(uint8=False) for u in tower.units(item)])
+    got = tower.forward([u for item in items(uint8=True) for u in tower.units(item)])
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
 def test_the_harness_backport_makes_sglangs_own_qwen3_method_take_features_on_two_devices():
     """The real-server baseline ``off+tok4ipc+backport`` (scripts/gpu_serve/sglang_backports) wraps SGLang's own
     Qwen3-VL methods; on 0.5.16 the bare method raises on such a call, on 0.5.23 it moves them itself. Either way
