@@ -185,7 +185,8 @@ def stack_on(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch
     tensor synchronized the encoder stream, so the forward thread waited for every batch ahead of it (Gemma3's
     real server: 361 ms a forward's "launch", e5bb1ae). A ``cuda_ipc`` batch can hold units rebuilt on the GPU
     beside units on the CPU (:func:`on_one_device`): ``stage`` copies each where it is. uint8 pixels
-    (``sglang.uint8_pixels``) land as uint8, a quarter of the bytes, and are widened there before the cast."""
+    (``sglang.uint8_pixels``) land as uint8, a quarter of the bytes, and are widened there before the cast to the
+    floating ``dtype`` their caller passes (without one, uint8 stays uint8)."""
     dtype = dtype or tensors[0].dtype
     narrow = [t.dtype == torch.uint8 for t in tensors]
     if not any(narrow) or not dtype.is_floating_point:

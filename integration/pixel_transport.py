@@ -10,9 +10,12 @@ scheduler does it (:func:`widen`) as the processor did, a float32 multiply, bit 
 plugin stages a batch, on the CPU where SGLang's own method will read the feature.
 
 Only where that is lossless and the scheduler's side is known to widen: SGLang's CPU feature transport (not
-``cuda_ipc``), its fast (torch) image processor, a model whose adapter widens (:data:`ARCHITECTURES`), a processor
-that only rescales by 1/255, and a probe image that comes out bit-identical both ways at start-up. Otherwise one
-log line says why, and nothing changes.
+``cuda_ipc``), its fast (torch) image processor, a model whose adapter widens (:data:`ARCHITECTURES`), no
+``--mm-process-config`` image setting of the rescale, and a probe image that comes out uint8 and widens to the
+processor's float32 output bit for bit at start-up (a processor that normalizes, or rescales by another factor, does
+not). Otherwise one log line says why, and nothing changes. The scheduler widens only with the setting on and such a
+model (``sglang_plugin``): other models' uint8 features (SGLang 0.5.23's Kimi-K3 sends raw uint8 on purpose) are
+left alone.
 """
 
 from __future__ import annotations
@@ -44,12 +47,15 @@ def widen_items(items: Sequence[Any], device: torch.device | None = None) -> Non
             item.feature = widen(feature if device is None else feature.to(device, non_blocking=True))
 
 
+_RESCALE_KEYS = ("do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std")
+
+
 def narrow_images(mm_processor: Any) -> str | None:
     """In the tokenizer manager, before any request: ask SGLang's HF image processor for uint8 pixels.
 
     Returns None when it now sends uint8, else why not (the processor is left as it was)."""
     transport = getattr(mm_processor, "mm_feature_transport", "cpu")
-    if transport != "cpu" or getattr(mm_processor, "keep_mm_feature_on_device", False):
+    if transport != "cpu" or getattr(mm_processor, "keep_mm_feature_on_device", False):  # the flag: 0.5.16 only
         return f"features stay on the GPU (--mm-feature-transport {transport} or --keep-mm-feature-on-device)"
     if getattr(mm_processor, "disable_fast_image_processor", False):
         return "SGLang runs the PIL image processor (--disable-fast-image-processor)"
@@ -59,30 +65,34 @@ def narrow_images(mm_processor: Any) -> str | None:
     images = getattr(getattr(mm_processor, "_processor", None), "image_processor", None)
     if images is None:
         return f"{type(mm_processor).__name__} has no HF image processor"
-    if not (getattr(images, "do_rescale", False) and not getattr(images, "do_normalize", True)
-            and getattr(images, "rescale_factor", None) == SCALE):
-        return (f"{type(images).__name__} does more than rescale by 1/255 (do_rescale "
-                f"{getattr(images, 'do_rescale', None)}, rescale_factor {getattr(images, 'rescale_factor', None)}, "
-                f"do_normalize {getattr(images, 'do_normalize', None)})")
-    problem = _probe_differs(images)
-    if problem is not None:
-        images.do_rescale = True
-        return problem
-    return None
+    # SGLang passes --mm-process-config's image settings with every call, over the processor's own
+    image_config = dict(getattr(mm_processor, "image_config", None) or {})
+    overridden = sorted(set(image_config) & set(_RESCALE_KEYS))
+    if overridden:
+        return f"--mm-process-config sets {overridden} for every image"
+    return _narrow_if_lossless(images, image_config)
 
 
-def _probe_differs(images: Any) -> str | None:
-    """Leave ``images`` narrowed if a probe image comes out uint8 and widens to the float32 output bit for bit;
-    else say how it differs."""
+def _narrow_if_lossless(images: Any, image_config: dict[str, Any]) -> str | None:
+    """Turn ``images``' rescale off if a probe image then comes out uint8 and widens to its float32 output bit for
+    bit (what a processor that normalizes, or rescales by another factor, fails); else leave it on and say why."""
     from PIL import Image
 
     generator = torch.Generator().manual_seed(0)
     probe = Image.fromarray(torch.randint(0, 256, (70, 50, 3), dtype=torch.uint8, generator=generator).numpy())
-    wide = images(images=[probe], return_tensors="pt", device="cpu")["pixel_values"]
-    images.do_rescale = False
-    narrow = images(images=[probe], return_tensors="pt", device="cpu")["pixel_values"]
-    if narrow.dtype != torch.uint8:
-        return f"{type(images).__name__} without rescaling gives {narrow.dtype}, not uint8"
-    if not torch.equal(widen(narrow), wide):
-        return f"{type(images).__name__}'s uint8 output does not widen to its float32 output bit for bit"
-    return None
+    if not getattr(images, "do_rescale", False):
+        return f"{type(images).__name__} does not rescale"
+    problem = None
+    try:
+        wide = images(images=[probe], return_tensors="pt", device="cpu", **image_config)["pixel_values"]
+        images.do_rescale = False
+        narrow = images(images=[probe], return_tensors="pt", device="cpu", **image_config)["pixel_values"]
+        if narrow.dtype != torch.uint8:
+            problem = f"{type(images).__name__} without rescaling gives {narrow.dtype}, not uint8"
+        elif not torch.equal(widen(narrow), wide):
+            problem = f"{type(images).__name__}'s uint8 output does not widen to its float32 output bit for bit"
+    except Exception as exc:
+        problem = f"{type(images).__name__} failed on a probe image ({type(exc).__name__}: {exc})"
+    if problem is not None:
+        images.do_rescale = True
+    return problem

@@ -80,6 +80,7 @@ _left_to_prefill: set[str] = set()  # arrivals not encoded early (early_encode_m
 _deferred_since: dict[str, float] = {}
 _bound_spent: set[str] = set()  # requests whose deferral bound ran out: never deferred again
 _tokenizer_manager_hooked = False
+_widen_uint8_pixels = False  # this scheduler's model gets uint8 pixels (sglang.uint8_pixels): set once it is built
 
 
 def register() -> None:
@@ -214,6 +215,8 @@ def _around_scheduler_init(original: Callable[..., Any], scheduler: Any, *args: 
         original(scheduler, *args, **kwargs)
     if chosen is None:
         return
+    global _widen_uint8_pixels
+    _widen_uint8_pixels = gets_uint8_pixels(_model_of(scheduler), chosen)
     try:
         _start_for_scheduler(scheduler, chosen)
     except Exception:
@@ -225,7 +228,7 @@ def _around_scheduler_init(original: Callable[..., Any], scheduler: Any, *args: 
 def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
     if sglang_compat.pp_rank() != 0:  # the vision tower lives on the first pipeline stage only
         return
-    model = getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "model", None)
+    model = _model_of(scheduler)
     if model is None:
         logger.warning("mm-coalescer: this scheduler's worker exposes no model_runner.model; plugin off")
         return
@@ -235,6 +238,19 @@ def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
         logger.info("mm-coalescer: PD decode server: the vision tower does not run here; plugin off")
         return
     start(model, chosen, tp_size=sglang_compat.tp_size(), scheduler=scheduler)
+
+
+def _model_of(scheduler: Any) -> Any:
+    return getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "model", None)
+
+
+def gets_uint8_pixels(model: Any, chosen: dict[str, Any]) -> bool:
+    """Whether this scheduler's requests carry uint8 image pixels the plugin must widen: ``sglang.uint8_pixels`` on,
+    and a model whose tokenizer manager narrows them (``pixel_transport.ARCHITECTURES``). Other models' uint8
+    features are theirs (SGLang 0.5.23's Kimi-K3 sends raw uint8 on purpose) and are never touched."""
+    from .pixel_transport import ARCHITECTURES
+
+    return bool(chosen.get("plugin", {}).get("uint8_pixels")) and type(model).__name__ in ARCHITECTURES
 
 
 @contextlib.contextmanager
@@ -384,8 +400,10 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
     retracted = kwargs.get("is_retracted", args[0] if args else False)
     mm_inputs = req.multimodal_inputs
     mode = scheduler.disaggregation_mode.name
-    if service is None and mm_inputs is not None:  # no hooked encoder method will widen uint8 pixels
-        _widen_pixels(mm_inputs.mm_items)
+    if _widen_uint8_pixels and service is None and mm_inputs is not None:  # no hooked method will widen them
+        from .pixel_transport import widen_items
+
+        widen_items(mm_inputs.mm_items)
     if service is None or retracted or mm_inputs is None or req.finished() or mode == "DECODE":
         return result
     queue = getattr(scheduler, "waiting_queue", None)
@@ -602,14 +620,9 @@ def _before_release_features(mm_inputs: Any) -> None:
 def _around_get_feature(original: Callable[..., Any], model: Any, items: list[Any]) -> Any:
     service = _service
     if service is None or not service.serves(model):
-        _widen_pixels(items)
+        if _widen_uint8_pixels:  # SGLang's own method, on uint8 pixels (sglang.uint8_pixels): widened where they are
+            from .pixel_transport import widen_items
+
+            widen_items(items)
         return original(model, items)
     return service.encode(items, lambda subset: original(model, subset))
-
-
-def _widen_pixels(items: list[Any]) -> None:
-    """Where SGLang's own method reads the items and no service stages them: uint8 pixels (``sglang.uint8_pixels``)
-    widened in place, on the CPU. A scheduler whose service started widens them on the GPU instead."""
-    from .pixel_transport import widen_items
-
-    widen_items(items)

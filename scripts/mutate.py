@@ -113,6 +113,8 @@ def scratch_copy(module: str, timeout_s: int) -> Path:
     shutil.copytree(ROOT / "integration", work / "mm_scheduler_sglang", ignore=ignore)
     shutil.copytree(ROOT / "tests", work / "tests", ignore=ignore)
     shutil.copytree(ROOT / "configs", work / "configs")
+    (work / "scripts" / "gpu_serve").mkdir(parents=True)  # test_pixel_transport builds the harness's tiny Gemma 4
+    shutil.copy2(ROOT / "scripts" / "gpu_serve" / "build_model.py", work / "scripts" / "gpu_serve")
     target = module.replace("integration/", "mm_scheduler_sglang/", 1)
     tests = [t for t in TESTS_OF[module] if (ROOT / t).exists()]
     pyproject = (ROOT / "pyproject.toml").read_text()
@@ -120,7 +122,7 @@ def scratch_copy(module: str, timeout_s: int) -> Path:
     pyproject += "\n[tool.mutmut]\n" + "\n".join([
         'source_paths = ["mm_scheduler", "mm_scheduler_sglang"]',
         f"only_mutate = [{json.dumps(target)}]",
-        'also_copy = ["configs"]',
+        'also_copy = ["configs", "scripts"]',
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         # -m: stress/gpu/e2e tests are out of scope (too slow, or need CUDA); -p no:randomly etc. not needed
         f'pytest_add_cli_args = ["-m", "not stress and not gpu and not e2e", "--timeout={timeout_s}", "-x", "-q"]',

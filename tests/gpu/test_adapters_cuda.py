@@ -220,6 +220,12 @@ def test_gemma4s_uint8_pixels_from_pageable_and_pinned_memory_encode_exactly_as_
     from mm_scheduler_sglang.adapters import stack_on, tower_for
     from mm_scheduler_sglang.pixel_transport import widen
 
+    every_value = torch.arange(256, dtype=torch.uint8)  # the widen is elementwise: these are all its inputs
+    processors_multiply = (every_value.cuda() * (1 / 255)).cpu()  # what the processor computes on a GPU server
+    assert processors_multiply.dtype == torch.float32
+    assert torch.equal(widen(every_value.cuda()).cpu(), processors_multiply)
+    assert torch.equal(widen(every_value), processors_multiply)  # and on the CPU, where SGLang's own method reads it
+
     model = tiny_on_cuda("gemma4")
     tower = tower_for(model)
     generator = torch.Generator().manual_seed(5)

@@ -135,17 +135,52 @@ def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang
     assert images.do_rescale is True
 
 
-def test_a_processor_whose_probe_does_not_come_back_uint8_is_left_rescaling():
-    class FloatOnly:  # an image processor that keeps float32 without its rescale (what the probe guards against)
-        do_rescale, do_normalize, rescale_factor = True, False, 1 / 255
-
-        def __call__(self, images, return_tensors, device):
-            return {"pixel_values": torch.zeros(1, 4, 3) + (1 / 255 if self.do_rescale else 1.0)}
-
-    mm_processor = SimpleNamespace(mm_feature_transport="cpu", hf_config=SimpleNamespace(
-        architectures=list(pixel_transport.ARCHITECTURES)), _processor=SimpleNamespace(image_processor=FloatOnly()))
-    assert pixel_transport.narrow_images(mm_processor) == "FloatOnly without rescaling gives torch.float32, not uint8"
+def test_mm_process_configs_image_settings_of_the_rescale_keep_pixels_float32(sglang_gemma4_processor):
+    """SGLang passes ``--mm-process-config``'s image settings with every call, over the processor's attributes."""
+    mm_processor = sglang_gemma4_processor()
+    mm_processor.image_config = {"do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    assert pixel_transport.narrow_images(mm_processor) == (
+        "--mm-process-config sets ['do_normalize', 'image_mean', 'image_std'] for every image")
     assert mm_processor._processor.image_processor.do_rescale is True
+
+
+class _ProbedProcessor:
+    """An image processor whose output without its rescale is ``narrow``, a fault the start-up probe must catch."""
+
+    do_rescale = True
+
+    def __init__(self, narrow) -> None:
+        self.narrow = narrow
+
+    def __call__(self, images, return_tensors, device):
+        if self.do_rescale:
+            return {"pixel_values": torch.full((1, 4, 3), 2 / 255)}
+        return {"pixel_values": self.narrow()}
+
+
+def _broken(narrow):
+    return SimpleNamespace(mm_feature_transport="cpu", hf_config=SimpleNamespace(
+        architectures=list(pixel_transport.ARCHITECTURES)), _processor=SimpleNamespace(image_processor=_ProbedProcessor(
+            narrow)))
+
+
+def _raise():
+    raise RuntimeError("no")
+
+
+@pytest.mark.parametrize(("narrow", "why"), [
+    (lambda: torch.full((1, 4, 3), 2.0), "_ProbedProcessor without rescaling gives torch.float32, not uint8"),
+    (lambda: torch.full((1, 4, 3), 3, dtype=torch.uint8),
+     "_ProbedProcessor's uint8 output does not widen to its float32 output bit for bit"),
+    (_raise, "_ProbedProcessor failed on a probe image (RuntimeError: no)"),
+], ids=["float", "other_values", "raises"])
+def test_a_processor_whose_probe_is_not_lossless_is_left_rescaling(narrow, why):
+    mm_processor = _broken(narrow)
+    assert pixel_transport.narrow_images(mm_processor) == why
+    assert mm_processor._processor.image_processor.do_rescale is True
+    lossless = _broken(lambda: torch.full((1, 4, 3), 2, dtype=torch.uint8))
+    assert pixel_transport.narrow_images(lossless) is None
+    assert lossless._processor.image_processor.do_rescale is False
 
 
 def _gemma4_pair(model, seed: int):
@@ -184,6 +219,7 @@ def test_sglangs_own_method_gets_float32_pixels_from_the_service_and_without_one
     assert torch.equal(adapters.on_one_device([narrow], torch.device("cpu"))[0].feature, wide.feature)  # the service's
     narrow, _ = _gemma4_pair(model, 3)
     monkeypatch.setattr(sglang_plugin, "_service", None)  # a plugin that never started, or stopped
+    monkeypatch.setattr(sglang_plugin, "_widen_uint8_pixels", True)
     original = type(model).get_image_feature
     assert torch.equal(sglang_plugin._around_get_feature(original, model, [narrow]), expected)
 
@@ -192,6 +228,7 @@ def test_a_request_arriving_at_a_scheduler_without_the_service_has_its_pixels_wi
     model = sm.gemma4()
     narrow, wide = _gemma4_pair(model, 4)
     monkeypatch.setattr(sglang_plugin, "_service", None)
+    monkeypatch.setattr(sglang_plugin, "_widen_uint8_pixels", True)
     request = SimpleNamespace(multimodal_inputs=SimpleNamespace(mm_items=[narrow, None]), finished=lambda: False)
     scheduler = SimpleNamespace(disaggregation_mode=SimpleNamespace(name="NULL"))
     sglang_plugin._around_add_request_to_queue(lambda *args, **kwargs: None, scheduler, request)
@@ -214,3 +251,30 @@ def test_uint8_pixels_must_be_true_or_false(tmp_path):
         settings.resolve(False, str(path))
     path.write_text("sglang:\n  uint8_pixels: true\n")
     assert settings.resolve(False, str(path))["plugin"]["uint8_pixels"] is True
+
+
+def test_without_the_setting_or_for_another_model_uint8_features_are_left_as_sglang_sent_them(monkeypatch):
+    """SGLang 0.5.23's Kimi-K3 sends raw uint8 pixels on purpose and its model insists on them; the plugin is loaded
+    into every SGLang server, so only a scheduler that asked for uint8 pixels widens them."""
+    monkeypatch.setattr(sglang_plugin, "_service", None)
+    monkeypatch.setattr(sglang_plugin, "_widen_uint8_pixels", False)
+    raw = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    item = SimpleNamespace(feature=raw)
+    request = SimpleNamespace(multimodal_inputs=SimpleNamespace(mm_items=[item]), finished=lambda: False)
+    scheduler = SimpleNamespace(disaggregation_mode=SimpleNamespace(name="NULL"))
+    sglang_plugin._around_add_request_to_queue(lambda *args, **kwargs: None, scheduler, request)
+    assert sglang_plugin._around_get_feature(lambda model, items: items[0].feature, object(), [item]) is raw
+
+
+@pytest.mark.parametrize(("family", "setting", "widened"), [
+    ("gemma4", True, True), ("gemma4", False, False), ("qwen2_5_vl", True, False)])
+def test_a_scheduler_widens_uint8_pixels_only_with_the_setting_and_a_model_whose_tokenizer_manager_narrows(
+        monkeypatch, family, setting, widened):
+    model = sm.BUILDERS[family]()
+    chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "uint8_pixels": setting}, "values": {}}
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
+    monkeypatch.setattr(sglang_plugin, "_start_for_scheduler", lambda scheduler, chosen: None)
+    monkeypatch.setattr(sglang_plugin, "_widen_uint8_pixels", not widened)
+    sglang_plugin._around_scheduler_init(lambda *args, **kwargs: None, scheduler,
+                                         SimpleNamespace(**{settings.ATTR: chosen}))
+    assert sglang_plugin._widen_uint8_pixels is widened
