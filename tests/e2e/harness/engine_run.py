@@ -105,8 +105,9 @@ def _preprocessing(engine) -> dict:
     """Where this Engine's tokenizer manager (in this process) ran multimodal preprocessing."""
     from mm_scheduler_sglang import preprocess, sglang_compat
 
-    return {**preprocess.stats(),
-            "sglang_off_loop": sglang_compat.processor_runs_off_loop(engine.tokenizer_manager.mm_processor)}
+    mm_processor = engine.tokenizer_manager.mm_processor
+    return {**preprocess.stats(), "sglang_off_loop": sglang_compat.processor_runs_off_loop(mm_processor),
+            "rescales": mm_processor._processor.image_processor.do_rescale}
 
 
 def main() -> None:
