@@ -78,10 +78,10 @@ def _narrow_if_lossless(images: Any, image_config: dict[str, Any]) -> str | None
     bit (what a processor that normalizes, or rescales by another factor, fails); else leave it on and say why."""
     from PIL import Image
 
-    generator = torch.Generator().manual_seed(0)
-    probe = Image.fromarray(torch.randint(0, 256, (70, 50, 3), dtype=torch.uint8, generator=generator).numpy())
     if not getattr(images, "do_rescale", False):
         return f"{type(images).__name__} does not rescale"
+    generator = torch.Generator().manual_seed(0)
+    probe = Image.fromarray(torch.randint(0, 256, (70, 50, 3), dtype=torch.uint8, generator=generator).numpy())
     problem = None
     try:
         wide = images(images=[probe], return_tensors="pt", device="cpu", **image_config)["pixel_values"]
