@@ -168,6 +168,13 @@ def _raise():
     raise RuntimeError("no")
 
 
+def test_a_processor_that_does_not_rescale_is_left_as_it_is():
+    mm_processor = _broken(lambda: torch.full((1, 4, 3), 2, dtype=torch.uint8))
+    mm_processor._processor.image_processor.do_rescale = False
+    assert pixel_transport.narrow_images(mm_processor) == "_ProbedProcessor does not rescale"
+    assert mm_processor._processor.image_processor.do_rescale is False
+
+
 @pytest.mark.parametrize(("narrow", "why"), [
     (lambda: torch.full((1, 4, 3), 2.0), "_ProbedProcessor without rescaling gives torch.float32, not uint8"),
     (lambda: torch.full((1, 4, 3), 3, dtype=torch.uint8),
