@@ -17,13 +17,20 @@ What is real and what is not:
   (``Gemma4VisionEncoder`` + ``Gemma4MultimodalEmbedder``, built exactly as ``__init__`` builds them)
   and a stand-in ``language_model`` answering only ``device`` and ``dtype()``, the two things its
   vision path asks of it. The ``get_image_feature`` / ``get_video_feature`` under test are SGLang's own.
+* Gemma 4's tokenizer-manager side (:func:`gemma4_mm_processor`): SGLang's own ``Gemma4SGLangProcessor`` over the
+  HF processor of the real-server harness's tiny Gemma 4 directory (the real model's processor settings), on the
+  CPU as SGLang runs it on a CPU engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -280,3 +287,43 @@ def tokens_of(model: nn.Module, item) -> int:
     real = (positions != -1).any(dim=-1).sum(dim=-1)
     return int(sum(-(-int(r) // k2) for r in real))
 
+
+
+def gemma4_model_dir(parent: Path) -> Path:
+    """The harness's tiny Gemma 4 directory (``scripts/gpu_serve/build_model.py gemma4_tiny``) under ``parent``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
+    import build_model
+
+    return build_model.build(parent / "gemma4_tiny", "gemma4_tiny")
+
+
+@contextlib.contextmanager
+def gemma4_mm_processor(model_dir: Path) -> Iterator[Callable[[], Any]]:
+    """A factory of SGLang's own multimodal processor for ``model_dir``, as its tokenizer manager builds one on a CPU
+    engine (``_is_cpu``: the HF processor runs on the CPU), valid inside the ``with``."""
+    import sglang.srt.multimodal.processors.base_processor as base_processor
+    from sglang.srt import runtime_context
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
+    from sglang.srt.server_args import ServerArgs
+    from transformers import AutoProcessor
+
+    init_sglang_cpu()
+    import_processors("sglang.srt.multimodal.processors")
+    args = ServerArgs(model_path=str(model_dir), load_format="dummy", device="cpu", enable_multimodal=True,
+                      skip_server_warmup=True, attention_backend="triton", mm_attention_backend="sdpa")
+    config = ModelConfig.from_server_args(args)
+
+    def build() -> Any:
+        return get_mm_processor(config.hf_config, args, AutoProcessor.from_pretrained(model_dir), "default",
+                                model_config=config)
+
+    was_cpu = base_processor._is_cpu
+    base_processor._is_cpu = True
+    try:
+        with contextlib.ExitStack() as scope:
+            if hasattr(runtime_context, "get_mm"):  # 0.5.17+: multimodal settings as a server publishes them
+                scope.enter_context(runtime_context.get_mm().override(mm_process_config={}))
+            yield build
+    finally:
+        base_processor._is_cpu = was_cpu

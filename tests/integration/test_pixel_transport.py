@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import importlib
 import io
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,38 +27,12 @@ PROMPT = "<bos><|turn>user\n<|image|><|image|>Describe.<turn|>\n<|turn>model\n"
 
 @pytest.fixture(scope="module")
 def gemma4_dir(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
-    import build_model
-
-    return build_model.build(tmp_path_factory.mktemp("gemma4_tiny"), "gemma4_tiny")
+    return sm.gemma4_model_dir(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture
-def sglang_gemma4_processor(gemma4_dir, monkeypatch):
-    """A factory of SGLang's own multimodal processor for the directory, as its tokenizer manager builds one on a
-    CPU engine (``_is_cpu``: the HF processor runs on the CPU)."""
-    import sglang.srt.multimodal.processors.base_processor as base_processor
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.managers.multimodal_processor import get_mm_processor, import_processors
-    from sglang.srt.server_args import ServerArgs
-    from transformers import AutoProcessor
-
-    sm.init_sglang_cpu()
-    monkeypatch.setattr(base_processor, "_is_cpu", True)
-    import_processors("sglang.srt.multimodal.processors")
-    args = ServerArgs(model_path=str(gemma4_dir), load_format="dummy", device="cpu", enable_multimodal=True,
-                      skip_server_warmup=True, attention_backend="triton", mm_attention_backend="sdpa")
-    config = ModelConfig.from_server_args(args)
-
-    def build():
-        return get_mm_processor(config.hf_config, args, AutoProcessor.from_pretrained(gemma4_dir), "default",
-                                model_config=config)
-
-    with contextlib.ExitStack() as scope:
-        if hasattr(runtime_context := importlib.import_module("sglang.srt.runtime_context"), "get_mm"):
-            # 0.5.17+: the published context's multimodal settings as a server publishes them (the test context
-            # of sglang_models has none)
-            scope.enter_context(runtime_context.get_mm().override(mm_process_config={}))
+def sglang_gemma4_processor(gemma4_dir):
+    with sm.gemma4_mm_processor(gemma4_dir) as build:
         yield build
 
 
