@@ -1,7 +1,8 @@
 """``sglang.uint8_pixels``: image pixels leave the tokenizer manager as uint8, and become float32 where they are used.
 
 SGLang's tokenizer manager hands each image's ``pixel_values`` to the scheduler as float32: on one node through
-``/dev/shm`` (0.5.16 ``ShmPointerMMData``: a copy into a fresh segment per image), across nodes pickled. On
+``/dev/shm`` (``ShmPointerMMData``: a copy into a fresh segment per image, and on 0.5.16 a copy out of it in the
+scheduler), across nodes pickled. On
 Gemma 4 an image is 2,520 patches x 768 float32 values, 7.7 MB, and on a GPU server the processor's output comes
 back from the GPU first (``.to("cpu")``). Gemma 4's image processor does not normalize: its float32 output is the
 resized uint8 image times its rescale factor 1/255, so the uint8 image carries every bit of it in a quarter of the
