@@ -43,7 +43,7 @@ def widen(pixels: torch.Tensor) -> torch.Tensor:
 def widen_items(items: Sequence[Any], device: torch.device | None = None) -> None:
     """Widen, in place, the uint8 pixel features of ``items`` (after a copy to ``device`` when one is given)."""
     for item in items:
-        feature = getattr(item, "feature", None) if item is not None else None
+        feature = getattr(item, "feature", None)  # None for a None item (SGLang's lists may hold them)
         if isinstance(feature, torch.Tensor) and feature.dtype == torch.uint8:
             item.feature = widen(feature if device is None else feature.to(device, non_blocking=True))
 
@@ -55,23 +55,19 @@ def narrow_images(mm_processor: Any) -> str | None:
     """In the tokenizer manager, before any request: ask SGLang's HF image processor for uint8 pixels.
 
     Returns None when it now sends uint8, else why not (the processor is left as it was)."""
-    transport = getattr(mm_processor, "mm_feature_transport", "cpu")
+    transport = mm_processor.mm_feature_transport
     if transport != "cpu" or getattr(mm_processor, "keep_mm_feature_on_device", False):  # the flag: 0.5.16 only
         return f"features stay on the GPU (--mm-feature-transport {transport} or --keep-mm-feature-on-device)"
-    if getattr(mm_processor, "disable_fast_image_processor", False):
+    if mm_processor.disable_fast_image_processor:
         return "SGLang runs the PIL image processor (--disable-fast-image-processor)"
-    architectures = getattr(getattr(mm_processor, "hf_config", None), "architectures", None) or []
+    architectures = mm_processor.hf_config.architectures or []
     if not set(architectures) & set(ARCHITECTURES):
         return f"{architectures} is not one of {list(ARCHITECTURES)}, whose adapters widen uint8 pixels"
-    images = getattr(getattr(mm_processor, "_processor", None), "image_processor", None)
-    if images is None:
-        return f"{type(mm_processor).__name__} has no HF image processor"
     # SGLang passes --mm-process-config's image settings with every call, over the processor's own
-    image_config = dict(getattr(mm_processor, "image_config", None) or {})
-    overridden = sorted(set(image_config) & set(_RESCALE_KEYS))
+    overridden = sorted(set(mm_processor.image_config) & set(_RESCALE_KEYS))
     if overridden:
         return f"--mm-process-config sets {overridden} for every image"
-    return _narrow_if_lossless(images, image_config)
+    return _narrow_if_lossless(mm_processor._processor.image_processor, dict(mm_processor.image_config))
 
 
 def _narrow_if_lossless(images: Any, image_config: dict[str, Any]) -> str | None:
@@ -79,7 +75,7 @@ def _narrow_if_lossless(images: Any, image_config: dict[str, Any]) -> str | None
     bit (what a processor that normalizes, or rescales by another factor, fails); else leave it on and say why."""
     from PIL import Image
 
-    if not getattr(images, "do_rescale", False):
+    if not images.do_rescale:
         return f"{type(images).__name__} does not rescale"
     generator = torch.Generator().manual_seed(0)
     probe = Image.fromarray(torch.randint(0, 256, (70, 50, 3), dtype=torch.uint8, generator=generator).numpy())

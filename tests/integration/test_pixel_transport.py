@@ -86,8 +86,16 @@ def test_the_tokenizer_manager_hook_narrows_the_processor_before_any_clone_of_it
             preprocess._loop.stop()
 
 
-@pytest.mark.parametrize("setting", ["transport", "keep_on_device", "pil", "architecture", "normalize", "factor"])
-def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang_gemma4_processor, setting):
+@pytest.mark.parametrize(("setting", "why"), [
+    ("transport", "features stay on the GPU (--mm-feature-transport cuda_ipc or --keep-mm-feature-on-device)"),
+    ("keep_on_device", "features stay on the GPU (--mm-feature-transport cpu or --keep-mm-feature-on-device)"),
+    ("pil", "SGLang runs the PIL image processor (--disable-fast-image-processor)"),
+    ("architecture", "['Qwen3VLForConditionalGeneration'] is not one of ['Gemma4ForConditionalGeneration'], whose "
+                     "adapters widen uint8 pixels"),
+    ("normalize", "Gemma4ImageProcessor without rescaling gives torch.float32, not uint8"),
+    ("factor", "Gemma4ImageProcessor's uint8 output does not widen to its float32 output bit for bit"),
+], ids=lambda value: value if " " not in value else "")
+def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang_gemma4_processor, setting, why):
     mm_processor = sglang_gemma4_processor()
     images = mm_processor._processor.image_processor
     if setting == "transport":
@@ -102,7 +110,7 @@ def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang
         images.do_normalize = True
     else:
         images.rescale_factor = 1 / 127.5
-    assert pixel_transport.narrow_images(mm_processor)
+    assert pixel_transport.narrow_images(mm_processor) == why
     assert images.do_rescale is True
 
 
@@ -122,17 +130,19 @@ class _ProbedProcessor:
 
     def __init__(self, narrow) -> None:
         self.narrow = narrow
+        self.settings: list[dict] = []
 
-    def __call__(self, images, return_tensors, device):
+    def __call__(self, images, return_tensors, device, **settings):
+        self.settings.append(settings)
         if self.do_rescale:
             return {"pixel_values": torch.full((1, 4, 3), 2 / 255)}
         return {"pixel_values": self.narrow()}
 
 
 def _broken(narrow):
-    return SimpleNamespace(mm_feature_transport="cpu", hf_config=SimpleNamespace(
-        architectures=list(pixel_transport.ARCHITECTURES)), _processor=SimpleNamespace(image_processor=_ProbedProcessor(
-            narrow)))
+    return SimpleNamespace(mm_feature_transport="cpu", disable_fast_image_processor=False, image_config={},
+                           hf_config=SimpleNamespace(architectures=list(pixel_transport.ARCHITECTURES)),
+                           _processor=SimpleNamespace(image_processor=_ProbedProcessor(narrow)))
 
 
 def _raise():
@@ -159,6 +169,14 @@ def test_a_processor_whose_probe_is_not_lossless_is_left_rescaling(narrow, why):
     lossless = _broken(lambda: torch.full((1, 4, 3), 2, dtype=torch.uint8))
     assert pixel_transport.narrow_images(lossless) is None
     assert lossless._processor.image_processor.do_rescale is False
+
+
+def test_the_probe_runs_with_mm_process_configs_other_image_settings():
+    """SGLang calls the processor with them (its soft-token budget, say): the probe must see what requests see."""
+    mm_processor = _broken(lambda: torch.full((1, 4, 3), 2, dtype=torch.uint8))
+    mm_processor.image_config = {"max_soft_tokens": 70}
+    assert pixel_transport.narrow_images(mm_processor) is None
+    assert mm_processor._processor.image_processor.settings == [{"max_soft_tokens": 70}] * 2
 
 
 def _gemma4_pair(model, seed: int):
