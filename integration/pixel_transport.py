@@ -8,7 +8,8 @@ back from the GPU first (``.to("cpu")``). Gemma 4's image processor does not nor
 resized uint8 image times its rescale factor 1/255, so the uint8 image carries every bit of it in a quarter of the
 bytes. With this setting the tokenizer manager's HF image processor skips the multiply (``do_rescale`` off), and the
 scheduler does it (:func:`widen`) as the processor did, a float32 multiply, bit for bit: on the GPU where the
-plugin stages a batch, on the CPU where SGLang's own method will read the feature.
+plugin stages a batch or hands items to SGLang's own method, on the CPU at arrival in a scheduler without the
+plugin's service.
 
 Only where that is lossless and the scheduler's side is known to widen: SGLang's CPU feature transport (not
 ``cuda_ipc``), its fast (torch) image processor, a model whose adapter widens (:data:`ARCHITECTURES`), no
