@@ -201,10 +201,12 @@ def preprocessing_advice(server_args: object) -> str | None:
     the Qwen families and won on Gemma 4, so the line asks for a measurement, not for the plugin off."""
     workers = getattr(server_args, "tokenizer_worker_num", None)
     transport = getattr(server_args, "mm_feature_transport", None) or "cpu"
-    thread = (settings_of(server_args) or {}).get("plugin", {}).get("preprocess_thread", False)
-    if thread and workers is not None and workers > 1:
-        return (f"mm-coalescer: sglang.preprocess_thread does not apply with --tokenizer-worker-num {workers}: "
-                "SGLang's tokenizer workers run in processes that load no plugins (0.5.16 init_multi_tokenizer)")
+    plugin = (settings_of(server_args) or {}).get("plugin", {})
+    in_tokenizer_manager = [name for name in ("preprocess_thread", "uint8_pixels") if plugin.get(name)]
+    if in_tokenizer_manager and workers is not None and workers > 1:
+        return (f"mm-coalescer: with --tokenizer-worker-num {workers}, no effect of sglang."
+                f"{' and sglang.'.join(in_tokenizer_manager)}: SGLang's tokenizer workers run in processes that load "
+                "no plugins (0.5.16 init_multi_tokenizer)")
     if workers is None or (workers > 1 and transport == "cuda_ipc"):
         return None
     return (f"mm-coalescer: SGLang runs {workers} tokenizer worker(s) with {transport} feature transport; on "

@@ -272,9 +272,14 @@ def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic
     assert settings.check_config_file(str(path))["values"]["budget_bytes"] == 1260000
 
 
-def test_preprocess_thread_with_several_tokenizer_workers_is_said_not_to_apply():
+def test_the_tokenizer_manager_settings_with_several_tokenizer_workers_are_said_not_to_apply():
     chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": True}}
     args = SimpleNamespace(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc", **{settings.ATTR: chosen})
-    assert "preprocess_thread does not apply with --tokenizer-worker-num 4" in settings.preprocessing_advice(args)
+    advice = settings.preprocessing_advice(args)
+    assert "with --tokenizer-worker-num 4, no effect of sglang.preprocess_thread:" in advice
+    both = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": True, "uint8_pixels": True}}
+    args = SimpleNamespace(tokenizer_worker_num=2, mm_feature_transport="cpu", **{settings.ATTR: both})
+    assert settings.preprocessing_advice(args).startswith(
+        "mm-coalescer: with --tokenizer-worker-num 2, no effect of sglang.preprocess_thread and sglang.uint8_pixels:")
     args = SimpleNamespace(tokenizer_worker_num=1, mm_feature_transport="cpu", **{settings.ATTR: chosen})
     assert "turn those on first" in settings.preprocessing_advice(args)
