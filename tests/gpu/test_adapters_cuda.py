@@ -217,7 +217,7 @@ def test_gemma4s_uint8_pixels_from_pageable_and_pinned_memory_encode_exactly_as_
     copies were issued on. The widened batch must equal the processor's float32 pixels bit for bit (a widen that ran
     before a copy landed reads stale memory), and so must the tower's outputs."""
     import sglang_models
-    from mm_scheduler_sglang.adapters import stack_on, tower_for
+    from mm_scheduler_sglang.adapters import on_one_device, stack_on, tower_for
     from mm_scheduler_sglang.pixel_transport import widen
 
     every_value = torch.arange(256, dtype=torch.uint8)  # the widen is elementwise: these are all its inputs
@@ -246,6 +246,10 @@ def test_gemma4s_uint8_pixels_from_pageable_and_pinned_memory_encode_exactly_as_
     expected = tower.forward([u for item in items(uint8=False) for u in tower.units(item)])
     got = tower.forward([u for item in items(uint8=True) for u in tower.units(item)])
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    # SGLang's own method (a fallback, the inline path) gets them widened on the tower's device
+    handed = on_one_device(items(uint8=True), tower.device)
+    assert all(item.feature.is_cuda and item.feature.dtype == torch.float32 for item in handed)
+    assert all(torch.equal(a.feature.cpu(), b.feature) for a, b in zip(handed, items(uint8=False), strict=True))
 
 
 def test_the_harness_backport_makes_sglangs_own_qwen3_method_take_features_on_two_devices():
