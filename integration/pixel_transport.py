@@ -12,7 +12,8 @@ plugin stages a batch or hands items to SGLang's own method, on the CPU at arriv
 plugin's service.
 
 Only where that is lossless and the scheduler's side is known to widen: SGLang's CPU feature transport (not
-``cuda_ipc``), its fast (torch) image processor, a model whose adapter widens (:data:`ARCHITECTURES`), no
+``cuda_ipc``), its fast (torch) image processor, SGLang's own processor of a model whose adapter widens
+(:data:`ARCHITECTURES`, :data:`PROCESSORS`), schedulers that load plugins (not ``--use-ray``), no
 ``--mm-process-config`` image setting of the rescale, and a probe image that comes out uint8 and widens to the
 processor's float32 output bit for bit at start-up (a processor that normalizes, or rescales by another factor, does
 not). Otherwise one log line says why, and nothing changes. The scheduler widens only with the setting on and such a
@@ -30,7 +31,11 @@ import torch
 SCALE = 1 / 255
 """The rescale factor the narrowed processor would have applied: the one ``uint8`` pixels are widened by."""
 ARCHITECTURES = ("Gemma4ForConditionalGeneration",)
-"""Models whose adapter stages image pixels through ``adapters.stack_on``, which widens uint8 pixels."""
+"""Models whose adapter stages image pixels through ``adapters.stack_on``, which widens uint8 pixels (the class name
+of SGLang's own model, which the scheduler checks, and the architecture the tokenizer manager reads)."""
+PROCESSORS = ("Gemma4SGLangProcessor",)
+"""SGLang's own processors of those models: with ``--model-impl transformers`` SGLang serves the same architecture
+through transformers' model, whose vision code the plugin does not route, so its pixels must stay float32."""
 
 
 def widen(pixels: torch.Tensor) -> torch.Tensor:
@@ -64,6 +69,10 @@ def narrow_images(mm_processor: Any) -> str | None:
     architectures = mm_processor.hf_config.architectures or []
     if not set(architectures) & set(ARCHITECTURES):
         return f"{architectures} is not one of {list(ARCHITECTURES)}, whose adapters widen uint8 pixels"
+    if type(mm_processor).__name__ not in PROCESSORS:
+        return f"{type(mm_processor).__name__} is not SGLang's own processor of the model (--model-impl transformers?)"
+    if getattr(mm_processor.server_args, "use_ray", False):  # its scheduler actors load no plugins to widen them
+        return "SGLang's schedulers run as Ray actors (--use-ray), which load no plugins"
     # SGLang passes --mm-process-config's image settings with every call, over the processor's own
     overridden = sorted(set(mm_processor.image_config) & set(_RESCALE_KEYS))
     if overridden:

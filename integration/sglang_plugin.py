@@ -216,7 +216,7 @@ def _around_scheduler_init(original: Callable[..., Any], scheduler: Any, *args: 
     if chosen is None:
         return
     global _widen_uint8_pixels
-    _widen_uint8_pixels = gets_uint8_pixels(_model_of(scheduler), chosen)
+    _widen_uint8_pixels = gets_uint8_pixels(_model_of(scheduler), chosen) and _encodes_here(scheduler)
     try:
         _start_for_scheduler(scheduler, chosen)
     except Exception:
@@ -233,11 +233,16 @@ def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
         logger.warning("mm-coalescer: this scheduler's worker exposes no model_runner.model; plugin off")
         return
     if scheduler.disaggregation_mode.name == "DECODE":
-        # Its prompts arrive prefilled (KV from the prefill server; a retracted request's prefix is restored or
-        # recomputed there), so the tower never runs here: no calibration, no graph pool, SGLang's method in place.
         logger.info("mm-coalescer: PD decode server: the vision tower does not run here; plugin off")
         return
     start(model, chosen, tp_size=sglang_compat.tp_size(), scheduler=scheduler)
+
+
+def _encodes_here(scheduler: Any) -> bool:
+    """Whether this scheduler runs the vision tower: the first pipeline stage, and not a PD decode server (its
+    prompts arrive prefilled, KV from the prefill server; a retracted request's prefix is restored or recomputed
+    there)."""
+    return sglang_compat.pp_rank() == 0 and scheduler.disaggregation_mode.name != "DECODE"
 
 
 def _model_of(scheduler: Any) -> Any:

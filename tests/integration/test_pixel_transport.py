@@ -25,6 +25,14 @@ pytestmark = pytest.mark.timeout(300)
 PROMPT = "<bos><|turn>user\n<|image|><|image|>Describe.<turn|>\n<|turn>model\n"
 
 
+@pytest.fixture(autouse=True)
+def scheduler_without_service(monkeypatch):
+    """A scheduler process of this plugin without a service and without uint8 pixels, unless a test says otherwise
+    (other test files leave SGLang's Gemma 4 methods hooked)."""
+    monkeypatch.setattr(sglang_plugin, "_service", None)
+    monkeypatch.setattr(sglang_plugin, "_widen_uint8_pixels", False)
+
+
 @pytest.fixture(scope="module")
 def gemma4_dir(tmp_path_factory) -> Path:
     return sm.gemma4_model_dir(tmp_path_factory.mktemp("model"))
@@ -92,6 +100,9 @@ def test_the_tokenizer_manager_hook_narrows_the_processor_before_any_clone_of_it
     ("pil", "SGLang runs the PIL image processor (--disable-fast-image-processor)"),
     ("architecture", "['Qwen3VLForConditionalGeneration'] is not one of ['Gemma4ForConditionalGeneration'], whose "
                      "adapters widen uint8 pixels"),
+    ("transformers_impl", "TransformersAutoMultimodalProcessor is not SGLang's own processor of the model "
+                          "(--model-impl transformers?)"),
+    ("ray", "SGLang's schedulers run as Ray actors (--use-ray), which load no plugins"),
     ("normalize", "Gemma4ImageProcessor without rescaling gives torch.float32, not uint8"),
     ("factor", "Gemma4ImageProcessor's uint8 output does not widen to its float32 output bit for bit"),
 ], ids=lambda value: value if " " not in value else "")
@@ -106,6 +117,10 @@ def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang
         mm_processor.disable_fast_image_processor = True
     elif setting == "architecture":
         mm_processor.hf_config = SimpleNamespace(architectures=["Qwen3VLForConditionalGeneration"])
+    elif setting == "transformers_impl":  # what SGLang builds for the same architecture with --model-impl transformers
+        mm_processor.__class__ = type("TransformersAutoMultimodalProcessor", (type(mm_processor),), {})
+    elif setting == "ray":
+        mm_processor.server_args = SimpleNamespace(use_ray=True)
     elif setting == "normalize":
         images.do_normalize = True
     else:
@@ -121,6 +136,10 @@ def test_mm_process_configs_image_settings_of_the_rescale_keep_pixels_float32(sg
     assert pixel_transport.narrow_images(mm_processor) == (
         "--mm-process-config sets ['do_normalize', 'image_mean', 'image_std'] for every image")
     assert mm_processor._processor.image_processor.do_rescale is True
+
+
+class Gemma4SGLangProcessor(SimpleNamespace):
+    """Named as SGLang's processor, so that the checks before the probe pass: the probe is what these tests test."""
 
 
 class _ProbedProcessor:
@@ -140,9 +159,10 @@ class _ProbedProcessor:
 
 
 def _broken(narrow):
-    return SimpleNamespace(mm_feature_transport="cpu", disable_fast_image_processor=False, image_config={},
-                           hf_config=SimpleNamespace(architectures=list(pixel_transport.ARCHITECTURES)),
-                           _processor=SimpleNamespace(image_processor=_ProbedProcessor(narrow)))
+    return Gemma4SGLangProcessor(mm_feature_transport="cpu", disable_fast_image_processor=False, image_config={},
+                                 server_args=SimpleNamespace(), _processor=SimpleNamespace(
+                                     image_processor=_ProbedProcessor(narrow)),
+                                 hf_config=SimpleNamespace(architectures=list(pixel_transport.ARCHITECTURES)))
 
 
 def _raise():
@@ -262,13 +282,15 @@ def test_without_the_setting_or_for_another_model_uint8_features_are_left_as_sgl
     assert sglang_plugin._around_get_feature(lambda model, items: items[0].feature, object(), [item]) is raw
 
 
-@pytest.mark.parametrize(("family", "setting", "widened"), [
-    ("gemma4", True, True), ("gemma4", False, False), ("qwen2_5_vl", True, False)])
+@pytest.mark.parametrize(("family", "setting", "mode", "widened"), [
+    ("gemma4", True, "NULL", True), ("gemma4", False, "NULL", False), ("qwen2_5_vl", True, "NULL", False),
+    ("gemma4", True, "DECODE", False)])  # a PD decode server never encodes: nothing to widen
 def test_a_scheduler_widens_uint8_pixels_only_with_the_setting_and_a_model_whose_tokenizer_manager_narrows(
-        monkeypatch, family, setting, widened):
+        monkeypatch, family, setting, mode, widened):
     model = sm.BUILDERS[family]()
     chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "uint8_pixels": setting}, "values": {}}
-    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)))
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)),
+                                disaggregation_mode=SimpleNamespace(name=mode))
     monkeypatch.setattr(sglang_plugin, "_start_for_scheduler", lambda scheduler, chosen: None)
     monkeypatch.setattr(sglang_plugin, "_widen_uint8_pixels", not widened)
     sglang_plugin._around_scheduler_init(lambda *args, **kwargs: None, scheduler,

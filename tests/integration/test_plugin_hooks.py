@@ -409,8 +409,8 @@ def start_recorded(monkeypatch):
         chosen = {"config_path": None, "values": {}, "mode": "auto", **chosen}
         return sglang_plugin.start(model, chosen, **kwargs)
 
+    monkeypatch.setattr(sglang_plugin, "_service", None)  # before the yield: monkeypatch then restores None
     yield start, hooked
-    monkeypatch.setattr(sglang_plugin, "_service", None)
 
 
 def test_start_builds_the_service_from_the_settings(start_recorded, caplog):
