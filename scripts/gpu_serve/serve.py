@@ -203,11 +203,10 @@ VARIANTS = {
     # process used 84-93 CPU-s for a 600-image burst, the four workers 11 (2729c81); a study of that gap.
     "off+omp1": Variant(False, env={"OMP_NUM_THREADS": "1"}),
     "on+omp1": Variant(True, env={"OMP_NUM_THREADS": "1"}),
-    # Gemma 4's pixels from the tokenizer manager as uint8 (integration/pixel_transport.py): a quarter of the bytes
-    # through the processor's .to("cpu"), SGLang's /dev/shm copy (21.7 against 5.7 ms a 6-image request on one CPU
-    # thread here) and the plugin's host-to-device copy, widened bit for bit on the GPU. Other families: a start-up
-    # line says why not, and the server is plain "on".
-    "on+u8": Variant(True, config={"sglang": {"uint8_pixels": True}}),
+    # Gemma 4's pixels from the tokenizer manager as float32, SGLang's own format: sglang.uint8_pixels (on by default
+    # since it won at e09d266, variant "on+u8" then) turned off, its lever measured against plain "on". Other
+    # families: the same server as "on" (their processors normalize; a start-up line says so).
+    "on+f32": Variant(True, config={"sglang": {"uint8_pixels": False}}),
     # SGLang's PIL image processor on the CPU in place of its fast one on the GPU (--disable-fast-image-processor):
     # whether the tokenizer manager's GPU work, time-sliced with the scheduler's, is what it waits on in a burst. More
     # CPU (Gemma 4: 86 ms a 6-image request on one thread of this VM) and other resize arithmetic: timing only, its

@@ -25,7 +25,7 @@ def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(p
     assert chosen["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0, "defer_prefill_ms": 0.0,
                                 "early_encode_min_waiting": 1 if path.name in lazy else 0,
                                 "vit_graph_patches": graphs.get(path.name, []),
-                                "preprocess_thread": False, "uint8_pixels": False}
+                                "preprocess_thread": False, "uint8_pixels": True}
     assert load_config(path).name == chosen["values"]["name"]
 
 
@@ -37,7 +37,7 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
                                                             "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2,
                                                             "vit_graph_patches": [4096, 8192],
                                                             "preprocess_thread": False,
-                                                            "uint8_pixels": False}
+                                                            "uint8_pixels": True}
 
 
 @pytest.mark.parametrize("body, named", [
@@ -81,7 +81,7 @@ def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
                                                             "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
                                                             "vit_graph_patches": [], "preprocess_thread": False,
-                                                            "uint8_pixels": False}
+                                                            "uint8_pixels": True}
 
 
 def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):
@@ -272,14 +272,14 @@ def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic
     assert settings.check_config_file(str(path))["values"]["budget_bytes"] == 1260000
 
 
-def test_the_tokenizer_manager_settings_with_several_tokenizer_workers_are_said_not_to_apply():
+def test_tokenizer_manager_settings_turned_on_with_several_tokenizer_workers_are_said_not_to_apply():
     chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": True}}
     args = SimpleNamespace(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc", **{settings.ATTR: chosen})
     advice = settings.preprocessing_advice(args)
     assert "with --tokenizer-worker-num 4, no effect of sglang.preprocess_thread:" in advice
-    both = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": True, "uint8_pixels": True}}
-    args = SimpleNamespace(tokenizer_worker_num=2, mm_feature_transport="cpu", **{settings.ATTR: both})
-    assert settings.preprocessing_advice(args).startswith(
-        "mm-coalescer: with --tokenizer-worker-num 2, no effect of sglang.preprocess_thread and sglang.uint8_pixels:")
+    assert settings.PLUGIN_DEFAULTS["uint8_pixels"] and "uint8_pixels" not in advice  # on by default: not named
+    args = SimpleNamespace(tokenizer_worker_num=2, mm_feature_transport="cpu",
+                           **{settings.ATTR: {"plugin": settings.PLUGIN_DEFAULTS}})
+    assert settings.preprocessing_advice(args).startswith("mm-coalescer: SGLang runs 2 tokenizer worker(s)")
     args = SimpleNamespace(tokenizer_worker_num=1, mm_feature_transport="cpu", **{settings.ATTR: chosen})
     assert "turn those on first" in settings.preprocessing_advice(args)

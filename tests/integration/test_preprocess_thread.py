@@ -224,20 +224,22 @@ def test_the_tokenizer_manager_hook_moves_preprocessing_only_when_the_setting_is
                                                 server_args=SimpleNamespace(**{settings.ATTR: None}))  # plugin off
 
 
-def test_the_tokenizer_manager_is_hooked_once_and_only_with_the_setting_on(monkeypatch):
+def test_the_tokenizer_manager_is_hooked_once_and_only_with_a_tokenizer_manager_setting_on(monkeypatch):
     """Importing SGLang's tokenizer manager installs its uvloop policy process-wide: the plugin hooks it only
-    when the setting asks for it (in the launcher, where it is built)."""
+    when a setting asks for it (in the launcher, where it is built): ``uint8_pixels``, on by default, or
+    ``preprocess_thread``."""
     from mm_scheduler_sglang import settings, sglang_plugin
 
     registered: list = []
     monkeypatch.setattr(sglang_plugin.HookRegistry, "register", lambda target, hook, kind: registered.append(target))
     monkeypatch.setattr(sglang_plugin.HookRegistry, "apply_hooks", lambda: None)
     monkeypatch.setattr(sglang_plugin, "_tokenizer_manager_hooked", False)
-    off = {"plugin": dict(settings.PLUGIN_DEFAULTS)}
-    on = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": True}}
+    off = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": False, "uint8_pixels": False}}
     for chosen in (None, off, {}):
         sglang_plugin._hook_tokenizer_manager(chosen)
     assert registered == []
-    sglang_plugin._hook_tokenizer_manager(on)
-    sglang_plugin._hook_tokenizer_manager(on)
-    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT]
+    for on in ({"plugin": {**off["plugin"], "preprocess_thread": True}}, {"plugin": dict(settings.PLUGIN_DEFAULTS)}):
+        monkeypatch.setattr(sglang_plugin, "_tokenizer_manager_hooked", False)
+        sglang_plugin._hook_tokenizer_manager(on)
+        sglang_plugin._hook_tokenizer_manager(on)
+    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT] * 2
