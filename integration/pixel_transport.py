@@ -73,6 +73,12 @@ def narrow_images(mm_processor: Any) -> str | None:
         return f"{type(mm_processor).__name__} is not SGLang's own processor of the model (--model-impl transformers?)"
     if getattr(mm_processor.server_args, "use_ray", False):  # its scheduler actors load no plugins to widen them
         return "SGLang's schedulers run as Ray actors (--use-ray), which load no plugins"
+    from sglang.srt.environ import envs
+
+    # The scheduler would copy uint8 pixels into its float32 buffer (0-255) before the plugin sees them (0.5.16
+    # schedule_batch: try_add_to_buffer), and the plugin widens only what is still uint8.
+    if envs.SGLANG_MM_BUFFER_SIZE_MB.get() > 0:
+        return "SGLANG_MM_BUFFER_SIZE_MB copies features into SGLang's float32 buffer before they could be widened"
     # SGLang passes --mm-process-config's image settings with every call, over the processor's own
     overridden = sorted(set(mm_processor.image_config) & set(_RESCALE_KEYS))
     if overridden:

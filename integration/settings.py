@@ -203,14 +203,11 @@ def preprocessing_advice(server_args: object) -> str | None:
     workers = getattr(server_args, "tokenizer_worker_num", None)
     transport = getattr(server_args, "mm_feature_transport", None) or "cpu"
     plugin = (settings_of(server_args) or {}).get("plugin", {})
-    # Settings turned on against their default: uint8_pixels, on by default, applies only where it can (its own
-    # start-up line), so the line does not name it for every server with tokenizer workers.
-    in_tokenizer_manager = [name for name in ("preprocess_thread", "uint8_pixels")
-                            if plugin.get(name) and not PLUGIN_DEFAULTS[name]]
-    if in_tokenizer_manager and workers is not None and workers > 1:
-        return (f"mm-coalescer: with --tokenizer-worker-num {workers}, no effect of sglang."
-                f"{' and sglang.'.join(in_tokenizer_manager)}: SGLang's tokenizer workers run in processes that load "
-                "no plugins (0.5.16 init_multi_tokenizer)")
+    # uint8_pixels has no effect there either, but it is on by default and applies only where it can, so the line
+    # does not name it for every server with tokenizer workers (README, configuration).
+    if plugin.get("preprocess_thread") and workers is not None and workers > 1:
+        return (f"mm-coalescer: with --tokenizer-worker-num {workers}, no effect of sglang.preprocess_thread: "
+                "SGLang's tokenizer workers run in processes that load no plugins (0.5.16 init_multi_tokenizer)")
     if workers is None or (workers > 1 and transport == "cuda_ipc"):
         return None
     return (f"mm-coalescer: SGLang runs {workers} tokenizer worker(s) with {transport} feature transport; on "

@@ -24,9 +24,10 @@ Hooks, and why each sits where it does:
 * ``Scheduler.run_batch`` (AFTER): the forward (launched synchronously on the scheduler thread,
   embeddings included) has consumed the items whose tokens lie before each request's
   ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
-* ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.uint8_pixels`` or ``sglang.preprocess_thread``,
-  in the launcher once its arguments are parsed): the image processor is asked for uint8 pixels
-  (:mod:`.pixel_transport`), then the multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
+* ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.uint8_pixels`` (on by default) or
+  ``sglang.preprocess_thread``, in the launcher once its arguments are first resolved): the image processor is
+  asked for uint8 pixels (:mod:`.pixel_transport`), then the multimodal preprocessing moves to a thread of its
+  own (:mod:`.preprocess`).
 * ``Scheduler.get_next_batch_to_run`` and, on PD prefill servers, ``get_next_disagg_prefill_batch_to_run``
   (AFTER): about once a second, the sweep releases holds of requests the scheduler no longer has.
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
@@ -141,15 +142,17 @@ def _around_from_cli_args(original: Callable[..., Any], cls: type, args: Any) ->
 def _after_resolve_once(_result: None, server_args: Any) -> None:
     """``Engine(**kwargs)`` takes no unknown kwargs: read the environment when no flag set it.
 
-    After ``ServerArgs.resolve_once`` (0.5.19+) or ``check_server_args`` (before): both run in the
-    launcher before any child is spawned."""
+    After ``ServerArgs.resolve_once`` (0.5.19+) or ``check_server_args`` (before): both run in the launcher
+    before any child is spawned, and 0.5.23's schedulers run ``resolve_once`` again on the arguments they were
+    handed, settings included: the tokenizer manager is hooked only where they were first resolved, the launcher
+    (``from_cli_args`` hooked it on the command line's path)."""
     if settings.ATTR not in server_args.__dict__:
         try:
             chosen = settings.resolve(False, None)
         except ValueError as exc:
             raise SystemExit(f"mm-coalescer: {exc}") from None
         setattr(server_args, settings.ATTR, chosen)
-    _hook_tokenizer_manager(getattr(server_args, settings.ATTR))
+        _hook_tokenizer_manager(chosen)
     advice = settings.preprocessing_advice(server_args) if getattr(server_args, settings.ATTR) else None
     if advice:
         logger.info(advice)

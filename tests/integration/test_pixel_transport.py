@@ -103,10 +103,12 @@ def test_the_tokenizer_manager_hook_narrows_the_processor_before_any_clone_of_it
     ("transformers_impl", "TransformersAutoMultimodalProcessor is not SGLang's own processor of the model "
                           "(--model-impl transformers?)"),
     ("ray", "SGLang's schedulers run as Ray actors (--use-ray), which load no plugins"),
+    ("buffer", "SGLANG_MM_BUFFER_SIZE_MB copies features into SGLang's float32 buffer before they could be widened"),
     ("normalize", "Gemma4ImageProcessor without rescaling gives torch.float32, not uint8"),
     ("factor", "Gemma4ImageProcessor's uint8 output does not widen to its float32 output bit for bit"),
 ], ids=lambda value: value if " " not in value else "")
-def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang_gemma4_processor, setting, why):
+def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang_gemma4_processor, monkeypatch,
+                                                                         setting, why):
     mm_processor = sglang_gemma4_processor()
     images = mm_processor._processor.image_processor
     if setting == "transport":
@@ -121,6 +123,8 @@ def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang
         mm_processor.__class__ = type("TransformersAutoMultimodalProcessor", (type(mm_processor),), {})
     elif setting == "ray":
         mm_processor.server_args = SimpleNamespace(use_ray=True)
+    elif setting == "buffer":  # the schedulers inherit the launcher's environment
+        monkeypatch.setenv("SGLANG_MM_BUFFER_SIZE_MB", "64")
     elif setting == "normalize":
         images.do_normalize = True
     else:

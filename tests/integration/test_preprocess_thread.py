@@ -243,3 +243,25 @@ def test_the_tokenizer_manager_is_hooked_once_and_only_with_a_tokenizer_manager_
         sglang_plugin._hook_tokenizer_manager(on)
         sglang_plugin._hook_tokenizer_manager(on)
     assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT] * 2
+
+
+def test_only_the_first_resolution_of_the_settings_hooks_the_tokenizer_manager(monkeypatch):
+    """SGLang 0.5.23's schedulers run ``ServerArgs.resolve_once`` again on the arguments the launcher handed them,
+    settings included: they must not import the tokenizer manager (and its uvloop policy) for the default
+    ``uint8_pixels``."""
+    from mm_scheduler_sglang import settings, sglang_plugin
+
+    registered: list = []
+    monkeypatch.setattr(sglang_plugin.HookRegistry, "register", lambda target, hook, kind: registered.append(target))
+    monkeypatch.setattr(sglang_plugin.HookRegistry, "apply_hooks", lambda: None)
+    monkeypatch.setattr(sglang_plugin, "_tokenizer_manager_hooked", False)
+    for name in (settings.ENV_CONFIG, settings.ENV_MODE, settings.ENV_MAX_HELD_MB):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(settings.ENV_ENABLE, "1")
+    in_a_scheduler = SimpleNamespace(**{settings.ATTR: {"plugin": dict(settings.PLUGIN_DEFAULTS)}})
+    sglang_plugin._after_resolve_once(None, in_a_scheduler)
+    assert registered == []
+    in_the_launcher = SimpleNamespace()
+    sglang_plugin._after_resolve_once(None, in_the_launcher)
+    assert getattr(in_the_launcher, settings.ATTR)["plugin"]["uint8_pixels"] is True
+    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT]
