@@ -87,9 +87,16 @@ def test_engine_with_preprocess_thread_preprocesses_on_its_own_thread_unless_sgl
 
 def test_engine_with_uint8_pixels_on_a_model_other_than_gemma4_leaves_its_image_processor_as_is(
         engine_runs: dict[str, Any]) -> None:
-    """``uint8_pixels`` (on in "tuned") hooks SGLang's real tokenizer manager; Qwen2.5-VL is not a model whose
-    adapter widens, so its processor keeps rescaling, and the replies are those of plugin off (test above)."""
-    assert engine_runs["tuned"]["preprocessing"]["rescales"] is True
+    """``uint8_pixels`` (on by default) hooks SGLang's real tokenizer manager, whose start-up line says why not here:
+    Qwen2.5-VL is not a model whose adapter widens, so its processor keeps rescaling, and the replies are those of
+    plugin off (test above)."""
+    for label in ("on", "tuned"):
+        preprocessing = engine_runs[label]["preprocessing"]
+        assert preprocessing["rescales"] is True
+        assert [line for line in preprocessing["startup_lines"] if "uint8_pixels" in line] == [
+            "mm-coalescer: sglang.uint8_pixels off: ['Qwen2_5_VLForConditionalGeneration'] is not one of "
+            "['Gemma4ForConditionalGeneration'], whose adapters widen uint8 pixels"], preprocessing["startup_lines"]
+    assert not [line for line in engine_runs["off"]["preprocessing"]["startup_lines"] if "uint8_pixels" in line]
 
 
 def test_engine_output_depends_on_the_image(engine_runs: dict[str, Any]) -> None:

@@ -277,6 +277,7 @@ def test_preprocess_thread_with_several_tokenizer_workers_is_said_not_to_apply_a
     args = SimpleNamespace(tokenizer_worker_num=4, mm_feature_transport="cuda_ipc", **{settings.ATTR: chosen})
     advice = settings.preprocessing_advice(args)
     assert "with --tokenizer-worker-num 4, no effect of sglang.preprocess_thread:" in advice
+    assert "uint8_pixels" not in advice  # on by default, and it applies only where it can
     args = SimpleNamespace(tokenizer_worker_num=2, mm_feature_transport="cpu",
                            **{settings.ATTR: {"plugin": settings.PLUGIN_DEFAULTS}})
     assert settings.preprocessing_advice(args).startswith("mm-coalescer: SGLang runs 2 tokenizer worker(s)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -89,16 +90,31 @@ def run_engine(model: str, files: dict[str, str], with_video: bool, label: str) 
     metrics_dir = tempfile.mkdtemp(prefix="e2e-prom-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     started = time.monotonic()
+    startup_lines = _PluginLines()  # the Engine runs at log level warning: the plugin's start-up lines, kept here
     engine = sglang.Engine(model_path=model, **scenario.ENGINE_ARGS)
     try:
         ready = time.monotonic() - started
         results = engine.loop.run_until_complete(_scenario(engine, files, with_video))
         metrics = scenario.read_multiproc_metrics(metrics_dir)
-        preprocessing = _preprocessing(engine)
+        preprocessing = {**_preprocessing(engine), "startup_lines": startup_lines.lines}
     finally:
         engine.shutdown()
     return {"results": results, "metrics": metrics, "preprocessing": preprocessing, "start_s": ready,
             "total_s": time.monotonic() - started}
+
+
+class _PluginLines(logging.Handler):
+    """The plugin's INFO lines in this process (the launcher, where SGLang builds the tokenizer manager)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+        plugin_logger = logging.getLogger("mm_scheduler_sglang.sglang_plugin")
+        plugin_logger.setLevel(logging.INFO)
+        plugin_logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
 
 
 def _preprocessing(engine) -> dict:
