@@ -145,8 +145,9 @@ def test_engine_logs_each_feature_this_sglang_lacks_once(engine_runs: dict[str, 
 
     expected = sglang_compat.current().degraded(sglang_plugin.SCHEDULER_FEATURES)
     for label, lines in (("off", []), ("on", expected)):
-        logged = [line[line.index("mm-coalescer: sglang"):] for line in engine_runs[label]["log"].splitlines()
-                  if "mm-coalescer: sglang" in line]
+        # "mm-coalescer: sglang <version>: ...", not the settings' lines ("mm-coalescer: sglang.uint8_pixels ...")
+        logged = [line[line.index("mm-coalescer: sglang "):] for line in engine_runs[label]["log"].splitlines()
+                  if "mm-coalescer: sglang " in line]
         assert logged == lines, (label, logged)
 
 
