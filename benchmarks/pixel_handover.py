@@ -5,7 +5,7 @@ Per request of the seed workload's shape (six 480x480 JPEG images): SGLang's ``G
 (``process_mm_data_async``: load, HF processor) on the CPU; the hand-over as SGLang makes it on one node
 (``ShmPointerMMData`` per item: a fresh ``/dev/shm`` segment and a copy, the handle pickled; in the scheduler the
 handle unpickled and ``materialize()``: a clone out of the segment on 0.5.16, a copy-on-write mapping on 0.5.23);
-and on the scheduler's side the plugin's ``widen`` on the CPU (the path of SGLang's own method;
+and on the scheduler's side the plugin's ``Widening`` on the CPU (the path of SGLang's own method;
 the plugin's staging widens on the GPU, not measured here). Transports alternate request by request; medians are
 reported, and the widened uint8 pixels are checked against the float32 ones bit for bit.
 
@@ -87,8 +87,9 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
     samples: dict[str, dict[str, list[float]]] = {t: {stage: [] for stage in stages} for t in TRANSPORTS}
     bytes_per_request: dict[str, int] = {}
     identical = True
-    with sglang_models.gemma4_mm_processor(model_dir) as build:
+    with sglang_models.mm_processor(model_dir) as build:
         processors = {"float32": build(), "uint8": build()}
+        widening = pixel_transport.Widening.of(processors["float32"]._processor.image_processor)  # the scheduler's
         why_not = pixel_transport.narrow_images(processors["uint8"])
         if why_not is not None:
             raise SystemExit(f"uint8 pixels refused: {why_not}")
@@ -99,7 +100,7 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
                 out, preprocess_s = _preprocess(processors[transport], prompt, urls)
                 received, sent_s, received_s = _hand_over([item.feature for item in out.mm_items])
                 started = time.perf_counter()
-                features[transport] = [pixel_transport.widen(tensor) for tensor in received]
+                features[transport] = [widening(tensor) for tensor in received]
                 widen_s = time.perf_counter() - started
                 bytes_per_request[transport] = sum(item.feature.nbytes for item in out.mm_items)
                 if seed:
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         log(f"{args.requests} requests of {IMAGES} {SIDE}x{SIDE} images a transport, {args.threads} thread(s)")
-        result = measure(sglang_models.gemma4_model_dir(Path(tmp)), args.requests)
+        result = measure(sglang_models.model_dir(Path(tmp), "gemma4"), args.requests)
     result.update(sglang=sglang.__version__, torch=torch.__version__, threads=args.threads,
                   images_per_request=IMAGES, image_side=SIDE)
     print(format_table(result["rows"], [("transport", "transport", ""), ("bytes_per_request", "bytes/request", ",d"),

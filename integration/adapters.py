@@ -158,7 +158,8 @@ def offloaded_by_sglang(item: Any) -> bool:
     return isinstance(feature, torch.Tensor) and not feature.is_cuda and feature.is_pinned()
 
 
-def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
+def on_one_device(items: Sequence[Any], device: torch.device,
+                  widening: pixel_transport.Widening | None = None) -> list[Any]:
     """``items``, with their plain-tensor features moved to the tower's ``device`` when they are on several.
 
     SGLang 0.5.16's Qwen3-VL ``get_image_feature`` concatenates ``item.feature`` where it finds it. With
@@ -168,32 +169,34 @@ def on_one_device(items: Sequence[Any], device: torch.device) -> list[Any]:
     server, e12f02a, plugin off). Later SGLang moves every item to the tower's device itself (0.5.23
     ``_materialize_visual_items``); this does the same for the calls the plugin hands to SGLang's method, after
     any copy SGLang still has in flight into a feature (0.5.23 offloads re-prefill features on a copy stream).
-    uint8 pixels (``sglang.uint8_pixels``) are widened on ``device``, as SGLang's method expects float pixels."""
+    uint8 pixels (``sglang.uint8_pixels``) are widened on ``device`` by ``widening``, as SGLang's method expects the
+    processor's float pixels."""
     devices = {item.feature.device for item in items if isinstance(item.feature, torch.Tensor)}
     if len(devices) > 1:
         for item in items:
             if isinstance(item.feature, torch.Tensor) and item.feature.device != device:
                 _wait_for_pending_copy(item, device)
                 item.feature = item.feature.to(device, non_blocking=True)
-    pixel_transport.widen_items(items, device)
+    pixel_transport.widen_items(items, widening, device)
     return list(items)
 
 
-def stack_on(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+def stack_on(tensors: Sequence[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None,
+             widening: pixel_transport.Widening | None = None) -> torch.Tensor:
     """``torch.stack`` landing on ``device`` (and ``dtype``), by the core's :func:`stage`: host tensors through pinned
     memory, never a copy that makes the thread wait for the GPU. A plain ``.to(cuda, dtype)`` of a pageable host
     tensor synchronized the encoder stream, so the forward thread waited for every batch ahead of it (Gemma3's
     real server: 361 ms a forward's "launch", e5bb1ae). A ``cuda_ipc`` batch can hold units rebuilt on the GPU
     beside units on the CPU (:func:`on_one_device`): ``stage`` copies each where it is. uint8 pixels
-    (``sglang.uint8_pixels``) land as uint8, a quarter of the bytes, and are widened there before the cast to the
-    floating ``dtype`` their caller passes (without one, uint8 stays uint8)."""
+    (``sglang.uint8_pixels``) land as uint8, a quarter of the bytes, and are widened there by ``widening`` before
+    the cast to the floating ``dtype`` their caller passes (without a widening, uint8 stays uint8)."""
     dtype = dtype or tensors[0].dtype
     narrow = [t.dtype == torch.uint8 for t in tensors]
-    if not any(narrow) or not dtype.is_floating_point:
+    if widening is None or not any(narrow) or not dtype.is_floating_point:
         return stage(tensors, device, dtype)
     if all(narrow):
-        return pixel_transport.widen(stage(tensors, device, torch.uint8)).to(dtype)
-    return stage([pixel_transport.widen(t) for t in tensors], device, dtype)  # widen() leaves float units as they are
+        return widening(stage(tensors, device, torch.uint8)).to(dtype)
+    return stage([widening(t) for t in tensors], device, dtype)  # a widening leaves float units as they are
 
 
 def _tensor_digest(tensor: torch.Tensor) -> tuple[Any, ...]:
@@ -215,6 +218,9 @@ class SGLangTower:
     vision_modules: ClassVar[dict[str, str]] = {}
     collective_free: bool = False
     """True when forwards issue no collective even at TP>1 (a replicated tower called directly)."""
+    widening: pixel_transport.Widening | None = None
+    """How this server's uint8 image pixels become the processor's float32 pixels (``sglang.uint8_pixels``, set by
+    the plugin from the scheduler's image processor); None: pixels arrive as the model takes them."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -440,7 +446,7 @@ class QwenVLTower(SGLangTower):
                 continue
             items = [MultimodalDataItem(
                 modality=Modality.IMAGE if modality == "image" else Modality.VIDEO,
-                feature=units[i].pixel_values.to(self.device, non_blocking=True),
+                feature=self._on_device(units[i].pixel_values),
                 model_specific_data={grid_name: torch.tensor([units[i].meta["grid"]])}) for i in picked]
             for start, stop in self._graph_runs([units[i] for i in picked]):
                 packed = self._encode(items[start:stop], method, grid_name)
@@ -448,6 +454,11 @@ class QwenVLTower(SGLangTower):
                 for i, out in zip(picked[start:stop], torch.split(packed, sizes, dim=0), strict=True):
                     outputs[i] = out
         return outputs  # type: ignore[return-value]
+
+    def _on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A unit's pixels on the tower's device, widened there when they came as uint8 (``sglang.uint8_pixels``)."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        return pixels if self.widening is None else self.widening(pixels)
 
     def encode_now(self, items: list[Any], original: Callable[[list[Any]], Any]) -> Any:
         """Images by one graph replay on the caller's stream when a captured bucket holds them all: no launch
@@ -593,7 +604,8 @@ class Gemma3Tower(_UniformGraphed, SGLangTower):
 
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         model = self.model
-        pixels = stack_on([u.pixel_values for u in units], model.vision_tower.device, model.language_model.dtype())
+        pixels = stack_on([u.pixel_values for u in units], model.vision_tower.device, model.language_model.dtype(),
+                          self.widening)
         return self._replayed_or_eager([pixels], self._eager)
 
     def _eager(self, pixels: torch.Tensor) -> list[torch.Tensor]:
@@ -708,7 +720,7 @@ class Gemma4Tower(_UniformGraphed, SGLangTower):
     def forward(self, units: Sequence[EncodeItem]) -> list[torch.Tensor]:
         model = self.model
         vt = model.vision_tower
-        pixels = stack_on([u.pixel_values for u in units], vt.device, model.language_model.dtype())
+        pixels = stack_on([u.pixel_values for u in units], vt.device, model.language_model.dtype(), self.widening)
         positions = stack_on([u.meta["positions"] for u in units], vt.device)
         return self._replayed_or_eager([pixels, positions], self._eager)
 

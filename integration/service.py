@@ -381,7 +381,7 @@ class EncoderService:
         PREFILL_ITEMS.labels(self.config.name, source).inc(len(items))
 
         def call() -> Any:
-            on_device = on_one_device(items, self.tower.device)
+            on_device = on_one_device(items, self.tower.device, self.tower.widening)
             return self.tower.encode_now(on_device, original) if source == "inline" else original(on_device)
 
         return self.run_exclusive(call)

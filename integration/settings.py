@@ -54,10 +54,11 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # (integration/preprocess.py), so a burst's preprocessing no longer holds back replies and intake. Off
     # (default) until measured on a GPU; nothing changes where SGLang already runs its processor off the loop.
     "preprocess_thread": False,
-    # True (default): where it is lossless (Gemma 4's processor only rescales by 1/255), image pixels cross from
-    # the tokenizer manager to the scheduler as uint8, a quarter of the float32 bytes, and are widened bit for bit
-    # where they are used (integration/pixel_transport.py). Gemma 4 seed burst in the real server: median TTFT
-    # 0.71x of the plugin without it, same run (README, levers); elsewhere a start-up line says why not.
+    # True (default): where a start-up probe shows it lossless, image pixels cross from the tokenizer manager to the
+    # scheduler as uint8, a quarter of the float32 bytes, and the scheduler redoes the processor's rescale and
+    # normalize bit for bit where they are used (integration/pixel_transport.py). Gemma 4 seed burst in the real
+    # server: median TTFT 0.71x of the plugin without it, same run (README, levers); elsewhere a start-up line says
+    # why not.
     "uint8_pixels": True,
 }
 MAX_GRAPH_BUCKETS = 8

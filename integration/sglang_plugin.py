@@ -26,8 +26,8 @@ Hooks, and why each sits where it does:
   ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
 * ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.uint8_pixels`` (on by default) or
   ``sglang.preprocess_thread``, in the launcher once its arguments are first resolved): the image processor is
-  asked for uint8 pixels (:mod:`.pixel_transport`), then the multimodal preprocessing moves to a thread of its
-  own (:mod:`.preprocess`).
+  asked for uint8 pixels (:mod:`.pixel_transport`; each scheduler reads how to widen them from its own copy of the
+  processor), then the multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
 * ``Scheduler.get_next_batch_to_run`` and, on PD prefill servers, ``get_next_disagg_prefill_batch_to_run``
   (AFTER): about once a second, the sweep releases holds of requests the scheduler no longer has.
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
@@ -56,6 +56,7 @@ from sglang.srt.plugins.hook_registry import HookRegistry, HookSource, HookType
 from . import norm_lock, settings, sglang_compat
 
 if TYPE_CHECKING:
+    from .pixel_transport import Widening
     from .service import EncoderService
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ _left_to_prefill: set[str] = set()  # arrivals not encoded early (early_encode_m
 _deferred_since: dict[str, float] = {}
 _bound_spent: set[str] = set()  # requests whose deferral bound ran out: never deferred again
 _tokenizer_manager_hooked = False
-_widen_uint8_pixels = False  # this scheduler's model gets uint8 pixels (sglang.uint8_pixels): set once it is built
+_widening: Widening | None = None  # how this scheduler's uint8 pixels widen (sglang.uint8_pixels): set once built
 
 
 def register() -> None:
@@ -218,8 +219,8 @@ def _around_scheduler_init(original: Callable[..., Any], scheduler: Any, *args: 
         original(scheduler, *args, **kwargs)
     if chosen is None:
         return
-    global _widen_uint8_pixels
-    _widen_uint8_pixels = gets_uint8_pixels(_model_of(scheduler), chosen) and _encodes_here(scheduler)
+    global _widening
+    _widening = widening_for(scheduler, chosen)
     try:
         _start_for_scheduler(scheduler, chosen)
     except Exception:
@@ -238,7 +239,7 @@ def _start_for_scheduler(scheduler: Any, chosen: dict[str, Any]) -> None:
     if scheduler.disaggregation_mode.name == "DECODE":
         logger.info("mm-coalescer: PD decode server: the vision tower does not run here; plugin off")
         return
-    start(model, chosen, tp_size=sglang_compat.tp_size(), scheduler=scheduler)
+    start(model, chosen, tp_size=sglang_compat.tp_size(), scheduler=scheduler, widening=_widening)
 
 
 def _encodes_here(scheduler: Any) -> bool:
@@ -252,13 +253,19 @@ def _model_of(scheduler: Any) -> Any:
     return getattr(getattr(getattr(scheduler, "tp_worker", None), "model_runner", None), "model", None)
 
 
-def gets_uint8_pixels(model: Any, chosen: dict[str, Any]) -> bool:
-    """Whether this scheduler's requests carry uint8 image pixels the plugin must widen: ``sglang.uint8_pixels`` on,
-    and a model whose tokenizer manager narrows them (``pixel_transport.ARCHITECTURES``). Other models' uint8
-    features are theirs (SGLang 0.5.23's Kimi-K3 sends raw uint8 on purpose) and are never touched."""
-    from .pixel_transport import ARCHITECTURES
+def widening_for(scheduler: Any, chosen: dict[str, Any]) -> Widening | None:
+    """How this scheduler's requests' uint8 image pixels become float32, if it encodes any: ``sglang.uint8_pixels``
+    on, a model whose tokenizer manager narrows them (``pixel_transport.ARCHITECTURES``), a scheduler that runs the
+    tower (:func:`_encodes_here`), read from the scheduler's own copy of the HF image processor (SGLang loads it as the
+    tokenizer manager does; none with ``--skip-tokenizer-init``, where the tokenizer manager does not narrow). Other
+    models' uint8 features are theirs (SGLang 0.5.23's Kimi-K3 sends raw uint8 on purpose) and are never touched."""
+    from .pixel_transport import ARCHITECTURES, Widening
 
-    return bool(chosen.get("plugin", {}).get("uint8_pixels")) and type(model).__name__ in ARCHITECTURES
+    if not chosen.get("plugin", {}).get("uint8_pixels") or type(_model_of(scheduler)).__name__ not in ARCHITECTURES:
+        return None
+    if not _encodes_here(scheduler):
+        return None
+    return Widening.of(getattr(getattr(scheduler, "processor", None), "image_processor", None))
 
 
 @contextlib.contextmanager
@@ -295,7 +302,8 @@ def torch_cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = None) -> EncoderService | None:
+def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = None,
+          widening: Widening | None = None) -> EncoderService | None:
     """Start the service for ``model`` and route its encoder methods through it.
 
     Unsupported models are left untouched (one log line). With TP>1 and a sharded tower, lockstep
@@ -316,6 +324,7 @@ def start(model: Any, chosen: dict[str, Any], *, tp_size: int, scheduler: Any = 
     if tower is None:
         logger.info("mm-coalescer: plugin off for this model (%s); SGLang encodes its media as usual", reason)
         return None
+    tower.widening = widening
     config = config_from_dict(dict(chosen["values"]), source=chosen["config_path"] or "defaults")
     norm_lock.serialize_norm_launches()  # the tower's norms now run beside the text model's (norm_lock.py)
     pass_uniform_max_seqlen(model)  # no GPU read-back a layer in SigLIP / Gemma 4 (vision_attention.py)
@@ -408,10 +417,10 @@ def _around_add_request_to_queue(original: Callable[..., Any], scheduler: Any, r
     retracted = kwargs.get("is_retracted", args[0] if args else False)
     mm_inputs = req.multimodal_inputs
     mode = scheduler.disaggregation_mode.name
-    if _widen_uint8_pixels and service is None and mm_inputs is not None:  # no hooked method will widen them
+    if _widening is not None and service is None and mm_inputs is not None:  # no hooked method will widen them
         from .pixel_transport import widen_items
 
-        widen_items(mm_inputs.mm_items)
+        widen_items(mm_inputs.mm_items, _widening)
     if service is None or retracted or mm_inputs is None or req.finished() or mode == "DECODE":
         return result
     queue = getattr(scheduler, "waiting_queue", None)
@@ -628,9 +637,9 @@ def _before_release_features(mm_inputs: Any) -> None:
 def _around_get_feature(original: Callable[..., Any], model: Any, items: list[Any]) -> Any:
     service = _service
     if service is None or not service.serves(model):
-        if _widen_uint8_pixels:  # SGLang's own method, on uint8 pixels (sglang.uint8_pixels): widened where they are
+        if _widening is not None:  # SGLang's own method, on uint8 pixels (sglang.uint8_pixels): widened where they are
             from .pixel_transport import widen_items
 
-            widen_items(items)
+            widen_items(items, _widening)
         return original(model, items)
     return service.encode(items, lambda subset: original(model, subset))

@@ -85,17 +85,18 @@ def test_engine_with_preprocess_thread_preprocesses_on_its_own_thread_unless_sgl
     assert engine_runs["on"]["preprocessing"]["calls"] == 0  # off unless set
 
 
-def test_engine_with_uint8_pixels_on_a_model_other_than_gemma4_leaves_its_image_processor_as_is(
+def test_engine_with_uint8_pixels_sends_qwens_normalized_pixels_as_uint8_and_the_replies_stay_those_of_plugin_off(
         engine_runs: dict[str, Any]) -> None:
-    """``uint8_pixels`` (on by default) hooks SGLang's real tokenizer manager, whose start-up line says why not here:
-    Qwen2.5-VL is not a model whose adapter widens, so its processor keeps rescaling, and the replies are those of
-    plugin off (test above)."""
+    """``uint8_pixels`` (on by default) hooks SGLang's real tokenizer manager: Qwen2.5-VL's image processor stops
+    rescaling and normalizing (CLIP's mean and std), its uint8 pixels reach the scheduler, which widens them by its
+    own copy of the processor, and the greedy replies are those of plugin off (tests above); off leaves it as is."""
     for label in ("on", "tuned"):
         preprocessing = engine_runs[label]["preprocessing"]
-        assert preprocessing["rescales"] is True
+        assert preprocessing["rescales"] is False
         assert [line for line in preprocessing["startup_lines"] if "uint8_pixels" in line] == [
-            "mm-coalescer: sglang.uint8_pixels off: ['Qwen2_5_VLForConditionalGeneration'] is not one of "
-            "['Gemma4ForConditionalGeneration'], whose adapters widen uint8 pixels"], preprocessing["startup_lines"]
+            "mm-coalescer: sglang.uint8_pixels: QwenVLImageProcessor sends image pixels as uint8"], \
+            preprocessing["startup_lines"]
+    assert engine_runs["off"]["preprocessing"]["rescales"] is True
     assert not [line for line in engine_runs["off"]["preprocessing"]["startup_lines"] if "uint8_pixels" in line]
 
 

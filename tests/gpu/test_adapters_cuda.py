@@ -218,8 +218,9 @@ def test_gemma4s_uint8_pixels_from_pageable_and_pinned_memory_encode_exactly_as_
     before a copy landed reads stale memory), and so must the tower's outputs."""
     import sglang_models
     from mm_scheduler_sglang.adapters import on_one_device, stack_on, tower_for
-    from mm_scheduler_sglang.pixel_transport import widen
+    from mm_scheduler_sglang.pixel_transport import Widening
 
+    widen = Widening(1 / 255)  # Gemma 4's processor: the rescale alone
     every_value = torch.arange(256, dtype=torch.uint8)  # the widen is elementwise: these are all its inputs
     processors_multiply = (every_value.cuda() * (1 / 255)).cpu()  # what the processor computes on a GPU server
     assert processors_multiply.dtype == torch.float32
@@ -228,10 +229,11 @@ def test_gemma4s_uint8_pixels_from_pageable_and_pinned_memory_encode_exactly_as_
 
     model = tiny_on_cuda("gemma4")
     tower = tower_for(model)
+    tower.widening = widen
     generator = torch.Generator().manual_seed(5)
     narrow = [torch.randint(0, 256, (64, 48), dtype=torch.uint8, generator=generator) for _ in range(4)]
     narrow[1], narrow[3] = narrow[1].pin_memory(), narrow[3].pin_memory()  # SGLang offloads into pinned memory
-    staged = stack_on(narrow, tower.device, torch.bfloat16)
+    staged = stack_on(narrow, tower.device, torch.bfloat16, widen)
     torch.cuda.synchronize()
     assert torch.equal(staged.cpu(), torch.stack([widen(u) for u in narrow]).to(torch.bfloat16))
 
@@ -247,9 +249,50 @@ def test_gemma4s_uint8_pixels_from_pageable_and_pinned_memory_encode_exactly_as_
     got = tower.forward([u for item in items(uint8=True) for u in tower.units(item)])
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     # SGLang's own method (a fallback, the inline path) gets them widened on the tower's device
-    handed = on_one_device(items(uint8=True), tower.device)
+    handed = on_one_device(items(uint8=True), tower.device, widen)
     assert all(item.feature.is_cuda and item.feature.dtype == torch.float32 for item in handed)
     assert all(torch.equal(a.feature.cpu(), b.feature) for a, b in zip(handed, items(uint8=False), strict=True))
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "gemma3"])
+def test_normalizing_processors_on_the_gpu_give_what_their_uint8_pixels_widen_to_on_the_gpu_bit_for_bit(
+        tmp_path, family):
+    """On a GPU server SGLang runs the fast image processor on the GPU (``device="cuda"``): its fused rescale and
+    normalize, ``(x - 255 mean) / (255 std)`` per channel in float32, must equal the plugin's ``Widening`` of the
+    same image's uint8 pixels on the GPU, bit for bit (a division done as a multiply by the reciprocal, or the
+    constants folded otherwise, differs in the last bit). The probe image holds every uint8 value in every channel;
+    then the tower's outputs from uint8 and from the processor's float32 pixels must be identical."""
+    import sglang_models
+    from mm_scheduler_sglang.adapters import tower_for
+    from mm_scheduler_sglang.pixel_transport import Widening
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    images = AutoProcessor.from_pretrained(sglang_models.model_dir(tmp_path, family)).image_processor
+    widening = Widening.of(images)
+    assert widening is not None and widening.mean is not None
+    values = torch.arange(256, dtype=torch.uint8).repeat(64)  # 128 x 128, every value in every channel
+    rgb = torch.stack([values, values.roll(85), values.roll(170)], dim=-1).reshape(128, 128, 3)
+    probe = Image.fromarray(rgb.numpy())
+    wide = images(images=[probe], return_tensors="pt", device="cuda")["pixel_values"]
+    images.do_rescale = images.do_normalize = False
+    narrow = images(images=[probe], return_tensors="pt", device="cuda")["pixel_values"]
+    assert wide.is_cuda and wide.dtype == torch.float32 and narrow.dtype == torch.uint8
+    assert torch.equal(widening(narrow), wide)
+    assert torch.equal(widening(narrow.cpu()), wide.cpu())  # and on the CPU, at arrival without the service
+
+    model = tiny_on_cuda(family)
+    tower = tower_for(model)
+    tower.widening = widening
+    make = {"gemma3": lambda: sglang_models.gemma3_image(model, 2, 7)}.get(
+        family, lambda: sglang_models.qwen_image(model, 4, 6, 7))
+    narrow_item, wide_item = make(), make()
+    pixels = torch.randint(0, 256, narrow_item.feature.shape, dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(7))
+    narrow_item.feature, wide_item.feature = pixels, widening(pixels)
+    got = tower.forward(tower.units(narrow_item))
+    expected = tower.forward(tower.units(wide_item))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 def test_the_harness_backport_makes_sglangs_own_qwen3_method_take_features_on_two_devices():

@@ -17,9 +17,9 @@ What is real and what is not:
   (``Gemma4VisionEncoder`` + ``Gemma4MultimodalEmbedder``, built exactly as ``__init__`` builds them)
   and a stand-in ``language_model`` answering only ``device`` and ``dtype()``, the two things its
   vision path asks of it. The ``get_image_feature`` / ``get_video_feature`` under test are SGLang's own.
-* Gemma 4's tokenizer-manager side (:func:`gemma4_mm_processor`): SGLang's own ``Gemma4SGLangProcessor`` over the
-  HF processor of the real-server harness's tiny Gemma 4 directory (the real model's processor settings), on the
-  CPU as SGLang runs it on a CPU engine.
+* The tokenizer-manager side (:func:`mm_processor`): SGLang's own multimodal processor (``Gemma4SGLangProcessor``,
+  ``QwenVLImageProcessor``, ...) over the HF processor of the real-server harness's tiny directory of a family
+  (:func:`model_dir`: the real model's processor settings), on the CPU as SGLang runs it on a CPU engine.
 """
 
 from __future__ import annotations
@@ -289,16 +289,17 @@ def tokens_of(model: nn.Module, item) -> int:
 
 
 
-def gemma4_model_dir(parent: Path) -> Path:
-    """The harness's tiny Gemma 4 directory (``scripts/gpu_serve/build_model.py gemma4_tiny``) under ``parent``."""
+def model_dir(parent: Path, family: str) -> Path:
+    """The harness's tiny ``family`` directory (``scripts/gpu_serve/build_model.py <family>_tiny``: the real model's
+    processor settings) under ``parent``."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
     import build_model
 
-    return build_model.build(parent / "gemma4_tiny", "gemma4_tiny")
+    return build_model.build(parent / f"{family}_tiny", f"{family}_tiny")
 
 
 @contextlib.contextmanager
-def gemma4_mm_processor(model_dir: Path) -> Iterator[Callable[[], Any]]:
+def mm_processor(model_dir: Path) -> Iterator[Callable[[], Any]]:
     """A factory of SGLang's own multimodal processor for ``model_dir``, as its tokenizer manager builds one on a CPU
     engine (``_is_cpu``: the HF processor runs on the CPU), valid inside the ``with``."""
     import sglang.srt.multimodal.processors.base_processor as base_processor

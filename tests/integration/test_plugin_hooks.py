@@ -276,7 +276,7 @@ def test_a_scheduler_without_a_model_runner_leaves_the_plugin_off_with_a_warning
     scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=model)),
                                 disaggregation_mode=DisaggregationMode.NULL)
     sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})
-    assert started == [((model, {"mode": "auto"}), {"tp_size": 2, "scheduler": scheduler})]
+    assert started == [((model, {"mode": "auto"}), {"tp_size": 2, "scheduler": scheduler, "widening": None})]
     monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(pp_rank=1, tp_size=2))
     sglang_plugin._start_for_scheduler(scheduler, {"mode": "auto"})  # later pipeline stages hold no tower
     assert len(started) == 1
