@@ -82,5 +82,5 @@ echo "## tests marked gpu outside tests/gpu" | tee -a "$LOG"
 "$PY" -m pytest "${args[@]}" -m gpu tests --ignore=tests/gpu "$@" 2>&1 | tee -a "$LOG"
 rc_marked=${PIPESTATUS[0]}
 echo "# exit codes: tests/gpu=$rc_gpu, marked gpu=$rc_marked" | tee -a "$LOG"
-[ -n "${OUT:-}" ] && [ -d "${OUT:-}" ] && cp "$LOG" "$OUT/"
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$(realpath "$LOG")" != "$(realpath "$OUT")/$(basename "$LOG")" ]; then cp "$LOG" "$OUT/"; fi
 [ "$rc_gpu" -eq 0 ] && [ "$rc_marked" -eq 0 ]
