@@ -1,19 +1,21 @@
-"""What a Gemma 4 image request costs between SGLang's image processor and the scheduler, float32 against uint8
-pixels (``sglang.uint8_pixels``), on the CPU, with SGLang's own code at each step.
+"""What an image request costs between SGLang's image processor and the scheduler, float32 against uint8 pixels
+(``sglang.uint8_pixels``), on the CPU, with SGLang's own code at each step, for each family the setting covers
+(Gemma 4 rescales; Gemma3, Qwen2.5-VL and Qwen3-VL also normalize, which the scheduler then redoes).
 
-Per request of the seed workload's shape (six 480x480 JPEG images): SGLang's ``Gemma4SGLangProcessor``
-(``process_mm_data_async``: load, HF processor) on the CPU; the hand-over as SGLang makes it on one node
-(``ShmPointerMMData`` per item: a fresh ``/dev/shm`` segment and a copy, the handle pickled; in the scheduler the
-handle unpickled and ``materialize()``: a clone out of the segment on 0.5.16, a copy-on-write mapping on 0.5.23);
-and on the scheduler's side the plugin's ``Widening`` on the CPU (the path of SGLang's own method;
-the plugin's staging widens on the GPU, not measured here). Transports alternate request by request; medians are
-reported, and the widened uint8 pixels are checked against the float32 ones bit for bit.
+Per request of the seed workload's shape (six 480x480 JPEG images): the family's SGLang processor
+(``process_mm_data_async``: load, HF processor, with the real model's processor settings) on the CPU; the hand-over
+as SGLang makes it on one node (``ShmPointerMMData`` per item: a fresh ``/dev/shm`` segment and a copy, the handle
+pickled; in the scheduler the handle unpickled and ``materialize()``: a clone out of the segment on 0.5.16, a
+copy-on-write mapping on 0.5.23); and on the scheduler's side the plugin's ``Widening`` on the CPU (at arrival in a
+scheduler without the plugin's service; the plugin's staging widens on the GPU, not measured here). Transports
+alternate request by request; medians are reported, and the widened uint8 pixels are checked against the float32
+ones bit for bit.
 
 Not measured: the GPU-to-host copy of the processor's output on a GPU server (SGLang runs the fast processor on
 the GPU there), which also shrinks 4x, and the GPU's own contention.
 
-    python -m benchmarks.pixel_handover --out benchmarks/results                # 20 requests a transport
-    python -m benchmarks.pixel_handover --requests 1 --out DIR                  # smoke
+    python -m benchmarks.pixel_handover --out benchmarks/results                # every family, 20 requests each
+    python -m benchmarks.pixel_handover --family qwen3_vl --requests 1 --out DIR  # smoke
 
 Needs ``sglang`` and ``mm_scheduler_sglang`` importable, as the integration tests do.
 """
@@ -42,9 +44,10 @@ from benchmarks.harness import format_table, log, write_json
 IMAGES = 6
 SIDE = 480
 TRANSPORTS = ("float32", "uint8")
+FAMILIES = ("gemma4", "gemma3", "qwen2_5_vl", "qwen3_vl")
 
 
-def _request(seed: int) -> tuple[str, list[str]]:
+def _images(seed: int) -> list[str]:
     from PIL import Image
 
     urls = []
@@ -54,12 +57,13 @@ def _request(seed: int) -> tuple[str, list[str]]:
         buffer = io.BytesIO()
         Image.fromarray(pixels.numpy()).save(buffer, format="JPEG")
         urls.append("data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode())
-    return "<bos><|turn>user\n" + "<|image|>" * IMAGES + "Describe.<turn|>\n<|turn>model\n", urls
+    return urls
 
 
-def _preprocess(mm_processor: Any, prompt: str, urls: list[str]) -> tuple[Any, float]:
+def _preprocess(mm_processor: Any, urls: list[str]) -> tuple[Any, float]:
     from sglang.srt.managers.io_struct import GenerateReqInput
 
+    prompt = mm_processor.mm_tokens.image_token * len(urls) + "Describe."
     request = GenerateReqInput(text=prompt, image_data=urls, rid="bench")
     started = time.perf_counter()
     out = asyncio.run(mm_processor.process_mm_data_async(image_data=urls, input_text=prompt, request_obj=request))
@@ -94,10 +98,10 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
         if why_not is not None:
             raise SystemExit(f"uint8 pixels refused: {why_not}")
         for seed in range(requests + 1):  # the first request of each transport warms up and is not counted
-            prompt, urls = _request(seed)
+            urls = _images(seed)
             features: dict[str, list[torch.Tensor]] = {}
             for transport in (TRANSPORTS if seed % 2 else TRANSPORTS[::-1]):
-                out, preprocess_s = _preprocess(processors[transport], prompt, urls)
+                out, preprocess_s = _preprocess(processors[transport], urls)
                 received, sent_s, received_s = _hand_over([item.feature for item in out.mm_items])
                 started = time.perf_counter()
                 features[transport] = [widening(tensor) for tensor in received]
@@ -115,6 +119,8 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=FAMILIES, action="append",
+                   help="a family to measure (repeatable; default: all of them)")
     p.add_argument("--requests", type=int, default=20, help="measured requests a transport (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (SGLang's tokenizer workers use 1)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -125,19 +131,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sglang
     import sglang_models
 
-    with tempfile.TemporaryDirectory() as tmp:
-        log(f"{args.requests} requests of {IMAGES} {SIDE}x{SIDE} images a transport, {args.threads} thread(s)")
-        result = measure(sglang_models.model_dir(Path(tmp), "gemma4"), args.requests)
-    result.update(sglang=sglang.__version__, torch=torch.__version__, threads=args.threads,
-                  images_per_request=IMAGES, image_side=SIDE)
-    print(format_table(result["rows"], [("transport", "transport", ""), ("bytes_per_request", "bytes/request", ",d"),
-                                        ("preprocess_ms", "preprocess ms", ".1f"),
-                                        ("handover_tm_ms", "to /dev/shm ms", ".1f"),
-                                        ("handover_scheduler_ms", "from /dev/shm ms", ".1f"),
-                                        ("widen_ms", "widen (CPU) ms", ".1f")]))
-    print(f"widened uint8 == float32 pixels: {result['widened_equal_float32']}")
-    write_json(args.out / "pixel_handover.json", result)
-    return 0 if result["widened_equal_float32"] else 1
+    all_equal = True
+    for family in args.family or FAMILIES:
+        with tempfile.TemporaryDirectory() as tmp:
+            log(f"{family}: {args.requests} requests of {IMAGES} {SIDE}x{SIDE} images a transport, "
+                f"{args.threads} thread(s)")
+            result = measure(sglang_models.model_dir(Path(tmp), family), args.requests)
+        result.update(family=family, sglang=sglang.__version__, torch=torch.__version__, threads=args.threads,
+                      images_per_request=IMAGES, image_side=SIDE)
+        print(f"{family}:")
+        print(format_table(result["rows"], [("transport", "transport", ""),
+                                            ("bytes_per_request", "bytes/request", ",d"),
+                                            ("preprocess_ms", "preprocess ms", ".1f"),
+                                            ("handover_tm_ms", "to /dev/shm ms", ".1f"),
+                                            ("handover_scheduler_ms", "from /dev/shm ms", ".1f"),
+                                            ("widen_ms", "widen (CPU) ms", ".1f")]))
+        print(f"widened uint8 == float32 pixels: {result['widened_equal_float32']}")
+        write_json(args.out / f"pixel_handover_{family}.json", result)
+        all_equal &= result["widened_equal_float32"]
+    return 0 if all_equal else 1
 
 
 if __name__ == "__main__":

@@ -37,8 +37,10 @@ ARCHITECTURES = ("Gemma4ForConditionalGeneration", "Gemma3ForConditionalGenerati
 """Models whose adapter widens uint8 image pixels wherever they reach the tower (the class name of SGLang's own
 model, which the scheduler checks, and the architecture the tokenizer manager reads)."""
 PROCESSORS = ("Gemma4SGLangProcessor", "Gemma3SGLangImageProcessor", "QwenVLImageProcessor")
-"""SGLang's own processors of those models: with ``--model-impl transformers`` SGLang serves the same architecture
-through transformers' model, whose vision code the plugin does not route, so its pixels must stay float32."""
+"""SGLang's own processors of those models. With ``--model-impl transformers`` SGLang serves the same architecture
+through transformers' model, whose vision code the plugin does not route, so its pixels must stay float32: Gemma's
+processors are then replaced by SGLang's ``TransformersAutoMultimodalProcessor``, but Qwen's serves that backend too
+(``supports_transformers_backend``), so the setting itself is checked as well."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,13 @@ class Widening:
             return wide * self.scale  # the processor's multiply: uint8 * rescale_factor, in float32
         mean, std = _normalizers(self, wide.device)
         if wide.dim() >= 3:
+            if len(self.mean) not in (1, wide.shape[-3]):  # e.g. channel-last patches [B, P, p*p*C]: another layout
+                raise ValueError(f"uint8 pixels of shape {tuple(wide.shape)} are not [..., C, H, W] with "
+                                 f"C = {len(self.mean)}, the layout a normalizing widening knows")
             return (wide - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+        if wide.dim() != 2 or wide.shape[-1] % len(self.mean):
+            raise ValueError(f"uint8 pixels of shape {tuple(wide.shape)} are not flattened patches "
+                             f"[patches, C * ...] with C = {len(self.mean)}")
         channels = wide.reshape(wide.shape[0], len(self.mean), -1)
         return ((channels - mean.view(-1, 1)) / std.view(-1, 1)).reshape(pixels.shape)
 
@@ -86,7 +94,8 @@ def _normalizers(widening: Widening, device: torch.device) -> tuple[torch.Tensor
     """The fused mean and std on ``device``, computed as the processor computes them, once per device: a copy of a
     pageable host tensor to the GPU waits for the copying stream, which must not happen per batch."""
     fused = 1.0 / widening.scale
-    return (torch.tensor(widening.mean) * fused).to(device), (torch.tensor(widening.std) * fused).to(device)
+    mean, std = (torch.tensor(values, dtype=torch.float32) * fused for values in (widening.mean, widening.std))
+    return mean.to(device), std.to(device)
 
 
 def widen_items(items: Sequence[Any], widening: Widening | None, device: torch.device | None = None) -> None:
@@ -117,6 +126,10 @@ def narrow_images(mm_processor: Any) -> str | None:
         return f"{architectures} is not one of {list(ARCHITECTURES)}, whose adapters widen uint8 pixels"
     if type(mm_processor).__name__ not in PROCESSORS:
         return f"{type(mm_processor).__name__} is not SGLang's own processor of the model (--model-impl transformers?)"
+    model_impl = getattr(mm_processor.server_args, "model_impl", "auto")
+    model_impl = str(getattr(model_impl, "value", model_impl)).lower()  # a str, or SGLang's ModelImpl enum
+    if model_impl not in ("auto", "sglang"):  # "auto" is SGLang's own model for every one of ARCHITECTURES
+        return f"SGLang serves the model through --model-impl {model_impl}, whose vision code the plugin does not route"
     if getattr(mm_processor.server_args, "use_ray", False):  # its scheduler actors load no plugins to widen them
         return "SGLang's schedulers run as Ray actors (--use-ray), which load no plugins"
     if getattr(mm_processor.server_args, "skip_tokenizer_init", False):  # the scheduler reads its Widening there

@@ -220,8 +220,9 @@ def _around_scheduler_init(original: Callable[..., Any], scheduler: Any, *args: 
     if chosen is None:
         return
     global _widening
-    _widening = widening_for(scheduler, chosen)
-    try:
+    _widening = None
+    try:  # the widening first: a service that then fails to start leaves the arrival hook to widen on the CPU
+        _widening = widening_for(scheduler, chosen)
         _start_for_scheduler(scheduler, chosen)
     except Exception:
         logger.error("mm-coalescer: the plugin failed to start; SGLang encodes media with its own method",

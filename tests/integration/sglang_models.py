@@ -299,9 +299,9 @@ def model_dir(parent: Path, family: str) -> Path:
 
 
 @contextlib.contextmanager
-def mm_processor(model_dir: Path) -> Iterator[Callable[[], Any]]:
+def mm_processor(model_dir: Path, **server_args: Any) -> Iterator[Callable[[], Any]]:
     """A factory of SGLang's own multimodal processor for ``model_dir``, as its tokenizer manager builds one on a CPU
-    engine (``_is_cpu``: the HF processor runs on the CPU), valid inside the ``with``."""
+    engine (``_is_cpu``: the HF processor runs on the CPU) with these ``ServerArgs`` set, valid inside the ``with``."""
     import sglang.srt.multimodal.processors.base_processor as base_processor
     from sglang.srt import runtime_context
     from sglang.srt.configs.model_config import ModelConfig
@@ -312,7 +312,7 @@ def mm_processor(model_dir: Path) -> Iterator[Callable[[], Any]]:
     init_sglang_cpu()
     import_processors("sglang.srt.multimodal.processors")
     args = ServerArgs(model_path=str(model_dir), load_format="dummy", device="cpu", enable_multimodal=True,
-                      skip_server_warmup=True, attention_backend="triton", mm_attention_backend="sdpa")
+                      skip_server_warmup=True, attention_backend="triton", mm_attention_backend="sdpa", **server_args)
     config = ModelConfig.from_server_args(args)
 
     def build() -> Any:

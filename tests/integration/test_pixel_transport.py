@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -118,8 +119,9 @@ def test_the_tokenizer_manager_hook_narrows_the_processor_before_any_clone_of_it
     ("ray", "SGLang's schedulers run as Ray actors (--use-ray), which load no plugins"),
     ("skip_tokenizer_init", "SGLang's schedulers load no image processor to widen by (--skip-tokenizer-init)"),
     ("buffer", "SGLANG_MM_BUFFER_SIZE_MB copies features into SGLang's float32 buffer before they could be widened"),
-    # normalized, its padding patches would stay 0 where the widened uint8 zeros would not
-    ("normalize", "Gemma4ImageProcessor's uint8 output does not widen to its float32 output bit for bit"),
+    # normalized, its channel-last patches are a layout the widening does not normalize (nor its 0 padding patches)
+    ("normalize", "Gemma4ImageProcessor failed on a probe image (ValueError: uint8 pixels of shape (1, 2520, 768) are "
+                  "not [..., C, H, W] with C = 3, the layout a normalizing widening knows)"),
 ], ids=lambda value: value if " " not in value else "")
 def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang_gemma4_processor, monkeypatch,
                                                                          setting, why):
@@ -146,6 +148,21 @@ def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang
     assert pixel_transport.narrow_images(mm_processor) == why
     assert images.do_rescale is True
     assert images.do_normalize is (setting == "normalize")
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_served_through_transformers_model_keeps_float32_pixels_though_sglang_keeps_its_processor(
+        model_dirs, family):
+    """With ``--model-impl transformers`` SGLang still builds Qwen's own processor (``supports_transformers_backend``)
+    but serves transformers' model, whose vision code the plugin does not route: nothing would widen uint8 pixels."""
+    with sm.mm_processor(model_dirs[family], model_impl="transformers") as build:
+        mm_processor = build()
+        assert type(mm_processor).__name__ == "QwenVLImageProcessor"
+        assert pixel_transport.narrow_images(mm_processor) == (
+            "SGLang serves the model through --model-impl transformers, whose vision code the plugin does not route")
+        assert all(item.feature.dtype == torch.float32 for item in _processed(mm_processor).mm_items)
+    with sm.mm_processor(model_dirs[family], model_impl="sglang") as build:
+        assert pixel_transport.narrow_images(build()) is None
 
 
 def test_a_processor_rescaling_by_another_factor_sends_uint8_pixels_widened_by_that_factor(sglang_gemma4_processor):
@@ -307,6 +324,23 @@ def test_a_widening_normalizes_each_channel_where_the_layout_puts_it(shape):
     assert QWEN2_5(widened) is widened  # float pixels (a fallback's, or another transport's) pass through
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 16 * 16 * 3), (4, 5, 6), (7,), (6, 3 * 2 * 4 + 1)],
+                         ids=["channel_last_patches", "four_channels", "flat", "ragged_patches"])
+def test_a_normalizing_widening_refuses_a_layout_it_cannot_place_the_channels_of(shape):
+    """Normalizing per channel needs to know where the channel is: pixels in another layout (Gemma 4's channel-last
+    patches, were its processor told to normalize) raise instead of being normalized by the wrong channel."""
+    with pytest.raises(ValueError, match="with C = 3"):
+        QWEN2_5(torch.zeros(shape, dtype=torch.uint8))
+    assert GEMMA4(torch.zeros(shape, dtype=torch.uint8)).shape == shape  # a rescale alone needs no layout
+
+
+def test_a_widening_with_one_mean_and_std_for_all_channels_normalizes_any_layout():
+    one = pixel_transport.Widening(1 / 255, (0.5,), (0.25,))
+    pixels = torch.arange(240, dtype=torch.uint8).reshape(2, 5, 24)
+    expected = (pixels.float() - torch.tensor(0.5) * 255.0) / (torch.tensor(0.25) * 255.0)
+    assert torch.equal(one(pixels), expected) and torch.equal(one(pixels[0]), expected[0])
+
+
 def test_widening_of_an_image_processor_reads_its_rescale_and_normalize_settings():
     def images(**settings):
         return SimpleNamespace(**{"do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
@@ -373,3 +407,37 @@ def test_a_scheduler_widens_by_its_own_image_processor_only_with_the_setting_and
     sglang_plugin._around_scheduler_init(lambda *args, **kwargs: None, scheduler,
                                          SimpleNamespace(**{settings.ATTR: chosen}))
     assert sglang_plugin._widening == widening and started == [chosen]
+
+
+def test_a_scheduler_whose_image_processor_settings_cannot_be_read_starts_sglang_with_one_error(monkeypatch, caplog):
+    """The tokenizer manager's narrowing fails on the same settings and sends float32: SGLang serves, plugin off."""
+    images = SimpleNamespace(do_rescale=True, rescale_factor=None, do_normalize=False)
+    chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "uint8_pixels": True}, "values": {}}
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=sm.qwen3_vl())),
+                                disaggregation_mode=SimpleNamespace(name="NULL"),
+                                processor=SimpleNamespace(image_processor=images))
+    built: list = []
+    monkeypatch.setattr(sglang_plugin, "_widening", HALVES)
+    with caplog.at_level(logging.ERROR, logger="mm_scheduler_sglang.sglang_plugin"):
+        sglang_plugin._around_scheduler_init(lambda *args, **kwargs: built.append(args), scheduler,
+                                             SimpleNamespace(**{settings.ATTR: chosen}))
+    assert len(built) == 1 and sglang_plugin._widening is None and sglang_plugin.active_service() is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "mm-coalescer: the plugin failed to start; SGLang encodes media with its own method"]
+
+
+def test_a_scheduler_whose_service_fails_to_start_still_widens_what_its_tokenizer_manager_narrowed(monkeypatch):
+    images = SimpleNamespace(do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+                             image_std=[0.5] * 3)
+    chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "uint8_pixels": True}, "values": {}}
+    scheduler = SimpleNamespace(tp_worker=SimpleNamespace(model_runner=SimpleNamespace(model=sm.qwen3_vl())),
+                                disaggregation_mode=SimpleNamespace(name="NULL"),
+                                processor=SimpleNamespace(image_processor=images))
+
+    def fails(scheduler, chosen):
+        raise RuntimeError("no service")
+
+    monkeypatch.setattr(sglang_plugin, "_start_for_scheduler", fails)
+    sglang_plugin._around_scheduler_init(lambda *args, **kwargs: None, scheduler,
+                                         SimpleNamespace(**{settings.ATTR: chosen}))
+    assert sglang_plugin.active_service() is None and sglang_plugin._widening == HALVES  # the arrival hook widens
