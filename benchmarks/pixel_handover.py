@@ -47,7 +47,8 @@ TRANSPORTS = ("float32", "uint8")
 FAMILIES = ("gemma4", "gemma3", "qwen2_5_vl", "qwen3_vl")
 
 
-def _images(seed: int) -> list[str]:
+def seed_images(seed: int) -> list[str]:
+    """The seed workload's six JPEG images, as data URLs, for ``seed``."""
     from PIL import Image
 
     urls = []
@@ -98,7 +99,7 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
         if why_not is not None:
             raise SystemExit(f"uint8 pixels refused: {why_not}")
         for seed in range(requests + 1):  # the first request of each transport warms up and is not counted
-            urls = _images(seed)
+            urls = seed_images(seed)
             features: dict[str, list[torch.Tensor]] = {}
             for transport in (TRANSPORTS if seed % 2 else TRANSPORTS[::-1]):
                 out, preprocess_s = _preprocess(processors[transport], urls)

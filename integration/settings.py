@@ -60,6 +60,10 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # server: median TTFT 0.71x of the plugin without it, same run (README, levers); elsewhere a start-up line says
     # why not.
     "uint8_pixels": True,
+    # True (default): with a transformers older than 5.17 (SGLang 0.5.16-0.5.21 pin 5.12.1), the tokenizer manager's
+    # HF processors count their image tokens as transformers 5.17 does, on lists instead of one tensor element at a
+    # time: the same counts, 8-13 ms less a six-image request on its main thread (integration/token_check.py).
+    "fast_mm_token_check": True,
 }
 MAX_GRAPH_BUCKETS = 8
 _TRUE = {"1", "true", "yes", "on"}
@@ -184,9 +188,12 @@ def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
     uint8_pixels = section.get("uint8_pixels", PLUGIN_DEFAULTS["uint8_pixels"])
     if not isinstance(uint8_pixels, bool):
         raise ValueError(f"{config_path}: sglang.uint8_pixels must be true or false, got {uint8_pixels!r}")
+    token_check = section.get("fast_mm_token_check", PLUGIN_DEFAULTS["fast_mm_token_check"])
+    if not isinstance(token_check, bool):
+        raise ValueError(f"{config_path}: sglang.fast_mm_token_check must be true or false, got {token_check!r}")
     return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer),
             "early_encode_min_waiting": min_waiting, "vit_graph_patches": sorted(set(buckets)),
-            "preprocess_thread": preprocess_thread, "uint8_pixels": uint8_pixels}
+            "preprocess_thread": preprocess_thread, "uint8_pixels": uint8_pixels, "fast_mm_token_check": token_check}
 
 
 def _is_finite_number(value: Any) -> bool:

@@ -164,9 +164,9 @@ HOOKS: dict[str, str] = {
 }
 
 TOKENIZER_MANAGER_INIT = "sglang.srt.managers.tokenizer_manager.TokenizerManager.__init__"
-"""Hooked only in the launcher and only with a tokenizer-manager setting on (``sglang.uint8_pixels``, on by default,
-or ``sglang.preprocess_thread``): importing its module sets SGLang's uvloop event-loop policy for the whole process,
-which no other process of the server should get from the plugin."""
+"""Hooked only in the launcher and only with a tokenizer-manager setting on (``sglang.uint8_pixels`` or
+``sglang.fast_mm_token_check``, on by default, or ``sglang.preprocess_thread``): importing its module sets SGLang's
+uvloop event-loop policy for the whole process, which no other process of the server should get from the plugin."""
 
 # The leading parameters the plugin's hooks read (by position or name) of each hook target; the check script
 # verifies each release's target starts with them (later parameters may differ, as Scheduler.__init__'s do).

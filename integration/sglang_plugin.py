@@ -24,10 +24,12 @@ Hooks, and why each sits where it does:
 * ``Scheduler.run_batch`` (AFTER): the forward (launched synchronously on the scheduler thread,
   embeddings included) has consumed the items whose tokens lie before each request's
   ``extend_end``; those holds are dropped, so decode-phase requests hold no results.
-* ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.uint8_pixels`` (on by default) or
-  ``sglang.preprocess_thread``, in the launcher once its arguments are first resolved): the image processor is
-  asked for uint8 pixels (:mod:`.pixel_transport`; each scheduler reads how to widen them from its own copy of the
-  processor), then the multimodal preprocessing moves to a thread of its own (:mod:`.preprocess`).
+* ``TokenizerManager.__init__`` (AFTER, registered only with ``sglang.uint8_pixels`` or
+  ``sglang.fast_mm_token_check`` (both on by default) or ``sglang.preprocess_thread``, in the launcher once its
+  arguments are first resolved): the HF processors' image-token check counts lists on an old transformers
+  (:mod:`.token_check`), the image processor is asked for uint8 pixels (:mod:`.pixel_transport`; each scheduler
+  reads how to widen them from its own copy of the processor), then the multimodal preprocessing moves to a thread
+  of its own (:mod:`.preprocess`).
 * ``Scheduler.get_next_batch_to_run`` and, on PD prefill servers, ``get_next_disagg_prefill_batch_to_run``
   (AFTER): about once a second, the sweep releases holds of requests the scheduler no longer has.
 * ``Req.release_mm_inputs_on_abort``, ``MultimodalInputs.release_features`` and
@@ -160,7 +162,7 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
 
 
 # --- tokenizer manager --------------------------------------------------------------------------
-_TOKENIZER_MANAGER_SETTINGS = ("uint8_pixels", "preprocess_thread")
+_TOKENIZER_MANAGER_SETTINGS = ("uint8_pixels", "fast_mm_token_check", "preprocess_thread")
 
 
 def _hook_tokenizer_manager(chosen: dict[str, Any] | None) -> None:
@@ -178,11 +180,25 @@ def _hook_tokenizer_manager(chosen: dict[str, Any] | None) -> None:
 
 def _after_tokenizer_manager_init(_result: None, tokenizer_manager: Any, *args: Any, **kwargs: Any) -> None:
     """``sglang.uint8_pixels``: its image processor sends uint8 pixels (:mod:`.pixel_transport`), before any clone
-    of it is taken; ``sglang.preprocess_thread``: its multimodal preprocessing moves off its event loop
+    of it is taken; ``sglang.fast_mm_token_check``: its HF processors count image tokens on lists
+    (:mod:`.token_check`); ``sglang.preprocess_thread``: its multimodal preprocessing moves off its event loop
     (:mod:`.preprocess`)."""
     chosen = settings.settings_of(kwargs.get("server_args", args[0] if args else None))
     plugin = (chosen or {}).get("plugin", {})
     mm_processor = getattr(tokenizer_manager, "mm_processor", None)
+    if plugin.get("fast_mm_token_check") and mm_processor is not None:
+        try:
+            from . import token_check
+
+            why_not = token_check.install()
+            if why_not is None:
+                logger.info("mm-coalescer: sglang.fast_mm_token_check: HF processors count image tokens as "
+                            "transformers 5.17 does")
+            else:
+                logger.info("mm-coalescer: sglang.fast_mm_token_check has no effect: %s", why_not)
+        except Exception:
+            logger.error("mm-coalescer: sglang.fast_mm_token_check failed; transformers' own check stays",
+                         exc_info=True)
     if plugin.get("uint8_pixels") and mm_processor is not None:
         try:
             from . import pixel_transport

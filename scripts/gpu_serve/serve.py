@@ -207,6 +207,7 @@ VARIANTS = {
     # since it won at e09d266, variant "on+u8" then) turned off, its lever measured against plain "on". Other
     # families: the same server as "on" (their processors normalize; a start-up line says so).
     "on+f32": Variant(True, config={"sglang": {"uint8_pixels": False}}),
+    "on+tfcheck": Variant(True, config={"sglang": {"fast_mm_token_check": False}}),
     # SGLang's own GPU hash of a request's features (SGLANG_MM_BUFFER_SIZE_MB > 0: 0.5.16 schedule_batch copies them
     # into a float32 GPU buffer, hashes them there and copies them back) against the CPU SHA-256 of every pixel byte
     # on the scheduler's main thread (3.3-3.4 s of a Gemma 4 burst, session 22's stacks). Uint8 pixels step aside there.

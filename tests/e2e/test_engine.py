@@ -100,6 +100,23 @@ def test_engine_with_uint8_pixels_sends_qwens_normalized_pixels_as_uint8_and_the
     assert not [line for line in engine_runs["off"]["preprocessing"]["startup_lines"] if "uint8_pixels" in line]
 
 
+def test_engine_with_fast_mm_token_check_gives_an_old_transformers_the_check_of_5_17_and_leaves_a_new_one_alone(
+        engine_runs: dict[str, Any]) -> None:
+    """``fast_mm_token_check`` (on by default) in SGLang's real tokenizer manager: with transformers older than 5.17
+    (SGLang 0.5.16 pins 5.12.1) its HF processors count image tokens on lists; with 5.17 or later (0.5.23 pins
+    5.19.0) one line says there is nothing to do. The replies are those of plugin off either way (tests above)."""
+    for label in ("on", "tuned"):
+        preprocessing = engine_runs[label]["preprocessing"]
+        version = preprocessing["transformers"]
+        old = tuple(int(part) for part in version.split(".")[:2]) < (5, 17)
+        assert preprocessing["token_check_installed"] is old
+        assert [line for line in preprocessing["startup_lines"] if "fast_mm_token_check" in line] == [
+            "mm-coalescer: sglang.fast_mm_token_check: HF processors count image tokens as transformers 5.17 does"
+            if old else f"mm-coalescer: sglang.fast_mm_token_check has no effect: transformers {version} counts the "
+                        "tokens of lists already"], preprocessing["startup_lines"]
+    assert engine_runs["off"]["preprocessing"]["token_check_installed"] is False
+
+
 def test_engine_output_depends_on_the_image(engine_runs: dict[str, Any]) -> None:
     """Guards the equality test: a wrong image embedding must be able to change the ids."""
     off = engine_runs["off"]["results"]

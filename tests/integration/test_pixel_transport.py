@@ -362,15 +362,6 @@ def test_the_tokenizer_manager_is_hooked_for_uint8_pixels_alone(monkeypatch):
     assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT]
 
 
-def test_uint8_pixels_must_be_true_or_false(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text("sglang:\n  uint8_pixels: 1\n")
-    with pytest.raises(ValueError, match=r"sglang\.uint8_pixels must be true or false, got 1"):
-        settings.resolve(False, str(path))
-    path.write_text("sglang:\n  uint8_pixels: true\n")
-    assert settings.resolve(False, str(path))["plugin"]["uint8_pixels"] is True
-
-
 def test_without_the_setting_or_for_another_model_uint8_features_are_left_as_sglang_sent_them(monkeypatch):
     """SGLang 0.5.23's Kimi-K3 sends raw uint8 pixels on purpose and its model insists on them; the plugin is loaded
     into every SGLang server, so only a scheduler that asked for uint8 pixels widens them."""

@@ -367,7 +367,8 @@ def test_each_encoder_method_of_the_exact_model_class_is_hooked_once(monkeypatch
 def test_the_settings_default_to_a_2s_wait_high_llm_priority_encoding_at_arrival_no_graphs_no_thread_uint8_pixels():
     assert settings.PLUGIN_DEFAULTS == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0,
                                         "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
-                                        "vit_graph_patches": [], "preprocess_thread": False, "uint8_pixels": True}
+                                        "vit_graph_patches": [], "preprocess_thread": False, "uint8_pixels": True,
+                                        "fast_mm_token_check": True}
 
 
 class _RecordedService:

@@ -25,7 +25,7 @@ def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(p
     assert chosen["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0, "defer_prefill_ms": 0.0,
                                 "early_encode_min_waiting": 1 if path.name in lazy else 0,
                                 "vit_graph_patches": graphs.get(path.name, []),
-                                "preprocess_thread": False, "uint8_pixels": True}
+                                "preprocess_thread": False, "uint8_pixels": True, "fast_mm_token_check": True}
     assert load_config(path).name == chosen["values"]["name"]
 
 
@@ -37,7 +37,7 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
                                                             "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2,
                                                             "vit_graph_patches": [4096, 8192],
                                                             "preprocess_thread": False,
-                                                            "uint8_pixels": True}
+                                                            "uint8_pixels": True, "fast_mm_token_check": True}
 
 
 @pytest.mark.parametrize("body, named", [
@@ -81,7 +81,7 @@ def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
                                                             "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
                                                             "vit_graph_patches": [], "preprocess_thread": False,
-                                                            "uint8_pixels": True}
+                                                            "uint8_pixels": True, "fast_mm_token_check": True}
 
 
 def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):
@@ -257,8 +257,8 @@ def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
         settings.resolve(False, str(path))
     assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
                                "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
-                               "'early_encode_min_waiting', 'llm_stream_priority', 'prefill_wait_ms', "
-                               "'preprocess_thread', 'uint8_pixels', 'vit_graph_patches']")
+                               "'early_encode_min_waiting', 'fast_mm_token_check', 'llm_stream_priority', "
+                               "'prefill_wait_ms', 'preprocess_thread', 'uint8_pixels', 'vit_graph_patches']")
 
 
 def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic(tmp_path):
@@ -283,3 +283,15 @@ def test_preprocess_thread_with_several_tokenizer_workers_is_said_not_to_apply_a
     assert settings.preprocessing_advice(args).startswith("mm-coalescer: SGLang runs 2 tokenizer worker(s)")
     args = SimpleNamespace(tokenizer_worker_num=1, mm_feature_transport="cpu", **{settings.ATTR: chosen})
     assert "turn those on first" in settings.preprocessing_advice(args)
+
+
+@pytest.mark.parametrize(("name", "bad"), [("uint8_pixels", 1), ("fast_mm_token_check", "yes please"),
+                                           ("preprocess_thread", 0)])
+def test_a_switch_under_sglang_must_be_true_or_false(tmp_path, name, bad):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"sglang:\n  {name}: {bad}\n")
+    with pytest.raises(ValueError, match=rf"sglang\.{name} must be true or false, got {bad!r}"):
+        settings.resolve(False, str(path))
+    default = settings.PLUGIN_DEFAULTS[name]
+    path.write_text(f"sglang:\n  {name}: {str(not default).lower()}\n")
+    assert settings.resolve(False, str(path))["plugin"][name] is (not default)

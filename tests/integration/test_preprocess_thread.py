@@ -226,23 +226,25 @@ def test_the_tokenizer_manager_hook_moves_preprocessing_only_when_the_setting_is
 
 def test_the_tokenizer_manager_is_hooked_once_and_only_with_a_tokenizer_manager_setting_on(monkeypatch):
     """Importing SGLang's tokenizer manager installs its uvloop policy process-wide: the plugin hooks it only
-    when a setting asks for it (in the launcher, where it is built): ``uint8_pixels``, on by default, or
-    ``preprocess_thread``."""
+    when a setting asks for it (in the launcher, where it is built): ``uint8_pixels`` or ``fast_mm_token_check``, on
+    by default, or ``preprocess_thread``."""
     from mm_scheduler_sglang import settings, sglang_plugin
 
     registered: list = []
     monkeypatch.setattr(sglang_plugin.HookRegistry, "register", lambda target, hook, kind: registered.append(target))
     monkeypatch.setattr(sglang_plugin.HookRegistry, "apply_hooks", lambda: None)
     monkeypatch.setattr(sglang_plugin, "_tokenizer_manager_hooked", False)
-    off = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": False, "uint8_pixels": False}}
+    off = {"plugin": {**settings.PLUGIN_DEFAULTS, "preprocess_thread": False, "uint8_pixels": False,
+                      "fast_mm_token_check": False}}
     for chosen in (None, off, {}):
         sglang_plugin._hook_tokenizer_manager(chosen)
     assert registered == []
-    for on in ({"plugin": {**off["plugin"], "preprocess_thread": True}}, {"plugin": dict(settings.PLUGIN_DEFAULTS)}):
+    for on in ({"plugin": {**off["plugin"], "preprocess_thread": True}}, {"plugin": dict(settings.PLUGIN_DEFAULTS)},
+               {"plugin": {**off["plugin"], "fast_mm_token_check": True}}):
         monkeypatch.setattr(sglang_plugin, "_tokenizer_manager_hooked", False)
         sglang_plugin._hook_tokenizer_manager(on)
         sglang_plugin._hook_tokenizer_manager(on)
-    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT] * 2
+    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT] * 3
 
 
 def test_only_the_first_resolution_of_the_settings_hooks_the_tokenizer_manager(monkeypatch):

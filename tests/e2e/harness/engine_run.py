@@ -119,11 +119,16 @@ class _PluginLines(logging.Handler):
 
 def _preprocessing(engine) -> dict:
     """Where this Engine's tokenizer manager (in this process) ran multimodal preprocessing."""
-    from mm_scheduler_sglang import preprocess, sglang_compat
+    import transformers
+    from mm_scheduler_sglang import preprocess, sglang_compat, token_check
+    from transformers import processing_utils
 
     mm_processor = engine.tokenizer_manager.mm_processor
     return {**preprocess.stats(), "sglang_off_loop": sglang_compat.processor_runs_off_loop(mm_processor),
-            "rescales": mm_processor._processor.image_processor.do_rescale}
+            "rescales": mm_processor._processor.image_processor.do_rescale,
+            "transformers": transformers.__version__,
+            "token_check_installed": processing_utils.ProcessorMixin._check_special_mm_tokens
+            is token_check.check_special_mm_tokens}
 
 
 def main() -> None:
