@@ -112,8 +112,8 @@ def test_engine_with_fast_mm_token_check_gives_an_old_transformers_the_check_of_
         assert preprocessing["token_check_installed"] is old
         assert [line for line in preprocessing["startup_lines"] if "fast_mm_token_check" in line] == [
             "mm-coalescer: sglang.fast_mm_token_check: HF processors count image tokens as transformers 5.17 does"
-            if old else f"mm-coalescer: sglang.fast_mm_token_check has no effect: transformers {version} counts the "
-                        "tokens of lists already"], preprocessing["startup_lines"]
+            if old else f"mm-coalescer: sglang.fast_mm_token_check has no effect: transformers {version} has the "
+                        "check of 5.17 (huggingface/transformers#47580) already"], preprocessing["startup_lines"]
     assert engine_runs["off"]["preprocessing"]["token_check_installed"] is False
 
 

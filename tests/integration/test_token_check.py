@@ -21,15 +21,15 @@ from transformers import processing_utils
 MIXIN = processing_utils.ProcessorMixin
 OLD_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2]) < token_check.FIXED_IN
 CHECKS = ("_check_special_mm_tokens", "check_special_mm_tokens")
-needs_old_transformers = pytest.mark.skipif(not OLD_TRANSFORMERS, reason="this transformers counts lists already")
+needs_old_transformers = pytest.mark.skipif(not OLD_TRANSFORMERS, reason="this transformers has the check of 5.17")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def transformers_own_check():
-    """The check is process-wide: every test leaves transformers' own in place."""
+    """transformers' own check (conftest puts it back after every test)."""
     own = MIXIN.__dict__["_check_special_mm_tokens"]
-    yield own
-    MIXIN._check_special_mm_tokens = own
+    assert own.__module__ == "transformers.processing_utils"
+    return own
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +89,30 @@ def test_on_an_old_transformers_sglangs_processors_check_image_tokens_without_it
         assert torch.equal(new.feature, old.feature)
 
 
-@pytest.mark.parametrize("input_ids", [torch.tensor([[5, 7, 7, 1]]), [[5, 7, 7, 1]]], ids=["tensor", "lists"])
+ROWS = [[5, 7, 7, 1], [7, 3, 0, 0]]  # two prompts: two image tokens (id 7), then one
+
+
+@pytest.mark.parametrize("input_ids", [torch.tensor(ROWS), torch.tensor(ROWS, dtype=torch.int32), ROWS,
+                                       torch.tensor(ROWS).numpy()], ids=["tensor", "int32", "lists", "numpy"])
 def test_the_check_counts_and_refuses_a_truncated_prompt_as_transformers_own_does(transformers_own_check, input_ids):
+    from transformers import BatchFeature
+
     processor = SimpleNamespace(image_token="<img>", image_token_id=7, video_token=None, video_token_id=None)
-    for check in (transformers_own_check, token_check.check_special_mm_tokens):
-        check(processor, ["a<img><img>b"], {"input_ids": input_ids}, ["image", "video", "audio"])
-        with pytest.raises(ValueError) as own:
-            transformers_own_check(processor, ["a<img><img><img>b"], {"input_ids": input_ids}, ["image"])
-        with pytest.raises(ValueError) as ours:
-            check(processor, ["a<img><img><img>b"], {"input_ids": input_ids}, ["image"])
-        assert str(ours.value) == str(own.value) and "Got ids=[2] and text=[3]" in str(ours.value)
+    for inputs in ({"input_ids": input_ids}, BatchFeature({"input_ids": input_ids})):
+        for check in (transformers_own_check, token_check.check_special_mm_tokens):
+            check(processor, ["a<img><img>b", "<img>c"], inputs, ["image", "video", "audio"])
+        errors = []
+        for check in (transformers_own_check, token_check.check_special_mm_tokens):
+            with pytest.raises(ValueError) as raised:
+                check(processor, ["a<img><img><img>b", "<img>c"], inputs, ["image"])
+            errors.append(str(raised.value))
+        assert errors[0] == errors[1] and "Got ids=[2, 1] and text=[3, 1]" in errors[1]
 
 
 def test_a_transformers_with_the_fix_keeps_its_own_check(monkeypatch, transformers_own_check):
     monkeypatch.setattr(token_check, "transformers_version", lambda: "5.17.0")
-    assert token_check.install() == "transformers 5.17.0 counts the tokens of lists already"
+    assert token_check.install() == (
+        "transformers 5.17.0 has the check of 5.17 (huggingface/transformers#47580) already")
     assert MIXIN.__dict__["_check_special_mm_tokens"] is transformers_own_check
 
 
@@ -127,5 +136,6 @@ def test_the_tokenizer_manager_hook_installs_the_check_only_with_the_setting(set
         assert installed and lines == ["mm-coalescer: sglang.fast_mm_token_check: HF processors count image tokens "
                                        "as transformers 5.17 does"]
     else:
-        assert not installed and lines == [f"mm-coalescer: sglang.fast_mm_token_check has no effect: transformers "
-                                           f"{transformers.__version__} counts the tokens of lists already"]
+        assert not installed and lines == [
+            f"mm-coalescer: sglang.fast_mm_token_check has no effect: transformers {transformers.__version__} has the "
+            "check of 5.17 (huggingface/transformers#47580) already"]
