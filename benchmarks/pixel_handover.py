@@ -118,13 +118,19 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
     return {"rows": rows, "widened_equal_float32": identical}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def family_arguments(doc: str, measured: str) -> argparse.ArgumentParser:
+    """The arguments of the CPU benchmarks of SGLang's processors: the families, requests per ``measured``, --out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=FAMILIES, action="append",
                    help="a family to measure (repeatable; default: all of them)")
-    p.add_argument("--requests", type=int, default=20, help="measured requests a transport (after one warm-up)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (SGLang's tokenizer workers use 1)")
+    p.add_argument("--requests", type=int, default=20, help=f"measured requests a {measured} (after one warm-up)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = family_arguments(__doc__, "transport")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (SGLang's tokenizer workers use 1)")
     args = p.parse_args(argv)
     if args.requests < 1:
         p.error("--requests must be at least 1")

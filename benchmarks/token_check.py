@@ -15,7 +15,6 @@ Needs ``sglang`` and ``mm_scheduler_sglang`` importable, as the integration test
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "integration"))  # sglang_models: real SGLang code
 
 from benchmarks.harness import format_table, log, write_json
-from benchmarks.pixel_handover import FAMILIES, IMAGES, SIDE, seed_images
+from benchmarks.pixel_handover import FAMILIES, IMAGES, SIDE, family_arguments, seed_images
 
 CHECKS = ("transformers", "installed")
 
@@ -84,11 +83,7 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=FAMILIES, action="append",
-                   help="a family to measure (repeatable; default: all of them)")
-    p.add_argument("--requests", type=int, default=20, help="measured requests a check (after one warm-up)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p = family_arguments(__doc__, "check")
     args = p.parse_args(argv)
     if args.requests < 1:
         p.error("--requests must be at least 1")
