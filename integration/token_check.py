@@ -23,13 +23,11 @@ FIXED_IN = (5, 17)
 def install() -> str | None:
     """Give transformers' ``ProcessorMixin`` the check of transformers 5.17 if its own iterates tensors.
 
-    Returns None when installed (or already), else why not. Process-wide and never undone: the tokenizer manager's
+    Returns None when installed (again, if it was), else why not. Process-wide and never undone: the tokenizer manager's
     process (an ``sglang.Engine``'s is the user's own); the same counts, so nothing else there changes."""
     from transformers import processing_utils
 
     mixin = processing_utils.ProcessorMixin
-    if mixin.__dict__.get("_check_special_mm_tokens") is check_special_mm_tokens:
-        return None
     version = transformers_version()
     if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) >= FIXED_IN:
         return f"transformers {version} has the check of 5.17 (huggingface/transformers#47580) already"

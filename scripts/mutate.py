@@ -13,6 +13,7 @@ there) and a summary per module in ``build/mutate/summary.json``.
 
     .venv/bin/python scripts/mutate.py                          # every mapped module (hours on 2 cores)
     .venv/bin/python scripts/mutate.py service held             # some modules (file stem or path)
+    .venv-sglang0516/bin/python scripts/mutate.py token_check   # against SGLang 0.5.16 (transformers 5.12.1)
     .venv/bin/python scripts/mutate.py --max-children 1 modes   # fewer parallel workers
     .venv/bin/python scripts/mutate.py --recheck service        # after adding tests: rerun only the
                                                                 # survivors of the last run, with today's tests
@@ -54,6 +55,8 @@ TESTS_OF: dict[str, list[str]] = {
     "integration/vit_graphs.py": [SI + "test_vit_graphs.py", SI + "test_uniform_graphs.py"],
     "integration/preprocess.py": [SI + "test_preprocess_thread.py"],
     "integration/pixel_transport.py": [SI + "test_pixel_transport.py"],
+    # its replacement check runs only on a transformers < 5.17: run it with .venv-sglang0516's python
+    "integration/token_check.py": [SI + "test_token_check.py"],
     "integration/vision_attention.py": [SI + "test_vision_attention.py"],
     "integration/position_lookup.py": [SI + "test_position_lookup.py"],
     "integration/norm_lock.py": [SI + "test_norm_lock.py"],
@@ -77,7 +80,7 @@ TESTS_OF: dict[str, list[str]] = {
 PLUGIN_UNMAPPED = {
     "integration/soak_driver.py": "a test driver, exercised by the soak",
 }
-MUTMUT = str(Path(sys.executable).parent / "mutmut")
+MUTMUT = [sys.executable, "-m", "mutmut"]  # this python's, so .venv-sglang0516 mutates against SGLang 0.5.16
 DEFAULT_TIMEOUT_S = 60  # per test, inside a mutant's run: a mutant that makes a test hang fails it instead
 
 
@@ -154,7 +157,7 @@ with contextlib.suppress(Exception):
 
 def summarize(work: Path, module: str) -> dict:
     """``mutmut results --all true``: every mutant's status, counted."""
-    out = subprocess.run([MUTMUT, "results", "--all", "true"], cwd=work,
+    out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=work,
                          capture_output=True, text=True, check=False).stdout
     statuses: dict[str, str] = {}
     for line in out.splitlines():
@@ -198,7 +201,7 @@ def main() -> int:
         else:
             work = scratch_copy(module, args.timeout)
             print(f"== mutate {module}: tests {' '.join(TESTS_OF[module])}", flush=True)
-        rc = subprocess.run([MUTMUT, "run", "--max-children", str(args.max_children), *names],
+        rc = subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children), *names],
                             cwd=work, env=env, check=False).returncode
         result = summarize(work, module)
         result["seconds"] = round(time.monotonic() - started)

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import logging
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +19,6 @@ from transformers import processing_utils
 
 MIXIN = processing_utils.ProcessorMixin
 OLD_TRANSFORMERS = tuple(int(part) for part in transformers.__version__.split(".")[:2]) < token_check.FIXED_IN
-CHECKS = ("_check_special_mm_tokens", "check_special_mm_tokens")
 needs_old_transformers = pytest.mark.skipif(not OLD_TRANSFORMERS, reason="this transformers has the check of 5.17")
 
 
@@ -65,25 +63,35 @@ def test_on_an_old_transformers_sglangs_processors_check_image_tokens_without_it
     with sm.mm_processor(model_dirs[family]) as build:
         mm_processor = build()
         before = _processed(mm_processor)
+        inside: list[bool] = []  # while the check runs
         iterated: list[int] = []  # sizes of the tensors iterated inside the check
         tensor_iter = torch.Tensor.__iter__
 
         def counting_iter(self):
-            frame = sys._getframe(1)
-            while frame is not None and frame.f_code.co_name not in CHECKS:
-                frame = frame.f_back
-            if frame is not None:
+            if inside:
                 iterated.append(self.numel())
             return tensor_iter(self)
 
+        def watched(check):
+            def run(self, *args, **kwargs):
+                inside.append(True)
+                try:
+                    return check(self, *args, **kwargs)
+                finally:
+                    inside.pop()
+            return run
+
         monkeypatch.setattr(torch.Tensor, "__iter__", counting_iter)
+        MIXIN._check_special_mm_tokens = watched(MIXIN.__dict__["_check_special_mm_tokens"])
         _processed(mm_processor)
         assert iterated  # transformers' own check iterates the input_ids rows, a tensor per token
         iterated.clear()
         assert token_check.install() is None
+        installed = MIXIN.__dict__["_check_special_mm_tokens"]
+        MIXIN._check_special_mm_tokens = watched(installed)
         after = _processed(mm_processor)
         monkeypatch.setattr(torch.Tensor, "__iter__", tensor_iter)
-    assert iterated == [] and MIXIN._check_special_mm_tokens is token_check.check_special_mm_tokens
+    assert iterated == [] and installed is token_check.check_special_mm_tokens
     assert torch.equal(torch.as_tensor(after.input_ids), torch.as_tensor(before.input_ids))
     for old, new in zip(before.mm_items, after.mm_items, strict=True):
         assert torch.equal(new.feature, old.feature)
@@ -97,10 +105,12 @@ ROWS = [[5, 7, 7, 1], [7, 3, 0, 0]]  # two prompts: two image tokens (id 7), the
 def test_the_check_counts_and_refuses_a_truncated_prompt_as_transformers_own_does(transformers_own_check, input_ids):
     from transformers import BatchFeature
 
-    processor = SimpleNamespace(image_token="<img>", image_token_id=7, video_token=None, video_token_id=None)
+    # a modality is counted only with both its token and its id (a processor without an audio token id skips it)
+    processor = SimpleNamespace(image_token="<img>", image_token_id=7, video_token=None, video_token_id=None,
+                                audio_token="<aud>", audio_token_id=None)
     for inputs in ({"input_ids": input_ids}, BatchFeature({"input_ids": input_ids})):
         for check in (transformers_own_check, token_check.check_special_mm_tokens):
-            check(processor, ["a<img><img>b", "<img>c"], inputs, ["image", "video", "audio"])
+            check(processor, ["a<img><img>b<aud>", "<img>c"], inputs, ["image", "video", "audio"])
         errors = []
         for check in (transformers_own_check, token_check.check_special_mm_tokens):
             with pytest.raises(ValueError) as raised:
