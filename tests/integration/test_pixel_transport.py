@@ -142,7 +142,7 @@ def test_pixels_stay_float32_where_uint8_would_not_be_lossless_or_widened(sglang
     elif setting == "skip_tokenizer_init":  # the schedulers' image processor is where they read the widening
         mm_processor.server_args = SimpleNamespace(skip_tokenizer_init=True)
     elif setting == "buffer":  # the schedulers inherit the launcher's environment
-        monkeypatch.setenv("SGLANG_MM_BUFFER_SIZE_MB", "64")
+        monkeypatch.setenv("SGLANG_MM_BUFFER_SIZE_MB", "1")  # the smallest buffer copies them too
     else:
         images.do_normalize, images.image_mean, images.image_std = True, [0.5] * 3, [0.5] * 3
     assert pixel_transport.narrow_images(mm_processor) == why
@@ -163,6 +163,19 @@ def test_qwen_served_through_transformers_model_keeps_float32_pixels_though_sgla
         assert all(item.feature.dtype == torch.float32 for item in _processed(mm_processor).mm_items)
     with sm.mm_processor(model_dirs[family], model_impl="sglang") as build:
         assert pixel_transport.narrow_images(build()) is None
+
+
+@pytest.mark.parametrize(("impl", "why"), [
+    ("TRANSFORMERS", "SGLang serves the model through --model-impl transformers, whose vision code the plugin does not "
+                     "route"),
+    ("SGLANG", None), ("AUTO", None)])
+def test_sglangs_model_impl_enum_is_read_by_its_value(sglang_gemma4_processor, impl, why):
+    """SGLang resolves ``model_impl`` to its ``ModelImpl`` enum in places; its ``str()`` is not its value."""
+    from sglang.srt.configs.model_config import ModelImpl
+
+    mm_processor = sglang_gemma4_processor()
+    mm_processor.server_args.model_impl = getattr(ModelImpl, impl)
+    assert pixel_transport.narrow_images(mm_processor) == why
 
 
 def test_a_processor_rescaling_by_another_factor_sends_uint8_pixels_widened_by_that_factor(sglang_gemma4_processor):
