@@ -182,18 +182,20 @@ def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
             not isinstance(b, int) or isinstance(b, bool) or b <= 0 or b % 4 for b in buckets):
         raise ValueError(f"{config_path}: sglang.vit_graph_patches must be a list of at most {MAX_GRAPH_BUCKETS} "
                          f"patch counts, each a positive multiple of 4 (one 2x2 merge window), got {buckets!r}")
-    preprocess_thread = section.get("preprocess_thread", PLUGIN_DEFAULTS["preprocess_thread"])
-    if not isinstance(preprocess_thread, bool):
-        raise ValueError(f"{config_path}: sglang.preprocess_thread must be true or false, got {preprocess_thread!r}")
-    uint8_pixels = section.get("uint8_pixels", PLUGIN_DEFAULTS["uint8_pixels"])
-    if not isinstance(uint8_pixels, bool):
-        raise ValueError(f"{config_path}: sglang.uint8_pixels must be true or false, got {uint8_pixels!r}")
-    token_check = section.get("fast_mm_token_check", PLUGIN_DEFAULTS["fast_mm_token_check"])
-    if not isinstance(token_check, bool):
-        raise ValueError(f"{config_path}: sglang.fast_mm_token_check must be true or false, got {token_check!r}")
     return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer),
             "early_encode_min_waiting": min_waiting, "vit_graph_patches": sorted(set(buckets)),
-            "preprocess_thread": preprocess_thread, "uint8_pixels": uint8_pixels, "fast_mm_token_check": token_check}
+            **{name: _switch(section, name, config_path) for name in _SWITCHES}}
+
+
+_SWITCHES = ("preprocess_thread", "uint8_pixels", "fast_mm_token_check")
+
+
+def _switch(section: Any, name: str, config_path: str) -> bool:
+    """A true/false setting under ``sglang:``, its default when absent."""
+    value = section.get(name, PLUGIN_DEFAULTS[name])
+    if not isinstance(value, bool):
+        raise ValueError(f"{config_path}: sglang.{name} must be true or false, got {value!r}")
+    return value
 
 
 def _is_finite_number(value: Any) -> bool:
