@@ -61,7 +61,8 @@ def seed_images(seed: int) -> list[str]:
     return urls
 
 
-def _preprocess(mm_processor: Any, urls: list[str]) -> tuple[Any, float]:
+def preprocess(mm_processor: Any, urls: list[str]) -> tuple[Any, float]:
+    """SGLang's ``process_mm_data_async`` of a request of ``urls``, and its seconds."""
     from sglang.srt.managers.io_struct import GenerateReqInput
 
     prompt = mm_processor.mm_tokens.image_token * len(urls) + "Describe."
@@ -102,7 +103,7 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
             urls = seed_images(seed)
             features: dict[str, list[torch.Tensor]] = {}
             for transport in (TRANSPORTS if seed % 2 else TRANSPORTS[::-1]):
-                out, preprocess_s = _preprocess(processors[transport], urls)
+                out, preprocess_s = preprocess(processors[transport], urls)
                 received, sent_s, received_s = _hand_over([item.feature for item in out.mm_items])
                 started = time.perf_counter()
                 features[transport] = [widening(tensor) for tensor in received]

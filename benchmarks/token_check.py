@@ -15,7 +15,6 @@ Needs ``sglang`` and ``mm_scheduler_sglang`` importable, as the integration test
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "integration"))  # sglang_models: real SGLang code
 
 from benchmarks.harness import format_table, log, write_json
-from benchmarks.pixel_handover import FAMILIES, IMAGES, SIDE, family_arguments, seed_images
+from benchmarks.pixel_handover import FAMILIES, IMAGES, SIDE, family_arguments, preprocess, seed_images
 
 CHECKS = ("transformers", "installed")
 
@@ -37,7 +36,6 @@ CHECKS = ("transformers", "installed")
 def measure(model_dir: Path, requests: int) -> dict[str, Any]:
     import sglang_models
     from mm_scheduler_sglang import token_check
-    from sglang.srt.managers.io_struct import GenerateReqInput
     from transformers import processing_utils
 
     mixin = processing_utils.ProcessorMixin
@@ -51,7 +49,6 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
             mm_processor = build()
             for seed in range(requests + 1):  # the first request of each check warms up and is not counted
                 urls = seed_images(seed)
-                prompt = mm_processor.mm_tokens.image_token * len(urls) + "Describe."
                 ids = {}
                 for name in (CHECKS if seed % 2 else CHECKS[::-1]):
                     check = checks[name]
@@ -65,11 +62,7 @@ def measure(model_dir: Path, requests: int) -> dict[str, Any]:
 
                     mixin._check_special_mm_tokens = timed
                     spent.clear()
-                    request = GenerateReqInput(text=prompt, image_data=urls, rid="bench")
-                    started = time.perf_counter()
-                    out = asyncio.run(mm_processor.process_mm_data_async(image_data=urls, input_text=prompt,
-                                                                         request_obj=request))
-                    elapsed = time.perf_counter() - started
+                    out, elapsed = preprocess(mm_processor, urls)
                     ids[name] = torch.as_tensor(out.input_ids)
                     if seed:
                         samples[name]["check"].append(sum(spent) * 1e3)
