@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import copyreg
 import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine
+from multiprocessing import shared_memory
+from types import SimpleNamespace
 from typing import Any
 
 from . import sglang_compat
@@ -50,8 +54,10 @@ class PreprocessLoop:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def on_own_loop(self, method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
-        """``method``'s coroutines run on this thread's loop; the caller awaits the result on its own loop.
+    def on_own_loop(self, method: Callable[..., Coroutine[Any, Any, Any]],
+                    then: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
+        """``method``'s coroutines run on this thread's loop, followed by ``then`` on their result; the caller
+        awaits the result on its own loop.
 
         Cancelling the caller's task cancels the coroutine here (``run_coroutine_threadsafe``'s future).
         """
@@ -64,7 +70,8 @@ class PreprocessLoop:
             async def timed() -> Any:
                 span[0] = time.monotonic()
                 try:
-                    return await method(*args, **kwargs)
+                    result = await method(*args, **kwargs)
+                    return result if then is None else then(result)
                 finally:
                     span[1] = time.monotonic()
 
@@ -139,10 +146,69 @@ def move_off_the_loop(tokenizer_manager: Any) -> PreprocessLoop | None:
         return None
     if _loop is None:
         _loop = PreprocessLoop()
-    mm_processor.process_mm_data_async = _loop.on_own_loop(clone.process_mm_data_async)
-    logger.info("mm-coalescer: %s preprocessing runs on thread %s, off the tokenizer manager's event loop",
-                type(mm_processor).__name__, _loop.thread.name)
+    hashes_features = sglang_compat.tokenizer_manager_hashes_features()
+    mm_processor.process_mm_data_async = _loop.on_own_loop(clone.process_mm_data_async,
+                                                           then=None if hashes_features else hand_over)
+    logger.info("mm-coalescer: %s preprocessing runs on thread %s, off the tokenizer manager's event loop, %s",
+                type(mm_processor).__name__, _loop.thread.name,
+                "not the hand-over to /dev/shm (SGLANG_MM_PRECOMPUTE_HASH: the tokenizer manager hashes the "
+                "features after preprocessing)" if hashes_features else "and so does the hand-over to /dev/shm")
     return _loop
+
+
+def hand_over(output: Any) -> Any:
+    """SGLang's own hand-over of a request's features to the scheduler (``wrap_shm_features``: where SGLang's
+    transport is shared memory, each CPU feature copied into a fresh ``/dev/shm`` segment), done on this thread
+    instead of the tokenizer manager's loop; SGLang's own call before the send then finds nothing left to copy.
+
+    Those segments now exist before the request is sent, which SGLang's own order never allowed: each wrapper is
+    guarded (:func:`_guard`), so a request that fails or is cancelled before its send leaves no segment behind."""
+    mm_items = getattr(output, "mm_items", None)
+    if not mm_items:
+        return output
+    pointer_class = sglang_compat.shm_pointer_class()
+    sglang_compat.wrap_shm_features()(SimpleNamespace(mm_inputs=output))
+    for item in mm_items:
+        for value in (item.feature, getattr(item, "precomputed_embeddings", None)):
+            for pointer in value if isinstance(value, (list, tuple)) else (value,):
+                if type(pointer) is pointer_class:
+                    _guard(pointer)
+    return output
+
+
+def _guard(pointer: Any) -> None:
+    """Make ``pointer`` (SGLang's ``ShmPointerMMData``) unlink its segment when it is dropped unsent.
+
+    Sent means pickled: the request's send pickles its features, and the scheduler unpickles SGLang's own class
+    (:func:`_unsent_class`) and unlinks the segment once it has read it, as it does for SGLang's own wrappers."""
+    sent = [False]
+    pointer.__class__ = _unsent_class()
+    pointer.sent = sent
+    weakref.finalize(pointer, _unlink_unless_sent, pointer.shm_name, sent)
+
+
+@functools.cache
+def _unsent_class() -> type:
+    base = sglang_compat.shm_pointer_class()
+
+    def __reduce_ex__(self: Any, protocol: int) -> tuple[Any, ...]:
+        self.sent[0] = True
+        return copyreg._reconstructor, (base, object, None), self.__getstate__()
+
+    return type("UnsentShmPointer", (base,), {
+        "__reduce_ex__": __reduce_ex__, "__module__": __name__,
+        "__doc__": "SGLang's ShmPointerMMData, not yet sent; it pickles as SGLang's own class."})
+
+
+def _unlink_unless_sent(name: str, sent: list[bool]) -> None:
+    if sent[0]:
+        return
+    try:
+        segment = shared_memory.SharedMemory(name=name)
+    except FileNotFoundError:
+        return
+    segment.close()
+    segment.unlink()
 
 
 def stats() -> dict[str, Any]:

@@ -15,7 +15,8 @@ What the rest of the plugin uses:
   None when the feature is missing here; :meth:`Compat.degraded`: one log line per missing feature.
 * accessors, one per row: :func:`embedding_cache`, :func:`cuda_ipc_proxy_class`,
   :func:`cuda_ipc_copy_event_key`, :func:`extend_end`, :func:`cached_prefix_len`,
-  :func:`processor_runs_off_loop`, and
+  :func:`processor_runs_off_loop`, :func:`tokenizer_manager_hashes_features`, :func:`shm_pointer_class`,
+  :func:`wrap_shm_features`, and
   :func:`tp_size` / :func:`pp_rank` (read from ``runtime_context.get_parallel()`` on every version:
   ``Scheduler.tp_size`` exists only from 0.5.22, ``Scheduler.ps.tp_size`` only up to 0.5.20).
 
@@ -228,6 +229,9 @@ SAME: tuple[str, ...] = (
     "sglang.srt.models.gemma4_vision.Gemma4VisionPatchEmbedder._position_embeddings",
     TOKENIZER_MANAGER_INIT, "sglang.srt.managers.tokenizer_manager.TokenizerManager.mm_processor",
     f"{_MMP}._processor", f"{_MMP}.process_mm_data_async",
+    "sglang.srt.environ.envs.SGLANG_MM_PRECOMPUTE_HASH", "sglang.srt.managers.mm_utils.ShmPointerMMData",
+    "sglang.srt.managers.mm_utils.ShmPointerMMData.shm_name", "sglang.srt.managers.mm_utils.wrap_shm_features",
+    f"{_SB}.MultimodalDataItem.feature",
 )
 CUDA_ONLY: tuple[str, ...] = tuple(f"{LAYERNORM}.{name}" for name in NORM_KERNELS)
 """Read on every release, but defined only on CUDA builds: the check script checks them with :data:`SAME`."""
@@ -386,6 +390,23 @@ def cached_prefix_len(tree_cache: Any, req: Any) -> int:
 def processor_runs_off_loop(mm_processor: Any) -> bool:
     """Whether SGLang itself runs this multimodal processor's HF processor off the tokenizer manager's loop."""
     return current().has("processor_executor") and getattr(mm_processor, "mm_processor_executor", None) is not None
+
+
+def tokenizer_manager_hashes_features() -> bool:
+    """Whether SGLang's tokenizer manager hashes each request's features after preprocessing
+    (``SGLANG_MM_PRECOMPUTE_HASH``), which reads them as tensors there."""
+    return bool(_import("sglang.srt.environ.envs").SGLANG_MM_PRECOMPUTE_HASH.get())
+
+
+def shm_pointer_class() -> type:
+    """SGLang's one-node feature wrapper (``ShmPointerMMData``: a ``/dev/shm`` segment's name, shape and dtype)."""
+    return _import("sglang.srt.managers.mm_utils.ShmPointerMMData")
+
+
+def wrap_shm_features() -> Any:
+    """SGLang's hand-over of a request's CPU features to shared memory before its send (a no-op where its
+    transport is not shared memory)."""
+    return _import("sglang.srt.managers.mm_utils.wrap_shm_features")
 
 
 def tp_size() -> int:

@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 from mm_scheduler_sglang import preprocess, sglang_compat
 
 pytestmark = pytest.mark.timeout(60)
@@ -267,3 +268,108 @@ def test_only_the_first_resolution_of_the_settings_hooks_the_tokenizer_manager(m
     sglang_plugin._after_resolve_once(None, in_the_launcher)
     assert getattr(in_the_launcher, settings.ATTR)["plugin"]["uint8_pixels"] is True
     assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT]
+
+
+# --- the hand-over to /dev/shm, with SGLang's own wrap_shm_features and ShmPointerMMData --------------------------
+@pytest.fixture
+def shared_memory_transport(monkeypatch):
+    """SGLang's one-node transport as its tokenizer manager sees it: features go through /dev/shm."""
+    from sglang.srt.managers import mm_utils
+
+    monkeypatch.setattr(mm_utils, "_is_default_tensor_transport", False)
+    args = SimpleNamespace(skip_tokenizer_init=False)
+    for name in ("get_server_args", "get_serving"):  # 0.5.16 reads the one, 0.5.23 the other
+        monkeypatch.setattr(mm_utils, name, lambda: args, raising=False)
+    return mm_utils
+
+
+def processor_output(*features):
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+
+    return SimpleNamespace(mm_items=[MultimodalDataItem(modality=Modality.IMAGE, feature=f) for f in features])
+
+
+def segment_exists(name: str) -> bool:
+    from multiprocessing import shared_memory
+
+    try:
+        segment = shared_memory.SharedMemory(name=name)
+    except FileNotFoundError:
+        return False
+    segment.close()
+    return True
+
+
+def test_the_hand_over_copies_features_to_shared_memory_and_the_scheduler_unpickles_sglangs_own_class(
+        shared_memory_transport):
+    import pickle
+
+    pixels = torch.arange(24, dtype=torch.uint8).reshape(2, 12)
+    patches = [torch.ones(3, 4), torch.zeros(2, 4)]  # a list feature (one tensor a crop): each wrapped alone
+    output = processor_output(pixels, patches)
+    assert preprocess.hand_over(output) is output
+    single, listed = output.mm_items[0].feature, output.mm_items[1].feature
+    pointers = [single, *listed]
+    assert all(isinstance(p, shared_memory_transport.ShmPointerMMData) for p in pointers)
+    assert all(segment_exists(p.shm_name) for p in pointers)
+
+    received = pickle.loads(pickle.dumps([single, listed]))  # the send, then the scheduler
+    assert type(received[0]) is shared_memory_transport.ShmPointerMMData  # no plugin class crosses the process
+    assert torch.equal(received[0].materialize(), pixels)
+    assert [torch.equal(r.materialize(), t) for r, t in zip(received[1], patches, strict=True)] == [True, True]
+    names = [p.shm_name for p in pointers]
+    del single, listed, pointers, output, received
+    import gc
+
+    gc.collect()
+    assert not any(segment_exists(n) for n in names)  # unlinked by the scheduler's read, not left behind
+
+
+def test_a_segment_whose_request_is_never_sent_is_unlinked_when_its_wrapper_is_dropped(shared_memory_transport):
+    import gc
+
+    output = preprocess.hand_over(processor_output(torch.ones(64, 16)))
+    name = output.mm_items[0].feature.shm_name
+    assert segment_exists(name)
+    del output  # e.g. the request failed validation, or its client went away before the send
+    gc.collect()
+    assert not segment_exists(name)
+
+
+def test_sglangs_own_hand_over_before_the_send_finds_nothing_left_to_copy(shared_memory_transport):
+    output = preprocess.hand_over(processor_output(torch.ones(8, 8)))
+    wrapper = output.mm_items[0].feature
+    shared_memory_transport.wrap_shm_features(SimpleNamespace(mm_inputs=output))
+    assert output.mm_items[0].feature is wrapper
+
+
+def test_nothing_is_handed_over_where_sglangs_transport_is_not_shared_memory(shared_memory_transport, monkeypatch):
+    monkeypatch.setattr(shared_memory_transport, "_is_default_tensor_transport", True)
+    pixels = torch.ones(4, 4)
+    output = preprocess.hand_over(processor_output(pixels))
+    assert output.mm_items[0].feature is pixels
+    assert preprocess.hand_over({"input_ids": [1]}) == {"input_ids": [1]}  # no items: nothing to do
+
+
+@pytest.mark.parametrize("precompute_hash", [False, True])
+def test_the_thread_hands_features_over_unless_the_tokenizer_manager_hashes_them_after_preprocessing(
+        fresh_loop, shared_memory_transport, monkeypatch, caplog, precompute_hash):
+    """With SGLANG_MM_PRECOMPUTE_HASH SGLang's tokenizer manager hashes the features as tensors after
+    preprocessing, so they stay tensors until its own hand-over."""
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    monkeypatch.setattr(sglang_compat, "tokenizer_manager_hashes_features", lambda: precompute_hash)
+
+    class Producing(MMProcessor):
+        async def process_mm_data_async(self, image_data, **kwargs):
+            return processor_output(torch.full((4, 4), float(len(image_data))))
+
+    mm = Producing()
+    preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm))
+    output = asyncio.run(mm.process_mm_data_async(image_data=[1, 2]))
+    feature = output.mm_items[0].feature
+    if precompute_hash:
+        assert torch.equal(feature, torch.full((4, 4), 2.0))
+        assert "not the hand-over" in caplog.text
+    else:
+        assert isinstance(feature, shared_memory_transport.ShmPointerMMData)
+        assert "and so does the hand-over" in caplog.text
