@@ -36,7 +36,15 @@ from typing import Any
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from mm_scheduler import Coalescer, CoalescerClosedError, CoalescerConfig, CoalescerError, Encoded, EncodeItem
+from mm_scheduler import (
+    Coalescer,
+    CoalescerClosedError,
+    CoalescerConfig,
+    CoalescerError,
+    Encoded,
+    EncodeItem,
+    QueueFullError,
+)
 from mm_scheduler.lockstep import LockstepEncoder, LockstepTicket
 
 from .adapters import SGLangTower, offloaded_by_sglang, on_one_device
@@ -339,6 +347,10 @@ class EncoderService:
                     outputs[i] = self._wait(handle, deadline)
                     self.counts["taken_early"] += 1
                     PREFILL_ITEMS.labels(self.config.name, "early").inc()
+                except QueueFullError as exc:  # backpressure at arrival, as configured: no fault to trace
+                    logger.info("mm-coalescer: early encode of item %s was refused (%s); encoding it now",
+                                items[i].hash, exc)
+                    missing.append(i)
                 except (CoalescerError, concurrent.futures.CancelledError):
                     logger.warning("mm-coalescer: early encode of item %s failed or was withdrawn; encoding it "
                                    "again", items[i].hash, exc_info=True)

@@ -8,6 +8,7 @@ no-op in place of the queue insertion (a Scheduler cannot be built without a GPU
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from array import array
@@ -461,6 +462,33 @@ def test_arrivals_beyond_the_held_results_cap_are_encoded_at_prefill(model, stop
     assert service.counts["encoded_on_demand"] == 1
     first.multimodal_inputs.release_features()
     assert service.held_bytes == 0
+
+
+def test_an_arrival_refused_by_a_full_queue_is_encoded_at_its_prefill_with_one_line_and_no_traceback(
+        model, stop_service, caplog):
+    """A burst beyond ``max_queue_patches`` (seen in the real server once the tokenizer manager sped up: 90 of a
+    Gemma 4 seed burst's 600 images) is the configured backpressure, not a fault."""
+    first = _request("first", [sm.qwen_image(model, 4, 4, 91)])  # 16 patches, held in its forward by the gate
+    second = _request("second", [sm.qwen_image(model, 4, 4, 92)])  # 16 patches, queued behind it
+    third = _request("third", [sm.qwen_image(model, 8, 4, 93)])  # 32 patches: 48 queued would exceed 40
+    requests = [(third.multimodal_inputs.mm_items, 2)]
+    full = [(0, n) for n in _request_lengths(model, requests)]
+    expected = _embed(model, requests, full)
+    service, log = _start(model, max_queue_patches=40, max_inflight_batches=1)
+    log.gate.clear()
+    _arrive(first)
+    assert log.started.wait(30)
+    _arrive(second)
+    caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
+    _arrive(third)
+    log.gate.set()
+    log.wait_for(2)  # the queue has drained: the prefill's own encode fits
+    torch.testing.assert_close(_embed(model, requests, full), expected, atol=ATOL, rtol=RTOL)
+    assert service.counts["encoded_on_demand"] == 1 and service.counts["fallbacks"] == 0
+    refused = [r for r in caplog.records if "was refused" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.INFO and refused[0].exc_info is None
+    assert "max_queue_patches is 40" in refused[0].getMessage()
+    assert "failed or was withdrawn" not in caplog.text
 
 
 def _launched(req, extend_end: int) -> None:
