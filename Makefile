@@ -141,7 +141,8 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/gemma4_e4b-86aa9fc-tok4ipc/results-gemma4_e4b.json $(RS)/gemma4_e4b-9ca7bdd-floors/results-gemma4_e4b.json \
 	$(RS)/gemma3_12b-9ca7bdd-floors/results-gemma3_12b.json $(RS)/gemma4_e4b-9ca7bdd-tok4ipc/results-gemma4_e4b.json \
 	$(RS)/gemma4_e4b-e09d266-u8/results-gemma4_e4b.json $(RS)/gemma4_e4b-e09d266-u8-b/results-gemma4_e4b.json \
-	$(RS)/gemma4_e4b-eb222d6-poisson/results-gemma4_e4b.json
+	$(RS)/gemma4_e4b-eb222d6-poisson/results-gemma4_e4b.json $(RS)/qwen3_vl_8b-e214c80-prethread/results-qwen3_vl_8b.json \
+	$(RS)/gemma4_e4b-e214c80-prethread/results-gemma4_e4b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
@@ -153,7 +154,9 @@ REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl
 	gemma4_e4b=$(RS)/gemma4_e4b-e5bb1ae-g4graphs8/gpu-serve-gemma4_e4b.tar.xz@seed10 \
 	gemma3_12b=$(RS)/gemma3_12b-e5bb1ae-shipped/gpu-serve-gemma3_12b.tar.xz@seed3 \
 	gemma3_12b=$(RS)/gemma3_12b-2729c81-sleeping/gpu-serve-gemma3_12b.tar.xz@seed4 \
-	gemma4_e4b=$(RS)/gemma4_e4b-2729c81-tok4ipc/gpu-serve-gemma4_e4b.tar.xz@seed12
+	gemma4_e4b=$(RS)/gemma4_e4b-2729c81-tok4ipc/gpu-serve-gemma4_e4b.tar.xz@seed12 \
+	qwen3_vl_8b=$(RS)/qwen3_vl_8b-e214c80-prethread/gpu-serve-qwen3_vl_8b.tar.xz@seed21 \
+	gemma4_e4b=$(RS)/gemma4_e4b-e214c80-prethread/gpu-serve-gemma4_e4b.tar.xz@seed21
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
 REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
