@@ -146,14 +146,25 @@ def move_off_the_loop(tokenizer_manager: Any) -> PreprocessLoop | None:
         return None
     if _loop is None:
         _loop = PreprocessLoop()
-    hashes_features = sglang_compat.tokenizer_manager_hashes_features()
+    why_not = handover_stays_sglangs(mm_processor)
     mm_processor.process_mm_data_async = _loop.on_own_loop(clone.process_mm_data_async,
-                                                           then=None if hashes_features else hand_over)
+                                                           then=hand_over if why_not is None else None)
     logger.info("mm-coalescer: %s preprocessing runs on thread %s, off the tokenizer manager's event loop, %s",
                 type(mm_processor).__name__, _loop.thread.name,
-                "not the hand-over to /dev/shm (SGLANG_MM_PRECOMPUTE_HASH: the tokenizer manager hashes the "
-                "features after preprocessing)" if hashes_features else "and so does the hand-over to /dev/shm")
+                "and so does the hand-over to /dev/shm" if why_not is None else f"not the hand-over: {why_not}")
     return _loop
+
+
+def handover_stays_sglangs(mm_processor: Any) -> str | None:
+    """Why SGLang's own hand-over of the features must stay where SGLang does it (None: it may move)."""
+    transport = getattr(mm_processor, "mm_feature_transport", None)
+    if transport != "cpu" or getattr(mm_processor, "keep_mm_feature_on_device", False):
+        return f"features do not go through /dev/shm (--mm-feature-transport {transport})"
+    if sglang_compat.tokenizer_manager_hashes_features():
+        return "SGLANG_MM_PRECOMPUTE_HASH (the tokenizer manager hashes the features as tensors after preprocessing)"
+    if not sglang_compat.pickles_ipc():
+        return "SGLANG_USE_PICKLE_IPC is off (SGLang's msgpack transport encodes only its own wrapper class)"
+    return None
 
 
 def hand_over(output: Any) -> Any:
@@ -162,28 +173,38 @@ def hand_over(output: Any) -> Any:
     instead of the tokenizer manager's loop; SGLang's own call before the send then finds nothing left to copy.
 
     Those segments now exist before the request is sent, which SGLang's own order never allowed: each wrapper is
-    guarded (:func:`_guard`), so a request that fails or is cancelled before its send leaves no segment behind."""
+    guarded (:func:`_guard`), so a request that fails or is cancelled before its send leaves no segment behind (a
+    process killed in between does: SGLang stops its processes with SIGKILL). A caller's ``mm_hashes``, set after
+    preprocessing, reach the item's ``hash`` but not the wrapper's ``precomputed_hash``, which the scheduler reads
+    only for an item without a hash."""
     mm_items = getattr(output, "mm_items", None)
     if not mm_items:
         return output
-    pointer_class = sglang_compat.shm_pointer_class()
+    fields = ("feature", "precomputed_embeddings")
+    sources = [[getattr(item, field, None) for field in fields] for item in mm_items]
     sglang_compat.wrap_shm_features()(SimpleNamespace(mm_inputs=output))
-    for item in mm_items:
-        for value in (item.feature, getattr(item, "precomputed_embeddings", None)):
-            for pointer in value if isinstance(value, (list, tuple)) else (value,):
+    pointer_class = sglang_compat.shm_pointer_class()
+    for item, before in zip(mm_items, sources, strict=True):
+        for field, source in zip(fields, before, strict=True):
+            value = getattr(item, field, None)
+            pairs = zip(value, source, strict=True) if isinstance(value, (list, tuple)) else ((value, source),)
+            for pointer, tensor in pairs:
                 if type(pointer) is pointer_class:
-                    _guard(pointer)
+                    _guard(pointer, tensor)
     return output
 
 
-def _guard(pointer: Any) -> None:
-    """Make ``pointer`` (SGLang's ``ShmPointerMMData``) unlink its segment when it is dropped unsent.
+def _guard(pointer: Any, source: Any) -> None:
+    """Make ``pointer`` (SGLang's ``ShmPointerMMData`` of ``source``) unlink its segment when it is dropped unsent.
 
     Sent means pickled: the request's send pickles its features, and the scheduler unpickles SGLang's own class
-    (:func:`_unsent_class`) and unlinks the segment once it has read it, as it does for SGLang's own wrappers."""
+    (:func:`_unsent_class`) and unlinks the segment once it has read it, as it does for SGLang's own wrappers. A
+    second send of the same wrapper (SGLang sends shallow copies of a request's items once per sample when n > 1)
+    gets a segment of its own from ``source``, as SGLang's own hand-over at each send would make."""
     sent = [False]
     pointer.__class__ = _unsent_class()
     pointer.sent = sent
+    pointer.source = source
     weakref.finalize(pointer, _unlink_unless_sent, pointer.shm_name, sent)
 
 
@@ -192,8 +213,12 @@ def _unsent_class() -> type:
     base = sglang_compat.shm_pointer_class()
 
     def __reduce_ex__(self: Any, protocol: int) -> tuple[Any, ...]:
-        self.sent[0] = True
-        return copyreg._reconstructor, (base, object, None), self.__getstate__()
+        if self.sent[0]:
+            state = base(self.source, precomputed_hash=self.precomputed_hash).__getstate__()
+        else:
+            self.sent[0] = True
+            state = self.__getstate__()
+        return copyreg._reconstructor, (base, object, None), state
 
     return type("UnsentShmPointer", (base,), {
         "__reduce_ex__": __reduce_ex__, "__module__": __name__,

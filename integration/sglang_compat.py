@@ -15,7 +15,8 @@ What the rest of the plugin uses:
   None when the feature is missing here; :meth:`Compat.degraded`: one log line per missing feature.
 * accessors, one per row: :func:`embedding_cache`, :func:`cuda_ipc_proxy_class`,
   :func:`cuda_ipc_copy_event_key`, :func:`extend_end`, :func:`cached_prefix_len`,
-  :func:`processor_runs_off_loop`, :func:`tokenizer_manager_hashes_features`, :func:`shm_pointer_class`,
+  :func:`processor_runs_off_loop`, :func:`tokenizer_manager_hashes_features`, :func:`pickles_ipc`,
+  :func:`shm_pointer_class`,
   :func:`wrap_shm_features`, and
   :func:`tp_size` / :func:`pp_rank` (read from ``runtime_context.get_parallel()`` on every version:
   ``Scheduler.tp_size`` exists only from 0.5.22, ``Scheduler.ps.tp_size`` only up to 0.5.20).
@@ -231,6 +232,7 @@ SAME: tuple[str, ...] = (
     f"{_MMP}._processor", f"{_MMP}.process_mm_data_async",
     "sglang.srt.environ.envs.SGLANG_MM_PRECOMPUTE_HASH", "sglang.srt.managers.mm_utils.ShmPointerMMData",
     "sglang.srt.managers.mm_utils.ShmPointerMMData.shm_name", "sglang.srt.managers.mm_utils.wrap_shm_features",
+    "sglang.srt.managers.io_struct._USE_PICKLE_IPC",
     f"{_SB}.MultimodalDataItem.feature",
 )
 CUDA_ONLY: tuple[str, ...] = tuple(f"{LAYERNORM}.{name}" for name in NORM_KERNELS)
@@ -396,6 +398,12 @@ def tokenizer_manager_hashes_features() -> bool:
     """Whether SGLang's tokenizer manager hashes each request's features after preprocessing
     (``SGLANG_MM_PRECOMPUTE_HASH``), which reads them as tensors there."""
     return bool(_import("sglang.srt.environ.envs").SGLANG_MM_PRECOMPUTE_HASH.get())
+
+
+def pickles_ipc() -> bool:
+    """Whether SGLang pickles what its processes send each other (``SGLANG_USE_PICKLE_IPC``, on by default), rather
+    than encoding it with msgpack."""
+    return bool(_import("sglang.srt.managers.io_struct._USE_PICKLE_IPC"))
 
 
 def shm_pointer_class() -> type:

@@ -351,15 +351,41 @@ def test_nothing_is_handed_over_where_sglangs_transport_is_not_shared_memory(sha
     assert preprocess.hand_over({"input_ids": [1]}) == {"input_ids": [1]}  # no items: nothing to do
 
 
-@pytest.mark.parametrize("precompute_hash", [False, True])
-def test_the_thread_hands_features_over_unless_the_tokenizer_manager_hashes_them_after_preprocessing(
-        fresh_loop, shared_memory_transport, monkeypatch, caplog, precompute_hash):
-    """With SGLANG_MM_PRECOMPUTE_HASH SGLang's tokenizer manager hashes the features as tensors after
-    preprocessing, so they stay tensors until its own hand-over."""
+def test_each_send_of_shallow_copies_gets_a_segment_of_its_own_as_sglangs_sampling_path_needs(
+        shared_memory_transport):
+    """With n > 1 SGLang sends a warm-up and one request a sample, each with shallow copies of the tokenized
+    request's items (0.5.16 ``_handle_batch_request``), and the scheduler unlinks a segment once it has read it: a
+    second send of the same segment would find it gone (review of e214c80)."""
+    import copy
+    import gc
+    import pickle
+
+    pixels = torch.arange(48, dtype=torch.uint8).reshape(4, 12)
+    output = preprocess.hand_over(processor_output(pixels))
+    names = []
+    for _ in range(3):  # the warm-up, then two samples: each sent and read before the next is sent
+        item = copy.copy(output.mm_items[0])
+        received = pickle.loads(pickle.dumps(item.feature))
+        names.append(received.shm_name)
+        assert torch.equal(received.materialize(), pixels)
+    assert len(set(names)) == 3
+    del output, item, received
+    gc.collect()
+    assert not any(segment_exists(n) for n in names)
+
+
+@pytest.mark.parametrize("why", ["none", "precompute_hash", "msgpack", "cuda_ipc"])
+def test_the_thread_hands_features_over_only_where_sglangs_own_hand_over_would_copy_them_to_shared_memory(
+        fresh_loop, shared_memory_transport, monkeypatch, caplog, why):
+    """With SGLANG_MM_PRECOMPUTE_HASH the tokenizer manager hashes the features as tensors after preprocessing;
+    SGLang's msgpack transport encodes only its own wrapper class; cuda_ipc features never reach /dev/shm."""
     caplog.set_level(logging.INFO, logger="mm_scheduler_sglang")
-    monkeypatch.setattr(sglang_compat, "tokenizer_manager_hashes_features", lambda: precompute_hash)
+    monkeypatch.setattr(sglang_compat, "tokenizer_manager_hashes_features", lambda: why == "precompute_hash")
+    monkeypatch.setattr(sglang_compat, "pickles_ipc", lambda: why != "msgpack")
 
     class Producing(MMProcessor):
+        mm_feature_transport = "cuda_ipc" if why == "cuda_ipc" else "cpu"
+
         async def process_mm_data_async(self, image_data, **kwargs):
             return processor_output(torch.full((4, 4), float(len(image_data))))
 
@@ -367,9 +393,15 @@ def test_the_thread_hands_features_over_unless_the_tokenizer_manager_hashes_them
     preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm))
     output = asyncio.run(mm.process_mm_data_async(image_data=[1, 2]))
     feature = output.mm_items[0].feature
-    if precompute_hash:
-        assert torch.equal(feature, torch.full((4, 4), 2.0))
-        assert "not the hand-over" in caplog.text
-    else:
+    if why == "none":
         assert isinstance(feature, shared_memory_transport.ShmPointerMMData)
         assert "and so does the hand-over" in caplog.text
+    else:
+        assert torch.equal(feature, torch.full((4, 4), 2.0))
+        reason = {"precompute_hash": "SGLANG_MM_PRECOMPUTE_HASH", "msgpack": "SGLANG_USE_PICKLE_IPC",
+                  "cuda_ipc": "--mm-feature-transport cuda_ipc"}[why]
+        assert "not the hand-over: " in caplog.text and reason in caplog.text
+
+
+def test_sglang_pickles_what_its_processes_send_by_default():
+    assert sglang_compat.pickles_ipc() is True
