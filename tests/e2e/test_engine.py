@@ -55,6 +55,15 @@ def test_engine_with_encoding_always_at_arrival_and_deferred_prefills_greedy_ids
         assert tuned[req.name]["output_ids"] == off[req.name]["output_ids"], req.name
 
 
+def test_engine_a_request_of_two_samples_gets_plugin_offs_greedy_ids_in_both(engine_runs: dict[str, Any]) -> None:
+    """n = 2: SGLang sends the request's items once per sample (shallow copies); with ``preprocess_thread`` (the
+    ``tuned`` run) the features were handed to /dev/shm on its thread, and each send needs a segment of its own:
+    on 0.5.16 a segment sent twice killed the scheduler (a review of e214c80)."""
+    expected = engine_runs["off"]["results"]["one_image_b"]["output_ids"]
+    for label in ("off", "on", "tuned"):
+        assert engine_runs[label]["two_samples"] == [expected, expected], label
+
+
 def test_engine_with_the_shipped_config_a_lone_request_on_an_idle_coalescer_runs_inline(
         engine_runs: dict[str, Any]) -> None:
     """The video comes alone (its own phase): nothing waits ahead of it, so the shipped config

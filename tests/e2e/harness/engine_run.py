@@ -65,6 +65,15 @@ async def _scenario(engine, files: dict[str, str], with_video: bool) -> dict:
     return results
 
 
+async def _two_samples(engine, files: dict[str, str]) -> list[list[int]]:
+    """``one_image_b`` again with n = 2: SGLang sends a warm-up and one request a sample, each with shallow copies
+    of the request's items (``_handle_batch_request``), so each send must hand its own copy of the features over."""
+    req = scenario.Request("one_image_b", ("b",))
+    outs = await engine.async_generate(prompt=req.prompt(), image_data=[files["b"]],
+                                       sampling_params={**scenario.sampling_params(req), "n": 2})
+    return [out["output_ids"] for out in outs]
+
+
 def _config(label: str) -> str:
     """The shipped config, or for ``tuned`` a copy of it with ``scenario.TUNED_OVERRIDES`` in its sglang section."""
     shipped = scenario.REPO / scenario.PLUGIN_CONFIG
@@ -95,11 +104,13 @@ def run_engine(model: str, files: dict[str, str], with_video: bool, label: str) 
     try:
         ready = time.monotonic() - started
         results = engine.loop.run_until_complete(_scenario(engine, files, with_video))
+        two_samples = engine.loop.run_until_complete(_two_samples(engine, files))
         metrics = scenario.read_multiproc_metrics(metrics_dir)
         preprocessing = {**_preprocessing(engine), "startup_lines": startup_lines.lines}
     finally:
         engine.shutdown()
-    return {"results": results, "metrics": metrics, "preprocessing": preprocessing, "start_s": ready,
+    return {"results": results, "two_samples": two_samples, "metrics": metrics, "preprocessing": preprocessing,
+            "start_s": ready,
             "total_s": time.monotonic() - started}
 
 
