@@ -374,7 +374,34 @@ def test_each_send_of_shallow_copies_gets_a_segment_of_its_own_as_sglangs_sampli
     assert not any(segment_exists(n) for n in names)
 
 
-@pytest.mark.parametrize("why", ["none", "precompute_hash", "msgpack", "cuda_ipc"])
+def test_list_features_and_precomputed_embeddings_are_guarded_each_element_alone(shared_memory_transport):
+    """A list feature (one tensor a crop) and an item's precomputed embeddings: each wrapper dropped unsent unlinks
+    its segment, and each one sent twice gets a second segment from its own tensor."""
+    import gc
+    import pickle
+
+    from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
+
+    crops = [torch.ones(3, 4), torch.zeros(2, 4)]
+    embeddings = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    output = SimpleNamespace(mm_items=[MultimodalDataItem(modality=Modality.IMAGE, feature=crops),
+                                       MultimodalDataItem(modality=Modality.IMAGE, precomputed_embeddings=embeddings)])
+    preprocess.hand_over(output)
+    pointers = [*output.mm_items[0].feature, output.mm_items[1].precomputed_embeddings]
+    for _ in range(2):  # sent twice: the second send reads a segment of its own
+        received = pickle.loads(pickle.dumps(pointers))
+        assert [torch.equal(r.materialize(), t) for r, t in zip(received, [*crops, embeddings], strict=True)] == [
+            True, True, True]
+
+    unsent = preprocess.hand_over(processor_output(list(crops)))
+    names = [p.shm_name for p in unsent.mm_items[0].feature]
+    assert all(segment_exists(n) for n in names)
+    del unsent, output, pointers, received
+    gc.collect()
+    assert not any(segment_exists(n) for n in names)
+
+
+@pytest.mark.parametrize("why", ["none", "precompute_hash", "msgpack", "cuda_ipc", "on_device"])
 def test_the_thread_hands_features_over_only_where_sglangs_own_hand_over_would_copy_them_to_shared_memory(
         fresh_loop, shared_memory_transport, monkeypatch, caplog, why):
     """With SGLANG_MM_PRECOMPUTE_HASH the tokenizer manager hashes the features as tensors after preprocessing;
@@ -385,6 +412,7 @@ def test_the_thread_hands_features_over_only_where_sglangs_own_hand_over_would_c
 
     class Producing(MMProcessor):
         mm_feature_transport = "cuda_ipc" if why == "cuda_ipc" else "cpu"
+        keep_mm_feature_on_device = why == "on_device"  # 0.5.16's flag
 
         async def process_mm_data_async(self, image_data, **kwargs):
             return processor_output(torch.full((4, 4), float(len(image_data))))
@@ -399,7 +427,8 @@ def test_the_thread_hands_features_over_only_where_sglangs_own_hand_over_would_c
     else:
         assert torch.equal(feature, torch.full((4, 4), 2.0))
         reason = {"precompute_hash": "SGLANG_MM_PRECOMPUTE_HASH", "msgpack": "SGLANG_USE_PICKLE_IPC",
-                  "cuda_ipc": "--mm-feature-transport cuda_ipc"}[why]
+                  "cuda_ipc": "--mm-feature-transport cuda_ipc",
+                  "on_device": "do not go through /dev/shm"}[why]
         assert "not the hand-over: " in caplog.text and reason in caplog.text
 
 
