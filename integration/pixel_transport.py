@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from . import sglang_compat
+
 ARCHITECTURES = ("Gemma4ForConditionalGeneration", "Gemma3ForConditionalGeneration",
                  "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration",
                  "Qwen3VLMoeForConditionalGeneration")
@@ -116,9 +118,9 @@ def narrow_images(mm_processor: Any) -> str | None:
     """In the tokenizer manager, before any request: ask SGLang's HF image processor for uint8 pixels.
 
     Returns None when it now sends uint8, else why not (the processor is left as it was)."""
-    transport = mm_processor.mm_feature_transport
-    if transport != "cpu" or getattr(mm_processor, "keep_mm_feature_on_device", False):  # the flag: 0.5.16 only
-        return f"features stay on the GPU (--mm-feature-transport {transport} or --keep-mm-feature-on-device)"
+    if not sglang_compat.features_cross_on_host(mm_processor):
+        return (f"features stay on the GPU (--mm-feature-transport {mm_processor.mm_feature_transport} or "
+                "--keep-mm-feature-on-device)")
     if mm_processor.disable_fast_image_processor:
         return "SGLang runs the PIL image processor (--disable-fast-image-processor)"
     architectures = mm_processor.hf_config.architectures or []

@@ -157,9 +157,9 @@ def move_off_the_loop(tokenizer_manager: Any) -> PreprocessLoop | None:
 
 def handover_stays_sglangs(mm_processor: Any) -> str | None:
     """Why SGLang's own hand-over of the features must stay where SGLang does it (None: it may move)."""
-    transport = getattr(mm_processor, "mm_feature_transport", None)
-    if transport != "cpu" or getattr(mm_processor, "keep_mm_feature_on_device", False):
-        return f"features do not go through /dev/shm (--mm-feature-transport {transport})"
+    if not sglang_compat.features_cross_on_host(mm_processor):
+        return ("features do not go through /dev/shm (--mm-feature-transport "
+                f"{getattr(mm_processor, 'mm_feature_transport', None)})")
     if sglang_compat.tokenizer_manager_hashes_features():
         return "SGLANG_MM_PRECOMPUTE_HASH (the tokenizer manager hashes the features as tensors after preprocessing)"
     if not sglang_compat.pickles_ipc():

@@ -15,7 +15,8 @@ What the rest of the plugin uses:
   None when the feature is missing here; :meth:`Compat.degraded`: one log line per missing feature.
 * accessors, one per row: :func:`embedding_cache`, :func:`cuda_ipc_proxy_class`,
   :func:`cuda_ipc_copy_event_key`, :func:`extend_end`, :func:`cached_prefix_len`,
-  :func:`processor_runs_off_loop`, :func:`tokenizer_manager_hashes_features`, :func:`pickles_ipc`,
+  :func:`processor_runs_off_loop`, :func:`features_cross_on_host`, :func:`tokenizer_manager_hashes_features`,
+  :func:`pickles_ipc`,
   :func:`shm_pointer_class`,
   :func:`wrap_shm_features`, and
   :func:`tp_size` / :func:`pp_rank` (read from ``runtime_context.get_parallel()`` on every version:
@@ -392,6 +393,14 @@ def cached_prefix_len(tree_cache: Any, req: Any) -> int:
 def processor_runs_off_loop(mm_processor: Any) -> bool:
     """Whether SGLang itself runs this multimodal processor's HF processor off the tokenizer manager's loop."""
     return current().has("processor_executor") and getattr(mm_processor, "mm_processor_executor", None) is not None
+
+
+def features_cross_on_host(mm_processor: Any) -> bool:
+    """Whether this multimodal processor's features reach the scheduler through host memory (SGLang's ``cpu``
+    feature transport), not kept on the GPU (``--mm-feature-transport cuda_ipc``, 0.5.23's ``cuda_vmm``, or
+    0.5.16's ``--keep-mm-feature-on-device``)."""
+    return (getattr(mm_processor, "mm_feature_transport", None) == "cpu"
+            and not getattr(mm_processor, "keep_mm_feature_on_device", False))
 
 
 def tokenizer_manager_hashes_features() -> bool:

@@ -110,8 +110,7 @@ def run_engine(model: str, files: dict[str, str], with_video: bool, label: str) 
     finally:
         engine.shutdown()
     return {"results": results, "two_samples": two_samples, "metrics": metrics, "preprocessing": preprocessing,
-            "start_s": ready,
-            "total_s": time.monotonic() - started}
+            "start_s": ready, "total_s": time.monotonic() - started}
 
 
 class _PluginLines(logging.Handler):
