@@ -128,6 +128,9 @@ MMSDPA = ("--mm-attention-backend", "sdpa")
 # plugin's own ViT CUDA graphs.
 VARIANTS = {
     "off": Variant(False),
+    # Plain plugin-off again under another name: how far two identical servers of one run drift apart (decode speed
+    # per server differed by up to ~40 % in earlier runs, e.g. Gemma 4 Poisson 50 % median ITL at 717967f).
+    "off+twin": Variant(False),
     "on": Variant(True),
     "off+tok4ipc": Variant(False, TOK4IPC),
     "on+tok4ipc": Variant(True, TOK4IPC),
