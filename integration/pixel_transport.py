@@ -118,9 +118,8 @@ def narrow_images(mm_processor: Any) -> str | None:
     """In the tokenizer manager, before any request: ask SGLang's HF image processor for uint8 pixels.
 
     Returns None when it now sends uint8, else why not (the processor is left as it was)."""
-    if not sglang_compat.features_cross_on_host(mm_processor):
-        return (f"features stay on the GPU (--mm-feature-transport {mm_processor.mm_feature_transport} or "
-                "--keep-mm-feature-on-device)")
+    if flags := sglang_compat.features_kept_on_gpu(mm_processor):
+        return f"features stay on the GPU ({flags})"
     if mm_processor.disable_fast_image_processor:
         return "SGLang runs the PIL image processor (--disable-fast-image-processor)"
     architectures = mm_processor.hf_config.architectures or []

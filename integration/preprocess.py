@@ -157,9 +157,8 @@ def move_off_the_loop(tokenizer_manager: Any) -> PreprocessLoop | None:
 
 def handover_stays_sglangs(mm_processor: Any) -> str | None:
     """Why SGLang's own hand-over of the features must stay where SGLang does it (None: it may move)."""
-    if not sglang_compat.features_cross_on_host(mm_processor):
-        return ("features do not go through /dev/shm (--mm-feature-transport "
-                f"{getattr(mm_processor, 'mm_feature_transport', None)})")
+    if flags := sglang_compat.features_kept_on_gpu(mm_processor):
+        return f"features do not go through /dev/shm ({flags})"
     if sglang_compat.tokenizer_manager_hashes_features():
         return "SGLANG_MM_PRECOMPUTE_HASH (the tokenizer manager hashes the features as tensors after preprocessing)"
     if not sglang_compat.pickles_ipc():

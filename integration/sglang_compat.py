@@ -15,7 +15,7 @@ What the rest of the plugin uses:
   None when the feature is missing here; :meth:`Compat.degraded`: one log line per missing feature.
 * accessors, one per row: :func:`embedding_cache`, :func:`cuda_ipc_proxy_class`,
   :func:`cuda_ipc_copy_event_key`, :func:`extend_end`, :func:`cached_prefix_len`,
-  :func:`processor_runs_off_loop`, :func:`features_cross_on_host`, :func:`tokenizer_manager_hashes_features`,
+  :func:`processor_runs_off_loop`, :func:`features_kept_on_gpu`, :func:`tokenizer_manager_hashes_features`,
   :func:`pickles_ipc`,
   :func:`shm_pointer_class`,
   :func:`wrap_shm_features`, and
@@ -395,12 +395,14 @@ def processor_runs_off_loop(mm_processor: Any) -> bool:
     return current().has("processor_executor") and getattr(mm_processor, "mm_processor_executor", None) is not None
 
 
-def features_cross_on_host(mm_processor: Any) -> bool:
-    """Whether this multimodal processor's features reach the scheduler through host memory (SGLang's ``cpu``
-    feature transport), not kept on the GPU (``--mm-feature-transport cuda_ipc``, 0.5.23's ``cuda_vmm``, or
-    0.5.16's ``--keep-mm-feature-on-device``)."""
-    return (getattr(mm_processor, "mm_feature_transport", None) == "cpu"
-            and not getattr(mm_processor, "keep_mm_feature_on_device", False))
+def features_kept_on_gpu(mm_processor: Any) -> str | None:
+    """The flags that keep this multimodal processor's features on the GPU (``--mm-feature-transport cuda_ipc``,
+    0.5.23's ``cuda_vmm``, or 0.5.16's ``--keep-mm-feature-on-device``); None when they reach the scheduler through
+    host memory (SGLang's ``cpu`` feature transport)."""
+    transport = getattr(mm_processor, "mm_feature_transport", None)
+    if transport == "cpu" and not getattr(mm_processor, "keep_mm_feature_on_device", False):
+        return None
+    return f"--mm-feature-transport {transport} or --keep-mm-feature-on-device"
 
 
 def tokenizer_manager_hashes_features() -> bool:

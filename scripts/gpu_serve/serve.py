@@ -129,7 +129,7 @@ MMSDPA = ("--mm-attention-backend", "sdpa")
 VARIANTS = {
     "off": Variant(False),
     # Plain plugin-off again under another name: how far two identical servers of one run drift apart (decode speed
-    # per server differed by up to ~40 % in earlier runs, e.g. Gemma 4 Poisson 50 % median ITL at 717967f).
+    # differs between the servers of a run, e.g. Gemma 4 Poisson 50 % median ITL 38-41 against 57-61 ms at 717967f).
     "off+twin": Variant(False),
     "on": Variant(True),
     "off+tok4ipc": Variant(False, TOK4IPC),
