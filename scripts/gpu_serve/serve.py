@@ -19,7 +19,8 @@ usage: python3 scripts/gpu_serve/serve.py --family qwen2_5_vl_7b --out DIR [--va
 Environment: GPU_SERVE_LOADS (Poisson loads as fractions of plugin-off capacity, default 0.5,0.8,0.25,1.0),
 GPU_SERVE_POISSON_S (seconds of arrivals a load, default 12), GPU_SERVE_CAPACITY (plugin-off capacity in req/s,
 e.g. an earlier run's ``capacity_req_s``: skips the capacity run), GPU_SERVE_COMMIT (the commit to record),
-GPU_SERVE_PROFILE (workloads to stack-sample), GPU_SERVE_EXTRA_FLAGS (server flags for every variant: a study).
+GPU_SERVE_PROFILE (workloads to stack-sample), GPU_SERVE_EXTRA_FLAGS (server flags for every variant: a study),
+GPU_SERVE_MAX_TOTAL_TOKENS (a smaller KV pool for every server, so that two fit an 80 GB H100).
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ T0 = time.monotonic()
 # server_gib says fewer fit (see exceeds_the_gpu).
 FAMILIES = {
     "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
-    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 42.5},
+    # KV: 36 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 144 KiB a token
+    "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 42.5,
+                    "kv_bytes_per_token": 147_456},
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
     # 23.1 GB weights + 14.6 GB KV + the tower's and the prefill's activations, an estimate: three servers have
     # always fit, and a fourth found no memory left for its KV cache at 351b609 (SGLang refused to start it).
@@ -75,7 +78,8 @@ FAMILIES = {
     # Measured at 9ca7bdd: 30.4-33.1 GiB a scheduler and 0.5-1.2 GiB its main process's CUDA context; four servers
     # with eight cuda_ipc tokenizer workers beside them ran the GPU out of memory mid-seed (7 requests failed), so
     # four fit only without cuda_ipc workers, three with up to eight.
-    "gemma4_e4b": {"config": "gemma4", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 34.3},
+    "gemma4_e4b": {"config": "gemma4", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 34.3,
+                   "kv_bytes_per_token": 84 * 1024},
     "gemma4_e2b": {"config": "gemma4", "max_total_tokens": 200_000, "flags": [], "video": True},  # 6.9 + 9.5 GiB
 }
 COMMON_FLAGS = [
@@ -101,6 +105,27 @@ MEM_FRACTION = "0.85"
 # GiB each at 2279e05, where three such Qwen3-VL servers (12 workers) ran out of memory mid-seed.
 GPU_GIB = 139.8
 TOKENIZER_WORKER_GIB = 1.15
+
+
+def kv_tokens(family: str) -> int:
+    """Every server's KV pool in tokens: the family's, or GPU_SERVE_MAX_TOTAL_TOKENS (a study on a smaller GPU;
+    recorded in results.json as max_total_tokens, and summarize.merge_runs refuses such a run, like EXTRA_FLAGS')."""
+    given = os.environ.get("GPU_SERVE_MAX_TOTAL_TOKENS", "").strip()
+    if not given:
+        return FAMILIES[family]["max_total_tokens"]
+    if "kv_bytes_per_token" not in FAMILIES[family]:
+        raise ValueError(f"GPU_SERVE_MAX_TOTAL_TOKENS: {family}'s KV bytes a token are not recorded (FAMILIES), so "
+                         "what its servers would take cannot be checked against the GPU")
+    return int(given)
+
+
+def gpu_gib() -> float:
+    """The GPU's memory in GiB (nvidia-smi), or an H200's where there is none to ask (the harness's tests)."""
+    if shutil.which("nvidia-smi") is None:
+        return GPU_GIB
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30).stdout.split()
+    return float(out[0]) / 1024 if out else GPU_GIB
 
 
 @dataclass(frozen=True)
@@ -261,7 +286,8 @@ WATCH_INTERVAL_S = 2.0  # how often a measured run checks its server log for a d
 def exceeds_the_gpu(family: str, variants: list[str]) -> str | None:
     """Why these servers would not fit the GPU at once, or None: every server and its tokenizer workers' CUDA
     contexts (cuda_ipc transport only) against GPU_GIB, so a run is refused here, not lost to an OOM mid-seed."""
-    server_gib = FAMILIES[family].get("server_gib")
+    spec = FAMILIES[family]
+    server_gib = spec.get("server_gib")
     if server_gib is None:  # not measured: the four servers every such family has run
         return None if len(variants) <= 4 else f"{family}: at most 4 servers fit the GPU at once, got {len(variants)}"
     workers = 0
@@ -270,11 +296,13 @@ def exceeds_the_gpu(family: str, variants: list[str]) -> str | None:
         if "cuda_ipc" in flags and "--tokenizer-worker-num" in flags:
             last = max(i for i, flag in enumerate(flags) if flag == "--tokenizer-worker-num")
             workers += int(flags[last + 1])
+    server_gib -= (spec["max_total_tokens"] - kv_tokens(family)) * spec.get("kv_bytes_per_token", 0) / 2**30
     need = len(variants) * server_gib + workers * TOKENIZER_WORKER_GIB
-    if need <= GPU_GIB:
+    have = gpu_gib()
+    if need <= have:
         return None
-    return (f"{family}: {len(variants)} servers ({server_gib:g} GiB each) and {workers} CUDA-IPC tokenizer workers "
-            f"({TOKENIZER_WORKER_GIB:g} GiB each) need {need:.1f} GiB, more than the GPU's {GPU_GIB:g}: "
+    return (f"{family}: {len(variants)} servers ({server_gib:.1f} GiB each) and {workers} CUDA-IPC tokenizer workers "
+            f"({TOKENIZER_WORKER_GIB:g} GiB each) need {need:.1f} GiB, more than the GPU's {have:.1f}: "
             f"drop a variant from --variants {','.join(variants)}")
 
 
@@ -473,7 +501,7 @@ class Server:
     def start(self, model: Path, family: str, prepared: Path, export_dir: Path) -> None:
         spec = FAMILIES[family]
         args = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--port", str(self.port),
-                *COMMON_FLAGS, *EXTRA_FLAGS, *spec["flags"], "--max-total-tokens", str(spec["max_total_tokens"]),
+                *COMMON_FLAGS, *EXTRA_FLAGS, *spec["flags"], "--max-total-tokens", str(kv_tokens(family)),
                 "--mem-fraction-static", MEM_FRACTION, *VARIANTS[self.variant].flags,
                 "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
         variant = VARIANTS[self.variant]
@@ -1122,6 +1150,8 @@ def main() -> None:
                                    capture_output=True, text=True).stdout.strip()
     result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
     result["extra_flags"] = EXTRA_FLAGS
+    if kv_tokens(args.family) != FAMILIES[args.family]["max_total_tokens"]:
+        result["max_total_tokens"] = kv_tokens(args.family)  # GPU_SERVE_MAX_TOTAL_TOKENS: kept out of the merge
     result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
                                       capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -106,6 +106,9 @@ def merge_runs(results: list[dict]) -> dict:
         if result.get("extra_flags"):  # serve.py's GPU_SERVE_EXTRA_FLAGS: every server ran unlike the others' runs
             raise SystemExit(f"summarize: {result['family']} at {result.get('commit', '?')}: a study run with "
                              f"{' '.join(result['extra_flags'])} on every server; keep it out of the merged runs")
+        if result.get("max_total_tokens"):  # serve.py's GPU_SERVE_MAX_TOTAL_TOKENS: a smaller KV pool
+            raise SystemExit(f"summarize: {result['family']} at {result.get('commit', '?')}: a study run with a KV "
+                             f"pool of {result['max_total_tokens']} tokens; keep it out of the merged runs")
         measured = sorted(t for t in result["runs"] if MEASURED_TAG.match(t))
         workloads = {_workload(t) for t in measured}
         overlap = workloads & {_workload(t) for t in merged["runs"] if MEASURED_TAG.match(t)}

@@ -719,3 +719,18 @@ def test_a_capacity_run_with_failed_requests_paces_no_poisson_load(monkeypatch, 
                               time.monotonic() + 1000, tmp_path)
     assert result["failed_runs"] == {"capacity-off": "20 of 120 requests failed: CUDA out of memory"}
     assert "capacity_req_s" not in result and not any(tag.startswith("poisson") for tag in ran)
+
+
+def test_a_smaller_kv_pool_lets_two_qwen3_servers_fit_an_h100_and_reaches_every_server(monkeypatch, tmp_path):
+    monkeypatch.setattr(serve, "gpu_gib", lambda: 79.6)  # an 80 GB H100
+    assert serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on"]) is not None  # 2 x 42.5 GiB
+    monkeypatch.setenv("GPU_SERVE_MAX_TOTAL_TOKENS", "100000")
+    assert serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on"]) is None  # 2 x 35.6 GiB
+    assert "35.6 GiB each" in serve.exceeds_the_gpu("qwen3_vl_8b", ["off", "on", "on+prethread"])
+    started = []
+    monkeypatch.setattr(serve.subprocess, "Popen", lambda args, **kwargs: started.append(args))
+    serve.Server("off", 30000, tmp_path / "server-off.log").start(tmp_path / "model", "qwen3_vl_8b", tmp_path,
+                                                                   tmp_path / "requests-off")
+    assert started[0][started[0].index("--max-total-tokens") + 1] == "100000"
+    with pytest.raises(ValueError, match="KV bytes a token"):
+        serve.kv_tokens("gemma3_12b")

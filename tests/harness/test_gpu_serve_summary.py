@@ -463,3 +463,10 @@ def test_a_floor_with_sglang_flags_is_read_against_the_server_with_those_flags_e
     assert floor["vs_off+x"]["seed"]["median_ttft_ratio"] == pytest.approx(0.5)
     assert floor["vs_off"]["seed"] is None
     assert fam["with_sglang_flags"]["x"]["seed"]["median_ttft_ratio"] == pytest.approx(0.75)
+
+
+def test_a_run_with_a_smaller_kv_pool_is_kept_out_of_the_merged_runs():
+    study = {"family": "fam", "commit": "s", "max_total_tokens": 100000, "variants": {"off": [], "on": []},
+             "runs": {}}
+    with pytest.raises(SystemExit, match="KV pool of 100000 tokens"):
+        summarize.merge_runs([study])
