@@ -204,6 +204,10 @@ VARIANTS = {
     # a coalesced burst fill; a batch is cut into runs by the buckets (vit_graphs.cut_into_runs).
     # configs/qwen2_5_vl.yaml ships these buckets since 3f292ad, so on Qwen2.5-VL this variant is plain "on".
     "on+graphs": Variant(True, config={"sglang": {"vit_graph_patches": [4096, 8192, 16384, 28672]}}),
+    # Buckets sized to Poisson traffic on Qwen3-VL (1a3705d, H100, 50 % load): 48 forwards of 1.5 images, 2,448
+    # patches on average (5 under 1,024, 18 to 2,048, 21 to 4,096, 4 to 8,192), each 44 ms of which 38 ms were its
+    # host launch beside the scheduler's thread (launch-bound, GIL), and the prefill blocked on it for all of it.
+    "on+graphs-small": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192, 16384]}}),
     # Gemma 4's graphs (integration/uniform_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
     # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.
     # configs/gemma4.yaml ships these buckets since 5178309's run, so on Gemma 4 "on+g4graphs" is plain "on".
