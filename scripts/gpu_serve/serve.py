@@ -207,7 +207,12 @@ VARIANTS = {
     # Buckets sized to Poisson traffic on Qwen3-VL (1a3705d, H100, 50 % load): 48 forwards of 1.5 images, 2,448
     # patches on average (5 under 1,024, 18 to 2,048, 21 to 4,096, 4 to 8,192), each 44 ms of which 38 ms were its
     # host launch beside the scheduler's thread (launch-bound, GIL), and the prefill blocked on it for all of it.
+    # An eager forward there is ~2,350 aten ops (SGLang 0.5.16's tower, counted on CPU), whatever its images.
     "on+graphs-small": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192, 16384]}}),
+    # The same with what qwen2_5_vl ships beside its graphs: a prefill that finds the coalescer idle replays the
+    # graphs inline on the scheduler's thread (no hop, no second thread launching beside it).
+    "on+graphs-small+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192, 16384],
+                                                              "early_encode_min_waiting": 1}}),
     # Gemma 4's graphs (integration/uniform_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
     # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.
     # configs/gemma4.yaml ships these buckets since 5178309's run, so on Gemma 4 "on+g4graphs" is plain "on".
@@ -1034,8 +1039,10 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                                                 video=FAMILIES[family].get("video", False))
             (publish / f"results-{family}.json").write_text(json.dumps(result, indent=1))
         if "lone" in workloads:
-            for v, server in list(servers.items()):
-                measured(f"lone-{v}", server, lone)
+            # In the order of the first repetition (--first-run's parity): at 1a3705d the server measured second
+            # decoded more slowly in all five lone runs, by 20 % between two identical plugin-off servers.
+            for v in pairs(list(servers), runs[0]):
+                measured(f"lone-{v}", servers[v], lone)
         if "seed" in workloads:
             # First guess from the warm-up bursts (16 requests; a repetition is a 16-request warm-up plus 100
             # requests per server); then what the last repetition took (Gemma3: ~2.5 minutes).
