@@ -112,7 +112,9 @@ gpu-serve:
 	$(PYTHON) scripts/gpu_serve/serve.py --family $(FAMILY) --out gpu-serve-out $(GPU_SERVE_ARGS)
 
 # Every stored harness run, oldest first per family (a family's runs accumulate: summarize.merge_runs); add a
-# new run's directory here. The time breakdown reads the raw files of the run holding each family's seed0.
+# new run's directory here. Runs on an H100 (1a3705d's Qwen3-VL ones with a 100,000-token KV pool) merge too:
+# each ratio in the summary says where it was measured (summarize.measured_on). The time breakdown reads the raw
+# files of the run holding each family's seed0.
 RS := benchmarks/results/real_server
 REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582/results-qwen2_5_vl_7b.json \
 	$(RS)/attempt-82dd68a/results-qwen3_vl_8b.json $(RS)/qwen3_vl_8b-299e268/results-qwen3_vl_8b.json \
@@ -142,7 +144,14 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/gemma3_12b-9ca7bdd-floors/results-gemma3_12b.json $(RS)/gemma4_e4b-9ca7bdd-tok4ipc/results-gemma4_e4b.json \
 	$(RS)/gemma4_e4b-e09d266-u8/results-gemma4_e4b.json $(RS)/gemma4_e4b-e09d266-u8-b/results-gemma4_e4b.json \
 	$(RS)/gemma4_e4b-eb222d6-poisson/results-gemma4_e4b.json $(RS)/qwen3_vl_8b-e214c80-prethread/results-qwen3_vl_8b.json \
-	$(RS)/gemma4_e4b-e214c80-prethread/results-gemma4_e4b.json
+	$(RS)/gemma4_e4b-e214c80-prethread/results-gemma4_e4b.json \
+	$(RS)/gemma4_e4b-717967f-prethread-poisson-h100/results-gemma4_e4b.json \
+	$(RS)/gemma4_e4b-717967f-prethread-poisson-h100-b/results-gemma4_e4b.json \
+	$(RS)/gemma4_e4b-1a3705d-poisson-h100/results-gemma4_e4b.json \
+	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-prethread/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-b/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-twin/results-qwen3_vl_8b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
@@ -164,8 +173,8 @@ REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-s
 	gemma3_12b=$(RS)/gemma3_12b-e5bb1ae-shipped/gpu-serve-gemma3_12b.tar.xz
 # Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive.
 REAL_SERVER_POISSON := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-351b609-default/gpu-serve-qwen2_5_vl_7b.tar.xz \
-	qwen3_vl_8b=$(RS)/qwen3_vl_8b-3f292ad-enqueued-poisson/gpu-serve-qwen3_vl_8b.tar.xz \
-	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz \
+	qwen3_vl_8b=$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-b/gpu-serve-qwen3_vl_8b.tar.xz \
+	gemma4_e4b=$(RS)/gemma4_e4b-1a3705d-poisson-h100/gpu-serve-gemma4_e4b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-351b609-g3graphs/gpu-serve-gemma3_12b.tar.xz
 real-server-summary: $(VENV)/.test-installed
 	rm -rf build/real_server_raw build/real_server_timeline build/real_server_lone build/real_server_poisson

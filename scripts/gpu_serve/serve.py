@@ -109,7 +109,7 @@ TOKENIZER_WORKER_GIB = 1.15
 
 def kv_tokens(family: str) -> int:
     """Every server's KV pool in tokens: the family's, or GPU_SERVE_MAX_TOTAL_TOKENS (a study on a smaller GPU;
-    recorded in results.json as max_total_tokens, and summarize.merge_runs refuses such a run, like EXTRA_FLAGS')."""
+    recorded in results.json as max_total_tokens, which the summary names beside every ratio it gave)."""
     given = os.environ.get("GPU_SERVE_MAX_TOTAL_TOKENS", "").strip()
     if not given:
         return FAMILIES[family]["max_total_tokens"]
@@ -1162,7 +1162,7 @@ def main() -> None:
     result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
     result["extra_flags"] = EXTRA_FLAGS
     if kv_tokens(args.family) != FAMILIES[args.family]["max_total_tokens"]:
-        result["max_total_tokens"] = kv_tokens(args.family)  # GPU_SERVE_MAX_TOTAL_TOKENS: kept out of the merge
+        result["max_total_tokens"] = kv_tokens(args.family)  # GPU_SERVE_MAX_TOTAL_TOKENS (summarize._where)
     result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
                                       capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -38,7 +38,7 @@ def seed_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
     reps = [p for p in reps if f"{p}-{off}" in runs and f"{p}-{on}" in runs]
     if not reps:
         return None
-    out: dict = {"runs": len(reps)}
+    out: dict = {"runs": len(reps), "measured": measured_on(runs, [f"{p}-{off}" for p in reps])}
     for name, key in SEED_METRICS.items():
         ratios = [_ratio(runs[f"{p}-{on}"][key], runs[f"{p}-{off}"][key]) for p in reps]
         out[name] = round(statistics.median(ratios), 4)
@@ -62,6 +62,7 @@ def poisson_summary(runs: dict, capacity: float | None, off_name: str = "off", o
         off, on = runs[key], runs[f"poisson{load}-{on_name}"]
         out[load] = {name: _ratio(on[m], off[m]) for name, m in POISSON_METRICS.items()}
         out[load]["rate_req_s"] = off.get("request_rate")
+        out[load]["measured"] = measured_on(runs, [key])
         for side, run in (("off", off), ("on", on)):  # the arrival span where the harness recorded it
             out[load][side] = {m: run[m] for m in (*POISSON_METRICS.values(), "arrivals_s") if m in run}
         out[load]["on"]["coalescer"] = on.get("coalescer")
@@ -74,7 +75,7 @@ def lone_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
     if f"lone-{off}" not in runs or f"lone-{on}" not in runs:
         return None
     a, b = runs[f"lone-{off}"]["median_ttft_ms"], runs[f"lone-{on}"]["median_ttft_ms"]
-    return {"ttft_ratio": _ratio(b, a), "off_ms": a, "on_ms": b}
+    return {"ttft_ratio": _ratio(b, a), "off_ms": a, "on_ms": b, "measured": measured_on(runs, [f"lone-{off}"])}
 
 
 MEASURED_TAG = re.compile(r"^(seed\d+|lone|poisson[\d.]+)-")  # warm-ups and the capacity probe are not
@@ -98,17 +99,17 @@ def merge_runs(results: list[dict]) -> dict:
     ``replaced``, when the later run measured it on plain off and plain on; otherwise the later run's runs of
     that workload stay out of the merge (``kept_apart``: a lever-only run must not erase the family's off/on
     pair) and are reported per harness run (``levers.<variant>.by_run``). Its correctness check replaces the
-    earlier one, and its capacity too when it merged Poisson loads (paced at that capacity). A seed repetition
-    that two harness runs both claim is refused: it would be the same requests counted twice."""
+    earlier one, and its capacity too when it merged Poisson loads (paced at that capacity; each load keeps its
+    own ``rate_req_s``). A seed repetition that two harness runs both claim is refused: it would be the same
+    requests counted twice. A run on another GPU, or with a smaller KV pool, merges like any other (its pairs are
+    side by side too); every merged run carries its GPU (:func:`_where`) and each ratio says where it was measured
+    (:func:`measured_on`)."""
     merged: dict = {"family": results[0]["family"], "variants": {}, "variant_changes": {}, "runs": {},
                     "sources": []}
     for result in results:
         if result.get("extra_flags"):  # serve.py's GPU_SERVE_EXTRA_FLAGS: every server ran unlike the others' runs
             raise SystemExit(f"summarize: {result['family']} at {result.get('commit', '?')}: a study run with "
                              f"{' '.join(result['extra_flags'])} on every server; keep it out of the merged runs")
-        if result.get("max_total_tokens"):  # serve.py's GPU_SERVE_MAX_TOTAL_TOKENS: a smaller KV pool
-            raise SystemExit(f"summarize: {result['family']} at {result.get('commit', '?')}: a study run with a KV "
-                             f"pool of {result['max_total_tokens']} tokens; keep it out of the merged runs")
         measured = sorted(t for t in result["runs"] if MEASURED_TAG.match(t))
         workloads = {_workload(t) for t in measured}
         overlap = workloads & {_workload(t) for t in merged["runs"] if MEASURED_TAG.match(t)}
@@ -122,7 +123,7 @@ def merge_runs(results: list[dict]) -> dict:
         for tag in again:
             del merged["runs"][tag]
         commit = result.get("commit", "")
-        merged["runs"].update({t: {**run, "commit": commit} for t, run in result["runs"].items() if t not in apart})
+        merged["runs"].update({t: run for t, run in _located(result).items() if t not in apart})
         merged["variants"].update(result.get("variants", {}))
         merged["variant_changes"].update(result.get("variant_changes", {}))
         for key in ("correctness", "gpu", "sglang"):
@@ -131,7 +132,7 @@ def merge_runs(results: list[dict]) -> dict:
         if result.get("capacity_req_s") is not None and (  # the capacity its merged Poisson loads were paced at
                 "capacity_req_s" not in merged or any(t.startswith("poisson") for t in measured if t not in apart)):
             merged["capacity_req_s"] = result["capacity_req_s"]
-        source = {"commit": commit, "runs": [t for t in measured if t not in apart]}
+        source = {"commit": commit, **_where(result), "runs": [t for t in measured if t not in apart]}
         if again:
             source["replaced"] = again
         if apart:
@@ -257,6 +258,33 @@ def default_candidates(families: dict) -> dict:
     return out
 
 
+def _where(result: dict) -> dict:
+    """What a harness run ran on, carried by each of its merged runs: its GPU, and its KV pool where serve.py's
+    GPU_SERVE_MAX_TOTAL_TOKENS made it smaller than the family's (two Qwen3-VL servers on an 80 GB H100)."""
+    where = {"gpu": result.get("gpu", "")}
+    if result.get("max_total_tokens"):
+        where["max_total_tokens"] = result["max_total_tokens"]
+    return where
+
+
+def _located(result: dict) -> dict:
+    """A harness run's runs, each with its commit and :func:`_where`, as :func:`merge_runs` gives them."""
+    return {t: {**run, "commit": result.get("commit", ""), **_where(result)} for t, run in result["runs"].items()}
+
+
+def measured_on(runs: dict, tags: list[str]) -> list[str]:
+    """Where the compared runs ``tags`` were measured, one line per distinct harness run: a family's workloads
+    can come from different runs, and since 1a3705d from different GPUs (each pair is one run's, side by side)."""
+    lines = []
+    for tag in tags:
+        run = runs[tag]
+        line = f"{run.get('commit', '')} on {run.get('gpu') or 'an unrecorded GPU'}"
+        if run.get("max_total_tokens"):
+            line += f", KV pool {run['max_total_tokens']} tokens"
+        lines.append(line)
+    return list(dict.fromkeys(lines))
+
+
 def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dict] | None = None) -> dict:
     """One family's ratios from its merged runs; ``harness_runs`` (the runs before merging) adds each plugin
     setting's verdict against plain on (:func:`lever_verdict`)."""
@@ -292,7 +320,7 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
         # seen here.
         by_run = [{"commit": run.get("commit", ""), "runs": sorted(t for t in run["runs"] if MEASURED_TAG.match(t)
                                                                    and t.endswith(f"-{variant}")),
-                   **_lever(run["runs"], variant, run.get("variants", {}))}
+                   **_lever(_located(run), variant, run.get("variants", {}))}
                   for run in harness_runs or [] if any(t.endswith(f"-{variant}") for t in run["runs"])]
         if len(by_run) > 1 or any(t.endswith(f"-{variant}") for src in result.get("sources", [])
                                   for t in (*src.get("kept_apart", []), *src.get("replaced", []))):
@@ -598,7 +626,8 @@ def main() -> None:
         newest = json.loads(path.read_text())
         by_family.setdefault(newest["family"], []).append(newest)
     merged = {family: merge_runs(results) for family, results in by_family.items()}
-    summary = {"sglang": newest.get("sglang", ""), "gpu": newest.get("gpu", ""), "commit": newest.get("commit", ""),
+    gpus = dict.fromkeys(r["gpu"] for results in by_family.values() for r in results if r.get("gpu"))
+    summary = {"sglang": newest.get("sglang", ""), "gpu": ", ".join(gpus), "commit": newest.get("commit", ""),
                "families": {}}
     for family, result in merged.items():
         summary["families"][family] = family_summary(result, Path(raw[family]) if family in raw else None,

@@ -181,7 +181,7 @@ def test_a_later_run_without_plain_on_keeps_the_familys_pair_and_its_lever_is_re
     lever = fam["levers"]["on+lazy"]
     assert lever["vs_off"]["lone"] is None  # not merged: no cross-run pair
     assert lever["by_run"] == [{"commit": "new", "runs": ["lone-on+lazy"],
-                                **summarize._lever(later["runs"], "on+lazy", later["variants"])}]
+                                **summarize._lever(summarize._located(later), "on+lazy", later["variants"])}]
     assert lever["by_run"][0]["vs_off"]["lone"]["ttft_ratio"] == pytest.approx(0.9)
 
 
@@ -465,8 +465,32 @@ def test_a_floor_with_sglang_flags_is_read_against_the_server_with_those_flags_e
     assert fam["with_sglang_flags"]["x"]["seed"]["median_ttft_ratio"] == pytest.approx(0.75)
 
 
-def test_a_run_with_a_smaller_kv_pool_is_kept_out_of_the_merged_runs():
-    study = {"family": "fam", "commit": "s", "max_total_tokens": 100000, "variants": {"off": [], "on": []},
-             "runs": {}}
-    with pytest.raises(SystemExit, match="KV pool of 100000 tokens"):
-        summarize.merge_runs([study])
+def test_a_later_run_on_another_gpu_with_a_smaller_kv_pool_replaces_its_pairs_and_says_where_each_was_measured():
+    h200 = {**result(), "commit": "old", "gpu": "NVIDIA H200"}
+    h100 = {"family": "fam", "commit": "new", "gpu": "NVIDIA H100 80GB HBM3", "max_total_tokens": 100000,
+            "variants": {"off": [], "on": []}, "capacity_req_s": 5.4,
+            "runs": {"poisson0.5-off": bench(270, 400), "poisson0.5-on": bench(220, 410),
+                     "poisson0.8-off": bench(360, 600), "poisson0.8-on": bench(285, 610)}}
+    merged = summarize.merge_runs([h200, h100])
+    assert merged["sources"][1] == {"commit": "new", "gpu": "NVIDIA H100 80GB HBM3", "max_total_tokens": 100000,
+                                    "runs": ["poisson0.5-off", "poisson0.5-on", "poisson0.8-off", "poisson0.8-on"],
+                                    "replaced": ["poisson0.5-off", "poisson0.5-on"]}
+    fam = summarize.family_summary(merged)
+    assert fam["poisson"]["0.5"]["ttft_p50_ratio"] == pytest.approx(220 / 270, abs=1e-4)
+    assert fam["poisson"]["0.5"]["measured"] == ["new on NVIDIA H100 80GB HBM3, KV pool 100000 tokens"]
+    assert fam["seed"]["measured"] == ["old on NVIDIA H200"]  # the workloads it did not measure stay the H200's
+    assert fam["lone"]["measured"] == ["old on NVIDIA H200"]
+    assert merged["capacity_req_s"] == 5.4  # what its merged loads were paced at
+
+
+def test_a_levers_comparisons_in_each_harness_run_say_where_that_run_was_measured():
+    first = {**result(), "commit": "a", "gpu": "NVIDIA H200",
+             "variants": {"off": [], "on": [], "off+twin": []}, "variant_changes": {"off+twin": {}}}
+    first["runs"]["lone-off+twin"] = bench(252, 10)
+    second = {"family": "fam", "commit": "b", "gpu": "NVIDIA H100 80GB HBM3", "variants": {"off": [], "off+twin": []},
+              "variant_changes": {"off+twin": {}},
+              "runs": {"lone-off": bench(318, 10), "lone-off+twin": bench(320, 10)}}
+    fam = summarize.family_summary(summarize.merge_runs([first, second]), harness_runs=[first, second])
+    by_run = fam["levers"]["off+twin"]["by_run"]
+    assert [run["vs_off"]["lone"]["measured"] for run in by_run] == [["a on NVIDIA H200"],
+                                                                    ["b on NVIDIA H100 80GB HBM3"]]
