@@ -231,15 +231,58 @@ def preprocessing_advice(server_args: object) -> str | None:
 
 
 def tune_rules(values: dict[str, Any], seen: Observed) -> list[Change]:
-    """The ``sglang:`` keys a scrape justifies changing (``mm-scheduler tune``).
+    """The ``sglang:`` keys a scrape justifies changing (``mm-scheduler tune``)."""
+    plugin = {**PLUGIN_DEFAULTS, **(values.get("sglang") or {})}  # checked already: tune loads it as the server
+    return [*_encode_behind_a_queue(plugin, seen), *_graph_buckets(plugin, seen)]
 
-    Prefills that block for nearly whole forwards mean the encodes started at arrival had no head start:
+
+LAUNCH_BOUND = 0.75
+"""Share of a forward's time spent launching it above which the tower is launch-bound: Qwen3-VL-8B's eager tower
+under Poisson load launched for 38-42 ms of its 45-48 ms forwards (1a3705d, H100), and for 53 % of a seed burst's
+GPU-bound forwards (e214c80), where the graphs lost to their padding (README, levers)."""
+GRAPH_BUCKET_SHARE = 0.2  # a histogram interval holding at least this share of forwards gets a bucket
+
+
+def _graph_buckets(plugin: dict[str, Any], seen: Observed) -> list[Change]:
+    """``vit_graph_patches`` for an eager tower whose forwards were launch-bound: a captured graph replays a
+    forward in one launch, which a busy scheduler thread beside it (one GIL) no longer slows. Buckets are the
+    patches-per-forward histogram's bounds of every interval holding a fifth of the forwards, and the bound
+    holding them all: most forwards pad to at most twice their patches (the histogram's resolution)."""
+    from mm_scheduler.tune import Change
+
+    patches, forwards = seen.histograms.get("patches_per_forward"), seen.histograms.get("batch_seconds")
+    launches = seen.histograms.get("batch_launch_seconds")
+    if plugin["vit_graph_patches"] or not all(h and h.count for h in (patches, forwards, launches)):
+        return []
+    share = launches.mean() / forwards.mean() if forwards.mean() else 0.0
+    if share < LAUNCH_BOUND:
+        return []
+    finite = [(le, cum) for le, cum in patches.buckets if le != float("inf")]
+    buckets, below, shares = [], 0.0, []
+    for le, cum in finite:
+        held = (cum - below) / patches.count
+        if held >= GRAPH_BUCKET_SHARE or (cum >= patches.count and below < patches.count):
+            buckets.append(int(le))
+        if cum > below:
+            shares.append(f"{held:.0%} up to {int(le):,}")
+        below = cum
+    if not buckets:
+        return []
+    return [Change("sglang.vit_graph_patches", buckets,
+                   f"{share:.0%} of a forward's {forwards.mean() * 1000:.0f} ms was spent launching it "
+                   f"({patches.count:g} forwards): the tower is launch-bound, and a CUDA graph replays a forward "
+                   f"in one launch; buckets from the patches a forward held ({', '.join(shares)}). Captured at "
+                   "start-up, memory on top of the budget; needs --mm-attention-backend triton_attn and TP=1. "
+                   "Measure against the eager tower: padding costs GPU time")]
+
+
+def _encode_behind_a_queue(plugin: dict[str, Any], seen: Observed) -> list[Change]:
+    """Prefills that block for nearly whole forwards mean the encodes started at arrival had no head start:
     the real server's Poisson runs (README, "Serving in a real SGLang server"), where the encoder's forward
     then only competed with the scheduler's own launches. Encoding at arrival only behind a queue is the
     setting for that traffic."""
     from mm_scheduler.tune import Change
 
-    plugin = {**PLUGIN_DEFAULTS, **(values.get("sglang") or {})}  # checked already: tune loads it as the server
     waits, forwards = seen.histograms.get("prefill_wait_seconds"), seen.histograms.get("batch_seconds")
     if plugin["early_encode_min_waiting"] or not waits or not waits.count or not forwards or not forwards.count:
         return []

@@ -207,11 +207,14 @@ VARIANTS = {
     # Buckets sized to Poisson traffic on Qwen3-VL (1a3705d, H100, 50 % load): 48 forwards of 1.5 images, 2,448
     # patches on average (5 under 1,024, 18 to 2,048, 21 to 4,096, 4 to 8,192), each 44 ms of which 38 ms were its
     # host launch beside the scheduler's thread (launch-bound, GIL), and the prefill blocked on it for all of it.
-    # An eager forward there is ~2,350 aten ops (SGLang 0.5.16's tower, counted on CPU), whatever its images.
-    "on+graphs-small": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192, 16384]}}),
-    # The same with what qwen2_5_vl ships beside its graphs: a prefill that finds the coalescer idle replays the
-    # graphs inline on the scheduler's thread (no hop, no second thread launching beside it).
-    "on+graphs-small+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192, 16384],
+    # An eager forward there is ~2,350 aten ops (SGLang 0.5.16's tower, counted on CPU), whatever its images. The
+    # buckets are what `mm-scheduler tune` proposes from that run's scrape; a seed burst's larger batches are cut
+    # into runs of them (vit_graphs.cut_into_runs).
+    "on+graphs-small": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192]}}),
+    # Both changes tune proposes from that scrape: the same graphs, and encoding at arrival only behind a queue, so
+    # a prefill that finds the coalescer idle replays the graphs inline on the scheduler's thread (no hop, no second
+    # thread launching beside it), as qwen2_5_vl ships.
+    "on+graphs-small+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192],
                                                               "early_encode_min_waiting": 1}}),
     # Gemma 4's graphs (integration/uniform_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
     # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.

@@ -222,6 +222,60 @@ def test_tunes_encoding_rule_says_what_it_saw_and_needs_both_histograms():
         assert settings.tune_rules({}, partial) == []
 
 
+def _forwards(name: str, patches: list[int], forward_s: float, launch_s: float) -> str:
+    from prometheus_client import generate_latest
+
+    from mm_scheduler import metrics
+
+    for n in patches:
+        metrics.PATCHES_PER_FORWARD.labels(name).observe(n)
+        metrics.BATCH_SECONDS.labels(name).observe(forward_s)
+        metrics.BATCH_LAUNCH_SECONDS.labels(name).observe(launch_s)
+    return generate_latest().decode()
+
+
+# 1a3705d's Qwen3-VL Poisson 50 % forwards (H100): 5 up to 1,024 patches, 18 to 2,048, 21 to 4,096, 4 to 8,192
+POISSON_PATCHES = [900] * 5 + [1600] * 18 + [3200] * 21 + [4800] * 4
+
+
+def test_tune_proposes_graph_buckets_from_the_patches_of_launch_bound_forwards():
+    from mm_scheduler import tune
+
+    text = _forwards("tune-graphs", POISSON_PATCHES, forward_s=0.045, launch_s=0.038)
+    _, changes = tune.tune(text, {}, "tune-graphs", [settings.tune_rules])
+    assert [(c.key, c.value) for c in changes] == [("sglang.vit_graph_patches", [2048, 4096, 8192])]
+    assert changes[0].why.startswith(
+        "84% of a forward's 45 ms was spent launching it (48 forwards): the tower is launch-bound, and a CUDA graph "
+        "replays a forward in one launch; buckets from the patches a forward held (10% up to 1,024, 38% up to 2,048, "
+        "44% up to 4,096, 8% up to 8,192).")
+
+
+@pytest.mark.parametrize("launch_s, plugin, proposed", [
+    (0.034, {}, True),  # 76 % of the forward launching: just above LAUNCH_BOUND
+    (0.033, {}, False),  # 73 %: the GPU is the wait, where padding costs more than a replay saves
+    (0.038, {"vit_graph_patches": [4096]}, False),  # graphs already on: their launches are replays
+])
+def test_tunes_graph_rule_at_its_thresholds(request, launch_s, plugin, proposed):
+    from mm_scheduler import tune
+
+    name = request.node.name
+    text = _forwards(name, POISSON_PATCHES, forward_s=0.045, launch_s=launch_s)
+    _, changes = tune.tune(text, {"sglang": plugin}, name, [settings.tune_rules])
+    assert any(c.key == "sglang.vit_graph_patches" for c in changes) is proposed
+
+
+def test_tunes_graph_rule_needs_the_launch_and_patch_histograms_and_covers_the_largest_forward():
+    from mm_scheduler import tune
+
+    text = _forwards("tune-graphs-one", [100_000] + [1600] * 9, forward_s=0.045, launch_s=0.040)
+    seen = tune.parse(text)["tune-graphs-one"]
+    assert settings.tune_rules({}, seen)[0].value == [2048, 131072]  # 90 % up to 2,048, the largest one's bound
+    for missing in ("batch_launch_seconds", "patches_per_forward", "batch_seconds"):
+        partial = tune.Observed(seen.coalescer, {k: v for k, v in seen.histograms.items() if k != missing},
+                                seen.counters, seen.host)
+        assert settings.tune_rules({}, partial) == []
+
+
 def test_the_preprocessing_advice_is_one_line_naming_both_flags():
     from types import SimpleNamespace
 
