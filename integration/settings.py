@@ -246,8 +246,10 @@ GRAPH_BUCKET_SHARE = 0.2  # a histogram interval holding at least this share of 
 def _graph_buckets(plugin: dict[str, Any], seen: Observed) -> list[Change]:
     """``vit_graph_patches`` for an eager tower whose forwards were launch-bound: a captured graph replays a
     forward in one launch, which a busy scheduler thread beside it (one GIL) no longer slows. Buckets are the
-    patches-per-forward histogram's bounds of every interval holding a fifth of the forwards, and the bound
-    holding them all: most forwards pad to at most twice their patches (the histogram's resolution)."""
+    patches-per-forward histogram's bounds of every interval holding a fifth of the forwards, and one bound above
+    the largest of them where forwards went beyond it: a batch larger than every bucket is cut into runs of them
+    (``vit_graphs.cut_into_runs``), so one outlier does not ask for a bucket of its size. Above 1,024 patches the
+    histogram's bounds double, so such a forward pads to less than twice its patches."""
     from mm_scheduler.tune import Change
 
     patches, forwards = seen.histograms.get("patches_per_forward"), seen.histograms.get("batch_seconds")
@@ -261,13 +263,17 @@ def _graph_buckets(plugin: dict[str, Any], seen: Observed) -> list[Change]:
     buckets, below, shares = [], 0.0, []
     for le, cum in finite:
         held = (cum - below) / patches.count
-        if held >= GRAPH_BUCKET_SHARE or (cum >= patches.count and below < patches.count):
+        if held >= GRAPH_BUCKET_SHARE:
             buckets.append(int(le))
         if cum > below:
             shares.append(f"{held:.0%} up to {int(le):,}")
         below = cum
     if not buckets:
         return []
+    held_by_largest = dict(finite)[buckets[-1]]
+    next_bound = next((int(le) for le, _ in finite if le > buckets[-1]), None)
+    if held_by_largest < patches.count and next_bound is not None:
+        buckets.append(next_bound)
     return [Change("sglang.vit_graph_patches", buckets,
                    f"{share:.0%} of a forward's {forwards.mean() * 1000:.0f} ms was spent launching it "
                    f"({patches.count:g} forwards): the tower is launch-bound, and a CUDA graph replays a forward "

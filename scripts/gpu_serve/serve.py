@@ -116,6 +116,9 @@ def kv_tokens(family: str) -> int:
     if "kv_bytes_per_token" not in FAMILIES[family]:
         raise ValueError(f"GPU_SERVE_MAX_TOTAL_TOKENS: {family}'s KV bytes a token are not recorded (FAMILIES), so "
                          "what its servers would take cannot be checked against the GPU")
+    if not given.isdigit() or int(given) <= 0:
+        raise ValueError(f"GPU_SERVE_MAX_TOTAL_TOKENS={given!r}: give every server's KV pool in tokens, a whole "
+                         "number > 0 (e.g. 100000)")
     return int(given)
 
 
@@ -976,6 +979,8 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                                             **({"free_encoder": True} if _free_encoder(v) else {})}
                                         for v in variants},
                     "runs": {}, "failed_to_start": {}, "failed_runs": {}}
+    if kv_tokens(family) != FAMILIES[family]["max_total_tokens"]:  # in every results.json written, a cut-off one's too
+        result["max_total_tokens"] = kv_tokens(family)
 
     def remaining() -> float:
         return deadline - time.monotonic()
@@ -1044,7 +1049,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         if "lone" in workloads:
             # In the order of the first repetition (--first-run's parity): at 1a3705d the server measured second
             # decoded more slowly in all five lone runs, by 20 % between two identical plugin-off servers.
-            for v in pairs(list(servers), runs[0]):
+            for v in pairs(list(servers), runs.start):
                 measured(f"lone-{v}", servers[v], lone)
         if "seed" in workloads:
             # First guess from the warm-up bursts (16 requests; a repetition is a 16-request warm-up plus 100
@@ -1119,6 +1124,10 @@ def main() -> None:
     unknown = [name for name in variants if name not in VARIANTS]
     if unknown:
         p.error(f"unknown --variants {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    try:  # checked before anything starts: a bad value found when the first server starts wastes the command
+        kv_tokens(args.family)
+    except ValueError as exc:
+        p.error(str(exc))
     too_big = exceeds_the_gpu(args.family, variants)
     if too_big:
         p.error(too_big)
@@ -1164,8 +1173,6 @@ def main() -> None:
                                    capture_output=True, text=True).stdout.strip()
     result["commit"] = os.environ.get("GPU_SERVE_COMMIT", "")
     result["extra_flags"] = EXTRA_FLAGS
-    if kv_tokens(args.family) != FAMILIES[args.family]["max_total_tokens"]:
-        result["max_total_tokens"] = kv_tokens(args.family)  # GPU_SERVE_MAX_TOTAL_TOKENS (summarize._where)
     result["sglang"] = subprocess.run([sys.executable, "-c", "import sglang; print(sglang.__version__)"],
                                       capture_output=True, text=True, env=environment(PREPARED, False)).stdout.strip()
     (out / "results.json").write_text(json.dumps(result, indent=1))

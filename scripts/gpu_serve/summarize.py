@@ -585,6 +585,10 @@ def plot(summary: dict, path: Path) -> bool:
         xs = [float(x) for x in loads]
         axes[1].plot(xs, [poisson[x]["ttft_p50_ratio"] for x in loads], "o-", label=f"{f} TTFT p50")
         axes[1].plot(xs, [poisson[x]["itl_p99_ratio"] for x in loads], "s--", label=f"{f} ITL p99")
+        for x, load in zip(xs, loads, strict=True):  # a load measured on another GPU than the first listed says so
+            other = [g for g in summary["gpu"].split(", ")[1:] if any(g in m for m in poisson[load]["measured"])]
+            if other:
+                axes[1].annotate(other[0].split()[1], (x, poisson[load]["ttft_p50_ratio"]), fontsize=6)
     axes[1].axhline(1.0, color="k", lw=0.8)
     axes[1].set_xlabel("load (fraction of plugin-off capacity)")
     axes[1].set_title("Poisson: on / off")
@@ -600,8 +604,9 @@ def plot(summary: dict, path: Path) -> bool:
     axes[2].set_ylabel("mean seconds per request")
     axes[2].set_title("seed workload: where the time goes")
     axes[2].legend(fontsize=7)
-    commits = ", ".join(f"{f} {families[f].get('commit', '')}" for f in names)
-    fig.suptitle(f"mm-scheduler in a real SGLang {summary['sglang']} server, {summary['gpu']} ({commits})")
+    latest = ", ".join(f"{f} {families[f].get('commit', '').split(',')[-1]}" for f in names)
+    fig.suptitle(f"mm-scheduler in a real SGLang {summary['sglang']} server, {summary['gpu']} (latest runs: {latest})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True

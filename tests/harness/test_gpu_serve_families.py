@@ -734,3 +734,7 @@ def test_a_smaller_kv_pool_lets_two_qwen3_servers_fit_an_h100_and_reaches_every_
     assert started[0][started[0].index("--max-total-tokens") + 1] == "100000"
     with pytest.raises(ValueError, match="KV bytes a token"):
         serve.kv_tokens("gemma3_12b")
+    for bad in ("100k", "-5", "0"):
+        monkeypatch.setenv("GPU_SERVE_MAX_TOTAL_TOKENS", bad)
+        with pytest.raises(ValueError, match="a whole number > 0"):
+            serve.kv_tokens("qwen3_vl_8b")

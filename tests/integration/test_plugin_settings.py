@@ -264,12 +264,14 @@ def test_tunes_graph_rule_at_its_thresholds(request, launch_s, plugin, proposed)
     assert any(c.key == "sglang.vit_graph_patches" for c in changes) is proposed
 
 
-def test_tunes_graph_rule_needs_the_launch_and_patch_histograms_and_covers_the_largest_forward():
+def test_tunes_graph_rule_needs_the_launch_and_patch_histograms_and_an_outlier_adds_one_bound_not_its_own():
     from mm_scheduler import tune
 
     text = _forwards("tune-graphs-one", [100_000] + [1600] * 9, forward_s=0.045, launch_s=0.040)
     seen = tune.parse(text)["tune-graphs-one"]
-    assert settings.tune_rules({}, seen)[0].value == [2048, 131072]  # 90 % up to 2,048, the largest one's bound
+    assert settings.tune_rules({}, seen)[0].value == [2048, 4096]  # 90 % up to 2,048; the outlier runs in 4,096s
+    alone = tune.parse(_forwards("tune-graphs-all", [1600] * 10, forward_s=0.045, launch_s=0.040))["tune-graphs-all"]
+    assert settings.tune_rules({}, alone)[0].value == [2048]  # nothing beyond: no bound above
     for missing in ("batch_launch_seconds", "patches_per_forward", "batch_seconds"):
         partial = tune.Observed(seen.coalescer, {k: v for k, v in seen.histograms.items() if k != missing},
                                 seen.counters, seen.host)
