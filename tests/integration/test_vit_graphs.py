@@ -79,6 +79,25 @@ def test_a_batch_of_ordinary_images_takes_the_short_class_and_a_large_image_the_
         assert max(full) <= longest and sum(full) == 4096
 
 
+@torch.inference_mode()
+def test_tunes_poisson_buckets_hold_qwen3_poisson_forwards_and_replay_what_sglangs_own_forward_gives():
+    """The buckets `mm-scheduler tune` proposed from Qwen3-VL's Poisson scrape (1a3705d: 1-3 images of ~1,600
+    patches a forward) on the tower they were proposed for: one image takes the 2,048 bucket's long class, two the
+    4,096 bucket, three are cut into 4,096 + 2,048, and the padded static forward equals SGLang's own."""
+    model = sm.BUILDERS["qwen3_vl"]()
+    graphs = QwenVisionGraphs(model.visual, [2048, 4096, 8192])
+    statics = graphs.allocate(torch.device("cpu"))
+    for grids, patches in (([(1, 40, 40)], 2048), ([(1, 40, 40)] * 2, 4096)):
+        pixels, grid = _pixels(model, grids, len(grids)), torch.tensor(grids)
+        prepared = graphs.prepare(pixels, grid)
+        static, layout = graphs.fit(statics, prepared)
+        assert static.bucket.patches == patches and static.bucket.full_max == patches  # the long class
+        static.load(prepared, *layout)
+        out = graphs.unpad(graphs._blocks(static), prepared)
+        torch.testing.assert_close(out, model.visual(pixels, grid_thw=grid), rtol=1e-5, atol=1e-5)
+    assert cut_into_runs([1600] * 3, graphs.buckets) == [(0, 2), (2, 3)]
+
+
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
 def qwen(request):
     return sm.BUILDERS[request.param]()
