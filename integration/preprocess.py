@@ -47,6 +47,7 @@ class PreprocessLoop:
         self.report_every = report_every
         self.calls = 0
         self._window: list[tuple[float, float, float, float]] = []  # (submitted, started, finished, resumed)
+        self._stopped = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
 
@@ -55,14 +56,16 @@ class PreprocessLoop:
         self.loop.run_forever()
 
     def on_own_loop(self, method: Callable[..., Coroutine[Any, Any, Any]],
-                    then: Callable[[Any], Any] | None = None) -> Callable[..., Any]:
-        """``method``'s coroutines run on this thread's loop, followed by ``then`` on their result; the caller
-        awaits the result on its own loop.
+                    then: Callable[..., Any] | None = None) -> Callable[..., Any]:
+        """``method``'s coroutines run on this thread's loop, followed by ``then(result, *args, **kwargs)`` (the
+        call's own arguments); the caller awaits the result on its own loop.
 
         Cancelling the caller's task cancels the coroutine here (``run_coroutine_threadsafe``'s future).
         """
         @functools.wraps(method)
         async def on_own_loop(*args: Any, **kwargs: Any) -> Any:
+            if self._stopped:  # a coroutine sent to a stopped loop would never be answered
+                raise RuntimeError("mm-coalescer: the preprocess thread has stopped")
             self.calls += 1
             submitted = time.monotonic()
             span = [submitted, submitted]
@@ -71,7 +74,7 @@ class PreprocessLoop:
                 span[0] = time.monotonic()
                 try:
                     result = await method(*args, **kwargs)
-                    return result if then is None else then(result)
+                    return result if then is None else then(result, *args, **kwargs)
                 finally:
                     span[1] = time.monotonic()
 
@@ -88,7 +91,18 @@ class PreprocessLoop:
             self._window = []
 
     def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        """Cancel what runs here (each caller gets ``CancelledError``, none waits forever), then end the thread."""
+        self._stopped = True
+
+        async def cancel_then_stop() -> None:
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.sleep(0)  # each task's callback that answers its caller's future runs first
+            self.loop.stop()
+
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(cancel_then_stop()))
         self.thread.join(timeout=5)
 
 
@@ -166,44 +180,51 @@ def handover_stays_sglangs(mm_processor: Any) -> str | None:
     return None
 
 
-def hand_over(output: Any) -> Any:
+def hand_over(output: Any, *args: Any, request_obj: Any = None, **kwargs: Any) -> Any:
     """SGLang's own hand-over of a request's features to the scheduler (``wrap_shm_features``: where SGLang's
     transport is shared memory, each CPU feature copied into a fresh ``/dev/shm`` segment), done on this thread
     instead of the tokenizer manager's loop; SGLang's own call before the send then finds nothing left to copy.
+    ``args``/``kwargs`` are ``process_mm_data_async``'s: ``request_obj`` (4th) says how many samples it sends.
 
     Those segments now exist before the request is sent, which SGLang's own order never allowed: each wrapper is
     guarded (:func:`_guard`), so a request that fails or is cancelled before its send leaves no segment behind (a
-    process killed in between does: SGLang stops its processes with SIGKILL). A caller's ``mm_hashes``, set after
-    preprocessing, reach the item's ``hash`` but not the wrapper's ``precomputed_hash``, which the scheduler reads
-    only for an item without a hash."""
+    process killed in between does: SGLang stops its processes with SIGKILL). The wrapper keeps no reference to
+    the feature tensor, which is freed here as SGLang frees it at its send; the tokenizer manager holds the
+    request's items until the reply ends. A request sampled n > 1 times is sent once a sample, each send reading
+    a segment of its own, so its items keep SGLang's own hand-over at each send. A caller's ``mm_hashes``, set
+    after preprocessing, reach the item's ``hash`` but not the wrapper's ``precomputed_hash``, which the scheduler
+    reads only for an item without a hash."""
     mm_items = getattr(output, "mm_items", None)
-    if not mm_items:
+    if request_obj is None and len(args) > 3:
+        request_obj = args[3]
+    if not mm_items or samples(request_obj) > 1:
         return output
-    fields = ("feature", "precomputed_embeddings")
-    sources = [[getattr(item, field, None) for field in fields] for item in mm_items]
     sglang_compat.wrap_shm_features()(SimpleNamespace(mm_inputs=output))
     pointer_class = sglang_compat.shm_pointer_class()
-    for item, before in zip(mm_items, sources, strict=True):
-        for field, source in zip(fields, before, strict=True):
+    for item in mm_items:
+        for field in ("feature", "precomputed_embeddings"):
             value = getattr(item, field, None)
-            pairs = zip(value, source, strict=True) if isinstance(value, (list, tuple)) else ((value, source),)
-            for pointer, tensor in pairs:
+            for pointer in value if isinstance(value, (list, tuple)) else (value,):
                 if type(pointer) is pointer_class:
-                    _guard(pointer, tensor)
+                    _guard(pointer)
     return output
 
 
-def _guard(pointer: Any, source: Any) -> None:
-    """Make ``pointer`` (SGLang's ``ShmPointerMMData`` of ``source``) unlink its segment when it is dropped unsent.
+def samples(request_obj: Any) -> int:
+    """How many samples (``n``) SGLang sends of a request: its sampling parameters' ``n``, 1 without one."""
+    params = getattr(request_obj, "sampling_params", None)
+    listed = params if isinstance(params, list) else [params]
+    return max((int(p.get("n", 1)) for p in listed if isinstance(p, dict)), default=1)
+
+
+def _guard(pointer: Any) -> None:
+    """Make ``pointer`` (SGLang's ``ShmPointerMMData``) unlink its segment when it is dropped unsent.
 
     Sent means pickled: the request's send pickles its features, and the scheduler unpickles SGLang's own class
-    (:func:`_unsent_class`) and unlinks the segment once it has read it, as it does for SGLang's own wrappers. A
-    second send of the same wrapper (SGLang sends shallow copies of a request's items once per sample when n > 1)
-    gets a segment of its own from ``source``, as SGLang's own hand-over at each send would make."""
+    (:func:`_unsent_class`) and unlinks the segment once it has read it, as it does for SGLang's own wrappers."""
     sent = [False]
     pointer.__class__ = _unsent_class()
     pointer.sent = sent
-    pointer.source = source
     weakref.finalize(pointer, _unlink_unless_sent, pointer.shm_name, sent)
 
 
@@ -212,12 +233,11 @@ def _unsent_class() -> type:
     base = sglang_compat.shm_pointer_class()
 
     def __reduce_ex__(self: Any, protocol: int) -> tuple[Any, ...]:
-        if self.sent[0]:
-            state = base(self.source, precomputed_hash=self.precomputed_hash).__getstate__()
-        else:
-            self.sent[0] = True
-            state = self.__getstate__()
-        return copyreg._reconstructor, (base, object, None), state
+        if self.sent[0]:  # the scheduler unlinks a segment once it has read it: a second read would find none
+            raise RuntimeError("mm-coalescer: a feature handed over to /dev/shm was sent twice; requests sent more "
+                               "than once (n > 1) keep SGLang's own hand-over")
+        self.sent[0] = True
+        return copyreg._reconstructor, (base, object, None), self.__getstate__()
 
     return type("UnsentShmPointer", (base,), {
         "__reduce_ex__": __reduce_ex__, "__module__": __name__,

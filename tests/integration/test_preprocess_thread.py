@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -141,6 +142,24 @@ def test_cancelling_the_request_cancels_its_preprocessing_on_the_thread(fresh_lo
         return False
 
     assert asyncio.run(cancel_midway())
+
+
+def test_stopping_the_thread_answers_every_call_in_flight_and_refuses_later_ones(fresh_loop):
+    mm = MMProcessor()
+    preprocess.move_off_the_loop(SimpleNamespace(mm_processor=mm))
+
+    async def stop_midway():
+        task = asyncio.ensure_future(mm.process_mm_data_async(image_data="slow"))
+        while not mm.calls:  # it is sleeping on the thread's loop
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(preprocess._loop.stop)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=5)  # answered, not left waiting for a loop that has stopped
+        with pytest.raises(RuntimeError, match="has stopped"):
+            await mm.process_mm_data_async(image_data="late")
+        return not preprocess._loop.thread.is_alive()
+
+    assert asyncio.run(stop_midway())
 
 
 async def _pending() -> int:
@@ -351,32 +370,54 @@ def test_nothing_is_handed_over_where_sglangs_transport_is_not_shared_memory(sha
     assert preprocess.hand_over({"input_ids": [1]}) == {"input_ids": [1]}  # no items: nothing to do
 
 
-def test_each_send_of_shallow_copies_gets_a_segment_of_its_own_as_sglangs_sampling_path_needs(
-        shared_memory_transport):
+def test_a_request_sampled_more_than_once_keeps_sglangs_own_hand_over_at_each_send(shared_memory_transport):
     """With n > 1 SGLang sends a warm-up and one request a sample, each with shallow copies of the tokenized
-    request's items (0.5.16 ``_handle_batch_request``), and the scheduler unlinks a segment once it has read it: a
-    second send of the same segment would find it gone (review of e214c80)."""
+    request's items (0.5.16 ``_handle_batch_request``), and the scheduler unlinks a segment once it has read it: each
+    send needs a segment of its own, which SGLang's own hand-over at each send makes from the tensor (review of
+    e214c80). The plugin's hand-over leaves such a request alone, by its request's ``n``, keyword or positional."""
     import copy
+    import pickle
+
+    pixels = torch.arange(48, dtype=torch.uint8).reshape(4, 12)
+    sampled = SimpleNamespace(sampling_params={"n": 3, "max_new_tokens": 8})
+    output = preprocess.hand_over(processor_output(pixels), request_obj=sampled)
+    assert output.mm_items[0].feature is pixels
+    assert preprocess.hand_over(processor_output(pixels), [1], None, "text", sampled).mm_items[0].feature is pixels
+    names = []
+    for _ in range(3):  # the warm-up, then two samples: SGLang's send path, each read before the next is sent
+        inputs = copy.copy(output)
+        inputs.mm_items = [copy.copy(item) for item in output.mm_items]
+        shared_memory_transport.wrap_shm_features(SimpleNamespace(mm_inputs=inputs))
+        received = pickle.loads(pickle.dumps(inputs.mm_items[0].feature))
+        names.append(received.shm_name)
+        assert torch.equal(received.materialize(), pixels)
+    assert len(set(names)) == 3
+    assert preprocess.samples(SimpleNamespace(sampling_params=[{"n": 1}, {"n": 2}])) == 2
+    assert preprocess.samples(SimpleNamespace(sampling_params=None)) == preprocess.samples(None) == 1
+
+
+def test_the_hand_over_frees_the_feature_tensor_as_sglangs_send_does_and_a_second_send_fails_loudly(
+        shared_memory_transport):
+    """The tokenizer manager holds a request's items until its reply ends: a wrapper holding its tensor would keep
+    every in-flight request's features in memory twice (audit of preprocess_thread, session 27)."""
     import gc
     import pickle
 
     pixels = torch.arange(48, dtype=torch.uint8).reshape(4, 12)
-    output = preprocess.hand_over(processor_output(pixels))
-    names = []
-    for _ in range(3):  # the warm-up, then two samples: each sent and read before the next is sent
-        item = copy.copy(output.mm_items[0])
-        received = pickle.loads(pickle.dumps(item.feature))
-        names.append(received.shm_name)
-        assert torch.equal(received.materialize(), pixels)
-    assert len(set(names)) == 3
-    del output, item, received
+    expected, alive = pixels.clone(), weakref.ref(pixels)
+    output = preprocess.hand_over(processor_output(pixels), request_obj=SimpleNamespace(sampling_params={"n": 1}))
+    del pixels
     gc.collect()
-    assert not any(segment_exists(n) for n in names)
+    assert alive() is None
+    wrapper = output.mm_items[0].feature
+    assert torch.equal(pickle.loads(pickle.dumps(wrapper)).materialize(), expected)
+    with pytest.raises(RuntimeError, match="sent twice"):
+        pickle.dumps(wrapper)
 
 
 def test_list_features_and_precomputed_embeddings_are_guarded_each_element_alone(shared_memory_transport):
-    """A list feature (one tensor a crop) and an item's precomputed embeddings: each wrapper dropped unsent unlinks
-    its segment, and each one sent twice gets a second segment from its own tensor."""
+    """A list feature (one tensor a crop) and an item's precomputed embeddings: each wrapper is sent as SGLang's
+    own, and each dropped unsent unlinks its segment."""
     import gc
     import pickle
 
@@ -388,10 +429,9 @@ def test_list_features_and_precomputed_embeddings_are_guarded_each_element_alone
                                        MultimodalDataItem(modality=Modality.IMAGE, precomputed_embeddings=embeddings)])
     preprocess.hand_over(output)
     pointers = [*output.mm_items[0].feature, output.mm_items[1].precomputed_embeddings]
-    for _ in range(2):  # sent twice: the second send reads a segment of its own
-        received = pickle.loads(pickle.dumps(pointers))
-        assert [torch.equal(r.materialize(), t) for r, t in zip(received, [*crops, embeddings], strict=True)] == [
-            True, True, True]
+    received = pickle.loads(pickle.dumps(pointers))
+    assert [torch.equal(r.materialize(), t) for r, t in zip(received, [*crops, embeddings], strict=True)] == [
+        True, True, True]
 
     unsent = preprocess.hand_over(processor_output(list(crops)))
     names = [p.shm_name for p in unsent.mm_items[0].feature]
