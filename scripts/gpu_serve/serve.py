@@ -300,7 +300,8 @@ WATCH_INTERVAL_S = 2.0  # how often a measured run checks its server log for a d
 
 def exceeds_the_gpu(family: str, variants: list[str]) -> str | None:
     """Why these servers would not fit the GPU at once, or None: every server and its tokenizer workers' CUDA
-    contexts (cuda_ipc transport only) against GPU_GIB, so a run is refused here, not lost to an OOM mid-seed."""
+    contexts (cuda_ipc transport only) against the GPU's memory (:func:`gpu_gib`), so a run is refused here, not lost
+    to an OOM mid-seed."""
     spec = FAMILIES[family]
     server_gib = spec.get("server_gib")
     if server_gib is None:  # not measured: the four servers every such family has run

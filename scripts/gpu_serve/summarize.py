@@ -588,7 +588,8 @@ def plot(summary: dict, path: Path) -> bool:
         for x, load in zip(xs, loads, strict=True):  # a load measured on another GPU than the first listed says so
             other = [g for g in summary["gpu"].split(", ")[1:] if any(g in m for m in poisson[load]["measured"])]
             if other:
-                axes[1].annotate(other[0].split()[1], (x, poisson[load]["ttft_p50_ratio"]), fontsize=6)
+                axes[1].annotate(other[0].removeprefix("NVIDIA ").split()[0], (x, poisson[load]["ttft_p50_ratio"]),
+                                 fontsize=6)
     axes[1].axhline(1.0, color="k", lw=0.8)
     axes[1].set_xlabel("load (fraction of plugin-off capacity)")
     axes[1].set_title("Poisson: on / off")
