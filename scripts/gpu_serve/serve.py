@@ -219,6 +219,10 @@ VARIANTS = {
     # thread launching beside it), as qwen2_5_vl ships.
     "on+graphs-small+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192],
                                                               "early_encode_min_waiting": 1}}),
+    # The two levers that each cut Qwen3-VL's Poisson TTFT on their own path: graphs sized to Poisson forwards (the
+    # encoder's host launch) and preprocessing on the plugin's thread (the tokenizer manager's loop).
+    "on+graphs-small+prethread": Variant(True, config={"sglang": {"vit_graph_patches": [2048, 4096, 8192],
+                                                                  "preprocess_thread": True}}),
     # Gemma 4's graphs (integration/uniform_graphs.py): batches of 1-3 default-budget images of 2,520 patches, what the
     # 2 GiB budget holds at the ~270 KB a patch measured there (a7ce4a5); alone, and with inline replays when idle.
     # configs/gemma4.yaml ships these buckets since 5178309's run, so on Gemma 4 "on+g4graphs" is plain "on".
