@@ -196,6 +196,9 @@ VARIANTS = {
     "on+tok4ipc+enqueued": Variant(True, TOK4IPC, config={"handover": "enqueued"}),
     # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).
     "on+prethread": Variant(True, config={"sglang": {"preprocess_thread": True}}),
+    # The plugin with preprocessing left on SGLang's loop: configs/qwen3_vl.yaml ships preprocess_thread since f4d38f4's
+    # runs, so on Qwen3-VL "on+prethread" is plain "on" and this is the lever turned off.
+    "on+noprethread": Variant(True, config={"sglang": {"preprocess_thread": False}}),
     "on+prethread+defer2s": Variant(True, config={"sglang": {"preprocess_thread": True, "defer_prefill_ms": 2000}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
     # Room for a whole seed burst of Gemma3 crops (600 x 4,096 patches): the shipped 500,000 refused ~half.
