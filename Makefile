@@ -151,7 +151,14 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100/results-qwen3_vl_8b.json \
 	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-prethread/results-qwen3_vl_8b.json \
 	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-b/results-qwen3_vl_8b.json \
-	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-twin/results-qwen3_vl_8b.json
+	$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-twin/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-f4d38f4-graphs-small-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-f4d38f4-graphs-small-prethread-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-f4d38f4-prethread-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-f4d38f4-graphs-small-lazy1-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-db1d93c-default-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-db1d93c-noprethread-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen3_vl_8b-db1d93c-default-b-h100/results-qwen3_vl_8b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
