@@ -180,7 +180,7 @@ REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-s
 	gemma3_12b=$(RS)/gemma3_12b-e5bb1ae-shipped/gpu-serve-gemma3_12b.tar.xz
 # Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive.
 REAL_SERVER_POISSON := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-351b609-default/gpu-serve-qwen2_5_vl_7b.tar.xz \
-	qwen3_vl_8b=$(RS)/qwen3_vl_8b-1a3705d-kv100k-h100-b/gpu-serve-qwen3_vl_8b.tar.xz \
+	qwen3_vl_8b=$(RS)/qwen3_vl_8b-db1d93c-default-h100/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-1a3705d-poisson-h100/gpu-serve-gemma4_e4b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-351b609-g3graphs/gpu-serve-gemma3_12b.tar.xz
 real-server-summary: $(VENV)/.test-installed

@@ -15,9 +15,13 @@ import argparse
 import json
 import re
 import statistics
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
+import yaml
 from exports import arrival_span, request_records
+from serve import FAMILIES, REPO
 
 from mm_scheduler.tune import run_samples
 
@@ -285,6 +289,98 @@ def measured_on(runs: dict, tags: list[str]) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
+def config_values_at(commit: str, name: str) -> dict | None:
+    """The values of the shipped config ``name`` at ``commit``, read with git; None where git cannot show it (a
+    commit outside this clone's history, a checkout without git)."""
+    for path in (f"mm_scheduler/configs/{name}.yaml", f"configs/{name}.yaml"):  # configs/ moved into the package
+        try:
+            shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True,
+                                   timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if shown.returncode == 0:
+            return yaml.safe_load(shown.stdout)
+    return None
+
+
+def _merged(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, section by section, as serve.py writes a variant's config."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def shipped_servers(result: dict, name: str, current: dict,
+                    values_at: Callable[[str, str], dict | None] = config_values_at) -> list[str]:
+    """The plugin servers of one harness run that ran the family's shipped config as it is now (``current``, the
+    values of ``configs/<name>.yaml``) and nothing else: no SGLang flag or environment of their own, and the config
+    file at the run's commit, with the server's config change on top, holding exactly these values. So a lever that
+    later became the default counts (Qwen3-VL's ``on+prethread`` at f4d38f4), and a plain ``on`` whose config then
+    differed does not. The code is still the run's commit's."""
+    changes = result.get("variant_changes", {})
+    base: dict | None = None
+    servers = []
+    for server, flags in result.get("variants", {}).items():
+        change = changes.get(server, {"config": {}, "env": {}} if server == "on" else None)
+        if not (server == "on" or server.startswith("on+")) or flags or change is None or change.get("env"):
+            continue
+        base = base if base is not None else values_at(result.get("commit", ""), name)
+        if base is not None and _merged(base, change.get("config", {})) == current:
+            servers.append(server)
+    return servers
+
+
+def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
+                           values_at: Callable[[str, str], dict | None] = config_values_at) -> dict | None:
+    """Issue 17's targets for the config a family ships now: every harness run's plugin server that ran it
+    (:func:`shipped_servers`) against plain off in that run, the median of those ratios and each one (``each``,
+    oldest run first). Unlike the merged ``seed`` / ``poisson`` / ``lone``, which take every run of plain ``on``
+    whatever its config then, only these servers count."""
+    seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
+    poisson: dict[str, dict[str, list]] = {}
+    lone: list[float] = []
+    where: dict[str, list[str]] = {"seed": [], "poisson": [], "lone": []}
+    servers = []
+    for result in harness_runs:
+        runs = _located(result)
+        for server in shipped_servers(result, name, current, values_at):
+            servers.append(f"{server} ({result.get('commit', '')})")
+            reps = sorted({_workload(t) for t in runs if t.startswith("seed") and not t.startswith("seedwarm")
+                           and f"{_workload(t)}-off" in runs and f"{_workload(t)}-{server}" in runs})
+            for rep in reps:
+                on, off = runs[f"{rep}-{server}"], runs[f"{rep}-off"]
+                seed["median_ttft_ratio"].append(_ratio(on["median_ttft_ms"], off["median_ttft_ms"]))
+                seed["throughput_ratio"].append(_ratio(on["total_throughput"], off["total_throughput"]))
+            where["seed"] += measured_on(runs, [f"{rep}-off" for rep in reps])
+            for load, ratios in (poisson_summary(runs, None, "off", server) or {}).items():
+                into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")})
+                for key in into:
+                    into[key].append(ratios[key])
+                where["poisson"] += ratios["measured"]
+            single = lone_summary(runs, "off", server)
+            if single:
+                lone.append(single["ttft_ratio"])
+                where["lone"] += single["measured"]
+    if not servers:
+        return None
+
+    def over(ratios: list[float]) -> dict:
+        return {"median": round(statistics.median(ratios), 4), "each": ratios}
+
+    out: dict = {"config": name, "servers": servers}
+    if seed["median_ttft_ratio"]:
+        out["seed"] = {"repetitions": len(seed["median_ttft_ratio"]), **{k: over(v) for k, v in seed.items()},
+                       "measured": list(dict.fromkeys(where["seed"]))}
+    if poisson:
+        out["poisson"] = {load: {"runs": len(v["ttft_p50_ratio"]), **{k: over(r) for k, r in v.items()}}
+                          for load, v in sorted(poisson.items())}
+        out["poisson_measured"] = list(dict.fromkeys(where["poisson"]))
+    if lone:
+        out["lone"] = {"runs": len(lone), "ttft_ratio": over(lone), "measured": list(dict.fromkeys(where["lone"]))}
+    return out
+
+
 def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dict] | None = None) -> dict:
     """One family's ratios from its merged runs; ``harness_runs`` (the runs before merging) adds each plugin
     setting's verdict against plain on (:func:`lever_verdict`)."""
@@ -301,6 +397,13 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
     lone = lone_summary(runs)
     if lone:
         fam["lone"] = lone
+    family = result.get("family", "")
+    if harness_runs and family in FAMILIES:
+        name = FAMILIES[family]["config"]
+        current = yaml.safe_load((REPO / "mm_scheduler" / "configs" / f"{name}.yaml").read_text())
+        shipped = shipped_config_summary(harness_runs, name, current)
+        if shipped:
+            fam["shipped_config"] = shipped
     correct = result.get("correctness")
     if correct:
         fam["outputs_identical"] = bool(correct["all_identical"])
@@ -664,6 +767,14 @@ def main() -> None:
             if load != "capacity_req_s":
                 print(f"   poisson {load}: TTFT p50 {v['ttft_p50_ratio']} ITL p99 {v['itl_p99_ratio']} "
                       f"tok/s {v['tok_s_ratio']}")
+        shipped = s.get("shipped_config")
+        if shipped:
+            seed = shipped.get("seed", {})
+            print(f"   shipped config ({len(shipped['servers'])} servers): seed TTFT "
+                  f"{seed.get('median_ttft_ratio', {}).get('each')}, lone {shipped.get('lone', {}).get('ttft_ratio')}")
+            for load, v in shipped.get("poisson", {}).items():
+                print(f"   shipped poisson {load}: TTFT p50 {v['ttft_p50_ratio']['each']} "
+                      f"ITL p99 {v['itl_p99_ratio']['each']} tok/s {v['tok_s_ratio']['each']}")
     if plot(summary, args.out.with_suffix(".png")):
         print(f"wrote {args.out.with_suffix('.png')}")
 

@@ -494,3 +494,60 @@ def test_a_levers_comparisons_in_each_harness_run_say_where_that_run_was_measure
     by_run = fam["levers"]["off+twin"]["by_run"]
     assert [run["vs_off"]["lone"]["measured"] for run in by_run] == [["a on NVIDIA H200"],
                                                                     ["b on NVIDIA H100 80GB HBM3"]]
+
+
+SHIPPED_NOW = {"name": "c", "sglang": {"preprocess_thread": True, "graphs": []}}
+SHIPPED_AT = {"old": {"name": "c", "sglang": {"preprocess_thread": False, "graphs": []}}, "new": SHIPPED_NOW}
+PRETHREAD = {"config": {"sglang": {"preprocess_thread": True}}, "env": {}}
+
+
+def test_the_shipped_config_counts_a_lever_that_became_the_default_and_never_a_server_with_flags_or_env():
+    old = {"commit": "old", "variants": {"off": [], "on": [], "on+pre": []},
+           "variant_changes": {"off": {"config": {}, "env": {}}, "on": {"config": {}, "env": {}}, "on+pre": PRETHREAD}}
+    new = {"commit": "new", "variants": {"off": [], "on": [], "on+x": ["--flag"], "on+env": []},
+           "variant_changes": {"on": {"config": {}, "env": {}}, "on+x": {"config": {}, "env": {}},
+                               "on+env": {"config": {}, "env": {"E": "1"}}}}
+    unknown = {"commit": "gone", "variants": {"off": [], "on": []}}  # git cannot show its config
+
+    def shipped(result):
+        return summarize.shipped_servers(result, "c", SHIPPED_NOW, lambda commit, name: SHIPPED_AT.get(commit))
+
+    assert shipped(old) == ["on+pre"]  # plain on then lacked preprocess_thread
+    assert shipped(new) == ["on"]  # a server with SGLang flags or environment of its own is not the shipped setup
+    assert shipped({**new, "variant_changes": {}}) == ["on"]  # runs before variant_changes: plain on only
+    assert shipped(unknown) == []
+
+
+def test_the_shipped_config_summary_gives_each_runs_ratio_against_off_and_their_median():
+    old = {"commit": "old", "gpu": "G", "variants": {"off": [], "on": [], "on+pre": []},
+           "variant_changes": {"on+pre": PRETHREAD},
+           "runs": {"seed0-off": bench(10_000, 1000), "seed0-on": bench(9_000, 1100),
+                    "seed0-on+pre": bench(5_000, 1600),
+                    "lone-off": bench(200, 10), "lone-on+pre": bench(120, 10),
+                    "poisson0.5-off": bench(200, 500), "poisson0.5-on+pre": bench(150, 500)}}
+    new = {"commit": "new", "gpu": "G", "max_total_tokens": 100_000, "variants": {"off": [], "on": []},
+           "runs": {"seed1-off": bench(10_000, 1000), "seed1-on": bench(6_000, 1500),
+                    "seed2-off": bench(10_000, 1000), "seed2-on": bench(7_000, 1400),
+                    "lone-off": bench(200, 10), "lone-on": bench(110, 10),
+                    "poisson0.5-off": bench(200, 500), "poisson0.5-on": bench(170, 490)}}
+    out = summarize.shipped_config_summary([old, new], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_AT.get(commit))
+    assert out["servers"] == ["on+pre (old)", "on (new)"]
+    assert out["seed"]["repetitions"] == 3  # seed0-on (plain on at "old") is not the shipped config
+    assert out["seed"]["median_ttft_ratio"] == {"median": 0.6, "each": [0.5, 0.6, 0.7]}
+    assert out["seed"]["throughput_ratio"]["each"] == [1.6, 1.5, 1.4]
+    assert out["lone"]["ttft_ratio"] == {"median": 0.575, "each": [0.6, 0.55]}
+    assert out["poisson"]["0.5"]["runs"] == 2
+    assert out["poisson"]["0.5"]["ttft_p50_ratio"] == {"median": 0.8, "each": [0.75, 0.85]}
+    assert out["poisson"]["0.5"]["tok_s_ratio"]["each"] == [1.0, 0.98]
+    assert out["poisson_measured"] == ["old on G", "new on G, KV pool 100000 tokens"]
+    assert summarize.shipped_config_summary([new], "c", {"other": 1}, lambda commit, name: SHIPPED_AT.get(commit)) \
+        is None
+
+
+def test_the_shipped_config_at_a_commit_is_read_from_git_under_either_configs_directory():
+    # 10164bb: the configs live in mm_scheduler/configs (configs/ is a link to it); the values, not the comments
+    at = summarize.config_values_at("10164bb", "qwen3_vl")
+    if at is None:
+        pytest.skip("this checkout has no git history to read (a source archive)")
+    assert at["name"] == "qwen3_vl" and at["sglang"]["preprocess_thread"] is False
+    assert summarize.config_values_at("0000000", "qwen3_vl") is None
