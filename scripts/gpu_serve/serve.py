@@ -196,8 +196,8 @@ VARIANTS = {
     "on+tok4ipc+enqueued": Variant(True, TOK4IPC, config={"handover": "enqueued"}),
     # The plugin's own way below that floor: preprocessing on a thread of its own (integration/preprocess.py).
     "on+prethread": Variant(True, config={"sglang": {"preprocess_thread": True}}),
-    # The plugin with preprocessing left on SGLang's loop: configs/qwen3_vl.yaml ships preprocess_thread since f4d38f4's
-    # runs, so on Qwen3-VL "on+prethread" is plain "on" and this is the lever turned off.
+    # The plugin with preprocessing left on SGLang's loop: configs/qwen3_vl.yaml ships preprocess_thread since db1d93c
+    # (f4d38f4's runs), so on Qwen3-VL "on+prethread" is plain "on" and this is the lever turned off.
     "on+noprethread": Variant(True, config={"sglang": {"preprocess_thread": False}}),
     "on+prethread+defer2s": Variant(True, config={"sglang": {"preprocess_thread": True, "defer_prefill_ms": 2000}}),
     "on+lazy1": Variant(True, config={"sglang": {"early_encode_min_waiting": 1}}),
@@ -493,15 +493,23 @@ def environment(prepared: Path, plugin: bool, patches: tuple[str, ...] = ()) -> 
     return env
 
 
-def merged_config(name: str, changes: dict, dest: Path) -> Path:
-    """The shipped config ``name`` (mm_scheduler/configs) with ``changes`` merged in, written to ``dest``."""
+def merge_config(base: dict, changes: dict) -> dict:
+    """``changes`` on top of a config's values, section by section (a variant's config on the shipped one)."""
+    return {**base, **{k: merge_config(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in changes.items()}}
+
+
+def shipped_config(name: str) -> dict:
+    """The values of the shipped config ``name`` (mm_scheduler/configs) in this checkout."""
     import yaml
 
-    def merge(base: dict, extra: dict) -> dict:
-        return {**base, **{k: merge(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in extra.items()}}
+    return yaml.safe_load((REPO / "mm_scheduler" / "configs" / f"{name}.yaml").read_text())
 
-    shipped = yaml.safe_load((REPO / "mm_scheduler" / "configs" / f"{name}.yaml").read_text())
-    dest.write_text(yaml.safe_dump(merge(shipped, changes), sort_keys=False))
+
+def merged_config(name: str, changes: dict, dest: Path) -> Path:
+    """The shipped config ``name`` with ``changes`` merged in, written to ``dest``."""
+    import yaml
+
+    dest.write_text(yaml.safe_dump(merge_config(shipped_config(name), changes), sort_keys=False))
     return dest
 
 
@@ -986,6 +994,9 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                                                else {}),
                                             **({"free_encoder": True} if _free_encoder(v) else {})}
                                         for v in variants},
+                    # What each plugin server's config held (summarize.shipped_servers compares it with today's).
+                    "configs": {v: merge_config(shipped_config(FAMILIES[family]["config"]), VARIANTS[v].config)
+                                for v in variants if VARIANTS[v].plugin},
                     "runs": {}, "failed_to_start": {}, "failed_runs": {}}
     if kv_tokens(family) != FAMILIES[family]["max_total_tokens"]:  # in every results.json written, a cut-off one's too
         result["max_total_tokens"] = kv_tokens(family)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 from exports import arrival_span, request_records
-from serve import FAMILIES, REPO
+from serve import FAMILIES, REPO, merge_config, shipped_config
 
 from mm_scheduler.tune import run_samples
 
@@ -303,30 +303,28 @@ def config_values_at(commit: str, name: str) -> dict | None:
     return None
 
 
-def _merged(base: dict, override: dict) -> dict:
-    """``override`` on top of ``base``, section by section, as serve.py writes a variant's config."""
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def shipped_servers(result: dict, name: str, current: dict,
                     values_at: Callable[[str, str], dict | None] = config_values_at) -> list[str]:
     """The plugin servers of one harness run that ran the family's shipped config as it is now (``current``, the
-    values of ``configs/<name>.yaml``) and nothing else: no SGLang flag or environment of their own, and the config
-    file at the run's commit, with the server's config change on top, holding exactly these values. So a lever that
-    later became the default counts (Qwen3-VL's ``on+prethread`` at f4d38f4), and a plain ``on`` whose config then
-    differed does not. The code is still the run's commit's."""
-    changes = result.get("variant_changes", {})
+    values of ``configs/<name>.yaml``) and nothing else: no SGLang flag, environment or SGLang patch of their own,
+    and a config holding exactly these values: the one the run recorded (``configs``, since e608eb0's successor),
+    else the config file at the run's commit with the server's config change on top. So a lever that later became
+    the default counts (Qwen3-VL's ``on+prethread`` at f4d38f4), and a plain ``on`` whose config then differed does
+    not. The code is still the run's commit's."""
+    changes, recorded = result.get("variant_changes", {}), result.get("configs", {})
     base: dict | None = None
     servers = []
     for server, flags in result.get("variants", {}).items():
         change = changes.get(server, {"config": {}, "env": {}} if server == "on" else None)
-        if not (server == "on" or server.startswith("on+")) or flags or change is None or change.get("env"):
+        if not (server == "on" or server.startswith("on+")) or flags or change is None \
+                or set(change) - {"config", "env"} or change.get("env"):
             continue
-        base = base if base is not None else values_at(result.get("commit", ""), name)
-        if base is not None and _merged(base, change.get("config", {})) == current:
+        if server in recorded:
+            ran = recorded[server]
+        else:
+            base = base if base is not None else values_at(result.get("commit", ""), name)
+            ran = None if base is None else merge_config(base, change.get("config", {}))
+        if ran == current:
             servers.append(server)
     return servers
 
@@ -400,8 +398,7 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
     family = result.get("family", "")
     if harness_runs and family in FAMILIES:
         name = FAMILIES[family]["config"]
-        current = yaml.safe_load((REPO / "mm_scheduler" / "configs" / f"{name}.yaml").read_text())
-        shipped = shipped_config_summary(harness_runs, name, current)
+        shipped = shipped_config_summary(harness_runs, name, shipped_config(name))
         if shipped:
             fam["shipped_config"] = shipped
     correct = result.get("correctness")

@@ -551,3 +551,15 @@ def test_the_shipped_config_at_a_commit_is_read_from_git_under_either_configs_di
         pytest.skip("this checkout has no git history to read (a source archive)")
     assert at["name"] == "qwen3_vl" and at["sglang"]["preprocess_thread"] is False
     assert summarize.config_values_at("0000000", "qwen3_vl") is None
+
+
+def test_a_run_that_recorded_its_servers_configs_is_judged_by_them_without_git():
+    def no_git(commit, name):
+        raise AssertionError("a recorded config needs no git")
+
+    run = {"commit": "new", "variants": {"off": [], "on": [], "on+pre": [], "on+patched": []},
+           "variant_changes": {"on": {"config": {}, "env": {}}, "on+pre": PRETHREAD,
+                               "on+patched": {"config": {}, "env": {}, "sglang_backports": True}},
+           "configs": {"on": SHIPPED_AT["old"], "on+pre": SHIPPED_NOW, "on+patched": SHIPPED_NOW}}
+    # on+patched ran SGLang fixes of a later release: not the shipped setup whatever its config
+    assert summarize.shipped_servers(run, "c", SHIPPED_NOW, no_git) == ["on+pre"]
