@@ -238,9 +238,10 @@ def tune_rules(values: dict[str, Any], seen: Observed) -> list[Change]:
 
 LAUNCH_BOUND = 0.9
 """Share of a forward's time spent launching it above which the tower is launch-bound, the GPU waiting on the host:
-Gemma 4's eager forwards launched for 31-39 ms of 32-40 ms, and its graphs won (5178309). Qwen3-VL-8B's under Poisson
-load launched for 78-88 % of 39-48 ms forwards (1a3705d, f4d38f4, H100): graphs cut the launch to 5-8 ms and not the
-forward (37-38 ms, its GPU time), so TTFT did not move; on a seed burst (53 %, e214c80) they lost to their padding."""
+Gemma 4's eager forwards launched for 31-39 ms of 32-40 ms (measured before fd957dd removed a per-layer read-back), and
+its graphs won (5178309: forwards of 20-21 ms against 26-37). Qwen3-VL-8B's under Poisson load launched for 71-88 % of
+31-48 ms forwards (1a3705d, db1d93c, H100): graphs cut the launch to 5-8 ms but the forward only to 37-38 ms (its GPU
+time), and TTFT was no better (f4d38f4); on a seed burst (53 %, e214c80) they lost to their padding."""
 GRAPH_BUCKET_SHARE = 0.2  # a histogram interval holding at least this share of forwards gets a bucket
 
 

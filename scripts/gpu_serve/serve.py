@@ -495,7 +495,7 @@ def environment(prepared: Path, plugin: bool, patches: tuple[str, ...] = ()) -> 
 
 def merge_config(base: dict, changes: dict) -> dict:
     """``changes`` on top of a config's values, section by section (a variant's config on the shipped one)."""
-    return {**base, **{k: merge_config(base.get(k, {}), v) if isinstance(v, dict) else v for k, v in changes.items()}}
+    return {**base, **{k: merge_config(base.get(k) or {}, v) if isinstance(v, dict) else v for k, v in changes.items()}}
 
 
 def shipped_config(name: str) -> dict:
@@ -503,6 +503,12 @@ def shipped_config(name: str) -> dict:
     import yaml
 
     return yaml.safe_load((REPO / "mm_scheduler" / "configs" / f"{name}.yaml").read_text())
+
+
+def plugin_config_name(family: str) -> str:
+    """The shipped config a family's plugin servers start from, by name as an operator gives it (the YAML in the
+    installed wheel): the family's, or GPU_SERVE_CONFIG's."""
+    return os.environ.get("GPU_SERVE_CONFIG", FAMILIES[family]["config"])
 
 
 def merged_config(name: str, changes: dict, dest: Path) -> Path:
@@ -537,8 +543,7 @@ class Server:
                 "--export-metrics-to-file", "--export-metrics-to-file-dir", str(export_dir)]
         variant = VARIANTS[self.variant]
         if self.plugin:
-            # by name, as an operator does: the YAML shipped in the installed wheel
-            config = os.environ.get("GPU_SERVE_CONFIG", spec["config"])
+            config = plugin_config_name(family)
             if variant.config:  # the shipped YAML with this variant's changes, as an operator would edit it
                 config = str(merged_config(config, variant.config, export_dir.parent / f"config-{self.variant}.yaml"))
             args += ["--enable-mm-coalescer", "--mm-coalescer-config", config]
@@ -985,21 +990,28 @@ def given_capacity() -> float | None:
     return value
 
 
-def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: range, out: Path,
-               deadline: float, publish: Path) -> dict:
-    servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
+def results_header(family: str, variants: list[str]) -> dict:
+    """What results.json says of a run before its first measurement: each server's SGLang flags, what it changes
+    beyond plugin on or off, the config each plugin server ran (``configs``: summarize.shipped_server compares it
+    with the family's config of the day), and a KV pool cut by GPU_SERVE_MAX_TOTAL_TOKENS."""
     result: dict = {"family": family, "variants": {v: list(VARIANTS[v].flags) for v in variants},
                     "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env,
                                             **({"sglang_backports": True} if "feature_device" in VARIANTS[v].patches
                                                else {}),
                                             **({"free_encoder": True} if _free_encoder(v) else {})}
                                         for v in variants},
-                    # What each plugin server's config held (summarize.shipped_servers compares it with today's).
-                    "configs": {v: merge_config(shipped_config(FAMILIES[family]["config"]), VARIANTS[v].config)
+                    "configs": {v: merge_config(shipped_config(plugin_config_name(family)), VARIANTS[v].config)
                                 for v in variants if VARIANTS[v].plugin},
                     "runs": {}, "failed_to_start": {}, "failed_runs": {}}
     if kv_tokens(family) != FAMILIES[family]["max_total_tokens"]:  # in every results.json written, a cut-off one's too
         result["max_total_tokens"] = kv_tokens(family)
+    return result
+
+
+def run_family(family: str, model: Path, workloads: list[str], variants: list[str], runs: range, out: Path,
+               deadline: float, publish: Path) -> dict:
+    servers = {v: Server(v, 30000 + k, out / f"server-{v}.log") for k, v in enumerate(variants)}
+    result = results_header(family, variants)
 
     def remaining() -> float:
         return deadline - time.monotonic()

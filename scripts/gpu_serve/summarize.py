@@ -36,10 +36,15 @@ def _ratio(on: float, off: float) -> float:
     return round(on / off, 4) if off else float("nan")
 
 
+def seed_repetitions(runs: dict, off: str, on: str) -> list[str]:
+    """The seed repetitions (``seed3``) both servers ran; never a warm-up."""
+    reps = sorted({_workload(k) for k in runs if k.startswith("seed") and not k.startswith("seedwarm")})
+    return [p for p in reps if f"{p}-{off}" in runs and f"{p}-{on}" in runs]
+
+
 def seed_summary(runs: dict, off: str = "off", on: str = "on") -> dict | None:
     """Seed-workload ratios ``on`` / ``off`` over the repetitions both servers ran (median and spread)."""
-    reps = sorted({_workload(k) for k in runs if k.startswith("seed") and not k.startswith("seedwarm")})
-    reps = [p for p in reps if f"{p}-{off}" in runs and f"{p}-{on}" in runs]
+    reps = seed_repetitions(runs, off, on)
     if not reps:
         return None
     out: dict = {"runs": len(reps), "measured": measured_on(runs, [f"{p}-{off}" for p in reps])}
@@ -289,9 +294,14 @@ def measured_on(runs: dict, tags: list[str]) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
+COMMIT = re.compile(r"[0-9a-f]{7,40}")
+
+
 def config_values_at(commit: str, name: str) -> dict | None:
-    """The values of the shipped config ``name`` at ``commit``, read with git; None where git cannot show it (a
-    commit outside this clone's history, a checkout without git)."""
+    """The values of the shipped config ``name`` at ``commit``, read with git; None where git cannot show it (no
+    commit recorded, a commit outside this clone's history, a checkout without git, a file that does not parse)."""
+    if not COMMIT.fullmatch(commit):  # "" would make `git show :path` read the index: today's file
+        return None
     for path in (f"mm_scheduler/configs/{name}.yaml", f"configs/{name}.yaml"):  # configs/ moved into the package
         try:
             shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True,
@@ -299,24 +309,27 @@ def config_values_at(commit: str, name: str) -> dict | None:
         except (OSError, subprocess.TimeoutExpired):
             return None
         if shown.returncode == 0:
-            return yaml.safe_load(shown.stdout)
+            try:
+                return yaml.safe_load(shown.stdout)
+            except yaml.YAMLError:
+                return None
     return None
 
 
-def shipped_servers(result: dict, name: str, current: dict,
-                    values_at: Callable[[str, str], dict | None] = config_values_at) -> list[str]:
-    """The plugin servers of one harness run that ran the family's shipped config as it is now (``current``, the
-    values of ``configs/<name>.yaml``) and nothing else: no SGLang flag, environment or SGLang patch of their own,
-    and a config holding exactly these values: the one the run recorded (``configs``, since e608eb0's successor),
-    else the config file at the run's commit with the server's config change on top. So a lever that later became
-    the default counts (Qwen3-VL's ``on+prethread`` at f4d38f4), and a plain ``on`` whose config then differed does
-    not. The code is still the run's commit's."""
+def shipped_server(result: dict, name: str, current: dict,
+                   values_at: Callable[[str, str], dict | None] = config_values_at) -> str | None:
+    """The plugin server of one harness run that ran the family's shipped config as it is now (``current``, the
+    values of ``configs/<name>.yaml``) and nothing else: no SGLang flag, environment or SGLang patch of its own, and
+    a config holding exactly these values: the one the run recorded (``configs``, since 5d5d209), else the config
+    file at the run's commit with the server's config change on top. Plain ``on`` first, else the first such lever:
+    one server a run, so no run's plugin-off counts twice. So a lever that later became the default counts
+    (Qwen3-VL's ``on+prethread`` at f4d38f4), and a plain ``on`` whose config then differed does not. The code is
+    still the run's commit's: a value changed in code without a change in the file is not seen."""
     changes, recorded = result.get("variant_changes", {}), result.get("configs", {})
     base: dict | None = None
-    servers = []
-    for server, flags in result.get("variants", {}).items():
+    for server in sorted(result.get("variants", {}), key=lambda v: v != "on"):
         change = changes.get(server, {"config": {}, "env": {}} if server == "on" else None)
-        if not (server == "on" or server.startswith("on+")) or flags or change is None \
+        if not (server == "on" or server.startswith("on+")) or result["variants"][server] or change is None \
                 or set(change) - {"config", "env"} or change.get("env"):
             continue
         if server in recorded:
@@ -325,16 +338,16 @@ def shipped_servers(result: dict, name: str, current: dict,
             base = base if base is not None else values_at(result.get("commit", ""), name)
             ran = None if base is None else merge_config(base, change.get("config", {}))
         if ran == current:
-            servers.append(server)
-    return servers
+            return server
+    return None
 
 
 def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
                            values_at: Callable[[str, str], dict | None] = config_values_at) -> dict | None:
-    """Issue 17's targets for the config a family ships now: every harness run's plugin server that ran it
-    (:func:`shipped_servers`) against plain off in that run, the median of those ratios and each one (``each``,
-    oldest run first). Unlike the merged ``seed`` / ``poisson`` / ``lone``, which take every run of plain ``on``
-    whatever its config then, only these servers count."""
+    """Issue 17's targets for the config a family ships now: each harness run's plugin server that ran it
+    (:func:`shipped_server`) against plain off in that run, the median of those ratios and each one (``each``,
+    oldest run first; ``measured`` says where, GPUs and KV pools may differ). Unlike the merged ``seed`` /
+    ``poisson`` / ``lone``, which take every run of plain ``on`` whatever its config then, only these servers count."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
     poisson: dict[str, dict[str, list]] = {}
     lone: list[float] = []
@@ -342,24 +355,27 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     servers = []
     for result in harness_runs:
         runs = _located(result)
-        for server in shipped_servers(result, name, current, values_at):
+        server = shipped_server(result, name, current, values_at)
+        if server is None:
+            continue
+        reps = seed_repetitions(runs, "off", server)
+        for rep in reps:
+            on, off = runs[f"{rep}-{server}"], runs[f"{rep}-off"]
+            seed["median_ttft_ratio"].append(_ratio(on["median_ttft_ms"], off["median_ttft_ms"]))
+            seed["throughput_ratio"].append(_ratio(on["total_throughput"], off["total_throughput"]))
+        where["seed"] += measured_on(runs, [f"{rep}-off" for rep in reps])
+        loads = poisson_summary(runs, None, "off", server)
+        for load, ratios in loads.items():
+            into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")})
+            for key in into:
+                into[key].append(ratios[key])
+            where["poisson"] += ratios["measured"]
+        single = lone_summary(runs, "off", server)
+        if single:
+            lone.append(single["ttft_ratio"])
+            where["lone"] += single["measured"]
+        if reps or loads or single:  # a server with no plugin-off beside it gave no ratio
             servers.append(f"{server} ({result.get('commit', '')})")
-            reps = sorted({_workload(t) for t in runs if t.startswith("seed") and not t.startswith("seedwarm")
-                           and f"{_workload(t)}-off" in runs and f"{_workload(t)}-{server}" in runs})
-            for rep in reps:
-                on, off = runs[f"{rep}-{server}"], runs[f"{rep}-off"]
-                seed["median_ttft_ratio"].append(_ratio(on["median_ttft_ms"], off["median_ttft_ms"]))
-                seed["throughput_ratio"].append(_ratio(on["total_throughput"], off["total_throughput"]))
-            where["seed"] += measured_on(runs, [f"{rep}-off" for rep in reps])
-            for load, ratios in (poisson_summary(runs, None, "off", server) or {}).items():
-                into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")})
-                for key in into:
-                    into[key].append(ratios[key])
-                where["poisson"] += ratios["measured"]
-            single = lone_summary(runs, "off", server)
-            if single:
-                lone.append(single["ttft_ratio"])
-                where["lone"] += single["measured"]
     if not servers:
         return None
 

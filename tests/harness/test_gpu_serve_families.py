@@ -738,3 +738,18 @@ def test_a_smaller_kv_pool_lets_two_qwen3_servers_fit_an_h100_and_reaches_every_
         monkeypatch.setenv("GPU_SERVE_MAX_TOTAL_TOKENS", bad)
         with pytest.raises(ValueError, match="a whole number > 0"):
             serve.kv_tokens("qwen3_vl_8b")
+
+
+def test_a_run_records_the_config_each_plugin_server_ran_and_none_for_plugin_off(monkeypatch):
+    import summarize
+
+    monkeypatch.delenv("GPU_SERVE_CONFIG", raising=False)
+    header = serve.results_header("qwen3_vl_8b", ["off", "on", "on+noprethread"])
+    shipped = serve.shipped_config("qwen3_vl")
+    assert set(header["configs"]) == {"on", "on+noprethread"}
+    assert header["configs"]["on"] == shipped
+    unthreaded = {**shipped, "sglang": {**shipped["sglang"], "preprocess_thread": False}}
+    assert header["configs"]["on+noprethread"] == unthreaded
+    assert summarize.shipped_server(header, "qwen3_vl", shipped, lambda commit, name: None) == "on"
+    monkeypatch.setenv("GPU_SERVE_CONFIG", "default")  # servers started from another shipped config record it
+    assert serve.results_header("qwen3_vl_8b", ["on"])["configs"]["on"] == serve.shipped_config("default")

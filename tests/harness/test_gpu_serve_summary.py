@@ -504,18 +504,21 @@ PRETHREAD = {"config": {"sglang": {"preprocess_thread": True}}, "env": {}}
 def test_the_shipped_config_counts_a_lever_that_became_the_default_and_never_a_server_with_flags_or_env():
     old = {"commit": "old", "variants": {"off": [], "on": [], "on+pre": []},
            "variant_changes": {"off": {"config": {}, "env": {}}, "on": {"config": {}, "env": {}}, "on+pre": PRETHREAD}}
-    new = {"commit": "new", "variants": {"off": [], "on": [], "on+x": ["--flag"], "on+env": []},
+    new = {"commit": "new", "variants": {"off": [], "on+x": ["--flag"], "on+env": [], "on": []},
            "variant_changes": {"on": {"config": {}, "env": {}}, "on+x": {"config": {}, "env": {}},
                                "on+env": {"config": {}, "env": {"E": "1"}}}}
     unknown = {"commit": "gone", "variants": {"off": [], "on": []}}  # git cannot show its config
 
     def shipped(result):
-        return summarize.shipped_servers(result, "c", SHIPPED_NOW, lambda commit, name: SHIPPED_AT.get(commit))
+        return summarize.shipped_server(result, "c", SHIPPED_NOW, lambda commit, name: SHIPPED_AT.get(commit))
 
-    assert shipped(old) == ["on+pre"]  # plain on then lacked preprocess_thread
-    assert shipped(new) == ["on"]  # a server with SGLang flags or environment of its own is not the shipped setup
-    assert shipped({**new, "variant_changes": {}}) == ["on"]  # runs before variant_changes: plain on only
-    assert shipped(unknown) == []
+    assert shipped(old) == "on+pre"  # plain on then lacked preprocess_thread
+    assert shipped(new) == "on"  # a server with SGLang flags or environment of its own is not the shipped setup
+    assert shipped({**new, "variant_changes": {}}) == "on"  # runs before variant_changes: plain on only
+    assert shipped(unknown) is None
+    both = {"commit": "new", "variants": {"off": [], "on+pre": [], "on": []},
+            "variant_changes": {"on": {"config": {}, "env": {}}, "on+pre": PRETHREAD}}
+    assert shipped(both) == "on"  # one server a run, plain on first: that run's off never counts twice
 
 
 def test_the_shipped_config_summary_gives_each_runs_ratio_against_off_and_their_median():
@@ -544,13 +547,17 @@ def test_the_shipped_config_summary_gives_each_runs_ratio_against_off_and_their_
         is None
 
 
-def test_the_shipped_config_at_a_commit_is_read_from_git_under_either_configs_directory():
-    # 10164bb: the configs live in mm_scheduler/configs (configs/ is a link to it); the values, not the comments
-    at = summarize.config_values_at("10164bb", "qwen3_vl")
-    if at is None:
-        pytest.skip("this checkout has no git history to read (a source archive)")
+def test_the_shipped_config_at_a_commit_is_read_from_git_and_a_missing_commit_reads_nothing():
+    import subprocess
+
+    known = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "10164bb^{commit}"], cwd=summarize.REPO,
+                           capture_output=True)
+    if known.returncode != 0:
+        pytest.skip("this checkout has no git history to read (a source archive or a shallow clone)")
+    at = summarize.config_values_at("10164bb", "qwen3_vl")  # mm_scheduler/configs: the values, not the comments
     assert at["name"] == "qwen3_vl" and at["sglang"]["preprocess_thread"] is False
     assert summarize.config_values_at("0000000", "qwen3_vl") is None
+    assert summarize.config_values_at("", "qwen3_vl") is None  # `git show :path` would read today's file
 
 
 def test_a_run_that_recorded_its_servers_configs_is_judged_by_them_without_git():
@@ -562,4 +569,13 @@ def test_a_run_that_recorded_its_servers_configs_is_judged_by_them_without_git()
                                "on+patched": {"config": {}, "env": {}, "sglang_backports": True}},
            "configs": {"on": SHIPPED_AT["old"], "on+pre": SHIPPED_NOW, "on+patched": SHIPPED_NOW}}
     # on+patched ran SGLang fixes of a later release: not the shipped setup whatever its config
-    assert summarize.shipped_servers(run, "c", SHIPPED_NOW, no_git) == ["on+pre"]
+    assert summarize.shipped_server(run, "c", SHIPPED_NOW, no_git) == "on+pre"
+
+
+def test_a_shipped_server_without_plugin_off_beside_it_is_not_listed():
+    alone = {"commit": "new", "variants": {"on": []}, "runs": {"lone-on": bench(100, 10)}}
+    paired = {"commit": "new", "variants": {"off": [], "on": []},
+              "runs": {"lone-off": bench(200, 10), "lone-on": bench(100, 10)}}
+    out = summarize.shipped_config_summary([alone, paired], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW)
+    assert out["servers"] == ["on (new)"] and out["lone"]["runs"] == 1
+    assert summarize.shipped_config_summary([alone], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW) is None
