@@ -24,7 +24,10 @@ What is real and what is not:
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
+import io
 import socket
 import sys
 import types
@@ -299,9 +302,11 @@ def model_dir(parent: Path, family: str) -> Path:
 
 
 @contextlib.contextmanager
-def mm_processor(model_dir: Path, **server_args: Any) -> Iterator[Callable[[], Any]]:
+def mm_processor(model_dir: Path, on_the_loop: bool = False, **server_args: Any) -> Iterator[Callable[[], Any]]:
     """A factory of SGLang's own multimodal processor for ``model_dir``, as its tokenizer manager builds one on a CPU
-    engine (``_is_cpu``: the HF processor runs on the CPU) with these ``ServerArgs`` set, valid inside the ``with``."""
+    engine (``_is_cpu``: the HF processor runs on the CPU) with these ``ServerArgs`` set, valid inside the ``with``.
+    ``on_the_loop``: as with ``--mm-processor-worker-num 1`` on SGLang 0.5.17+, no executor of its own (0.5.16 has
+    none)."""
     import sglang.srt.multimodal.processors.base_processor as base_processor
     from sglang.srt import runtime_context
     from sglang.srt.configs.model_config import ModelConfig
@@ -324,7 +329,28 @@ def mm_processor(model_dir: Path, **server_args: Any) -> Iterator[Callable[[], A
     try:
         with contextlib.ExitStack() as scope:
             if hasattr(runtime_context, "get_mm"):  # 0.5.17+: multimodal settings as a server publishes them
-                scope.enter_context(runtime_context.get_mm().override(mm_process_config={}))
+                workers = {"mm_processor_worker_num": 1} if on_the_loop else {}
+                scope.enter_context(runtime_context.get_mm().override(mm_process_config={}, **workers))
             yield build
     finally:
         base_processor._is_cpu = was_cpu
+
+
+def image_url(width: int, height: int, seed: int) -> str:
+    """A JPEG data URL of random pixels, as a client sends an image."""
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def process_images(mm_processor: Any, urls: list[str]) -> Any:
+    """SGLang's processor on a prompt with these images, as its tokenizer manager calls it for one request (on an
+    event loop of the caller's: ``asyncio.run``)."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    prompt = f"{mm_processor.mm_tokens.image_token * len(urls)}Describe."
+    request = GenerateReqInput(text=prompt, image_data=urls, rid="r")
+    return asyncio.run(mm_processor.process_mm_data_async(image_data=urls, input_text=prompt, request_obj=request))

@@ -10,9 +10,6 @@ and on the float32 pixels the processor would have sent.
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 import logging
 import math
 from pathlib import Path
@@ -51,22 +48,8 @@ def sglang_gemma4_processor(model_dirs):
         yield build
 
 
-def _image_url(width: int, height: int, seed: int) -> str:
-    from PIL import Image
-
-    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="JPEG")
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _processed(mm_processor):
-    from sglang.srt.managers.io_struct import GenerateReqInput
-
-    urls = [_image_url(480, 360, 1), _image_url(300, 500, 2)]
-    prompt = f"{mm_processor.mm_tokens.image_token * 2}Describe."
-    request = GenerateReqInput(text=prompt, image_data=urls, rid="r")
-    return asyncio.run(mm_processor.process_mm_data_async(image_data=urls, input_text=prompt, request_obj=request))
+    return sm.process_images(mm_processor, [sm.image_url(480, 360, 1), sm.image_url(300, 500, 2)])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,14 +1,16 @@
 """``sglang.preprocess_thread``: multimodal preprocessing moves off the tokenizer manager's event loop.
 
-The processor here is a stand-in with SGLang's attribute layout (``_processor`` holding a tokenizer, a
-``_tokenizer`` alias, ``process_mm_data_async``); the real TokenizerManager and processor are exercised by
-the e2e Engine run (tests/e2e, ``lazy``), on both SGLang versions.
+The thread's mechanics run against a stand-in with SGLang's attribute layout (``_processor`` holding a tokenizer, a
+``_tokenizer`` alias, ``process_mm_data_async``); the last section moves SGLang's real processors of the served
+families (the harness's tiny model directories, on the CPU) and compares what they give with SGLang's own call. The
+real TokenizerManager is exercised by the e2e Engine run (tests/e2e, ``tuned``), on both SGLang versions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import pickle
 import threading
 import time
 import weakref
@@ -474,3 +476,76 @@ def test_the_thread_hands_features_over_only_where_sglangs_own_hand_over_would_c
 
 def test_sglang_pickles_what_its_processes_send_by_default():
     assert sglang_compat.pickles_ipc() is True
+
+
+# --- SGLang's real processors (the harness's tiny model directories), on the thread ----------------------------------
+PROCESSOR_FAMILIES = ("qwen3_vl", "qwen2_5_vl", "gemma4", "gemma3")
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    import sglang_models as sm
+
+    parent = tmp_path_factory.mktemp("models")
+    return {family: sm.model_dir(parent, family) for family in PROCESSOR_FAMILIES}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", PROCESSOR_FAMILIES)  # qwen3_vl ships preprocess_thread
+def test_sglangs_own_processor_on_the_thread_gives_what_it_gives_on_the_loop(model_dirs, family, fresh_loop):
+    """Input ids, items, offsets and every feature tensor of a two-image request equal SGLang's own call's, the HF
+    processor ran on the plugin's thread against a clone, and the processor SGLang keeps is left untouched. On
+    SGLang 0.5.17+ as with ``--mm-processor-worker-num 1``, where SGLang leaves the processor on its loop (by default
+    it runs these families' off the loop itself, and nothing moves)."""
+    import sglang_models as sm
+
+    urls = [sm.image_url(480, 360, 1), sm.image_url(300, 500, 2)]
+    with sm.mm_processor(model_dirs[family], on_the_loop=True) as build:
+        own, moved = build(), build()
+        expected = sm.process_images(own, urls)
+        original, seen = moved._processor, []
+        cls = type(moved)
+        wrapped = cls.process_mm_data_async
+
+        async def recorded(processor, *args, **kwargs):
+            seen.append((threading.current_thread().name, processor is moved, processor._processor is original))
+            return await wrapped(processor, *args, **kwargs)
+
+        cls.process_mm_data_async = recorded  # the move binds the clone's method: this one
+        try:
+            thread = preprocess.move_off_the_loop(SimpleNamespace(mm_processor=moved))
+            assert thread is not None
+            got = sm.process_images(moved, urls)
+        finally:
+            cls.process_mm_data_async = wrapped
+    assert seen == [(thread.thread.name, False, False)]  # on the thread, by a clone with an HF processor of its own
+    assert list(got.input_ids) == list(expected.input_ids)
+    received = pickle.loads(pickle.dumps(got.mm_items))  # the send; features the thread handed to /dev/shm are read
+    for item in received:
+        item.feature = materialized(item.feature)
+    assert len(received) == len(expected.mm_items) > 0
+    for mine, theirs in zip(received, expected.mm_items, strict=True):
+        assert_same(vars(mine), vars(theirs))
+
+
+def materialized(feature):
+    """A feature as the scheduler reads it: SGLang's /dev/shm pointers (``ShmPointerMMData``) become tensors."""
+    if isinstance(feature, list):
+        return [materialized(f) for f in feature]
+    return feature.materialize() if hasattr(feature, "materialize") else feature
+
+
+def assert_same(mine, theirs, where: str = "item") -> None:
+    """Equal values, tensors element for element, through lists and dicts."""
+    if isinstance(theirs, torch.Tensor):
+        assert isinstance(mine, torch.Tensor) and mine.dtype == theirs.dtype and torch.equal(mine, theirs), where
+    elif isinstance(theirs, dict):
+        assert mine.keys() == theirs.keys(), where
+        for key in theirs:
+            assert_same(mine[key], theirs[key], f"{where}.{key}")
+    elif isinstance(theirs, (list, tuple)):
+        assert len(mine) == len(theirs), where
+        for k, (a, b) in enumerate(zip(mine, theirs, strict=True)):
+            assert_same(a, b, f"{where}[{k}]")
+    else:
+        assert mine == theirs, where

@@ -4,9 +4,6 @@ with SGLang's own processors (SGLang 0.5.16 pins transformers 5.12.1, whose chec
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 import logging
 from types import SimpleNamespace
 
@@ -36,22 +33,8 @@ def model_dirs(tmp_path_factory):
     return {family: sm.model_dir(parent, family) for family in ("qwen2_5_vl", "qwen3_vl", "gemma4")}
 
 
-def _image_url(seed: int) -> str:
-    from PIL import Image
-
-    pixels = torch.randint(0, 256, (200, 240, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buffer, format="JPEG")
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _processed(mm_processor):
-    from sglang.srt.managers.io_struct import GenerateReqInput
-
-    urls = [_image_url(1), _image_url(2)]
-    prompt = f"{mm_processor.mm_tokens.image_token * 2}Describe."
-    request = GenerateReqInput(text=prompt, image_data=urls, rid="r")
-    return asyncio.run(mm_processor.process_mm_data_async(image_data=urls, input_text=prompt, request_obj=request))
+    return sm.process_images(mm_processor, [sm.image_url(240, 200, 1), sm.image_url(240, 200, 2)])
 
 
 @needs_old_transformers
