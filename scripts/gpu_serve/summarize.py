@@ -18,6 +18,7 @@ import statistics
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from exports import arrival_span, request_records
@@ -395,6 +396,38 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     return out
 
 
+TARGETS: list[tuple[str, tuple[str, ...], float, bool]] = [  # issue 17: (name, where in shipped_config, bound, at most)
+    ("seed TTFT median <= 0.60x", ("seed", "median_ttft_ratio"), 0.60, True),
+    ("seed throughput >= 1.15x", ("seed", "throughput_ratio"), 1.15, False),
+    *[(f"Poisson {load} {what}", ("poisson", load, key), bound, at_most)
+      for load in ("0.5", "0.8")
+      for what, key, bound, at_most in (("TTFT p50 <= 0.80x", "ttft_p50_ratio", 0.80, True),
+                                        ("ITL p99 <= 1.05x", "itl_p99_ratio", 1.05, True),
+                                        ("tok/s >= 1.0x", "tok_s_ratio", 1.0, False))],
+    ("lone TTFT <= 0.90x", ("lone", "ttft_ratio"), 0.90, True),
+]
+
+
+def target_check(shipped: dict | None) -> dict:
+    """Issue 17's targets against a family's ``shipped_config``: each target's median ratio over the runs that
+    measured it, whether that median meets it (``met``), and in how many of those runs it did (``runs_met`` of
+    ``runs``); ``unmeasured`` lists the targets no such run measured (all of them without a shipped-config run)."""
+    out: dict = {"targets": {}, "unmeasured": []}
+    for name, path, bound, at_most in TARGETS:
+        node: Any = shipped or {}
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if not node:
+            out["unmeasured"].append(name)
+            continue
+        each = node["each"]
+        meets = [r <= bound if at_most else r >= bound for r in each]
+        out["targets"][name] = {"median": node["median"], "met": node["median"] <= bound if at_most
+                                else node["median"] >= bound, "runs": len(each), "runs_met": sum(meets)}
+    out["all_met"] = not out["unmeasured"] and all(t["met"] for t in out["targets"].values())
+    return out
+
+
 def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dict] | None = None) -> dict:
     """One family's ratios from its merged runs; ``harness_runs`` (the runs before merging) adds each plugin
     setting's verdict against plain on (:func:`lever_verdict`)."""
@@ -417,6 +450,7 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
         shipped = shipped_config_summary(harness_runs, name, shipped_config(name))
         if shipped:
             fam["shipped_config"] = shipped
+        fam["issue17_targets"] = target_check(shipped)
     correct = result.get("correctness")
     if correct:
         fam["outputs_identical"] = bool(correct["all_identical"])
@@ -780,6 +814,10 @@ def main() -> None:
             if load != "capacity_req_s":
                 print(f"   poisson {load}: TTFT p50 {v['ttft_p50_ratio']} ITL p99 {v['itl_p99_ratio']} "
                       f"tok/s {v['tok_s_ratio']}")
+        check = s.get("issue17_targets")
+        if check:
+            print(f"   issue 17 targets, shipped config medians: all met {check['all_met']}; missed "
+                  f"{[t for t, v in check['targets'].items() if not v['met']]}; unmeasured {len(check['unmeasured'])}")
         shipped = s.get("shipped_config")
         if shipped:
             seed = shipped.get("seed", {})

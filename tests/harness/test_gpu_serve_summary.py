@@ -579,3 +579,23 @@ def test_a_shipped_server_without_plugin_off_beside_it_is_not_listed():
     out = summarize.shipped_config_summary([alone, paired], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW)
     assert out["servers"] == ["on (new)"] and out["lone"]["runs"] == 1
     assert summarize.shipped_config_summary([alone], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW) is None
+
+
+def test_issue_17s_targets_are_judged_on_the_shipped_configs_medians_and_say_what_no_run_measured():
+    shipped = {"seed": {"median_ttft_ratio": {"median": 0.55, "each": [0.5, 0.6]},
+                        "throughput_ratio": {"median": 1.2, "each": [1.3, 1.1]}},
+               "poisson": {"0.5": {"ttft_p50_ratio": {"median": 0.83, "each": [0.75, 0.83, 0.9]},
+                                   "itl_p99_ratio": {"median": 0.9, "each": [0.9]},
+                                   "tok_s_ratio": {"median": 1.0, "each": [1.0]}}},
+               "lone": {"ttft_ratio": {"median": 0.6, "each": [0.6]}}}
+    check = summarize.target_check(shipped)
+    assert check["targets"]["seed TTFT median <= 0.60x"] == {"median": 0.55, "met": True, "runs": 2, "runs_met": 2}
+    assert check["targets"]["seed throughput >= 1.15x"]["runs_met"] == 1
+    assert check["targets"]["Poisson 0.5 TTFT p50 <= 0.80x"] == {"median": 0.83, "met": False, "runs": 3,
+                                                                 "runs_met": 1}
+    assert check["targets"]["Poisson 0.5 tok/s >= 1.0x"]["met"] is True  # at the bound
+    assert check["unmeasured"] == ["Poisson 0.8 TTFT p50 <= 0.80x", "Poisson 0.8 ITL p99 <= 1.05x",
+                                   "Poisson 0.8 tok/s >= 1.0x"]
+    assert check["all_met"] is False
+    nothing = summarize.target_check(None)
+    assert nothing["targets"] == {} and len(nothing["unmeasured"]) == len(summarize.TARGETS)
