@@ -62,7 +62,9 @@ T0 = time.monotonic()
 # KV tokens fit four servers' weights + KV in an H200 (Qwen2.5-VL-7B: 16.6 GB + 11.5 GB each), except where
 # server_gib says fewer fit (see exceeds_the_gpu).
 FAMILIES = {
-    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True},
+    # KV: 28 layers x 4 KV heads x 128 x (K, V) x 2 bytes = 56 KiB a token (build_model.py's 7B config)
+    "qwen2_5_vl_7b": {"config": "qwen2_5_vl", "max_total_tokens": 200_000, "flags": [], "video": True,
+                      "kv_bytes_per_token": 57_344},
     # KV: 36 layers x 8 KV heads x 128 x (K, V) x 2 bytes = 144 KiB a token
     "qwen3_vl_8b": {"config": "qwen3_vl", "max_total_tokens": 150_000, "flags": [], "video": True, "server_gib": 42.5,
                     "kv_bytes_per_token": 147_456},

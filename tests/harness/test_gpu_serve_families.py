@@ -732,6 +732,7 @@ def test_a_smaller_kv_pool_lets_two_qwen3_servers_fit_an_h100_and_reaches_every_
     serve.Server("off", 30000, tmp_path / "server-off.log").start(tmp_path / "model", "qwen3_vl_8b", tmp_path,
                                                                    tmp_path / "requests-off")
     assert started[0][started[0].index("--max-total-tokens") + 1] == "100000"
+    assert serve.kv_tokens("qwen2_5_vl_7b") == 100000  # its KV bytes a token are recorded too
     with pytest.raises(ValueError, match="KV bytes a token"):
         serve.kv_tokens("gemma3_12b")
     for bad in ("100k", "-5", "0"):
