@@ -420,10 +420,11 @@ def target_check(shipped: dict | None) -> dict:
         if not node:
             out["unmeasured"].append(name)
             continue
-        each = node["each"]
-        meets = [r <= bound if at_most else r >= bound for r in each]
-        out["targets"][name] = {"median": node["median"], "met": node["median"] <= bound if at_most
-                                else node["median"] >= bound, "runs": len(each), "runs_met": sum(meets)}
+        def meets(ratio: float, bound: float = bound, at_most: bool = at_most) -> bool:
+            return ratio <= bound if at_most else ratio >= bound
+
+        out["targets"][name] = {"median": node["median"], "met": meets(node["median"]), "runs": len(node["each"]),
+                                "runs_met": sum(map(meets, node["each"]))}
     out["all_met"] = not out["unmeasured"] and all(t["met"] for t in out["targets"].values())
     return out
 

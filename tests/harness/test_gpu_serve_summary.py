@@ -501,6 +501,11 @@ SHIPPED_AT = {"old": {"name": "c", "sglang": {"preprocess_thread": False, "graph
 PRETHREAD = {"config": {"sglang": {"preprocess_thread": True}}, "env": {}}
 
 
+def shipped_at(commit: str, name: str) -> dict | None:
+    """The config file's values at a commit, as git would give them (``summarize.config_values_at``)."""
+    return SHIPPED_AT.get(commit)
+
+
 def test_the_shipped_config_counts_a_lever_that_became_the_default_and_never_a_server_with_flags_or_env():
     old = {"commit": "old", "variants": {"off": [], "on": [], "on+pre": []},
            "variant_changes": {"off": {"config": {}, "env": {}}, "on": {"config": {}, "env": {}}, "on+pre": PRETHREAD}}
@@ -510,7 +515,7 @@ def test_the_shipped_config_counts_a_lever_that_became_the_default_and_never_a_s
     unknown = {"commit": "gone", "variants": {"off": [], "on": []}}  # git cannot show its config
 
     def shipped(result):
-        return summarize.shipped_server(result, "c", SHIPPED_NOW, lambda commit, name: SHIPPED_AT.get(commit))
+        return summarize.shipped_server(result, "c", SHIPPED_NOW, shipped_at)
 
     assert shipped(old) == "on+pre"  # plain on then lacked preprocess_thread
     assert shipped(new) == "on"  # a server with SGLang flags or environment of its own is not the shipped setup
@@ -533,7 +538,7 @@ def test_the_shipped_config_summary_gives_each_runs_ratio_against_off_and_their_
                     "seed2-off": bench(10_000, 1000), "seed2-on": bench(7_000, 1400),
                     "lone-off": bench(200, 10), "lone-on": bench(110, 10),
                     "poisson0.5-off": bench(200, 500), "poisson0.5-on": bench(170, 490)}}
-    out = summarize.shipped_config_summary([old, new], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_AT.get(commit))
+    out = summarize.shipped_config_summary([old, new], "c", SHIPPED_NOW, shipped_at)
     assert out["servers"] == ["on+pre (old)", "on (new)"]
     assert out["seed"]["repetitions"] == 3  # seed0-on (plain on at "old") is not the shipped config
     assert out["seed"]["median_ttft_ratio"] == {"median": 0.6, "each": [0.5, 0.6, 0.7]}
@@ -543,7 +548,7 @@ def test_the_shipped_config_summary_gives_each_runs_ratio_against_off_and_their_
     assert out["poisson"]["0.5"]["ttft_p50_ratio"] == {"median": 0.8, "each": [0.75, 0.85]}
     assert out["poisson"]["0.5"]["tok_s_ratio"]["each"] == [1.0, 0.98]
     assert out["poisson_measured"] == ["old on G", "new on G, KV pool 100000 tokens"]
-    assert summarize.shipped_config_summary([new], "c", {"other": 1}, lambda commit, name: SHIPPED_AT.get(commit)) \
+    assert summarize.shipped_config_summary([new], "c", {"other": 1}, shipped_at) \
         is None
 
 
