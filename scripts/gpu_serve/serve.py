@@ -241,6 +241,10 @@ VARIANTS = {
     # The plugin without the graphs (Qwen2.5-VL, Gemma3, Gemma 4) and the inline path (Qwen2.5-VL, Gemma 4) their
     # configs ship: the baseline those settings were measured against, now that "on" includes them there.
     "on+plain": Variant(True, config={"sglang": {"vit_graph_patches": [], "early_encode_min_waiting": 0}}),
+    # Qwen3-VL's shipped shape (no graphs, encode at arrival, preprocessing on the plugin's thread) on the families
+    # that ship graphs or the inline path: does what won on Qwen3-VL win there too?
+    "on+plain+prethread": Variant(True, config={"sglang": {"vit_graph_patches": [], "early_encode_min_waiting": 0,
+                                                           "preprocess_thread": True}}),
     "on+g4graphs+lazy1": Variant(True, config={"sglang": {"vit_graph_patches": [2520, 5040, 7560],
                                                           "early_encode_min_waiting": 1}}),
     # The plugin with SGLang's streams left at their own priority (every shipped config creates them high): the one
