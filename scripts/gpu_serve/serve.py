@@ -71,8 +71,10 @@ FAMILIES = {
     # SGLang 0.5.16 turns multimodal off for Gemma3 unless asked (scripts/gpu_serve/NOTES.md)
     # 23.1 GB weights + 14.6 GB KV + the tower's and the prefill's activations, an estimate: three servers have
     # always fit, and a fourth found no memory left for its KV cache at 351b609 (SGLang refused to start it).
+    # KV: 48 layers x 8 KV heads x 256 x (K, V) x 2 bytes = 384 KiB a token (14.6 GiB at 40,000; every layer a full
+    # pool on 0.5.16, sliding or not)
     "gemma3_12b": {"config": "gemma3", "max_total_tokens": 40_000, "flags": ["--enable-multimodal"],
-                   "server_gib": 40.0},
+                   "server_gib": 40.0, "kv_bytes_per_token": 393_216},
     # Gemma 4 (Gemma4ForConditionalGeneration): multimodal on by default; COMMON_FLAGS' --attention-backend triton
     # is required (0.5.16 asserts triton/trtllm_mha, and only triton gets the bidirectional image mask), and
     # --mm-attention-backend triton_attn keeps the tower off fa3 (not in the stripped sglang-kernel). Hybrid SWA

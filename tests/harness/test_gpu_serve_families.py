@@ -733,8 +733,11 @@ def test_a_smaller_kv_pool_lets_two_qwen3_servers_fit_an_h100_and_reaches_every_
                                                                    tmp_path / "requests-off")
     assert started[0][started[0].index("--max-total-tokens") + 1] == "100000"
     assert serve.kv_tokens("qwen2_5_vl_7b") == 100000  # its KV bytes a token are recorded too
+    monkeypatch.setenv("GPU_SERVE_MAX_TOTAL_TOKENS", "20000")
+    assert serve.exceeds_the_gpu("gemma3_12b", ["off", "on"]) is None  # 2 x 32.7 GiB
+    assert "32.7 GiB each" in serve.exceeds_the_gpu("gemma3_12b", ["off", "on", "on+prethread"])
     with pytest.raises(ValueError, match="KV bytes a token"):
-        serve.kv_tokens("gemma3_12b")
+        serve.kv_tokens("gemma4_e2b")
     for bad in ("100k", "-5", "0"):
         monkeypatch.setenv("GPU_SERVE_MAX_TOTAL_TOKENS", bad)
         with pytest.raises(ValueError, match="a whole number > 0"):
