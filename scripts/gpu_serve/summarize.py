@@ -186,6 +186,16 @@ VERDICT_TOLERANCE = 0.05
 LONE_TOLERANCE = 0.10
 
 
+def arrivals_apart(ratios: dict) -> str | None:
+    """Why a Poisson pair's tok/s ratio is not judged, or None: the two runs' arrivals (``arrivals_s``, where the
+    harness recorded them) took more than 5 % apart, so the ratio may measure the load generator's pace rather than
+    the server (:func:`exports.arrival_span` says why it may not; ``drain_s`` then tells more)."""
+    off, on = ratios["off"].get("arrivals_s"), ratios["on"].get("arrivals_s")
+    if off is None or on is None or off <= 0 or abs(on / off - 1) <= VERDICT_TOLERANCE:
+        return None
+    return f"arrivals over {on} s against {off} s: the load generator's pace"
+
+
 def _plugin_baseline(result: dict, variant: str) -> str | None:
     """The server ``variant`` is judged against in one harness run: plugin on with the same SGLang flags and no
     setting changed (plain ``on`` when the variant adds no flags), so SGLang's flags are not credited to it."""
@@ -206,8 +216,7 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
     pairs in the merged results) does not hide the earlier comparison. Issue 17's rule: a setting becomes the
     default only when it wins everywhere it was measured (``wins_everywhere_measured``). A Poisson tok/s ratio between
     runs whose arrivals took more than 5 % apart (where the harness recorded them: ``arrivals_s``) is not
-    judged (``not_judged``): it may measure the load generator rather than the server (:func:`exports.arrival_span`
-    says why it may not; ``drain_s`` then tells more)."""
+    judged (``not_judged``, :func:`arrivals_apart`)."""
     checks: list[tuple[str, float, bool, float]] = []  # (what, ratio to the baseline, lower is better, tolerance)
     failed: list[str] = []
     unjudged: dict[str, str] = {}
@@ -233,9 +242,8 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
                        (f"Poisson {load} ITL p99{against} ({commit})", ratios["itl_p99_ratio"], True,
                         VERDICT_TOLERANCE)]
             tok_s = f"Poisson {load} tok/s{against} ({commit})"
-            spans = ratios["off"].get("arrivals_s"), ratios["on"].get("arrivals_s")
-            if None not in spans and spans[0] > 0 and abs(spans[1] / spans[0] - 1) > VERDICT_TOLERANCE:
-                unjudged[tok_s] = f"arrivals over {spans[1]} s against {spans[0]} s: the load generator's pace"
+            if why := arrivals_apart(ratios):
+                unjudged[tok_s] = why
             else:
                 checks.append((tok_s, ratios["tok_s_ratio"], False, VERDICT_TOLERANCE))
     if not checks and not failed:
@@ -348,10 +356,13 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     """Issue 17's targets for the config a family ships now: each harness run's plugin server that ran it
     (:func:`shipped_server`) against plain off in that run, the median of those ratios and each one (``each``,
     oldest run first; ``measured`` says where, GPUs and KV pools may differ). Unlike the merged ``seed`` /
-    ``poisson`` / ``lone``, which take every run of plain ``on`` whatever its config then, only these servers count."""
+    ``poisson`` / ``lone``, which take every run of plain ``on`` whatever its config then, only these servers count.
+    A Poisson tok/s ratio whose runs' arrivals took 5 % apart is left out of the median and listed in
+    ``tok_s_not_judged`` (:func:`arrivals_apart`), as :func:`lever_verdict` leaves it unjudged."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
     poisson: dict[str, dict[str, list]] = {}
     lone: list[float] = []
+    unjudged: dict[str, list[str]] = {}  # per load: tok/s ratios of runs whose arrivals took 5 % apart
     where: dict[str, list[str]] = {"seed": [], "poisson": [], "lone": []}
     servers = []
     for result in harness_runs:
@@ -368,8 +379,12 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         loads = poisson_summary(runs, None, "off", server)
         for load, ratios in loads.items():
             into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")})
-            for key in into:
+            for key in ("ttft_p50_ratio", "itl_p99_ratio"):
                 into[key].append(ratios[key])
+            if why := arrivals_apart(ratios):
+                unjudged.setdefault(load, []).append(f"{ratios['tok_s_ratio']} ({result.get('commit', '')}): {why}")
+            else:
+                into["tok_s_ratio"].append(ratios["tok_s_ratio"])
             where["poisson"] += ratios["measured"]
         single = lone_summary(runs, "off", server)
         if single:
@@ -388,7 +403,8 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         out["seed"] = {"repetitions": len(seed["median_ttft_ratio"]), **{k: over(v) for k, v in seed.items()},
                        "measured": list(dict.fromkeys(where["seed"]))}
     if poisson:
-        out["poisson"] = {load: {"runs": len(v["ttft_p50_ratio"]), **{k: over(r) for k, r in v.items()}}
+        out["poisson"] = {load: {"runs": len(v["ttft_p50_ratio"]), **{k: over(r) for k, r in v.items() if r},
+                                 **({"tok_s_not_judged": unjudged[load]} if load in unjudged else {})}
                           for load, v in sorted(poisson.items())}
         out["poisson_measured"] = list(dict.fromkeys(where["poisson"]))
     if lone:
@@ -411,21 +427,28 @@ TARGETS: list[tuple[str, tuple[str, ...], float, bool]] = [  # issue 17: (name, 
 def target_check(shipped: dict | None) -> dict:
     """Issue 17's targets against a family's ``shipped_config``: each target's median ratio over the runs that
     measured it, whether that median meets it (``met``), and in how many of those runs it did (``runs_met`` of
-    ``runs``); ``unmeasured`` lists the targets no such run measured (all of them without a shipped-config run)."""
-    out: dict = {"targets": {}, "unmeasured": []}
+    ``runs``); ``unmeasured`` lists the targets no such run measured (all of them without a shipped-config run), and
+    ``not_judged`` a tok/s target whose every run had its arrivals 5 % apart (with those runs). Either leaves the
+    targets not all met."""
+    out: dict = {"targets": {}, "unmeasured": [], "not_judged": {}}
     for name, path, bound, at_most in TARGETS:
         node: Any = shipped or {}
-        for key in path:
+        for key in path[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
+        unjudged = node.get("tok_s_not_judged") if isinstance(node, dict) else None
+        node = node.get(path[-1]) if isinstance(node, dict) else None
         if not node:
-            out["unmeasured"].append(name)
+            if unjudged and path[-1] == "tok_s_ratio":
+                out["not_judged"][name] = unjudged
+            else:
+                out["unmeasured"].append(name)
             continue
         def meets(ratio: float, bound: float = bound, at_most: bool = at_most) -> bool:
             return ratio <= bound if at_most else ratio >= bound
 
         out["targets"][name] = {"median": node["median"], "met": meets(node["median"]), "runs": len(node["each"]),
                                 "runs_met": sum(map(meets, node["each"]))}
-    out["all_met"] = not out["unmeasured"] and all(t["met"] for t in out["targets"].values())
+    out["all_met"] = not out["unmeasured"] and not out["not_judged"] and all(t["met"] for t in out["targets"].values())
     return out
 
 
@@ -818,7 +841,8 @@ def main() -> None:
         check = s.get("issue17_targets")
         if check:
             print(f"   issue 17 targets, shipped config medians: all met {check['all_met']}; missed "
-                  f"{[t for t, v in check['targets'].items() if not v['met']]}; unmeasured {len(check['unmeasured'])}")
+                  f"{[t for t, v in check['targets'].items() if not v['met']]}; unmeasured {len(check['unmeasured'])}; "
+                  f"not judged {list(check['not_judged'])}")
         shipped = s.get("shipped_config")
         if shipped:
             seed = shipped.get("seed", {})

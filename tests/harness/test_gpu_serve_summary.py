@@ -604,3 +604,38 @@ def test_issue_17s_targets_are_judged_on_the_shipped_configs_medians_and_say_wha
     assert check["all_met"] is False
     nothing = summarize.target_check(None)
     assert nothing["targets"] == {} and len(nothing["unmeasured"]) == len(summarize.TARGETS)
+
+
+def test_the_shipped_configs_tok_s_leaves_out_runs_whose_arrivals_took_apart_and_the_target_says_not_judged():
+    """660b520's Qwen2.5-VL run: at 80 % load the plugin server got the same requests over 21.8 s against 18.2 s,
+    and its tok/s read 0.85x: the median leaves it out, as lever_verdict does, and the target is not judged (nor
+    met) until a run with even arrivals measures it. TTFT and ITL still count."""
+    def poisson(ttft_ms, tok_s, arrivals_s):
+        return {**bench(ttft_ms, tok_s), "arrivals_s": arrivals_s}
+
+    def run(commit, on_80_arrivals):
+        return {"commit": commit, "gpu": "G", "variants": {"off": [], "on": []},
+                "runs": {"poisson0.5-off": poisson(200, 500, 18.0), "poisson0.5-on": poisson(160, 510, 18.3),
+                         "poisson0.8-off": poisson(260, 860, 18.2),
+                         "poisson0.8-on": poisson(140, 730, on_80_arrivals)}}
+
+    apart = summarize.shipped_config_summary([run("a", 21.8)], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW)
+    load = apart["poisson"]["0.8"]
+    assert "tok_s_ratio" not in load and load["ttft_p50_ratio"]["each"] == [0.5385]
+    assert load["tok_s_not_judged"] == ["0.8488 (a): arrivals over 21.8 s against 18.2 s: the load generator's pace"]
+    assert apart["poisson"]["0.5"]["tok_s_ratio"]["each"] == [1.02]  # 1.7 % apart: judged
+    check = summarize.target_check(apart)
+    assert "Poisson 0.8 tok/s >= 1.0x" not in check["targets"] and "Poisson 0.8 tok/s >= 1.0x" not in \
+        check["unmeasured"]
+    assert check["not_judged"] == {"Poisson 0.8 tok/s >= 1.0x": load["tok_s_not_judged"]}
+    assert check["targets"]["Poisson 0.8 TTFT p50 <= 0.80x"]["met"] is True
+    assert check["all_met"] is False  # a target not judged is not met
+
+    both = summarize.shipped_config_summary([run("a", 21.8), run("b", 18.4)], "c", SHIPPED_NOW,
+                                            lambda commit, name: SHIPPED_NOW)
+    assert both["poisson"]["0.8"]["tok_s_ratio"] == {"median": 0.8488, "each": [0.8488]}  # b's run alone
+    assert both["poisson"]["0.8"]["runs"] == 2 and len(both["poisson"]["0.8"]["tok_s_not_judged"]) == 1
+    check = summarize.target_check(both)
+    assert check["targets"]["Poisson 0.8 tok/s >= 1.0x"] == {"median": 0.8488, "met": False, "runs": 1,
+                                                             "runs_met": 0}
+    assert check["not_judged"] == {}
