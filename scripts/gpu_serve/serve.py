@@ -286,6 +286,9 @@ VARIANTS = {
 }
 # Every variant runs every workload and load; serve.py skips a Poisson load the deadline cannot hold for all servers.
 POISSON_MAX = 200  # requests in a Poisson pool (a run takes the first n)
+# The capacity a Poisson pool is built for when the run measures it (above every capacity measured: Qwen2.5-VL-7B
+# 13.7 req/s on an H200). A load needing more than its pool has it rebuilt before either server's run (prime_pool).
+POOL_CAPACITY_REQ_S = 14.0
 POISSON_DRAIN_S = 25.0
 """A Poisson run's wall time beyond its arrivals (n / rate): the drain, the load generator's start and its scrapes.
 Measured at 50-80 % load: 8-10 s on the Qwen families, 12-14 s on Gemma 4, 17-21 s on Gemma3-12B (86aa9fc)."""
@@ -650,6 +653,33 @@ class LoadGenerator:
                 "--model", str(model), "--tokenizer", str(model), *workload, "--disable-tqdm",
                 "--output-file", "/dev/null"]
         self.run(argv, log_path)
+
+
+def poisson_seconds() -> float:
+    """``GPU_SERVE_POISSON_S``: seconds of arrivals a load (12 unless set)."""
+    return float(os.environ.get("GPU_SERVE_POISSON_S", "12"))
+
+
+def poisson_requests(rate: float) -> int:
+    """Requests of a Poisson run at ``rate`` req/s: ``GPU_SERVE_POISSON_S`` of arrivals, 30 to POISSON_MAX."""
+    return int(min(POISSON_MAX, max(30, rate * poisson_seconds())))
+
+
+def pool_workload(load: float, j: int, capacity: float | None) -> list[str]:
+    """The Poisson pool of the j-th load, built while the servers start: as many requests as a run at ``load`` of
+    ``capacity`` takes (the given one, else POOL_CAPACITY_REQ_S). A pool built too small was rebuilt by the first
+    server's run inside its own timing, and that server's arrivals then took ~22 s against the 18 s drawn
+    (Qwen2.5-VL at 660b520: pools sized for 10 req/s over 13 s, runs of 8.9 req/s over 18 s)."""
+    size = poisson_requests(load * (capacity or POOL_CAPACITY_REQ_S))
+    return [*POISSON_WORKLOAD, "--num-prompts", str(size), "--seed", str(400 + j)]
+
+
+def prime_pool(model: Path, workload: list[str], out: Path, tag: str) -> None:
+    """Build a Poisson run's requests before either server's run (``LOADGEN`` memoizes them), so both get them
+    already built and neither run's pace pays for the JPEGs; a pool already large enough is not rebuilt."""
+    t = time.monotonic()
+    LOADGEN.prime(model, workload, out / f"prime-{tag}.log")
+    log(f"  {tag}: requests ready in {time.monotonic() - t:.0f} s")
 
 
 def prime_all(model: Path, workloads: list[list[str]], out: Path, workers: int = 4) -> None:
@@ -1056,15 +1086,13 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
     seeds = [[*SEED_WORKLOAD, "--num-prompts", "100", "--request-rate", "inf", "--seed", str(100 + i)]
              for i in runs]
     capacity = [*POISSON_WORKLOAD, "--num-prompts", "120", "--request-rate", "inf", "--seed", "300"]
-    # Poisson pools, one seed per load: a run takes the first n (n follows the measured capacity). Sized for about
-    # 10 req/s of capacity (Qwen2.5-VL-7B measured 8.8); a run needing more rebuilds its pool.
-    pools = [[*POISSON_WORKLOAD, "--num-prompts", str(int(min(POISSON_MAX, max(30, 130 * load)))),
-              "--seed", str(400 + j)] for j, load in enumerate(loads)]
+    # Poisson pools, one seed per load: a run takes the first n (n follows the capacity).
+    capacity_given = given_capacity()
+    pools = [pool_workload(load, j, capacity_given) for j, load in enumerate(loads)]
     try:
         for v, server in servers.items():
             server.start(model, family, PREPARED, out / f"requests-{v}")
         datasets = [warm, lone, seed_warm, *seeds] if {"lone", "seed"} & set(workloads) else [warm]
-        capacity_given = given_capacity()
         if "poisson" in workloads:
             datasets += [*([] if capacity_given else [capacity]), *pools]
         prime_all(model, datasets, out)
@@ -1126,16 +1154,16 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                 result["capacity_req_s"], result["capacity_source"] = cap["request_throughput"], f"capacity-{base}"
             for j, load in enumerate(loads):  # the issue's must-haves (50 %, 80 %) first
                 rate = load * result["capacity_req_s"]
-                n = int(min(POISSON_MAX, max(30, rate * float(os.environ.get("GPU_SERVE_POISSON_S", "12")))))
+                n = poisson_requests(rate)
                 if remaining() < len(servers) * (n / rate + POISSON_DRAIN_S):
                     log(f"poisson: deadline near ({remaining():.0f} s left), skipping load {load}")
                     continue
+                w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}",
+                     "--seed", str(400 + j)]
+                prime_pool(model, w, out, f"poisson{load}")
                 for v in pairs(list(servers), j):
-                    if v not in servers:
-                        continue
-                    w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}",
-                         "--seed", str(400 + j)]
-                    measured(f"poisson{load}-{v}", servers[v], w)
+                    if v in servers:
+                        measured(f"poisson{load}-{v}", servers[v], w)
     finally:
         for s in servers.values():
             s.stop()

@@ -419,6 +419,7 @@ def _poisson_only_run(monkeypatch, tmp_path, capacity: str | None):
     monkeypatch.setattr(serve.Server, "wait_healthy", lambda self, timeout: None)
     monkeypatch.setattr(serve.Server, "stop", lambda self: None)
     monkeypatch.setattr(serve, "prime_all", lambda model, workloads, out: primed.extend(workloads))
+    monkeypatch.setattr(serve, "prime_pool", lambda model, workload, out, tag: runs.append((f"prime-{tag}", workload)))
 
     def bench(server, model, workload, extra, out, tag):
         runs.append((tag, workload))
@@ -438,6 +439,31 @@ def test_a_given_capacity_skips_the_capacity_run_and_paces_the_poisson_loads_fro
     assert not any("300" in w and "inf" in w for w in primed)  # the capacity run's requests are not even built
     assert paced == {"poisson0.8-off": "1.600", "poisson0.8-on": "1.600"}
     assert (result["capacity_req_s"], result["capacity_source"]) == (2.0, "GPU_SERVE_CAPACITY")
+    pool = next(w for w in primed if "400" in w)  # built while the servers start, as large as the runs: 1.6 x 18 s
+    assert pool[pool.index("--num-prompts") + 1] == "30"  # 28.8 requests, at least 30
+
+
+def test_every_poisson_run_of_a_load_gets_requests_built_before_either_servers_run(monkeypatch, tmp_path):
+    """660b520's Qwen2.5-VL pools held 104 requests at 80 %, its runs took 128: the first server's run rebuilt them
+    inside its timing and its arrivals took 21.8 s against the second's 18.2. Pools are now sized for the runs, and
+    each load's requests are built (a no-op when the pool holds them) before the first server's run."""
+    runs, primed, _, _ = _poisson_only_run(monkeypatch, tmp_path, None)
+    runs = [(tag, w) for tag, w in runs if not tag.startswith("warm")]
+    assert [tag for tag, _ in runs] == ["capacity-off", "prime-poisson0.8", "poisson0.8-off", "poisson0.8-on"]
+    assert runs[1][1] == runs[2][1] == runs[3][1]  # the very requests both servers then get
+    pool = next(w for w in primed if "400" in w)  # no capacity given: built for 14 req/s, 0.8 x 14 x 18 s
+    assert pool[pool.index("--num-prompts") + 1] == "200"  # 201.6, at most POISSON_MAX
+    n = runs[2][1][runs[2][1].index("--num-prompts") + 1]
+    assert int(n) == int(0.8 * 9.9 * 18) <= int(pool[pool.index("--num-prompts") + 1])
+
+
+def test_poisson_runs_take_the_seconds_asked_within_their_bounds(monkeypatch):
+    monkeypatch.setenv("GPU_SERVE_POISSON_S", "18")
+    assert serve.poisson_requests(7.125) == 128
+    assert serve.poisson_requests(0.5) == 30 and serve.poisson_requests(50.0) == serve.POISSON_MAX
+    monkeypatch.delenv("GPU_SERVE_POISSON_S")
+    assert serve.poisson_requests(5.0) == 60  # 12 s unless set
+    assert serve.pool_workload(0.5, 0, 8.9)[-4:] == ["--num-prompts", "53", "--seed", "400"]
 
 
 def test_without_a_given_capacity_plugin_off_is_measured_first_and_paces_the_loads(monkeypatch, tmp_path):
@@ -481,6 +507,7 @@ def _servers_stubbed(monkeypatch) -> list[str]:
     monkeypatch.setattr(serve.Server, "wait_healthy", lambda self, timeout: None)
     monkeypatch.setattr(serve.Server, "stop", lambda self: None)
     monkeypatch.setattr(serve, "prime_all", lambda model, workloads, out: None)
+    monkeypatch.setattr(serve, "prime_pool", lambda model, workload, out, tag: None)
     ran: list[str] = []
     monkeypatch.setattr(serve, "bench", lambda server, model, workload, extra, out, tag: ran.append(tag) or {})
     return ran
