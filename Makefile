@@ -178,7 +178,7 @@ REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-e214c80-prethread/gpu-serve-qwen3_vl_8b.tar.xz@seed21 \
 	gemma4_e4b=$(RS)/gemma4_e4b-e214c80-prethread/gpu-serve-gemma4_e4b.tar.xz@seed21
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
-REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-660b520-default-h100/gpu-serve-qwen2_5_vl_7b.tar.xz \
+REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-660b520-default-h100/gpu-serve-gemma3_12b.tar.xz

@@ -648,11 +648,17 @@ class LoadGenerator:
         self.proc.wait(timeout=30)
 
     def prime(self, model: Path, workload: list[str], log_path: Path) -> None:
-        """Build and memoize a dataset (its requests go to a closed port and fail at once)."""
-        argv = ["--backend", "sglang-oai-chat", "--base-url", "http://127.0.0.1:9", "--ready-check-timeout-sec", "0",
-                "--model", str(model), "--tokenizer", str(model), *workload, "--disable-tqdm",
-                "--output-file", "/dev/null"]
-        self.run(argv, log_path)
+        """Build and memoize a dataset (its requests go to a closed port and fail at once, so the exit code is
+        always an error and not read)."""
+        self.run([*loadgen_argv("http://127.0.0.1:9", model, workload, Path("/dev/null")),
+                  "--ready-check-timeout-sec", "0"], log_path)
+
+
+def loadgen_argv(url: str, model: Path, workload: list[str], output: Path) -> list[str]:
+    """SGLang's load generator's arguments for ``workload`` against ``url``: the same for a prime and a measured run
+    but for flags ``loadgen.dataset_key`` ignores, so the run finds the primed requests."""
+    return ["--backend", "sglang-oai-chat", "--base-url", url, "--model", str(model), "--tokenizer", str(model),
+            *workload, "--output-file", str(output), "--disable-tqdm"]
 
 
 def poisson_seconds() -> float:
@@ -667,16 +673,18 @@ def poisson_requests(rate: float) -> int:
 
 def pool_workload(load: float, j: int, capacity: float | None) -> list[str]:
     """The Poisson pool of the j-th load, built while the servers start: as many requests as a run at ``load`` of
-    ``capacity`` takes (the given one, else POOL_CAPACITY_REQ_S). A pool built too small was rebuilt by the first
-    server's run inside its own timing, and that server's arrivals then took ~22 s against the 18 s drawn
-    (Qwen2.5-VL at 660b520: pools sized for 10 req/s over 13 s, runs of 8.9 req/s over 18 s)."""
+    ``capacity`` takes (the given one, else POOL_CAPACITY_REQ_S), so no run rebuilds it (:func:`prime_pool` says
+    why that matters)."""
     size = poisson_requests(load * (capacity or POOL_CAPACITY_REQ_S))
     return [*POISSON_WORKLOAD, "--num-prompts", str(size), "--seed", str(400 + j)]
 
 
 def prime_pool(model: Path, workload: list[str], out: Path, tag: str) -> None:
-    """Build a Poisson run's requests before either server's run (``LOADGEN`` memoizes them), so both get them
-    already built and neither run's pace pays for the JPEGs; a pool already large enough is not rebuilt."""
+    """Build a Poisson run's requests before the first server's run (``LOADGEN`` memoizes them; a pool already large
+    enough is not rebuilt). SGLang's load generator seeds numpy, builds the dataset from it, then draws the arrival
+    gaps from it: a run that builds its requests gets another schedule than one that reuses them. Before this, a
+    pool too small was rebuilt by the first server's run, and at 660b520 that Qwen2.5-VL server got 128 requests over
+    21.8 s at 80 % load against plugin-off's 18.2 (summarize.own_schedule)."""
     t = time.monotonic()
     LOADGEN.prime(model, workload, out / f"prime-{tag}.log")
     log(f"  {tag}: requests ready in {time.monotonic() - t:.0f} s")
@@ -768,8 +776,7 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     scraper = MetricsScraper(server)
     scraper.start()
     samplers = samplers_for(server, out, tag)
-    argv = ["--backend", "sglang-oai-chat", "--base-url", server.url, "--model", str(model),
-            "--tokenizer", str(model), *workload, *extra, "--output-file", str(result_file), "--disable-tqdm"]
+    argv = loadgen_argv(server.url, model, [*workload, *extra], result_file)
     t, started_at = time.monotonic(), time.time()
     limit, done, stopped = run_timeout(workload), threading.Event(), []
     log_start = server.log_path.stat().st_size if server.log_path.exists() else 0
@@ -1031,7 +1038,9 @@ def given_capacity() -> float | None:
 def results_header(family: str, variants: list[str]) -> dict:
     """What results.json says of a run before its first measurement: each server's SGLang flags, what it changes
     beyond plugin on or off, the config each plugin server ran (``configs``: summarize.shipped_server compares it
-    with the family's config of the day), and a KV pool cut by GPU_SERVE_MAX_TOTAL_TOKENS."""
+    with the family's config of the day), a KV pool cut by GPU_SERVE_MAX_TOTAL_TOKENS, and ``poisson_primed``: each
+    Poisson load's requests are built before its first run (:func:`prime_pool`), so every server of a load gets the
+    same arrival schedule (summarize.own_schedule reads the runs before this)."""
     result: dict = {"family": family, "variants": {v: list(VARIANTS[v].flags) for v in variants},
                     "variant_changes": {v: {"config": VARIANTS[v].config, "env": VARIANTS[v].env,
                                             **({"sglang_backports": True} if "feature_device" in VARIANTS[v].patches
@@ -1040,7 +1049,7 @@ def results_header(family: str, variants: list[str]) -> dict:
                                         for v in variants},
                     "configs": {v: merge_config(shipped_config(plugin_config_name(family)), VARIANTS[v].config)
                                 for v in variants if VARIANTS[v].plugin},
-                    "runs": {}, "failed_to_start": {}, "failed_runs": {}}
+                    "poisson_primed": True, "runs": {}, "failed_to_start": {}, "failed_runs": {}}
     if kv_tokens(family) != FAMILIES[family]["max_total_tokens"]:  # in every results.json written, a cut-off one's too
         result["max_total_tokens"] = kv_tokens(family)
     return result

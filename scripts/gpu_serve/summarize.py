@@ -186,14 +186,52 @@ VERDICT_TOLERANCE = 0.05
 LONE_TOLERANCE = 0.10
 
 
+def legacy_pool(load: float) -> int:
+    """Requests the harness built for a Poisson load while the servers started, from b3633c6 until runs recorded
+    ``poisson_primed`` (f63d249): 130 x load, 30 to 200."""
+    return int(min(200, max(30, 130 * load)))
+
+
+def own_schedule(result: dict, load: str) -> str | None:
+    """The server of one harness run whose Poisson run at ``load`` drew an arrival schedule of its own, or None.
+
+    SGLang's load generator seeds numpy, builds its dataset from it, then draws the arrival gaps from it. The
+    harness built each load's pool before the runs (:func:`legacy_pool`) and the load generator memoized it; a run
+    asking for more requests than the pool held rebuilt it inside its own call, so the first server run at that
+    load got another schedule than the servers after it, which reused the pool (Qwen2.5-VL at 660b520: at 80 % the
+    plugin server got its 128 requests over 21.8 s, plugin-off over 18.2 s). Runs that recorded ``poisson_primed``
+    built every load's requests before its first run and never differ. Every Poisson run on record descends from
+    b3633c6."""
+    if result.get("poisson_primed"):
+        return None
+    runs = result.get("runs", {})
+    tags = [tag for tag in runs if tag.startswith(f"poisson{load}-")]
+    asked = max((runs[tag].get("requested") or runs[tag].get("completed") or 0 for tag in tags), default=0)
+    if not tags or asked <= legacy_pool(float(load)):
+        return None
+    first = min(tags, key=lambda tag: (runs[tag].get("window") or [float("inf")])[0])
+    return first.split("-", 1)[1]
+
+
+def schedules_differ(result: dict, load: str, a: str, b: str) -> str | None:
+    """Why servers ``a`` and ``b`` of one run got different arrival schedules at ``load`` (:func:`own_schedule`), or
+    None: then none of that pair's Poisson ratios is judged."""
+    server = own_schedule(result, load)
+    if server not in (a, b):
+        return None
+    return (f"{server}'s run rebuilt the load's {legacy_pool(float(load))}-request pool and drew its own arrival "
+            "schedule")
+
+
 def arrivals_apart(ratios: dict) -> str | None:
     """Why a Poisson pair's tok/s ratio is not judged, or None: the two runs' arrivals (``arrivals_s``, where the
-    harness recorded them) took more than 5 % apart, so the ratio may measure the load generator's pace rather than
-    the server (:func:`exports.arrival_span` says why it may not; ``drain_s`` then tells more)."""
+    harness recorded them) took more than 5 % apart, so tokens over each run's duration compare the two spans rather
+    than the servers (spans differ with two arrival schedules, :func:`own_schedule`, or a loop that took requests in
+    later, :func:`exports.arrival_span`; ``drain_s`` then tells more)."""
     off, on = ratios["off"].get("arrivals_s"), ratios["on"].get("arrivals_s")
     if off is None or on is None or off <= 0 or abs(on / off - 1) <= VERDICT_TOLERANCE:
         return None
-    return f"arrivals over {on} s against {off} s: the load generator's pace"
+    return f"arrivals over {on} s against {off} s: tok/s would compare the spans"
 
 
 def _plugin_baseline(result: dict, variant: str) -> str | None:
@@ -216,7 +254,8 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
     pairs in the merged results) does not hide the earlier comparison. Issue 17's rule: a setting becomes the
     default only when it wins everywhere it was measured (``wins_everywhere_measured``). A Poisson tok/s ratio between
     runs whose arrivals took more than 5 % apart (where the harness recorded them: ``arrivals_s``) is not
-    judged (``not_judged``, :func:`arrivals_apart`)."""
+    judged (``not_judged``, :func:`arrivals_apart`), nor is any Poisson ratio of a pair whose arrival schedules
+    differed (:func:`schedules_differ`)."""
     checks: list[tuple[str, float, bool, float]] = []  # (what, ratio to the baseline, lower is better, tolerance)
     failed: list[str] = []
     unjudged: dict[str, str] = {}
@@ -237,6 +276,9 @@ def lever_verdict(harness_runs: list[dict], variant: str) -> dict | None:
         if lone:
             checks.append((f"lone TTFT{against} ({commit})", lone["ttft_ratio"], True, LONE_TOLERANCE))
         for load, ratios in (poisson or {}).items():
+            if why := schedules_differ(result, load, base, variant):
+                unjudged[f"Poisson {load}{against} ({commit})"] = why
+                continue
             checks += [(f"Poisson {load} TTFT p50{against} ({commit})", ratios["ttft_p50_ratio"], True,
                         VERDICT_TOLERANCE),
                        (f"Poisson {load} ITL p99{against} ({commit})", ratios["itl_p99_ratio"], True,
@@ -358,11 +400,14 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     oldest run first; ``measured`` says where, GPUs and KV pools may differ). Unlike the merged ``seed`` /
     ``poisson`` / ``lone``, which take every run of plain ``on`` whatever its config then, only these servers count.
     A Poisson tok/s ratio whose runs' arrivals took 5 % apart is left out of the median and listed in
-    ``tok_s_not_judged`` (:func:`arrivals_apart`), as :func:`lever_verdict` leaves it unjudged."""
+    ``tok_s_not_judged`` (:func:`arrivals_apart`), and a run whose two servers got different arrival schedules is
+    left out of that load altogether (``runs_left_out``, :func:`schedules_differ`), as :func:`lever_verdict` leaves
+    them unjudged."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
     poisson: dict[str, dict[str, list]] = {}
     lone: list[float] = []
     unjudged: dict[str, list[str]] = {}  # per load: tok/s ratios of runs whose arrivals took 5 % apart
+    left_out: dict[str, list[str]] = {}  # per load: runs whose two servers got different arrival schedules
     where: dict[str, list[str]] = {"seed": [], "poisson": [], "lone": []}
     servers = []
     for result in harness_runs:
@@ -379,6 +424,9 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         loads = poisson_summary(runs, None, "off", server)
         for load, ratios in loads.items():
             into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")})
+            if why := schedules_differ(result, load, "off", server):
+                left_out.setdefault(load, []).append(f"{result.get('commit', '')}: {why}")
+                continue
             for key in ("ttft_p50_ratio", "itl_p99_ratio"):
                 into[key].append(ratios[key])
             if why := arrivals_apart(ratios):
@@ -404,7 +452,8 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
                        "measured": list(dict.fromkeys(where["seed"]))}
     if poisson:
         out["poisson"] = {load: {"runs": len(v["ttft_p50_ratio"]), **{k: over(r) for k, r in v.items() if r},
-                                 **({"tok_s_not_judged": unjudged[load]} if load in unjudged else {})}
+                                 **({"tok_s_not_judged": unjudged[load]} if load in unjudged else {}),
+                                 **({"runs_left_out": left_out[load]} if load in left_out else {})}
                           for load, v in sorted(poisson.items())}
         out["poisson_measured"] = list(dict.fromkeys(where["poisson"]))
     if lone:
@@ -428,17 +477,18 @@ def target_check(shipped: dict | None) -> dict:
     """Issue 17's targets against a family's ``shipped_config``: each target's median ratio over the runs that
     measured it, whether that median meets it (``met``), and in how many of those runs it did (``runs_met`` of
     ``runs``); ``unmeasured`` lists the targets no such run measured (all of them without a shipped-config run), and
-    ``not_judged`` a tok/s target whose every run had its arrivals 5 % apart (with those runs). Either leaves the
-    targets not all met."""
+    ``not_judged`` a Poisson target whose every run was left out of it (``tok_s_not_judged``, ``runs_left_out``: with
+    those runs). Either leaves the targets not all met."""
     out: dict = {"targets": {}, "unmeasured": [], "not_judged": {}}
     for name, path, bound, at_most in TARGETS:
         node: Any = shipped or {}
         for key in path[:-1]:
             node = node.get(key) if isinstance(node, dict) else None
-        unjudged = node.get("tok_s_not_judged") if isinstance(node, dict) else None
+        unjudged = [*(node.get("tok_s_not_judged", []) if path[-1] == "tok_s_ratio" else []),
+                    *node.get("runs_left_out", [])] if isinstance(node, dict) else []
         node = node.get(path[-1]) if isinstance(node, dict) else None
         if not node:
-            if unjudged and path[-1] == "tok_s_ratio":
+            if unjudged:
                 out["not_judged"][name] = unjudged
             else:
                 out["unmeasured"].append(name)
@@ -849,8 +899,10 @@ def main() -> None:
             print(f"   shipped config ({len(shipped['servers'])} servers): seed TTFT "
                   f"{seed.get('median_ttft_ratio', {}).get('each')}, lone {shipped.get('lone', {}).get('ttft_ratio')}")
             for load, v in shipped.get("poisson", {}).items():
-                print(f"   shipped poisson {load}: TTFT p50 {v['ttft_p50_ratio']['each']} "
-                      f"ITL p99 {v['itl_p99_ratio']['each']} tok/s {v['tok_s_ratio']['each']}")
+                each = {key: v.get(key, {}).get("each") for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")}
+                print(f"   shipped poisson {load}: TTFT p50 {each['ttft_p50_ratio']} ITL p99 {each['itl_p99_ratio']} "
+                      f"tok/s {each['tok_s_ratio']}; left out {v.get('runs_left_out', [])}, tok/s not judged "
+                      f"{v.get('tok_s_not_judged', [])}")
     if plot(summary, args.out.with_suffix(".png")):
         print(f"wrote {args.out.with_suffix('.png')}")
 

@@ -779,8 +779,34 @@ def test_a_run_records_the_config_each_plugin_server_ran_and_none_for_plugin_off
     shipped = serve.shipped_config("qwen3_vl")
     assert set(header["configs"]) == {"on", "on+noprethread"}
     assert header["configs"]["on"] == shipped
+    assert header["poisson_primed"] is True  # summarize.own_schedule: no server of this run drew its own schedule
     unthreaded = {**shipped, "sglang": {**shipped["sglang"], "preprocess_thread": False}}
     assert header["configs"]["on+noprethread"] == unthreaded
     assert summarize.shipped_server(header, "qwen3_vl", shipped, lambda commit, name: None) == "on"
     monkeypatch.setenv("GPU_SERVE_CONFIG", "default")  # servers started from another shipped config record it
     assert serve.results_header("qwen3_vl_8b", ["on"])["configs"]["on"] == serve.shipped_config("default")
+
+
+def _flags(argv: list[str]) -> dict[str, str | bool]:
+    """``--flag value`` pairs and bare ``--flag`` switches of a load generator command line, as argparse dests."""
+    out: dict[str, str | bool] = {}
+    for i, token in enumerate(argv):
+        if token.startswith("--"):
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+            out[token[2:].replace("-", "_")] = value
+    return out
+
+
+def test_a_primed_poisson_pool_and_the_measured_run_share_the_load_generators_dataset_key():
+    """The run finds the primed requests only if every argument loadgen.dataset_key reads is the same in both."""
+    import loadgen
+
+    workload = [*serve.POISSON_WORKLOAD, "--num-prompts", "128", "--request-rate", "7.125", "--seed", "401"]
+    primed, measured = [], []
+    gen = serve.LoadGenerator.__new__(serve.LoadGenerator)
+    gen.run = lambda argv, log_path: primed.extend(argv) or 1
+    gen.prime(Path("/m"), [*serve.POISSON_WORKLOAD, "--num-prompts", "200", "--seed", "401"], Path("/dev/null"))
+    measured = serve.loadgen_argv("http://127.0.0.1:30001", Path("/m"), workload, Path("/out/bench.jsonl"))
+    kept = [{k: v for k, v in _flags(argv).items() if k not in loadgen._IGNORED} for argv in (primed, measured)]
+    assert kept[0] == kept[1] and kept[0]["seed"] == "401" and "image_count" in kept[0]
+    assert _flags(primed)["base_url"] == "http://127.0.0.1:9"  # a closed port: the prime sends nothing
