@@ -830,8 +830,16 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
         keep["stacks"] = stacks
     log(f"  {tag}: {keep['completed']} done in {keep['duration']:.1f}s, TTFT p50 {keep['median_ttft_ms']:.0f} "
         f"ms p99 {keep['p99_ttft_ms']:.0f}, ITL p99 {keep['p99_itl_ms']:.1f} ms, {keep['total_throughput']:.0f} tok/s"
-        f" ({time.monotonic() - t:.0f}s wall)")
+        f"{arrivals_note(keep)} ({time.monotonic() - t:.0f}s wall)")
     return keep
+
+
+def arrivals_note(run: dict) -> str:
+    """``, arrivals X s, drain Y s`` for a run whose requests SGLang exported: a paced run's pair is compared only
+    where both servers got their requests over the same span (summarize.arrivals_apart), which this shows at once."""
+    if "arrivals_s" not in run:
+        return ""
+    return f", arrivals {run['arrivals_s']} s, drain {run['drain_s']} s"
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -810,3 +810,8 @@ def test_a_primed_poisson_pool_and_the_measured_run_share_the_load_generators_da
     kept = [{k: v for k, v in _flags(argv).items() if k not in loadgen._IGNORED} for argv in (primed, measured)]
     assert kept[0] == kept[1] and kept[0]["seed"] == "401" and "image_count" in kept[0]
     assert _flags(primed)["base_url"] == "http://127.0.0.1:9"  # a closed port: the prime sends nothing
+
+
+def test_a_runs_log_line_shows_its_arrival_span_where_sglang_exported_its_requests():
+    assert serve.arrivals_note({"arrivals_s": 21.77, "drain_s": 2.47}) == ", arrivals 21.77 s, drain 2.47 s"
+    assert serve.arrivals_note({}) == ""  # no export (older SGLang or no requests in the window)
