@@ -671,12 +671,18 @@ def poisson_requests(rate: float) -> int:
     return int(min(POISSON_MAX, max(30, rate * poisson_seconds())))
 
 
+def poisson_workload(j: int, n: int, rate: float | None = None) -> list[str]:
+    """The j-th load's ``n`` Poisson requests (its own seed), paced at ``rate`` req/s where given: a pool and the
+    runs that take its first n share the seed, so the load generator finds the pool (``loadgen.dataset_key``)."""
+    return [*POISSON_WORKLOAD, "--num-prompts", str(n), *(["--request-rate", f"{rate:.3f}"] if rate else []),
+            "--seed", str(400 + j)]
+
+
 def pool_workload(load: float, j: int, capacity: float | None) -> list[str]:
     """The Poisson pool of the j-th load, built while the servers start: as many requests as a run at ``load`` of
     ``capacity`` takes (the given one, else POOL_CAPACITY_REQ_S), so no run rebuilds it (:func:`prime_pool` says
     why that matters)."""
-    size = poisson_requests(load * (capacity or POOL_CAPACITY_REQ_S))
-    return [*POISSON_WORKLOAD, "--num-prompts", str(size), "--seed", str(400 + j)]
+    return poisson_workload(j, poisson_requests(load * (capacity or POOL_CAPACITY_REQ_S)))
 
 
 def prime_pool(model: Path, workload: list[str], out: Path, tag: str) -> None:
@@ -1175,8 +1181,7 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                 if remaining() < len(servers) * (n / rate + POISSON_DRAIN_S):
                     log(f"poisson: deadline near ({remaining():.0f} s left), skipping load {load}")
                     continue
-                w = [*POISSON_WORKLOAD, "--num-prompts", str(n), "--request-rate", f"{rate:.3f}",
-                     "--seed", str(400 + j)]
+                w = poisson_workload(j, n, rate)
                 prime_pool(model, w, out, f"poisson{load}")
                 for v in pairs(list(servers), j):
                     if v in servers:
