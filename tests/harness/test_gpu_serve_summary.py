@@ -21,6 +21,11 @@ def bench(ttft_ms: float, tok_s: float, window=None) -> dict:
             "request_rate": 5.0, "window": window}
 
 
+def paced(ttft_ms: float, tok_s: float, arrivals_s: float) -> dict:
+    """A Poisson run whose requests SGLang exported: its arrival span beside the bench numbers."""
+    return {**bench(ttft_ms, tok_s), "arrivals_s": arrivals_s}
+
+
 def result() -> dict:
     runs = {"seed0-off": bench(10_000, 1000), "seed0-on": bench(8_000, 1250),
             "seed1-on": bench(9_000, 1100), "seed1-off": bench(10_000, 1000),
@@ -426,13 +431,10 @@ def test_poisson_arrival_span_and_drain_come_from_sglangs_own_receipt_and_finish
 def test_a_poisson_tok_s_ratio_between_runs_whose_arrivals_took_apart_is_not_judged():
     """The load generator sent the same requests to the setting's server over 22.1 s against 18.5: its lower tok/s
     is the client's pace, not the server's. At equal arrivals (the other load) tok/s is judged as before."""
-    def poisson(ttft_ms, tok_s, arrivals_s):
-        return {**bench(ttft_ms, tok_s), "arrivals_s": arrivals_s}
-
     run = {"family": "fam", "commit": "d", "variants": {"off": [], "on": [], "on+lazy": []},
            "variant_changes": {"on+lazy": {"config": {"sglang": {"early_encode_min_waiting": 1}}, "env": {}}},
-           "runs": {"poisson0.8-on": poisson(348, 800, 18.5), "poisson0.8-on+lazy": poisson(256, 720, 22.1),
-                    "poisson0.5-on": poisson(222, 440, 22.2), "poisson0.5-on+lazy": poisson(202, 400, 21.6)}}
+           "runs": {"poisson0.8-on": paced(348, 800, 18.5), "poisson0.8-on+lazy": paced(256, 720, 22.1),
+                    "poisson0.5-on": paced(222, 440, 22.2), "poisson0.5-on+lazy": paced(202, 400, 21.6)}}
     verdict = summarize.lever_verdict([run], "on+lazy")
     assert "Poisson 0.8 tok/s (d)" not in verdict["worse"]
     assert verdict["not_judged"] == {"Poisson 0.8 tok/s (d)": "arrivals over 22.1 s against 18.5 s: tok/s "
@@ -610,14 +612,11 @@ def test_the_shipped_configs_tok_s_leaves_out_runs_whose_arrivals_took_apart_and
     """660b520's Qwen2.5-VL run: at 80 % load the plugin server got the same requests over 21.8 s against 18.2 s,
     and its tok/s read 0.85x: the median leaves it out, as lever_verdict does, and the target is not judged (nor
     met) until a run with even arrivals measures it. TTFT and ITL still count."""
-    def poisson(ttft_ms, tok_s, arrivals_s):
-        return {**bench(ttft_ms, tok_s), "arrivals_s": arrivals_s}
-
     def run(commit, on_80_arrivals):
         return {"commit": commit, "gpu": "G", "variants": {"off": [], "on": []},
-                "runs": {"poisson0.5-off": poisson(200, 500, 18.0), "poisson0.5-on": poisson(160, 510, 18.3),
-                         "poisson0.8-off": poisson(260, 860, 18.2),
-                         "poisson0.8-on": poisson(140, 730, on_80_arrivals)}}
+                "runs": {"poisson0.5-off": paced(200, 500, 18.0), "poisson0.5-on": paced(160, 510, 18.3),
+                         "poisson0.8-off": paced(260, 860, 18.2),
+                         "poisson0.8-on": paced(140, 730, on_80_arrivals)}}
 
     apart = summarize.shipped_config_summary([run("a", 21.8)], "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW)
     load = apart["poisson"]["0.8"]
