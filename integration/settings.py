@@ -66,6 +66,12 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # HF processors count their image tokens as transformers 5.17 does, on lists instead of one tensor element at a
     # time: the same counts, 8-13 ms less a six-image request on its main thread (integration/token_check.py).
     "fast_mm_token_check": True,
+    # N >= 1: the tokenizer manager's process runs torch's CPU operators on N threads, as SGLang's own tokenizer
+    # workers do (0.5.16 TokenizerWorker: torch.set_num_threads(1)); null (default): torch's default, one a core.
+    # On the real server the single tokenizer manager burned 0.85-0.9 CPU-s a six-image request against ~80 ms of
+    # wall time (Qwen2.5-VL-7B, 660b520, H100: ~8 of the machine's 16 vCPUs during a burst), beside the scheduler's
+    # launch-bound threads. Unmeasured as a lever: harness variant on+tmthreads1.
+    "tokenizer_torch_threads": None,
 }
 MAX_GRAPH_BUCKETS = 8
 _TRUE = {"1", "true", "yes", "on"}
@@ -184,8 +190,13 @@ def _plugin_section(section: Any, config_path: str) -> dict[str, Any]:
             not isinstance(b, int) or isinstance(b, bool) or b <= 0 or b % 4 for b in buckets):
         raise ValueError(f"{config_path}: sglang.vit_graph_patches must be a list of at most {MAX_GRAPH_BUCKETS} "
                          f"patch counts, each a positive multiple of 4 (one 2x2 merge window), got {buckets!r}")
+    threads = section.get("tokenizer_torch_threads", PLUGIN_DEFAULTS["tokenizer_torch_threads"])
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ValueError(f"{config_path}: sglang.tokenizer_torch_threads must be a whole number >= 1, or null for "
+                         f"torch's default, got {threads!r}")
     return {"llm_stream_priority": priority, "prefill_wait_ms": float(wait), "defer_prefill_ms": float(defer),
             "early_encode_min_waiting": min_waiting, "vit_graph_patches": sorted(set(buckets)),
+            "tokenizer_torch_threads": threads,
             **{name: _switch(section, name, config_path) for name in _SWITCHES}}
 
 

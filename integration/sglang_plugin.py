@@ -162,7 +162,7 @@ def _after_resolve_once(_result: None, server_args: Any) -> None:
 
 
 # --- tokenizer manager --------------------------------------------------------------------------
-_TOKENIZER_MANAGER_SETTINGS = ("uint8_pixels", "fast_mm_token_check", "preprocess_thread")
+_TOKENIZER_MANAGER_SETTINGS = ("uint8_pixels", "fast_mm_token_check", "preprocess_thread", "tokenizer_torch_threads")
 
 
 def _hook_tokenizer_manager(chosen: dict[str, Any] | None) -> None:
@@ -179,13 +179,21 @@ def _hook_tokenizer_manager(chosen: dict[str, Any] | None) -> None:
 
 
 def _after_tokenizer_manager_init(_result: None, tokenizer_manager: Any, *args: Any, **kwargs: Any) -> None:
-    """``sglang.uint8_pixels``: its image processor sends uint8 pixels (:mod:`.pixel_transport`), before any clone
-    of it is taken; ``sglang.fast_mm_token_check``: its HF processors count image tokens on lists
-    (:mod:`.token_check`); ``sglang.preprocess_thread``: its multimodal preprocessing moves off its event loop
-    (:mod:`.preprocess`)."""
+    """``sglang.tokenizer_torch_threads``: torch's intra-op threads in this process (the launcher's, where the
+    tokenizer manager runs; no model runs here); ``sglang.uint8_pixels``: its image processor sends uint8 pixels
+    (:mod:`.pixel_transport`), before any clone of it is taken; ``sglang.fast_mm_token_check``: its HF processors
+    count image tokens on lists (:mod:`.token_check`); ``sglang.preprocess_thread``: its multimodal preprocessing
+    moves off its event loop (:mod:`.preprocess`)."""
     chosen = settings.settings_of(kwargs.get("server_args", args[0] if args else None))
     plugin = (chosen or {}).get("plugin", {})
     mm_processor = getattr(tokenizer_manager, "mm_processor", None)
+    if plugin.get("tokenizer_torch_threads"):
+        import torch
+
+        was = torch.get_num_threads()
+        torch.set_num_threads(plugin["tokenizer_torch_threads"])
+        logger.info("mm-coalescer: sglang.tokenizer_torch_threads: the tokenizer manager's process runs torch on %d "
+                    "thread(s), was %d", torch.get_num_threads(), was)
     if plugin.get("fast_mm_token_check") and mm_processor is not None:
         try:
             from . import token_check

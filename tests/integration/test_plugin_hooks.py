@@ -368,7 +368,7 @@ def test_the_settings_default_to_a_2s_wait_high_llm_priority_encoding_at_arrival
     assert settings.PLUGIN_DEFAULTS == {"llm_stream_priority": "high", "prefill_wait_ms": 2000.0,
                                         "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
                                         "vit_graph_patches": [], "preprocess_thread": False, "uint8_pixels": True,
-                                        "fast_mm_token_check": True}
+                                        "fast_mm_token_check": True, "tokenizer_torch_threads": None}
 
 
 class _RecordedService:

@@ -27,7 +27,7 @@ def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(p
                                 "early_encode_min_waiting": 1 if path.name in lazy else 0,
                                 "vit_graph_patches": graphs.get(path.name, []),
                                 "preprocess_thread": path.name in prethread, "uint8_pixels": True,
-                                "fast_mm_token_check": True}
+                                "fast_mm_token_check": True, "tokenizer_torch_threads": None}
     assert load_config(path).name == chosen["values"]["name"]
 
 
@@ -39,7 +39,8 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
                                                             "defer_prefill_ms": 150.0, "early_encode_min_waiting": 2,
                                                             "vit_graph_patches": [4096, 8192],
                                                             "preprocess_thread": False,
-                                                            "uint8_pixels": True, "fast_mm_token_check": True}
+                                                            "uint8_pixels": True, "fast_mm_token_check": True,
+                                                            "tokenizer_torch_threads": None}
 
 
 @pytest.mark.parametrize("body, named", [
@@ -61,6 +62,10 @@ def test_plugin_section_values_reach_the_settings(tmp_path):
     ("sglang:\n  vit_graph_patches: [0]\n", "vit_graph_patches"),
     ("sglang:\n  vit_graph_patches: [true]\n", "vit_graph_patches"),
     ("sglang:\n  vit_graph_patches: [4, 8, 12, 16, 20, 24, 28, 32, 36]\n", "at most 8"),
+    ("sglang:\n  tokenizer_torch_threads: 0\n", "tokenizer_torch_threads must be a whole number >= 1"),
+    ("sglang:\n  tokenizer_torch_threads: 1.5\n", "tokenizer_torch_threads"),
+    ("sglang:\n  tokenizer_torch_threads: true\n", "tokenizer_torch_threads"),
+    ("sglang:\n  tokenizer_torch_threads: one\n", "tokenizer_torch_threads"),
 ])
 def test_a_bad_plugin_setting_names_the_file_and_the_key(tmp_path, body, named):
     path = tmp_path / "bad.yaml"
@@ -83,7 +88,8 @@ def test_sub_millisecond_waits_and_a_missing_defer_setting_are_accepted(tmp_path
     assert settings.resolve(False, str(path))["plugin"] == {"llm_stream_priority": "high", "prefill_wait_ms": 0.5,
                                                             "defer_prefill_ms": 0.0, "early_encode_min_waiting": 0,
                                                             "vit_graph_patches": [], "preprocess_thread": False,
-                                                            "uint8_pixels": True, "fast_mm_token_check": True}
+                                                            "uint8_pixels": True, "fast_mm_token_check": True,
+                                                            "tokenizer_torch_threads": None}
 
 
 def test_disabled_unless_a_flag_a_config_or_the_environment_enables_it(clean_env):
@@ -316,7 +322,8 @@ def test_a_typo_under_sglang_is_answered_with_the_key_it_resembles(tmp_path):
     assert str(info.value) == (f"{path}: unknown key(s) ['defer_prefil_ms', 'prefill_wait'] under 'sglang' (did you "
                                "mean 'defer_prefill_ms', 'prefill_wait_ms'?); known: ['defer_prefill_ms', "
                                "'early_encode_min_waiting', 'fast_mm_token_check', 'llm_stream_priority', "
-                               "'prefill_wait_ms', 'preprocess_thread', 'uint8_pixels', 'vit_graph_patches']")
+                               "'prefill_wait_ms', 'preprocess_thread', 'tokenizer_torch_threads', 'uint8_pixels', "
+                               "'vit_graph_patches']")
 
 
 def test_a_budget_below_the_familys_smallest_unit_is_refused_with_the_arithmetic(tmp_path):
@@ -353,3 +360,11 @@ def test_a_switch_under_sglang_must_be_true_or_false(tmp_path, name, bad):
     default = settings.PLUGIN_DEFAULTS[name]
     path.write_text(f"sglang:\n  {name}: {str(not default).lower()}\n")
     assert settings.resolve(False, str(path))["plugin"][name] is (not default)
+
+
+def test_a_tokenizer_torch_threads_count_reaches_the_settings_and_null_keeps_torchs_default(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sglang:\n  tokenizer_torch_threads: 2\n")
+    assert settings.resolve(False, str(path))["plugin"]["tokenizer_torch_threads"] == 2
+    path.write_text("sglang:\n  tokenizer_torch_threads: null\n")
+    assert settings.resolve(False, str(path))["plugin"]["tokenizer_torch_threads"] is None

@@ -262,11 +262,38 @@ def test_the_tokenizer_manager_is_hooked_once_and_only_with_a_tokenizer_manager_
         sglang_plugin._hook_tokenizer_manager(chosen)
     assert registered == []
     for on in ({"plugin": {**off["plugin"], "preprocess_thread": True}}, {"plugin": dict(settings.PLUGIN_DEFAULTS)},
-               {"plugin": {**off["plugin"], "fast_mm_token_check": True}}):
+               {"plugin": {**off["plugin"], "fast_mm_token_check": True}},
+               {"plugin": {**off["plugin"], "tokenizer_torch_threads": 1}}):
         monkeypatch.setattr(sglang_plugin, "_tokenizer_manager_hooked", False)
         sglang_plugin._hook_tokenizer_manager(on)
         sglang_plugin._hook_tokenizer_manager(on)
-    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT] * 3
+    assert registered == [sglang_compat.TOKENIZER_MANAGER_INIT] * 4
+
+
+@pytest.mark.parametrize("threads", [1, 3, None])
+def test_the_tokenizer_manager_hook_sets_torchs_threads_only_with_a_count(threads, caplog):
+    """``sglang.tokenizer_torch_threads``: the launcher's process (the tokenizer manager's) runs torch on that many
+    threads; null leaves torch's own count."""
+    import logging
+
+    import torch
+    from mm_scheduler_sglang import settings, sglang_plugin
+
+    chosen = {"plugin": {**settings.PLUGIN_DEFAULTS, "uint8_pixels": False, "fast_mm_token_check": False,
+                         "tokenizer_torch_threads": threads}}
+    was = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with caplog.at_level(logging.INFO, logger="mm_scheduler_sglang.sglang_plugin"):
+            sglang_plugin._after_tokenizer_manager_init(None, SimpleNamespace(mm_processor=None),
+                                                        SimpleNamespace(**{settings.ATTR: chosen}))
+        assert torch.get_num_threads() == (2 if threads is None else threads)
+        lines = [r.getMessage() for r in caplog.records if "tokenizer_torch_threads" in r.getMessage()]
+        assert lines == ([] if threads is None else [
+            f"mm-coalescer: sglang.tokenizer_torch_threads: the tokenizer manager's process runs torch on {threads} "
+            "thread(s), was 2"])
+    finally:
+        torch.set_num_threads(was)
 
 
 def test_only_the_first_resolution_of_the_settings_hooks_the_tokenizer_manager(monkeypatch):
