@@ -27,6 +27,23 @@ def request_records(export_dir: Path, window: list[float] | None = None) -> list
     return records
 
 
+def measured_records(records: list[dict], requested: int | None) -> list[dict]:
+    """A run's records (by receipt) without the load generator's warm-up.
+
+    SGLang's ``bench_serving`` sends ``--warmup-requests`` requests (default 1) and waits for them before its
+    ``requested`` measured ones, and its results leave them out; in a run's window they are the first
+    ``len(records) - requested`` receipts, 1.4-2.5 s ahead of the measured ones (660b520's runs). Counted in, they
+    moved a seed burst's timeline and ``arrivals_s`` by that lead. Records that do not look so (no count, or a first
+    one still running when the measured ones began) are returned as they are."""
+    extra = len(records) - (requested or 0)
+    if not requested or extra <= 0:
+        return records
+    warmup, measured = records[:extra], records[extra:]
+    if any(r.get("request_finished_ts", float("inf")) > measured[0]["request_received_ts"] for r in warmup):
+        return records
+    return measured
+
+
 def arrival_span(records: list[dict]) -> dict[str, float]:
     """``arrivals_s``: first to last receipt; ``drain_s``: last receipt to last finish (empty without records).
 

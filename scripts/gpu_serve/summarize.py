@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from exports import arrival_span, request_records
+from exports import arrival_span, measured_records, request_records
 from serve import FAMILIES, REPO, merge_config, shipped_config
 
 from mm_scheduler.tune import run_samples
@@ -589,13 +589,14 @@ def _run_delta(metrics_file: Path) -> dict[str, float]:
     return out
 
 
-def _seed_records(export_dir: Path, window: list[float] | None) -> list[dict]:
+def _seed_records(export_dir: Path, window: list[float] | None, requested: int | None = None) -> list[dict]:
     """SGLang's per-request export for the seed run: by the run's wall-clock window when the harness
-    recorded one, else the one burst of 100 requests with the seed workload's prompt length (the load
+    recorded one, without the load generator's warm-up request (:func:`exports.measured_records`, given the
+    run's ``requested``), else the one burst of 100 requests with the seed workload's prompt length (the load
     generator's warm-up request comes a second before it)."""
     records = request_records(export_dir, window)
     if window:
-        return records
+        return measured_records(records, requested)
     bursts, current = [], []
     for r in records:
         if current and r["request_received_ts"] - current[-1]["request_received_ts"] > 1.0:
@@ -628,7 +629,7 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
         d = _run_delta(metrics)
         n = d.get("sglang:time_to_first_token_seconds_count") or 1.0
         run = result["runs"].get(f"{tag}-{variant}", {})
-        records = _seed_records(raw / f"requests-{variant}", run.get("window"))
+        records = _seed_records(raw / f"requests-{variant}", run.get("window"), run.get("requested"))
         pre = statistics.mean(r["api_server_dispatch_finish_ts"] - r["request_received_ts"] for r in records) \
             if records else float("nan")
         ttft = d.get("sglang:time_to_first_token_seconds_sum", 0.0) / n
@@ -735,11 +736,13 @@ _REQ_TIME_STATS = re.compile(r"ReqTimeStats\(rid=(\w+),.*queue_duration=([\d.]+)
 def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
     """When a burst's requests were handed to the scheduler, prefilled and answered, per server.
 
-    Seconds from the burst's first receipt, as percentiles (p10, p50, p90) over its requests: ``dispatched``
-    (the tokenizer manager handed it to the scheduler: per-request export), ``scheduled`` (the scheduler put it
-    in a prefill batch: ``ReqTimeStats`` entry time plus queue duration in the server log, from
-    ``--enable-request-time-stats-logging``) and ``first_sent`` (the server sent its first chunk). Also
-    ``tokenizer_done`` (the last dispatch: the tokenizer manager finished preprocessing the burst) and
+    Seconds from the burst's first receipt (the load generator's warm-up request left out: before 2026-12-06 the
+    origin was its receipt, 1.4-2.5 s ahead of the burst, and every time here that much later), as percentiles
+    (p10, p50, p90) over its requests: ``dispatched`` (the tokenizer manager handed it to the scheduler:
+    per-request export), ``scheduled`` (the scheduler put it in a prefill batch: ``ReqTimeStats`` entry time plus
+    queue duration in the server log, from ``--enable-request-time-stats-logging``) and ``first_sent`` (the
+    server sent its first chunk). Also ``tokenizer_done`` (the last dispatch: the tokenizer manager finished
+    preprocessing the burst) and
     ``sent_after_tokenizer_done``: the share of requests scheduled before that moment whose first chunk was
     sent only after it (a first token that waited for the tokenizer manager, not for the GPU). ``scheduled`` is
     when the prefill starts, so a request whose prefill was still running at that moment counts too: an upper
@@ -754,7 +757,7 @@ def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
             continue
         entered = {m.group(1): float(m.group(3)) + float(m.group(2)) / 1000.0
                    for m in map(_REQ_TIME_STATS.search, log.read_text(errors="replace").splitlines()) if m}
-        records = [r for r in _seed_records(raw / f"requests-{variant}", run["window"])
+        records = [r for r in _seed_records(raw / f"requests-{variant}", run["window"], run.get("requested"))
                    if r.get("id") in entered and "api_server_dispatch_finish_ts" in r
                    and "response_sent_to_client_ts" in r]
         if not records:

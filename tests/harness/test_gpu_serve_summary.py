@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts" / "gpu_serve"))
+import exports
 import summarize
 
 
@@ -228,16 +229,21 @@ def test_a_crash_of_a_server_with_sglang_flags_is_reported_beside_the_flags_comp
 def test_the_first_token_timeline_shows_first_chunks_held_until_the_tokenizer_manager_is_done(tmp_path):
     """Two requests scheduled at 1.5 s and 2.5 s, the tokenizer manager done at 3 s: both first chunks went out
     after it, so both waited for the tokenizer manager; a third, scheduled after it, does not count."""
-    res = {"family": "fam", "variants": {"on": []}, "runs": {"seed7-on": bench(1, 1, window=[100.0, 200.0])}}
+    res = {"family": "fam", "variants": {"on": []},
+           "runs": {"seed7-on": {**bench(1, 1, window=[90.0, 200.0]), "requested": 3}}}
     exports = tmp_path / "requests-on"
     exports.mkdir()
     records = [{"id": rid, "request_received_ts": 100.0 + i, "api_server_dispatch_finish_ts": 101.0 + i,
                 "response_sent_to_client_ts": sent, "prompt_tokens": 1914}
                for i, (rid, sent) in enumerate([("a", 103.1), ("b", 103.2), ("c", 104.0)])]
+    # the load generator's warm-up, done before the burst: not the timeline's origin, not one of its requests
+    records.insert(0, {"id": "w", "request_received_ts": 97.5, "api_server_dispatch_finish_ts": 97.6,
+                       "response_sent_to_client_ts": 97.8, "request_finished_ts": 98.0, "prompt_tokens": 1914})
     (exports / "sglang-request-metrics.log").write_text("\n".join(map(json.dumps, records)) + "\n")
     stats = "[t] ReqTimeStats(rid={}, input_len=1, output_len=1, type=unified): queue_duration={}ms, " \
             "forward_duration=1.00ms, entry_time={}"
-    (tmp_path / "server-on.log").write_text("\n".join([stats.format("a", 500.0, 101.0), stats.format("b", 0.0, 102.5),
+    (tmp_path / "server-on.log").write_text("\n".join([stats.format("w", 0.0, 97.6),
+                                                       stats.format("a", 500.0, 101.0), stats.format("b", 0.0, 102.5),
                                                        stats.format("c", 0.0, 103.5), "unrelated line"]))
     timeline = summarize.first_token_timeline(tmp_path, res, "seed7")["on"]
     assert timeline["requests"] == 3 and timeline["tokenizer_done"] == pytest.approx(3.0)
@@ -707,3 +713,19 @@ def test_the_summary_of_the_runs_on_record_is_written_and_printed(tmp_path, monk
     assert qwen["issue17_targets"]["targets"]["seed TTFT median <= 0.60x"]["median"] == 0.7743
     assert "Poisson 0.8 TTFT p50 <= 0.80x" in qwen["issue17_targets"]["not_judged"]
     assert "left out" in capsys.readouterr().out
+
+
+def _record(received: float, finished: float) -> dict:
+    return {"request_received_ts": received, "request_finished_ts": finished}
+
+
+def test_the_load_generators_warm_up_is_left_out_of_a_runs_records_only_when_it_finished_before_them():
+    """SGLang's bench_serving waits for its warm-up request before sending the measured ones: in a run's window it is
+    the first receipt, over a second ahead; with it a seed burst seemed to arrive over 3.6 s instead of 1.1."""
+    warm_up, burst = _record(100.0, 100.4), [_record(102.5 + i / 10, 110.0) for i in range(3)]
+    assert exports.measured_records([warm_up, *burst], 3) == burst
+    assert exports.arrival_span(exports.measured_records([warm_up, *burst], 3))["arrivals_s"] == pytest.approx(0.2)
+    assert exports.measured_records([warm_up, *burst], None) == [warm_up, *burst]  # no count: nothing known
+    assert exports.measured_records(burst, 3) == burst  # no warm-up among them
+    overlapping = _record(100.0, 103.0)  # still running when the first measured one came: not a warm-up
+    assert exports.measured_records([overlapping, *burst], 3) == [overlapping, *burst]
