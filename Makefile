@@ -162,7 +162,12 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/qwen2_5_vl_7b-660b520-default-h100/results-qwen2_5_vl_7b.json \
 	$(RS)/qwen2_5_vl_7b-660b520-plainprethread-h100/results-qwen2_5_vl_7b.json \
 	$(RS)/qwen2_5_vl_7b-660b520-prethread-h100/results-qwen2_5_vl_7b.json \
-	$(RS)/gemma3_12b-660b520-default-h100/results-gemma3_12b.json
+	$(RS)/gemma3_12b-660b520-default-h100/results-gemma3_12b.json \
+	$(RS)/qwen2_5_vl_7b-c5d3ab6-profile-h100/results-qwen2_5_vl_7b.json \
+	$(RS)/qwen2_5_vl_7b-c5d3ab6-freeenc-h100/results-qwen2_5_vl_7b.json \
+	$(RS)/gemma3_12b-c5d3ab6-mmsdpa-h100/results-gemma3_12b.json \
+	$(RS)/qwen2_5_vl_7b-e534b6b-tmthreads1-h100/results-qwen2_5_vl_7b.json \
+	$(RS)/qwen2_5_vl_7b-e534b6b-poisson-h100/results-qwen2_5_vl_7b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
@@ -176,14 +181,15 @@ REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl
 	gemma3_12b=$(RS)/gemma3_12b-2729c81-sleeping/gpu-serve-gemma3_12b.tar.xz@seed4 \
 	gemma4_e4b=$(RS)/gemma4_e4b-2729c81-tok4ipc/gpu-serve-gemma4_e4b.tar.xz@seed12 \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-e214c80-prethread/gpu-serve-qwen3_vl_8b.tar.xz@seed21 \
-	gemma4_e4b=$(RS)/gemma4_e4b-e214c80-prethread/gpu-serve-gemma4_e4b.tar.xz@seed21
+	gemma4_e4b=$(RS)/gemma4_e4b-e214c80-prethread/gpu-serve-gemma4_e4b.tar.xz@seed21 \
+	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-c5d3ab6-profile-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed11
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
 REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-660b520-default-h100/gpu-serve-gemma3_12b.tar.xz
 # Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive.
-REAL_SERVER_POISSON := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-660b520-default-h100/gpu-serve-qwen2_5_vl_7b.tar.xz \
+REAL_SERVER_POISSON := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-c5d3ab6-profile-h100/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-db1d93c-default-h100/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-1a3705d-poisson-h100/gpu-serve-gemma4_e4b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-351b609-g3graphs/gpu-serve-gemma3_12b.tar.xz
