@@ -129,6 +129,7 @@ class _PluginLines(logging.Handler):
 
 def _preprocessing(engine) -> dict:
     """Where this Engine's tokenizer manager (in this process) ran multimodal preprocessing."""
+    import torch
     import transformers
     from mm_scheduler_sglang import preprocess, sglang_compat, token_check
     from transformers import processing_utils
@@ -136,7 +137,7 @@ def _preprocessing(engine) -> dict:
     mm_processor = engine.tokenizer_manager.mm_processor
     return {**preprocess.stats(), "sglang_off_loop": sglang_compat.processor_runs_off_loop(mm_processor),
             "rescales": mm_processor._processor.image_processor.do_rescale,
-            "transformers": transformers.__version__,
+            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
             "token_check_installed": processing_utils.ProcessorMixin._check_special_mm_tokens
             is token_check.check_special_mm_tokens}
 

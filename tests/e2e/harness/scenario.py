@@ -15,7 +15,7 @@ PLUGIN_CONFIG = "configs/qwen2_5_vl.yaml"  # the model config users are told to 
 # encoded at arrival (the shipped file leaves a request nobody waits ahead of to its prefill), prefill deferral,
 # preprocessing on a thread of its own, uint8 pixels (on by default too).
 TUNED_OVERRIDES = {"early_encode_min_waiting": 0, "defer_prefill_ms": 20, "preprocess_thread": True,
-                   "uint8_pixels": True}
+                   "uint8_pixels": True, "tokenizer_torch_threads": 1}
 MAX_NEW_TOKENS = 8
 
 # Engine settings for SGLang's CPU path (see shared e2e recipe): torch-native attention, fp32, no graphs.
