@@ -53,11 +53,19 @@ class Observed:
     histograms: dict[str, Histogram] = field(default_factory=dict)
     counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = field(default_factory=dict)
     host: dict[str, Histogram] = field(default_factory=dict)  # the host's histograms (all labels summed)
+    host_counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = field(default_factory=dict)  # full names
 
     def counter(self, name: str, **labels: str) -> float:
         """A counter's value summed over the series matching ``labels``."""
         return sum(value for key, value in self.counters.get(name, {}).items()
                    if all((k, v) in key for k, v in labels.items()))
+
+    def host_counter(self, name: str, **labels: str) -> float | None:
+        """The host's counter ``name`` (without ``_total``) summed over the series matching ``labels``; None when
+        the scrape has no such series (e.g. a host version that does not export it)."""
+        matching = [value for key, value in self.host_counters.get(name, {}).items()
+                    if all((k, v) in key for k, v in labels.items())]
+        return sum(matching) if matching else None
 
     @property
     def forwards(self) -> float:
@@ -116,11 +124,13 @@ def run_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 def parse(text: str) -> dict[str, Observed]:
     """Every coalescer's histograms and counters in a scrape (``# before``/``# after``: one run's), each
     summed over labels other than ``coalescer`` (ranks, processes). Histograms of the host (e.g. SGLang's
-    ``sglang:queue_time_seconds``) go to every coalescer's ``host``; ``_created`` samples are ignored."""
+    ``sglang:queue_time_seconds``) go to every coalescer's ``host``, its counters (``sglang:num_requests_total``) to
+    ``host_counters`` by their labels; ``_created`` samples are ignored."""
     buckets: dict[tuple[str, str], dict[float, float]] = {}
     sums: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], float] = {}
     counters: dict[str, dict[str, dict[tuple[tuple[str, str], ...], float]]] = {}
+    host_counters: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
     for (name, labels), value in run_samples(text).items():
         if name.endswith("_created"):
             continue
@@ -136,9 +146,10 @@ def parse(text: str) -> dict[str, Observed]:
             per_le = buckets.setdefault((group, short.removesuffix("_bucket")), {})
             le = float(label_map["le"])
             per_le[le] = per_le.get(le, 0.0) + value
-        elif ours and short.endswith("_total"):
+        elif short.endswith("_total"):
             rest = tuple(sorted(label_map.items()))
-            series = counters.setdefault(group, {}).setdefault(short.removesuffix("_total"), {})
+            series = (counters.setdefault(group, {}) if ours else host_counters).setdefault(
+                short.removesuffix("_total"), {})
             series[rest] = series.get(rest, 0.0) + value
 
     def histograms(group: str | None) -> dict[str, Histogram]:
@@ -146,7 +157,7 @@ def parse(text: str) -> dict[str, Observed]:
                 for (g, name), per_le in buckets.items() if g == group}
 
     host = histograms(None)
-    return {c: Observed(c, histograms(c), counters.get(c, {}), host)
+    return {c: Observed(c, histograms(c), counters.get(c, {}), host, host_counters)
             for c in sorted({g for g, _ in buckets if g is not None} | set(counters))}
 
 

@@ -286,6 +286,56 @@ def test_tunes_graph_rule_needs_the_launch_and_patch_histograms_and_an_outlier_a
         assert settings.tune_rules({}, partial) == []
 
 
+def _tokenizer_run(cpu_before: float, cpu_after: float, requests: float = 101.0) -> str:
+    """One run's ``# before`` / ``# after`` scrapes of a plugin server with SGLang's tokenizer-manager counters (the
+    numbers of c5d3ab6's Qwen2.5-VL seed burst, H100)."""
+    def scrape(units: float, cpu: float, total: float) -> str:
+        return (f'mm_coalescer_units_total{{coalescer="tm"}} {units}\n'
+                f'sglang:process_cpu_seconds_total{{component="detokenizer"}} {cpu / 1000}\n'
+                f'sglang:process_cpu_seconds_total{{component="tokenizer"}} {cpu}\n'
+                f'sglang:num_requests_total{{engine_type="unified",model_name="m"}} {total}\n')
+    return f"# before\n{scrape(0, cpu_before, 43.0)}# after\n{scrape(600, cpu_after, 43.0 + requests)}"
+
+
+@pytest.mark.parametrize("cpu_s, plugin, proposed", [
+    ((20.0, 102.25), {}, True),  # 82.25 CPU-s for 101 requests: 0.81 a request, torch's default threads (c5d3ab6)
+    ((3.18, 6.73), {}, False),  # 0.035 a request: one thread (e534b6b)
+    ((20.0, 40.25), {}, True),  # 20.25 / 101: just above the threshold
+    ((20.0, 40.0), {}, False),  # 20.0 / 101: just below it
+    ((20.0, 102.25), {"tokenizer_torch_threads": 4}, False),  # set already: the operator's choice stands
+])
+def test_tune_proposes_one_tokenizer_thread_when_the_tokenizer_manager_burned_cpu_a_request(cpu_s, plugin, proposed):
+    from mm_scheduler import tune
+
+    _, changes = tune.tune(_tokenizer_run(*cpu_s), {"sglang": plugin}, "tm", [settings.tune_rules])
+    found = [c for c in changes if c.key == "sglang.tokenizer_torch_threads"]
+    assert [c.value for c in found] == ([1] if proposed else [])
+
+
+def test_tunes_tokenizer_rule_says_what_it_saw():
+    from mm_scheduler import tune
+
+    _, changes = tune.tune(_tokenizer_run(20.0, 102.25), {}, "tm", [settings.tune_rules])
+    assert [c.why for c in changes] == [
+        "SGLang's tokenizer manager process used 82.2 CPU-s for 101 requests, 0.81 a request: torch's intra-op threads "
+        "spinning on each request's features, beside the scheduler's threads; SGLang's own tokenizer workers run torch "
+        "on one thread. Measured on Qwen2.5-VL: 0.8-0.9 -> 0.035 CPU-s a request, seed TTFT median 0.64-0.67x"]
+
+
+def test_tunes_tokenizer_rule_needs_sglangs_cpu_and_request_counters():
+    from mm_scheduler import tune
+
+    seen = tune.parse(_tokenizer_run(20.0, 102.25))["tm"]
+    assert seen.host_counter("sglang:process_cpu_seconds", component="tokenizer") == pytest.approx(82.25)
+    assert seen.host_counter("sglang:process_cpu_seconds") == pytest.approx(82.25 * 1.001)  # both components
+    assert seen.host_counter("sglang:num_requests") == pytest.approx(101.0)
+    for missing in ("sglang:process_cpu_seconds", "sglang:num_requests"):  # an SGLang that does not export it
+        partial = tune.Observed(seen.coalescer, seen.histograms, seen.counters, seen.host,
+                                {k: v for k, v in seen.host_counters.items() if k != missing})
+        assert partial.host_counter(missing) is None
+        assert settings.tune_rules({}, partial) == []
+
+
 def test_the_preprocessing_advice_is_one_line_naming_both_flags():
     from types import SimpleNamespace
 
