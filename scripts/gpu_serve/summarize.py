@@ -619,7 +619,9 @@ def stage_breakdown(raw: Path, result: dict, tag: str = "seed0") -> dict:
     latter: :func:`first_token_timeline`). decode: e2e minus TTFT. ``arrivals_s`` / ``drain_s``: how long the run's
     requests took to arrive and what the server took after the last (:func:`exports.arrival_span`). The plugin's own
     counters give its encoder time (forwards, busy seconds) and the prefill's blocked time. ``cpu_s``: the server's
-    CPU seconds per process during the run, where serve.py recorded them.
+    CPU seconds per process during the run, where serve.py recorded them. SGLang's counters (TTFT, queue, stages)
+    include the load generator's warm-up request, one of ``requests``; ``preprocess`` and the arrival span leave it
+    out (:func:`exports.measured_records`).
     """
     out: dict = {}
     for variant in result.get("variants", {"off": [], "on": []}):
