@@ -182,7 +182,9 @@ REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl
 	gemma4_e4b=$(RS)/gemma4_e4b-2729c81-tok4ipc/gpu-serve-gemma4_e4b.tar.xz@seed12 \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-e214c80-prethread/gpu-serve-qwen3_vl_8b.tar.xz@seed21 \
 	gemma4_e4b=$(RS)/gemma4_e4b-e214c80-prethread/gpu-serve-gemma4_e4b.tar.xz@seed21 \
-	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-c5d3ab6-profile-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed11
+	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-c5d3ab6-profile-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed11 \
+	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-e534b6b-tmthreads1-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed13 \
+	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-e534b6b-tmthreads1-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed14
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
 REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
