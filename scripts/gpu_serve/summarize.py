@@ -744,11 +744,10 @@ def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
     per-request export), ``scheduled`` (the scheduler put it in a prefill batch: ``ReqTimeStats`` entry time plus
     queue duration in the server log, from ``--enable-request-time-stats-logging``) and ``first_sent`` (the
     server sent its first chunk). Also ``tokenizer_done`` (the last dispatch: the tokenizer manager finished
-    preprocessing the burst) and
-    ``sent_after_tokenizer_done``: the share of requests scheduled before that moment whose first chunk was
-    sent only after it (a first token that waited for the tokenizer manager, not for the GPU). ``scheduled`` is
-    when the prefill starts, so a request whose prefill was still running at that moment counts too: an upper
-    bound. Streaming requests only (``response_sent_to_client_ts`` is the first chunk); percentiles are nearest
+    preprocessing the burst) and ``sent_after_tokenizer_done``: the share of requests scheduled before that moment
+    whose first chunk was sent only after it (a first token that waited for the tokenizer manager, not for the
+    GPU). ``scheduled`` is when the prefill starts, so a request whose prefill was still running at that moment
+    counts too: an upper bound. Streaming requests only (``response_sent_to_client_ts`` is the first chunk); percentiles are nearest
     rank.
     """
     out: dict = {}
