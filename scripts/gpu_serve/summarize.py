@@ -747,8 +747,8 @@ def first_token_timeline(raw: Path, result: dict, tag: str) -> dict:
     preprocessing the burst) and ``sent_after_tokenizer_done``: the share of requests scheduled before that moment
     whose first chunk was sent only after it (a first token that waited for the tokenizer manager, not for the
     GPU). ``scheduled`` is when the prefill starts, so a request whose prefill was still running at that moment
-    counts too: an upper bound. Streaming requests only (``response_sent_to_client_ts`` is the first chunk); percentiles are nearest
-    rank.
+    counts too: an upper bound. Streaming requests only (``response_sent_to_client_ts`` is the first chunk);
+    percentiles are nearest rank.
     """
     out: dict = {}
     for variant in result.get("variants", {}):
