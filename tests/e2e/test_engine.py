@@ -128,17 +128,18 @@ def test_engine_with_fast_mm_token_check_gives_an_old_transformers_the_check_of_
 
 def test_engine_with_tokenizer_torch_threads_runs_the_tokenizer_managers_torch_on_that_many_threads(
         engine_runs: dict[str, Any]) -> None:
-    """``tokenizer_torch_threads: 1`` (in ``tuned``) hooks SGLang's real tokenizer manager: the launcher's process (the
-    Engine's own, where it runs) then runs torch on one thread, with one start-up line; the replies are those of
-    plugin off (tests above). Unset (``on``), torch keeps its own count and nothing is said."""
-    tuned = engine_runs["tuned"]["preprocessing"]
-    assert tuned["torch_threads"] == 1
-    assert [line for line in tuned["startup_lines"] if "tokenizer_torch_threads" in line] == [
-        "mm-coalescer: sglang.tokenizer_torch_threads: the tokenizer manager's process runs torch on 1 thread(s), "
-        f"was {engine_runs['off']['preprocessing']['torch_threads']}"], tuned["startup_lines"]
+    """``tokenizer_torch_threads: 1`` (the shipped ``qwen2_5_vl``, ``on``) hooks SGLang's real tokenizer manager: the
+    launcher's process (the Engine's own, where it runs) then runs torch on one thread, with one start-up line; the
+    replies are those of plugin off (tests above). Set back to null (``tuned``), torch keeps its own count and nothing
+    is said."""
     on = engine_runs["on"]["preprocessing"]
-    assert not [line for line in on["startup_lines"] if "tokenizer_torch_threads" in line]
-    assert on["torch_threads"] == engine_runs["off"]["preprocessing"]["torch_threads"]
+    assert on["torch_threads"] == 1
+    assert [line for line in on["startup_lines"] if "tokenizer_torch_threads" in line] == [
+        "mm-coalescer: sglang.tokenizer_torch_threads: the tokenizer manager's process runs torch on 1 thread(s), "
+        f"was {engine_runs['off']['preprocessing']['torch_threads']}"], on["startup_lines"]
+    tuned = engine_runs["tuned"]["preprocessing"]
+    assert not [line for line in tuned["startup_lines"] if "tokenizer_torch_threads" in line]
+    assert tuned["torch_threads"] == engine_runs["off"]["preprocessing"]["torch_threads"]
 
 
 def test_engine_output_depends_on_the_image(engine_runs: dict[str, Any]) -> None:

@@ -13,9 +13,10 @@ REPO = HARNESS.parents[2]
 PLUGIN_CONFIG = "configs/qwen2_5_vl.yaml"  # the model config users are told to pass, unchanged
 # The settings a user changes from it that act on SGLang's scheduler queues and tokenizer manager: media always
 # encoded at arrival (the shipped file leaves a request nobody waits ahead of to its prefill), prefill deferral,
-# preprocessing on a thread of its own, uint8 pixels (on by default too).
+# preprocessing on a thread of its own, uint8 pixels (on by default too), torch's own thread count in the tokenizer
+# manager (the shipped file sets one thread).
 TUNED_OVERRIDES = {"early_encode_min_waiting": 0, "defer_prefill_ms": 20, "preprocess_thread": True,
-                   "uint8_pixels": True, "tokenizer_torch_threads": 1}
+                   "uint8_pixels": True, "tokenizer_torch_threads": None}
 MAX_NEW_TOKENS = 8
 
 # Engine settings for SGLang's CPU path (see shared e2e recipe): torch-native attention, fp32, no graphs.
