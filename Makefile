@@ -168,7 +168,11 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/gemma3_12b-c5d3ab6-mmsdpa-h100/results-gemma3_12b.json \
 	$(RS)/qwen2_5_vl_7b-e534b6b-tmthreads1-h100/results-qwen2_5_vl_7b.json \
 	$(RS)/qwen2_5_vl_7b-e534b6b-poisson-h100/results-qwen2_5_vl_7b.json \
-	$(RS)/qwen2_5_vl_7b-e84345c-tmthreads1-off-h100/results-qwen2_5_vl_7b.json
+	$(RS)/qwen2_5_vl_7b-e84345c-tmthreads1-off-h100/results-qwen2_5_vl_7b.json \
+	$(RS)/qwen2_5_vl_7b-a22131f-tmthreads-poisson-h100/results-qwen2_5_vl_7b.json \
+	$(RS)/qwen2_5_vl_7b-a22131f-poisson-b-h100/results-qwen2_5_vl_7b.json \
+	$(RS)/gemma4_e4b-a22131f-tmthreads1-h100/results-gemma4_e4b.json \
+	$(RS)/gemma3_12b-a22131f-tmthreads1-h100/results-gemma3_12b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
@@ -187,7 +191,9 @@ REAL_SERVER_TIMELINE := qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl
 	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-e534b6b-tmthreads1-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed13 \
 	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-e534b6b-tmthreads1-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed14 \
 	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-e84345c-tmthreads1-off-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed16 \
-	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-e84345c-tmthreads1-off-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed17
+	qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-e84345c-tmthreads1-off-h100/gpu-serve-qwen2_5_vl_7b.tar.xz@seed17 \
+	gemma4_e4b=$(RS)/gemma4_e4b-a22131f-tmthreads1-h100/gpu-serve-gemma4_e4b.tar.xz@seed25 \
+	gemma3_12b=$(RS)/gemma3_12b-a22131f-tmthreads1-h100/gpu-serve-gemma3_12b.tar.xz@seed9
 # A run with a lone request on both servers, for the encoder's share of a lone request's TTFT: family=archive.
 REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
