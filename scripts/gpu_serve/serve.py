@@ -270,8 +270,8 @@ VARIANTS = {
     # workers run: that process used 82-93 CPU-s for a 100-request Qwen2.5-VL burst of ~12 s (660b520), the
     # scheduler's 14-16. Unlike off+omp1/on+omp1 (OMP_NUM_THREADS=1 in every process) the scheduler keeps its threads.
     "on+tmthreads1": Variant(True, config={"sglang": {"tokenizer_torch_threads": 1}}),
-    # The lever taken back out where the shipped config sets it (qwen2_5_vl: 1): torch's own thread count in the
-    # tokenizer manager, the plugin otherwise as shipped (the same server as "on" for the other families).
+    # The lever taken back out where the shipped config sets it (qwen2_5_vl, gemma4, gemma3: 1): torch's own thread
+    # count in the tokenizer manager, the plugin otherwise as shipped (the same server as "on" for qwen3_vl).
     "on+tmthreadsdefault": Variant(True, config={"sglang": {"tokenizer_torch_threads": None}}),
     # SGLang's own GPU hash of a request's features (SGLANG_MM_BUFFER_SIZE_MB > 0: 0.5.16 schedule_batch copies them
     # into a float32 GPU buffer, hashes them there and copies them back) against the CPU SHA-256 of every pixel byte
