@@ -71,8 +71,8 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     # On the real server the single tokenizer manager burned 0.85-0.9 CPU-s a six-image request against ~80 ms of
     # wall time (Qwen2.5-VL-7B, 660b520, H100: ~8 of the machine's 16 vCPUs during a burst). With 1 (e534b6b,
     # beside the plugin without it): that process 87 -> 4 CPU-s a burst, seed TTFT median 0.64-0.67x, lone 0.78x.
-    # Beside plugin-off, qwen2_5_vl (e84345c, a22131f), gemma4 and gemma3 (a22131f) set 1; off by default until
-    # Qwen3-VL is measured with it.
+    # Beside plugin-off, qwen2_5_vl (e84345c, a22131f), gemma4 and gemma3 (a22131f) set 1. Off by default: on
+    # Qwen3-VL (fabe2d2) it won a burst but lost at 80 % Poisson load (ITL p99 1.09x / 1.38x of plugin-off).
     "tokenizer_torch_threads": None,
 }
 MAX_GRAPH_BUCKETS = 8
