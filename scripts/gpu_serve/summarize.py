@@ -402,7 +402,8 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     A Poisson tok/s ratio whose runs' arrivals took 5 % apart is left out of the median and listed in
     ``tok_s_not_judged`` (:func:`arrivals_apart`), and a run whose two servers got different arrival schedules is
     left out of that load altogether (``runs_left_out``, :func:`schedules_differ`), as :func:`lever_verdict` leaves
-    them unjudged."""
+    them unjudged. Each load also gives the ITL p50 ratio (``itl_p50_ratio``, a decode step's median): no target, but
+    it tells a slower decode from a slower first token."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
     poisson: dict[str, dict[str, list]] = {}
     lone: list[float] = []
@@ -423,11 +424,12 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         where["seed"] += measured_on(runs, [f"{rep}-off" for rep in reps])
         loads = poisson_summary(runs, None, "off", server)
         for load, ratios in loads.items():
-            into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")})
+            into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio",
+                                                                 "itl_p50_ratio")})
             if why := schedules_differ(result, load, "off", server):
                 left_out.setdefault(load, []).append(f"{result.get('commit', '')}: {why}")
                 continue
-            for key in ("ttft_p50_ratio", "itl_p99_ratio"):
+            for key in ("ttft_p50_ratio", "itl_p99_ratio", "itl_p50_ratio"):
                 into[key].append(ratios[key])
             if why := arrivals_apart(ratios):
                 unjudged.setdefault(load, []).append(f"{ratios['tok_s_ratio']} ({result.get('commit', '')}): {why}")
@@ -903,9 +905,11 @@ def main() -> None:
             print(f"   shipped config ({len(shipped['servers'])} servers): seed TTFT "
                   f"{seed.get('median_ttft_ratio', {}).get('each')}, lone {shipped.get('lone', {}).get('ttft_ratio')}")
             for load, v in shipped.get("poisson", {}).items():
-                each = {key: v.get(key, {}).get("each") for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio")}
+                each = {key: v.get(key, {}).get("each")
+                        for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio", "itl_p50_ratio")}
                 print(f"   shipped poisson {load}: TTFT p50 {each['ttft_p50_ratio']} ITL p99 {each['itl_p99_ratio']} "
-                      f"tok/s {each['tok_s_ratio']}; left out {v.get('runs_left_out', [])}, tok/s not judged "
+                      f"tok/s {each['tok_s_ratio']} (ITL p50 {each['itl_p50_ratio']}); "
+                      f"left out {v.get('runs_left_out', [])}, tok/s not judged "
                       f"{v.get('tok_s_not_judged', [])}")
     if plot(summary, args.out.with_suffix(".png")):
         print(f"wrote {args.out.with_suffix('.png')}")

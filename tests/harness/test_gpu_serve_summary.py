@@ -545,7 +545,8 @@ def test_the_shipped_config_summary_gives_each_runs_ratio_against_off_and_their_
            "runs": {"seed1-off": bench(10_000, 1000), "seed1-on": bench(6_000, 1500),
                     "seed2-off": bench(10_000, 1000), "seed2-on": bench(7_000, 1400),
                     "lone-off": bench(200, 10), "lone-on": bench(110, 10),
-                    "poisson0.5-off": bench(200, 500), "poisson0.5-on": bench(170, 490)}}
+                    "poisson0.5-off": bench(200, 500),
+                    "poisson0.5-on": {**bench(170, 490), "median_itl_ms": 30.0}}}
     out = summarize.shipped_config_summary([old, new], "c", SHIPPED_NOW, shipped_at)
     assert out["servers"] == ["on+pre (old)", "on (new)"]
     assert out["seed"]["repetitions"] == 3  # seed0-on (plain on at "old") is not the shipped config
@@ -555,6 +556,7 @@ def test_the_shipped_config_summary_gives_each_runs_ratio_against_off_and_their_
     assert out["poisson"]["0.5"]["runs"] == 2
     assert out["poisson"]["0.5"]["ttft_p50_ratio"] == {"median": 0.8, "each": [0.75, 0.85]}
     assert out["poisson"]["0.5"]["tok_s_ratio"]["each"] == [1.0, 0.98]
+    assert out["poisson"]["0.5"]["itl_p50_ratio"]["each"] == [1.0, 1.5]  # a decode step's median: 30 against 20 ms
     assert out["poisson_measured"] == ["old on G", "new on G, KV pool 100000 tokens"]
     assert summarize.shipped_config_summary([new], "c", {"other": 1}, shipped_at) \
         is None
