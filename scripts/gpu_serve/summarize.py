@@ -31,6 +31,8 @@ SEED_METRICS = {"median_ttft_ratio": "median_ttft_ms", "mean_ttft_ratio": "mean_
                 "duration_ratio": "duration"}
 POISSON_METRICS = {"ttft_p50_ratio": "median_ttft_ms", "ttft_p99_ratio": "p99_ttft_ms",
                    "itl_p50_ratio": "median_itl_ms", "itl_p99_ratio": "p99_itl_ms", "tok_s_ratio": "total_throughput"}
+# The Poisson ratios the shipped config's summary keeps per load: issue 17's three, and the decode step's median.
+SHIPPED_POISSON = ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio", "itl_p50_ratio")
 
 
 def _ratio(on: float, off: float) -> float:
@@ -424,13 +426,13 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         where["seed"] += measured_on(runs, [f"{rep}-off" for rep in reps])
         loads = poisson_summary(runs, None, "off", server)
         for load, ratios in loads.items():
-            into = poisson.setdefault(load, {key: [] for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio",
-                                                                 "itl_p50_ratio")})
+            into = poisson.setdefault(load, {key: [] for key in SHIPPED_POISSON})
             if why := schedules_differ(result, load, "off", server):
                 left_out.setdefault(load, []).append(f"{result.get('commit', '')}: {why}")
                 continue
-            for key in ("ttft_p50_ratio", "itl_p99_ratio", "itl_p50_ratio"):
-                into[key].append(ratios[key])
+            for key in SHIPPED_POISSON:
+                if key != "tok_s_ratio":  # judged below
+                    into[key].append(ratios[key])
             if why := arrivals_apart(ratios):
                 unjudged.setdefault(load, []).append(f"{ratios['tok_s_ratio']} ({result.get('commit', '')}): {why}")
             else:
@@ -905,8 +907,7 @@ def main() -> None:
             print(f"   shipped config ({len(shipped['servers'])} servers): seed TTFT "
                   f"{seed.get('median_ttft_ratio', {}).get('each')}, lone {shipped.get('lone', {}).get('ttft_ratio')}")
             for load, v in shipped.get("poisson", {}).items():
-                each = {key: v.get(key, {}).get("each")
-                        for key in ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio", "itl_p50_ratio")}
+                each = {key: v.get(key, {}).get("each") for key in SHIPPED_POISSON}
                 print(f"   shipped poisson {load}: TTFT p50 {each['ttft_p50_ratio']} ITL p99 {each['itl_p99_ratio']} "
                       f"tok/s {each['tok_s_ratio']} (ITL p50 {each['itl_p50_ratio']}); "
                       f"left out {v.get('runs_left_out', [])}, tok/s not judged "

@@ -30,9 +30,10 @@ def test_every_shipped_config_sets_the_plugin_section_and_the_core_still_loads(p
                                 "preprocess_thread": path.name in prethread, "uint8_pixels": True,
                                 "fast_mm_token_check": True,
                                 "tokenizer_torch_threads": 1 if path.name in one_torch_thread else None}
-    assert load_config(path).name == chosen["values"]["name"]
+    config = load_config(path)
+    assert config.name == chosen["values"]["name"]
     whole_burst_queue = {"gemma3.yaml"}  # measured beside plugin-off on this family only
-    assert load_config(path).max_queue_patches == (4_000_000 if path.name in whole_burst_queue else 500_000)
+    assert config.max_queue_patches == (4_000_000 if path.name in whole_burst_queue else 500_000)
 
 
 def test_plugin_section_values_reach_the_settings(tmp_path):
