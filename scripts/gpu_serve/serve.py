@@ -775,6 +775,38 @@ def process_cpu_seconds(root: int) -> dict[str, float]:
     return used
 
 
+def scheduler_thread_seconds(root: int, proc: Path = Path("/proc")) -> dict[str, dict[str, float]]:
+    """Per thread of a server's scheduler processes (by thread name, same-named threads summed): seconds on a CPU
+    (``cpu``) and seconds runnable but waiting for one (``runq``), from ``/proc/PID/task/TID/schedstat``.
+
+    Why: a slower eager decode with the same CPU seconds is either a thread waiting for a core (``runq``: another
+    process on its core, e.g. an idle server's spinning scheduler) or one asleep (the GIL, the GPU); py-spy's samples
+    do not tell the first from the second."""
+    seconds: dict[str, dict[str, float]] = {}
+    for pid in descendants_titled(root, SCHEDULER_TITLE, proc):
+        for task in (proc / str(pid) / "task").glob("[0-9]*"):
+            try:
+                name = (task / "comm").read_text().strip()
+                on_cpu_ns, runq_ns = (int(v) for v in (task / "schedstat").read_text().split()[:2])
+            except (OSError, ValueError):  # the thread ended while we looked, or no schedstat in this kernel
+                continue
+            spent = seconds.setdefault(name, {"cpu": 0.0, "runq": 0.0})
+            spent["cpu"] += on_cpu_ns / 1e9
+            spent["runq"] += runq_ns / 1e9
+    return seconds
+
+
+def thread_seconds_during(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],
+                          least_cpu_s: float = 0.05) -> dict[str, dict[str, float]]:
+    """:func:`scheduler_thread_seconds` differenced over a run, threads that ran at least ``least_cpu_s``."""
+    during = {}
+    for name, now in sorted(after.items()):
+        was = before.get(name, {"cpu": 0.0, "runq": 0.0})
+        if now["cpu"] - was["cpu"] >= least_cpu_s:
+            during[name] = {key: round(now[key] - was[key], 3) for key in ("cpu", "runq")}
+    return during
+
+
 def cpu_during(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Each server's CPU seconds by process between two :func:`process_cpu_seconds` readings of every server: the
     loaded one's, and what the idle ones burn meanwhile (a scheduler that spins when idle)."""
@@ -1092,16 +1124,23 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
         def cpu_now() -> dict[str, dict[str, float]]:
             return {v: process_cpu_seconds(srv.proc.pid) for v, srv in servers.items() if srv.proc is not None}
 
+        def threads_now() -> dict[str, dict[str, float]]:
+            return scheduler_thread_seconds(server.proc.pid) if server.proc is not None else {}
+
         try:
-            cpu_before = cpu_now()
+            cpu_before, threads_before = cpu_now(), threads_now()
             run = bench(server, model, workload, [], out, tag)
             run["cpu_s"] = cpu_during(cpu_before, cpu_now())
+            run["scheduler_threads_s"] = thread_seconds_during(threads_before, threads_now())
             if "failure" in run:  # kept for reading, never compared: the server keeps serving the next runs
                 result["failed_runs"][tag] = run["failure"]
                 result.setdefault("incomplete_runs", {})[tag] = run
                 log(f"[{server.variant}] {tag}: {run['failure']}")
             else:
                 result["runs"][tag] = run
+            busiest = sorted(run["scheduler_threads_s"].items(), key=lambda kv: -kv[1]["cpu"])[:3]
+            log(f"  {tag}: scheduler threads (CPU / run-queue s): "
+                + ", ".join(f"{name} {spent['cpu']:.2f} / {spent['runq']:.2f}" for name, spent in busiest))
         except RuntimeError as exc:  # an extra variant that fails is dropped; off and on must work
             if server.variant in ("off", "on"):
                 raise

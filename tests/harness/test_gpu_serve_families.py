@@ -815,3 +815,29 @@ def test_a_primed_poisson_pool_and_the_measured_run_share_the_load_generators_da
 def test_a_runs_log_line_shows_its_arrival_span_where_sglang_exported_its_requests():
     assert serve.arrivals_note({"arrivals_s": 21.77, "drain_s": 2.47}) == ", arrivals 21.77 s, drain 2.47 s"
     assert serve.arrivals_note({}) == ""  # no export (older SGLang or no requests in the window)
+
+
+def test_scheduler_threads_report_cpu_and_run_queue_seconds_per_thread_name(tmp_path):
+    def thread(pid: int, tid: int, name: str, cpu_ns: int, runq_ns: int) -> None:
+        task = tmp_path / str(pid) / "task" / str(tid)
+        task.mkdir(parents=True)
+        (task / "comm").write_text(name + "\n")
+        (task / "schedstat").write_text(f"{cpu_ns} {runq_ns} 7\n")
+
+    def process(pid: int, ppid: int, cmdline: str) -> None:
+        (tmp_path / str(pid)).mkdir(exist_ok=True)
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (x) S {ppid} 0 0\n")
+        (tmp_path / str(pid) / "cmdline").write_bytes(cmdline.encode() + b"\0")
+
+    process(10, 1, "python3 -m sglang.launch_server")
+    process(11, 10, "sglang::scheduler_TP0")
+    process(12, 10, "sglang::detokenizer")
+    thread(11, 11, "sglang::schedul", 2_000_000_000, 500_000_000)
+    thread(11, 13, "mm-coalescer-q", 300_000_000, 100_000_000)
+    thread(11, 14, "mm-coalescer-q", 200_000_000, 0)
+    thread(12, 12, "sglang::detoken", 9_000_000_000, 0)  # not a scheduler: left out
+    before = serve.scheduler_thread_seconds(10, tmp_path)
+    assert before == {"sglang::schedul": {"cpu": 2.0, "runq": 0.5}, "mm-coalescer-q": {"cpu": 0.5, "runq": 0.1}}
+    after = {"sglang::schedul": {"cpu": 5.0, "runq": 1.75}, "mm-coalescer-q": {"cpu": 0.52, "runq": 0.1}}
+    assert serve.thread_seconds_during(before, after) == {"sglang::schedul": {"cpu": 3.0, "runq": 1.25}}
+    assert serve.scheduler_thread_seconds(99, tmp_path) == {}
