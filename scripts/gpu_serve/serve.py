@@ -807,6 +807,81 @@ def thread_seconds_during(before: dict[str, dict[str, float]], after: dict[str, 
     return during
 
 
+def core_siblings(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> dict[int, frozenset[int]]:
+    """Each CPU's hardware-thread siblings (itself included), from the kernel's topology; a CPU whose topology is
+    not exposed (some VMs) counts as a core of its own."""
+    siblings = {}
+    for listing in sys_cpu.glob("cpu[0-9]*/topology/thread_siblings_list"):
+        cpus: set[int] = set()
+        for part in listing.read_text().strip().split(","):
+            first, _, last = part.partition("-")
+            cpus.update(range(int(first), int(last or first) + 1))
+        siblings[int(listing.parent.parent.name[3:])] = frozenset(cpus)
+    return siblings
+
+
+def current_cpu(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """The CPU that thread ``pid`` last ran on (``/proc/PID/task/PID/stat``, field 39); None once it has ended."""
+    try:
+        text = (proc / str(pid) / "task" / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return int(text[text.rindex(")") + 2:].split()[36])
+
+
+class CorePlacement(threading.Thread):
+    """Where the loaded server's scheduler thread runs during a run, and how often it shares a physical core (the
+    same CPU or a hardware-thread sibling) with another busy thread: every other server's scheduler thread (SGLang's
+    scheduler polls without sleeping, loaded or idle) and the load generator.
+
+    Why: an eager decode is paced by the scheduler thread's launches, and a thread that shares a core with a spinning
+    one runs slower without waiting in any queue (its CPU seconds stay the same)."""
+
+    def __init__(self, loaded: str, threads: dict[str, int], every_s: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.loaded, self.threads, self.every_s = loaded, threads, every_s
+        self.stop_event, self.seen = threading.Event(), []
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.seen.append({name: current_cpu(pid) for name, pid in self.threads.items()})
+            self.stop_event.wait(self.every_s)
+
+    def finish(self, siblings: dict[int, frozenset[int]] | None = None) -> dict:
+        self.stop_event.set()
+        self.join()
+        return core_sharing(self.seen, self.loaded, core_siblings() if siblings is None else siblings)
+
+
+def watched_threads(servers: dict[str, Server]) -> dict[str, int]:
+    """The busy threads :class:`CorePlacement` follows: each server's (first) scheduler thread and the load
+    generator's main thread."""
+    threads = {}
+    for variant, srv in servers.items():
+        pids = descendants_titled(srv.proc.pid, SCHEDULER_TITLE) if srv.proc is not None else []
+        if pids:
+            threads[f"{variant}:scheduler"] = pids[0]
+    if LOADGEN is not None:
+        threads["loadgen"] = LOADGEN.proc.pid
+    return threads
+
+
+def core_sharing(seen: list[dict[str, int | None]], loaded: str, siblings: dict[int, frozenset[int]]) -> dict:
+    """From :class:`CorePlacement`'s samples: the share of samples in which ``loaded``'s thread sat on the same
+    physical core as each other thread, and the CPUs it ran on."""
+    mine = [sample for sample in seen if sample.get(loaded) is not None]
+    shared = {}
+    for other in sorted({name for sample in seen for name in sample} - {loaded}):
+        hits = sum(1 for s in mine if s.get(other) is not None
+                   and s[other] in siblings.get(s[loaded], frozenset({s[loaded]})))
+        shared[other] = round(hits / len(mine), 3) if mine else None
+    cpus: dict[int, int] = {}
+    for sample in mine:
+        cpus[sample[loaded]] = cpus.get(sample[loaded], 0) + 1
+    return {"samples": len(mine), "threads_per_core": max((len(s) for s in siblings.values()), default=1),
+            "shared_core": shared, "cpus": dict(sorted(cpus.items()))}
+
+
 def cpu_during(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
     """Each server's CPU seconds by process between two :func:`process_cpu_seconds` readings of every server: the
     loaded one's, and what the idle ones burn meanwhile (a scheduler that spins when idle)."""
@@ -1129,9 +1204,15 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
 
         try:
             cpu_before, threads_before = cpu_now(), threads_now()
-            run = bench(server, model, workload, [], out, tag)
+            placement = CorePlacement(f"{server.variant}:scheduler", watched_threads(servers))
+            placement.start()
+            try:
+                run = bench(server, model, workload, [], out, tag)
+            finally:
+                sharing = placement.finish()
             run["cpu_s"] = cpu_during(cpu_before, cpu_now())
             run["scheduler_threads_s"] = thread_seconds_during(threads_before, threads_now())
+            run["core_sharing"] = sharing
             if "failure" in run:  # kept for reading, never compared: the server keeps serving the next runs
                 result["failed_runs"][tag] = run["failure"]
                 result.setdefault("incomplete_runs", {})[tag] = run
@@ -1140,7 +1221,9 @@ def run_family(family: str, model: Path, workloads: list[str], variants: list[st
                 result["runs"][tag] = run
             busiest = sorted(run["scheduler_threads_s"].items(), key=lambda kv: -kv[1]["cpu"])[:3]
             log(f"  {tag}: scheduler threads (CPU / run-queue s): "
-                + ", ".join(f"{name} {spent['cpu']:.2f} / {spent['runq']:.2f}" for name, spent in busiest))
+                + ", ".join(f"{name} {spent['cpu']:.2f} / {spent['runq']:.2f}" for name, spent in busiest)
+                + f"; its core shared with: {sharing['shared_core']} ({sharing['samples']} samples, "
+                f"{sharing['threads_per_core']} threads a core)")
         except RuntimeError as exc:  # an extra variant that fails is dropped; off and on must work
             if server.variant in ("off", "on"):
                 raise
@@ -1323,7 +1406,7 @@ def main() -> None:
 
 
 PREPARED = REPO / ".gpu-serve"
-LOADGEN: LoadGenerator
+LOADGEN: LoadGenerator | None = None  # set by main()
 
 if __name__ == "__main__":
     main()

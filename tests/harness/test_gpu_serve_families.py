@@ -841,3 +841,49 @@ def test_scheduler_threads_report_cpu_and_run_queue_seconds_per_thread_name(tmp_
     after = {"sglang::schedul": {"cpu": 5.0, "runq": 1.75}, "mm-coalescer-q": {"cpu": 0.52, "runq": 0.1}}
     assert serve.thread_seconds_during(before, after) == {"sglang::schedul": {"cpu": 3.0, "runq": 1.25}}
     assert serve.scheduler_thread_seconds(99, tmp_path) == {}
+
+
+def test_core_sharing_counts_samples_on_the_same_cpu_or_a_hardware_thread_sibling(tmp_path):
+    for cpu, listing in ((0, "0,8"), (8, "0,8"), (1, "1-1"), (9, "9")):
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(listing + "\n")
+    siblings = serve.core_siblings(tmp_path)
+    assert siblings == {0: {0, 8}, 8: {0, 8}, 1: {1}, 9: {9}}
+    seen = [{"on:scheduler": 0, "off:scheduler": 8, "loadgen": 1},   # sibling of the idle scheduler
+            {"on:scheduler": 1, "off:scheduler": 8, "loadgen": 1},   # same CPU as the load generator
+            {"on:scheduler": 9, "off:scheduler": 0, "loadgen": None},  # alone; the load generator had ended
+            {"on:scheduler": None, "off:scheduler": 0, "loadgen": 0}]  # not running: not counted
+    sharing = serve.core_sharing(seen, "on:scheduler", siblings)
+    assert sharing == {"samples": 3, "threads_per_core": 2, "cpus": {0: 1, 1: 1, 9: 1},
+                       "shared_core": {"loadgen": round(1 / 3, 3), "off:scheduler": round(1 / 3, 3)}}
+    assert serve.core_sharing([], "on:scheduler", siblings)["shared_core"] == {}
+
+
+def test_current_cpu_reads_the_threads_last_cpu_and_none_once_it_has_ended():
+    import os
+
+    assert serve.current_cpu(os.getpid()) in range(os.cpu_count())
+    assert serve.current_cpu(2**22 + 7) is None
+
+
+def test_core_placement_samples_the_threads_until_finished():
+    import os
+
+    placement = serve.CorePlacement("me", {"me": os.getpid()}, every_s=0.01)
+    placement.start()
+    import time
+    time.sleep(0.1)
+    sharing = placement.finish({})
+    assert sharing["samples"] >= 2 and sum(sharing["cpus"].values()) == sharing["samples"]
+
+
+def test_watched_threads_are_each_servers_first_scheduler_and_the_load_generator(monkeypatch):
+    import types
+
+    monkeypatch.setattr(serve, "descendants_titled", lambda root, title: {10: [12, 11], 20: []}[root])
+    monkeypatch.setattr(serve, "LOADGEN", types.SimpleNamespace(proc=types.SimpleNamespace(pid=5)))
+    servers = {"off": types.SimpleNamespace(proc=types.SimpleNamespace(pid=10)),
+               "on": types.SimpleNamespace(proc=types.SimpleNamespace(pid=20)),  # no scheduler yet
+               "on+x": types.SimpleNamespace(proc=None)}
+    assert serve.watched_threads(servers) == {"off:scheduler": 12, "loadgen": 5}
