@@ -820,13 +820,15 @@ def core_siblings(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> dict[int, 
     return siblings
 
 
-def current_cpu(pid: int, proc: Path = Path("/proc")) -> int | None:
-    """The CPU that thread ``pid`` last ran on (``/proc/PID/task/PID/stat``, field 39); None once it has ended."""
+def running_cpu(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """The CPU that thread ``pid`` runs on (``/proc/PID/task/PID/stat``, field 39) while it is runnable (state R);
+    None while it sleeps or once it has ended: a sleeping thread takes nothing from its core's sibling."""
     try:
         text = (proc / str(pid) / "task" / str(pid) / "stat").read_text()
     except OSError:
         return None
-    return int(text[text.rindex(")") + 2:].split()[36])
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[36]) if fields[0] == "R" else None
 
 
 class CorePlacement(threading.Thread):
@@ -844,7 +846,7 @@ class CorePlacement(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            self.seen.append({name: current_cpu(pid) for name, pid in self.threads.items()})
+            self.seen.append({name: running_cpu(pid) for name, pid in self.threads.items()})
             self.stop_event.wait(self.every_s)
 
     def finish(self, siblings: dict[int, frozenset[int]] | None = None) -> dict:
@@ -867,8 +869,8 @@ def watched_threads(servers: dict[str, Server]) -> dict[str, int]:
 
 
 def core_sharing(seen: list[dict[str, int | None]], loaded: str, siblings: dict[int, frozenset[int]]) -> dict:
-    """From :class:`CorePlacement`'s samples: the share of samples in which ``loaded``'s thread sat on the same
-    physical core as each other thread, and the CPUs it ran on."""
+    """From :class:`CorePlacement`'s samples: of the samples in which ``loaded``'s thread ran, the share in which
+    each other thread ran on the same physical core, and the CPUs it ran on."""
     mine = [sample for sample in seen if sample.get(loaded) is not None]
     shared = {}
     for other in sorted({name for sample in seen for name in sample} - {loaded}):

@@ -860,11 +860,17 @@ def test_core_sharing_counts_samples_on_the_same_cpu_or_a_hardware_thread_siblin
     assert serve.core_sharing([], "on:scheduler", siblings)["shared_core"] == {}
 
 
-def test_current_cpu_reads_the_threads_last_cpu_and_none_once_it_has_ended():
+def test_running_cpu_is_the_threads_cpu_while_runnable_and_none_asleep_or_ended(tmp_path):
     import os
 
-    assert serve.current_cpu(os.getpid()) in range(os.cpu_count())
-    assert serve.current_cpu(2**22 + 7) is None
+    assert serve.running_cpu(os.getpid()) in range(os.cpu_count())  # this thread is running now
+    assert serve.running_cpu(2**22 + 7) is None
+    for pid, state in ((7, "S"), (8, "R")):
+        task = tmp_path / str(pid) / "task" / str(pid)
+        task.mkdir(parents=True)
+        fields = [state, *["0"] * 35, "5", "0"]  # state is field 3, the CPU field 39
+        (task / "stat").write_text(f"{pid} (sglang::sched x) " + " ".join(fields) + "\n")
+    assert serve.running_cpu(7, tmp_path) is None and serve.running_cpu(8, tmp_path) == 5
 
 
 def test_core_placement_samples_the_threads_until_finished():
@@ -873,7 +879,9 @@ def test_core_placement_samples_the_threads_until_finished():
     placement = serve.CorePlacement("me", {"me": os.getpid()}, every_s=0.01)
     placement.start()
     import time
-    time.sleep(0.1)
+    end = time.monotonic() + 0.1
+    while time.monotonic() < end:  # this (the main) thread stays runnable meanwhile
+        pass
     sharing = placement.finish({})
     assert sharing["samples"] >= 2 and sum(sharing["cpus"].values()) == sharing["samples"]
 
