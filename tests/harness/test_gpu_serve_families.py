@@ -874,15 +874,19 @@ def test_running_cpu_is_the_threads_cpu_while_runnable_and_none_asleep_or_ended(
 
 
 def test_core_placement_samples_the_threads_until_finished():
-    import os
-
-    placement = serve.CorePlacement("me", {"me": os.getpid()}, every_s=0.01)
-    placement.start()
+    import subprocess
+    import sys
     import time
-    end = time.monotonic() + 0.1
-    while time.monotonic() < end:  # this (the main) thread stays runnable meanwhile
-        pass
-    sharing = placement.finish({})
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        placement = serve.CorePlacement("spinner", {"spinner": spinner.pid}, every_s=0.01)
+        placement.start()
+        time.sleep(0.3)
+        sharing = placement.finish({})
+    finally:
+        spinner.kill()
+        spinner.wait()
     assert sharing["samples"] >= 2 and sum(sharing["cpus"].values()) == sharing["samples"]
 
 
