@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import subprocess
@@ -396,7 +397,8 @@ def shipped_server(result: dict, name: str, current: dict,
 
 
 def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
-                           values_at: Callable[[str, str], dict | None] = config_values_at) -> dict | None:
+                           values_at: Callable[[str, str], dict | None] = config_values_at,
+                           slow_above_ms: float | None = None) -> dict | None:
     """Issue 17's targets for the config a family ships now: each harness run's plugin server that ran it
     (:func:`shipped_server`) against plain off in that run, the median of those ratios and each one (``each``,
     oldest run first; ``measured`` says where, GPUs and KV pools may differ). Unlike the merged ``seed`` /
@@ -405,9 +407,11 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     ``tok_s_not_judged`` (:func:`arrivals_apart`), and a run whose two servers got different arrival schedules is
     left out of that load altogether (``runs_left_out``, :func:`schedules_differ`), as :func:`lever_verdict` leaves
     them unjudged. Each load also gives the ITL p50 ratio (``itl_p50_ratio``, a decode step's median): no target, but
-    it tells a slower decode from a slower first token."""
+    it tells a slower decode from a slower first token. With ``slow_above_ms`` (:func:`decode_state`), each load
+    also gives its ratios over only the runs in which neither server decoded slowly (``normal_decode``)."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
     poisson: dict[str, dict[str, list]] = {}
+    normal: dict[str, dict[str, list]] = {}  # per load: the runs in which neither server decoded slowly
     lone: list[float] = []
     unjudged: dict[str, list[str]] = {}  # per load: tok/s ratios of runs whose arrivals took 5 % apart
     left_out: dict[str, list[str]] = {}  # per load: runs whose two servers got different arrival schedules
@@ -433,10 +437,17 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
             for key in SHIPPED_POISSON:
                 if key != "tok_s_ratio":  # judged below
                     into[key].append(ratios[key])
-            if why := arrivals_apart(ratios):
-                unjudged.setdefault(load, []).append(f"{ratios['tok_s_ratio']} ({result.get('commit', '')}): {why}")
-            else:
+            judged = not (why := arrivals_apart(ratios))
+            if judged:
                 into["tok_s_ratio"].append(ratios["tok_s_ratio"])
+            else:
+                unjudged.setdefault(load, []).append(f"{ratios['tok_s_ratio']} ({result.get('commit', '')}): {why}")
+            if slow_above_ms is not None and all(ratios[side].get("median_itl_ms", 0) <= slow_above_ms
+                                                 for side in ("off", "on")):
+                kept = normal.setdefault(load, {key: [] for key in SHIPPED_POISSON})
+                for key in SHIPPED_POISSON:
+                    if key != "tok_s_ratio" or judged:
+                        kept[key].append(ratios[key])
             where["poisson"] += ratios["measured"]
         single = lone_summary(runs, "off", server)
         if single:
@@ -457,12 +468,58 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     if poisson:
         out["poisson"] = {load: {"runs": len(v["ttft_p50_ratio"]), **{k: over(r) for k, r in v.items() if r},
                                  **({"tok_s_not_judged": unjudged[load]} if load in unjudged else {}),
-                                 **({"runs_left_out": left_out[load]} if load in left_out else {})}
+                                 **({"runs_left_out": left_out[load]} if load in left_out else {}),
+                                 **({"normal_decode": {"runs": len(normal[load]["ttft_p50_ratio"]),
+                                                       **{k: over(r) for k, r in normal[load].items() if r}}}
+                                    if normal.get(load, {}).get("ttft_p50_ratio") else {})}
                           for load, v in sorted(poisson.items())}
         out["poisson_measured"] = list(dict.fromkeys(where["poisson"]))
     if lone:
         out["lone"] = {"runs": len(lone), "ttft_ratio": over(lone), "measured": list(dict.fromkeys(where["lone"]))}
     return out
+
+
+SLOW_DECODE = 1.35  # a Poisson load's ITL p50 this far above its family's median one counts as a slow decode
+
+
+def decode_state(harness_runs: list[dict]) -> dict | None:
+    """Every Poisson load of every server in a family's harness runs (all variants, all loads): how many decoded
+    slowly (ITL p50 above ``SLOW_DECODE`` x the family's median), with the plugin off (``off``, ``off+...``) and
+    on, and Fisher's exact test of the two rates.
+
+    Why: a server's eager decode sometimes runs 1.3-2x slower for a whole load, and a ratio against plugin-off
+    reads that as a cost of the plugin when it strikes the plugin's server, as a win when it strikes off's. This
+    says whether the state comes with the plugin."""
+    loads: dict[str, list[tuple[str, float]]] = {"plugin_off": [], "plugin_on": []}
+    for result in harness_runs:
+        for tag, run in result["runs"].items():
+            if tag.startswith("poisson") and MEASURED_TAG.match(tag) and run.get("median_itl_ms"):
+                side = "plugin_off" if _server(tag).split("+")[0] == "off" else "plugin_on"
+                loads[side].append((f"{tag} ({result.get('commit', '')})", run["median_itl_ms"]))
+    every = [itl for side in loads.values() for _, itl in side]
+    if not loads["plugin_off"] or not loads["plugin_on"]:
+        return None
+    median = statistics.median(every)
+    slow = {side: [name for name, itl in side_loads if itl > SLOW_DECODE * median]
+            for side, side_loads in loads.items()}
+    off_slow, on_slow = len(slow["plugin_off"]), len(slow["plugin_on"])
+    off_n, on_n = len(loads["plugin_off"]), len(loads["plugin_on"])
+    return {"itl_p50_median_ms": round(median, 2), "slow_above_ms": round(SLOW_DECODE * median, 2),
+            **{side: {"loads": len(loads[side]), "slow": len(slow[side]), "slow_loads": slow[side]} for side in loads},
+            "fisher_p": round(fisher_exact(off_slow, off_n - off_slow, on_slow, on_n - on_slow), 4)}
+
+
+def fisher_exact(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided p of Fisher's exact test for the table [[a, b], [c, d]]: the chance, with the row and column
+    totals fixed, of a table at most as likely as this one."""
+    row, col, n = a + b, a + c, a + b + c + d
+
+    def chance(x: int) -> float:
+        return math.comb(row, x) * math.comb(n - row, col - x) / math.comb(n, col)
+
+    seen = chance(a)
+    return min(1.0, sum(p for x in range(max(0, col - (n - row)), min(row, col) + 1)
+                        if (p := chance(x)) <= seen * (1 + 1e-9)))
 
 
 TARGETS: list[tuple[str, tuple[str, ...], float, bool]] = [  # issue 17: (name, where in shipped_config, bound, at most)
@@ -525,10 +582,14 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
     family = result.get("family", "")
     if harness_runs and family in FAMILIES:
         name = FAMILIES[family]["config"]
-        shipped = shipped_config_summary(harness_runs, name, shipped_config(name))
+        state = decode_state(harness_runs)
+        shipped = shipped_config_summary(harness_runs, name, shipped_config(name),
+                                         slow_above_ms=state["slow_above_ms"] if state else None)
         if shipped:
             fam["shipped_config"] = shipped
         fam["issue17_targets"] = target_check(shipped)
+        if state:
+            fam["decode_state"] = state
     correct = result.get("correctness")
     if correct:
         fam["outputs_identical"] = bool(correct["all_identical"])
@@ -912,6 +973,16 @@ def main() -> None:
                       f"tok/s {each['tok_s_ratio']} (ITL p50 {each['itl_p50_ratio']}); "
                       f"left out {v.get('runs_left_out', [])}, tok/s not judged "
                       f"{v.get('tok_s_not_judged', [])}")
+                normal = v.get("normal_decode")
+                if normal:
+                    print(f"     neither server slow ({normal['runs']} runs): TTFT p50 "
+                          f"{normal['ttft_p50_ratio']['median']} ITL p99 {normal['itl_p99_ratio']['median']} "
+                          f"tok/s {normal.get('tok_s_ratio', {}).get('median')}")
+        state = s.get("decode_state")
+        if state:
+            print(f"   slow decodes (ITL p50 > {state['slow_above_ms']} ms): plugin off "
+                  f"{state['plugin_off']['slow']}/{state['plugin_off']['loads']}, on "
+                  f"{state['plugin_on']['slow']}/{state['plugin_on']['loads']} (Fisher p {state['fisher_p']})")
     if plot(summary, args.out.with_suffix(".png")):
         print(f"wrote {args.out.with_suffix('.png')}")
 

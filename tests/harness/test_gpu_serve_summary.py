@@ -733,3 +733,41 @@ def test_the_load_generators_warm_up_is_left_out_of_a_runs_records_only_when_it_
     assert exports.measured_records(burst, 3) == burst  # no warm-up among them
     overlapping = _record(100.0, 103.0)  # still running when the first measured one came: not a warm-up
     assert exports.measured_records([overlapping, *burst], 3) == [overlapping, *burst]
+
+
+def decoding(itl_p50_ms: float, ttft_ms: float = 200, tok_s: float = 500) -> dict:
+    return {**bench(ttft_ms, tok_s), "median_itl_ms": itl_p50_ms}
+
+
+def test_the_decode_state_counts_slow_decodes_with_the_plugin_off_and_on_and_tests_the_difference():
+    first = {"commit": "a", "runs": {"poisson0.5-off": decoding(20), "poisson0.5-on": decoding(21),
+                                     "poisson0.8-off": decoding(40), "poisson0.8-on": decoding(20),
+                                     "poisson0.8-off+x": decoding(19), "seed0-on": decoding(90),  # not Poisson
+                                     "warm-on": decoding(90)}}
+    second = {"commit": "b", "runs": {"poisson0.8-off": decoding(20), "poisson0.8-on+y": decoding(30)}}
+    state = summarize.decode_state([first, second])
+    assert state["itl_p50_median_ms"] == 20.0 and state["slow_above_ms"] == 27.0  # 1.35 x the median
+    assert state["plugin_off"] == {"loads": 4, "slow": 1, "slow_loads": ["poisson0.8-off (a)"]}
+    assert state["plugin_on"] == {"loads": 3, "slow": 1, "slow_loads": ["poisson0.8-on+y (b)"]}
+    assert state["fisher_p"] == 1.0
+    assert summarize.decode_state([{"commit": "c", "runs": {"poisson0.5-off": decoding(20)}}]) is None
+
+
+def test_fishers_exact_test_matches_known_values():
+    assert summarize.fisher_exact(3, 1, 1, 3) == pytest.approx(0.4857, abs=1e-4)  # the tea-tasting table
+    assert summarize.fisher_exact(10, 0, 0, 10) == pytest.approx(1.0825e-05, rel=1e-3)
+    assert summarize.fisher_exact(5, 5, 5, 5) == 1.0
+
+
+def test_the_shipped_configs_normal_decode_ratios_leave_out_runs_in_which_either_server_decoded_slowly():
+    runs = [{"commit": "new", "gpu": "G", "variants": {"off": [], "on": []},
+             "runs": {"poisson0.8-off": decoding(off_itl, 300), "poisson0.8-on": decoding(on_itl, ttft)}}
+            for off_itl, on_itl, ttft in ((20, 21, 210), (20, 34, 240), (35, 20, 150), (19, 20, 180))]
+    out = summarize.shipped_config_summary(runs, "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW,
+                                           slow_above_ms=27.0)
+    load = out["poisson"]["0.8"]
+    assert load["runs"] == 4 and load["ttft_p50_ratio"]["each"] == [0.7, 0.8, 0.5, 0.6]
+    assert load["normal_decode"]["runs"] == 2
+    assert load["normal_decode"]["ttft_p50_ratio"] == {"median": 0.65, "each": [0.7, 0.6]}
+    without = summarize.shipped_config_summary(runs, "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW)
+    assert "normal_decode" not in without["poisson"]["0.8"]
