@@ -776,8 +776,10 @@ def process_cpu_seconds(root: int) -> dict[str, float]:
 
 
 def scheduler_thread_seconds(root: int, proc: Path = Path("/proc")) -> dict[str, dict[str, float]]:
-    """Per thread of a server's scheduler processes (by thread name, same-named threads summed): seconds on a CPU
-    (``cpu``) and seconds runnable but waiting for one (``runq``), from ``/proc/PID/task/TID/schedstat``.
+    """Per thread of a server's scheduler processes: seconds on a CPU (``cpu``) and seconds runnable but waiting for
+    one (``runq``), from ``/proc/PID/task/TID/schedstat``. The process's main thread (SGLang's scheduler loop) is
+    ``<name> (main)``; its other threads are summed by name (Python's thread names do not reach the kernel, so the
+    plugin's threads share the process's name).
 
     Why: a slower eager decode with the same CPU seconds is either a thread waiting for a core (``runq``: another
     process on its core, e.g. an idle server's spinning scheduler) or one asleep (the GIL, the GPU); py-spy's samples
@@ -786,7 +788,7 @@ def scheduler_thread_seconds(root: int, proc: Path = Path("/proc")) -> dict[str,
     for pid in descendants_titled(root, SCHEDULER_TITLE, proc):
         for task in (proc / str(pid) / "task").glob("[0-9]*"):
             try:
-                name = (task / "comm").read_text().strip()
+                name = (task / "comm").read_text().strip() + (" (main)" if task.name == str(pid) else "")
                 on_cpu_ns, runq_ns = (int(v) for v in (task / "schedstat").read_text().split()[:2])
             except (OSError, ValueError):  # the thread ended while we looked, or no schedstat in this kernel
                 continue

@@ -833,13 +833,14 @@ def test_scheduler_threads_report_cpu_and_run_queue_seconds_per_thread_name(tmp_
     process(11, 10, "sglang::scheduler_TP0")
     process(12, 10, "sglang::detokenizer")
     thread(11, 11, "sglang::schedul", 2_000_000_000, 500_000_000)
-    thread(11, 13, "mm-coalescer-q", 300_000_000, 100_000_000)
-    thread(11, 14, "mm-coalescer-q", 200_000_000, 0)
+    thread(11, 13, "sglang::schedul", 300_000_000, 100_000_000)  # the plugin's threads: the process's name
+    thread(11, 14, "sglang::schedul", 200_000_000, 0)
     thread(12, 12, "sglang::detoken", 9_000_000_000, 0)  # not a scheduler: left out
     before = serve.scheduler_thread_seconds(10, tmp_path)
-    assert before == {"sglang::schedul": {"cpu": 2.0, "runq": 0.5}, "mm-coalescer-q": {"cpu": 0.5, "runq": 0.1}}
-    after = {"sglang::schedul": {"cpu": 5.0, "runq": 1.75}, "mm-coalescer-q": {"cpu": 0.52, "runq": 0.1}}
-    assert serve.thread_seconds_during(before, after) == {"sglang::schedul": {"cpu": 3.0, "runq": 1.25}}
+    assert before == {"sglang::schedul (main)": {"cpu": 2.0, "runq": 0.5},
+                      "sglang::schedul": {"cpu": 0.5, "runq": 0.1}}
+    after = {"sglang::schedul (main)": {"cpu": 5.0, "runq": 1.75}, "sglang::schedul": {"cpu": 0.52, "runq": 0.1}}
+    assert serve.thread_seconds_during(before, after) == {"sglang::schedul (main)": {"cpu": 3.0, "runq": 1.25}}
     assert serve.scheduler_thread_seconds(99, tmp_path) == {}
 
 
