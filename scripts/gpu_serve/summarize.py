@@ -410,8 +410,8 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     it tells a slower decode from a slower first token. With ``slow_above_ms`` (:func:`decode_state`), each load
     also gives its ratios over only the runs in which neither server decoded slowly (``normal_decode``)."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
-    poisson: dict[str, dict[str, list]] = {}
-    normal: dict[str, dict[str, list]] = {}  # per load: the runs in which neither server decoded slowly
+    # per load: each compared run's ratios, whether its tok/s is judged, and whether neither server decoded slowly
+    poisson: dict[str, list[tuple[dict, bool, bool]]] = {}
     lone: list[float] = []
     unjudged: dict[str, list[str]] = {}  # per load: tok/s ratios of runs whose arrivals took 5 % apart
     left_out: dict[str, list[str]] = {}  # per load: runs whose two servers got different arrival schedules
@@ -430,24 +430,15 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         where["seed"] += measured_on(runs, [f"{rep}-off" for rep in reps])
         loads = poisson_summary(runs, None, "off", server)
         for load, ratios in loads.items():
-            into = poisson.setdefault(load, {key: [] for key in SHIPPED_POISSON})
+            compared = poisson.setdefault(load, [])
             if why := schedules_differ(result, load, "off", server):
                 left_out.setdefault(load, []).append(f"{result.get('commit', '')}: {why}")
                 continue
-            for key in SHIPPED_POISSON:
-                if key != "tok_s_ratio":  # judged below
-                    into[key].append(ratios[key])
-            judged = not (why := arrivals_apart(ratios))
-            if judged:
-                into["tok_s_ratio"].append(ratios["tok_s_ratio"])
-            else:
+            if why := arrivals_apart(ratios):
                 unjudged.setdefault(load, []).append(f"{ratios['tok_s_ratio']} ({result.get('commit', '')}): {why}")
-            if slow_above_ms is not None and all(ratios[side].get("median_itl_ms", 0) <= slow_above_ms
-                                                 for side in ("off", "on")):
-                kept = normal.setdefault(load, {key: [] for key in SHIPPED_POISSON})
-                for key in SHIPPED_POISSON:
-                    if key != "tok_s_ratio" or judged:
-                        kept[key].append(ratios[key])
+            normal_decode = slow_above_ms is not None and all(
+                ratios[side].get("median_itl_ms", 0) <= slow_above_ms for side in ("off", "on"))
+            compared.append((ratios, not why, normal_decode))
             where["poisson"] += ratios["measured"]
         single = lone_summary(runs, "off", server)
         if single:
@@ -461,18 +452,22 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     def over(ratios: list[float]) -> dict:
         return {"median": round(statistics.median(ratios), 4), "each": ratios}
 
+    def medians(compared: list[tuple[dict, bool, bool]]) -> dict:
+        """``SHIPPED_POISSON``'s ratios over ``compared`` runs, tok/s only where judged."""
+        return {key: over(each) for key in SHIPPED_POISSON
+                if (each := [ratios[key] for ratios, judged, _ in compared if key != "tok_s_ratio" or judged])}
+
     out: dict = {"config": name, "servers": servers}
     if seed["median_ttft_ratio"]:
         out["seed"] = {"repetitions": len(seed["median_ttft_ratio"]), **{k: over(v) for k, v in seed.items()},
                        "measured": list(dict.fromkeys(where["seed"]))}
     if poisson:
-        out["poisson"] = {load: {"runs": len(v["ttft_p50_ratio"]), **{k: over(r) for k, r in v.items() if r},
+        out["poisson"] = {load: {"runs": len(compared), **medians(compared),
                                  **({"tok_s_not_judged": unjudged[load]} if load in unjudged else {}),
                                  **({"runs_left_out": left_out[load]} if load in left_out else {}),
-                                 **({"normal_decode": {"runs": len(normal[load]["ttft_p50_ratio"]),
-                                                       **{k: over(r) for k, r in normal[load].items() if r}}}
-                                    if normal.get(load, {}).get("ttft_p50_ratio") else {})}
-                          for load, v in sorted(poisson.items())}
+                                 **({"normal_decode": {"runs": len(normal), **medians(normal)}}
+                                    if (normal := [run for run in compared if run[2]]) else {})}
+                          for load, compared in sorted(poisson.items())}
         out["poisson_measured"] = list(dict.fromkeys(where["poisson"]))
     if lone:
         out["lone"] = {"runs": len(lone), "ttft_ratio": over(lone), "measured": list(dict.fromkeys(where["lone"]))}
@@ -496,10 +491,9 @@ def decode_state(harness_runs: list[dict]) -> dict | None:
             if tag.startswith("poisson") and MEASURED_TAG.match(tag) and run.get("median_itl_ms"):
                 side = "plugin_off" if _server(tag).split("+")[0] == "off" else "plugin_on"
                 loads[side].append((f"{tag} ({result.get('commit', '')})", run["median_itl_ms"]))
-    every = [itl for side in loads.values() for _, itl in side]
     if not loads["plugin_off"] or not loads["plugin_on"]:
         return None
-    median = statistics.median(every)
+    median = statistics.median(itl for side in loads.values() for _, itl in side)
     slow = {side: [name for name, itl in side_loads if itl > SLOW_DECODE * median]
             for side, side_loads in loads.items()}
     off_slow, on_slow = len(slow["plugin_off"]), len(slow["plugin_on"])
