@@ -370,21 +370,33 @@ def config_values_at(commit: str, name: str) -> dict | None:
     return None
 
 
+def plugin_off_with(result: dict, flags: list[str]) -> str | None:
+    """The plugin-off server of one harness run that ran with exactly these SGLang flags: plain ``off`` for none,
+    else the first ``off+X`` (never a floor such as ``+freeenc``) with them."""
+    for server, ran in result.get("variants", {}).items():
+        if (server == "off" or (server.startswith("off+") and not _floor(server))) and ran == flags:
+            return server
+    return None
+
+
 def shipped_server(result: dict, name: str, current: dict,
-                   values_at: Callable[[str, str], dict | None] = config_values_at) -> str | None:
+                   values_at: Callable[[str, str], dict | None] = config_values_at,
+                   flags: list[str] | None = None) -> str | None:
     """The plugin server of one harness run that ran the family's shipped config as it is now (``current``, the
-    values of ``configs/<name>.yaml``) and nothing else: no SGLang flag, environment or SGLang patch of its own, and
+    values of ``configs/<name>.yaml``) and nothing else: no SGLang flag (but ``flags``, which its plugin-off twin
+    :func:`plugin_off_with` also ran), environment or SGLang patch of its own, and
     a config holding exactly these values: the one the run recorded (``configs``, since 5d5d209), else the config
     file at the run's commit with the server's config change on top. Plain ``on`` first, else the first such lever:
     one server a run, so no run's plugin-off counts twice. So a lever that later became the default counts
     (Qwen3-VL's ``on+prethread`` at f4d38f4), and a plain ``on`` whose config then differed does not. The code is
     still the run's commit's: a value changed in code without a change in the file is not seen."""
+    flags = flags or []
     changes, recorded = result.get("variant_changes", {}), result.get("configs", {})
     base: dict | None = None
     for server in sorted(result.get("variants", {}), key=lambda v: v != "on"):
         change = changes.get(server, {"config": {}, "env": {}} if server == "on" else None)
-        if not (server == "on" or server.startswith("on+")) or result["variants"][server] or change is None \
-                or set(change) - {"config", "env"} or change.get("env"):
+        if not (server == "on" or server.startswith("on+")) or result["variants"][server] != flags \
+                or change is None or set(change) - {"config", "env"} or change.get("env"):
             continue
         if server in recorded:
             ran = recorded[server]
@@ -396,9 +408,20 @@ def shipped_server(result: dict, name: str, current: dict,
     return None
 
 
+def shared_flag_sets(harness_runs: list[dict]) -> list[list[str]]:
+    """The SGLang flag sets, beyond the harness's own, that some run gave both a plugin server and a plugin-off
+    one (``off+X`` beside ``on+X``), in order of first appearance."""
+    found: list[list[str]] = []
+    for result in harness_runs:
+        for server, flags in result.get("variants", {}).items():
+            if server.startswith("on+") and flags and flags not in found and plugin_off_with(result, flags):
+                found.append(flags)
+    return found
+
+
 def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
                            values_at: Callable[[str, str], dict | None] = config_values_at,
-                           slow_above_ms: float | None = None) -> dict | None:
+                           slow_above_ms: float | None = None, flags: list[str] | None = None) -> dict | None:
     """Issue 17's targets for the config a family ships now: each harness run's plugin server that ran it
     (:func:`shipped_server`) against plain off in that run, the median of those ratios and each one (``each``,
     oldest run first; ``measured`` says where, GPUs and KV pools may differ). Unlike the merged ``seed`` /
@@ -408,7 +431,8 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     left out of that load altogether (``runs_left_out``, :func:`schedules_differ`), as :func:`lever_verdict` leaves
     them unjudged. Each load also gives the ITL p50 ratio (``itl_p50_ratio``, a decode step's median): no target, but
     it tells a slower decode from a slower first token. With ``slow_above_ms`` (:func:`decode_state`), each load
-    also gives its ratios over only the runs in which neither server decoded slowly (``normal_decode``)."""
+    also gives its ratios over only the runs in which neither server decoded slowly (``normal_decode``). With
+    ``flags``, the servers of both sides ran these SGLang flags (:func:`shipped_server`, :func:`plugin_off_with`)."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
     # per load: each compared run's ratios, whether its tok/s is judged, and whether neither server decoded slowly
     poisson: dict[str, list[tuple[dict, bool, bool]]] = {}
@@ -419,19 +443,20 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     servers = []
     for result in harness_runs:
         runs = _located(result)
-        server = shipped_server(result, name, current, values_at)
-        if server is None:
+        server = shipped_server(result, name, current, values_at, flags)
+        base = plugin_off_with(result, flags or [])
+        if server is None or base is None:
             continue
-        reps = seed_repetitions(runs, "off", server)
+        reps = seed_repetitions(runs, base, server)
         for rep in reps:
-            on, off = runs[f"{rep}-{server}"], runs[f"{rep}-off"]
+            on, off = runs[f"{rep}-{server}"], runs[f"{rep}-{base}"]
             seed["median_ttft_ratio"].append(_ratio(on["median_ttft_ms"], off["median_ttft_ms"]))
             seed["throughput_ratio"].append(_ratio(on["total_throughput"], off["total_throughput"]))
-        where["seed"] += measured_on(runs, [f"{rep}-off" for rep in reps])
-        loads = poisson_summary(runs, None, "off", server)
+        where["seed"] += measured_on(runs, [f"{rep}-{base}" for rep in reps])
+        loads = poisson_summary(runs, None, base, server)
         for load, ratios in loads.items():
             compared = poisson.setdefault(load, [])
-            if why := schedules_differ(result, load, "off", server):
+            if why := schedules_differ(result, load, base, server):
                 left_out.setdefault(load, []).append(f"{result.get('commit', '')}: {why}")
                 continue
             if why := arrivals_apart(ratios):
@@ -440,7 +465,7 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
                 ratios[side].get("median_itl_ms", 0) <= slow_above_ms for side in ("off", "on"))
             compared.append((ratios, not why, normal_decode))
             where["poisson"] += ratios["measured"]
-        single = lone_summary(runs, "off", server)
+        single = lone_summary(runs, base, server)
         if single:
             lone.append(single["ttft_ratio"])
             where["lone"] += single["measured"]
@@ -582,6 +607,14 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
         if shipped:
             fam["shipped_config"] = shipped
         fam["issue17_targets"] = target_check(shipped)
+        # The shipped config where both servers ran extra SGLang flags: a setup a production server runs but the
+        # harness does not by default (Gemma3 on `sdpa` vision attention, for the `fa3` the stripped kernel lacks)
+        for flags in shared_flag_sets(harness_runs):
+            with_flags = shipped_config_summary(harness_runs, name, shipped_config(name), flags=flags,
+                                                slow_above_ms=state["slow_above_ms"] if state else None)
+            if with_flags:
+                fam.setdefault("shipped_config_with_flags", {})[" ".join(flags)] = {
+                    **with_flags, "issue17_targets": target_check(with_flags)}
         if state:
             fam["decode_state"] = state
     correct = result.get("correctness")
@@ -956,6 +989,10 @@ def main() -> None:
             print(f"   issue 17 targets, shipped config medians: all met {check['all_met']}; missed "
                   f"{[t for t, v in check['targets'].items() if not v['met']]}; unmeasured {len(check['unmeasured'])}; "
                   f"not judged {list(check['not_judged'])}")
+        for flags, with_flags in s.get("shipped_config_with_flags", {}).items():
+            targets = with_flags["issue17_targets"]
+            print(f"   with {flags} on both servers: all met {targets['all_met']}; "
+                  f"{ {t: v['median'] for t, v in targets['targets'].items()} }")
         shipped = s.get("shipped_config")
         if shipped:
             seed = shipped.get("seed", {})

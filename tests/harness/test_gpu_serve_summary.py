@@ -771,3 +771,32 @@ def test_the_shipped_configs_normal_decode_ratios_leave_out_runs_in_which_either
     assert load["normal_decode"]["ttft_p50_ratio"] == {"median": 0.65, "each": [0.7, 0.6]}
     without = summarize.shipped_config_summary(runs, "c", SHIPPED_NOW, lambda commit, name: SHIPPED_NOW)
     assert "normal_decode" not in without["poisson"]["0.8"]
+
+
+def test_the_shipped_config_with_flags_both_servers_ran_compares_against_the_plugin_off_server_with_those_flags(
+        monkeypatch):
+    sdpa = ["--mm-attention-backend", "sdpa"]
+    run = {"commit": "new", "gpu": "G",
+           "variants": {"off": [], "on+x": sdpa, "off+x": sdpa, "off+x+freeenc": sdpa, "on+y": ["--other"]},
+           "variant_changes": {"on+x": {"config": {}, "env": {}}, "on+y": {"config": {}, "env": {}}},
+           "configs": {"on+x": SHIPPED_NOW, "on+y": SHIPPED_NOW},
+           "runs": {"lone-off": bench(700, 10), "lone-off+x": bench(500, 10), "lone-on+x": bench(400, 10),
+                    "lone-off+x+freeenc": bench(300, 10), "lone-on+y": bench(100, 10),
+                    "seed0-off+x": bench(20_000, 1000), "seed0-on+x": bench(12_000, 1400),
+                    "poisson0.5-off+x": bench(300, 500), "poisson0.5-on+x": bench(240, 505)}}
+    assert summarize.plugin_off_with(run, sdpa) == "off+x"  # never the free-encoder floor
+    assert summarize.plugin_off_with(run, []) == "off"
+    assert summarize.plugin_off_with(run, ["--other"]) is None
+    assert summarize.shared_flag_sets([run]) == [sdpa]  # on+y has no plugin-off twin
+    assert summarize.shipped_config_summary([run], "c", SHIPPED_NOW, shipped_at) is None  # no flag-less plugin server
+    out = summarize.shipped_config_summary([run], "c", SHIPPED_NOW, shipped_at, flags=sdpa)
+    assert out["servers"] == ["on+x (new)"]
+    assert out["lone"]["ttft_ratio"]["each"] == [0.8]  # against off+x (500 ms), not off or the floor
+    assert out["seed"]["median_ttft_ratio"]["each"] == [0.6]
+    assert out["poisson"]["0.5"]["ttft_p50_ratio"]["each"] == [0.8]
+    monkeypatch.setattr(summarize, "shipped_config", lambda name: SHIPPED_NOW)
+    run["family"] = "gemma3_12b"
+    fam = summarize.family_summary(summarize.merge_runs([run]), harness_runs=[run])
+    with_sdpa = fam["shipped_config_with_flags"]["--mm-attention-backend sdpa"]
+    assert with_sdpa["lone"] == out["lone"] and with_sdpa["issue17_targets"]["targets"]["lone TTFT <= 0.90x"]["met"]
+    assert fam["issue17_targets"]["unmeasured"]  # the flag-less targets stay unmeasured
