@@ -371,10 +371,16 @@ def config_values_at(commit: str, name: str) -> dict | None:
 
 
 def plugin_off_with(result: dict, flags: list[str]) -> str | None:
-    """The plugin-off server of one harness run that ran with exactly these SGLang flags: plain ``off`` for none,
-    else the first ``off+X`` (never a floor such as ``+freeenc``) with them."""
-    for server, ran in result.get("variants", {}).items():
-        if (server == "off" or (server.startswith("off+") and not _floor(server))) and ran == flags:
+    """The plugin-off server of one harness run that ran with exactly these SGLang flags and nothing else: plain
+    ``off`` for none, else the first ``off+X`` with them and no environment or SGLang patch of its own (never a floor
+    such as ``+freeenc``)."""
+    variants, changes = result.get("variants", {}), result.get("variant_changes", {})
+    if not flags:
+        return "off" if "off" in variants else None
+    for server, ran in variants.items():
+        change = changes.get(server, {})
+        if server.startswith("off+") and not _floor(server) and ran == flags \
+                and not set(change) - {"config", "env"} and not change.get("env"):
             return server
     return None
 
@@ -423,16 +429,16 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
                            values_at: Callable[[str, str], dict | None] = config_values_at,
                            slow_above_ms: float | None = None, flags: list[str] | None = None) -> dict | None:
     """Issue 17's targets for the config a family ships now: each harness run's plugin server that ran it
-    (:func:`shipped_server`) against plain off in that run, the median of those ratios and each one (``each``,
-    oldest run first; ``measured`` says where, GPUs and KV pools may differ). Unlike the merged ``seed`` /
-    ``poisson`` / ``lone``, which take every run of plain ``on`` whatever its config then, only these servers count.
-    A Poisson tok/s ratio whose runs' arrivals took 5 % apart is left out of the median and listed in
-    ``tok_s_not_judged`` (:func:`arrivals_apart`), and a run whose two servers got different arrival schedules is
-    left out of that load altogether (``runs_left_out``, :func:`schedules_differ`), as :func:`lever_verdict` leaves
-    them unjudged. Each load also gives the ITL p50 ratio (``itl_p50_ratio``, a decode step's median): no target, but
-    it tells a slower decode from a slower first token. With ``slow_above_ms`` (:func:`decode_state`), each load
-    also gives its ratios over only the runs in which neither server decoded slowly (``normal_decode``). With
-    ``flags``, the servers of both sides ran these SGLang flags (:func:`shipped_server`, :func:`plugin_off_with`)."""
+    (:func:`shipped_server`) against plain off in that run (with ``flags``, the off server with them), the median of
+    those ratios and each one (``each``, oldest run first; ``measured`` says where, GPUs and KV pools may differ).
+    Unlike the merged ``seed`` / ``poisson`` / ``lone``, which take every run of plain ``on`` whatever its config
+    then, only these servers count. A Poisson tok/s ratio whose runs' arrivals took 5 % apart is left out of the
+    median and listed in ``tok_s_not_judged`` (:func:`arrivals_apart`), and a run whose two servers got different
+    arrival schedules is left out of that load altogether (``runs_left_out``, :func:`schedules_differ`), as
+    :func:`lever_verdict` leaves them unjudged. Each load also gives the ITL p50 ratio (``itl_p50_ratio``, a decode
+    step's median): no target, but it tells a slower decode from a slower first token. With ``slow_above_ms``
+    (:func:`decode_state`), each load also gives its ratios over only the runs in which neither server decoded
+    slowly (``normal_decode``)."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
     # per load: each compared run's ratios, whether its tok/s is judged, and whether neither server decoded slowly
     poisson: dict[str, list[tuple[dict, bool, bool]]] = {}

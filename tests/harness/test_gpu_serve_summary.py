@@ -787,6 +787,11 @@ def test_the_shipped_config_with_flags_both_servers_ran_compares_against_the_plu
     assert summarize.plugin_off_with(run, sdpa) == "off+x"  # never the free-encoder floor
     assert summarize.plugin_off_with(run, []) == "off"
     assert summarize.plugin_off_with(run, ["--other"]) is None
+    with_env = {**run, "variants": {"on": [], "off+e": [], "off+z": sdpa},
+                "variant_changes": {"off+e": {"config": {}, "env": {"E": "1"}},
+                                    "off+z": {"config": {}, "env": {"E": "1"}}}}
+    assert summarize.plugin_off_with(with_env, []) is None  # without plain off, never a server with an env of its own
+    assert summarize.plugin_off_with(with_env, sdpa) is None
     assert summarize.shared_flag_sets([run]) == [sdpa]  # on+y has no plugin-off twin
     assert summarize.shipped_config_summary([run], "c", SHIPPED_NOW, shipped_at) is None  # no flag-less plugin server
     out = summarize.shipped_config_summary([run], "c", SHIPPED_NOW, shipped_at, flags=sdpa)
