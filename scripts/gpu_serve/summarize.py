@@ -370,6 +370,12 @@ def config_values_at(commit: str, name: str) -> dict | None:
     return None
 
 
+def _only_config(change: dict) -> bool:
+    """A server's ``variant_changes`` entry holds nothing but a plugin config change: no environment, no SGLang
+    patch."""
+    return not set(change) - {"config", "env"} and not change.get("env")
+
+
 def plugin_off_with(result: dict, flags: list[str]) -> str | None:
     """The plugin-off server of one harness run that ran with exactly these SGLang flags and nothing else: plain
     ``off`` for none, else the first ``off+X`` with them and no environment or SGLang patch of its own (never a floor
@@ -378,9 +384,7 @@ def plugin_off_with(result: dict, flags: list[str]) -> str | None:
     if not flags:
         return "off" if "off" in variants else None
     for server, ran in variants.items():
-        change = changes.get(server, {})
-        if server.startswith("off+") and not _floor(server) and ran == flags \
-                and not set(change) - {"config", "env"} and not change.get("env"):
+        if server.startswith("off+") and not _floor(server) and ran == flags and _only_config(changes.get(server, {})):
             return server
     return None
 
@@ -402,7 +406,7 @@ def shipped_server(result: dict, name: str, current: dict,
     for server in sorted(result.get("variants", {}), key=lambda v: v != "on"):
         change = changes.get(server, {"config": {}, "env": {}} if server == "on" else None)
         if not (server == "on" or server.startswith("on+")) or result["variants"][server] != flags \
-                or change is None or set(change) - {"config", "env"} or change.get("env"):
+                or change is None or not _only_config(change):
             continue
         if server in recorded:
             ran = recorded[server]
@@ -608,16 +612,15 @@ def family_summary(result: dict, raw: Path | None = None, harness_runs: list[dic
     if harness_runs and family in FAMILIES:
         name = FAMILIES[family]["config"]
         state = decode_state(harness_runs)
-        shipped = shipped_config_summary(harness_runs, name, shipped_config(name),
-                                         slow_above_ms=state["slow_above_ms"] if state else None)
+        current, slow_above_ms = shipped_config(name), state["slow_above_ms"] if state else None
+        shipped = shipped_config_summary(harness_runs, name, current, slow_above_ms=slow_above_ms)
         if shipped:
             fam["shipped_config"] = shipped
         fam["issue17_targets"] = target_check(shipped)
         # The shipped config where both servers ran extra SGLang flags: a setup a production server runs but the
         # harness does not by default (Gemma3 on `sdpa` vision attention, for the `fa3` the stripped kernel lacks)
         for flags in shared_flag_sets(harness_runs):
-            with_flags = shipped_config_summary(harness_runs, name, shipped_config(name), flags=flags,
-                                                slow_above_ms=state["slow_above_ms"] if state else None)
+            with_flags = shipped_config_summary(harness_runs, name, current, slow_above_ms=slow_above_ms, flags=flags)
             if with_flags:
                 fam.setdefault("shipped_config_with_flags", {})[" ".join(flags)] = {
                     **with_flags, "issue17_targets": target_check(with_flags)}
