@@ -17,6 +17,8 @@ import math
 import re
 import statistics
 import subprocess
+import tarfile
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,12 @@ SEED_METRICS = {"median_ttft_ratio": "median_ttft_ms", "mean_ttft_ratio": "mean_
                 "duration_ratio": "duration"}
 POISSON_METRICS = {"ttft_p50_ratio": "median_ttft_ms", "ttft_p99_ratio": "p99_ttft_ms",
                    "itl_p50_ratio": "median_itl_ms", "itl_p99_ratio": "p99_itl_ms", "tok_s_ratio": "total_throughput"}
-# The Poisson ratios the shipped config's summary keeps per load: issue 17's three, and the decode step's median.
-SHIPPED_POISSON = ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio", "itl_p50_ratio")
+# What each server of a Poisson run took after the last arrival (exports.arrival_span): the drain, and the request
+# that finished last, its first token and its decode.
+DRAIN_PARTS = {"last_first_token_ratio": "last_first_token_s", "last_decode_ratio": "last_decode_s"}
+# The Poisson ratios the shipped config's summary keeps per load: issue 17's three, the decode step's median, and the
+# last finisher's first token and decode (where the run recorded them: they tell what moved the tok/s ratio).
+SHIPPED_POISSON = ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio", "itl_p50_ratio", *DRAIN_PARTS)
 
 
 def _ratio(on: float, off: float) -> float:
@@ -74,10 +80,12 @@ def poisson_summary(runs: dict, capacity: float | None, off_name: str = "off", o
             continue
         off, on = runs[key], runs[f"poisson{load}-{on_name}"]
         out[load] = {name: _ratio(on[m], off[m]) for name, m in POISSON_METRICS.items()}
+        out[load].update({name: _ratio(on[m], off[m]) for name, m in DRAIN_PARTS.items() if m in on and m in off})
         out[load]["rate_req_s"] = off.get("request_rate")
         out[load]["measured"] = measured_on(runs, [key])
-        for side, run in (("off", off), ("on", on)):  # the arrival span where the harness recorded it
-            out[load][side] = {m: run[m] for m in (*POISSON_METRICS.values(), "arrivals_s") if m in run}
+        for side, run in (("off", off), ("on", on)):  # the arrival span and drain where the harness recorded them
+            out[load][side] = {m: run[m] for m in (*POISSON_METRICS.values(), "arrivals_s", "drain_s",
+                                                   *DRAIN_PARTS.values()) if m in run}
         out[load]["on"]["coalescer"] = on.get("coalescer")
     if out and capacity is not None:  # lever comparisons pass None: the capacity is plain off's
         out["capacity_req_s"] = capacity
@@ -488,9 +496,11 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         return {"median": round(statistics.median(ratios), 4), "each": ratios}
 
     def medians(compared: list[tuple[dict, bool, bool]]) -> dict:
-        """``SHIPPED_POISSON``'s ratios over ``compared`` runs, tok/s only where judged."""
+        """``SHIPPED_POISSON``'s ratios over ``compared`` runs, tok/s only where judged, the last finisher's only
+        where both servers' records gave it."""
         return {key: over(each) for key in SHIPPED_POISSON
-                if (each := [ratios[key] for ratios, judged, _ in compared if key != "tok_s_ratio" or judged])}
+                if (each := [ratios[key] for ratios, judged, _ in compared
+                             if key in ratios and (key != "tok_s_ratio" or judged)])}
 
     out: dict = {"config": name, "servers": servers}
     if seed["median_ttft_ratio"]:
@@ -506,7 +516,29 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
         out["poisson_measured"] = list(dict.fromkeys(where["poisson"]))
     if lone:
         out["lone"] = {"runs": len(lone), "ttft_ratio": over(lone), "measured": list(dict.fromkeys(where["lone"]))}
+    if finisher := last_finisher_signs(out.get("poisson", {})):
+        out["last_finisher"] = finisher
     return out
+
+
+def last_finisher_signs(poisson: dict) -> dict | None:
+    """Over every load's runs (``shipped_config.poisson``): how often the plugin server's last finisher got its first
+    token sooner than plugin-off's, and how often it decoded faster, each with a two-sided sign test (a tie counts
+    as neither sooner nor faster). The tok/s of two servers over the same arrivals differs by their drains, which end
+    with that request (:func:`exports.last_finisher`)."""
+    out = {}
+    for part, key in (("first_token_sooner", "last_first_token_ratio"), ("decode_faster", "last_decode_ratio")):
+        ratios = [r for load in poisson.values() for r in load.get(key, {}).get("each", [])]
+        if ratios:
+            wins = sum(r < 1.0 for r in ratios)
+            out[part] = {"runs": len(ratios), "plugin_on": wins, "sign_test_p": round(sign_test(wins, len(ratios)), 4)}
+    return out or None
+
+
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided sign test: the chance of a split at least this uneven among ``n`` coin flips."""
+    tail = sum(math.comb(n, k) for k in range(min(wins, n - wins) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 SLOW_DECODE = 1.35  # a Poisson load's ITL p50 this far above its family's median one counts as a slow decode
@@ -942,6 +974,23 @@ def plot(summary: dict, path: Path) -> bool:
     return True
 
 
+def with_last_finishers(result: dict, archive: Path) -> dict:
+    """``result`` with each Poisson run's last finisher (:func:`exports.last_finisher`) filled in from the run's
+    archive (SGLang's per-request export in ``gpu-serve-<family>.tar.xz``) where the harness did not record it
+    (runs before it did); the run's other recorded values are kept as they are."""
+    missing = {tag: run for tag, run in result.get("runs", {}).items()
+               if tag.startswith("poisson") and run.get("window") and "last_decode_s" not in run}
+    if not missing or not archive.exists():
+        return result
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
+        tar.extractall(tmp, members=[m for m in tar.getmembers() if "/requests-" in m.name], filter="data")
+        for tag, run in missing.items():
+            for export in Path(tmp).glob(f"*/requests-{_server(tag)}"):
+                span = arrival_span(measured_records(request_records(export, run["window"]), run.get("requested")))
+                run.update({k: v for k, v in span.items() if k not in run})
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", type=Path)
@@ -958,7 +1007,8 @@ def main() -> None:
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
     for path in args.results:
-        newest = json.loads(path.read_text())
+        newest = with_last_finishers(json.loads(path.read_text()), path.parent / path.name.replace(
+            "results-", "gpu-serve-").replace(".json", ".tar.xz"))
         by_family.setdefault(newest["family"], []).append(newest)
     merged = {family: merge_runs(results) for family, results in by_family.items()}
     gpus = dict.fromkeys(r["gpu"] for results in by_family.values() for r in results if r.get("gpu"))
@@ -1010,7 +1060,8 @@ def main() -> None:
             for load, v in shipped.get("poisson", {}).items():
                 each = {key: v.get(key, {}).get("each") for key in SHIPPED_POISSON}
                 print(f"   shipped poisson {load}: TTFT p50 {each['ttft_p50_ratio']} ITL p99 {each['itl_p99_ratio']} "
-                      f"tok/s {each['tok_s_ratio']} (ITL p50 {each['itl_p50_ratio']}); "
+                      f"tok/s {each['tok_s_ratio']} (ITL p50 {each['itl_p50_ratio']}; last finisher's first token "
+                      f"{each['last_first_token_ratio']}, decode {each['last_decode_ratio']}); "
                       f"left out {v.get('runs_left_out', [])}, tok/s not judged "
                       f"{v.get('tok_s_not_judged', [])}")
                 normal = v.get("normal_decode")
@@ -1018,6 +1069,8 @@ def main() -> None:
                     print(f"     neither server slow ({normal['runs']} runs): TTFT p50 "
                           f"{normal['ttft_p50_ratio']['median']} ITL p99 {normal['itl_p99_ratio']['median']} "
                           f"tok/s {normal.get('tok_s_ratio', {}).get('median')}")
+            if finisher := shipped.get("last_finisher"):
+                print(f"   last finisher on the plugin server: {finisher}")
         state = s.get("decode_state")
         if state:
             print(f"   slow decodes (ITL p50 > {state['slow_above_ms']} ms): plugin off "

@@ -805,3 +805,68 @@ def test_the_shipped_config_with_flags_both_servers_ran_compares_against_the_plu
     with_sdpa = fam["shipped_config_with_flags"]["--mm-attention-backend sdpa"]
     assert with_sdpa["lone"] == out["lone"] and with_sdpa["issue17_targets"]["targets"]["lone TTFT <= 0.90x"]["met"]
     assert fam["issue17_targets"]["unmeasured"]  # the flag-less targets stay unmeasured
+
+
+def _exported(received: float, first_chunk: float, finished: float) -> dict:
+    return {"request_received_ts": received, "api_server_dispatch_finish_ts": received + 0.01,
+            "response_sent_to_client_ts": first_chunk, "request_finished_ts": finished}
+
+
+def test_the_drain_ends_with_the_request_that_finished_last_its_first_token_and_its_decode():
+    """The last arrival got its first token quickly but the one before it decoded for longer: the drain is the
+    latter's end, so its first token and decode are what the summary reports."""
+    records = [_exported(10.0, 10.2, 12.0), _exported(17.0, 17.3, 19.9), _exported(18.0, 18.1, 19.5)]
+    assert exports.arrival_span(records) == {"arrivals_s": 8.0, "drain_s": 1.9, "last_first_token_s": 0.3,
+                                             "last_decode_s": 2.6}
+    no_chunk_time = [{k: v for k, v in r.items() if k != "response_sent_to_client_ts"} for r in records]
+    assert exports.arrival_span(no_chunk_time) == {"arrivals_s": 8.0, "drain_s": 1.9}  # older export: no finisher
+
+
+def test_a_run_recorded_before_the_harness_kept_the_last_finisher_gets_it_from_its_archive(tmp_path):
+    import tarfile
+
+    export = tmp_path / "fam" / "requests-on+x"
+    export.mkdir(parents=True)
+    lines = [_exported(100.0, 100.2, 101.0), _exported(104.0, 104.15, 106.4),  # the run's
+             _exported(300.0, 300.1, 301.0)]  # a later run's, outside the window
+    (export / "m.log").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    archive = tmp_path / "gpu-serve-fam.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tmp_path / "fam", arcname="fam")
+    recorded = {"arrivals_s": 4.2, "drain_s": 2.4}  # what serve.py recorded then: kept as it is
+    result = {"runs": {"poisson0.8-on+x": {**bench(200, 3, window=[99.0, 110.0]), **recorded, "requested": 2},
+                       "seed0-on+x": bench(200, 3, window=[99.0, 110.0])}}
+    filled = summarize.with_last_finishers(result, archive)["runs"]
+    assert filled["poisson0.8-on+x"] | recorded == filled["poisson0.8-on+x"]
+    assert (filled["poisson0.8-on+x"]["last_first_token_s"], filled["poisson0.8-on+x"]["last_decode_s"]) == (
+        pytest.approx(0.15), pytest.approx(2.25))
+    assert "last_decode_s" not in filled["seed0-on+x"]  # Poisson runs only
+    untouched = {"runs": {"poisson0.5-on": bench(200, 3, window=[1.0, 2.0])}}
+    assert summarize.with_last_finishers(untouched, tmp_path / "missing.tar.xz") == untouched
+
+
+def test_the_shipped_config_says_how_often_its_last_finisher_got_its_first_token_sooner_and_decoded_faster():
+    def tail(ttft_ms: float, tok_s: float, first_token_s: float, decode_s: float) -> dict:
+        return {**paced(ttft_ms, tok_s, 18.0), "drain_s": first_token_s + decode_s,
+                "last_first_token_s": first_token_s, "last_decode_s": decode_s}
+
+    runs = []
+    for commit, on_decode in (("a", 2.4), ("b", 2.1), ("c", 2.5)):  # off decodes its last request in 2.2 s
+        runs.append({"commit": commit, "variants": {"off": [], "on": []}, "configs": {"on": SHIPPED_NOW},
+                     "runs": {"poisson0.8-off": tail(200, 1000, 0.2, 2.2),
+                              "poisson0.8-on": tail(140, 990 if on_decode > 2.2 else 1004, 0.14, on_decode)}})
+    out = summarize.shipped_config_summary(runs, "c", SHIPPED_NOW, shipped_at)
+    load = out["poisson"]["0.8"]
+    assert load["last_first_token_ratio"] == {"median": 0.7, "each": [0.7, 0.7, 0.7]}
+    assert load["last_decode_ratio"]["each"] == [1.0909, 0.9545, 1.1364]
+    assert load["tok_s_ratio"]["each"] == [0.99, 1.004, 0.99]
+    assert out["last_finisher"] == {"first_token_sooner": {"runs": 3, "plugin_on": 3, "sign_test_p": 0.25},
+                                    "decode_faster": {"runs": 3, "plugin_on": 1, "sign_test_p": 1.0}}
+    older = [{**run, "runs": {tag: bench(200, 1000) for tag in run["runs"]}} for run in runs]  # nothing recorded
+    assert "last_first_token_ratio" not in summarize.shipped_config_summary(older, "c", SHIPPED_NOW,
+                                                                          shipped_at)["poisson"]["0.8"]
+
+
+@pytest.mark.parametrize(("wins", "n", "p"), [(12, 12, 2 / 4096), (6, 12, 1.0), (0, 5, 0.0625), (5, 12, 0.7744)])
+def test_the_sign_test_gives_the_two_sided_chance_of_a_split_at_least_this_uneven(wins, n, p):
+    assert summarize.sign_test(wins, n) == pytest.approx(p, abs=1e-4)
