@@ -961,10 +961,14 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
 
 def arrivals_note(run: dict) -> str:
     """``, arrivals X s, drain Y s`` for a run whose requests SGLang exported: a paced run's pair is compared only
-    where both servers got their requests over the same span (summarize.arrivals_apart), which this shows at once."""
+    where both servers got their requests over the same span (summarize.arrivals_apart), which this shows at once.
+    The drain's last request follows where it was exported (``exports.last_finisher``): its first token and decode
+    tell what made one server's drain, and so its tok/s, differ from the other's."""
     if "arrivals_s" not in run:
         return ""
-    return f", arrivals {run['arrivals_s']} s, drain {run['drain_s']} s"
+    last = (f" (last request: first token {run['last_first_token_s']} s, decode {run['last_decode_s']} s)"
+            if "last_decode_s" in run else "")
+    return f", arrivals {run['arrivals_s']} s, drain {run['drain_s']} s{last}"
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -812,8 +812,11 @@ def test_a_primed_poisson_pool_and_the_measured_run_share_the_load_generators_da
     assert _flags(primed)["base_url"] == "http://127.0.0.1:9"  # a closed port: the prime sends nothing
 
 
-def test_a_runs_log_line_shows_its_arrival_span_where_sglang_exported_its_requests():
+def test_a_runs_log_line_shows_its_arrival_span_and_last_request_where_sglang_exported_its_requests():
     assert serve.arrivals_note({"arrivals_s": 21.77, "drain_s": 2.47}) == ", arrivals 21.77 s, drain 2.47 s"
+    assert serve.arrivals_note({"arrivals_s": 21.77, "drain_s": 2.47, "last_first_token_s": 0.097,
+                                "last_decode_s": 2.38}) == (", arrivals 21.77 s, drain 2.47 s (last request: first "
+                                                            "token 0.097 s, decode 2.38 s)")
     assert serve.arrivals_note({}) == ""  # no export (older SGLang or no requests in the window)
 
 
