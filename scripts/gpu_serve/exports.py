@@ -56,17 +56,19 @@ def arrival_span(records: list[dict]) -> dict[str, float]:
     if not records:
         return {}
     last = records[-1]["request_received_ts"]
-    span = {"arrivals_s": round(last - records[0]["request_received_ts"], 2),
+    return {"arrivals_s": round(last - records[0]["request_received_ts"], 2),
             "drain_s": round(max(r.get("request_finished_ts", last) for r in records) - last, 2)}
-    return {**span, **last_finisher(records)}
 
 
 def last_finisher(records: list[dict]) -> dict[str, float]:
-    """The request that finished last, whose end ends the drain: ``last_first_token_s`` (its receipt to its first
-    chunk) and ``last_decode_s`` (its first chunk to its finish). With every request of one length (the harness's
-    Poisson loads: 128 tokens, ``ignore_eos``), the drain is mostly that one request's decode, so two servers' tok/s
-    over the same arrivals differ by how fast each decoded its last requests. Empty where SGLang did not export the
+    """A paced run's drain (:func:`arrival_span`) ends with the request that finished last: ``last_first_token_s``
+    (its receipt to its first chunk, which SGLang stamps on a streamed request's first chunk) and ``last_decode_s``
+    (that chunk to its finish). With every request of one length (the harness's Poisson loads: 128 tokens,
+    ``ignore_eos``) the drain is mostly that one request's decode, so two servers' tok/s over the same arrivals
+    differ by how fast each decoded its last requests. Empty without records or where SGLang did not export the
     first chunk's time."""
+    if not records:
+        return {}
     final = max(records, key=lambda r: r.get("request_finished_ts", 0.0))
     if "response_sent_to_client_ts" not in final or "request_finished_ts" not in final:
         return {}

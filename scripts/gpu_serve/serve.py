@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exports import arrival_span, measured_records, request_records
+from exports import arrival_span, last_finisher, measured_records, request_records
 from pack import unpack_changed
 from stack_samples import SCHEDULER_TITLE, StackSampler, descendants, descendants_titled
 
@@ -944,8 +944,10 @@ def bench(server: Server, model: Path, workload: list[str], extra: list[str], ou
     if failure:
         keep["failure"] = failure
     keep["window"] = [started_at, time.time()]  # wall clock: selects this run's records in SGLang's export
-    keep.update(arrival_span(measured_records(request_records(out / f"requests-{server.variant}", keep["window"]),
-                                              keep["requested"])))
+    records = measured_records(request_records(out / f"requests-{server.variant}", keep["window"]), keep["requested"])
+    keep.update(arrival_span(records))
+    if tag.startswith("poisson"):  # a paced run: what ended its drain (summarize.last_finisher_signs)
+        keep.update(last_finisher(records))
     keep["coalescer"] = coalescer_delta(before, after)
     keep["sglang"] = sglang_delta(before, after)
     trace = gauge_trace(scraper.samples)

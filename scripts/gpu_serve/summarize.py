@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from exports import arrival_span, measured_records, request_records
+from exports import arrival_span, last_finisher, measured_records, request_records
 from serve import FAMILIES, REPO, merge_config, shipped_config
 
 from mm_scheduler.tune import run_samples
@@ -34,12 +34,12 @@ SEED_METRICS = {"median_ttft_ratio": "median_ttft_ms", "mean_ttft_ratio": "mean_
                 "duration_ratio": "duration"}
 POISSON_METRICS = {"ttft_p50_ratio": "median_ttft_ms", "ttft_p99_ratio": "p99_ttft_ms",
                    "itl_p50_ratio": "median_itl_ms", "itl_p99_ratio": "p99_itl_ms", "tok_s_ratio": "total_throughput"}
-# What each server of a Poisson run took after the last arrival (exports.arrival_span): the drain, and the request
-# that finished last, its first token and its decode.
-DRAIN_PARTS = {"last_first_token_ratio": "last_first_token_s", "last_decode_ratio": "last_decode_s"}
+# The request that finished last in a Poisson run, whose end ends the drain (exports.last_finisher): its first token
+# and its decode, as ratios of the two servers.
+LAST_FINISHER_PARTS = {"last_first_token_ratio": "last_first_token_s", "last_decode_ratio": "last_decode_s"}
 # The Poisson ratios the shipped config's summary keeps per load: issue 17's three, the decode step's median, and the
 # last finisher's first token and decode (where the run recorded them: they tell what moved the tok/s ratio).
-SHIPPED_POISSON = ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio", "itl_p50_ratio", *DRAIN_PARTS)
+SHIPPED_POISSON = ("ttft_p50_ratio", "itl_p99_ratio", "tok_s_ratio", "itl_p50_ratio", *LAST_FINISHER_PARTS)
 
 
 def _ratio(on: float, off: float) -> float:
@@ -80,12 +80,13 @@ def poisson_summary(runs: dict, capacity: float | None, off_name: str = "off", o
             continue
         off, on = runs[key], runs[f"poisson{load}-{on_name}"]
         out[load] = {name: _ratio(on[m], off[m]) for name, m in POISSON_METRICS.items()}
-        out[load].update({name: _ratio(on[m], off[m]) for name, m in DRAIN_PARTS.items() if m in on and m in off})
+        out[load].update({name: _ratio(on[m], off[m]) for name, m in LAST_FINISHER_PARTS.items()
+                          if m in on and m in off})
         out[load]["rate_req_s"] = off.get("request_rate")
         out[load]["measured"] = measured_on(runs, [key])
         for side, run in (("off", off), ("on", on)):  # the arrival span and drain where the harness recorded them
             out[load][side] = {m: run[m] for m in (*POISSON_METRICS.values(), "arrivals_s", "drain_s",
-                                                   *DRAIN_PARTS.values()) if m in run}
+                                                   *LAST_FINISHER_PARTS.values()) if m in run}
         out[load]["on"]["coalescer"] = on.get("coalescer")
     if out and capacity is not None:  # lever comparisons pass None: the capacity is plain off's
         out["capacity_req_s"] = capacity
@@ -448,7 +449,9 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
     median and listed in ``tok_s_not_judged`` (:func:`arrivals_apart`), and a run whose two servers got different
     arrival schedules is left out of that load altogether (``runs_left_out``, :func:`schedules_differ`), as
     :func:`lever_verdict` leaves them unjudged. Each load also gives the ITL p50 ratio (``itl_p50_ratio``, a decode
-    step's median): no target, but it tells a slower decode from a slower first token. With ``slow_above_ms``
+    step's median): no target, but it tells a slower decode from a slower first token; and, where both servers'
+    records gave it, the last finisher's first token and decode (``LAST_FINISHER_PARTS``), counted over all loads in
+    ``last_finisher`` (:func:`last_finisher_signs`). With ``slow_above_ms``
     (:func:`decode_state`), each load also gives its ratios over only the runs in which neither server decoded
     slowly (``normal_decode``)."""
     seed: dict[str, list] = {"median_ttft_ratio": [], "throughput_ratio": []}
@@ -522,16 +525,19 @@ def shipped_config_summary(harness_runs: list[dict], name: str, current: dict,
 
 
 def last_finisher_signs(poisson: dict) -> dict | None:
-    """Over every load's runs (``shipped_config.poisson``): how often the plugin server's last finisher got its first
-    token sooner than plugin-off's, and how often it decoded faster, each with a two-sided sign test (a tie counts
-    as neither sooner nor faster). The tok/s of two servers over the same arrivals differs by their drains, which end
-    with that request (:func:`exports.last_finisher`)."""
+    """Over every load of every run (``shipped_config.poisson``): how often the plugin server's last finisher got its
+    first token sooner than plugin-off's, and how often it decoded faster, each with a two-sided sign test over the
+    loads that were not a tie (a ratio of exactly 1.0, or none). The tok/s of two servers over the same arrivals
+    differs by their drains, which end with that request (:func:`exports.last_finisher`). Two loads of one run ran
+    on the same two server processes, so they are not wholly independent draws."""
     out = {}
     for part, key in (("first_token_sooner", "last_first_token_ratio"), ("decode_faster", "last_decode_ratio")):
-        ratios = [r for load in poisson.values() for r in load.get(key, {}).get("each", [])]
+        ratios = [r for load in poisson.values() for r in load.get(key, {}).get("each", [])
+                  if r != 1.0 and not math.isnan(r)]
         if ratios:
             wins = sum(r < 1.0 for r in ratios)
-            out[part] = {"runs": len(ratios), "plugin_on": wins, "sign_test_p": round(sign_test(wins, len(ratios)), 4)}
+            out[part] = {"loads": len(ratios), "plugin_on": wins,
+                         "sign_test_p": round(sign_test(wins, len(ratios)), 4)}
     return out or None
 
 
@@ -977,7 +983,9 @@ def plot(summary: dict, path: Path) -> bool:
 def with_last_finishers(result: dict, archive: Path) -> dict:
     """``result`` with each Poisson run's last finisher (:func:`exports.last_finisher`) filled in from the run's
     archive (SGLang's per-request export in ``gpu-serve-<family>.tar.xz``) where the harness did not record it
-    (runs before it did); the run's other recorded values are kept as they are."""
+    (runs before it did). Nothing else is added or changed: a run recorded before ``requested`` was counts the load
+    generator's warm-up request among its records, which moves its arrival span but not its last finisher. A run
+    without an archive, or whose archive holds no export for its server, stays as it is."""
     missing = {tag: run for tag, run in result.get("runs", {}).items()
                if tag.startswith("poisson") and run.get("window") and "last_decode_s" not in run}
     if not missing or not archive.exists():
@@ -986,8 +994,8 @@ def with_last_finishers(result: dict, archive: Path) -> dict:
         tar.extractall(tmp, members=[m for m in tar.getmembers() if "/requests-" in m.name], filter="data")
         for tag, run in missing.items():
             for export in Path(tmp).glob(f"*/requests-{_server(tag)}"):
-                span = arrival_span(measured_records(request_records(export, run["window"]), run.get("requested")))
-                run.update({k: v for k, v in span.items() if k not in run})
+                run.update(last_finisher(measured_records(request_records(export, run["window"]),
+                                                          run.get("requested"))))
     return result
 
 

@@ -816,13 +816,15 @@ def test_the_drain_ends_with_the_request_that_finished_last_its_first_token_and_
     """The last arrival got its first token quickly but the one before it decoded for longer: the drain is the
     latter's end, so its first token and decode are what the summary reports."""
     records = [_exported(10.0, 10.2, 12.0), _exported(17.0, 17.3, 19.9), _exported(18.0, 18.1, 19.5)]
-    assert exports.arrival_span(records) == {"arrivals_s": 8.0, "drain_s": 1.9, "last_first_token_s": 0.3,
-                                             "last_decode_s": 2.6}
+    assert exports.arrival_span(records) == {"arrivals_s": 8.0, "drain_s": 1.9}
+    assert exports.last_finisher(records) == {"last_first_token_s": 0.3, "last_decode_s": 2.6}
     no_chunk_time = [{k: v for k, v in r.items() if k != "response_sent_to_client_ts"} for r in records]
-    assert exports.arrival_span(no_chunk_time) == {"arrivals_s": 8.0, "drain_s": 1.9}  # older export: no finisher
+    assert exports.last_finisher(no_chunk_time) == {}  # an export without the first chunk's time
+    assert exports.last_finisher([]) == {}
 
 
 def test_a_run_recorded_before_the_harness_kept_the_last_finisher_gets_it_from_its_archive(tmp_path):
+    import copy
     import tarfile
 
     export = tmp_path / "fam" / "requests-on+x"
@@ -833,16 +835,20 @@ def test_a_run_recorded_before_the_harness_kept_the_last_finisher_gets_it_from_i
     archive = tmp_path / "gpu-serve-fam.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(tmp_path / "fam", arcname="fam")
-    recorded = {"arrivals_s": 4.2, "drain_s": 2.4}  # what serve.py recorded then: kept as it is
-    result = {"runs": {"poisson0.8-on+x": {**bench(200, 3, window=[99.0, 110.0]), **recorded, "requested": 2},
-                       "seed0-on+x": bench(200, 3, window=[99.0, 110.0])}}
+    # Recorded before serve.py kept `requested` and the drain: a value that differs from the records' is kept, and
+    # nothing but the last finisher is added.
+    recorded = {**bench(200, 3, window=[99.0, 110.0]), "arrivals_s": 4.5}
+    result = {"runs": {"poisson0.8-on+x": dict(recorded), "seed0-on+x": bench(200, 3, window=[99.0, 110.0])}}
+    seed_before = copy.deepcopy(result["runs"]["seed0-on+x"])
     filled = summarize.with_last_finishers(result, archive)["runs"]
-    assert filled["poisson0.8-on+x"] | recorded == filled["poisson0.8-on+x"]
-    assert (filled["poisson0.8-on+x"]["last_first_token_s"], filled["poisson0.8-on+x"]["last_decode_s"]) == (
-        pytest.approx(0.15), pytest.approx(2.25))
-    assert "last_decode_s" not in filled["seed0-on+x"]  # Poisson runs only
+    assert filled["poisson0.8-on+x"] == {**recorded, "last_first_token_s": pytest.approx(0.15),
+                                         "last_decode_s": pytest.approx(2.25)}
+    assert filled["seed0-on+x"] == seed_before  # Poisson runs only
     untouched = {"runs": {"poisson0.5-on": bench(200, 3, window=[1.0, 2.0])}}
-    assert summarize.with_last_finishers(untouched, tmp_path / "missing.tar.xz") == untouched
+    before = copy.deepcopy(untouched)
+    assert summarize.with_last_finishers(untouched, tmp_path / "missing.tar.xz") == before
+    other_server = {"runs": {"poisson0.5-on": bench(200, 3, window=[99.0, 110.0])}}  # no requests-on in the archive
+    assert summarize.with_last_finishers(copy.deepcopy(other_server), archive) == other_server
 
 
 def test_the_shipped_config_says_how_often_its_last_finisher_got_its_first_token_sooner_and_decoded_faster():
@@ -860,8 +866,12 @@ def test_the_shipped_config_says_how_often_its_last_finisher_got_its_first_token
     assert load["last_first_token_ratio"] == {"median": 0.7, "each": [0.7, 0.7, 0.7]}
     assert load["last_decode_ratio"]["each"] == [1.0909, 0.9545, 1.1364]
     assert load["tok_s_ratio"]["each"] == [0.99, 1.004, 0.99]
-    assert out["last_finisher"] == {"first_token_sooner": {"runs": 3, "plugin_on": 3, "sign_test_p": 0.25},
-                                    "decode_faster": {"runs": 3, "plugin_on": 1, "sign_test_p": 1.0}}
+    assert out["last_finisher"] == {"first_token_sooner": {"loads": 3, "plugin_on": 3, "sign_test_p": 0.25},
+                                    "decode_faster": {"loads": 3, "plugin_on": 1, "sign_test_p": 1.0}}
+    tied = {"0.5": {"last_first_token_ratio": {"each": [0.7, 1.0, float("nan")]},
+                    "last_decode_ratio": {"each": [1.0, 1.0]}}}
+    assert summarize.last_finisher_signs(tied) == {"first_token_sooner": {"loads": 1, "plugin_on": 1,
+                                                                          "sign_test_p": 1.0}}  # ties left out
     older = [{**run, "runs": {tag: bench(200, 1000) for tag in run["runs"]}} for run in runs]  # nothing recorded
     assert "last_first_token_ratio" not in summarize.shipped_config_summary(older, "c", SHIPPED_NOW,
                                                                           shipped_at)["poisson"]["0.8"]
