@@ -1015,8 +1015,8 @@ def main() -> None:
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
     for path in args.results:
-        newest = with_last_finishers(json.loads(path.read_text()), path.parent / path.name.replace(
-            "results-", "gpu-serve-").replace(".json", ".tar.xz"))
+        newest = json.loads(path.read_text())
+        with_last_finishers(newest, path.parent / f"gpu-serve-{newest['family']}.tar.xz")  # serve.py's archive
         by_family.setdefault(newest["family"], []).append(newest)
     merged = {family: merge_runs(results) for family, results in by_family.items()}
     gpus = dict.fromkeys(r["gpu"] for results in by_family.values() for r in results if r.get("gpu"))
