@@ -189,7 +189,13 @@ REAL_SERVER_RUNS := $(RS)/results-qwen2_5_vl_7b.json $(RS)/qwen2_5_vl_7b-772e582
 	$(RS)/qwen2_5_vl_7b-e23d815-poisson80-h100/results-qwen2_5_vl_7b.json \
 	$(RS)/qwen2_5_vl_7b-e23d815-poisson80-h100-b/results-qwen2_5_vl_7b.json \
 	$(RS)/qwen2_5_vl_7b-e23d815-poisson-h100/results-qwen2_5_vl_7b.json \
-	$(RS)/qwen3_vl_8b-e23d815-poisson-h100/results-qwen3_vl_8b.json
+	$(RS)/qwen3_vl_8b-e23d815-poisson-h100/results-qwen3_vl_8b.json \
+	$(RS)/qwen2_5_vl_7b-974577e-seed-h100/results-qwen2_5_vl_7b.json \
+	$(RS)/qwen3_vl_8b-974577e-seed-h100/results-qwen3_vl_8b.json \
+	$(RS)/gemma4_e4b-974577e-h100/results-gemma4_e4b.json \
+	$(RS)/gemma3_12b-974577e-mmsdpa-h100/results-gemma3_12b.json \
+	$(RS)/gemma3_12b-974577e-mmsdpa-freeenc-h100/results-gemma3_12b.json \
+	$(RS)/qwen2_5_vl_7b-974577e-lone-poisson50-h100/results-qwen2_5_vl_7b.json
 REAL_SERVER_RAW := qwen2_5_vl_7b=$(RS)/gpu-serve-qwen2_5_vl_7b.tar.xz qwen3_vl_8b=$(RS)/qwen3_vl_8b-299e268/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-299e268/gpu-serve-gemma3_12b.tar.xz gemma4_e4b=$(RS)/gemma4_e4b-61058bd/gpu-serve-gemma4_e4b.tar.xz
 # A seed run whose first-token timeline the summary reports (summarize.first_token_timeline): family=archive@tag.
