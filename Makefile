@@ -222,11 +222,13 @@ REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-s
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-660b520-default-h100/gpu-serve-gemma3_12b.tar.xz
-# Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive.
+# Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive; a run whose
+# servers all ran extra SGLang flags (Gemma3 on sdpa) goes under that family's shipped_config_with_flags.
 REAL_SERVER_POISSON := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-c5d3ab6-profile-h100/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-db1d93c-default-h100/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-1a3705d-poisson-h100/gpu-serve-gemma4_e4b.tar.xz \
-	gemma3_12b=$(RS)/gemma3_12b-351b609-g3graphs/gpu-serve-gemma3_12b.tar.xz
+	gemma3_12b=$(RS)/gemma3_12b-351b609-g3graphs/gpu-serve-gemma3_12b.tar.xz \
+	gemma3_12b=$(RS)/gemma3_12b-974577e-mmsdpa-h100/gpu-serve-gemma3_12b.tar.xz
 real-server-summary: $(VENV)/.test-installed
 	rm -rf build/real_server_raw build/real_server_timeline build/real_server_lone build/real_server_poisson
 	mkdir -p build/real_server_raw build/real_server_timeline build/real_server_lone build/real_server_poisson
@@ -234,9 +236,10 @@ real-server-summary: $(VENV)/.test-installed
 	for item in $(REAL_SERVER_TIMELINE); do archive=$${item#*=}; mkdir -p build/real_server_timeline/$${item##*@}; \
 		tar -xf $${archive%@*} -C build/real_server_timeline/$${item##*@}; done
 	for pair in $(REAL_SERVER_LONE); do tar -xf $${pair#*=} -C build/real_server_lone; done
-	for pair in $(REAL_SERVER_POISSON); do tar -xf $${pair#*=} -C build/real_server_poisson; done
+	for pair in $(REAL_SERVER_POISSON); do archive=$${pair#*=}; run=build/real_server_poisson/$$(basename $$(dirname $$archive)); \
+		mkdir -p $$run; tar -xf $$archive -C $$run; done
 	$(PY) scripts/gpu_serve/summarize.py $(REAL_SERVER_RUNS) --out benchmarks/results/real_server_summary.json \
 		$(foreach pair,$(REAL_SERVER_RAW),--raw $(firstword $(subst =, ,$(pair)))=build/real_server_raw/$(firstword $(subst =, ,$(pair)))) \
 		$(foreach item,$(REAL_SERVER_TIMELINE),--timeline $(firstword $(subst =, ,$(item)))=build/real_server_timeline/$(lastword $(subst @, ,$(item)))/$(firstword $(subst =, ,$(item)))@$(lastword $(subst @, ,$(item)))) \
 		$(foreach pair,$(REAL_SERVER_LONE),--lone $(firstword $(subst =, ,$(pair)))=build/real_server_lone/$(firstword $(subst =, ,$(pair)))) \
-		$(foreach pair,$(REAL_SERVER_POISSON),--poisson $(firstword $(subst =, ,$(pair)))=build/real_server_poisson/$(firstword $(subst =, ,$(pair))))
+		$(foreach pair,$(REAL_SERVER_POISSON),--poisson $(firstword $(subst =, ,$(pair)))=build/real_server_poisson/$(notdir $(patsubst %/,%,$(dir $(lastword $(subst =, ,$(pair))))))/$(firstword $(subst =, ,$(pair))))

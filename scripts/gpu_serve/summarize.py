@@ -845,9 +845,14 @@ def poisson_encoder_wait(raw: Path) -> dict:
     match SGLang's inline encode. With ``early_encode_min_waiting`` the inline encodes (SGLang's own method) count
     as blocked time too, and the forwards are the coalescer's only.
 
-    Each row carries :func:`stage_breakdown`'s ``arrivals_s`` and ``drain_s`` (:func:`exports.arrival_span`).
+    Each row carries :func:`stage_breakdown`'s ``arrivals_s`` and ``drain_s`` (:func:`exports.arrival_span`), and
+    every other server's ``prefill_forward_minus_off_ms`` against the plugin-off server with its SGLang flags
+    (:func:`plugin_off_with`: ``off+mmsdpa`` for ``on+mmsdpa``). ``flags`` are the plugin servers' SGLang flags
+    when all of them ran the same extra ones (the run belongs to ``shipped_config_with_flags``), else empty.
     """
     result = json.loads((raw / "results.json").read_text())
+    variants = result.get("variants", {})
+    plugin_flags = [ran for server, ran in variants.items() if server == "on" or server.startswith("on+")]
     out: dict = {}
     for load in sorted({_workload(t) for t in result["runs"] if t.startswith("poisson")}):
         rows = stage_breakdown(raw, result, load)
@@ -862,13 +867,14 @@ def poisson_encoder_wait(raw: Path) -> dict:
                     "blocked_share_of_forward": round(blocked / forward, 2),
                     **({"launch_ms": round(1000 * d["mm_coalescer_batch_launch_seconds_sum"] / forwards, 1)}
                        if "mm_coalescer_batch_launch_seconds_sum" in d else {})})
-        if "off" in rows:
-            for variant, row in rows.items():
-                if variant != "off":
-                    row["prefill_forward_minus_off_ms"] = round(1000 * (row["prefill_forward"]
-                                                                        - rows["off"]["prefill_forward"]), 1)
+        for variant, row in rows.items():
+            baseline = plugin_off_with(result, variants.get(variant, []))
+            if baseline in rows and baseline != variant:
+                row["prefill_forward_minus_off_ms"] = round(1000 * (row["prefill_forward"]
+                                                                    - rows[baseline]["prefill_forward"]), 1)
         out[load] = rows
-    return {"commit": result.get("commit", ""), "loads": out}
+    shared = plugin_flags[0] if plugin_flags and all(f == plugin_flags[0] for f in plugin_flags) else []
+    return {"commit": result.get("commit", ""), "flags": shared, "loads": out}
 
 
 _REQ_TIME_STATS = re.compile(r"ReqTimeStats\(rid=(\w+),.*queue_duration=([\d.]+)ms.*entry_time=([\d.]+)")
@@ -1010,7 +1016,8 @@ def main() -> None:
     p.add_argument("--lone", action="append", default=[], metavar="FAMILY=DIR",
                    help="an unpacked gpu-serve-<family>.tar.xz with a lone run: lone_encoder_share")
     p.add_argument("--poisson", action="append", default=[], metavar="FAMILY=DIR",
-                   help="an unpacked gpu-serve-<family>.tar.xz with Poisson runs: poisson_encoder_wait")
+                   help="an unpacked gpu-serve-<family>.tar.xz with Poisson runs: poisson_encoder_wait (repeatable; "
+                        "a run on extra SGLang flags goes under shipped_config_with_flags)")
     args = p.parse_args()
     raw = dict(item.split("=", 1) for item in args.raw)
     by_family: dict[str, list[dict]] = {}
@@ -1038,7 +1045,11 @@ def main() -> None:
             summary["families"][family]["lone_encoder_share"] = share
     for item in args.poisson:
         family, directory = item.split("=", 1)
-        summary["families"][family]["poisson_encoder_wait"] = poisson_encoder_wait(Path(directory))
+        wait = poisson_encoder_wait(Path(directory))
+        fam = summary["families"][family]
+        if wait["flags"]:  # both servers on extra SGLang flags: beside that setup's shipped-config ratios
+            fam = fam.setdefault("shipped_config_with_flags", {}).setdefault(" ".join(wait["flags"]), {})
+        fam["poisson_encoder_wait"] = wait
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")
     for fam, s in summary["families"].items():
@@ -1057,6 +1068,8 @@ def main() -> None:
                   f"{[t for t, v in check['targets'].items() if not v['met']]}; unmeasured {len(check['unmeasured'])}; "
                   f"not judged {list(check['not_judged'])}")
         for flags, with_flags in s.get("shipped_config_with_flags", {}).items():
+            if "issue17_targets" not in with_flags:  # only a Poisson encoder wait: no shipped-config ratios
+                continue
             targets = with_flags["issue17_targets"]
             print(f"   with {flags} on both servers: all met {targets['all_met']}; "
                   f"{ {t: v['median'] for t, v in targets['targets'].items()} }")

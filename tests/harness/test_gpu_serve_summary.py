@@ -362,6 +362,42 @@ def test_a_poisson_prefill_blocked_for_most_of_a_forward_shows_the_encode_had_no
     assert launched["launch_ms"] == pytest.approx(35.0)  # most of the 40 ms forward: paced by its launches
 
 
+def test_a_poisson_run_on_extra_sglang_flags_is_read_against_plugin_off_on_them_beside_that_setups_ratios(
+        tmp_path, monkeypatch):
+    """Gemma3 on ``sdpa``: ``on+mmsdpa``'s prefill is compared with ``off+mmsdpa``'s (there is no plain off in that
+    run), and the run's wait goes under ``shipped_config_with_flags``, not over the family's own run on the
+    harness's default kernel."""
+    ttft = "sglang:time_to_first_token_seconds_"
+    prefill = 'sglang:per_stage_req_latency_seconds_sum{stage="prefill_forward",tp_rank="0"}'
+    sdpa = ["--mm-attention-backend", "sdpa"]
+    for name, variants in (("plain", {"off": [], "on": []}), ("sdpa", {"off+mmsdpa": sdpa, "on+mmsdpa": sdpa})):
+        run = tmp_path / name
+        run.mkdir()
+        off, on = variants
+        res = {"family": "fam", "commit": name, "variants": variants,
+               "runs": {f"poisson0.5-{off}": bench(200, 10), f"poisson0.5-{on}": bench(180, 10)}}
+        (run / "results-fam.json").write_text(json.dumps(res))
+        (run / "results.json").write_text(json.dumps(res))
+        _metrics(run / f"metrics-poisson0.5-{off}.txt", {}, {f"{ttft}sum": 2.0, f"{ttft}count": 10, prefill: 1.0})
+        _metrics(run / f"metrics-poisson0.5-{on}.txt", {}, {f"{ttft}sum": 1.8, f"{ttft}count": 10, prefill: 1.2})
+    wait = summarize.poisson_encoder_wait(tmp_path / "sdpa")
+    assert wait["flags"] == sdpa
+    assert wait["loads"]["poisson0.5"]["on+mmsdpa"]["prefill_forward_minus_off_ms"] == pytest.approx(20.0)
+    assert "prefill_forward_minus_off_ms" not in wait["loads"]["poisson0.5"]["off+mmsdpa"]
+    assert summarize.poisson_encoder_wait(tmp_path / "plain")["flags"] == []
+
+    out = tmp_path / "summary.json"
+    monkeypatch.setattr(sys, "argv", ["summarize.py", str(tmp_path / "plain" / "results-fam.json"),
+                                      str(tmp_path / "sdpa" / "results-fam.json"), "--out", str(out),
+                                      "--poisson", f"fam={tmp_path / 'plain'}",
+                                      "--poisson", f"fam={tmp_path / 'sdpa'}"])
+    monkeypatch.setattr(summarize, "plot", lambda summary, path: False)
+    summarize.main()
+    fam = json.loads(out.read_text())["families"]["fam"]
+    assert fam["poisson_encoder_wait"]["commit"] == "plain"
+    assert fam["shipped_config_with_flags"][" ".join(sdpa)]["poisson_encoder_wait"]["commit"] == "sdpa"
+
+
 def test_a_plugin_setting_is_judged_against_on_in_each_harness_run_even_after_a_later_run_replaced_its_pairs():
     first = result()
     first.update(commit="a")
