@@ -17,6 +17,7 @@ import math
 import re
 import statistics
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -847,11 +848,13 @@ def poisson_encoder_wait(raw: Path) -> dict:
 
     Each row carries :func:`stage_breakdown`'s ``arrivals_s`` and ``drain_s`` (:func:`exports.arrival_span`), and
     every other server's ``prefill_forward_minus_off_ms`` against the plugin-off server with its SGLang flags
-    (:func:`plugin_off_with`: ``off+mmsdpa`` for ``on+mmsdpa``). ``flags`` are the plugin servers' SGLang flags
-    when all of them ran the same extra ones (the run belongs to ``shipped_config_with_flags``), else empty.
+    (:func:`plugin_off_with`: ``off+mmsdpa`` for ``on+mmsdpa``; none when the run has no such server, so an
+    ``on+mmsdpa`` beside plain ``off`` gets no delta: another kernel is not the plugin's cost). ``flags`` are the
+    plugin servers' SGLang flags when all of them ran the same extra ones beside a plugin-off twin on them (the run
+    belongs to ``shipped_config_with_flags``), else empty.
     """
     result = json.loads((raw / "results.json").read_text())
-    variants = result.get("variants", {})
+    variants = result.setdefault("variants", {"off": [], "on": []})  # as stage_breakdown reads a run without them
     plugin_flags = [ran for server, ran in variants.items() if server == "on" or server.startswith("on+")]
     out: dict = {}
     for load in sorted({_workload(t) for t in result["runs"] if t.startswith("poisson")}):
@@ -874,6 +877,8 @@ def poisson_encoder_wait(raw: Path) -> dict:
                                                                     - rows[baseline]["prefill_forward"]), 1)
         out[load] = rows
     shared = plugin_flags[0] if plugin_flags and all(f == plugin_flags[0] for f in plugin_flags) else []
+    if shared and plugin_off_with(result, shared) is None:  # no plugin-off twin on those flags: not that setup
+        shared = []
     return {"commit": result.get("commit", ""), "flags": shared, "loads": out}
 
 
@@ -1049,6 +1054,9 @@ def main() -> None:
         fam = summary["families"][family]
         if wait["flags"]:  # both servers on extra SGLang flags: beside that setup's shipped-config ratios
             fam = fam.setdefault("shipped_config_with_flags", {}).setdefault(" ".join(wait["flags"]), {})
+        if "poisson_encoder_wait" in fam:
+            sys.exit(f"--poisson {item}: {family} already has a Poisson encoder wait for these flags "
+                     f"({fam['poisson_encoder_wait']['commit']}); give one run a family and flag set")
         fam["poisson_encoder_wait"] = wait
     args.out.write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -398,6 +398,39 @@ def test_a_poisson_run_on_extra_sglang_flags_is_read_against_plugin_off_on_them_
     assert fam["shipped_config_with_flags"][" ".join(sdpa)]["poisson_encoder_wait"]["commit"] == "sdpa"
 
 
+def _poisson_run(run: Path, variants: dict | None, off: str, on: str) -> None:
+    ttft = "sglang:time_to_first_token_seconds_"
+    prefill = 'sglang:per_stage_req_latency_seconds_sum{stage="prefill_forward",tp_rank="0"}'
+    run.mkdir()
+    res = {"family": "fam", "commit": run.name,
+           "runs": {f"poisson0.5-{off}": bench(200, 10), f"poisson0.5-{on}": bench(180, 10)},
+           **({"variants": variants} if variants is not None else {})}
+    (run / "results.json").write_text(json.dumps(res))
+    _metrics(run / f"metrics-poisson0.5-{off}.txt", {}, {f"{ttft}sum": 2.0, f"{ttft}count": 10, prefill: 1.0})
+    _metrics(run / f"metrics-poisson0.5-{on}.txt", {}, {f"{ttft}sum": 1.8, f"{ttft}count": 10, prefill: 1.1})
+
+
+def test_a_poisson_encoder_wait_compares_only_servers_on_the_same_flags_and_one_run_fills_each_place(
+        tmp_path, monkeypatch):
+    """A plugin server on ``sdpa`` beside a plain plugin-off one is another kernel, not the plugin's cost: no delta,
+    and not filed as the ``sdpa`` setup. A run from before ``variants`` was recorded is plain off and on. Two runs
+    for one family and flag set would overwrite each other in the summary: refused."""
+    sdpa = ["--mm-attention-backend", "sdpa"]
+    _poisson_run(tmp_path / "mixed", {"off": [], "on+mmsdpa": sdpa}, "off", "on+mmsdpa")
+    mixed = summarize.poisson_encoder_wait(tmp_path / "mixed")
+    assert mixed["flags"] == [] and "prefill_forward_minus_off_ms" not in mixed["loads"]["poisson0.5"]["on+mmsdpa"]
+    _poisson_run(tmp_path / "old", None, "off", "on")
+    old = summarize.poisson_encoder_wait(tmp_path / "old")
+    assert old["loads"]["poisson0.5"]["on"]["prefill_forward_minus_off_ms"] == pytest.approx(10.0)
+    (tmp_path / "results-fam.json").write_text((tmp_path / "old" / "results.json").read_text())
+    monkeypatch.setattr(sys, "argv", ["summarize.py", str(tmp_path / "results-fam.json"), "--out",
+                                      str(tmp_path / "summary.json"), "--poisson", f"fam={tmp_path / 'old'}",
+                                      "--poisson", f"fam={tmp_path / 'mixed'}"])
+    monkeypatch.setattr(summarize, "plot", lambda summary, path: False)
+    with pytest.raises(SystemExit, match="already has a Poisson encoder wait"):
+        summarize.main()
+
+
 def test_a_plugin_setting_is_judged_against_on_in_each_harness_run_even_after_a_later_run_replaced_its_pairs():
     first = result()
     first.update(commit="a")
