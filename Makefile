@@ -222,8 +222,9 @@ REAL_SERVER_LONE := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-47b6b32-lazy-poisson/gpu-s
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-43f5ffe/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-351b609-lookup/gpu-serve-gemma4_e4b.tar.xz \
 	gemma3_12b=$(RS)/gemma3_12b-660b520-default-h100/gpu-serve-gemma3_12b.tar.xz
-# Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive; a run whose
-# servers all ran extra SGLang flags (Gemma3 on sdpa) goes under that family's shipped_config_with_flags.
+# Poisson runs whose encoder wait the summary reports (summarize.poisson_encoder_wait): family=archive, one a family and
+# flag set; a run whose plugin servers ran extra SGLang flags beside a plugin-off server on the same ones (Gemma3 on
+# sdpa) goes under that family's shipped_config_with_flags.
 REAL_SERVER_POISSON := qwen2_5_vl_7b=$(RS)/qwen2_5_vl_7b-c5d3ab6-profile-h100/gpu-serve-qwen2_5_vl_7b.tar.xz \
 	qwen3_vl_8b=$(RS)/qwen3_vl_8b-db1d93c-default-h100/gpu-serve-qwen3_vl_8b.tar.xz \
 	gemma4_e4b=$(RS)/gemma4_e4b-1a3705d-poisson-h100/gpu-serve-gemma4_e4b.tar.xz \
